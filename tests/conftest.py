@@ -1,0 +1,67 @@
+"""Shared fixtures: where ../shared lives, and tiny random T5 models built from a config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SOFTPROMPT_SHARED", REPO.parent / "shared"))
+SQUAD_DEV = SHARED / "data" / "squad" / "dev-v1.1.json"
+SQUAD_TRAIN = SHARED / "data" / "squad" / "train-v1.1.json"
+MRQA_RE = SHARED / "data" / "mrqa" / "RelationExtraction.jsonl"
+METRIC_VECTORS = SHARED / "data" / "metric" / "squad_v1.1_vectors.jsonl"
+TOKENIZER_DIR = SHARED / "models" / "t5-small-lm-adapt"
+
+
+def need(path: Path) -> Path:
+    """Skip the calling test with a clear reason when a file from ../shared is missing."""
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is not beside the repo; set SOFTPROMPT_SHARED to point at it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real T5 SentencePiece tokenizer from ../shared."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(need(TOKENIZER_DIR)))
+
+
+def tiny_config(**overrides):
+    """A T5 1.1-shaped config small enough to train in seconds on 2 CPU cores."""
+    from transformers import T5Config
+
+    kwargs = dict(
+        vocab_size=32128,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return T5Config(**kwargs)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A directory holding only config.json + tokenizer files, like ../shared/models/*: build with random_init."""
+    import shutil
+
+    src = need(TOKENIZER_DIR)
+    d = tmp_path_factory.mktemp("tiny-t5")
+    tiny_config().save_pretrained(d)
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, d / name)
+    return d
