@@ -1,0 +1,337 @@
+"""Saving and loading: prompts, fine-tuned models and the trainer's resumable state.
+
+Every write goes to a temporary sibling, is fsynced, then renamed into place, so a run killed at
+any moment leaves either the old checkpoint or the new one, never half of one. Weights are read
+from safetensors only; the trainer's small state file is read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from softprompt import __version__
+from softprompt.errors import CheckpointError
+
+PROMPT_WEIGHTS = "prompt.safetensors"
+PROMPT_CONFIG = "prompt_config.json"
+DEFAULT_TEMPLATE = "question: {question} context: {context}"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+@dataclass
+class PromptConfig:
+    """What a prompt needs to be used again: the model it was trained for and how inputs were written."""
+
+    base_model: str
+    """Hub id or path of the frozen model the prompt was trained on."""
+    n_tokens: int
+    """P, the number of prompt vectors."""
+    d_model: int
+    """Width of each vector; must equal the model's d_model."""
+    init: str = "sampled_vocab"
+    """How the prompt was initialised."""
+    input_template: str = DEFAULT_TEMPLATE
+    """How a question and context were written as the model's input."""
+    pad_punctuation: bool = False
+    """Whether T5's punctuation padding was applied to inputs and targets."""
+    max_source_length: int = 512
+    """Text tokens of input kept (the prompt comes on top)."""
+    max_target_length: int = 32
+    """Longest answer in tokens."""
+    softprompt_version: str = __version__
+    """The softprompt release that wrote the prompt."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth keeping (dev scores, step)."""
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(path: Path) -> None:
+    mode = 0o666 & ~_umask()  # temporary files are created private; give them the usual mode
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            os.chmod(p, mode)
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON via a temporary file and a rename."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `target` only once the block completes.
+
+    The old `target`, if any, is swapped out and deleted after the new one is in place, so a crash
+    leaves a complete directory at `target` (old or new) plus, at worst, a stale `.tmp-*` sibling.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> None:
+    """Delete `.tmp-*` / `.old-*` leftovers of writes that a killed run never finished."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for p in directory.iterdir():
+        if p.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def save_prompt(directory: str | os.PathLike, weight: torch.Tensor, config: PromptConfig) -> Path:
+    """Save a prompt as `prompt.safetensors` (one float32 tensor `prompt`, [P, H]) + `prompt_config.json`.
+
+    Returns:
+        The checkpoint directory.
+    """
+    directory = Path(directory)
+    weight = weight.detach().to("cpu", torch.float32).contiguous()
+    if tuple(weight.shape) != (config.n_tokens, config.d_model):
+        raise ValueError(f"prompt shape {tuple(weight.shape)} != ({config.n_tokens}, {config.d_model})")
+    with atomic_dir(directory) as tmp:
+        _write_prompt_files(tmp, weight, config)
+    return directory
+
+
+def _write_prompt_files(directory: Path, weight: torch.Tensor, config: PromptConfig) -> None:
+    save_file(
+        {"prompt": weight.detach().to("cpu", torch.float32).contiguous()}, str(directory / PROMPT_WEIGHTS)
+    )
+    (directory / PROMPT_CONFIG).write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+
+
+def refuse_pickles(directory: Path, wanted: str) -> None:
+    """Raise a clear error when `wanted` is missing, mentioning pickle files we will not load."""
+    if (directory / wanted).exists():
+        return
+    pickles = (
+        sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if directory.is_dir()
+        else []
+    )
+    if pickles:
+        raise CheckpointError(
+            f"{directory} has no {wanted}, only pickle files ({', '.join(pickles)}); softprompt never unpickles "
+            "files because they can run code, so re-save the weights with safetensors"
+        )
+    raise CheckpointError(f"{directory} is not a softprompt checkpoint: {wanted} is missing")
+
+
+def load_prompt_config(directory: str | os.PathLike) -> PromptConfig:
+    """Read `prompt_config.json` from a prompt checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"prompt checkpoint {directory} does not exist or is not a directory")
+    refuse_pickles(directory, PROMPT_CONFIG)
+    path = directory / PROMPT_CONFIG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        known = {k: raw[k] for k in PromptConfig.__dataclass_fields__ if k in raw}
+        return PromptConfig(**known)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid prompt config ({e}); re-save the prompt") from None
+
+
+def load_prompt(
+    directory: str | os.PathLike,
+    *,
+    expect_d_model: int | None = None,
+    expect_base_model: str | None = None,
+) -> tuple[torch.Tensor, PromptConfig]:
+    """Load a prompt checkpoint, refusing anything but safetensors.
+
+    Args:
+        directory: a directory written by `save_prompt`.
+        expect_d_model: the width of the model it will drive; a mismatch is refused.
+        expect_base_model: the model it will drive; a different base model name is refused.
+
+    Returns:
+        prompt: [P, H] float32, and its `PromptConfig`.
+    """
+    directory = Path(directory)
+    config = load_prompt_config(directory)
+    refuse_pickles(directory, PROMPT_WEIGHTS)
+    try:
+        tensors = load_file(str(directory / PROMPT_WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{directory / PROMPT_WEIGHTS} is not a readable safetensors file ({e})"
+        ) from None
+    if set(tensors) != {"prompt"} or tensors["prompt"].dim() != 2:
+        raise CheckpointError(f"{directory / PROMPT_WEIGHTS} must hold one 2-D tensor named 'prompt'")
+    weight = tensors["prompt"].float()
+    if expect_d_model is not None and weight.shape[1] != expect_d_model:
+        raise CheckpointError(
+            f"the prompt in {directory} is {weight.shape[1]} wide but the model's d_model is {expect_d_model}; "
+            f"it was trained for {config.base_model}"
+        )
+    if expect_base_model is not None and not same_model(config.base_model, expect_base_model):
+        raise CheckpointError(
+            f"the prompt in {directory} was trained for {config.base_model}, not {expect_base_model}; "
+            "load it with the model it was trained on"
+        )
+    return weight, config
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same model (hub id vs a local copy of it by folder name)."""
+    if a == b:
+        return True
+    na, nb = Path(a.rstrip("/")).name, Path(b.rstrip("/")).name
+    return bool(na) and na == nb
+
+
+def save_hf_model(directory: str | os.PathLike, model: torch.nn.Module, tokenizer: Any | None = None) -> Path:
+    """Save a fine-tuned model as a normal Hugging Face directory with safetensors weights."""
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return directory
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Save a flat dict of tensors as safetensors (contiguous CPU copies)."""
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, with a clear error for anything else."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def torch_load_safe(path: Path) -> Any:
+    """`torch.load` restricted to tensors and plain containers: never executes code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except Exception as e:  # weights_only refusals arrive as UnpicklingError/RuntimeError
+        raise CheckpointError(f"refusing to load {path}: it is not a plain tensor state file ({e})") from None
+
+
+OPTIMIZER_STATE = "optimizer.pt"
+MODEL_WEIGHTS = "model.safetensors"
+
+
+def save_train_state(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    prompt_config: PromptConfig | None,
+) -> None:
+    """Write the trainable weights and optimizer state of an unsharded model into `directory`.
+
+    In prompt mode the directory is also a usable prompt checkpoint; in fine-tune mode it is a
+    Hugging Face model directory. The optimizer state holds only tensors and numbers, so it is
+    read back with `weights_only=True`.
+    """
+    prompt = getattr(model, "prompt", None)
+    if prompt is not None:
+        assert prompt_config is not None
+        _write_prompt_files(directory, prompt.weight, prompt_config)
+    else:
+        model.model.save_pretrained(directory, safe_serialization=True)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        directory / OPTIMIZER_STATE,
+    )
+
+
+def load_train_state(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> None:
+    """Load what `save_train_state` wrote back into live objects (safetensors + weights-only state)."""
+    prompt = getattr(model, "prompt", None)
+    if prompt is not None:
+        weight, _ = load_prompt(directory, expect_d_model=prompt.d_model)
+        with torch.no_grad():
+            prompt.weight.copy_(weight)
+    else:
+        refuse_pickles(directory, MODEL_WEIGHTS)
+        state = load_tensors(directory / MODEL_WEIGHTS)
+        missing, unexpected = model.model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+        if unexpected or set(missing) - tied:
+            raise CheckpointError(
+                f"{directory / MODEL_WEIGHTS} does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]})"
+            )
+    refuse_pickles(directory, OPTIMIZER_STATE)
+    saved = torch_load_safe(directory / OPTIMIZER_STATE)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])

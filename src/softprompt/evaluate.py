@@ -1,0 +1,123 @@
+"""Greedy answers for a data set, sharded over ranks, scored with the official SQuAD metric."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from softprompt.data import Collator, Features, QAExample, length_sorted_indices, shard_indices
+from softprompt.distributed import DistEnv, gather_objects
+from softprompt.metrics import squad_scores
+from softprompt.model import PromptedT5
+from softprompt.tracking import Progress
+
+# (feature indices [B]) -> (prompts [B, P, H], lengths [B] or None): per-row prompts for mixed batches.
+RowPrompts = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
+class EvalResult:
+    """Scores and the answers behind them."""
+
+    exact_match: float
+    f1: float
+    predictions: dict[str, str]
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU (AMX) or GPU; a no-op for fp32."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PromptedT5,
+    tokenizer,
+    features: Sequence[Features],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    env: DistEnv | None = None,
+    bf16: bool = False,
+    row_prompts: RowPrompts | None = None,
+    lockstep: bool = False,
+    show_progress: bool = False,
+) -> list[str]:
+    """Greedy answers for every feature, in feature order, on every rank.
+
+    Each rank takes a disjoint shard (no padding duplicates, so nothing is counted twice) and
+    decodes it longest-first: similar lengths share a batch, which wastes little on padding.
+
+    Args:
+        model: the (unwrapped) model.
+        tokenizer: decodes the generated ids.
+        features: tokenized inputs.
+        batch_size: questions per generation batch on this rank.
+        max_new_tokens: the longest answer in tokens.
+        env: the distributed environment (default: one process on the model's device).
+        bf16: run under bf16 autocast.
+        row_prompts: per-row prompts for mixed-task or ensemble batches.
+        lockstep: every rank runs the same number of batches (needed when the model is FSDP-sharded).
+        show_progress: draw a progress bar (rank 0 only).
+
+    Returns:
+        One answer string per feature.
+    """
+    env = env or DistEnv(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    mine = shard_indices(len(features), env.rank, env.world_size)
+    order = [mine[i] for i in length_sorted_indices([len(features[i].input_ids) for i in mine])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    n_batches = len(batches)
+    if lockstep and env.distributed:
+        # FSDP gathers weights inside forward, so every rank must run as many forwards as the busiest.
+        n_batches = max(gather_objects(len(batches), env))
+    collate = Collator(pad_token_id=tokenizer.pad_token_id)
+    answers: dict[int, str] = {}
+    with Progress(total=n_batches, desc="eval", enabled=show_progress and env.is_main, unit="batch") as bar:
+        for b in range(n_batches):
+            idx = batches[b] if b < len(batches) else batches[0] if batches else [0]
+            batch = collate([features[i] for i in idx])
+            input_ids = batch["input_ids"].to(env.device)
+            mask = batch["attention_mask"].to(env.device)
+            prompt = lengths = None
+            if row_prompts is not None:
+                prompt, lengths = row_prompts(torch.tensor(idx))
+            with autocast(env.device, bf16):
+                out = model.generate(
+                    input_ids, mask, max_new_tokens=max_new_tokens, prompt=prompt, prompt_lengths=lengths
+                )
+            if b < len(batches):
+                for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True), strict=True):
+                    answers[i] = text.strip()
+            bar.update(1)
+    model.train(was_training)
+    merged: dict[int, str] = {}
+    for part in gather_objects(answers, env):
+        merged.update(part)
+    return [merged[i] for i in range(len(features))]
+
+
+def evaluate_examples(
+    model: PromptedT5,
+    tokenizer,
+    examples: Sequence[QAExample],
+    features: Sequence[Features],
+    **kwargs,
+) -> EvalResult:
+    """Answer every example and score with the official SQuAD v1.1 EM/F1 (max over gold answers).
+
+    `features[i]` must be the tokenized `examples[features[i].example_index]`; kwargs go to
+    `generate_answers`.
+    """
+    texts = generate_answers(model, tokenizer, features, **kwargs)
+    predictions = {examples[f.example_index].id: t for f, t in zip(features, texts, strict=True)}
+    references = {ex.id: list(ex.answers) for ex in examples}
+    scores = squad_scores(predictions, references)
+    return EvalResult(exact_match=scores["exact_match"], f1=scores["f1"], predictions=predictions)

@@ -1,0 +1,246 @@
+"""Load a model (+ prompts) for inference, and the `eval` / `predict` subcommands built on it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from softprompt.checkpoint import PromptConfig, atomic_write_json, atomic_write_text, load_prompt
+from softprompt.data import QAExample, load_examples, load_hf_dataset, tokenize_examples
+from softprompt.distributed import DistEnv
+from softprompt.errors import UserError
+from softprompt.evaluate import evaluate_examples, generate_answers
+from softprompt.model import PromptedT5, load_t5, load_tokenizer
+from softprompt.prompt import SoftPrompt
+
+
+@dataclass
+class Loaded:
+    """A frozen model, its tokenizer, and the prompts loaded for it (name -> weight, config)."""
+
+    model: PromptedT5
+    tokenizer: Any
+    prompts: dict[str, tuple[torch.Tensor, PromptConfig]]
+    device: torch.device
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_model_and_prompts(
+    model_name_or_path: str,
+    prompt_dirs: Sequence[str] = (),
+    *,
+    random_init: bool = False,
+    seed: int = 42,
+    names: Sequence[str] | None = None,
+) -> Loaded:
+    """Load a frozen T5 and any number of prompt checkpoints checked against it.
+
+    Args:
+        model_name_or_path: hub id or directory.
+        prompt_dirs: prompt checkpoint directories.
+        random_init: build the model with random weights from its config.
+        seed: seed for random weights.
+        names: names for the prompts (default: their directory names).
+    """
+    device = default_device()
+    tokenizer = load_tokenizer(model_name_or_path)
+    t5 = load_t5(model_name_or_path, random_init=random_init, seed=seed)
+    prompts: dict[str, tuple[torch.Tensor, PromptConfig]] = {}
+    names = list(names) if names is not None else [Path(p).name or str(p) for p in prompt_dirs]
+    for name, directory in zip(names, prompt_dirs, strict=True):
+        if name in prompts:
+            raise UserError(f"two prompts are named '{name}'; give them distinct names")
+        prompts[name] = load_prompt(
+            directory,
+            expect_d_model=t5.config.d_model,
+            expect_base_model=None if random_init else model_name_or_path,
+        )
+    model = PromptedT5(t5).to(device).eval()
+    return Loaded(model=model, tokenizer=tokenizer, prompts=prompts, device=device)
+
+
+def _with_prompt(loaded: Loaded, name: str | None) -> PromptedT5:
+    """The frozen model driven by one of the loaded prompts (sharing the model's weights)."""
+    if name is None:
+        return loaded.model
+    weight, _ = loaded.prompts[name]
+    prompt = SoftPrompt(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        prompt.weight.copy_(weight)
+    return PromptedT5(loaded.model.model, prompt.to(loaded.device)).eval()
+
+
+def _data(args: Any) -> list[QAExample]:
+    if args.dataset_name:
+        examples = load_hf_dataset(args.dataset_name, args.split)
+    elif args.validation_file:
+        examples = load_examples(args.validation_file)
+    else:
+        raise UserError("give --validation_file (SQuAD JSON or MRQA jsonl) or --dataset_name")
+    return examples[: args.max_eval_samples] if args.max_eval_samples else examples
+
+
+def run_eval(args: Any) -> dict[str, Any]:
+    """`softprompt eval`: score each prompt (or the bare model), and optionally their majority ensemble."""
+    loaded = load_model_and_prompts(
+        args.model_name_or_path, args.prompt, random_init=args.random_init, seed=args.seed
+    )
+    examples = _data(args)
+    first = next(iter(loaded.prompts.values()), None)
+    max_source = args.max_source_length or (first[1].max_source_length if first else 512)
+    pad_punct = (
+        args.pad_punctuation if args.pad_punctuation is not None else bool(first and first[1].pad_punctuation)
+    )
+    features = tokenize_examples(
+        examples,
+        loaded.tokenizer,
+        max_source_length=max_source,
+        max_target_length=32,
+        pad_punctuation=pad_punct,
+    )
+    gen = dict(
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.max_new_tokens,
+        env=DistEnv(device=loaded.device),
+        bf16=args.precision == "bf16",
+        show_progress=True,
+    )
+    report: dict[str, Any] = {"n_examples": len(examples)}
+    if args.ensemble == "majority":
+        if len(loaded.prompts) < 2:
+            raise UserError("--ensemble majority needs at least two --prompt directories")
+        from softprompt.bank import ensemble_eval
+
+        report.update(ensemble_eval(loaded, examples, features, **gen))
+        predictions = report.pop("predictions")
+    elif not loaded.prompts:
+        result = evaluate_examples(loaded.model, loaded.tokenizer, examples, features, **gen)
+        report.update(exact_match=result.exact_match, f1=result.f1)
+        predictions = result.predictions
+    else:
+        per_prompt = {}
+        for name in loaded.prompts:
+            result = evaluate_examples(
+                _with_prompt(loaded, name), loaded.tokenizer, examples, features, **gen
+            )
+            per_prompt[name] = {"exact_match": result.exact_match, "f1": result.f1}
+            predictions = result.predictions
+        if len(per_prompt) == 1:
+            report.update(next(iter(per_prompt.values())))
+        else:
+            report["prompts"] = per_prompt
+    if args.output:
+        atomic_write_json(args.output, predictions)
+        report["predictions_file"] = args.output
+    return report
+
+
+def run_predict(args: Any) -> list[str]:
+    """`softprompt predict`: answers for one question or a JSONL file of questions."""
+    if args.input_file:
+        rows = _read_jsonl(Path(args.input_file))
+    elif args.question is not None and args.context is not None:
+        rows = [{"question": args.question, "context": args.context}]
+    else:
+        raise UserError(
+            "give --question and --context, or --input_file with JSONL lines of {question, context}"
+        )
+    loaded = load_model_and_prompts(
+        args.model_name_or_path,
+        [args.prompt] if args.prompt else [],
+        random_init=args.random_init,
+        seed=args.seed,
+    )
+    answers = predict_answers(
+        loaded,
+        next(iter(loaded.prompts), None),
+        rows,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        bf16=args.precision == "bf16",
+    )
+    if args.output:
+        lines = [
+            json.dumps({**({"id": r["id"]} if "id" in r else {}), "answer": a})
+            for r, a in zip(rows, answers, strict=True)
+        ]
+        atomic_write_text(args.output, "\n".join(lines) + "\n")
+    elif args.input_file:
+        for r, a in zip(rows, answers, strict=True):
+            print(json.dumps({**({"id": r["id"]} if "id" in r else {}), "answer": a}))
+    else:
+        print(answers[0])
+    return answers
+
+
+def predict_answers(
+    loaded: Loaded,
+    prompt_name: str | None,
+    rows: Sequence[dict[str, str]],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    bf16: bool = False,
+) -> list[str]:
+    """Answer `{question, context}` rows with the named prompt (or none)."""
+    config = loaded.prompts[prompt_name][1] if prompt_name else None
+    examples = [
+        QAExample(id=str(i), question=r["question"], context=r["context"], answers=("",))
+        for i, r in enumerate(rows)
+    ]
+    features = tokenize_examples(
+        examples,
+        loaded.tokenizer,
+        max_source_length=config.max_source_length if config else 512,
+        max_target_length=2,
+        pad_punctuation=config.pad_punctuation if config else False,
+    )
+    return generate_answers(
+        _with_prompt(loaded, prompt_name),
+        loaded.tokenizer,
+        features,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        env=DistEnv(device=loaded.device),
+        bf16=bf16,
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path} line {n} is not valid JSON ({e.msg}); write one JSON object per line"
+            ) from None
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) and row.get(k) for k in ("question", "context")
+        ):
+            raise UserError(f"{path} line {n} needs non-empty string fields 'question' and 'context'")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no questions")
+    return rows
+
+
+def print_err(msg: str) -> None:
+    print(msg, file=sys.stderr)

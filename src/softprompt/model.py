@@ -1,0 +1,250 @@
+"""T5 with an optional soft prompt prepended to the encoder input.
+
+Prompt mode freezes every weight of the model and trains only the prompt; fine-tune mode trains
+all weights and uses no prompt. Generation goes through transformers' public `inputs_embeds`
+path, so `generate` is never patched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
+
+from softprompt.errors import CheckpointError
+from softprompt.prompt import SoftPrompt
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (T5's SentencePiece), from a hub id or a local directory."""
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"could not load a tokenizer from {name_or_path}: give a hub id or a directory with "
+            f"spiece.model / tokenizer.json ({str(e).splitlines()[0][:120]})"
+        ) from None
+
+
+def _refuse_pickle_only(directory: Path) -> None:
+    has_safetensors = (
+        any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").exists()
+    )
+    pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not has_safetensors:
+        raise CheckpointError(
+            f"{directory} holds only pickle weights ({', '.join(sorted(pickles))}); softprompt never unpickles "
+            "files, so convert them to safetensors first (model.save_pretrained(dir, safe_serialization=True))"
+        )
+
+
+def load_t5(
+    name_or_path: str | os.PathLike,
+    *,
+    random_init: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+) -> T5ForConditionalGeneration:
+    """Load a T5 model from the hub or a local directory, weights from safetensors only.
+
+    Args:
+        name_or_path: a hub id such as `google/t5-base-lm-adapt`, or a local directory.
+        random_init: build the model from its `config.json` with random weights instead of loading
+            weights (how tests and benchmarks run where no weights can be downloaded).
+        seed: seeds the random init.
+        dtype: load the weights in this dtype (default: as stored, float32 for T5).
+        attn_implementation: `sdpa` (PyTorch's fused attention, T5's position bias as an additive mask)
+            or `eager`.
+
+    Returns:
+        The model, in eval mode.
+    """
+    path = Path(name_or_path)
+    try:
+        if random_init:
+            config = AutoConfig.from_pretrained(str(name_or_path))
+            config._attn_implementation = attn_implementation
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = T5ForConditionalGeneration(config)
+            if dtype is not None:
+                model = model.to(dtype)
+        else:
+            if path.is_dir():
+                _refuse_pickle_only(path)
+            model = T5ForConditionalGeneration.from_pretrained(
+                str(name_or_path), use_safetensors=True, dtype=dtype, attn_implementation=attn_implementation
+            )
+    except (OSError, ValueError) as e:
+        hint = (
+            "add --random_init to build it with random weights from its config.json"
+            if path.is_dir() and (path / "config.json").exists()
+            else "check the hub id or path (weights must be in safetensors)"
+        )
+        raise CheckpointError(
+            f"could not load a T5 model from {name_or_path}: {hint} ({str(e).splitlines()[0][:160]})"
+        ) from None
+    return model.eval()
+
+
+def join_prompt(
+    prompt: torch.Tensor,
+    prompt_lengths: torch.Tensor | None,
+    embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Place each row's prompt directly in front of its input.
+
+    T5 uses relative position bias, so prepending P vectors needs no position-id bookkeeping; but
+    the prompt must sit right against the text (no masked gap) for a row to see the same relative
+    distances whatever the other rows' prompt lengths are. Rows are left-aligned and masked at the end.
+
+    Args:
+        prompt: [B, Pmax, H] per-row prompts (rows shorter than Pmax are padded at the end).
+        prompt_lengths: [B] the number of real vectors in each row, or None when all rows use Pmax.
+        embeds: [B, S, H] input token embeddings.
+        attention_mask: [B, S] 1 for real tokens.
+
+    Returns:
+        inputs_embeds: [B, Pmax + S, H] and attention_mask: [B, Pmax + S].
+    """
+    batch, p_max, _ = prompt.shape
+    prompt = prompt.to(embeds.dtype)
+    mask = attention_mask.to(torch.long)
+    if prompt_lengths is None or bool((prompt_lengths == p_max).all()):
+        ones = torch.ones(batch, p_max, dtype=mask.dtype, device=mask.device)
+        return torch.cat([prompt, embeds], dim=1), torch.cat([ones, mask], dim=1)
+    seq = embeds.shape[1]
+    both = torch.cat([prompt, embeds], dim=1)  # [B, Pmax + S, H]
+    pos = torch.arange(p_max + seq, device=embeds.device).unsqueeze(0)  # [1, L]
+    lengths = prompt_lengths.to(embeds.device).unsqueeze(1)  # [B, 1]
+    in_prompt = pos < lengths
+    text_pos = pos - lengths  # position inside the text for the rest
+    src = torch.where(in_prompt, pos, p_max + text_pos.clamp(max=seq - 1))
+    out = torch.gather(both, 1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
+    text_mask = torch.gather(mask, 1, text_pos.clamp(0, seq - 1)) * (text_pos < seq)
+    full_mask = torch.where(in_prompt, torch.ones_like(text_mask), text_mask)
+    out = out * full_mask.unsqueeze(-1).to(out.dtype)
+    return out, full_mask
+
+
+class PromptedT5(nn.Module):
+    """A T5 model, optionally driven by a soft prompt.
+
+    Args:
+        model: any `T5ForConditionalGeneration`.
+        prompt: the soft prompt for prompt mode, or None for full fine-tuning. In prompt mode
+            every model weight is frozen (`requires_grad=False`).
+    """
+
+    def __init__(self, model: T5ForConditionalGeneration, prompt: SoftPrompt | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.prompt = prompt
+        if prompt is not None:
+            if prompt.d_model != model.config.d_model:
+                raise CheckpointError(
+                    f"the prompt is {prompt.d_model} wide but the model's d_model is {model.config.d_model}"
+                )
+            self.model.requires_grad_(False)
+
+    @property
+    def prompt_tuning(self) -> bool:
+        return self.prompt is not None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer should see: the prompt alone, or every model weight."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def encoder_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed the input and put the prompt in front of it.
+
+        Args:
+            input_ids: [B, S].
+            attention_mask: [B, S].
+            prompt: [B, P, H] per-row prompts to use instead of this model's own (a mixed-task batch).
+            prompt_lengths: [B] real lengths of `prompt` rows, when they differ.
+
+        Returns:
+            inputs_embeds: [B, P + S, H] and attention_mask: [B, P + S] (P = 0 without a prompt).
+        """
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if prompt is None and self.prompt is not None:
+            prompt = self.prompt(input_ids.shape[0])
+        if prompt is None:
+            return embeds, attention_mask
+        return join_prompt(prompt, prompt_lengths, embeds, attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Teacher-forced cross-entropy of the labels.
+
+        Args:
+            input_ids: [B, S].
+            attention_mask: [B, S].
+            labels: [B, T], -100 where padded.
+            reduction: `mean` over target tokens, or `sum` (the trainer sums and divides by the
+                global batch's token count so accumulation does not change the gradient).
+
+        Returns:
+            loss: a scalar.
+        """
+        inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask)
+        decoder_input_ids = self.model._shift_right(labels)
+        logits = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            decoder_input_ids=decoder_input_ids,
+            use_cache=False,
+        ).logits
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int = 32,
+        prompt: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding, stopping when every row has produced EOS.
+
+        Args:
+            input_ids: [B, S].
+            attention_mask: [B, S].
+            max_new_tokens: the longest answer, in tokens.
+            prompt: optional per-row prompts [B, P, H] (see `encoder_inputs`).
+            prompt_lengths: optional [B] real prompt lengths.
+
+        Returns:
+            token ids: [B, <= max_new_tokens + 1], starting with the decoder start token.
+        """
+        inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask, prompt, prompt_lengths)
+        return self.model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+        )

@@ -1,0 +1,211 @@
+"""A README.md model card for a saved prompt checkpoint.
+
+The card records what a soft prompt is only meaningful with, the frozen base model and the
+data and hyperparameters it was trained with, plus its dev scores and how to load it, so a
+prompt directory copied on its own still says what it is.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import softprompt
+from softprompt.errors import CheckpointError
+from softprompt.report import atomic_write_text
+
+__all__ = ["CARD_FILE", "render_model_card", "write_model_card"]
+
+CARD_FILE = "README.md"
+_MISSING = "not recorded"
+
+
+def _first(info: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    for key in keys:
+        value = info.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return _MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _fmt_score(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{float(value):.2f}"
+    return _MISSING
+
+
+def _row_if(
+    info: Mapping[str, Any], key: str, label: str, show: Callable[[Any], str]
+) -> tuple[str, str] | None:
+    value = info.get(key)
+    return None if value is None or value == "" else (label, show(value))
+
+
+def _md(value: str) -> str:
+    # Table cells: a pipe would split the cell, a newline would end the row.
+    return value.replace("|", "\\|").replace("\n", " ")
+
+
+def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
+    """Build the card's Markdown text without writing it.
+
+    Args:
+        checkpoint_dir: The prompt checkpoint folder the card describes.
+        info: Run facts, usually the resolved config merged with ``results.json``. Keys read:
+            ``model_name_or_path`` (or ``base_model``; required), ``train_file``,
+            ``validation_file``, ``mode``/``prompt_tuning``, ``optimizer``, ``lr``,
+            ``weight_decay``, ``n_tokens``, ``prompt_init`` (or ``init``), ``prompt_init_text``,
+            ``global_batch_size``, ``batch_size``, ``steps``/``max_steps``, ``epochs``,
+            ``precision``, ``seed``, ``trainable_parameters``, ``exact_match``, ``f1``,
+            ``best_step``. Any other absent key shows as "not recorded".
+
+    Returns:
+        The card, starting with YAML front matter.
+
+    Raises:
+        ValueError: ``info`` does not name the base model.
+    """
+    model = _first(info, ("model_name_or_path", "base_model"))
+    if model is None:
+        # A prompt is useless without its frozen model, so a card that omits it is a bug.
+        raise ValueError("model card info must name the base model (model_name_or_path)")
+    base_model = str(model)
+    front = {
+        "library_name": "softprompt",
+        "base_model": base_model,
+        "tags": ["prompt-tuning", "t5", "squad"],
+    }
+    # safe_dump quotes whatever needs quoting (a path with ':' or a leading '*').
+    front_matter = yaml.safe_dump(front, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+    prompt_mode = info.get("mode", "prompt") == "prompt" and info.get("prompt_tuning", True) is not False
+    steps = _first(info, ("steps", "max_steps"))
+    # (label, value) rows; optional rows are None and dropped, so the order stays readable here.
+    optional: list[tuple[str, str] | None] = [
+        ("Method", "prompt tuning (base model frozen)" if prompt_mode else "full fine-tuning"),
+        ("Prompt length P", _fmt(info.get("n_tokens"))),
+        _row_if(info, "trainable_parameters", "Trainable parameters", lambda v: f"{int(v):,}"),
+        ("Prompt init", _fmt(_first(info, ("prompt_init", "init", "init_method")))),
+        _row_if(info, "prompt_init_text", "Prompt init text", lambda v: repr(str(v))),
+        ("Optimizer", _fmt(info.get("optimizer"))),
+        ("Learning rate", _fmt(info.get("lr"))),
+        ("Weight decay", _fmt(info.get("weight_decay"))),
+        ("Batch size (global)", _fmt(_first(info, ("global_batch_size", "batch_size")))),
+        # With a global size recorded, batch_size is the per-device share of it.
+        _row_if(info, "batch_size", "Batch size per device", _fmt)
+        if info.get("global_batch_size") is not None
+        else None,
+        ("Training steps", _fmt(steps)),
+        ("Epochs", _fmt(info.get("epochs"))),
+        ("Precision", _fmt(info.get("precision"))),
+        ("Seed", _fmt(info.get("seed"))),
+    ]
+    hyper = [row for row in optional if row is not None]
+
+    ckpt = str(checkpoint_dir)
+    name = Path(ckpt).name or ckpt
+    question = "Who wrote Hamlet?"
+    context = "Hamlet is a tragedy written by William Shakespeare."
+    cli = " ".join(
+        [
+            "softprompt predict",
+            f"--model {shlex.quote(base_model)}",
+            f"--prompt {shlex.quote(ckpt)}",
+            f"--question {shlex.quote(question)}",
+            f"--context {shlex.quote(context)}",
+        ]
+    )
+
+    lines = ["---", front_matter.rstrip("\n"), "---", ""]
+    lines += [f"# Soft prompt `{_md(name)}` for `{_md(base_model)}` (SQuAD)", ""]
+    lines += [
+        "A soft prompt trained with softprompt, an implementation of prompt tuning "
+        "([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for extractive question answering. "
+        "It is a small matrix of embeddings prepended to the input of a frozen T5; "
+        "it only works with the base model below.",
+        "",
+        "## Base model",
+        "",
+        f"`{base_model}`",
+        "",
+        "## Data",
+        "",
+        "| split | file |",
+        "|---|---|",
+        f"| train | {_md(_fmt(info.get('train_file')))} |",
+        f"| validation | {_md(_fmt(info.get('validation_file')))} |",
+        "",
+        "## Hyperparameters",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {_md(value)} |" for key, value in hyper]
+    lines += [
+        "",
+        "## Dev results",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| exact match | {_fmt_score(info.get('exact_match'))} |",
+        f"| F1 | {_fmt_score(info.get('f1'))} |",
+        f"| best step | {_fmt(info.get('best_step'))} |",
+        "",
+        "Scores are SQuAD v1.1 exact match and F1 (0–100) on the validation file, "
+        "at the step with the best dev F1.",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from softprompt.checkpoint import load_prompt",
+        "",
+        "# The [P, d_model] prompt tensor and its PromptConfig (base model, input template, ...).",
+        f"prompt, prompt_config = load_prompt({ckpt!r})",
+        "```",
+        "",
+        "From the command line:",
+        "",
+        "```bash",
+        cli,
+        "```",
+        "",
+        f"Written by softprompt {softprompt.__version__}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> Path:
+    """Write ``README.md`` into a saved prompt checkpoint, replacing any earlier card atomically.
+
+    Args:
+        checkpoint_dir: An existing checkpoint folder.
+        info: Run facts; see :func:`render_model_card` for the keys read.
+
+    Returns:
+        The path of the written card.
+
+    Raises:
+        CheckpointError: ``checkpoint_dir`` does not exist or is not a folder.
+        ValueError: ``info`` does not name the base model.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"{checkpoint_dir} is not a checkpoint folder; save the prompt before its card")
+    path = checkpoint_dir / CARD_FILE
+    atomic_write_text(path, render_model_card(checkpoint_dir, info))
+    return path

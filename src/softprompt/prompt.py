@@ -1,0 +1,124 @@
+"""The soft prompt: P trainable vectors, and how they are initialised.
+
+The prompt knows nothing about T5; `softprompt.model` decides how it is combined with the input.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from softprompt.errors import ConfigError
+
+# T5's SentencePiece ids are ordered by frequency; the official prompt-tuning code samples the init
+# from this many most-common pieces rather than from the whole (noisier) table.
+SAMPLED_VOCAB_ROWS = 5000
+
+
+class PromptInit(str, Enum):
+    """How the prompt vectors start."""
+
+    SAMPLED_VOCAB = "sampled_vocab"
+    """Rows sampled without replacement from the first 5,000 rows of the embedding table (the paper's best)."""
+    UNIFORM = "uniform"
+    """Uniform in [-0.5, 0.5]."""
+    TEXT = "text"
+    """Embeddings of the tokens of a given string, repeated until P vectors are filled."""
+    FROM_FILE = "from_file"
+    """A prompt saved earlier by softprompt."""
+
+
+class SoftPrompt(nn.Module):
+    """P learnable vectors of width d_model, always held in float32.
+
+    The prompt stays float32 even when the model runs in bf16 so that Adafactor's tiny updates
+    are not rounded away; it is cast to the model's dtype only when it is prepended.
+
+    Args:
+        n_tokens: P, the prompt length.
+        d_model: the model's embedding width H.
+    """
+
+    def __init__(self, n_tokens: int, d_model: int) -> None:
+        super().__init__()
+        if n_tokens < 1 or d_model < 1:
+            raise ConfigError(
+                f"a soft prompt needs n_tokens >= 1 and d_model >= 1, got {n_tokens} and {d_model}"
+            )
+        self.weight = nn.Parameter(torch.zeros(n_tokens, d_model, dtype=torch.float32))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        """The prompt broadcast over a batch.
+
+        Returns:
+            prompt: [B, P, H] float32 (a view, no copy).
+        """
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def initial_prompt(
+    init: PromptInit | str,
+    n_tokens: int,
+    embedding: torch.Tensor,
+    *,
+    seed: int = 0,
+    text: str | None = None,
+    tokenizer=None,
+    path: str | Path | None = None,
+) -> torch.Tensor:
+    """Compute the starting values of a prompt.
+
+    Args:
+        init: one of `PromptInit`.
+        n_tokens: P.
+        embedding: the model's input embedding table, [V, H].
+        seed: seeds the sampling, so the same seed gives the same prompt.
+        text: the string for `text` init.
+        tokenizer: needed for `text` init.
+        path: a prompt checkpoint directory for `from_file` init.
+
+    Returns:
+        prompt: [P, H] float32.
+    """
+    init = PromptInit(init)
+    vocab, width = embedding.shape
+    table = embedding.detach().float()
+    gen = torch.Generator().manual_seed(seed)
+    if init is PromptInit.SAMPLED_VOCAB:
+        rows = min(SAMPLED_VOCAB_ROWS, vocab)
+        if n_tokens > rows:
+            raise ConfigError(
+                f"sampled_vocab init samples without replacement from {rows} rows, so n_tokens must be <= {rows}"
+            )
+        ids = torch.randperm(rows, generator=gen)[:n_tokens]
+        return table[ids].clone()
+    if init is PromptInit.UNIFORM:
+        return torch.rand(n_tokens, width, generator=gen) - 0.5
+    if init is PromptInit.TEXT:
+        if not text or tokenizer is None:
+            raise ConfigError("prompt_init 'text' needs a non-empty prompt_init_text")
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if not ids:
+            raise ConfigError(f"prompt_init_text {text!r} tokenizes to nothing; give some words")
+        reps = -(-n_tokens // len(ids))
+        return table[torch.tensor((ids * reps)[:n_tokens])].clone()
+    # FROM_FILE: import here to keep the prompt module free of I/O.
+    from softprompt.checkpoint import load_prompt
+
+    if path is None:
+        raise ConfigError("prompt_init 'from_file' needs prompt_init_file, a prompt checkpoint directory")
+    weight, _ = load_prompt(path, expect_d_model=width)
+    if weight.shape[0] != n_tokens:
+        raise ConfigError(f"the prompt in {path} has {weight.shape[0]} tokens but n_tokens is {n_tokens}")
+    return weight

@@ -1,0 +1,453 @@
+"""Experiment tracking: the metrics log, TensorBoard/wandb scalars, and a progress display.
+
+``metrics.jsonl`` is the source of truth for a run; ``softprompt report`` reads it back.
+TensorBoard and wandb are optional mirrors of the same numbers. Everything here is a no-op
+on non-main processes so that a multi-GPU run logs each step exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from softprompt.errors import ConfigError
+
+__all__ = ["METRICS_FILE", "REPORT_TO_CHOICES", "MetricsLogger", "Progress", "is_tty", "progress"]
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
+
+# Keys that describe the record rather than measure the model; they are not plotted as scalars.
+_NON_SCALAR_KEYS = frozenset({"event", "step", "time"})
+
+
+def _plain(value: Any) -> Any:
+    """Turn tensors and numpy scalars into Python numbers so json and TensorBoard accept them."""
+    item = getattr(value, "item", None)
+    if callable(item) and not isinstance(value, (str, bytes)):
+        try:
+            return item()
+        except (ValueError, RuntimeError):
+            # A multi-element tensor has no .item(); fall through and let json complain clearly.
+            return value
+    return value
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_report_to(report_to: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(report_to, str):
+        # A bare string would otherwise be iterated character by character.
+        report_to = [report_to]
+    chosen = tuple(dict.fromkeys(str(r).strip().lower() for r in report_to))
+    unknown = [r for r in chosen if r not in REPORT_TO_CHOICES]
+    if unknown:
+        raise ConfigError(f"--report_to got {', '.join(unknown)}; choose from {', '.join(REPORT_TO_CHOICES)}")
+    # "none" next to a real destination is read as the real one, as config validation accepts it.
+    return tuple(r for r in chosen if r != "none")
+
+
+class MetricsLogger:
+    """Appends metric records to ``metrics.jsonl`` and mirrors them to TensorBoard and wandb.
+
+    Each call to :meth:`log` writes one JSON line and flushes it, so a run that is killed keeps
+    everything logged so far; the file is opened in append mode so a resumed run continues it.
+
+    Args:
+        output_dir: The run directory; ``metrics.jsonl`` and ``tensorboard/`` go inside it.
+        report_to: Extra destinations, a subset of ``{"tensorboard", "wandb", "none"}``.
+            ``metrics.jsonl`` is always written.
+        is_main_process: Only the main process writes anything; others get a silent logger.
+        run_config: The resolved run configuration, recorded in TensorBoard as text and as the
+            wandb run config.
+
+    Raises:
+        ConfigError: ``report_to`` names an unknown destination, or asks for wandb when the
+            ``wandb`` package is not installed.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        report_to: Sequence[str] = (),
+        is_main_process: bool = True,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.report_to = _validate_report_to(report_to)
+        self.is_main_process = is_main_process
+        self.metrics_path = self.output_dir / METRICS_FILE
+        self._file: IO[str] | None = None
+        self._writer: Any = None
+        self._wandb: Any = None
+        self._wandb_run: Any = None
+        self._closed = False
+
+        if "wandb" in self.report_to:
+            # Checked on every rank so that all processes fail together with the same message,
+            # instead of rank 0 dying while the others wait for it in a collective.
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ConfigError("--report_to wandb needs the wandb package: pip install wandb") from exc
+            self._wandb = wandb
+
+        if not is_main_process:
+            return
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        needs_newline = self.metrics_path.exists() and _ends_without_newline(self.metrics_path)
+        self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - lives until close()
+        if needs_newline:
+            # A kill in mid-write leaves a partial last line; start on a fresh line so only that
+            # record is lost rather than the first record of the resumed run as well.
+            self._file.write("\n")
+            self._file.flush()
+
+        if "tensorboard" in self.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR), flush_secs=30)
+            if run_config:
+                self._writer.add_text("config", _config_markdown(run_config), global_step=0)
+
+        if self._wandb is not None:
+            self._wandb_run = self._wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "softprompt"),
+                name=self.output_dir.name,
+                dir=str(self.output_dir),
+                config=dict(run_config or {}),
+            )
+
+    def log(self, event: str, step: int, **values: Any) -> None:
+        """Record one event.
+
+        Args:
+            event: ``"train"``, ``"eval"``, ``"start"``, ``"end"`` or any other label; it becomes
+                the record's ``event`` field and the scalar prefix (``train/loss``).
+            step: The optimizer step the values belong to.
+            **values: JSON-serialisable values; numbers (including 0-d tensors) also become
+                TensorBoard/wandb scalars. ``time`` defaults to the current Unix time.
+        """
+        if not self.is_main_process or self._closed:
+            return
+        record: dict[str, Any] = {"event": event, "step": int(step)}
+        record.update({k: _plain(v) for k, v in values.items()})
+        record.setdefault("time", time.time())
+        assert self._file is not None
+        # NaN/Infinity are kept (Python's json reads them back) because a diverged loss is
+        # exactly the kind of thing the log must not hide.
+        self._file.write(json.dumps(record) + "\n")
+        # A flush hands the line to the OS, which survives the process being killed; fsync
+        # per line would only add safety against power loss at a real cost per step.
+        self._file.flush()
+
+        scalars = {
+            key: float(value)
+            for key, value in record.items()
+            if key not in _NON_SCALAR_KEYS and _is_scalar(value)
+        }
+        if self._writer is not None:
+            for key, value in scalars.items():
+                self._writer.add_scalar(f"{event}/{key}", value, global_step=int(step))
+            if event != "train":
+                # Eval points are rare and precious; don't leave them in the buffer for 30 s.
+                self._writer.flush()
+        if self._wandb_run is not None and scalars:
+            self._wandb_run.log({f"{event}/{key}": value for key, value in scalars.items()}, step=int(step))
+
+    def close(self) -> None:
+        """Flush and close every destination. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _ends_without_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def _config_markdown(config: Mapping[str, Any]) -> str:
+    # TensorBoard renders text summaries as Markdown; a table reads better than a dict repr.
+    rows = "\n".join(f"| {key} | {_escape_cell(value)} |" for key, value in sorted(config.items()))
+    return "| key | value |\n|---|---|\n" + rows
+
+
+def _escape_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+# --------------------------------------------------------------------------- progress display
+
+
+def is_tty(stream: IO[str] | None = None) -> bool:
+    """Whether ``stream`` (default: ``sys.stderr``, where the bar is drawn) is an interactive terminal."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except ValueError:
+        # isatty() on a closed stream raises; a closed stream is certainly not a terminal.
+        return False
+
+
+# Short display names, so a log line fits on one screen.
+_POSTFIX_NAMES = {"examples_per_second": "ex/s", "learning_rate": "lr"}
+
+
+def _format_value(value: Any) -> str:
+    value = _plain(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _format_duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=max(0, round(seconds))))
+
+
+class Progress:
+    """A progress display that is a tqdm bar on a terminal and plain log lines elsewhere.
+
+    On a terminal it shows step/total, rate and ETA with the postfix values (loss, ex/s,
+    dev F1). When the output is redirected (a cluster job's log file), a redrawn bar would
+    fill the file with carriage returns, so it prints a plain line such as
+    ``train: step 120/3000 (4%) loss 1.234 ex/s 55.1 dev_f1 70.2 eta 0:10:00`` every
+    ``log_interval_s`` seconds and at every ``log_every_percent`` of the total. When
+    ``enabled`` is False (every rank but 0) it prints nothing at all.
+
+    Args:
+        iterable: Optional iterable to wrap; iterating advances the display by one per item.
+        total: Number of units expected; taken from ``len(iterable)`` when not given.
+        desc: A short label printed in front of the bar or line.
+        enabled: False silences the display completely.
+        unit: The name of one unit ("step", "batch", "example").
+        initial: The count to start from, for a resumed run.
+        log_interval_s: Longest gap between plain lines when not on a terminal.
+        log_every_percent: Also print a plain line each time this much of the total is done.
+        file: Where to write; ``sys.stderr`` at construction time when None.
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable[Any] | None = None,
+        *,
+        total: int | None = None,
+        desc: str = "",
+        enabled: bool = True,
+        unit: str = "step",
+        initial: int = 0,
+        log_interval_s: float = 30.0,
+        log_every_percent: float = 10.0,
+        file: IO[str] | None = None,
+    ) -> None:
+        if total is None and iterable is not None:
+            try:
+                total = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                total = None
+        self.iterable = iterable
+        self.total = total
+        self.desc = desc
+        self.enabled = enabled
+        self.unit = unit
+        self.n = initial
+        self.postfix: dict[str, Any] = {}
+        self.log_interval_s = log_interval_s
+        self.log_every_percent = log_every_percent
+        self._file = file if file is not None else sys.stderr
+        self._initial = initial
+        self._start = time.monotonic()
+        self._last_line_time = self._start
+        self._last_line_n = initial
+        self._last_mark = self._mark(initial)
+        self._bar: Any = None
+        self._closed = False
+        self.mode = "off"
+        if enabled:
+            self.mode = "bar" if is_tty(self._file) else "lines"
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                desc=desc or None,
+                unit=unit,
+                initial=initial,
+                file=self._file,
+                dynamic_ncols=True,
+            )
+
+    def _mark(self, n: int) -> int:
+        """Index of the last ``log_every_percent`` boundary reached at count ``n``."""
+        if not self.total or self.log_every_percent <= 0:
+            return 0
+        return int(100.0 * n / self.total // self.log_every_percent)
+
+    def set_postfix(self, **postfix: Any) -> None:
+        """Update the values shown after the counter; they persist until replaced."""
+        self.postfix.update(postfix)
+        if self._bar is not None:
+            shown = {_POSTFIX_NAMES.get(k, k): _format_value(v) for k, v in self.postfix.items()}
+            self._bar.set_postfix(shown, refresh=False)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        """Advance by ``n`` units and optionally update postfix values (``loss=..., dev_f1=...``)."""
+        if self._closed:
+            return
+        if postfix:
+            self.set_postfix(**postfix)
+        self.n += n
+        if self.mode == "bar":
+            self._bar.update(n)
+        elif self.mode == "lines":
+            now = time.monotonic()
+            mark = self._mark(self.n)
+            if now - self._last_line_time >= self.log_interval_s or mark > self._last_mark:
+                self._emit_line(now)
+                self._last_mark = mark
+
+    def line(self, now: float | None = None) -> str:
+        """The plain-text status line for the current state."""
+        now = time.monotonic() if now is None else now
+        parts = [f"{self.desc}:"] if self.desc else []
+        if self.total:
+            parts.append(f"{self.unit} {self.n}/{self.total} ({100.0 * self.n / self.total:.0f}%)")
+        else:
+            parts.append(f"{self.unit} {self.n}")
+        for key, value in self.postfix.items():
+            parts.append(f"{_POSTFIX_NAMES.get(key, key)} {_format_value(value)}")
+        elapsed = now - self._start
+        done = self.n - self._initial
+        # The rate counts only this process's work, so a resumed run doesn't claim the
+        # steps its predecessor did as instant.
+        if done > 0 and elapsed > 0:
+            rate = done / elapsed
+            # Slow steps (big models on one GPU) read better as seconds per step.
+            parts.append(f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}")
+            if self.total:
+                parts.append(f"eta {_format_duration(max(0, self.total - self.n) / rate)}")
+        parts.append(f"elapsed {_format_duration(elapsed)}")
+        return " ".join(parts)
+
+    def _emit_line(self, now: float) -> None:
+        print(self.line(now), file=self._file, flush=True)
+        self._last_line_time = now
+        self._last_line_n = self.n
+
+    def write(self, msg: str) -> None:
+        """Print a message without breaking the bar; silent when disabled."""
+        if self.mode == "bar":
+            self._bar.write(msg, file=self._file)
+        elif self.mode == "lines":
+            print(msg, file=self._file, flush=True)
+
+    def close(self) -> None:
+        """Finish the display; in line mode, print a final line if progress went unreported."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.mode == "bar":
+            self._bar.close()
+        elif self.mode == "lines" and self.n != self._last_line_n:
+            self._emit_line(time.monotonic())
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.iterable is None:
+            raise TypeError("this Progress wraps no iterable; call update() instead")
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def progress(
+    iterable_or_total: Iterable[Any] | int | None,
+    *,
+    desc: str = "",
+    enabled: bool = True,
+    unit: str = "step",
+    initial: int = 0,
+    log_interval_s: float = 30.0,
+    log_every_percent: float = 10.0,
+    file: IO[str] | None = None,
+) -> Progress:
+    """Create a :class:`Progress` over an iterable or for a known number of units.
+
+    Args:
+        iterable_or_total: An iterable to wrap, an int total to drive with ``update()``, or
+            None for an open-ended count.
+        desc: A short label, e.g. ``"train"``.
+        enabled: Pass ``rank == 0``; False prints nothing at all.
+        unit: The name of one unit.
+        initial: Starting count, for a resumed run.
+        log_interval_s: Longest gap between plain lines when not on a terminal.
+        log_every_percent: Also print a plain line at each such fraction of the total.
+        file: Output stream; ``sys.stderr`` when None.
+
+    Returns:
+        The display; use it as a context manager so it is closed on errors too.
+    """
+    if isinstance(iterable_or_total, int) and not isinstance(iterable_or_total, bool):
+        iterable, total = None, iterable_or_total
+    else:
+        iterable, total = iterable_or_total, None
+    return Progress(
+        iterable,
+        total=total,
+        desc=desc,
+        enabled=enabled,
+        unit=unit,
+        initial=initial,
+        log_interval_s=log_interval_s,
+        log_every_percent=log_every_percent,
+        file=file,
+    )

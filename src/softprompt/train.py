@@ -1,0 +1,631 @@
+"""The training loop, in four phases: setup -> train -> save -> cleanup.
+
+One loop serves prompt tuning and full fine-tuning, one process or a torchrun job. Read it top to
+bottom; every distributed detail is delegated to `softprompt.distributed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from softprompt import __version__
+from softprompt import checkpoint as ckpt
+from softprompt.config import BatchPlan, TrainConfig, save_yaml_config, validate
+from softprompt.data import (
+    BucketBatchSampler,
+    Collator,
+    Features,
+    QAExample,
+    load_examples,
+    load_hf_dataset,
+    tokenize_examples,
+)
+from softprompt.distributed import (
+    DistEnv,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup,
+    fsdp_full_state_dict,
+    init_distributed,
+    load_fsdp_train_state,
+    no_grad_sync,
+    save_fsdp_train_state,
+    shard_fsdp,
+    wrap_ddp,
+)
+from softprompt.errors import CheckpointError, UserError
+from softprompt.evaluate import autocast, evaluate_examples
+from softprompt.model import PromptedT5, load_t5, load_tokenizer
+from softprompt.optim import build_optimizer
+from softprompt.prompt import SoftPrompt, initial_prompt
+from softprompt.tracking import MetricsLogger, Progress
+
+PAPER_STEPS = 30_000
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint is intact."""
+
+    exit_code = 3
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: a checkpoint was saved and the run stopped cleanly."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; continue with --resume")
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint must carry for `--resume` to continue the very same run."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_f1: float = -1.0
+    best_em: float = -1.0
+    best_step: int = -1
+    train_seconds: float = 0.0
+    examples_seen: int = 0
+    skipped_nonfinite: int = 0
+    python_rng: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """Everything `setup` builds and the loop uses."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    plan: BatchPlan
+    out: Path
+    tokenizer: Any
+    model: PromptedT5  # unwrapped
+    engine: nn.Module  # what the loop calls: DDP/FSDP wrapped or the model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_features: list[Features]
+    sampler: BucketBatchSampler
+    eval_examples: list[QAExample]
+    eval_features: list[Features]
+    collate: Collator
+    max_steps: int
+    steps_per_epoch: int
+    logger: MetricsLogger
+    state: TrainerState
+    bf16: bool
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def _load_split(cfg: TrainConfig, which: str, stats: Counter) -> list[QAExample]:
+    if cfg.dataset_name is not None:
+        split = cfg.train_split if which == "train" else cfg.validation_split
+        return load_hf_dataset(cfg.dataset_name, split, skip_bad=cfg.skip_bad_examples, stats=stats)
+    path = cfg.train_file if which == "train" else cfg.validation_file
+    if path is None:
+        return []
+    return load_examples(path, skip_bad=cfg.skip_bad_examples, stats=stats)
+
+
+def _set_dropout(model: nn.Module, rate: float) -> None:
+    model.config.dropout_rate = rate
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = rate
+
+
+def _prepare_output_dir(cfg: TrainConfig, env: DistEnv) -> Path:
+    out = Path(cfg.output_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(out)
+        if cfg.overwrite_output_dir and not cfg.resume:
+            for p in out.iterdir():
+                if p.name.startswith("checkpoint-") or p.name in ("best", "last", "tensorboard"):
+                    p.unlink() if p.is_symlink() else shutil.rmtree(p, ignore_errors=True)
+                elif p.name in ("metrics.jsonl", "results.json") or p.name.startswith("predictions_"):
+                    p.unlink()
+    barrier(env)
+    return out
+
+
+def setup(cfg: TrainConfig, env: DistEnv) -> Run:
+    """Validate, load data and model, build optimizer and sampler, and restore state on --resume."""
+    plan = validate(cfg, env.world_size)
+    out = _prepare_output_dir(cfg, env)
+    bf16 = cfg.precision == "bf16"
+    torch.manual_seed(cfg.seed)
+
+    stats: Counter = Counter()
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    train_examples = _load_split(cfg, "train", stats)
+    if cfg.max_train_samples is not None:
+        train_examples = train_examples[: cfg.max_train_samples]
+    eval_examples = _load_split(cfg, "validation", stats)
+    if cfg.max_eval_samples is not None:
+        eval_examples = eval_examples[: cfg.max_eval_samples]
+    if not train_examples:
+        raise UserError("the training data holds no usable examples; check --train_file / --dataset_name")
+    tok_kwargs = dict(
+        max_source_length=cfg.max_source_length,
+        max_target_length=cfg.max_target_length,
+        pad_punctuation=cfg.pad_punctuation,
+    )
+    train_features = tokenize_examples(train_examples, tokenizer, **tok_kwargs)
+    eval_features = tokenize_examples(eval_examples, tokenizer, **tok_kwargs) if eval_examples else []
+
+    t5 = load_t5(
+        cfg.model_name_or_path,
+        random_init=cfg.random_init,
+        seed=cfg.seed,
+        attn_implementation=cfg.attn_implementation,
+    )
+    if cfg.dropout is not None:
+        _set_dropout(t5, cfg.dropout)
+    prompt = None
+    if cfg.prompt_tuning:
+        prompt = SoftPrompt(cfg.n_tokens, t5.config.d_model)
+        with torch.no_grad():
+            prompt.weight.copy_(
+                initial_prompt(
+                    cfg.prompt_init,
+                    cfg.n_tokens,
+                    t5.get_input_embeddings().weight,
+                    seed=cfg.seed,
+                    text=cfg.prompt_init_text,
+                    tokenizer=tokenizer,
+                    path=cfg.prompt_init_file,
+                )
+            )
+    model = PromptedT5(t5, prompt).to(env.device)
+    model.train()
+    engine = shard_fsdp(model, env, bf16=bf16) if cfg.fsdp else wrap_ddp(model, env)
+    if cfg.compile:
+        engine = torch.compile(engine)
+
+    # Each rank's slice of a global batch holds per_device x grad_accum examples; the global batches
+    # themselves do not depend on how they are split, so 2 devices x 2 == 1 device x 2 x 2 accumulation.
+    sampler = BucketBatchSampler(
+        [len(f.input_ids) for f in train_features],
+        plan.per_device * plan.grad_accum,
+        seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        mega_batch_mult=50 if cfg.bucket_by_length else 1,
+    )
+    steps_per_epoch = len(sampler)
+    if cfg.max_steps is not None:
+        max_steps = cfg.max_steps
+    elif cfg.epochs is not None:
+        max_steps = math.ceil(cfg.epochs * steps_per_epoch)
+    else:
+        max_steps = PAPER_STEPS
+    optimizer, scheduler = build_optimizer(
+        cfg.optimizer,
+        model.trainable_parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=max_steps,
+    )
+
+    state = TrainerState()
+    if cfg.resume and (out / "last").exists():
+        state = _restore(out / "last", model, optimizer, scheduler, env, cfg.fsdp)
+    elif env.is_main:
+        save_yaml_config(
+            cfg, out / "config.yaml", header=f"# softprompt {__version__}: the resolved config of this run\n"
+        )
+
+    logger = MetricsLogger(
+        out, report_to=cfg.report_to, is_main_process=env.is_main, run_config=cfg.to_dict()
+    )
+    mode = "prompt tuning" if cfg.prompt_tuning else "full fine-tuning"
+    n_trainable = sum(p.numel() for p in model.trainable_parameters())
+    logger.log(
+        "start",
+        state.step,
+        mode=mode,
+        trainable_parameters=n_trainable,
+        train_examples=len(train_examples),
+        eval_examples=len(eval_examples),
+        global_batch_size=plan.global_batch,
+        per_device_batch_size=plan.per_device,
+        grad_accum_steps=plan.grad_accum,
+        world_size=env.world_size,
+        max_steps=max_steps,
+        steps_per_epoch=steps_per_epoch,
+        resumed=cfg.resume and state.step > 0,
+        skipped_examples=dict(stats),
+    )
+    if env.is_main:
+        print(
+            f"softprompt: {mode} of {cfg.model_name_or_path} ({n_trainable:,} trainable parameters) on "
+            f"{len(train_examples):,} examples; global batch {plan.global_batch} = {plan.per_device} per device x "
+            f"{env.world_size} device(s) x {plan.grad_accum} accumulation; {max_steps:,} steps"
+            + (f"; skipped {dict(stats)}" if stats else ""),
+            flush=True,
+        )
+    return Run(
+        cfg=cfg,
+        env=env,
+        plan=plan,
+        out=out,
+        tokenizer=tokenizer,
+        model=model,
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_features=train_features,
+        sampler=sampler,
+        eval_examples=eval_examples,
+        eval_features=eval_features,
+        collate=Collator(pad_token_id=tokenizer.pad_token_id),
+        max_steps=max_steps,
+        steps_per_epoch=steps_per_epoch,
+        logger=logger,
+        state=state,
+        bf16=bf16,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a request to checkpoint and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            # signal() refuses outside the main thread (e.g. a test runner's worker); then no handler.
+            with contextlib.suppress(ValueError):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train_loop(run: Run) -> dict[str, Any]:
+    """Optimise until max_steps, evaluating and checkpointing on schedule. Returns results.json's content."""
+    cfg, env, st, plan = run.cfg, run.env, run.state, run.plan
+    window_loss = window_tokens = 0.0
+    window_examples, window_time = 0, 0.0
+    with (
+        _StopFlag() as stop,
+        Progress(total=run.max_steps, desc="train", enabled=env.is_main, unit="step", initial=st.step) as bar,
+    ):
+        while st.step < run.max_steps:
+            run.sampler.set_epoch(st.epoch, start_batch=st.batch_in_epoch)
+            for local_indices in run.sampler:
+                t0 = time.perf_counter()
+                micro = [
+                    local_indices[i : i + plan.per_device]
+                    for i in range(0, len(local_indices), plan.per_device)
+                ]
+                batches = [run.collate([run.train_features[i] for i in m]) for m in micro]
+                # Normalise by the global batch's target-token count, so the gradient is the same however
+                # the batch is split over devices and accumulation steps.
+                local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+                global_tokens = float(all_reduce_sum(torch.tensor([float(local_tokens)]), env).item())
+                loss_sum = torch.zeros((), device=env.device)
+                for i, b in enumerate(batches):
+                    with no_grad_sync(run.engine, skip=i < len(batches) - 1), autocast(env.device, run.bf16):
+                        token_loss = run.engine(
+                            b["input_ids"].to(env.device),
+                            b["attention_mask"].to(env.device),
+                            b["labels"].to(env.device),
+                            reduction="sum",
+                        )
+                        # DDP and FSDP average gradients over ranks; scale back up to a plain sum.
+                        (token_loss * env.world_size / global_tokens).backward()
+                    loss_sum += token_loss.detach().float()
+                step_loss = float(all_reduce_sum(loss_sum, env).item()) / global_tokens
+                if not math.isfinite(step_loss):
+                    if not cfg.skip_nonfinite:
+                        raise TrainingError(
+                            f"the loss became {step_loss} at step {st.step + 1}; the last good checkpoint in "
+                            f"{run.out / 'last'} is intact (lower --lr, or pass --skip_nonfinite to skip such steps)"
+                        )
+                    st.skipped_nonfinite += 1
+                    run.optimizer.zero_grad(set_to_none=True)
+                else:
+                    run.optimizer.step()
+                    run.scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                st.step += 1
+                st.batch_in_epoch += 1
+                st.examples_seen += plan.global_batch
+                dt = time.perf_counter() - t0
+                st.train_seconds += dt
+                window_time += dt
+                window_examples += plan.global_batch
+                if math.isfinite(step_loss):
+                    window_loss += step_loss * global_tokens
+                    window_tokens += global_tokens
+                bar.update(1, loss=step_loss, ex_s=plan.global_batch / max(dt, 1e-9))
+
+                if (cfg.logging_steps and st.step % cfg.logging_steps == 0) or st.step == run.max_steps:
+                    run.logger.log(
+                        "train",
+                        st.step,
+                        epoch=st.epoch + st.batch_in_epoch / run.steps_per_epoch,
+                        loss=window_loss / max(window_tokens, 1.0),
+                        lr=run.scheduler.get_last_lr()[0],
+                        examples_per_second=window_examples / max(window_time, 1e-9),
+                        skipped_nonfinite=st.skipped_nonfinite,
+                    )
+                    window_loss = window_tokens = 0.0
+                    window_examples, window_time = 0, 0.0
+                if cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps:
+                    f1 = _evaluate(run)
+                    bar.update(0, dev_f1=f1)
+                if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < run.max_steps:
+                    save_checkpoint(run)
+                if env.distributed:  # a signal seen by any rank stops every rank at the same step
+                    stop.signum = int(all_reduce_max(torch.tensor([stop.signum]), env).item())
+                if stop.signum:
+                    save_checkpoint(run)
+                    raise Preempted(stop.signum, st.step)
+                if st.step >= run.max_steps:
+                    break
+            else:
+                st.epoch += 1
+                st.batch_in_epoch = 0
+    # -- the end: evaluate, checkpoint, report
+    if run.eval_examples:
+        _evaluate(run)
+    save_checkpoint(run)
+    return _results(run)
+
+
+def _evaluate(run: Run) -> float:
+    """Score the dev set; keep best/ when F1 improves. Returns dev F1 (on every rank)."""
+    cfg, st = run.cfg, run.state
+    result = evaluate_examples(
+        run.model,
+        run.tokenizer,
+        run.eval_examples,
+        run.eval_features,
+        batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.max_target_length,
+        env=run.env,
+        bf16=run.bf16,
+        lockstep=cfg.fsdp,
+    )
+    run.logger.log("eval", st.step, exact_match=result.exact_match, f1=result.f1)
+    if run.env.is_main:
+        ckpt.atomic_write_json(run.out / f"predictions_step{st.step}.json", result.predictions)
+    if result.f1 > st.best_f1:
+        st.best_f1, st.best_em, st.best_step = result.f1, result.exact_match, st.step
+        _save_weights(run, run.out / "best", card=True)
+        if run.env.is_main:
+            ckpt.atomic_write_json(run.out / "predictions_best.json", result.predictions)
+    return result.f1
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def _prompt_config(run: Run) -> ckpt.PromptConfig:
+    cfg = run.cfg
+    assert run.model.prompt is not None
+    return ckpt.PromptConfig(
+        base_model=cfg.model_name_or_path,
+        n_tokens=cfg.n_tokens,
+        d_model=run.model.prompt.d_model,
+        init=cfg.prompt_init,
+        pad_punctuation=cfg.pad_punctuation,
+        max_source_length=cfg.max_source_length,
+        max_target_length=cfg.max_target_length,
+        extra={"step": run.state.step, "dev_f1": run.state.best_f1, "dev_exact_match": run.state.best_em},
+    )
+
+
+def _model_card_info(run: Run) -> dict[str, Any]:
+    cfg, st = run.cfg, run.state
+    return {
+        "base_model": cfg.model_name_or_path,
+        "mode": "prompt" if cfg.prompt_tuning else "finetune",
+        "train_file": cfg.dataset_name or cfg.train_file,
+        "validation_file": cfg.dataset_name or cfg.validation_file,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "n_tokens": cfg.n_tokens,
+        "prompt_init": cfg.prompt_init,
+        "global_batch_size": run.plan.global_batch,
+        "steps": st.step,
+        "precision": cfg.precision,
+        "exact_match": st.best_em,
+        "f1": st.best_f1,
+        "best_step": st.best_step,
+    }
+
+
+def _save_weights(run: Run, directory: Path, *, card: bool = False) -> None:
+    """Write the trained weights as a usable artefact: a prompt checkpoint or an HF model directory."""
+    # Under FSDP every rank takes part in gathering the full weights; rank 0 writes them.
+    state = fsdp_full_state_dict(run.model) if run.cfg.fsdp else None
+    if run.env.is_main:
+        with ckpt.atomic_dir(directory) as tmp:
+            if run.model.prompt is not None:
+                weight = state["prompt.weight"] if state is not None else run.model.prompt.weight
+                ckpt._write_prompt_files(tmp, weight, _prompt_config(run))
+            else:
+                t5_state = (
+                    {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
+                )
+                run.model.model.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
+                run.tokenizer.save_pretrained(tmp)
+            if card:
+                _write_card(tmp, run)
+    barrier(run.env)
+
+
+def _write_card(directory: Path, run: Run) -> None:
+    from softprompt.modelcard import write_model_card
+
+    write_model_card(directory, _model_card_info(run))
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write a resumable checkpoint atomically, point `last` at it, and prune old ones."""
+    env, st, out = run.env, run.state, run.out
+    target = out / f"checkpoint-{st.step:07d}"
+    st.python_rng = _jsonable(random.getstate())
+    # Every rank keeps its own RNG stream (dropout differs per rank); each writes its own file
+    # into the temporary directory that rank 0 will rename.
+    tmp = broadcast_object(str(out / f".tmp-{target.name}-{os.getpid()}") if env.is_main else None, env)
+    tmp = Path(tmp)
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(env)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state(env.device)
+    ckpt.save_tensors(tmp / f"rng_rank{env.rank}.safetensors", rng)
+    if run.cfg.fsdp:
+        save_fsdp_train_state(tmp, run.model, run.optimizer, run.scheduler, env)
+    elif env.is_main:
+        prompt_config = _prompt_config(run) if run.model.prompt is not None else None
+        ckpt.save_train_state(tmp, run.model, run.optimizer, run.scheduler, prompt_config)
+    barrier(env)
+    if env.is_main:
+        try:
+            (tmp / "trainer_state.json").write_text(json.dumps(st.__dict__, indent=2) + "\n")
+            ckpt._fsync_tree(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            ckpt.fsync_dir(out)
+            link_tmp = out / f".tmp-last-{os.getpid()}"
+            link_tmp.unlink(missing_ok=True)
+            link_tmp.symlink_to(target.name)
+            os.replace(link_tmp, out / "last")
+            ckpt.fsync_dir(out)
+            _prune(out, keep=run.cfg.save_total_limit, current=target.name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    barrier(env)
+    return target
+
+
+def _prune(out: Path, keep: int, current: str) -> None:
+    ckpts = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    for p in ckpts[:-keep] if keep > 0 else ckpts:
+        if p.name != current:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, tuple | list):
+        return [_jsonable(o) for o in obj]
+    return obj
+
+
+def _restore(
+    directory: Path,
+    model: PromptedT5,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    env: DistEnv,
+    fsdp: bool,
+) -> TrainerState:
+    """Load a checkpoint written by `save_checkpoint` back into the live objects."""
+    directory = directory.resolve()
+    state_file = directory / "trainer_state.json"
+    if not state_file.exists():
+        raise CheckpointError(f"{directory} is not a complete checkpoint (trainer_state.json is missing)")
+    raw = json.loads(state_file.read_text())
+    st = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
+    if fsdp:
+        load_fsdp_train_state(directory, model, optimizer, scheduler, env)
+    else:
+        ckpt.load_train_state(directory, model, optimizer, scheduler)
+    rng_file = directory / f"rng_rank{env.rank}.safetensors"
+    if rng_file.exists():
+        rng = ckpt.load_tensors(rng_file)
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"], env.device)
+    if st.python_rng:
+        v, internal, gauss = st.python_rng
+        random.setstate((v, tuple(internal), gauss))
+    return st
+
+
+def _results(run: Run) -> dict[str, Any]:
+    cfg, st = run.cfg, run.state
+    results = {
+        "exact_match": st.best_em if st.best_step >= 0 else None,
+        "f1": st.best_f1 if st.best_step >= 0 else None,
+        "best_step": st.best_step if st.best_step >= 0 else None,
+        "steps": st.step,
+        "train_seconds": st.train_seconds,
+        "train_examples_per_second": st.examples_seen / max(st.train_seconds, 1e-9),
+        "model_name_or_path": cfg.model_name_or_path,
+        "mode": "prompt" if cfg.prompt_tuning else "finetune",
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "n_tokens": cfg.n_tokens if cfg.prompt_tuning else 0,
+        "global_batch_size": run.plan.global_batch,
+        "world_size": run.env.world_size,
+        "precision": cfg.precision,
+        "skipped_nonfinite": st.skipped_nonfinite,
+        "softprompt_version": __version__,
+    }
+    if run.env.is_main:
+        ckpt.atomic_write_json(run.out / "results.json", results)
+    run.logger.log("end", st.step, **{k: v for k, v in results.items() if isinstance(v, int | float)})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run a whole training job: setup, train, save, cleanup.
+
+    Returns:
+        The content of results.json (best dev EM/F1 and timing).
+    """
+    env = init_distributed()
+    run = None
+    try:
+        run = setup(cfg, env)
+        return train_loop(run)
+    finally:
+        if run is not None:
+            run.logger.close()
+        cleanup()
