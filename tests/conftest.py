@@ -65,3 +65,34 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, d / name)
     return d
+
+
+def squad_subset(src: Path, dest: Path, n: int, skip: int = 0) -> Path:
+    """Write the questions skip..skip+n of a SQuAD file as a smaller SQuAD v1.1 file."""
+    import json
+
+    data = json.loads(need(src).read_text())
+    out, seen = {"version": "1.1", "data": []}, 0
+    for article in data["data"]:
+        paragraphs = []
+        for para in article["paragraphs"]:
+            qas = []
+            for qa in para["qas"]:
+                if skip <= seen < skip + n:
+                    qas.append(qa)
+                seen += 1
+            if qas:
+                paragraphs.append({"context": para["context"], "qas": qas})
+        if paragraphs:
+            out["data"].append({"title": article["title"], "paragraphs": paragraphs})
+        if seen >= skip + n:
+            break
+    dest.write_text(json.dumps(out))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def squad_small(tmp_path_factory) -> tuple[Path, Path]:
+    """64 real SQuAD train questions and 24 real dev questions."""
+    d = tmp_path_factory.mktemp("squad")
+    return squad_subset(SQUAD_TRAIN, d / "train64.json", 64), squad_subset(SQUAD_DEV, d / "dev24.json", 24)

@@ -83,7 +83,7 @@ def test_card_contents(tmp_path: Path) -> None:
     assert rows["Batch size (global)"] == "32"
     assert rows["Batch size per device"] == "8"
     assert rows["Training steps"] == "30000"
-    assert rows["Epochs"] == "not recorded"
+    assert rows["Epochs"] == "—"
     assert rows["Precision"] == "bf16"
     assert rows["Seed"] == "42"
     assert rows["exact match"] == "78.61"
@@ -135,7 +135,7 @@ def test_optional_rows_and_missing_facts(tmp_path: Path) -> None:
     assert rows["Prompt init text"] == "'question answering'"
     # Without a global size, batch_size is the global batch (nothing per device to report).
     assert rows["Batch size (global)"] == "32" and "Batch size per device" not in rows
-    assert rows["exact match"] == "not recorded" and rows["Optimizer"] == "not recorded"
+    assert rows["exact match"] == "—" and rows["Optimizer"] == "—"
 
 
 def test_errors(tmp_path: Path) -> None:
@@ -144,3 +144,15 @@ def test_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="base model"):
         write_model_card(tmp_path, {"f1": 1.0})
     assert not (tmp_path / "README.md").exists()
+
+
+def test_fine_tuned_checkpoint_card(tmp_path: Path) -> None:
+    info = {**INFO, "prompt_tuning": False, "mode": "finetune", "lr": 5e-5, "f1": 90.63}
+    front, body = split_card(write_model_card(tmp_path, info).read_text(encoding="utf-8"))
+    assert front["base_model"] == "google/t5-base-lm-adapt"
+    rows = table(body)
+    assert rows["Method"] == "full fine-tuning" and rows["Learning rate"] == "5e-05" and rows["F1"] == "90.63"
+    assert "load_prompt" not in body and "from_pretrained" in body
+    argv = shlex.split(code_blocks(body, "bash")[0])
+    # The fine-tuned checkpoint is itself the model; there is no prompt to pass.
+    assert argv[2:4] == ["--model", str(tmp_path)] and "--prompt" not in argv

@@ -508,3 +508,30 @@ def test_bad_values_are_all_reported_at_once() -> None:
         build_optimizer("adafactor", _params(), 0.3, 1.0)
     with pytest.raises(ConfigError, match="total steps"):
         build_optimizer("adamw", _params(), 1e-3, 0.0, warmup_steps=20, total_steps=10)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adafactor_hf", "adamw"])
+def test_optimizer_and_scheduler_state_survive_weights_only_load(name: str) -> None:
+    params = _params()
+    opt, sched = build_optimizer(name, params, 1e-3, 0.0, warmup_steps=4, total_steps=20)
+    for _ in range(3):
+        params[0].grad = torch.ones(3, 4)
+        opt.step()
+        sched.step()
+    buffer = io.BytesIO()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    params_b = [torch.nn.Parameter(params[0].detach().clone())]
+    opt_b, sched_b = build_optimizer(name, params_b, 1e-3, 0.0, warmup_steps=4, total_steps=20)
+    opt_b.load_state_dict(saved["optimizer"])
+    sched_b.load_state_dict(saved["scheduler"])
+    assert sched_b.last_epoch == 3
+    assert opt_b.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for p, o, s in ((params, opt, sched), (params_b, opt_b, sched_b)):
+        p[0].grad = torch.full((3, 4), 0.5)
+        o.step()
+        s.step()
+    assert torch.equal(params[0], params_b[0])
+    assert sched_b.get_last_lr() == sched.get_last_lr()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -109,6 +111,30 @@ def test_wandb_requested_but_missing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         MetricsLogger(tmp_path / "run", ["wandb"], is_main_process=main)
     assert str(info.value) == "--report_to wandb needs the wandb package: pip install wandb"
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_receives_prefixed_scalars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, Any]] = []
+
+    class FakeRun:
+        def log(self, data: dict[str, float], step: int) -> None:
+            calls.append(("log", (data, step)))
+
+        def finish(self) -> None:
+            calls.append(("finish", None))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or FakeRun()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with MetricsLogger(tmp_path / "run7", ["wandb"], is_main_process=True, run_config={"lr": 0.3}) as logger:
+        logger.log("train", 50, loss=2.5, lr=0.3, note="text is not a scalar")
+        logger.log("eval", 100, exact_match=40.0, f1=50.5)
+    assert calls[0][0] == "init" and calls[0][1]["config"] == {"lr": 0.3} and calls[0][1]["name"] == "run7"
+    assert calls[1:] == [
+        ("log", ({"train/loss": 2.5, "train/lr": 0.3}, 50)),
+        ("log", ({"eval/exact_match": 40.0, "eval/f1": 50.5}, 100)),
+        ("finish", None),
+    ]
 
 
 def test_unknown_destination_is_a_config_error(tmp_path: Path) -> None:

@@ -187,10 +187,23 @@ def cmd_inspect(argv: Sequence[str]) -> int:
     return inspect_main(argv)
 
 
-def cmd_report(argv: Sequence[str]) -> int:
-    from softprompt.report import main as report_main
+@dataclass
+class ReportArgs:
+    """Learning curves (PNG + SVG) and Markdown tables comparing training runs."""
 
-    return report_main(argv)
+    run_dirs: tyro.conf.Positional[list[str]]
+    """Run directories written by `softprompt train` (each with results.json, metrics.jsonl, config.yaml)."""
+    out: str = "report"
+    """Directory to write report.md and the figures into."""
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    from softprompt.report import make_report
+
+    args = _parse(ReportArgs, argv, "softprompt report")
+    path = make_report([Path(d) for d in args.run_dirs], Path(args.out))
+    print(f"wrote {path}")
+    return 0
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {

@@ -156,6 +156,10 @@ def _type_ok(value: Any, annotation: Any) -> bool:
 def _describe(annotation: Any) -> str:
     if typing.get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type):
+        return {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}.get(
+            annotation.__name__, annotation.__name__
+        )
     return str(annotation).replace("typing.", "")
 
 

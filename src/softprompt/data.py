@@ -150,10 +150,10 @@ def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> A
 class _Collector:
     """Gathers the examples of one source, applying the ``skip_bad`` policy and the unique-id rule."""
 
-    def __init__(self, source: object, skip_bad: bool, stats: Counter | None) -> None:
+    def __init__(self, source: object, skip_bad: bool, stats: Counter[str] | None) -> None:
         self.source = source
         self.skip_bad = skip_bad
-        self.stats: Counter = stats if stats is not None else Counter()
+        self.stats: Counter[str] = stats if stats is not None else Counter()
         self.examples: list[QAExample] = []
         self._first_place: dict[str, str] = {}
         self.skipped = 0
@@ -197,7 +197,7 @@ def _normalise_ws(text: str) -> str:
 def _make_example(
     qid: object, question: object, context: str, answers: Sequence[str], *, lenient_answers: bool
 ) -> QAExample:
-    """Validate one question's fields (types already checked) and build the example.
+    """Validate one question's fields (containers already checked) and build the example.
 
     Args:
         qid: The raw id (a string, or an integer that is turned into one).
@@ -326,7 +326,7 @@ def _parse_json(path: Path, text: str) -> Any:
 
 
 def load_squad_json(
-    path: str | Path, *, skip_bad: bool = False, stats: Counter | None = None
+    path: str | Path, *, skip_bad: bool = False, stats: Counter[str] | None = None
 ) -> list[QAExample]:
     """Load a SQuAD v1.1 file (the official nested JSON, optionally gzip-compressed).
 
@@ -414,7 +414,7 @@ def _squad_answer_texts(qa: Mapping[str, Any]) -> list[str]:
 
 
 def load_mrqa_jsonl(
-    path: str | Path, *, skip_bad: bool = False, stats: Counter | None = None
+    path: str | Path, *, skip_bad: bool = False, stats: Counter[str] | None = None
 ) -> list[QAExample]:
     """Load an MRQA 2019 file: a ``{"header": ...}`` line, then one context with its questions per line.
 
@@ -451,7 +451,9 @@ def load_mrqa_jsonl(
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise _gzip_error(path, err) from None
     except OSError as err:
-        raise _file_error(path, f"cannot be read ({err.strerror or type(err).__name__})", "check it") from None
+        raise _file_error(
+            path, f"cannot be read ({err.strerror or type(err).__name__})", "check it"
+        ) from None
     if not saw_bytes:
         raise _file_error(path, "is empty", "give an MRQA .jsonl file")
     return out.finish()
@@ -470,6 +472,8 @@ def _mrqa_line(out: _Collector, path: Path, lineno: int, start: int, raw: bytes)
             ),
         )
         return
+    # Without its newline, json's column numbers are columns of this line.
+    text = text.rstrip("\r\n")
     if lineno == 1 and text.startswith("\ufeff"):
         text = text[1:]
     try:
@@ -518,7 +522,11 @@ def _mrqa_line(out: _Collector, path: Path, lineno: int, start: int, raw: bytes)
 
 
 def examples_from_rows(
-    rows: Iterable[Mapping[str, Any]], *, source: str, skip_bad: bool = False, stats: Counter | None = None
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    source: str,
+    skip_bad: bool = False,
+    stats: Counter[str] | None = None,
 ) -> list[QAExample]:
     """Convert rows with SQuAD-style columns (as in the Hub's ``squad`` dataset) to examples.
 
@@ -564,7 +572,7 @@ def examples_from_rows(
 
 
 def load_hf_dataset(
-    name: str, split: str, *, skip_bad: bool = False, stats: Counter | None = None, **load_kwargs: Any
+    name: str, split: str, *, skip_bad: bool = False, stats: Counter[str] | None = None, **load_kwargs: Any
 ) -> list[QAExample]:
     """Load a split of a Hugging Face dataset with SQuAD-style columns via ``datasets.load_dataset``.
 
@@ -610,7 +618,7 @@ def load_hf_dataset(
 
 
 def load_examples(
-    source: str | Path, *, split: str = "train", skip_bad: bool = False, stats: Counter | None = None
+    source: str | Path, *, split: str = "train", skip_bad: bool = False, stats: Counter[str] | None = None
 ) -> list[QAExample]:
     """Load questions from a file, chosen by suffix, or from the Hub when ``source`` is ``"hf:NAME"``.
 

@@ -61,7 +61,7 @@ def normalize_answer(s: str) -> str:
     """
     text = s.lower()
     text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub("", text)
+    text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 

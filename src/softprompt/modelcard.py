@@ -22,7 +22,8 @@ from softprompt.report import atomic_write_text
 __all__ = ["CARD_FILE", "render_model_card", "write_model_card"]
 
 CARD_FILE = "README.md"
-_MISSING = "not recorded"
+# One mark for "not set" (epochs when max_steps rules) and "not passed in".
+_MISSING = "—"
 
 
 def _first(info: Mapping[str, Any], keys: Sequence[str]) -> Any:
@@ -72,7 +73,7 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
             ``weight_decay``, ``n_tokens``, ``prompt_init`` (or ``init``), ``prompt_init_text``,
             ``global_batch_size``, ``batch_size``, ``steps``/``max_steps``, ``epochs``,
             ``precision``, ``seed``, ``trainable_parameters``, ``exact_match``, ``f1``,
-            ``best_step``. Any other absent key shows as "not recorded".
+            ``best_step``. A key that is absent or None shows as "—".
 
     Returns:
         The card, starting with YAML front matter.
@@ -118,26 +119,43 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
     hyper = [row for row in optional if row is not None]
 
     ckpt = str(checkpoint_dir)
-    name = Path(ckpt).name or ckpt
     question = "Who wrote Hamlet?"
     context = "Hamlet is a tragedy written by William Shakespeare."
-    cli = " ".join(
-        [
-            "softprompt predict",
-            f"--model {shlex.quote(base_model)}",
-            f"--prompt {shlex.quote(ckpt)}",
-            f"--question {shlex.quote(question)}",
-            f"--context {shlex.quote(context)}",
+    # A prompt is used together with its frozen base model; a fine-tuned checkpoint is the model.
+    predict = ["softprompt", "predict", "--model", base_model, "--prompt", ckpt]
+    if not prompt_mode:
+        predict = ["softprompt", "predict", "--model", ckpt]
+    cli = " ".join(shlex.quote(arg) for arg in [*predict, "--question", question, "--context", context])
+
+    if prompt_mode:
+        title = f"# Soft prompt for `{_md(base_model)}` on SQuAD"
+        intro = (
+            "A soft prompt trained with softprompt, an implementation of prompt tuning "
+            "([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for extractive question answering. "
+            "It is a small matrix of embeddings prepended to the input of a frozen T5; "
+            "it only works with the base model below."
+        )
+        load = [
+            "from softprompt.checkpoint import load_prompt",
+            "",
+            "# The [P, d_model] prompt tensor and its PromptConfig (base model, input template, ...).",
+            f"prompt, prompt_config = load_prompt({ckpt!r})",
         ]
-    )
+    else:
+        title = f"# `{_md(base_model)}` fine-tuned on SQuAD"
+        intro = (
+            "All weights of the base model below fine-tuned with softprompt for extractive question "
+            "answering, the baseline that prompt tuning is compared with."
+        )
+        load = [
+            "from transformers import T5ForConditionalGeneration",
+            "",
+            f"model = T5ForConditionalGeneration.from_pretrained({ckpt!r})",
+        ]
 
     lines = ["---", front_matter.rstrip("\n"), "---", ""]
-    lines += [f"# Soft prompt `{_md(name)}` for `{_md(base_model)}` (SQuAD)", ""]
+    lines += [title, "", intro]
     lines += [
-        "A soft prompt trained with softprompt, an implementation of prompt tuning "
-        "([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for extractive question answering. "
-        "It is a small matrix of embeddings prepended to the input of a frozen T5; "
-        "it only works with the base model below.",
         "",
         "## Base model",
         "",
@@ -172,10 +190,7 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         "## How to load",
         "",
         "```python",
-        "from softprompt.checkpoint import load_prompt",
-        "",
-        "# The [P, d_model] prompt tensor and its PromptConfig (base model, input template, ...).",
-        f"prompt, prompt_config = load_prompt({ckpt!r})",
+        *load,
         "```",
         "",
         "From the command line:",

@@ -1,0 +1,627 @@
+"""softprompt vs PEFT prompt tuning, side by side, in one command.
+
+    python bench/bench_train_eval.py --shapes small base
+
+For every shape the bench builds ONE random-weight T5 from ``../shared/models/<shape>`` (the published
+config and the real tokenizer), saves it with ``save_pretrained`` to a temporary directory, and runs each
+side in its own subprocess (``--side softprompt`` / ``--side peft``) so peak RSS is measured separately.
+Both sides train on the first N questions of SQuAD v1.1 train for the same number of optimizer steps
+(N = steps x batch: one epoch, so both see exactly the same examples) and answer the first M dev
+questions greedily (at most 32 new tokens) in batches of the same size.
+
+* softprompt: ``softprompt.train.train(TrainConfig(..., precision="bf16"))`` exactly as ``softprompt
+  train`` runs it; train examples/s is the ``train_examples_per_second`` the run writes to results.json.
+  Evaluation is ``softprompt.evaluate.generate_answers(..., bf16=True)`` on the trained prompt.
+* peer: PEFT ``PromptTuningConfig(task_type=SEQ_2_SEQ_LM, num_virtual_tokens=100,
+  prompt_tuning_init=SAMPLE_VOCAB)`` on ``T5ForConditionalGeneration`` (SDPA attention, transformers'
+  default), trained by ``Seq2SeqTrainer`` with ``DataCollatorForSeq2Seq`` (dynamic padding, label pad -100),
+  Adafactor at a constant lr of 0.3, ``bf16=True, use_cpu=True``. Its examples/s is timed by a
+  ``TrainerCallback`` from ``on_train_begin`` to the last ``on_step_end`` (Trainer setup excluded).
+  Evaluation is ``PeftModelForSeq2SeqLM.generate`` in dataset order under bf16 autocast, with the prompt
+  softprompt trained copied in, so both sides decode the same tokens and stop at the same place (the
+  answers' agreement is reported as a cross-check).
+
+The parent also times a large ``torch.matmul`` loop in bf16 and fp32 and reports model-FLOPs utilisation
+(MFU) of the prompt-tuning train step against those rates; see ``train_flops_per_example`` for the formula.
+It prints a table, writes ``bench/results/<timestamp>-<shape>.json`` and ``bench/results/latest.json``,
+and with ``--update-docs`` rewrites the results block of ``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SOFTPROMPT_SHARED", REPO.parent / "shared"))
+SQUAD_TRAIN = SHARED / "data" / "squad" / "train-v1.1.json"
+SQUAD_DEV = SHARED / "data" / "squad" / "dev-v1.1.json"
+RESULTS = REPO / "bench" / "results"
+DOCS = REPO / "docs" / "performance.md"
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json")
+DOCS_BEGIN = "<!-- bench:begin -->"
+DOCS_END = "<!-- bench:end -->"
+
+N_TOKENS = 100  # prompt length P, as in the paper
+MAX_SOURCE = 512
+MAX_TARGET = 32
+LR = 0.3
+WEIGHT_DECAY = 1e-5
+SEED = 42
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One model shape and its default workload."""
+
+    model: str  # directory under ../shared/models
+    batch: int  # global batch (32 in the paper; 8 at base shape on a CPU)
+    steps: int  # optimizer steps (one epoch over steps x batch examples)
+    eval_questions: int
+    eval_batch: int
+
+
+SHAPES = {
+    "small": Shape("t5-small-lm-adapt", batch=32, steps=8, eval_questions=96, eval_batch=32),
+    "base": Shape("t5-base-lm-adapt", batch=8, steps=8, eval_questions=48, eval_batch=16),
+}
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def train_flops_per_example(cfg: Any, enc_len: int, dec_len: int) -> float:
+    """Model FLOPs of one prompt-tuning train step for one example (forward + needed backward).
+
+    Matmul FLOPs only (2 per multiply-add), counted on the example's real tokens (padding is waste,
+    not work). ``enc_len`` = P + source tokens, ``dec_len`` = target tokens; inner = heads x d_kv.
+
+    Forward, per encoder layer: ``2 L (4 d inner + 3 d d_ff)`` for the projections and gated FFN, plus
+    ``4 L^2 inner`` for QK^T and AV. Per decoder layer: ``2 T (4 d inner + 3 d d_ff)`` (self-attention
+    and FFN), ``2 T (2 d inner)`` + ``2 L (2 d inner)`` for cross-attention's Q/O and K/V projections,
+    ``4 T^2 inner + 4 T L inner`` for the attention products. LM head ``2 T d V``.
+
+    Backward: the model is frozen, so no weight gradients; only activation gradients back to the
+    prompt. A linear layer's input gradient costs what its forward cost; an attention product's
+    backward is two matmuls per forward matmul (2x). The first decoder layer's self-attention does not
+    depend on the encoder, so its backward is skipped (autograd never runs it); everything else must run.
+    So ``train = fwd_linear + fwd_attn + (fwd_linear - dec0_self_linear) + 2 (fwd_attn - dec0_self_attn)``.
+    """
+    d, ff, vocab = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    inner = cfg.num_heads * cfg.d_kv
+    n_enc, n_dec = cfg.num_layers, cfg.num_decoder_layers
+    big_l, t = enc_len, dec_len
+    enc_lin = n_enc * 2 * big_l * (4 * d * inner + 3 * d * ff)
+    enc_att = n_enc * 4 * big_l * big_l * inner
+    dec_self_lin = 2 * t * 4 * d * inner
+    dec_self_att = 4 * t * t * inner
+    dec_lin = n_dec * (dec_self_lin + 2 * t * 3 * d * ff + 2 * t * 2 * d * inner + 2 * big_l * 2 * d * inner)
+    dec_att = n_dec * (dec_self_att + 4 * t * big_l * inner)
+    head = 2 * t * d * vocab
+    fwd_lin = enc_lin + dec_lin + head
+    fwd_att = enc_att + dec_att
+    return fwd_lin + fwd_att + (fwd_lin - dec_self_lin) + 2 * (fwd_att - dec_self_att)
+
+
+def matmul_rate(dtype_name: str, seconds: float = 2.0, sizes: Sequence[int] = (1024, 2048, 4096)) -> float:
+    """Best sustained GFLOP/s of a square ``torch.matmul`` loop over a few sizes (this process's threads)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        for _ in range(2):
+            torch.matmul(a, b)
+        k, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / len(sizes):
+            torch.matmul(a, b)
+            k += 1
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size (VmHWM), MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _first_questions(path: Path, n: int) -> list[dict[str, Any]]:
+    """The first n questions of a SQuAD v1.1 file as plain dicts, the way a user reads them."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    rows = []
+    for article in data["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                rows.append(
+                    {
+                        "id": qa["id"],
+                        "question": qa["question"],
+                        "context": paragraph["context"],
+                        "answer": qa["answers"][0]["text"],
+                    }
+                )
+                if len(rows) == n:
+                    return rows
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ sides
+
+
+def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
+    """Train with `softprompt.train.train` as `softprompt train` does, then answer with generate_answers."""
+    import torch
+
+    from softprompt.checkpoint import load_prompt
+    from softprompt.config import TrainConfig
+    from softprompt.data import load_examples, tokenize_examples
+    from softprompt.evaluate import generate_answers
+    from softprompt.model import PromptedT5, load_t5, load_tokenizer
+    from softprompt.prompt import SoftPrompt
+    from softprompt.train import train
+
+    work = Path(args.work)
+    out = work / "softprompt-run"
+    cfg = TrainConfig(
+        output_dir=str(out),
+        model_name_or_path=args.model_dir,
+        train_file=str(SQUAD_TRAIN),
+        prompt_tuning=True,
+        n_tokens=N_TOKENS,
+        prompt_init="sampled_vocab",
+        max_source_length=MAX_SOURCE,
+        max_target_length=MAX_TARGET,
+        optimizer="adafactor",
+        lr=LR,
+        weight_decay=WEIGHT_DECAY,
+        global_batch_size=args.batch,
+        max_steps=args.steps,
+        max_train_samples=args.batch * args.steps,
+        seed=SEED,
+        eval_steps=0,
+        save_steps=0,
+        logging_steps=1,
+        report_to=["none"],
+        precision="bf16",
+        overwrite_output_dir=True,
+    )
+    load0 = _load()
+    results = train(cfg)
+    train_peak = _peak_rss_mib()
+    step_seconds = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["event"] == "train":
+            step_seconds.append(args.batch / rec["examples_per_second"])
+
+    tokenizer = load_tokenizer(args.model_dir)
+    t5 = load_t5(args.model_dir)
+    weight, _ = load_prompt(out / "last", expect_d_model=t5.config.d_model)
+    prompt = SoftPrompt(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        prompt.weight.copy_(weight)
+    model = PromptedT5(t5, prompt).eval()
+    examples = load_examples(SQUAD_DEV)[: args.eval_questions]
+    features = tokenize_examples(
+        examples, tokenizer, max_source_length=MAX_SOURCE, max_target_length=MAX_TARGET
+    )
+    t0 = time.perf_counter()
+    answers = generate_answers(
+        model, tokenizer, features, batch_size=args.eval_batch, max_new_tokens=MAX_TARGET, bf16=True
+    )
+    eval_seconds = time.perf_counter() - t0
+    (work / "softprompt-prompt.json").write_text(json.dumps(weight.tolist()))
+    return {
+        "train_examples_per_second": results["train_examples_per_second"],
+        "train_seconds": results["train_seconds"],
+        "step_seconds": step_seconds,
+        "train_peak_rss_mib": train_peak,
+        "eval_questions_per_second": len(features) / eval_seconds,
+        "eval_seconds": eval_seconds,
+        "answers": answers,
+        "peak_rss_mib": _peak_rss_mib(),
+        "load_before": load0,
+        "load_after": _load(),
+    }
+
+
+def side_peft(args: argparse.Namespace) -> dict[str, Any]:
+    """Train PEFT prompt tuning with Seq2SeqTrainer, then answer with the PEFT model's generate."""
+    import torch
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        T5ForConditionalGeneration,
+        TrainerCallback,
+    )
+
+    work = Path(args.work)
+    load0 = _load()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = T5ForConditionalGeneration.from_pretrained(args.model_dir)
+    attn = model.config._attn_implementation
+    peft_config = PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        num_virtual_tokens=N_TOKENS,
+        prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB,
+    )
+    model = get_peft_model(model, peft_config)
+
+    rows = _first_questions(SQUAD_TRAIN, args.batch * args.steps)
+    sources = [f"question: {r['question']} context: {r['context']}" for r in rows]
+    enc = tokenizer(sources, max_length=MAX_SOURCE, truncation=True)
+    targets = tokenizer(text_target=[r["answer"] for r in rows], max_length=MAX_TARGET, truncation=True)
+    train_set = [
+        {"input_ids": i, "attention_mask": m, "labels": lab}
+        for i, m, lab in zip(enc["input_ids"], enc["attention_mask"], targets["input_ids"], strict=True)
+    ]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            self.marks = [time.perf_counter()]
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            self.marks.append(time.perf_counter())
+
+    timer = StepTimer()
+    targs = Seq2SeqTrainingArguments(
+        output_dir=str(work / "peft-run"),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=LR,
+        weight_decay=WEIGHT_DECAY,
+        optim="adafactor",
+        lr_scheduler_type="constant",
+        bf16=True,
+        use_cpu=True,
+        seed=SEED,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=targs,
+        train_dataset=train_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        callbacks=[timer],
+    )
+    trainer.train()
+    train_peak = _peak_rss_mib()
+    step_seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:], strict=False)]
+    train_seconds = timer.marks[-1] - timer.marks[0]
+
+    # Evaluate with the prompt softprompt trained, so both sides decode the same tokens.
+    shared_prompt = work / "softprompt-prompt.json"
+    if shared_prompt.exists():
+        weight = torch.tensor(json.loads(shared_prompt.read_text()))
+        emb = model.prompt_encoder["default"].embedding.weight
+        with torch.no_grad():
+            emb[:N_TOKENS].copy_(weight)
+    dev = _first_questions(SQUAD_DEV, args.eval_questions)
+    dev_enc = tokenizer(
+        [f"question: {r['question']} context: {r['context']}" for r in dev],
+        max_length=MAX_SOURCE,
+        truncation=True,
+    )
+    model.eval()
+    answers: list[str] = []
+    cast = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if args.peer_eval_precision == "bf16"
+        else torch.autocast("cpu", enabled=False)
+    )
+    t0 = time.perf_counter()
+    with torch.no_grad(), cast:
+        for i in range(0, len(dev), args.eval_batch):
+            batch = tokenizer.pad(
+                {
+                    "input_ids": dev_enc["input_ids"][i : i + args.eval_batch],
+                    "attention_mask": dev_enc["attention_mask"][i : i + args.eval_batch],
+                },
+                return_tensors="pt",
+            )
+            out = model.generate(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=MAX_TARGET
+            )
+            answers += [a.strip() for a in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    eval_seconds = time.perf_counter() - t0
+    return {
+        "train_examples_per_second": args.batch * len(step_seconds) / train_seconds,
+        "train_seconds": train_seconds,
+        "step_seconds": step_seconds,
+        "train_peak_rss_mib": train_peak,
+        "eval_questions_per_second": len(dev) / eval_seconds,
+        "eval_seconds": eval_seconds,
+        "answers": answers,
+        "attn_implementation": attn,
+        "peak_rss_mib": _peak_rss_mib(),
+        "load_before": load0,
+        "load_after": _load(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+
+def _machine() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    model_name = platform.processor() or "unknown"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in lscpu.splitlines():
+            if line.startswith("Model name:"):
+                model_name = line.split(":", 1)[1].strip()
+        flags = next((ln for ln in lscpu.splitlines() if ln.startswith("Flags:")), "")
+    except (OSError, subprocess.CalledProcessError):
+        flags = ""
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags.split()]
+    return {
+        "cpu": model_name,
+        "cores": os.cpu_count(),
+        "isa": isa,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _build_model(shape: Shape, directory: Path) -> Any:
+    """One random-weight T5 from the shared config, saved where both sides load it from."""
+    from softprompt.model import load_t5
+
+    src = SHARED / "models" / shape.model
+    model = load_t5(src, random_init=True, seed=0)
+    model.save_pretrained(directory, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(src / name, directory / name)
+    return model.config
+
+
+def _run_side(side: str, shape: Shape, model_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    out = work / f"{side}.json"
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--side",
+        side,
+        "--model-dir",
+        str(model_dir),
+        "--work",
+        str(work),
+        "--batch",
+        str(args.batch or shape.batch),
+        "--steps",
+        str(args.steps or shape.steps),
+        "--eval-questions",
+        str(args.eval_questions or shape.eval_questions),
+        "--eval-batch",
+        str(args.eval_batch or shape.eval_batch),
+        "--peer-eval-precision",
+        args.peer_eval_precision,
+        "--side-output",
+        str(out),
+    ]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
+    result = json.loads(out.read_text())
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _token_counts(model_dir: Path, n_train: int) -> list[tuple[int, int]]:
+    """(P + source tokens, target tokens) of each trained example, from softprompt's tokenization."""
+    from softprompt.data import load_examples, tokenize_examples
+    from softprompt.model import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    feats = tokenize_examples(
+        load_examples(SQUAD_TRAIN)[:n_train], tokenizer, max_source_length=MAX_SOURCE, max_target_length=MAX_TARGET
+    )
+    return [(N_TOKENS + len(f.input_ids), len(f.labels)) for f in feats]
+
+
+def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) -> dict[str, Any]:
+    """Run both sides on one shape and compute the ratios and MFU."""
+    shape = SHAPES[name]
+    batch, steps = args.batch or shape.batch, args.steps or shape.steps
+    with tempfile.TemporaryDirectory(prefix=f"spbench-{name}-") as tmp:
+        work = Path(tmp)
+        model_dir = work / "model"
+        print(f"[{name}] building {shape.model} with random weights ...", flush=True)
+        config = _build_model(shape, model_dir)
+        counts = _token_counts(model_dir, batch * steps)
+        sides: dict[str, dict[str, Any]] = {}
+        for side in ("softprompt", "peft"):
+            print(f"[{name}] {side}: training {steps} steps x {batch}, then answering ...", flush=True)
+            sides[side] = _run_side(side, shape, model_dir, work, args)
+            r = sides[side]
+            print(
+                f"[{name}] {side}: {r['train_examples_per_second']:.2f} train ex/s, "
+                f"{r['eval_questions_per_second']:.2f} eval q/s, peak RSS {r['peak_rss_mib']:.0f} MiB "
+                f"(load {r['load_before']:.1f} -> {r['load_after']:.1f})",
+                flush=True,
+            )
+    flops = sum(train_flops_per_example(config, e, t) for e, t in counts)
+    sp, pe = sides["softprompt"], sides["peft"]
+    sp_answers, pe_answers = sp.pop("answers"), pe.pop("answers")
+    agree = sum(a == b for a, b in zip(sp_answers, pe_answers, strict=True)) / max(1, len(sp_answers))
+    result: dict[str, Any] = {
+        "shape": name,
+        "model": shape.model,
+        "batch": batch,
+        "steps": steps,
+        "train_examples": batch * steps,
+        "eval_questions": args.eval_questions or shape.eval_questions,
+        "eval_batch": args.eval_batch or shape.eval_batch,
+        "mean_source_tokens": sum(e for e, _ in counts) / len(counts) - N_TOKENS,
+        "mean_target_tokens": sum(t for _, t in counts) / len(counts),
+        "train_gflop_per_example": flops / len(counts) / 1e9,
+        "softprompt": sp,
+        "peft": pe,
+        "ratios": {
+            "train_examples_per_second": sp["train_examples_per_second"] / pe["train_examples_per_second"],
+            "eval_questions_per_second": sp["eval_questions_per_second"] / pe["eval_questions_per_second"],
+            "peak_rss": sp["peak_rss_mib"] / pe["peak_rss_mib"],
+        },
+        "mfu": {},
+    }
+    result["eval_answer_agreement"] = agree
+    for side, r in (("softprompt", sp), ("peft", pe)):
+        achieved = flops / r["train_seconds"] / 1e9
+        result["mfu"][side] = {
+            "achieved_gflops": achieved,
+            "vs_bf16": achieved / rates["bf16"],
+            "vs_fp32": achieved / rates["fp32"],
+        }
+    return result
+
+
+def _table(results: list[dict[str, Any]], rates: dict[str, float]) -> str:
+    head = (
+        "| shape | side | train ex/s | eval q/s | peak RSS MiB | train GFLOP/s | MFU vs bf16 | MFU vs fp32 |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = []
+    for r in results:
+        for side in ("softprompt", "peft"):
+            s, m = r[side], r["mfu"][side]
+            lines.append(
+                f"| {r['shape']} | {side} | {s['train_examples_per_second']:.2f} | "
+                f"{s['eval_questions_per_second']:.2f} | {s['peak_rss_mib']:.0f} | {m['achieved_gflops']:.1f} | "
+                f"{100 * m['vs_bf16']:.1f}% | {100 * m['vs_fp32']:.1f}% |"
+            )
+        q = r["ratios"]
+        lines.append(
+            f"| {r['shape']} | **softprompt / peft** | **{q['train_examples_per_second']:.2f}x** | "
+            f"**{q['eval_questions_per_second']:.2f}x** | **{q['peak_rss']:.2f}x** | | | |"
+        )
+    foot = (
+        f"\nMeasured matmul rates: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s "
+        "(best of 1024/2048/4096 square torch.matmul)."
+    )
+    return head + "\n".join(lines) + "\n" + foot
+
+
+def _update_docs(table: str, summary: dict[str, Any]) -> None:
+    m = summary["machine"]
+    block = (
+        f"{DOCS_BEGIN}\n"
+        f"Last run: {summary['timestamp']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, "
+        f"ISA {', '.join(m['isa']) or 'n/a'}), torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.\n\n"
+        f"Command: `{summary['command']}`\n\n"
+        f"{table}\n"
+        f"Load average before/after the run: {summary['load_before']:.1f} / {summary['load_after']:.1f}.\n"
+        f"{DOCS_END}"
+    )
+    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else f"# Performance\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
+    if DOCS_BEGIN in text and DOCS_END in text:
+        before, rest = text.split(DOCS_BEGIN, 1)
+        _, after = rest.split(DOCS_END, 1)
+        text = before + block + after
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOCS.write_text(text, encoding="utf-8")
+
+
+def parent(args: argparse.Namespace) -> None:
+    """Run every requested shape, print the table, write the JSON results (and the docs block)."""
+    import torch
+
+    if not SQUAD_TRAIN.exists():
+        raise SystemExit(f"{SQUAD_TRAIN} is missing; set SOFTPROMPT_SHARED to the shared folder")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    load_before = _load()
+    print(f"measuring matmul rates ({torch.get_num_threads()} threads) ...", flush=True)
+    rates = {"bf16": matmul_rate("bf16"), "fp32": matmul_rate("fp32")}
+    print(f"  bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s", flush=True)
+    results = [bench_shape(name, args, rates) for name in args.shapes]
+    summary = {
+        "timestamp": stamp,
+        "command": "python bench/bench_train_eval.py " + " ".join(sys.argv[1:]),
+        "machine": _machine(),
+        "matmul_gflops": rates,
+        "load_before": load_before,
+        "load_after": _load(),
+        "shapes": results,
+    }
+    table = _table(results, rates)
+    print("\n" + table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        one = {k: v for k, v in summary.items() if k != "shapes"} | {"result": r}
+        (RESULTS / f"{stamp}-{r['shape']}.json").write_text(json.dumps(one, indent=2) + "\n")
+    (RESULTS / "latest.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if args.update_docs:
+        _update_docs(table, summary)
+        print(f"updated {DOCS.relative_to(REPO)}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse arguments; run one side (internal) or the whole benchmark."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["small", "base"])
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: per shape, 32 / 8)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per shape)")
+    p.add_argument("--eval-questions", type=int, default=None, help="dev questions answered (default: per shape)")
+    p.add_argument("--eval-batch", type=int, default=None, help="questions per generation batch")
+    p.add_argument(
+        "--peer-eval-precision",
+        choices=["bf16", "fp32"],
+        default="bf16",
+        help="the peer's generate runs under bf16 autocast (default, its faster setting here) or in fp32",
+    )
+    p.add_argument("--update-docs", action="store_true", help="rewrite the results block of docs/performance.md")
+    p.add_argument("--side", choices=["softprompt", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--side-output", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.side:
+        result = side_softprompt(args) if args.side == "softprompt" else side_peft(args)
+        Path(args.side_output).write_text(json.dumps(result))
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()

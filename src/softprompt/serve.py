@@ -1,0 +1,588 @@
+"""`softprompt serve`: one frozen T5 answering for many soft prompts over HTTP.
+
+Requests for different tasks that arrive within a few milliseconds of each other are gathered into
+one mixed-prompt batch (`bank.PromptBank`), which is what makes prompt tuning cheap to serve: one
+copy of the model, one forward pass, many tasks. The model runs on a single worker thread so the
+event loop keeps accepting requests (and answering /health) while a batch is being decoded.
+
+Endpoints: `POST /v1/answer`, `GET /v1/tasks`, `GET /health`, and FastAPI's `/openapi.json` and
+`/docs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tyro
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Discriminator, Field, Tag
+
+from softprompt.bank import PromptBank
+from softprompt.errors import UserError
+
+Row = tuple[str, str, str]  # (task, question, context)
+AnswerFn = Callable[[list[Row]], list[str]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Request and response bodies
+
+
+class AnswerInput(BaseModel):
+    """One question for one task."""
+
+    task: str = Field(min_length=1, description="Name of a loaded prompt (see GET /v1/tasks).")
+    question: str = Field(min_length=1, description="The question.")
+    context: str = Field(min_length=1, description="The passage that holds the answer.")
+
+
+class BatchAnswerRequest(BaseModel):
+    """Several questions, for any mix of tasks, answered in order."""
+
+    inputs: list[AnswerInput] = Field(min_length=1, description="The questions.")
+
+
+def _body_kind(value: Any) -> str:
+    # Choose the branch from the body's shape so that validation errors come from that branch only.
+    if isinstance(value, dict):
+        return "batch" if "inputs" in value else "single"
+    return "batch" if isinstance(value, BatchAnswerRequest) else "single"
+
+
+AnswerRequest = Annotated[
+    Annotated[AnswerInput, Tag("single")] | Annotated[BatchAnswerRequest, Tag("batch")],
+    Discriminator(_body_kind),
+]
+
+
+class AnswerResponse(BaseModel):
+    """The answer to one question."""
+
+    answer: str
+
+
+class BatchAnswerResponse(BaseModel):
+    """Answers in the order of the request's inputs."""
+
+    answers: list[str]
+
+
+class TaskInfo(BaseModel):
+    """A loaded prompt and what its checkpoint says about it."""
+
+    name: str
+    n_tokens: int
+    d_model: int
+    base_model: str
+    init: str
+    max_source_length: int
+    pad_punctuation: bool
+    dev_f1: float | None = Field(default=None, description="Dev F1 recorded at training time, if any.")
+    dev_exact_match: float | None = Field(default=None, description="Dev EM recorded at training time.")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Everything the checkpoint recorded.")
+
+
+class TasksResponse(BaseModel):
+    """Every prompt this server answers for."""
+
+    tasks: list[TaskInfo]
+
+
+class HealthResponse(BaseModel):
+    """Liveness plus the micro-batcher's counters."""
+
+    status: Literal["ok"] = "ok"
+    device: str
+    n_tasks: int
+    batches_run: int = Field(description="Merged batches handed to the model.")
+    max_batch_seen: int = Field(description="Most questions merged into one batch.")
+    requests_answered: int
+    rows_answered: int = Field(description="Questions answered (a request may hold several).")
+    queue_depth: int = Field(description="Requests waiting for the model.")
+
+
+class ErrorResponse(BaseModel):
+    """What went wrong, in one sentence, plus field-level details for validation errors."""
+
+    error: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class ApiError(Exception):
+    """An error answered as `ErrorResponse` with the given HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Micro-batching
+
+
+@dataclass
+class _Pending:
+    rows: list[Row]
+    future: asyncio.Future[list[str]]
+
+
+@dataclass
+class BatcherStats:
+    """Counters exposed on /health, so clients (and tests) can see that batching happens."""
+
+    batches_run: int = 0
+    max_batch_seen: int = 0
+    requests_answered: int = 0
+    rows_answered: int = 0
+
+
+class MicroBatcher:
+    """Gathers concurrent requests into one batch for a single model worker thread.
+
+    The first waiting request opens a window of `max_wait_ms`; requests arriving in it join the batch
+    until it holds `max_batch_size` questions (a request is never split, and one bigger than the cap
+    runs alone). The batch then runs in a one-thread executor, so the model is never entered twice at
+    once and the event loop stays free.
+
+    Args:
+        answer: rows -> answers, called on the worker thread (e.g. `PromptBank.answer`).
+        max_batch_size: most questions per merged batch.
+        max_wait_ms: how long the first request of a batch waits for company.
+    """
+
+    def __init__(self, answer: AnswerFn, *, max_batch_size: int = 32, max_wait_ms: float = 5.0) -> None:
+        if max_batch_size < 1:
+            raise UserError(f"--max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise UserError(f"--max_wait_ms must be >= 0, got {max_wait_ms}")
+        self._answer = answer
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.stats = BatcherStats()
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._carry: _Pending | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return (self._queue.qsize() if self._queue is not None else 0) + (self._carry is not None)
+
+    def start(self) -> None:
+        """Start the gathering task on the running event loop (idempotent)."""
+        if self._task is not None and not self._task.done():
+            return
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-model")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-batcher")
+
+    async def stop(self) -> None:
+        """Stop gathering and fail whatever still waits (the server is shutting down)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        waiting = [self._carry] if self._carry is not None else []
+        self._carry = None
+        while self._queue is not None and not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for p in waiting:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("the server is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def submit(self, rows: list[Row]) -> list[str]:
+        """Queue rows and wait for their answers (in row order)."""
+        self.start()
+        assert self._queue is not None
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(rows=rows, future=future))
+        return await future
+
+    async def _gather(self) -> list[_Pending]:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        first = self._carry if self._carry is not None else await self._queue.get()
+        self._carry = None
+        batch, size = [first], len(first.rows)
+        deadline = loop.time() + self.max_wait
+        while size < self.max_batch_size:
+            remaining = deadline - loop.time()
+            try:
+                if remaining > 0:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                else:
+                    item = self._queue.get_nowait()  # the window is over, but take what already waits
+            except (TimeoutError, asyncio.QueueEmpty):
+                break
+            if size + len(item.rows) > self.max_batch_size:
+                self._carry = item  # it opens the next batch rather than overfilling this one
+                break
+            batch.append(item)
+            size += len(item.rows)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # A client that went away has a cancelled future; its rows are not worth decoding.
+            batch = [p for p in await self._gather() if not p.future.done()]
+            if not batch:
+                continue
+            rows = [r for p in batch for r in p.rows]
+            try:
+                answers = await loop.run_in_executor(self._executor, self._answer, rows)
+            except Exception as e:
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            self.stats.batches_run += 1
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
+            self.stats.rows_answered += len(rows)
+            start = 0
+            for p in batch:
+                part = answers[start : start + len(p.rows)]
+                start += len(p.rows)
+                if not p.future.done():
+                    self.stats.requests_answered += 1
+                    p.future.set_result(part)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The application
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_context_chars: int = 20000
+    """Longest context accepted, in characters."""
+    max_question_chars: int = 2000
+    """Longest question accepted, in characters."""
+    max_inputs: int = 256
+    """Most questions in one request."""
+
+    @property
+    def max_body_bytes(self) -> int:
+        # UTF-8 needs at most 4 bytes a character; the slack covers JSON syntax and task names.
+        return self.max_inputs * (4 * (self.max_context_chars + self.max_question_chars) + 1024) + 65536
+
+
+def _error(status: int, message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content=ErrorResponse(error=message, errors=errors).model_dump(exclude_none=True)
+    )
+
+
+def _where(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "single", "batch")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            reason = (e.get("ctx") or {}).get("error", "malformed JSON")
+            return _error(400, f"the request body is not valid JSON ({reason}); send a JSON object")
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
+        return _error(
+            422,
+            'the request has no body; send {"task", "question", "context"} or {"inputs": [...]} as JSON',
+        )
+    if any(e.get("type") == "model_attributes_type" and _where(e.get("loc", ())) == "body" for e in errors):
+        return _error(
+            422,
+            'the request body must be a JSON object, {"task", "question", "context"} or {"inputs": [...]}, '
+            "sent as Content-Type: application/json",
+        )
+    summary = "; ".join(f"{_where(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:5])
+    details = [
+        {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")}
+        for e in errors
+    ]
+    return _error(422, f"invalid request: {summary}", details)
+
+
+def create_app(
+    bank: PromptBank,
+    *,
+    max_batch_size: int = 32,
+    max_wait_ms: float = 5.0,
+    max_new_tokens: int = 32,
+    bf16: bool = False,
+    limits: Limits | None = None,
+    answer: AnswerFn | None = None,
+) -> FastAPI:
+    """The HTTP application over a prompt bank.
+
+    Args:
+        bank: the model and its prompts.
+        max_batch_size: most questions per merged batch (also the model's batch size).
+        max_wait_ms: how long a request waits for others to share its batch.
+        max_new_tokens: the longest answer in tokens (32, like `softprompt predict`).
+        bf16: run the model under bf16 autocast.
+        limits: request size limits.
+        answer: replaces `bank.answer` (rows -> answers), e.g. to instrument it.
+
+    Returns:
+        A FastAPI app; the micro-batcher starts with it and stops on shutdown.
+    """
+    limits = limits or Limits()
+    answer_fn = answer or functools.partial(
+        bank.answer, batch_size=max_batch_size, max_new_tokens=max_new_tokens, bf16=bf16
+    )
+    batcher = MicroBatcher(answer_fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    tasks = [TaskInfo(**info) for info in bank.describe()]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(
+        title="softprompt",
+        summary="Extractive QA from one frozen T5 and many soft prompts (Lester et al., 2021).",
+        lifespan=lifespan,
+    )
+    app.state.bank = bank
+    app.state.batcher = batcher
+    app.state.limits = limits
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
+        # Refuse an oversized body before reading it rather than after it is in memory.
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            return _error(
+                413,
+                f"the request body is {length} bytes; this server accepts at most {limits.max_body_bytes}",
+            )
+        return await call_next(request)
+
+    errors = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500)}
+
+    @app.post("/v1/answer", responses=errors)  # type: ignore[arg-type]
+    async def answer_questions(body: AnswerRequest) -> AnswerResponse | BatchAnswerResponse:
+        """Answer `{"task", "question", "context"}`, or `{"inputs": [...]}` of such objects in order."""
+        batched = isinstance(body, BatchAnswerRequest)
+        inputs = body.inputs if isinstance(body, BatchAnswerRequest) else [body]
+        if len(inputs) > limits.max_inputs:
+            raise ApiError(
+                413,
+                f"the request holds {len(inputs)} inputs; this server accepts at most {limits.max_inputs}",
+            )
+        for i, item in enumerate(inputs):
+            where = f"inputs[{i}]." if batched else ""
+            if item.task not in bank:
+                raise ApiError(
+                    422, f"{where}task: unknown task '{item.task}'; loaded tasks: {', '.join(bank.names)}"
+                )
+            for name, text, most in (
+                ("context", item.context, limits.max_context_chars),
+                ("question", item.question, limits.max_question_chars),
+            ):
+                if len(text) > most:
+                    raise ApiError(
+                        413,
+                        f"{where}{name} is {len(text)} characters long; this server accepts at most {most} "
+                        f"(--max_{name}_chars)",
+                    )
+        try:
+            answers = await batcher.submit([(x.task, x.question, x.context) for x in inputs])
+        except Exception as e:
+            raise ApiError(500, f"the model failed on this batch ({type(e).__name__}: {e})") from e
+        return BatchAnswerResponse(answers=answers) if batched else AnswerResponse(answer=answers[0])
+
+    @app.get("/v1/tasks")
+    async def list_tasks() -> TasksResponse:
+        """Every loaded prompt with its checkpoint's metadata."""
+        return TasksResponse(tasks=tasks)
+
+    @app.get("/health")
+    async def health() -> HealthResponse:
+        """Liveness and micro-batching counters."""
+        s = batcher.stats
+        return HealthResponse(
+            device=str(bank.device),
+            n_tasks=len(bank),
+            batches_run=s.batches_run,
+            max_batch_seen=s.max_batch_seen,
+            requests_answered=s.requests_answered,
+            rows_answered=s.rows_answered,
+            queue_depth=batcher.queue_depth,
+        )
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class ServeArgs:
+    """Serve many soft prompts on one frozen T5 over HTTP, micro-batching concurrent requests."""
+
+    model: str
+    """Hub id or directory of the frozen T5 model the prompts were trained on."""
+    prompt: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """A prompt as NAME=DIR (DIR alone is named after the directory); repeat for several tasks."""
+    random_init: bool = False
+    """Build the model with random weights from its config (offline smoke tests)."""
+    seed: int = 42
+    """Seed for --random_init weights."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 exposes the server to the network)."""
+    port: int = 8000
+    """TCP port; 0 picks a free one (printed at startup)."""
+    max_batch_size: int = 32
+    """Most questions merged into one model batch."""
+    max_wait_ms: float = 5.0
+    """How long a request waits for others to share its batch."""
+    max_context_chars: int = 20000
+    """Longest context accepted, in characters (longer ones get 413)."""
+    max_question_chars: int = 2000
+    """Longest question accepted, in characters."""
+    max_inputs: int = 256
+    """Most questions in one request."""
+    max_new_tokens: int = 32
+    """Longest answer in tokens."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32 or bf16 autocast."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """uvicorn's log level."""
+    access_log: bool = False
+    """Log every request."""
+
+
+def parse_prompt_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
+    """`NAME=DIR` (or a bare `DIR`, named after its folder) -> (name, dir) pairs.
+
+    Raises:
+        UserError: a spec has an empty name or directory, or two prompts share a name.
+    """
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        if "=" in spec and not Path(spec).is_dir():
+            name, directory = spec.split("=", 1)
+        else:
+            directory = spec
+            name = Path(spec.rstrip("/")).name
+        if not name.strip() or not directory.strip():
+            raise UserError(f"--prompt {spec!r}: write NAME=DIR, e.g. --prompt squad=runs/squad/best")
+        if any(name == n for n, _ in out):
+            raise UserError(f"two prompts are named '{name}'; give each --prompt NAME=DIR its own name")
+        out.append((name, directory))
+    return out
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free port chosen by the OS)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise UserError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host/--port"
+        ) from None
+    return sock
+
+
+def main(argv: Sequence[str]) -> int:
+    """`softprompt serve`: load the model and prompts, then serve until interrupted."""
+    import uvicorn
+
+    from softprompt.inference import load_model_and_prompts
+
+    args = tyro.cli(
+        ServeArgs,
+        args=list(argv),
+        prog="softprompt serve",
+        use_underscores=True,
+        description=ServeArgs.__doc__,
+    )
+    specs = parse_prompt_specs(args.prompt)
+    if not specs:
+        raise UserError("give at least one --prompt NAME=DIR to serve")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in [0, 65535], got {args.port}")
+    for flag in ("max_batch_size", "max_context_chars", "max_question_chars", "max_inputs", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    loaded = load_model_and_prompts(
+        args.model,
+        [d for _, d in specs],
+        random_init=args.random_init,
+        seed=args.seed,
+        names=[n for n, _ in specs],
+    )
+    # load_model_and_prompts already refused prompts of another model; the bank checks its own adds.
+    bank = PromptBank.from_loaded(loaded, base_model=None if args.random_init else args.model)
+    app = create_app(
+        bank,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_new_tokens=args.max_new_tokens,
+        bf16=args.precision == "bf16",
+        limits=Limits(
+            max_context_chars=args.max_context_chars,
+            max_question_chars=args.max_question_chars,
+            max_inputs=args.max_inputs,
+        ),
+    )
+    sock = bind_socket(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"softprompt serve: {len(bank)} prompt(s) ({', '.join(bank.names)}) on {bank.device}; "
+        f"listening on http://{shown}:{port}",
+        flush=True,
+    )
+    config = uvicorn.Config(
+        app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5
+    )
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

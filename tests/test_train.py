@@ -1,0 +1,125 @@
+"""The trainer through the `softprompt train` command: files, flags, normalisation, learning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SQUAD_DEV, SQUAD_TRAIN, need, squad_subset
+from safetensors.torch import load_file
+
+from softprompt.cli import main
+from softprompt.config import TrainConfig
+from softprompt.train import train
+
+
+def _run(argv: list[str]) -> int:
+    return main(["train", *argv])
+
+
+def test_seed_flags_run_end_to_end_and_write_every_file(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    rc = _run(
+        [
+            "--output_dir", str(out), "--prompt_tuning", "--epochs", "40", "--optimizer", "adafactor",
+            "--lr", "0.3", "--weight_decay", "1e-5",
+            "--model_name_or_path", str(tiny_model_dir), "--random_init",
+            "--train_file", str(need(SQUAD_TRAIN)), "--validation_file", str(need(SQUAD_DEV)),
+            "--max_train_samples", "48", "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2",
+            "--max_eval_samples", "12", "--n_tokens", "8", "--batch_size", "8", "--grad_accum_steps", "2",
+            "--logging_steps", "1", "--max_source_length", "128",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "results.json",
+        "predictions_step2.json",
+        "predictions_best.json",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "best" / "prompt.safetensors").is_file() and (out / "best" / "README.md").is_file()
+    assert (out / "last").resolve().name == "checkpoint-0000004"
+    results = json.loads((out / "results.json").read_text())
+    for key in ("exact_match", "f1", "best_step", "train_seconds", "train_examples_per_second"):
+        assert isinstance(results[key], int | float), key
+    assert results["steps"] == 4 and results["global_batch_size"] == 16 and results["mode"] == "prompt"
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [e["step"] for e in events if e["event"] == "train"]
+    assert train_steps == [1, 2, 3, 4]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [2, 4]
+    assert all(
+        e["lr"] == 0.3 for e in events if e["event"] == "train"
+    )  # constant: counted in steps, not examples
+    preds = json.loads((out / "predictions_step2.json").read_text())
+    assert len(preds) == 12 and all(isinstance(v, str) for v in preds.values())
+    # the prompt is [P, d_model] float32 and moved away from its init
+    p = load_file(str(out / "last" / "prompt.safetensors"))["prompt"]
+    assert p.shape == (8, 64) and p.dtype == torch.float32
+
+
+def test_adam_alias_and_unknown_flag(tmp_path, tiny_model_dir, squad_small, capsys):
+    train_file, dev_file = squad_small
+    base = ["--model_name_or_path", str(tiny_model_dir), "--random_init", "--train_file", str(train_file)]
+    rc = _run([*base, "--output_dir", str(tmp_path / "a"), "--prompt_tuning", "--optimizer", "adam", "--lr", "1e-3",
+               "--max_steps", "2", "--batch_size", "4", "--n_tokens", "5", "--max_source_length", "64",
+               "--report_to", "none"])  # fmt: skip
+    assert rc == 0
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["optimizer"] == "adam"
+    with pytest.raises(SystemExit) as e:
+        _run([*base, "--output_dir", str(tmp_path / "b"), "--learning_rate", "3"])
+    assert e.value.code == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def _prompt_after(tmp_path, tiny_model_dir, train_file, name, **kw) -> torch.Tensor:
+    cfg = TrainConfig(
+        output_dir=str(tmp_path / name),
+        model_name_or_path=str(tiny_model_dir),
+        random_init=True,
+        train_file=str(train_file),
+        prompt_tuning=True,
+        n_tokens=6,
+        max_steps=3,
+        dropout=0.0,
+        eval_steps=0,
+        save_steps=0,
+        max_source_length=96,
+        report_to=["none"],
+        **kw,
+    )
+    train(cfg)
+    return load_file(str(tmp_path / name / "last" / "prompt.safetensors"))["prompt"]
+
+
+def test_gradient_does_not_depend_on_how_the_global_batch_is_split(tmp_path, tiny_model_dir, squad_small):
+    """Loss = target tokens summed over the global batch / the global batch's token count."""
+    train_file, _ = squad_small
+    whole = _prompt_after(tmp_path, tiny_model_dir, train_file, "whole", global_batch_size=8)
+    split = _prompt_after(tmp_path, tiny_model_dir, train_file, "split", batch_size=2, grad_accum_steps=4)
+    init = _prompt_after(tmp_path, tiny_model_dir, train_file, "other", global_batch_size=8, seed=7)
+    # Different micro-batch shapes round differently in float32; Adafactor's normalised update turns
+    # that into differences of ~1e-6, far below what a wrong normalisation (a factor of 4) would give.
+    torch.testing.assert_close(whole, split, atol=2e-5, rtol=1e-4)
+    assert (whole - init).abs().max() > 1e-2
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_overfits_32_real_squad_examples(tmp_path, tiny_model_dir):
+    data = squad_subset(SQUAD_TRAIN, tmp_path / "train32.json", 32)
+    out = tmp_path / "ft"
+    rc = _run(
+        [
+            "--output_dir", str(out), "--model_name_or_path", str(tiny_model_dir), "--random_init",
+            "--train_file", str(data), "--validation_file", str(data), "--optimizer", "adamw", "--lr", "3e-3",
+            "--weight_decay", "0", "--max_steps", "60", "--eval_steps", "0", "--save_steps", "0", "--dropout", "0",
+            "--max_source_length", "128", "--report_to", "none",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "finetune"
+    assert results["exact_match"] >= 90.0, results
+    assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "config.json").is_file()
