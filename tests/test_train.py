@@ -123,3 +123,41 @@ def test_full_fine_tuning_overfits_32_real_squad_examples(tmp_path, tiny_model_d
     assert results["mode"] == "finetune"
     assert results["exact_match"] >= 90.0, results
     assert (out / "best" / "model.safetensors").is_file() and (out / "best" / "config.json").is_file()
+
+
+def test_accumulated_gradient_equals_the_global_token_mean():
+    """Micro-batches with different token counts: a per-micro-batch mean would weight them wrongly."""
+    from conftest import tiny_config
+    from transformers import T5ForConditionalGeneration
+
+    from softprompt.data import Collator, Features
+    from softprompt.distributed import DistEnv
+    from softprompt.model import PromptedT5
+    from softprompt.prompt import SoftPrompt
+    from softprompt.train import accumulate_gradients
+
+    torch.manual_seed(0)
+    model = PromptedT5(T5ForConditionalGeneration(tiny_config()), SoftPrompt(4, 64)).double()
+    torch.nn.init.normal_(model.prompt.weight)
+    g = torch.Generator().manual_seed(0)
+    feats = [
+        Features(
+            input_ids=torch.randint(
+                3, 900, (int(torch.randint(5, 20, (1,), generator=g)),), generator=g
+            ).tolist()
+            + [1],
+            labels=torch.randint(3, 900, (n,), generator=g).tolist() + [1],
+            example_index=i,
+        )
+        for i, n in enumerate([1, 9, 2, 14, 3, 1, 7, 5])
+    ]
+    collate = Collator()
+    whole = collate(feats)
+    model(whole["input_ids"], whole["attention_mask"], whole["labels"]).backward()  # plain token mean
+    expected = model.prompt.weight.grad.clone()
+    model.prompt.weight.grad = None
+    loss, tokens = accumulate_gradients(
+        model, [collate(feats[i : i + 2]) for i in range(0, 8, 2)], DistEnv(), False
+    )
+    assert tokens == sum(len(f.labels) for f in feats)
+    torch.testing.assert_close(model.prompt.weight.grad, expected, rtol=1e-10, atol=1e-12)

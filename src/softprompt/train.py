@@ -332,23 +332,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                     for i in range(0, len(local_indices), plan.per_device)
                 ]
                 batches = [run.collate([run.train_features[i] for i in m]) for m in micro]
-                # Normalise by the global batch's target-token count, so the gradient is the same however
-                # the batch is split over devices and accumulation steps.
-                local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-                global_tokens = float(all_reduce_sum(torch.tensor([float(local_tokens)]), env).item())
-                loss_sum = torch.zeros((), device=env.device)
-                for i, b in enumerate(batches):
-                    with no_grad_sync(run.engine, skip=i < len(batches) - 1), autocast(env.device, run.bf16):
-                        token_loss = run.engine(
-                            b["input_ids"].to(env.device),
-                            b["attention_mask"].to(env.device),
-                            b["labels"].to(env.device),
-                            reduction="sum",
-                        )
-                        # DDP and FSDP average gradients over ranks; scale back up to a plain sum.
-                        (token_loss * env.world_size / global_tokens).backward()
-                    loss_sum += token_loss.detach().float()
-                step_loss = float(all_reduce_sum(loss_sum, env).item()) / global_tokens
+                step_loss, global_tokens = accumulate_gradients(run.engine, batches, env, run.bf16)
                 if not math.isfinite(step_loss):
                     if not cfg.skip_nonfinite:
                         raise TrainingError(
@@ -405,6 +389,35 @@ def train_loop(run: Run) -> dict[str, Any]:
         _evaluate(run)
     save_checkpoint(run)
     return _results(run)
+
+
+def accumulate_gradients(
+    engine: nn.Module, batches: list[dict[str, torch.Tensor]], env: DistEnv, bf16: bool
+) -> tuple[float, float]:
+    """Forward and backward over this rank's micro-batches of one global batch.
+
+    The loss is the sum of target-token cross-entropies over the whole global batch divided by the
+    global batch's target-token count, so the gradient is the same however the batch is split over
+    devices and accumulation steps. The gradient all-reduce runs only on the last micro-step.
+
+    Returns:
+        The global batch's mean token loss, and its target-token count.
+    """
+    local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+    global_tokens = float(all_reduce_sum(torch.tensor([float(local_tokens)]), env).item())
+    loss_sum = torch.zeros((), device=env.device)
+    for i, b in enumerate(batches):
+        with no_grad_sync(engine, skip=i < len(batches) - 1), autocast(env.device, bf16):
+            token_loss = engine(
+                b["input_ids"].to(env.device),
+                b["attention_mask"].to(env.device),
+                b["labels"].to(env.device),
+                reduction="sum",
+            )
+            # DDP and FSDP average gradients over ranks; scale back up to a plain sum.
+            (token_loss * env.world_size / global_tokens).backward()
+        loss_sum += token_loss.detach().float()
+    return float(all_reduce_sum(loss_sum, env).item()) / global_tokens, global_tokens
 
 
 def _evaluate(run: Run) -> float:

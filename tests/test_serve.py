@@ -1,0 +1,273 @@
+"""`softprompt serve`: a real server answers concurrent mixed-task requests exactly like `predict`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from conftest import TOKENIZER_DIR, need, tiny_config
+from softprompt.bank import PromptBank
+from softprompt.checkpoint import PromptConfig, save_prompt
+from softprompt.errors import UserError
+from softprompt.inference import load_model_and_prompts, predict_answers
+from softprompt.serve import MicroBatcher, create_app, parse_prompt_specs
+
+MAX_NEW = 6
+TASKS = {"squad": 5, "trivia": 5, "news": 8}  # name -> prompt length
+SUBJECTS = ["Ada", "the river", "a green door", "the treaty", "twelve ships", "the committee", "Oslo"]
+VERBS = ["was mentioned", "changed", "appeared", "was discussed", "was seen"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Two intra-op threads on a shared 2-core box spin-wait on each other (~50x slower generation).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(n: int) -> list[dict[str, str]]:
+    """n requests spread over the three tasks, with questions and contexts of many lengths."""
+    names = list(TASKS)
+    rows = []
+    for j in range(n):
+        subject, verb = SUBJECTS[j % len(SUBJECTS)], VERBS[j % len(VERBS)]
+        context = f"In {1800 + 7 * j}, {subject} {verb} in the records. " + "It rained that day. " * (j % 6)
+        rows.append(
+            {"task": names[j % 3], "question": f"When {verb} {subject}, case {j}?", "context": context}
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> dict:
+    """A saved tiny T5 whose answers depend on the input, three prompts for it, and `predict`'s answers."""
+    from transformers import T5ForConditionalGeneration
+
+    src = need(TOKENIZER_DIR)
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = root / "tiny-t5"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(tiny_config())
+    with torch.no_grad():
+        # HF's init makes a 2-layer T5 repeat one word whatever it reads; larger weights make it listen.
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith(("shared", "lm_head", "encoder.embed", "decoder.embed")):
+                p.mul_(3.0)
+    model.save_pretrained(model_dir)
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, model_dir / name)
+    gen = torch.Generator().manual_seed(7)
+    dirs = {}
+    for name, p in TASKS.items():
+        config = PromptConfig(
+            base_model=str(model_dir),
+            n_tokens=p,
+            d_model=tiny_config().d_model,
+            pad_punctuation=name == "trivia",
+            max_source_length=32 if name == "news" else 512,
+            extra={"dev_f1": 81.5, "dev_exact_match": 70.25, "step": 300} if name == "squad" else {},
+        )
+        dirs[name] = save_prompt(root / name, torch.randn(p, config.d_model, generator=gen), config)
+    loaded = load_model_and_prompts(str(model_dir), [str(d) for d in dirs.values()], names=list(dirs))
+    rows = _rows(50)
+    expected: list[str | None] = [None] * len(rows)
+    for name in TASKS:
+        mine = [i for i, r in enumerate(rows) if r["task"] == name]
+        answers = predict_answers(loaded, name, [rows[i] for i in mine], max_new_tokens=MAX_NEW)
+        for i, a in zip(mine, answers, strict=True):
+            expected[i] = a
+    assert len(set(expected)) > 25, "the tiny model should give input-specific answers"
+    return {"model_dir": model_dir, "dirs": dirs, "loaded": loaded, "rows": rows, "expected": expected}
+
+
+def _start_server(served: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "softprompt", "serve", "--model", str(served["model_dir"])]
+    for name, directory in served["dirs"].items():
+        cmd += ["--prompt", f"{name}={directory}"]
+    cmd += ["--host", "127.0.0.1", "--port", "0", "--max_batch_size", "16", "--max_wait_ms", "30"]
+    cmd += ["--max_context_chars", "2000", "--max_new_tokens", str(MAX_NEW), "--log_level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+        if found:
+            base = found.group(1)
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    return proc, base
+            except httpx.TransportError:
+                pass
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"the server exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
+            )
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"the server did not come up in 120 s:\n{log.read_text(errors='replace')}")
+
+
+async def _post_all(base: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(60.0)) as client:
+        return await asyncio.gather(*(client.post("/v1/answer", json=b) for b in bodies))
+
+
+def test_real_server_concurrent_mixed_tasks_match_predict(served: dict, tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    proc, base = _start_server(served, log)
+    try:
+        rows, expected = served["rows"], served["expected"]
+        responses = asyncio.run(_post_all(base, rows))
+        assert [r.status_code for r in responses] == [200] * len(rows)
+        assert [r.json()["answer"] for r in responses] == expected
+
+        health = httpx.get(f"{base}/health", timeout=10).json()
+        assert health["status"] == "ok" and health["n_tasks"] == 3
+        assert health["requests_answered"] == health["rows_answered"] == 50
+        # Concurrent requests for different tasks were merged into shared batches.
+        assert health["max_batch_seen"] > 1 and health["batches_run"] < 50
+        assert health["max_batch_seen"] <= 16
+
+        # One request holding several tasks: answers come back in input order.
+        picked = [7, 0, 20, 13]
+        batch = httpx.post(f"{base}/v1/answer", json={"inputs": [rows[i] for i in picked]}, timeout=60)
+        assert batch.status_code == 200 and batch.json() == {"answers": [expected[i] for i in picked]}
+
+        tasks = httpx.get(f"{base}/v1/tasks", timeout=10).json()["tasks"]
+        assert [t["name"] for t in tasks] == list(TASKS)
+        assert [t["n_tokens"] for t in tasks] == list(TASKS.values())
+        assert {t["d_model"] for t in tasks} == {tiny_config().d_model}
+        assert tasks[0]["base_model"] == str(served["model_dir"]) and tasks[0]["init"] == "sampled_vocab"
+        assert tasks[0]["dev_f1"] == 81.5 and tasks[0]["dev_exact_match"] == 70.25
+        assert tasks[0]["extra"]["step"] == 300 and tasks[1]["dev_f1"] is None
+
+        schema = httpx.get(f"{base}/openapi.json", timeout=10).json()
+        assert "/v1/answer" in schema["paths"] and "AnswerInput" in schema["components"]["schemas"]
+
+        good = rows[4]
+        bad: list[tuple[dict, int, str]] = [
+            (
+                {"json": {**good, "task": "nope"}},
+                422,
+                "unknown task 'nope'; loaded tasks: squad, trivia, news",
+            ),
+            ({"json": {"task": "squad", "question": "q?"}}, 422, "context: Field required"),
+            (
+                {"json": {**good, "context": "x" * 2001}},
+                413,
+                "2001 characters long; this server accepts at most 2000",
+            ),
+            ({"json": {**good, "question": ""}}, 422, "question"),
+            ({"json": {"inputs": []}}, 422, "inputs"),
+            (
+                {"json": {"inputs": [good, {**good, "task": "zzz"}]}},
+                422,
+                "inputs[1].task: unknown task 'zzz'",
+            ),
+            ({"json": [1, 2]}, 422, "must be a JSON object"),
+            (
+                {"content": b'{"task": "squad",', "headers": {"content-type": "application/json"}},
+                400,
+                "not valid JSON",
+            ),
+            ({"content": b""}, 422, "no body"),
+        ]
+        for kwargs, status, message in bad:
+            r = httpx.post(f"{base}/v1/answer", timeout=10, **kwargs)
+            assert r.status_code == status, (kwargs, r.text)
+            assert message in r.json()["error"], (kwargs, r.text)
+        # The server is still answering, and correctly.
+        r = httpx.post(f"{base}/v1/answer", json=good, timeout=60)
+        assert r.status_code == 200 and r.json() == {"answer": expected[4]}
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
+def test_micro_batcher_merges_without_splitting_requests() -> None:
+    seen: list[list[tuple[str, str, str]]] = []
+    threads: set[str] = set()
+
+    def answer(rows: list[tuple[str, str, str]]) -> list[str]:
+        seen.append(rows)
+        threads.add(threading.current_thread().name)
+        time.sleep(0.03)  # a model call: requests keep arriving meanwhile
+        return [f"{t}|{q}" for t, q, _ in rows]
+
+    async def scenario() -> list[list[str]]:
+        batcher = MicroBatcher(answer, max_batch_size=8, max_wait_ms=10)
+        requests = [[("t", f"{i}.{j}", "c") for j in range(1 + i % 3)] for i in range(20)]
+        requests.append([("t", f"big.{j}", "c") for j in range(11)])  # bigger than the cap: runs alone
+        try:
+            return await asyncio.gather(*(batcher.submit(r) for r in requests))
+        finally:
+            assert batcher.stats.requests_answered == 21
+            await batcher.stop()
+
+    results = asyncio.run(scenario())
+    for i, answers in enumerate(results[:20]):
+        assert answers == [f"t|{i}.{j}" for j in range(1 + i % 3)]
+    assert results[20] == [f"t|big.{j}" for j in range(11)]
+    sizes = [len(b) for b in seen]
+    assert sum(sizes) == sum(1 + i % 3 for i in range(20)) + 11
+    assert max(s for s in sizes if s != 11) <= 8 and 11 in sizes
+    assert len(seen) < 21 and max(sizes) > 1  # merged
+    for i in range(20):  # each request's rows went to the model together
+        assert sum(any(q.startswith(f"{i}.") for _, q, _ in b) for b in seen) == 1
+    assert len(threads) == 1 and next(iter(threads)).startswith("softprompt-model")
+
+
+def test_app_in_process_model_failure_is_500_and_server_recovers(served: dict) -> None:
+    from fastapi.testclient import TestClient
+
+    bank = PromptBank.from_loaded(served["loaded"])
+    calls = {"n": 0}
+
+    def flaky(rows: list[tuple[str, str, str]]) -> list[str]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return bank.answer(rows, max_new_tokens=MAX_NEW)
+
+    row = served["rows"][2]
+    with TestClient(create_app(bank, answer=flaky)) as client:
+        r = client.post("/v1/answer", json=row)
+        assert r.status_code == 500 and "out of memory" in r.json()["error"]
+        r = client.post("/v1/answer", json=row)
+        assert r.status_code == 200 and r.json() == {"answer": served["expected"][2]}
+        assert client.get("/health").json()["batches_run"] == 1
+        too_many = client.post("/v1/answer", json={"inputs": [row] * 257})
+        assert too_many.status_code == 413 and "at most 256" in too_many.json()["error"]
+
+
+def test_prompt_specs() -> None:
+    assert parse_prompt_specs(["qa=runs/a/best", "runs/b/best/"]) == [
+        ("qa", "runs/a/best"),
+        ("best", "runs/b/best/"),
+    ]
+    with pytest.raises(UserError, match="NAME=DIR"):
+        parse_prompt_specs(["=runs/a"])
+    with pytest.raises(UserError, match="two prompts are named 'qa'"):
+        parse_prompt_specs(["qa=a", "qa=b"])
