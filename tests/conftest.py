@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models are dominated by per-op overhead, where a second thread only adds synchronisation;
+# one thread also makes float reductions identical across processes (the DDP equivalence tests).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SOFTPROMPT_SHARED", REPO.parent / "shared"))
@@ -19,7 +25,9 @@ TOKENIZER_DIR = SHARED / "models" / "t5-small-lm-adapt"
 def need(path: Path) -> Path:
     """Skip the calling test with a clear reason when a file from ../shared is missing."""
     if not path.exists():
-        pytest.skip(f"{path} is absent (../shared is not beside the repo; set SOFTPROMPT_SHARED to point at it)")
+        pytest.skip(
+            f"{path} is absent (../shared is not beside the repo; set SOFTPROMPT_SHARED to point at it)"
+        )
     return path
 
 

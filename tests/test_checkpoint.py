@@ -33,7 +33,9 @@ def test_round_trip_is_bit_exact_and_files_follow_the_format(tmp_path):
     assert list(raw) == ["prompt"] and raw["prompt"].dtype == torch.float32 and raw["prompt"].shape == (5, 8)
     meta = json.loads((tmp_path / "p" / "prompt_config.json").read_text())
     assert meta["base_model"] == "google/t5-base-lm-adapt" and meta["n_tokens"] == 5 and meta["d_model"] == 8
-    assert meta["softprompt_version"] == __version__ and meta["input_template"].startswith("question: {question}")
+    assert meta["softprompt_version"] == __version__ and meta["input_template"].startswith(
+        "question: {question}"
+    )
     back, cfg = load_prompt(tmp_path / "p")
     assert torch.equal(back, w)
     assert cfg == _cfg()
@@ -47,7 +49,9 @@ def test_width_mismatch_names_both_widths(tmp_path):
 
 def test_base_model_mismatch_names_both_models(tmp_path):
     save_prompt(tmp_path / "p", torch.zeros(5, 8), _cfg())
-    with pytest.raises(CheckpointError, match="trained for google/t5-base-lm-adapt, not google/t5-large-lm-adapt"):
+    with pytest.raises(
+        CheckpointError, match="trained for google/t5-base-lm-adapt, not google/t5-large-lm-adapt"
+    ):
         load_prompt(tmp_path / "p", expect_base_model="google/t5-large-lm-adapt")
     # a local copy of the same model (same folder name) is accepted
     load_prompt(tmp_path / "p", expect_base_model="/models/t5-base-lm-adapt")

@@ -33,7 +33,9 @@ def test_every_shipped_config_parses_and_states_its_launch_command(path):
     cfg = load_yaml_config(path)
     assert isinstance(cfg, TrainConfig)
     header = path.read_text().split("\n")
-    assert any("softprompt train" in line or "dist_train.sh" in line for line in header if line.startswith("#"))
+    assert any(
+        "softprompt train" in line or "dist_train.sh" in line for line in header if line.startswith("#")
+    )
     if "prompt" in path.stem and "finetune" not in path.stem:
         assert cfg.prompt_tuning and cfg.n_tokens == 100 and cfg.prompt_init == "sampled_vocab"
     # the seed's runs report F1/EM in the header, except the XXL presets which quote the paper
@@ -59,7 +61,12 @@ def test_unknown_keys_and_wrong_types_are_all_listed(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_yaml_config(p)
     msg = str(e.value)
-    for part in ("'lr' must be a number", "unknown key 'n_tokenz'", "'prompt_tuning' must be true or false", "'optimizer' must be one of"):
+    for part in (
+        "'lr' must be a number",
+        "unknown key 'n_tokenz'",
+        "'prompt_tuning' must be true or false",
+        "'optimizer' must be one of",
+    ):
         assert part in msg
     assert "\n" not in msg
 
@@ -67,7 +74,7 @@ def test_unknown_keys_and_wrong_types_are_all_listed(tmp_path):
 def test_bad_yaml_names_the_line(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("lr: 0.3\n  bad: [\n")
-    with pytest.raises(ConfigError, match="c.yaml is not valid YAML at line"):
+    with pytest.raises(ConfigError, match=r"c\.yaml is not valid YAML at line"):
         load_yaml_config(p)
 
 

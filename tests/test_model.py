@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
 from transformers import T5ForConditionalGeneration
 
+from conftest import tiny_config
 from softprompt.errors import CheckpointError
 from softprompt.model import PromptedT5, join_prompt, load_t5
 from softprompt.optim import build_optimizer

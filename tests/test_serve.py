@@ -239,6 +239,22 @@ def test_micro_batcher_merges_without_splitting_requests() -> None:
     assert len(threads) == 1 and next(iter(threads)).startswith("softprompt-model")
 
 
+def test_micro_batcher_stop_fails_waiting_requests() -> None:
+    def slow(rows: list[tuple[str, str, str]]) -> list[str]:
+        time.sleep(0.2)
+        return ["x"] * len(rows)
+
+    async def scenario() -> list[BaseException | list[str]]:
+        batcher = MicroBatcher(slow, max_batch_size=1, max_wait_ms=0)
+        pending = [asyncio.ensure_future(batcher.submit([("t", str(i), "c")])) for i in range(3)]
+        await asyncio.sleep(0.05)  # the first is on the model, the others wait
+        await batcher.stop()
+        return await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 5)
+
+    results = asyncio.run(scenario())
+    assert all(isinstance(r, RuntimeError) and "shutting down" in str(r) for r in results)
+
+
 def test_app_in_process_model_failure_is_500_and_server_recovers(served: dict) -> None:
     from fastapi.testclient import TestClient
 

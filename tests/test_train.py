@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import SQUAD_DEV, SQUAD_TRAIN, need, squad_subset
 from safetensors.torch import load_file
 
+from conftest import SQUAD_DEV, SQUAD_TRAIN, need, squad_subset
 from softprompt.cli import main
 from softprompt.config import TrainConfig
 from softprompt.train import train
@@ -61,7 +61,7 @@ def test_seed_flags_run_end_to_end_and_write_every_file(tmp_path, tiny_model_dir
 
 
 def test_adam_alias_and_unknown_flag(tmp_path, tiny_model_dir, squad_small, capsys):
-    train_file, dev_file = squad_small
+    train_file, _ = squad_small
     base = ["--model_name_or_path", str(tiny_model_dir), "--random_init", "--train_file", str(train_file)]
     rc = _run([*base, "--output_dir", str(tmp_path / "a"), "--prompt_tuning", "--optimizer", "adam", "--lr", "1e-3",
                "--max_steps", "2", "--batch_size", "4", "--n_tokens", "5", "--max_source_length", "64",
@@ -127,9 +127,9 @@ def test_full_fine_tuning_overfits_32_real_squad_examples(tmp_path, tiny_model_d
 
 def test_accumulated_gradient_equals_the_global_token_mean():
     """Micro-batches with different token counts: a per-micro-batch mean would weight them wrongly."""
-    from conftest import tiny_config
     from transformers import T5ForConditionalGeneration
 
+    from conftest import tiny_config
     from softprompt.data import Collator, Features
     from softprompt.distributed import DistEnv
     from softprompt.model import PromptedT5
@@ -142,11 +142,11 @@ def test_accumulated_gradient_equals_the_global_token_mean():
     g = torch.Generator().manual_seed(0)
     feats = [
         Features(
-            input_ids=torch.randint(
-                3, 900, (int(torch.randint(5, 20, (1,), generator=g)),), generator=g
-            ).tolist()
-            + [1],
-            labels=torch.randint(3, 900, (n,), generator=g).tolist() + [1],
+            input_ids=[
+                *torch.randint(3, 900, (int(torch.randint(5, 20, (1,), generator=g)),), generator=g).tolist(),
+                1,
+            ],
+            labels=[*torch.randint(3, 900, (n,), generator=g).tolist(), 1],
             example_index=i,
         )
         for i, n in enumerate([1, 9, 2, 14, 3, 1, 7, 5])
@@ -156,7 +156,7 @@ def test_accumulated_gradient_equals_the_global_token_mean():
     model(whole["input_ids"], whole["attention_mask"], whole["labels"]).backward()  # plain token mean
     expected = model.prompt.weight.grad.clone()
     model.prompt.weight.grad = None
-    loss, tokens = accumulate_gradients(
+    _, tokens = accumulate_gradients(
         model, [collate(feats[i : i + 2]) for i in range(0, 8, 2)], DistEnv(), False
     )
     assert tokens == sum(len(f.labels) for f in feats)

@@ -135,13 +135,26 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> None:
-    """Delete `.tmp-*` / `.old-*` leftovers of writes that a killed run never finished."""
+    """Delete `.tmp-*` / `.old-*` leftovers of writes that a killed run never finished.
+
+    An `.old-NAME-*` whose `NAME` is missing is the only complete copy left by a kill between the two
+    renames of a replacement (`atomic_dir`, a re-saved checkpoint), so it is put back, not deleted.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return
-    for p in directory.iterdir():
-        if p.name.startswith((".tmp-", ".old-")):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in sorted(directory.iterdir()):
+        if p.name.startswith(".old-") and p.is_dir():
+            original = directory / p.name.removeprefix(".old-").rpartition("-")[0]
+            if original.name and not original.exists() and not original.is_symlink():
+                os.replace(p, original)
+                fsync_dir(directory)
+                continue
+        # `.NAME.*.tmp` files are atomic_write_text's temporaries.
+        if p.name.startswith((".tmp-", ".old-")) or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
+                missing_ok=True
+            )
 
 
 def save_prompt(directory: str | os.PathLike, weight: torch.Tensor, config: PromptConfig) -> Path:

@@ -134,7 +134,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         saved = Path(argv[i + 1]) / "config.yaml" if i + 1 < len(argv) else None
         if saved is not None and saved.exists():
             base = load_yaml_config(saved)
-            base.resume = False
+            base.resume = base.overwrite_output_dir = False
     cfg = _parse(TrainConfig, argv, "softprompt train", default=base)
     try:
         results = train(cfg)

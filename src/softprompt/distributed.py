@@ -156,72 +156,94 @@ def all_reduce_max(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
 # ------------------------------------------------------------------------------------- FSDP state
 
 
-def fsdp_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Gather an FSDP-sharded model's full weights onto CPU (every rank must call; rank 0 gets them)."""
+def fsdp_full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Gather an FSDP-sharded model's full weights onto CPU (every rank must call).
+
+    Args:
+        model: the FSDP-sharded `PromptedT5`.
+        trainable_only: gather only parameters that train (in prompt mode: just the prompt, not
+            the frozen 11B model).
+    """
+    if trainable_only:
+        return {
+            name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_fsdp_train_state(directory, model: nn.Module, optimizer, scheduler, env: DistEnv) -> None:
-    """Write a sharded checkpoint: every rank saves its own shard of weights and optimizer state.
+def _trainable_shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's shard of every trainable parameter, tied copies of one tensor kept once."""
+    seen: set[int] = set()
+    shards = {}
+    for name, p in model.named_parameters():
+        local = _local(p)
+        if p.requires_grad and local.data_ptr() not in seen:
+            seen.add(local.data_ptr())
+            shards[name] = local
+    return shards
 
-    Weights go through torch.distributed.checkpoint's Hugging Face storage (safetensors files);
-    the optimizer's sharded state is flattened to plain tensors, one safetensors file per rank.
+
+def save_fsdp_train_state(directory, model: nn.Module, optimizer, scheduler, env: DistEnv) -> None:
+    """Write a sharded checkpoint: every rank saves its own shards, as safetensors.
+
+    Only trainable weights are saved (in prompt mode the frozen model reloads from its source).
+    Resuming needs the same number of ranks; `best/` holds the gathered, unsharded weights.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    import json
 
     from softprompt.checkpoint import save_tensors
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save(model_sd, storage_writer=dcp.HuggingFaceStorageWriter(path=str(directory / "model_sharded")))
-    flat = _flatten_optim(optim_sd)
+    save_tensors(directory / f"model_rank{env.rank}.safetensors", _trainable_shards(model))
+    optim = optimizer.state_dict()
+    flat = {}
+    for idx, st in optim["state"].items():
+        for key, value in st.items():
+            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tag = "dtensor" if hasattr(t, "to_local") else "tensor"
+            flat[f"{idx}::{key}::{tag}"] = _local(t).detach().cpu().clone()
     save_tensors(directory / f"optimizer_rank{env.rank}.safetensors", flat)
     if env.is_main:
-        import json
-
+        (directory / "optimizer_groups.json").write_text(json.dumps(optim["param_groups"]))
         (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
 
 
 def load_fsdp_train_state(directory, model: nn.Module, optimizer, scheduler, env: DistEnv) -> None:
-    """Load a checkpoint written by `save_fsdp_train_state` with the same world size."""
+    """Load a checkpoint written by `save_fsdp_train_state` (same number of ranks)."""
     import json
 
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.tensor import DTensor
 
     from softprompt.checkpoint import load_tensors
+    from softprompt.errors import CheckpointError
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load(model_sd, storage_reader=dcp.HuggingFaceStorageReader(path=str(directory / "model_sharded")))
-    flat = load_tensors(directory / f"optimizer_rank{env.rank}.safetensors")
-    optim_sd = _unflatten_optim(optim_sd, flat)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    saved = load_tensors(directory / f"model_rank{env.rank}.safetensors")
+    with torch.no_grad():
+        for name, local in _trainable_shards(model).items():
+            if name not in saved or saved[name].shape != local.shape:
+                raise CheckpointError(
+                    f"{directory} was written by a run with another number of ranks or model; resume with the same"
+                )
+            local.copy_(saved[name])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state: dict = {}
+    for key, value in load_tensors(directory / f"optimizer_rank{env.rank}.safetensors").items():
+        idx, name, tag = key.split("::")
+        p = params[int(idx)]
+        if tag == "dtensor":
+            value = DTensor.from_local(
+                value.to(_local(p).device), p.device_mesh, p.placements, run_check=False
+            )
+        elif name == "step" and value.dim() == 0 and not value.is_floating_point():
+            value = int(value)
+        state.setdefault(int(idx), {})[name] = value
+    groups = json.loads((directory / "optimizer_groups.json").read_text())
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _flatten_optim(optim_sd: dict) -> dict[str, torch.Tensor]:
-    flat: dict[str, torch.Tensor] = {}
-    for name, st in optim_sd["state"].items():
-        for key, value in st.items():
-            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            flat[f"{name}::{key}"] = _local(t).detach().cpu().clone()
-    return flat
-
-
-def _unflatten_optim(template: dict, flat: dict[str, torch.Tensor]) -> dict:
-    from torch.distributed.tensor import DTensor
-
-    state: dict = {}
-    for key, value in flat.items():
-        name, field_name = key.split("::", 1)
-        ref = template["state"].get(name, {}).get(field_name)
-        if isinstance(ref, DTensor):
-            value = DTensor.from_local(value.to(ref.device), ref.device_mesh, ref.placements, run_check=False)
-        state.setdefault(name, {})[field_name] = value
-    return {"state": state, "param_groups": template["param_groups"]}

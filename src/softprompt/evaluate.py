@@ -79,6 +79,10 @@ def generate_answers(
         # FSDP gathers weights inside forward, so every rank must run as many forwards as the busiest.
         n_batches = max(gather_objects(len(batches), env))
     collate = Collator(pad_token_id=tokenizer.pad_token_id)
+    # generate() bypasses the FSDP root's forward hooks, so gather the root's own (non-block)
+    # weights, such as the embedding and the prompt, for the whole pass.
+    if hasattr(model, "unshard"):
+        model.unshard()
     answers: dict[int, str] = {}
     with Progress(total=n_batches, desc="eval", enabled=show_progress and env.is_main, unit="batch") as bar:
         for b in range(n_batches):
@@ -91,12 +95,19 @@ def generate_answers(
                 prompt, lengths = row_prompts(torch.tensor(idx))
             with autocast(env.device, bf16):
                 out = model.generate(
-                    input_ids, mask, max_new_tokens=max_new_tokens, prompt=prompt, prompt_lengths=lengths
+                    input_ids,
+                    mask,
+                    max_new_tokens=max_new_tokens,
+                    prompt=prompt,
+                    prompt_lengths=lengths,
+                    synced_gpus=lockstep and env.distributed,
                 )
             if b < len(batches):
                 for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True), strict=True):
                     answers[i] = text.strip()
             bar.update(1)
+    if hasattr(model, "reshard"):
+        model.reshard()
     model.train(was_training)
     merged: dict[int, str] = {}
     for part in gather_objects(answers, env):

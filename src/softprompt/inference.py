@@ -55,7 +55,7 @@ def load_model_and_prompts(
     tokenizer = load_tokenizer(model_name_or_path)
     t5 = load_t5(model_name_or_path, random_init=random_init, seed=seed)
     prompts: dict[str, tuple[torch.Tensor, PromptConfig]] = {}
-    names = list(names) if names is not None else [Path(p).name or str(p) for p in prompt_dirs]
+    names = list(names) if names is not None else prompt_names(prompt_dirs)
     for name, directory in zip(names, prompt_dirs, strict=True):
         if name in prompts:
             raise UserError(f"two prompts are named '{name}'; give them distinct names")
@@ -66,6 +66,17 @@ def load_model_and_prompts(
         )
     model = PromptedT5(t5).to(device).eval()
     return Loaded(model=model, tokenizer=tokenizer, prompts=prompts, device=device)
+
+
+def prompt_names(prompt_dirs: Sequence[str]) -> list[str]:
+    """Short, distinct names for prompt directories: the folder name, or more of the path when
+    folder names clash (`runs/a/best` and `runs/b/best` become `a/best` and `b/best`)."""
+    parts = [Path(p).resolve().parts for p in prompt_dirs]
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in prompt_dirs]
 
 
 def _with_prompt(loaded: Loaded, name: str | None) -> PromptedT5:

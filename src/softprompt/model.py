@@ -227,6 +227,7 @@ class PromptedT5(nn.Module):
         max_new_tokens: int = 32,
         prompt: torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
+        synced_gpus: bool = False,
     ) -> torch.Tensor:
         """Greedy decoding, stopping when every row has produced EOS.
 
@@ -236,6 +237,8 @@ class PromptedT5(nn.Module):
             max_new_tokens: the longest answer, in tokens.
             prompt: optional per-row prompts [B, P, H] (see `encoder_inputs`).
             prompt_lengths: optional [B] real prompt lengths.
+            synced_gpus: keep decoding until every rank is done (an FSDP-sharded model runs
+                collectives in each forward, so ranks must take the same number of steps).
 
         Returns:
             token ids: [B, <= max_new_tokens + 1], starting with the decoder start token.
@@ -247,4 +250,5 @@ class PromptedT5(nn.Module):
             max_new_tokens=max_new_tokens,
             do_sample=False,
             num_beams=1,
+            synced_gpus=synced_gpus,
         )

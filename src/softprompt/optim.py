@@ -151,6 +151,9 @@ class Adafactor(torch.optim.Optimizer):
         return loss
 
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        if hasattr(p, "full_tensor"):  # an FSDP2 shard (DTensor)
+            self._update_sharded(p, group)
+            return
         state = self._init_state(p, group)
         state["step"] += 1
         t = state["step"]
@@ -179,6 +182,22 @@ class Adafactor(torch.optim.Optimizer):
         # Decoupled decay: (1 - wd) * p, deliberately NOT (1 - lr * wd) * p as in torch/transformers.
         new = p_full * (1.0 - group["weight_decay"]) - lr * u
         p.copy_(new)
+
+    def _update_sharded(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Update an FSDP2-sharded parameter on its full value.
+
+        The RMS clip and the factored column statistics span every shard, so each rank gathers the
+        parameter and its gradient, runs the same update, and keeps its own shard. The factored
+        moments are vectors, so holding them whole on each rank costs little.
+        """
+        from torch.distributed.tensor import distribute_tensor
+
+        full = p.full_tensor()
+        full.grad = p.grad.full_tensor()
+        self.state[full] = self.state.pop(p, {})
+        self._update(full, group)
+        self.state[p] = self.state.pop(full)
+        p.copy_(distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state, keeping the second moments in float32 (float64 for float64 parameters).

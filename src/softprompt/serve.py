@@ -173,6 +173,7 @@ class MicroBatcher:
         self.stats = BatcherStats()
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
+        self._taken: list[_Pending] = []  # out of the queue, not answered yet
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
@@ -195,8 +196,8 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        waiting = [self._carry] if self._carry is not None else []
-        self._carry = None
+        waiting = [*self._taken, *([self._carry] if self._carry is not None else [])]
+        self._taken, self._carry = [], None
         while self._queue is not None and not self._queue.empty():
             waiting.append(self._queue.get_nowait())
         for p in waiting:
@@ -220,6 +221,7 @@ class MicroBatcher:
         first = self._carry if self._carry is not None else await self._queue.get()
         self._carry = None
         batch, size = [first], len(first.rows)
+        self._taken = batch  # so that stop() can fail them if it interrupts the gathering
         deadline = loop.time() + self.max_wait
         while size < self.max_batch_size:
             remaining = deadline - loop.time()
@@ -242,6 +244,7 @@ class MicroBatcher:
         while True:
             # A client that went away has a cancelled future; its rows are not worth decoding.
             batch = [p for p in await self._gather() if not p.future.done()]
+            self._taken = batch
             if not batch:
                 continue
             rows = [r for p in batch for r in p.rows]
@@ -251,6 +254,7 @@ class MicroBatcher:
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(e)
+                self._taken = []
                 continue
             self.stats.batches_run += 1
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
@@ -262,6 +266,7 @@ class MicroBatcher:
                 if not p.future.done():
                     self.stats.requests_answered += 1
                     p.future.set_result(part)
+            self._taken = []
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,7 +398,7 @@ def create_app(
 
     errors = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500)}
 
-    @app.post("/v1/answer", responses=errors)  # type: ignore[arg-type]
+    @app.post("/v1/answer", responses=errors)
     async def answer_questions(body: AnswerRequest) -> AnswerResponse | BatchAnswerResponse:
         """Answer `{"task", "question", "context"}`, or `{"inputs": [...]}` of such objects in order."""
         batched = isinstance(body, BatchAnswerRequest)

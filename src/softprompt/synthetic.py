@@ -1,12 +1,16 @@
 """A seeded synthetic extractive-QA corpus in SQuAD v1.1 format, for the offline demo and tests.
 
-Each context describes two to four invented people, each with four attributes (home town, trade, birth
-year, instrument) stated in varied sentence templates and in a shuffled order. Two tasks share the contexts:
+Each context describes invented people (one by default), each with four attributes (home town, trade,
+birth year, instrument) stated in varied sentence templates, in a shuffled order, among filler sentences
+that hold no answer. Two tasks share this world and its input format:
 
-* Task A asks about any attribute with a question that names it ("Where does Mara Quill live?").
-* Task B asks with the bare name ("Mara Quill") and always wants one fixed attribute (the home town by
-  default). The question no longer says which attribute is meant, so a model trained on task A cannot tell;
-  a soft prompt can supply the missing word. That gap is what the demo shows prompt tuning close.
+* Task A is a people directory. Most questions name the attribute they want ("Where does Mara Quill
+  live?", "When was Mara Quill born?"); a question that is just a name ("Mara Quill") asks for the
+  person's trade, the directory's default entry.
+* Task B asks with the bare name too, but wants the home town. Its inputs look exactly like task A's
+  bare-name questions, so a model trained on task A answers them with the trade (near 0 EM), though it
+  knows perfectly well how to find a home town when the question says so. A soft prompt can supply the
+  missing "where does ... live" without changing a weight: the gap the demo shows prompt tuning close.
 
 Every answer is a span of its context with a correct ``answer_start``: offsets are recorded while the
 context is assembled, and the values of one attribute are distinct within a context, so no answer is
@@ -25,6 +29,7 @@ from typing import Any, Literal
 
 __all__ = [
     "ATTRIBUTES",
+    "DEFAULT_ATTRIBUTE",
     "TASK_B_ATTRIBUTE",
     "Attribute",
     "Task",
@@ -38,7 +43,12 @@ Attribute = Literal["town", "trade", "year", "instrument"]
 Task = Literal["a", "b"]
 
 ATTRIBUTES: tuple[Attribute, ...] = ("town", "trade", "year", "instrument")
+# What a bare-name question means in task A, and what it means in task B: they must differ, or task B
+# would need no new information.
+DEFAULT_ATTRIBUTE: Attribute = "trade"
 TASK_B_ATTRIBUTE: Attribute = "town"
+# The share of task A questions that are a bare name.
+BARE_NAME_SHARE = 0.2
 
 FIRST_NAMES = (
     "Mara", "Tobin", "Elsa", "Corin", "Ilse", "Bram", "Nessa", "Orrin", "Petra", "Quentin",
@@ -99,6 +109,16 @@ STATEMENTS: dict[Attribute, tuple[str, ...]] = {
     ),
 }
 
+# Sentences without an answer, so the values do not sit at fixed positions; {f} is the first name.
+FILLERS = (
+    "Everyone knows {f}.",
+    "{f} keeps a small garden.",
+    "The winters there are long.",
+    "{f} has two brothers.",
+    "Few people have met {f}.",
+    "The market is busy on Sundays.",
+)
+
 # Task A question templates: each names its attribute, in words task B never uses.
 QUESTIONS: dict[Attribute, tuple[str, ...]] = {
     "town": (
@@ -147,14 +167,13 @@ def _people(rng: random.Random, count: int) -> list[_Person]:
     firsts = rng.sample(FIRST_NAMES, count)
     lasts = rng.sample(SURNAMES, count)
     picks = {attr: rng.sample(VALUES[attr], count) for attr in ATTRIBUTES}
-    return [
-        _Person(firsts[i], lasts[i], {attr: picks[attr][i] for attr in ATTRIBUTES}) for i in range(count)
-    ]
+    return [_Person(firsts[i], lasts[i], {attr: picks[attr][i] for attr in ATTRIBUTES}) for i in range(count)]
 
 
 def _context(rng: random.Random, people: Sequence[_Person]) -> tuple[str, dict[tuple[int, Attribute], int]]:
     """Describe the people; return the text and the character offset of every (person, attribute) value."""
-    sentences: list[tuple[str, int, int, Attribute]] = []  # text, offset of value in it, person, attribute
+    # (text, offset of the value in it or -1, person, attribute or None for a filler)
+    sentences: list[tuple[str, int, int, Attribute | None]] = []
     for i, person in enumerate(people):
         order = list(ATTRIBUTES)
         rng.shuffle(order)
@@ -168,12 +187,18 @@ def _context(rng: random.Random, people: Sequence[_Person]) -> tuple[str, dict[t
             if sentence[0].islower():
                 sentence = sentence[0].upper() + sentence[1:]
             sentences.append((sentence, len(prefix), i, attr))
+        for _ in range(rng.randint(0, 2)):
+            filler = rng.choice(FILLERS).format(f=person.first)
+            # Never first: the person is introduced by full name before being referred to by first name.
+            at = rng.randint(len(sentences) - len(order) + 1, len(sentences))
+            sentences.insert(at, (filler, -1, i, None))
     text = ""
     offsets: dict[tuple[int, Attribute], int] = {}
     for sentence, at, i, attr in sentences:
         if text:
             text += " "
-        offsets[(i, attr)] = len(text) + at
+        if attr is not None:
+            offsets[(i, attr)] = len(text) + at
         text += sentence
     return text, offsets
 
@@ -185,7 +210,7 @@ def generate_split(
     seed: int = 0,
     *,
     task_b_attribute: Attribute = TASK_B_ATTRIBUTE,
-    n_people: tuple[int, int] = (2, 4),
+    n_people: tuple[int, int] = (1, 1),
 ) -> dict[str, Any]:
     """Generate one split of a task as a SQuAD v1.1 JSON object.
 
@@ -193,13 +218,14 @@ def generate_split(
     independent streams, so train, dev and test contexts differ.
 
     Args:
-        task: ``"a"`` (questions name the attribute, all four attributes) or ``"b"`` (the bare name; the
-            answer is always ``task_b_attribute``).
+        task: ``"a"`` (questions name the attribute, or are a bare name meaning ``DEFAULT_ATTRIBUTE``) or
+            ``"b"`` (a bare name meaning ``task_b_attribute``).
         split: A name such as ``"train"`` or ``"dev"``; it seeds the split's stream and prefixes the ids.
         n_questions: Exactly this many questions are generated.
         seed: The base seed.
-        task_b_attribute: The attribute task B asks for.
-        n_people: The fewest and most people described in one context.
+        task_b_attribute: The attribute task B asks for; it must differ from ``DEFAULT_ATTRIBUTE``.
+        n_people: The fewest and most people described in one context. More than one makes the model bind
+            values to names, which a micro model learns far more slowly.
 
     Returns:
         ``{"version": "1.1", "data": [...]}`` with one article per context.
@@ -208,6 +234,10 @@ def generate_split(
         raise ValueError(f"task must be 'a' or 'b', got {task!r}")
     if n_questions < 1:
         raise ValueError(f"n_questions must be >= 1, got {n_questions}")
+    if task_b_attribute == DEFAULT_ATTRIBUTE or task_b_attribute not in ATTRIBUTES:
+        raise ValueError(f"task_b_attribute must be one of {ATTRIBUTES} other than {DEFAULT_ATTRIBUTE!r}")
+    if not 1 <= n_people[0] <= n_people[1] <= min(len(FIRST_NAMES), len(TOWNS)):
+        raise ValueError(f"n_people must be (low, high) with 1 <= low <= high, got {n_people}")
     # A string seed is hashed deterministically (random.seed version 2), unlike hash() of a tuple.
     rng = random.Random(f"softprompt-synthetic/{seed}/{task}/{split}")
     articles: list[dict[str, Any]] = []
@@ -215,18 +245,19 @@ def generate_split(
     while made < n_questions:
         people = _people(rng, rng.randint(*n_people))
         context, offsets = _context(rng, people)
+        asks: list[tuple[int, Attribute, bool]] = []  # person, attribute, bare-name question
         if task == "a":
             pairs = [(i, attr) for i in range(len(people)) for attr in ATTRIBUTES]
-            pairs = rng.sample(pairs, min(len(pairs), rng.randint(2, 4)))
+            for i, attr in rng.sample(pairs, min(len(pairs), rng.randint(2, 3))):
+                bare = attr == DEFAULT_ATTRIBUTE and rng.random() < BARE_NAME_SHARE * len(ATTRIBUTES)
+                asks.append((i, attr, bare))
         else:
-            pairs = [(i, task_b_attribute) for i in rng.sample(range(len(people)), rng.randint(1, 2))]
+            asked = rng.sample(range(len(people)), min(len(people), rng.randint(1, 2)))
+            asks = [(i, task_b_attribute, True) for i in asked]
         qas = []
-        for i, attr in pairs[: n_questions - made]:
+        for i, attr, bare in asks[: n_questions - made]:
             person = people[i]
-            if task == "a":
-                question = rng.choice(QUESTIONS[attr]).format(n=person.name)
-            else:
-                question = person.name
+            question = person.name if bare else rng.choice(QUESTIONS[attr]).format(n=person.name)
             value = person.values[attr]
             qas.append(
                 {
@@ -236,7 +267,9 @@ def generate_split(
                 }
             )
             made += 1
-        articles.append({"title": f"{task}-{split}-{len(articles):05d}", "paragraphs": [{"context": context, "qas": qas}]})
+        articles.append(
+            {"title": f"{task}-{split}-{len(articles):05d}", "paragraphs": [{"context": context, "qas": qas}]}
+        )
     return {"version": "1.1", "data": articles}
 
 
@@ -255,9 +288,9 @@ def vocabulary_words() -> list[str]:
         words.update(values)
     words.update(FIRST_NAMES)
     words.update(SURNAMES)
-    for templates in (*STATEMENTS.values(), *QUESTIONS.values()):
+    for templates in (*STATEMENTS.values(), *QUESTIONS.values(), FILLERS):
         for template in templates:
-            text = template.replace("{n}", " ").replace("{v}", " ").replace("{a}", " ")
+            text = template.replace("{n}", " ").replace("{v}", " ").replace("{a}", " ").replace("{f}", " ")
             for word in text.replace(".", " ").replace("?", " ").split():
                 words.add(word)
                 words.add(word[0].upper() + word[1:])

@@ -230,8 +230,9 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     )
 
     state = TrainerState()
-    if cfg.resume and (out / "last").exists():
-        state = _restore(out / "last", model, optimizer, scheduler, env, cfg.fsdp)
+    resume_from = _resume_point(out) if cfg.resume else None
+    if resume_from is not None:
+        state = _restore(resume_from, model, optimizer, scheduler, env, cfg.fsdp)
     elif env.is_main:
         save_yaml_config(
             cfg, out / "config.yaml", header=f"# softprompt {__version__}: the resolved config of this run\n"
@@ -327,10 +328,9 @@ def train_loop(run: Run) -> dict[str, Any]:
             run.sampler.set_epoch(st.epoch, start_batch=st.batch_in_epoch)
             for local_indices in run.sampler:
                 t0 = time.perf_counter()
-                micro = [
-                    local_indices[i : i + plan.per_device]
-                    for i in range(0, len(local_indices), plan.per_device)
-                ]
+                # Strided like the sampler's rank slices: micro-step m on rank r holds global[r + m*W :: W*A],
+                # so 1 device x A accumulation steps computes exactly what A devices compute.
+                micro = [local_indices[m :: plan.grad_accum] for m in range(plan.grad_accum)]
                 batches = [run.collate([run.train_features[i] for i in m]) for m in micro]
                 step_loss, global_tokens = accumulate_gradients(run.engine, batches, env, run.bf16)
                 if not math.isfinite(step_loss):
@@ -372,12 +372,14 @@ def train_loop(run: Run) -> dict[str, Any]:
                 if cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps:
                     f1 = _evaluate(run)
                     bar.update(0, dev_f1=f1)
-                if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < run.max_steps:
+                saved = bool(cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < run.max_steps)
+                if saved:
                     save_checkpoint(run)
                 if env.distributed:  # a signal seen by any rank stops every rank at the same step
                     stop.signum = int(all_reduce_max(torch.tensor([stop.signum]), env).item())
                 if stop.signum:
-                    save_checkpoint(run)
+                    if not saved:  # else this very step's checkpoint was just written; nothing changed since
+                        save_checkpoint(run)
                     raise Preempted(stop.signum, st.step)
                 if st.step >= run.max_steps:
                     break
@@ -487,7 +489,9 @@ def _model_card_info(run: Run) -> dict[str, Any]:
 def _save_weights(run: Run, directory: Path, *, card: bool = False) -> None:
     """Write the trained weights as a usable artefact: a prompt checkpoint or an HF model directory."""
     # Under FSDP every rank takes part in gathering the full weights; rank 0 writes them.
-    state = fsdp_full_state_dict(run.model) if run.cfg.fsdp else None
+    state = (
+        fsdp_full_state_dict(run.model, trainable_only=run.model.prompt is not None) if run.cfg.fsdp else None
+    )
     if run.env.is_main:
         with ckpt.atomic_dir(directory) as tmp:
             if run.model.prompt is not None:
@@ -529,6 +533,10 @@ def save_checkpoint(run: Run) -> Path:
     ckpt.save_tensors(tmp / f"rng_rank{env.rank}.safetensors", rng)
     if run.cfg.fsdp:
         save_fsdp_train_state(tmp, run.model, run.optimizer, run.scheduler, env)
+        if run.model.prompt is not None:  # keep last/ usable as a prompt checkpoint under FSDP too
+            weight = fsdp_full_state_dict(run.model, trainable_only=True)["prompt.weight"]
+            if env.is_main:
+                ckpt._write_prompt_files(tmp, weight, _prompt_config(run))
     elif env.is_main:
         prompt_config = _prompt_config(run) if run.model.prompt is not None else None
         ckpt.save_train_state(tmp, run.model, run.optimizer, run.scheduler, prompt_config)
@@ -537,10 +545,17 @@ def save_checkpoint(run: Run) -> Path:
         try:
             (tmp / "trainer_state.json").write_text(json.dumps(st.__dict__, indent=2) + "\n")
             ckpt._fsync_tree(tmp)
+            old = None
             if target.exists():
-                shutil.rmtree(target)
+                # The same step saved again (a resumed run's end): move the old copy aside instead of
+                # deleting it first, so `last` never names a missing directory for longer than two
+                # renames, and a kill between them leaves a copy that the next start puts back.
+                old = out / f".old-{target.name}-{os.getpid()}"
+                os.replace(target, old)
             os.replace(tmp, target)
             ckpt.fsync_dir(out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             link_tmp = out / f".tmp-last-{os.getpid()}"
             link_tmp.unlink(missing_ok=True)
             link_tmp.symlink_to(target.name)
@@ -558,13 +573,30 @@ def _prune(out: Path, keep: int, current: str) -> None:
     ckpts = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
     for p in ckpts[:-keep] if keep > 0 else ckpts:
         if p.name != current:
-            shutil.rmtree(p, ignore_errors=True)
+            # Rename first: a kill during rmtree must not leave a half-deleted `checkpoint-*` behind.
+            doomed = out / f".tmp-prune-{p.name}-{os.getpid()}"
+            os.replace(p, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, tuple | list):
         return [_jsonable(o) for o in obj]
     return obj
+
+
+def _resume_point(out: Path) -> Path | None:
+    """The checkpoint `--resume` continues from: `last`, else the newest complete `checkpoint-*`.
+
+    `last` only ever names a complete checkpoint, but a kill between the two renames of a same-step
+    re-save leaves it briefly dangling; the run then continues from the newest checkpoint it has.
+    """
+    last = out / "last"
+    if (last / "trainer_state.json").is_file():
+        return last
+    # trainer_state.json is the last file written before a checkpoint is renamed into place.
+    complete = sorted(p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    return complete[-1] if complete else None
 
 
 def _restore(
