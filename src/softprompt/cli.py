@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import tyro
 
 from softprompt import __version__
-from softprompt.errors import UserError
+from softprompt.errors import ConfigError, UserError
 
 USAGE = f"""softprompt {__version__}: prompt tuning (Lester et al., 2021) and fine-tuning of T5 for question answering
 
@@ -116,17 +116,44 @@ def _parse(cls: type, argv: Sequence[str], prog: str, default=None):
     )
 
 
+def _refuse_bad_train_flags(argv: list[str], base, problems: list[str]) -> None:
+    """Exit with one line naming every bad flag or config key and every impossible combination.
+
+    The flag parser stops at the first bad value; this lists them all at once, together with what
+    `validate` says about the settings that did parse, before any work starts. Like the parser's own
+    refusals it ends in SystemExit(2). With nothing wrong here it returns, and the parser and
+    `validate` take over.
+    """
+    import dataclasses
+    import os
+
+    from softprompt.config import TrainConfig, check_config, scan_flags
+
+    values, flag_problems = scan_flags(argv, TrainConfig)
+    problems = problems + flag_problems
+    if not problems:
+        return
+    cfg = dataclasses.replace(base if base is not None else TrainConfig(), **values)
+    _, combination_problems = check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    error = ConfigError("invalid configuration: " + "; ".join(problems + combination_problems))
+    print(f"softprompt train: error: {error}", file=sys.stderr)
+    raise SystemExit(error.exit_code)
+
+
 def cmd_train(argv: Sequence[str]) -> int:
-    from softprompt.config import TrainConfig, load_yaml_config
+    from softprompt.config import TrainConfig, load_yaml_config, read_yaml_mapping, split_config_values
     from softprompt.train import Preempted, train
 
     argv = list(argv)
     base = None
+    problems: list[str] = []
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
             raise UserError("--config needs a YAML file path")
-        base = load_yaml_config(argv[i + 1])
+        values, yaml_problems = split_config_values(read_yaml_mapping(argv[i + 1]), TrainConfig)
+        problems += [f"{argv[i + 1]}: {p}" for p in yaml_problems]
+        base = TrainConfig(**values)
         del argv[i : i + 2]
     elif "--resume" in argv and "--output_dir" in argv:
         # Resuming from the output directory alone: its config.yaml holds the run's settings.
@@ -135,6 +162,8 @@ def cmd_train(argv: Sequence[str]) -> int:
         if saved is not None and saved.exists():
             base = load_yaml_config(saved)
             base.resume = base.overwrite_output_dir = False
+    if not {"-h", "--help"} & set(argv):
+        _refuse_bad_train_flags(argv, base, problems)
     cfg = _parse(TrainConfig, argv, "softprompt train", default=base)
     try:
         results = train(cfg)

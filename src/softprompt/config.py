@@ -7,6 +7,7 @@ every problem and reports them together before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -171,24 +172,119 @@ def config_from_dict(values: dict[str, Any], source: str, cls: type = TrainConfi
         source: where the values came from, for the error message.
         cls: the dataclass to build.
     """
+    kwargs, problems = split_config_values(values, cls)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return cls(**kwargs)
+
+
+def _short_repr(value: Any) -> str:
+    # A config value may be anything a user pasted; an error message quotes only its start.
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def split_config_values(values: dict[str, Any], cls: type = TrainConfig) -> tuple[dict[str, Any], list[str]]:
+    """Separate the usable values of a mapping from the bad ones, so every problem can be listed at once.
+
+    Returns:
+        The known, well-typed values (integers widened to floats where a number is expected), and one
+        problem phrase per unknown key or wrongly typed value.
+    """
     hints = typing.get_type_hints(cls)
+    good: dict[str, Any] = {}
     problems = []
     for key, value in values.items():
         if key not in hints:
             problems.append(f"unknown key '{key}'")
         elif not _type_ok(value, hints[key]):
-            problems.append(f"'{key}' must be {_describe(hints[key])}, got {value!r}")
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-    kwargs = dict(values)
-    for key, value in kwargs.items():
-        if hints[key] is float or (float in typing.get_args(hints[key]) and isinstance(value, int)):
-            kwargs[key] = float(value) if value is not None else None
-    return cls(**kwargs)
+            problems.append(f"'{key}' must be {_describe(hints[key])}, got {_short_repr(value)}")
+        elif hints[key] is float or (float in typing.get_args(hints[key]) and isinstance(value, int)):
+            good[key] = float(value) if value is not None else None
+        else:
+            good[key] = value
+    return good, problems
+
+
+def _flag_value(args: list[str], annotation: Any, flag: str) -> tuple[Any, str | None]:
+    """Convert a flag's value words like the CLI parser does; returns (value, problem or None)."""
+    options = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else ()
+    )
+    if type(None) in options:
+        if args == ["None"]:
+            return None, None
+        (annotation,) = [a for a in options if a is not type(None)] or [annotation]
+    if typing.get_origin(annotation) is list:
+        return list(args), None
+    if len(args) != 1:
+        return None, f"{flag} takes one value, got {len(args)}"
+    word = args[0]
+    if typing.get_origin(annotation) is Literal:
+        if word in typing.get_args(annotation):
+            return word, None
+        return None, f"{flag} must be {_describe(annotation)}, got {_short_repr(word)}"
+    for kind in (int, float):
+        if annotation is kind:
+            try:
+                return kind(word), None
+            except ValueError:
+                return None, f"{flag} must be {_describe(kind)}, got {_short_repr(word)}"
+    return word, None
+
+
+def scan_flags(argv: list[str], cls: type = TrainConfig) -> tuple[dict[str, Any], list[str]]:
+    """Read `--name value` flags as the CLI parser will, but list every bad flag instead of the first.
+
+    Only what is certainly wrong is reported (unknown flags, values of the wrong type, choices not
+    offered, a value given to a switch); anything subtler is left to the parser itself.
+
+    Returns:
+        The values that could be read, by field name, and one problem phrase per bad flag.
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if not word.startswith("--"):
+            problems.append(f"unexpected argument {_short_repr(word)}")
+            continue
+        name, has_value, inline = word[2:].partition("=")
+        args = [inline] if has_value else []
+        while i < len(argv) and not argv[i].startswith("--"):
+            args.append(argv[i])
+            i += 1
+        key = name.replace("-", "_")
+        negated = key.startswith("no_") and hints.get(key[3:]) is bool
+        key = key[3:] if negated else key
+        if key not in hints:
+            problems.append(f"unknown flag --{name}")
+        elif hints[key] is bool:
+            if args:
+                problems.append(f"--{name} is a switch and takes no value, got {_short_repr(' '.join(args))}")
+            else:
+                values[key] = not negated
+        else:
+            value, problem = _flag_value(args, hints[key], f"--{name}")
+            if problem is None:
+                values[key] = value
+            else:
+                problems.append(problem)
+    return values, problems
 
 
 def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> Any:
     """Read a YAML config file into `cls`, with one clear error for any problem."""
+    return config_from_dict(read_yaml_mapping(path), str(path), cls)
+
+
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file's mapping of keys to values, with one clear error if it is not one."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -202,7 +298,7 @@ def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(raw).__name__}")
-    return config_from_dict(raw, str(path), cls)
+    return raw
 
 
 def save_yaml_config(cfg: Any, path: str | os.PathLike, header: str = "") -> None:
@@ -255,6 +351,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchPlan:
     Returns:
         The resolved batch plan.
     """
+    plan, problems = check_config(cfg, world_size)
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    assert plan is not None
+    return plan
+
+
+def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | None, list[str]]:
+    """Every problem `validate` would refuse, without raising: the batch plan (None if impossible) and them."""
     problems: list[str] = []
     if cfg.dataset_name is None and cfg.train_file is None:
         problems.append("give --train_file (SQuAD JSON or MRQA jsonl) or --dataset_name")
@@ -273,8 +378,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchPlan:
         problems.append(
             "--prompt_init_file/--prompt_init_text need --prompt_tuning (fine-tuning uses no prompt)"
         )
-    if cfg.lr <= 0:
-        problems.append(f"--lr must be > 0, got {cfg.lr}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):  # NaN fails every comparison
+        problems.append(f"--lr must be > 0 and finite, got {cfg.lr}")
     if cfg.weight_decay < 0 or cfg.weight_decay >= 1:
         problems.append(f"--weight_decay must be in [0, 1), got {cfg.weight_decay}")
     if cfg.epochs is not None and cfg.epochs <= 0:
@@ -306,7 +411,4 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchPlan:
         problems.append(f"--resume: {out} holds no run to resume")
     plan, batch_problems = resolve_batch(cfg, world_size)
     problems += batch_problems
-    if problems:
-        raise ConfigError("invalid configuration: " + "; ".join(problems))
-    assert plan is not None
-    return plan
+    return plan, problems

@@ -20,10 +20,18 @@ accept.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from softprompt.errors import UserError
 
 __all__ = ["FULL", "QUICK", "DemoPlan", "build_micro_model_dir", "build_tokenizer", "main", "run_demo"]
 
@@ -251,21 +259,260 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _trainable(model_dir: Path, prompt_tokens: int | None) -> int:
-    """Trained parameters of a phase: the prompt's P x d_model, or every weight of the model."""
-    from safetensors import safe_open
-
-    if prompt_tokens is not None:
-        config = json.loads((model_dir / "config.json").read_text())
-        return prompt_tokens * int(config["d_model"])
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        # Tied tensors are stored once, so this counts each weight once.
-        return sum(int(f.get_slice(k).get_shape().numel()) if hasattr(f.get_slice(k).get_shape(), "numel")
-                   else _prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+def _trainable_parameters(run_dir: Path) -> int:
+    """The trainable-parameter count the trainer logged at the start of a run."""
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("event") == "start":
+            return int(record["trainable_parameters"])
+    raise RuntimeError(f"{run_dir / 'metrics.jsonl'} has no start record")
 
 
-def _prod(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
+def _prepare_output_dir(out: Path) -> None:
+    """Create ``out``, or reuse it if it holds an earlier demo; refuse any other non-empty directory."""
+    marker = out / ".softprompt-demo"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not marker.exists():
+        # The demo overwrites its own sub-runs; it must never do that to someone's real run directory.
+        raise UserError(
+            f"--output_dir {out} is not empty and holds no earlier demo; choose another directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by `softprompt demo`; the demo may replace this directory's contents\n")
+    for name in (SUMMARY_JSON, SUMMARY_MD):
+        (out / name).unlink(missing_ok=True)
+
+
+def run_demo(
+    output_dir: str | os.PathLike, *, seed: int = 0, quick: bool = False, echo: bool = True
+) -> dict[str, Any]:
+    """Run every phase of the demo and write ``summary.json`` and ``summary.md`` into ``output_dir``.
+
+    Args:
+        output_dir: The demo directory; created, or reused if it holds an earlier demo.
+        seed: Seeds the data, the random model weights, the prompt init and the data order.
+        quick: Run the smaller ``QUICK`` plan instead of ``FULL``.
+        echo: Print each phase's headline and the final table.
+
+    Returns:
+        The content of ``summary.json``.
+    """
+    from softprompt.train import train
+
+    plan = QUICK if quick else FULL
+    out = Path(output_dir)
+    _prepare_output_dir(out)
+    say = print if echo else (lambda *a, **k: None)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    files = write_data(out / DATA_DIR, plan, seed)
+    model_dir = build_micro_model_dir(out / MODEL_DIR, plan)
+    seconds["data_and_model"] = time.perf_counter() - t
+
+    say(f"\n== 1/3 fine-tune a random micro T5 on task A ({plan.steps_a} steps)", flush=True)
+    t = time.perf_counter()
+    result_a = train(
+        _train_config(
+            out,
+            plan,
+            seed,
+            output_dir=PHASES[0],
+            model_name_or_path=str(model_dir),
+            random_init=True,
+            train_file=str(files["a_train"]),
+            validation_file=str(files["a_dev"]),
+            optimizer="adamw",
+            lr=plan.lr_a,
+            warmup_steps=plan.steps_a // 20,
+            weight_decay=0.0,
+            max_steps=plan.steps_a,
+            # A randomly initialised model only improves, so scoring once at the end is enough.
+            eval_steps=0,
+        )
+    )
+    seconds[PHASES[0]] = time.perf_counter() - t
+    base = out / PHASES[0] / "best"
+    base_weights = base / "model.safetensors"
+    digest_before = _sha256(base_weights)
+
+    t = time.perf_counter()
+    zero_shot = {"dev": score(base, files["b_dev"]), "test": score(base, files["b_test"])}
+    seconds["zero_shot_eval"] = time.perf_counter() - t
+
+    say(
+        f"\n== 2/3 freeze it; train a {plan.n_tokens}-token soft prompt for task B ({plan.steps_prompt} steps)"
+    )
+    t = time.perf_counter()
+    result_prompt = train(
+        _train_config(
+            out,
+            plan,
+            seed,
+            output_dir=PHASES[1],
+            model_name_or_path=str(base),
+            train_file=str(files["b_train"]),
+            validation_file=str(files["b_dev"]),
+            prompt_tuning=True,
+            n_tokens=plan.n_tokens,
+            optimizer="adafactor",
+            lr=plan.lr_prompt,
+            max_steps=plan.steps_prompt,
+            eval_steps=plan.eval_every_b,
+        )
+    )
+    seconds[PHASES[1]] = time.perf_counter() - t
+    frozen = _sha256(base_weights) == digest_before
+
+    say(f"\n== 3/3 baseline: fine-tune every weight of the task-A model on task B ({plan.steps_b} steps)")
+    t = time.perf_counter()
+    result_finetune = train(
+        _train_config(
+            out,
+            plan,
+            seed,
+            output_dir=PHASES[2],
+            model_name_or_path=str(base),
+            train_file=str(files["b_train"]),
+            validation_file=str(files["b_dev"]),
+            optimizer="adamw",
+            lr=plan.lr_b,
+            weight_decay=0.0,
+            max_steps=plan.steps_b,
+            eval_steps=plan.eval_every_b,
+        )
+    )
+    seconds[PHASES[2]] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    prompt_test = score(base, files["b_test"], prompt_dir=out / PHASES[1] / "best")
+    finetune_test = score(out / PHASES[2] / "best", files["b_test"])
+    seconds["test_eval"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - started
+
+    def dev(result: dict[str, Any]) -> dict[str, float]:
+        return {"exact_match": result["exact_match"], "f1": result["f1"]}
+
+    summary: dict[str, Any] = {
+        "seed": seed,
+        "quick": quick,
+        "plan": asdict(plan),
+        "task_a": {"run": PHASES[0], "dev": dev(result_a), "steps": result_a["steps"]},
+        "task_b": {
+            "zero_shot": {
+                "run": PHASES[0],
+                "trainable_parameters": 0,
+                **zero_shot,
+            },
+            "prompt_tuning": {
+                "run": PHASES[1],
+                "trainable_parameters": _trainable_parameters(out / PHASES[1]),
+                "dev": dev(result_prompt),
+                "test": prompt_test,
+                "best_step": result_prompt["best_step"],
+            },
+            "fine_tuning": {
+                "run": PHASES[2],
+                "trainable_parameters": _trainable_parameters(out / PHASES[2]),
+                "dev": dev(result_finetune),
+                "test": finetune_test,
+                "best_step": result_finetune["best_step"],
+            },
+        },
+        "frozen_model_unchanged": frozen,
+        "task_a_model_sha256": digest_before,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "torch_threads": _torch_threads(),
+    }
+    from softprompt.checkpoint import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / SUMMARY_JSON, summary)
+    table = summary_markdown(summary)
+    atomic_write_text(out / SUMMARY_MD, table)
+    say("\n" + table)
+    if not frozen:
+        # The whole point of the demo; a change here is a bug in the trainer, never a user mistake.
+        raise RuntimeError(f"prompt tuning changed {base_weights}; the frozen model must stay untouched")
+    return summary
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The demo's result table (what ``summary.md`` holds)."""
+    b = summary["task_b"]
+    plan = summary["plan"]
+    rows = [
+        ("zero-shot: task-A model, no prompt", b["zero_shot"]),
+        (f"prompt tuning: frozen task-A model + {plan['n_tokens']}-token prompt", b["prompt_tuning"]),
+        ("fine-tuning: every weight of the task-A model", b["fine_tuning"]),
+    ]
+    a = summary["task_a"]["dev"]
+    lines = [
+        f"# softprompt demo ({'quick' if summary['quick'] else 'full'}, seed {summary['seed']})",
+        "",
+        "Task B: a bare name asks for the person's home town. The task-A model was trained to answer a bare",
+        "name with the person's trade, so it must be told what task B wants: by a soft prompt, or by",
+        "changing its weights.",
+        "",
+        "| task B | trained parameters | dev EM | dev F1 | test EM | test F1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, row in rows:
+        lines.append(
+            f"| {label} | {row['trainable_parameters']:,} | {row['dev']['exact_match']:.1f} | "
+            f"{row['dev']['f1']:.1f} | {row['test']['exact_match']:.1f} | {row['test']['f1']:.1f} |"
+        )
+    frozen = "unchanged" if summary["frozen_model_unchanged"] else "CHANGED"
+    lines += [
+        "",
+        f"Task-A model on task A dev: EM {a['exact_match']:.1f}, F1 {a['f1']:.1f}. "
+        f"Its weights after prompt tuning: {frozen} (sha256 {summary['task_a_model_sha256'][:12]}).",
+        "Dev picks each run's best checkpoint; test is held out. "
+        f"Wall time {summary['seconds']['total']:.0f} s on {summary['torch_threads']} CPU thread(s).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    """`softprompt demo [--output_dir DIR] [--seed N] [--quick] [--threads N]`."""
+    parser = argparse.ArgumentParser(
+        prog="softprompt demo",
+        description="An offline end-to-end demo: fine-tune a micro T5 on task A, then freeze it and "
+        "prompt-tune it for task B; prints zero-shot, prompt-tuned and fine-tuned scores.",
+    )
+    parser.add_argument(
+        "--output_dir", default="demo_run", help="Where the runs and summary go (default: demo_run)."
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seeds the data, the weights and training (default: 0)."
+    )
+    parser.add_argument("--quick", action="store_true", help="A smaller, faster variant (used by the tests).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default: 1; the micro model is too small for more to pay off).",
+    )
+    args = parser.parse_args(list(argv))
+    if args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
+    run_demo(args.output_dir, seed=args.seed, quick=args.quick)
+    print(f"runs, data and summary in {args.output_dir}/", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

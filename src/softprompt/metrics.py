@@ -7,10 +7,12 @@ unanswered questions count as 0 in the mean rather than being dropped.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import string
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -211,6 +213,16 @@ def _read_json(path: Path, what: str) -> Any:
         raise DataError(
             f"{path}: cannot read the {what} file ({e.strerror}); check its permissions."
         ) from None
+    if raw[:2] == b"\x1f\x8b":  # gzip's magic number: read a compressed file rather than call it non-UTF-8
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(
+                f"{path}: is a damaged or truncated gzip file ({type(e).__name__}); "
+                f"compress the {what} file again."
+            ) from None
+    if not raw.strip():
+        raise DataError(f"{path}: the {what} file is empty; give a JSON file.")
     try:
         # utf-8-sig so that a file saved with a byte-order mark is still accepted.
         text = raw.decode("utf-8-sig")
