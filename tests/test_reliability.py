@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SQUAD_DEV, SQUAD_TRAIN, TOKENIZER_DIR, need, squad_subset, tiny_config
 from safetensors.torch import load_file
 
+from conftest import SQUAD_DEV, SQUAD_TRAIN, TOKENIZER_DIR, need, squad_subset, tiny_config
 from softprompt.checkpoint import PromptConfig, load_prompt, save_prompt
 from softprompt.cli import main
 from softprompt.model import PromptedT5
@@ -138,13 +138,13 @@ def _tmp_checkpoints(out: Path, pid: int | None = None) -> list[str]:
 def _assert_consistent(out: Path) -> None:
     """Every visible checkpoint is complete, and `last` names one of them (never a temporary)."""
     for d in out.glob("checkpoint-*"):
-        assert CHECKPOINT_FILES <= {p.name for p in d.iterdir()}, f"{d.name} is incomplete"
+        assert {p.name for p in d.iterdir()} >= CHECKPOINT_FILES, f"{d.name} is incomplete"
         state = json.loads((d / "trainer_state.json").read_text())
         assert state["step"] == int(d.name.removeprefix("checkpoint-"))
     if (out / "last").is_symlink():
         target = os.readlink(out / "last")
         assert re.fullmatch(r"checkpoint-\d{7}", target), target
-        assert CHECKPOINT_FILES <= {p.name for p in (out / target).iterdir()}
+        assert {p.name for p in (out / target).iterdir()} >= CHECKPOINT_FILES
         assert load_file(str(out / "last" / "prompt.safetensors"))["prompt"].isfinite().all()
     if (out / "best").exists():
         assert {"prompt.safetensors", "prompt_config.json"} <= {p.name for p in (out / "best").iterdir()}
@@ -192,7 +192,9 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(setup, tmp_path):
     out = tmp_path / "run"
 
     # 1. Before the first checkpoint: the run has written its config, nothing more.
-    assert _kill_when(_train_argv(setup, out), out, lambda pid: (out / "config.yaml").exists(), tmp_path / "1.log")
+    assert _kill_when(
+        _train_argv(setup, out), out, lambda pid: (out / "config.yaml").exists(), tmp_path / "1.log"
+    )
     assert not list(out.glob("checkpoint-*")) and not (out / "last").is_symlink()
     _assert_consistent(out)
 
@@ -206,7 +208,10 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(setup, tmp_path):
     for attempt in range(4):
         before = _last_step(out)
         assert _kill_when(
-            _resume_argv(out), out, lambda pid: bool(_tmp_checkpoints(out, pid)), tmp_path / f"3.{attempt}.log"
+            _resume_argv(out),
+            out,
+            lambda pid: bool(_tmp_checkpoints(out, pid)),
+            tmp_path / f"3.{attempt}.log",
         ), "the run finished before a checkpoint write could be interrupted"
         stale = _tmp_checkpoints(out)
         if stale:
@@ -302,7 +307,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert rc == 3
     assert "the loss became nan at step 5" in line and str(out / "last") in line
     # The last good checkpoint (step 4) is complete and untouched; nothing of step 5 was written.
-    assert _last_step(out) == 4 and sorted(p.name for p in out.glob("checkpoint-*"))[-1] == "checkpoint-0000004"
+    assert (
+        _last_step(out) == 4 and sorted(p.name for p in out.glob("checkpoint-*"))[-1] == "checkpoint-0000004"
+    )
     assert not (out / "results.json").exists()
     _assert_consistent(out)
     weight, config = load_prompt(out / "last", expect_d_model=64)
@@ -320,14 +327,18 @@ def test_skip_nonfinite_skips_and_counts_the_step(tiny_model_dir, squad_small, t
     assert main([*argv, "--save_steps", "1", "--save_total_limit", "10"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["skipped_nonfinite"] == 1 and results["steps"] == 5
-    prompts = [load_file(str(out / f"checkpoint-{s:07d}" / "prompt.safetensors"))["prompt"] for s in (2, 3, 4)]
+    prompts = [
+        load_file(str(out / f"checkpoint-{s:07d}" / "prompt.safetensors"))["prompt"] for s in (2, 3, 4)
+    ]
     assert torch.equal(prompts[0], prompts[1])  # the skipped step 3 changed nothing...
     assert not torch.equal(prompts[1], prompts[2])  # ...while the steps around it trained
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["skipped_nonfinite"] for e in events if e["event"] == "train"] == [0, 0, 1, 1, 1]
 
 
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(), reason="signals need the main thread"
+)
 def test_sigint_checkpoints_and_exits_130(tiny_model_dir, squad_small, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
 
@@ -347,7 +358,11 @@ def test_sigint_checkpoints_and_exits_130(tiny_model_dir, squad_small, tmp_path,
 # ---------------------------------------------------------------------------------- hostile data
 
 GOOD_CONTEXT = "The sky over the harbour is very blue today."
-GOOD_QA = {"id": "good-1", "question": "What colour is the sky?", "answers": [{"text": "blue", "answer_start": 32}]}
+GOOD_QA = {
+    "id": "good-1",
+    "question": "What colour is the sky?",
+    "answers": [{"text": "blue", "answer_start": 32}],
+}
 BAD_PLACE = "data[0].paragraphs[1].qas[0]"
 
 
@@ -367,17 +382,38 @@ HUGE = 50 * 1024 * 1024
 MRQA_HEADER = b'{"header": {"dataset": "x", "split": "dev"}}\n'
 MRQA_GOOD = {"context": GOOD_CONTEXT, "qas": [{"qid": "m1", "question": "What colour?", "answers": ["blue"]}]}
 
+
+def _mrqa_line(i: int) -> bytes:
+    qa = {"qid": f"m{i}", "question": "What colour is the sky?", "answers": ["blue"]}
+    return _bytes({"context": GOOD_CONTEXT, "qas": [qa]}) + b"\n"
+
+
 # kind -> (file name, contents, what train/eval must say, what score must say or None if scoring ignores it)
 HOSTILE: dict[str, tuple[str, Callable[[], bytes], str, str | None]] = {
-    "malformed_json": ("d.json", lambda: b'{"version": "1.1", "data": [{"title": "t",', "line 1, column", "line 1, column"),
+    "malformed_json": (
+        "d.json",
+        lambda: b'{"version": "1.1", "data": [{"title": "t",',
+        "line 1, column",
+        "line 1, column",
+    ),
     "wrong_schema": (
         "d.json",
         lambda: _bytes(_squad_with(id=["not", "a", "string"])),
         f"{BAD_PLACE}: 'id' must be",
         f"{BAD_PLACE}.id must be a string",
     ),
-    "missing_answers": ("d.json", lambda: _bytes(_squad_with(answers=...)), f"{BAD_PLACE}", f"{BAD_PLACE} has no"),
-    "empty_answers": ("d.json", lambda: _bytes(_squad_with(answers=[])), f"{BAD_PLACE}", f"{BAD_PLACE}.answers is empty"),
+    "missing_answers": (
+        "d.json",
+        lambda: _bytes(_squad_with(answers=...)),
+        f"{BAD_PLACE}",
+        f"{BAD_PLACE} has no",
+    ),
+    "empty_answers": (
+        "d.json",
+        lambda: _bytes(_squad_with(answers=[])),
+        f"{BAD_PLACE}",
+        f"{BAD_PLACE}.answers is empty",
+    ),
     "empty_question": ("d.json", lambda: _bytes(_squad_with(question="  ")), f"{BAD_PLACE}", None),
     "answer_not_in_context": (
         "d.json",
@@ -386,12 +422,22 @@ HOSTILE: dict[str, tuple[str, Callable[[], bytes], str, str | None]] = {
         None,
     ),
     "empty_context": ("d.json", lambda: _bytes(_squad_with(context="")), f"{BAD_PLACE}", None),
-    "not_utf8": ("d.json", lambda: _bytes(_squad_with()).replace(b"there", b"th\xffere"), "is not UTF-8", "UTF-8"),
+    "not_utf8": (
+        "d.json",
+        lambda: _bytes(_squad_with()).replace(b"there", b"th\xffere"),
+        "is not UTF-8",
+        "UTF-8",
+    ),
     "empty_file": ("d.json", lambda: b"", "is empty", "is empty"),
-    "truncated_gz": ("d.json.gz", lambda: gzip.compress(_bytes(_squad_with()))[:-12], "truncated gzip", "truncated gzip"),
+    "truncated_gz": (
+        "d.json.gz",
+        lambda: gzip.compress(_bytes(_squad_with()))[:-12],
+        "truncated gzip",
+        "truncated gzip",
+    ),
     "truncated_jsonl_gz": (
         "d.jsonl.gz",
-        lambda: gzip.compress(MRQA_HEADER + _bytes(MRQA_GOOD) * 200)[:-40],
+        lambda: gzip.compress(MRQA_HEADER + b"".join(_mrqa_line(i) for i in range(200)))[:-40],
         "truncated gzip",
         "truncated gzip",
     ),
@@ -401,7 +447,12 @@ HOSTILE: dict[str, tuple[str, Callable[[], bytes], str, str | None]] = {
         "line 1, column",
         "line 1, column",
     ),
-    "huge_line_jsonl": ("d.jsonl", lambda: MRQA_HEADER + b'{"context": "' + b"a" * HUGE + b"\n", "line 2", "line 2"),
+    "huge_line_jsonl": (
+        "d.jsonl",
+        lambda: MRQA_HEADER + b'{"context": "' + b"a" * HUGE + b"\n",
+        "line 2",
+        "line 2",
+    ),
 }
 
 
@@ -475,7 +526,9 @@ def test_skip_bad_examples_skips_and_counts_each_kind(tiny_model_dir, squad_smal
     dev_file = tmp_path / "dev.jsonl"  # MRQA lines that are not JSON or not UTF-8 are skippable too
     dev_file.write_bytes(MRQA_HEADER + _bytes(MRQA_GOOD) + b"\n{not json\n" + b'{"context": "\xff"}\n')
     out = tmp_path / "run"
-    argv = _train_args(tiny_model_dir, train_file, out, "--max_steps", "1", "--validation_file", str(dev_file))
+    argv = _train_args(
+        tiny_model_dir, train_file, out, "--max_steps", "1", "--validation_file", str(dev_file)
+    )
     assert main([*argv, "--skip_bad_examples"]) == 0
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start" and start["train_examples"] == 64 + 1 and start["eval_examples"] == 1
@@ -526,7 +579,9 @@ def test_pickle_files_are_refused_and_never_run(tiny_model_dir, squad_small, tmp
     # 2. A prompt directory whose only weights are a pickle.
     evil_prompt = tmp_path / "evil-prompt"
     evil_prompt.mkdir()
-    (evil_prompt / "prompt_config.json").write_text(json.dumps({"base_model": "x", "n_tokens": 4, "d_model": 64}))
+    (evil_prompt / "prompt_config.json").write_text(
+        json.dumps({"base_model": "x", "n_tokens": 4, "d_model": 64})
+    )
     torch.save({"prompt": payload}, evil_prompt / "prompt.bin")
     # 3. A real checkpoint whose optimizer state is replaced by a pickle that runs code...
     run = tmp_path / "run"
@@ -573,7 +628,9 @@ def test_torch_load_is_weights_only_everywhere_and_nothing_unpickles():
             where = f"{path.name}:{node.lineno}"
             if (owner, node.func.attr) == ("torch", "load"):
                 kw = {k.arg: k.value for k in node.keywords}
-                assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, where
+                assert (
+                    isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                ), where
             assert (owner, node.func.attr) not in {("pickle", "load"), ("pickle", "loads")}, where
 
 
@@ -582,7 +639,9 @@ def test_a_prompt_for_another_model_is_refused_naming_both(tiny_model_dir, squad
 
     dev_file = squad_small[1]
     narrow = save_prompt(
-        tmp_path / "narrow", torch.zeros(4, 32), PromptConfig("google/t5-base-lm-adapt", n_tokens=4, d_model=32)
+        tmp_path / "narrow",
+        torch.zeros(4, 32),
+        PromptConfig("google/t5-base-lm-adapt", n_tokens=4, d_model=32),
     )
     tiny = ["--model_name_or_path", str(tiny_model_dir), "--random_init"]
     assert main(["eval", *tiny, "--prompt", str(narrow), "--validation_file", str(dev_file)]) == 2
@@ -599,9 +658,19 @@ def test_a_prompt_for_another_model_is_refused_naming_both(tiny_model_dir, squad
     shutil.copytree(tiny_model_dir, model_dir)
     T5ForConditionalGeneration(tiny_config()).save_pretrained(model_dir, safe_serialization=True)
     other = save_prompt(
-        tmp_path / "other", torch.zeros(4, 64), PromptConfig("google/t5-large-lm-adapt", n_tokens=4, d_model=64)
+        tmp_path / "other",
+        torch.zeros(4, 64),
+        PromptConfig("google/t5-large-lm-adapt", n_tokens=4, d_model=64),
     )
-    argv = ["eval", "--model_name_or_path", str(model_dir), "--prompt", str(other), "--validation_file", str(dev_file)]
+    argv = [
+        "eval",
+        "--model_name_or_path",
+        str(model_dir),
+        "--prompt",
+        str(other),
+        "--validation_file",
+        str(dev_file),
+    ]
     assert main(argv) == 2
     line = _one_error_line(capsys.readouterr().err, "eval")
     assert f"trained for google/t5-large-lm-adapt, not {model_dir}" in line
@@ -619,7 +688,9 @@ def _exit_code(argv: list[str]) -> int:
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
 
 
 def test_config_errors_are_all_listed_at_once_before_any_work(tiny_model_dir, squad_small, tmp_path, capsys):

@@ -290,7 +290,14 @@ def torch_load_safe(path: Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
     except Exception as e:  # weights_only refusals arrive as UnpicklingError/RuntimeError
-        raise CheckpointError(f"refusing to load {path}: it is not a plain tensor state file ({e})") from None
+        # torch's message runs over many lines and suggests weights_only=False; quote only the refusal.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
+        reason = reason.removeprefix("WeightsUnpickler error:").strip().split(". ")[0][:160]
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain tensor state file ({reason}); softprompt never "
+            "unpickles code, so re-save it with tensors and plain containers only"
+        ) from None
 
 
 OPTIMIZER_STATE = "optimizer.pt"

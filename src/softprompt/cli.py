@@ -34,13 +34,14 @@ commands:
 """
 
 Repeated = tyro.conf.UseAppendAction
+ModelArg = Annotated[str, tyro.conf.arg(aliases=("--model",))]
 
 
 @dataclass
 class EvalArgs:
     """Score a model, with or without prompts, on a QA data file."""
 
-    model_name_or_path: str
+    model_name_or_path: ModelArg
     """Hub id or directory of the T5 model (a fine-tuned run's best/ directory works too)."""
     validation_file: str | None = None
     """SQuAD v1.1 JSON or MRQA .jsonl(.gz) to evaluate on."""
@@ -76,7 +77,7 @@ class EvalArgs:
 class PredictArgs:
     """Answer questions with a model and an optional prompt."""
 
-    model_name_or_path: str
+    model_name_or_path: ModelArg
     """Hub id or directory of the T5 model."""
     prompt: str | None = None
     """Prompt checkpoint directory."""
@@ -266,7 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(argv[1:])
     except UserError as e:
-        print(f"softprompt {argv[0]}: error: {e}", file=sys.stderr)
+        # One line whatever the message quotes (a library's multi-line text, a path with a newline).
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"softprompt {argv[0]}: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"softprompt {argv[0]}: interrupted", file=sys.stderr)

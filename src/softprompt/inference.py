@@ -102,10 +102,10 @@ def _data(args: Any) -> list[QAExample]:
 
 def run_eval(args: Any) -> dict[str, Any]:
     """`softprompt eval`: score each prompt (or the bare model), and optionally their majority ensemble."""
+    examples = _data(args)  # data first: a bad file is reported before minutes of model loading
     loaded = load_model_and_prompts(
         args.model_name_or_path, args.prompt, random_init=args.random_init, seed=args.seed
     )
-    examples = _data(args)
     first = next(iter(loaded.prompts.values()), None)
     max_source = args.max_source_length or (first[1].max_source_length if first else 512)
     pad_punct = (
