@@ -1,0 +1,81 @@
+"""The `softprompt` command: subcommands, help, version, score, eval and predict end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import METRIC_VECTORS, MRQA_RE, SQUAD_DEV, need
+from softprompt import __version__
+from softprompt.checkpoint import PromptConfig, save_prompt
+from softprompt.cli import COMMANDS, main
+
+
+def test_version_and_usage(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"softprompt {__version__}"
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_documents_its_flags(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: softprompt" in out and command in out
+
+
+def test_python_dash_m_is_the_same_command():
+    proc = subprocess.run([sys.executable, "-m", "softprompt", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"softprompt {__version__}"
+
+
+def test_score_prints_the_official_numbers(tmp_path, capsys):
+    rows = [json.loads(line) for line in need(METRIC_VECTORS).read_text().splitlines()]
+    preds = {r["id"]: r["prediction"] for r in rows}
+    (tmp_path / "p.json").write_text(json.dumps(preds))
+    assert main(["score", str(need(SQUAD_DEV)), str(tmp_path / "p.json")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"exact_match", "f1"}
+    assert out["exact_match"] == pytest.approx(
+        100 * sum(r["exact_match"] for r in rows) / len(rows), abs=1e-9
+    )
+    assert out["f1"] == pytest.approx(100 * sum(r["f1"] for r in rows) / len(rows), abs=1e-9)
+
+
+def test_eval_and_predict_with_a_prompt_offline(tmp_path, tiny_model_dir, capsys):
+    torch.manual_seed(0)
+    save_prompt(
+        tmp_path / "p",
+        torch.randn(4, 64),
+        PromptConfig(base_model=str(tiny_model_dir), n_tokens=4, d_model=64, max_source_length=64),
+    )
+    base = ["--model", str(tiny_model_dir), "--random_init", "--prompt", str(tmp_path / "p")]
+    assert main(["eval", *base, "--validation_file", str(need(MRQA_RE)), "--max_eval_samples", "7",
+                 "--output", str(tmp_path / "pred.json")]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_examples"] == 7 and 0 <= report["f1"] <= 100
+    preds = json.loads((tmp_path / "pred.json").read_text())
+    assert len(preds) == 7
+    lines = tmp_path / "q.jsonl"
+    lines.write_text(
+        "\n".join(
+            json.dumps({"id": f"q{i}", "question": "Who?", "context": f"Ann met Bob {i} times."})
+            for i in range(3)
+        )
+    )
+    assert main(["predict", *base, "--input_file", str(lines)]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["id"] for a in answers] == ["q0", "q1", "q2"] and all(
+        isinstance(a["answer"], str) for a in answers
+    )
+    # the same question through --question/--context gives the same answer as the file path
+    assert main(["predict", *base, "--question", "Who?", "--context", "Ann met Bob 0 times."]) == 0
+    assert capsys.readouterr().out.strip() == answers[0]["answer"]
