@@ -150,10 +150,28 @@ def _assert_consistent(out: Path) -> None:
         assert {"prompt.safetensors", "prompt_config.json"} <= {p.name for p in (out / "best").iterdir()}
 
 
+def _events(run: Path) -> list[dict]:
+    """metrics.jsonl's records (a kill in mid-write may leave one partial line, which the log tolerates)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def _train_steps(run: Path) -> list[int]:
+    return [e["step"] for e in _events(run) if e["event"] == "train"]
+
+
 def _losses(run: Path) -> dict[int, float]:
     """Train loss by step; a step re-done after a resume keeps its latest record."""
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {e["step"]: e["loss"] for e in events if e["event"] == "train"}
+    return {e["step"]: e["loss"] for e in _events(run) if e["event"] == "train"}
 
 
 def _assert_same_run(run: Path, reference: Path) -> None:
@@ -168,11 +186,13 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     # Same data order, dropout masks and optimizer state at every step, not just the same end point.
     assert _losses(run) == _losses(reference)
     assert os.readlink(run / "last") == f"checkpoint-{MAX_STEPS:07d}"
+    # save_total_limit 2: the same two newest checkpoints survive, beside best/.
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-0000010", "checkpoint-0000012"]
     assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> Setup:
+def tiny_run(tmp_path_factory) -> Setup:
     """Tiny model, 24 train and 4 dev questions, and one uninterrupted reference run (subprocess)."""
     root = tmp_path_factory.mktemp("reliability")
     s = Setup(
@@ -188,18 +208,20 @@ def setup(tmp_path_factory) -> Setup:
 # ------------------------------------------------------------------------------- crash safety
 
 
-def test_sigkill_at_three_points_then_resume_is_bit_identical(setup, tmp_path):
+def test_sigkill_at_three_points_then_resume_is_bit_identical(tiny_run, tmp_path):
     out = tmp_path / "run"
 
-    # 1. Before the first checkpoint: the run has written its config, nothing more.
+    # 1. Before the first checkpoint: killed once step 1 is logged (the first save comes at step 2).
     assert _kill_when(
-        _train_argv(setup, out), out, lambda pid: (out / "config.yaml").exists(), tmp_path / "1.log"
+        _train_argv(tiny_run, out), out, lambda pid: bool(_train_steps(out)), tmp_path / "1.log"
     )
     assert not list(out.glob("checkpoint-*")) and not (out / "last").is_symlink()
     _assert_consistent(out)
 
-    # 2. Mid-run, resumed from scratch: killed once `last` names a checkpoint past the first evaluation.
-    assert _kill_when(_resume_argv(out), out, lambda pid: _last_step(out) >= 4, tmp_path / "2.log")
+    # 2. Mid-run: resumed (with the run's full flags plus --resume, as a job script would) from
+    # scratch, and killed once `last` names a checkpoint past the first evaluation.
+    argv = [*_train_argv(tiny_run, out), "--resume"]
+    assert _kill_when(argv, out, lambda pid: _last_step(out) >= 4, tmp_path / "2.log")
     assert 4 <= _last_step(out) < MAX_STEPS and not (out / "results.json").exists()
     _assert_consistent(out)
 
@@ -225,22 +247,16 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(setup, tmp_path):
     _run_to_end(_resume_argv(out), tmp_path / "4.log")
     assert not set(stale) & set(os.listdir(out))
     _assert_consistent(out)
-    _assert_same_run(out, setup.reference)
+    _assert_same_run(out, tiny_run.reference)
 
 
-def test_sigterm_saves_a_checkpoint_exits_143_and_resume_is_bit_identical(setup, tmp_path):
+def test_sigterm_saves_a_checkpoint_exits_143_and_resume_is_bit_identical(tiny_run, tmp_path):
     out, log = tmp_path / "run", tmp_path / "term.log"
 
-    def logged_steps() -> int:
-        try:
-            return (out / "metrics.jsonl").read_text().count('"event": "train"')
-        except FileNotFoundError:
-            return 0
-
     with log.open("w") as f:
-        proc = subprocess.Popen(_train_argv(setup, out), env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_train_argv(tiny_run, out), env=_env(), stdout=f, stderr=subprocess.STDOUT)
         try:
-            while proc.poll() is None and logged_steps() < 3:
+            while proc.poll() is None and len(_train_steps(out)) < 3:
                 time.sleep(0.005)
             assert proc.poll() is None, "the run ended before it could be preempted"
             proc.send_signal(signal.SIGTERM)
@@ -260,7 +276,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_is_bit_identical(setup,
     _assert_consistent(out)
 
     _run_to_end(_resume_argv(out), tmp_path / "resume.log")
-    _assert_same_run(out, setup.reference)
+    _assert_same_run(out, tiny_run.reference)
 
 
 # ----------------------------------------------------------------------- in-process training
@@ -336,23 +352,85 @@ def test_skip_nonfinite_skips_and_counts_the_step(tiny_model_dir, squad_small, t
     assert [e["skipped_nonfinite"] for e in events if e["event"] == "train"] == [0, 0, 1, 1, 1]
 
 
+def _steps_since_last_start(run: Path) -> list[int]:
+    """The train steps the latest process of a run logged: where a resume really continued from."""
+    events = _events(run)
+    last_start = max(i for i, e in enumerate(events) if e["event"] == "start")
+    return [e["step"] for e in events[last_start:] if e["event"] == "train"]
+
+
 @pytest.mark.skipif(
     threading.current_thread() is not threading.main_thread(), reason="signals need the main thread"
 )
-def test_sigint_checkpoints_and_exits_130(tiny_model_dir, squad_small, tmp_path, capsys, monkeypatch):
+def test_sigint_checkpoints_once_and_resume_survives_a_kill_between_renames(
+    tiny_model_dir, squad_small, tmp_path, capsys, monkeypatch
+):
+    import softprompt.train as train_module
+
+    def args(out: Path) -> list[str]:
+        return _train_args(tiny_model_dir, squad_small[0], out, "--max_steps", "6", "--dropout", "0.1")
+
+    reference = tmp_path / "reference"
+    assert main(args(reference)) == 0
+
+    # Ctrl-C during step 4, a scheduled save step: that one checkpoint is the preemption checkpoint too.
     out = tmp_path / "run"
+    saves: list[int] = []
+    save = train_module.save_checkpoint
+    monkeypatch.setattr(
+        train_module, "save_checkpoint", lambda run: saves.append(run.state.step) or save(run)
+    )
 
     def interrupt(loss: torch.Tensor) -> torch.Tensor:
-        os.kill(os.getpid(), signal.SIGINT)  # like Ctrl-C in the middle of step 3
+        os.kill(os.getpid(), signal.SIGINT)
         return loss
 
-    _on_forward_call(monkeypatch, 3, interrupt)
-    rc = main(_train_args(tiny_model_dir, squad_small[0], out, "--max_steps", "8"))
+    _on_forward_call(monkeypatch, 4, interrupt)
+    capsys.readouterr()
+    rc = main(args(out))
     err = capsys.readouterr().err
     assert rc == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == "softprompt: stopped by SIGINT at step 3; continue with --resume"
-    assert _last_step(out) == 3
+    assert err.strip().splitlines()[-1] == "softprompt: stopped by SIGINT at step 4; continue with --resume"
+    assert saves == [2, 4] and _last_step(out) == 4
     _assert_consistent(out)
+    monkeypatch.undo()
+
+    # A kill between the two renames of a same-step re-save leaves `last` dangling and the complete
+    # copy aside as `.old-checkpoint-*`: the next start puts it back and continues from step 4.
+    dangling = tmp_path / "dangling"
+    shutil.copytree(out, dangling, symlinks=True)
+    os.replace(out / "checkpoint-0000004", out / ".old-checkpoint-0000004-12345")
+    assert not (out / "last").exists()
+    assert main(["train", "--output_dir", str(out), "--resume"]) == 0
+    assert _steps_since_last_start(out) == [5, 6]
+    # Without that copy, the run continues from the newest complete checkpoint instead of from scratch.
+    shutil.rmtree(dangling / "checkpoint-0000004")
+    assert main(["train", "--output_dir", str(dangling), "--resume"]) == 0
+    assert _steps_since_last_start(dangling) == [3, 4, 5, 6]
+    want = load_file(str(reference / "last" / "prompt.safetensors"))["prompt"]
+    for run in (out, dangling):
+        assert torch.equal(load_file(str(run / "last" / "prompt.safetensors"))["prompt"], want)
+        assert not [p.name for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_stale_temporaries_are_removed_and_an_orphaned_old_copy_is_put_back(tmp_path):
+    from softprompt.checkpoint import remove_stale_temporaries
+
+    for name in (
+        "checkpoint-0000002",
+        ".tmp-checkpoint-0000004-77",
+        ".old-checkpoint-0000002-77",
+        ".old-best-1a2b",
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(name)
+    (tmp_path / ".tmp-last-77").symlink_to("checkpoint-0000002")
+    (tmp_path / ".results.json.x1y2.tmp").write_text("{")
+    remove_stale_temporaries(tmp_path)
+    # best/ was only in its `.old-` copy, so that copy is the one to keep; checkpoint-0000002 was whole.
+    assert sorted(os.listdir(tmp_path)) == ["best", "checkpoint-0000002"]
+    assert (tmp_path / "best" / "trainer_state.json").read_text() == ".old-best-1a2b"
+    assert (tmp_path / "checkpoint-0000002" / "trainer_state.json").read_text() == "checkpoint-0000002"
 
 
 # ---------------------------------------------------------------------------------- hostile data
@@ -543,6 +621,19 @@ def test_skip_bad_examples_skips_and_counts_each_kind(tiny_model_dir, squad_smal
         "bad_encoding": 1,
     }
     assert "skipped {" in capsys.readouterr().out
+    # eval skips and counts the same way, reporting the counts beside the scores.
+    argv = ["eval", "--model_name_or_path", str(tiny_model_dir), "--random_init", "--validation_file",
+            str(train_file), "--skip_bad_examples", "--max_eval_samples", "2", "--max_new_tokens", "2"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_examples"] == 2 and report["skipped_examples"] == {
+        "bad_schema": 1,
+        "empty_answers": 2,
+        "empty_question": 1,
+        "answer_not_in_context": 1,
+        "duplicate_id": 1,
+        "empty_context": 1,
+    }
     # Damage to a file as a whole is never skipped.
     broken = tmp_path / "broken.json.gz"
     broken.write_bytes(gzip.compress(train_file.read_bytes())[:-12])
@@ -746,3 +837,19 @@ def test_config_errors_are_all_listed_at_once_before_any_work(tiny_model_dir, sq
     assert _exit_code(argv) == 2
     capsys.readouterr()
     assert _snapshot(taken) == before and not fresh.exists()
+
+
+def test_resume_starts_afresh_when_a_run_was_killed_before_writing_its_config(
+    tiny_model_dir, squad_small, tmp_path, capsys
+):
+    out = tmp_path / "run"  # all a run killed during setup leaves behind
+    (out / ".tmp-checkpoint-0000002-999").mkdir(parents=True)
+    assert main([*_train_args(tiny_model_dir, squad_small[0], out, "--max_steps", "2"), "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
+    assert _last_step(out) == 2 and not (out / ".tmp-checkpoint-0000002-999").exists()
+    # `--output_dir DIR --resume` alone has nothing to go on there.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert _exit_code(["train", "--output_dir", str(empty), "--resume"]) == 2
+    assert f"--resume: {empty} holds no run to resume" in _one_error_line(capsys.readouterr().err, "train")

@@ -49,6 +49,8 @@ class EvalArgs:
     """A Hugging Face dataset with SQuAD columns instead of a file (needs the internet)."""
     split: str = "validation"
     """Split of --dataset_name."""
+    skip_bad_examples: bool = False
+    """Skip malformed questions (counted in the report as skipped_examples) instead of stopping at the first one."""
     prompt: Annotated[list[str], Repeated] = field(default_factory=list)
     """Prompt checkpoint directory; repeat the flag for several prompts (scored each, and as an ensemble)."""
     ensemble: Literal["none", "majority"] = "none"

@@ -407,7 +407,10 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
         problems.append(
             f"{out} already holds a run; pass --resume to continue it or --overwrite_output_dir to start again"
         )
-    if cfg.resume and not (out / "last").exists() and not (out / "config.yaml").exists():
+    no_run = not (out / "last").exists() and not (out / "config.yaml").exists()
+    # With its data named, a run killed before it wrote its config simply starts from the beginning,
+    # so a job script can pass --resume every time; `--output_dir DIR --resume` alone needs a run.
+    if cfg.resume and no_run and cfg.train_file is None and cfg.dataset_name is None:
         problems.append(f"--resume: {out} holds no run to resume")
     plan, batch_problems = resolve_batch(cfg, world_size)
     problems += batch_problems

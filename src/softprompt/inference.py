@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,11 +91,13 @@ def _with_prompt(loaded: Loaded, name: str | None) -> PromptedT5:
     return PromptedT5(loaded.model.model, prompt.to(loaded.device)).eval()
 
 
-def _data(args: Any) -> list[QAExample]:
+def _data(args: Any, stats: Counter | None = None) -> list[QAExample]:
+    # --skip_bad_examples drops malformed questions, counted by kind in `stats`, instead of stopping.
+    skip_bad = bool(getattr(args, "skip_bad_examples", False))
     if args.dataset_name:
-        examples = load_hf_dataset(args.dataset_name, args.split)
+        examples = load_hf_dataset(args.dataset_name, args.split, skip_bad=skip_bad, stats=stats)
     elif args.validation_file:
-        examples = load_examples(args.validation_file)
+        examples = load_examples(args.validation_file, skip_bad=skip_bad, stats=stats)
     else:
         raise UserError("give --validation_file (SQuAD JSON or MRQA jsonl) or --dataset_name")
     return examples[: args.max_eval_samples] if args.max_eval_samples else examples
@@ -102,7 +105,8 @@ def _data(args: Any) -> list[QAExample]:
 
 def run_eval(args: Any) -> dict[str, Any]:
     """`softprompt eval`: score each prompt (or the bare model), and optionally their majority ensemble."""
-    examples = _data(args)  # data first: a bad file is reported before minutes of model loading
+    skipped: Counter = Counter()
+    examples = _data(args, skipped)  # data first: a bad file is reported before minutes of model loading
     loaded = load_model_and_prompts(
         args.model_name_or_path, args.prompt, random_init=args.random_init, seed=args.seed
     )
@@ -126,6 +130,8 @@ def run_eval(args: Any) -> dict[str, Any]:
         show_progress=True,
     )
     report: dict[str, Any] = {"n_examples": len(examples)}
+    if skipped:
+        report["skipped_examples"] = dict(skipped)
     if args.ensemble == "majority":
         if len(loaded.prompts) < 2:
             raise UserError("--ensemble majority needs at least two --prompt directories")
