@@ -72,7 +72,7 @@ TRADES = (
 )  # fmt: skip
 YEARS = tuple(str(y) for y in range(1840, 1900))
 INSTRUMENTS = (
-    "cello", "fiddle", "flute", "harp", "oboe", "lute", "bassoon", "clarinet", "accordion",
+    "cello", "fiddle", "flute", "harp", "oboe", "lyre", "bassoon", "clarinet", "accordion",
     "trumpet", "harmonium", "dulcimer", "viola", "bagpipe", "zither", "mandolin",
 )  # fmt: skip
 VALUES: dict[Attribute, tuple[str, ...]] = {
