@@ -267,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
+        # transformers' per-file progress bars would interleave with softprompt's own.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         return command(argv[1:])
     except UserError as e:
         # One line whatever the message quotes (a library's multi-line text, a path with a newline).

@@ -1,13 +1,25 @@
 """T5 with an optional soft prompt prepended to the encoder input.
 
 Prompt mode freezes every weight of the model and trains only the prompt; fine-tune mode trains
-all weights and uses no prompt. Generation goes through transformers' public `inputs_embeds`
-path, so `generate` is never patched.
+all weights and uses no prompt.
+
+Speed (see docs/performance.md): when every model weight is frozen (prompt tuning, inference) and the
+model runs on a CPU, `PromptedT5.forward` and `PromptedT5.generate` run the T5 computation written out
+below (`_lean_*`) instead of transformers' modules: the position bias and padding mask are combined
+once per stack instead of once per layer, activations are cast to the compute dtype once per sublayer,
+attention keeps bf16 probabilities and a 1-byte dropout mask for backward, and greedy decoding uses a
+preallocated KV cache and plain batched matmuls instead of `generate` + SDPA at query length 1. It
+reads the very same weights and computes the same function (tests check it against transformers
+token for token and loss for loss); anything it does not cover (fine-tuning, GPUs, FSDP, generation
+configs with logits processors, unknown activations) goes through transformers as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -154,10 +166,63 @@ class PromptedT5(nn.Module):
                     f"the prompt is {prompt.d_model} wide but the model's d_model is {model.config.d_model}"
                 )
             self.model.requires_grad_(False)
+        self.frozen_dtype: torch.dtype | None = None
+        self._lean_ok = lean_supported(model)
 
     @property
     def prompt_tuning(self) -> bool:
         return self.prompt is not None
+
+    def freeze_to(self, dtype: torch.dtype) -> PromptedT5:
+        """Freeze the model and store its matmul weights in `dtype` once (bf16 for bf16 runs).
+
+        For prompt tuning and inference, where no model weight is trained: the weights of every
+        `nn.Linear` (attention, feed-forward, LM head) are cast once, instead of autocast casting
+        each of them on every forward pass (and, in `generate`, on every token). The embedding table,
+        the layer norms and the position-bias tables stay as they are (fp32), so the residual
+        stream, the prompt and the loss are computed exactly as under autocast: with bf16 this is
+        the same computation as fp32 weights under bf16 autocast, at half the weight memory. An LM
+        head tied to the input embedding gets its own cast copy. Afterwards `forward` and
+        `generate` always run in `dtype` (they enter autocast themselves if needed).
+
+        Never use it for full fine-tuning: it sets `requires_grad=False` on every model weight.
+
+        Args:
+            dtype: the compute dtype, e.g. `torch.bfloat16`; `torch.float32` only freezes.
+
+        Returns:
+            self.
+        """
+        t5 = self.model
+        t5.requires_grad_(False)
+        if dtype != torch.float32:
+            head = getattr(t5, "lm_head", None)
+            if isinstance(head, nn.Linear) and head.weight is t5.get_input_embeddings().weight:
+                head.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
+            for module in t5.modules():
+                if isinstance(module, nn.Linear) and module.weight.dtype != dtype:
+                    module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+        self.frozen_dtype = dtype
+        return self
+
+    def _lean_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The compute dtype of the lean path for this call, or None to go through transformers."""
+        if not self._lean_ok or device.type != "cpu" or hasattr(self, "unshard"):
+            return None
+        if any(p.requires_grad for p in self.model.parameters()):
+            return None
+        if self.frozen_dtype is not None and self.frozen_dtype != torch.float32:
+            return self.frozen_dtype
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.model.lm_head.weight.dtype
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast to the frozen dtype when the caller has not entered it (weights in bf16 need it)."""
+        dtype = self.frozen_dtype
+        if dtype is None or dtype == torch.float32 or torch.is_autocast_enabled(device.type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer should see: the prompt alone, or every model weight."""
@@ -209,12 +274,19 @@ class PromptedT5(nn.Module):
         """
         inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask)
         decoder_input_ids = self.model._shift_right(labels)
-        logits = self.model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            decoder_input_ids=decoder_input_ids,
-            use_cache=False,
-        ).logits
+        cd = self._lean_dtype(inputs_embeds.device)
+        if cd is not None:
+            weights = _Weights(cd)
+            enc_out = _lean_encode(self.model, inputs_embeds, mask, weights, self.training)
+            logits = _lean_decode(self.model, decoder_input_ids, enc_out, mask, weights, self.training)
+        else:
+            with self._autocast(inputs_embeds.device):
+                logits = self.model(
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=mask,
+                    decoder_input_ids=decoder_input_ids,
+                    use_cache=False,
+                ).logits
         return F.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction
         )
@@ -244,11 +316,421 @@ class PromptedT5(nn.Module):
             token ids: [B, <= max_new_tokens + 1], starting with the decoder start token.
         """
         inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask, prompt, prompt_lengths)
-        return self.model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            synced_gpus=synced_gpus,
+        cd = None if synced_gpus else self._lean_dtype(inputs_embeds.device)
+        if cd is not None and self._plain_greedy():
+            return _lean_greedy(self.model, inputs_embeds, mask, max_new_tokens, _Weights(cd))
+        with self._autocast(inputs_embeds.device):
+            return self.model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                synced_gpus=synced_gpus,
+            )
+
+    def _plain_greedy(self) -> bool:
+        """Whether the model's generation config leaves greedy decoding untouched (no logits processors)."""
+        gen = self.model.generation_config
+        return all(getattr(gen, key, None) in ok for key, ok in _NEUTRAL_GENERATION.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# The lean path: T5's forward and greedy decoding written out for a frozen model on a CPU.
+#
+# Every function below reads the weights of a transformers `T5ForConditionalGeneration` in place
+# and mirrors its computation step for step (pre-norm RMSNorm blocks, relative position bias shared
+# by all layers of a stack, dropout after the embedding, after every sublayer, inside the FFN, on the
+# attention probabilities, and after the final norm). Matmuls run in the compute dtype `cd` (bf16
+# under bf16 autocast, else the weights' dtype); the residual stream stays in the embedding's dtype
+# (fp32), exactly as under autocast.
+
+# Activations the lean path computes in one fused kernel; anything else falls back to transformers.
+# `gelu_new` is the tanh approximation, evaluated by PyTorch in fp32 for bf16 inputs.
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+# Generation settings that would change greedy decoding (logits processors, other search modes); the
+# lean loop runs only when each is unset or neutral, otherwise `generate` goes through transformers.
+_NEUTRAL_GENERATION = {
+    "num_beams": (None, 1),
+    "do_sample": (None, False),
+    "num_return_sequences": (None, 1),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "force_words_ids": (None,),
+    "constraints": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "remove_invalid_values": (None, False),
+    "watermarking_config": (None,),
+    "stop_strings": (None,),
+    "max_time": (None,),
+    "penalty_alpha": (None,),
+    "dola_layers": (None,),
+    "prompt_lookup_num_tokens": (None,),
+    "num_beam_groups": (None, 1),
+    "diversity_penalty": (None, 0.0),
+}
+
+
+def lean_supported(t5: nn.Module) -> bool:
+    """Whether the lean path covers this model's architecture (T5 / T5 v1.1 / LM-adapted / mT5 shapes)."""
+    cfg = getattr(t5, "config", None)
+    if not isinstance(t5, T5ForConditionalGeneration) or cfg is None:
+        return False
+    if getattr(cfg, "dense_act_fn", None) not in _ACTIVATIONS:
+        return False
+    blocks = list(t5.encoder.block) + list(t5.decoder.block)
+    return bool(blocks) and all(hasattr(b.layer[-1], "DenseReluDense") for b in blocks)
+
+
+def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """A bool mask, True where an element is dropped, each independently with probability p.
+
+    Draws 32 random bits per element from PyTorch's default generator (seeded by `torch.manual_seed`,
+    saved and restored with checkpoints) and compares them with round(p * 2^32), so the drop
+    probability is p to within 2^-32. It does the job of `torch.bernoulli` at about a third of the cost
+    on a CPU and stores 1 byte per element for backward.
+    """
+    n = math.prod(shape)
+    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    threshold = -(2**31) + round(p * 2**32)
+    return (words.view(torch.int32)[:n] < threshold).view(shape)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout: zero each element with probability p and scale the rest by 1 / (1 - p)."""
+    if not training or p == 0.0:
+        return x
+    return x.masked_fill(dropout_mask(x.shape, p, x.device), 0.0).mul_(1.0 / (1.0 - p))
+
+
+class _Attention(torch.autograd.Function):
+    """softmax(q k^T + bias) v with dropout on the probabilities, for training.
+
+    Scores and probabilities are kept in the compute dtype (bf16 on the fast path; the softmax itself
+    accumulates in fp32), and backward saves only q, k, v, the probabilities and a 1-byte dropout mask,
+    instead of the fp32 score, probability and mask tensors an unfused graph keeps. The 1 / (1 - p)
+    dropout scale is applied to the [.., Lq, D] output rather than to the [.., Lq, Lk] probabilities.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor,
+        p: float,
+    ) -> torch.Tensor:
+        b, h, lq, d = q.shape
+        lk = k.shape[2]
+        qf, kf, vf = (t.reshape(b * h, -1, d) for t in (q, k, v))
+        # bias + q k^T in one GEMM: the sum is accumulated in fp32 and rounded once.
+        scores = torch.baddbmm(bias.expand(b, h, lq, lk).reshape(b * h, lq, lk), qf, kf.transpose(1, 2))
+        prob = torch.softmax(scores.view(b, h, lq, lk), dim=-1)
+        del scores
+        drop = dropout_mask(prob.shape, p, prob.device) if p > 0.0 else None
+        kept = prob.masked_fill(drop, 0.0) if drop is not None else prob
+        out = torch.bmm(kept.view(b * h, lq, lk), vf)
+        if drop is not None:
+            out.mul_(1.0 / (1.0 - p))
+        ctx.save_for_backward(qf, kf, vf, prob, drop)
+        ctx.p = p
+        return out.view(b, h, lq, d)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:  # type: ignore[override]
+        qf, kf, vf, prob, drop = ctx.saved_tensors
+        p = ctx.p
+        b, h, lq, lk = prob.shape
+        d = qf.shape[-1]
+        g = grad_out.reshape(b * h, lq, d).to(qf.dtype)
+        if drop is not None:
+            g = g * (1.0 / (1.0 - p))
+            kept = prob.masked_fill(drop, 0.0)
+        else:
+            kept = prob
+        dv = torch.bmm(kept.view(b * h, lq, lk).transpose(1, 2), g) if ctx.needs_input_grad[2] else None
+        del kept
+        dprob = torch.bmm(g, vf.transpose(1, 2)).view(b, h, lq, lk)
+        if drop is not None:
+            dprob.masked_fill_(drop, 0.0)
+        dscores = torch._softmax_backward_data(dprob, prob, -1, prob.dtype).view(b * h, lq, lk)
+        del dprob
+        dq = torch.bmm(dscores, kf).view(b, h, lq, d) if ctx.needs_input_grad[0] else None
+        dk = torch.bmm(dscores.transpose(1, 2), qf).view(b, h, lk, d) if ctx.needs_input_grad[1] else None
+        return dq, dk, None if dv is None else dv.view(b, h, lk, d), None, None
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
+    """Attention [B, H, Lq, D] over [B, H, Lk, D] with an additive bias broadcastable to [B, H, Lq, Lk].
+
+    Without autograd and dropout this is PyTorch's fused CPU attention (no [Lq, Lk] tensor in memory);
+    otherwise `_Attention`.
+    """
+    if p == 0.0 and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    return _Attention.apply(q, k, v, bias, p)
+
+
+class _Weights:
+    """The frozen model's linear weights in the compute dtype, cast at most once per use of this object.
+
+    Under bf16 autocast with fp32 weights this does what autocast does (a cast per forward) without
+    casting the same weight twice; for `generate`, one object serves every decoding step, so the
+    decoder's weights are cast once per batch instead of once per token.
+    """
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, linear: nn.Linear) -> torch.Tensor:
+        w = linear.weight
+        if w.dtype == self.dtype:
+            return w
+        key = id(linear)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = w.detach().to(self.dtype)
+        return cached
+
+
+def _norm(layer_norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """T5LayerNorm (RMSNorm without mean subtraction), in fp32 like transformers' implementation."""
+    w = layer_norm.weight
+    out = F.rms_norm(
+        x.float() if x.dtype != torch.float32 else x, (x.shape[-1],), w.float(), layer_norm.variance_epsilon
+    )
+    return out.to(w.dtype) if w.dtype in (torch.float16, torch.bfloat16) else out
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, L, H * D] -> [B, H, L, D]."""
+    b, length, inner = x.shape
+    return x.view(b, length, n_heads, inner // n_heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] -> [B, L, H * D]."""
+    b, h, length, d = x.shape
+    return x.transpose(1, 2).reshape(b, length, h * d)
+
+
+def _ffn(ff: nn.Module, x: torch.Tensor, weights: _Weights, act: Callable, training: bool) -> torch.Tensor:
+    """T5's feed-forward sublayer body (gated or not), input already normalised and in the compute dtype."""
+    if hasattr(ff, "wi_0"):
+        hidden = act(F.linear(x, weights(ff.wi_0))) * F.linear(x, weights(ff.wi_1))
+    else:
+        hidden = act(F.linear(x, weights(ff.wi)))
+    hidden = _dropout(hidden, ff.dropout.p, training)
+    return F.linear(hidden, weights(ff.wo))
+
+
+def _position_bias(
+    attn: nn.Module, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype, causal: bool = False
+) -> torch.Tensor:
+    """The stack's relative position bias [1, H, q_len, k_len] in `dtype`, causally masked for the decoder.
+
+    Masked entries hold the dtype's most negative finite value, as transformers' SDPA path writes them.
+    """
+    bias = attn.compute_bias(q_len, k_len, device=device).to(dtype)
+    if causal:
+        future = torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1)
+        bias = bias.masked_fill(future, torch.finfo(dtype).min)
+    return bias
+
+
+def _key_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] 0/1 padding mask -> additive [B, 1, 1, L] bias (0 or the dtype's most negative value)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        mask == 0, torch.finfo(dtype).min
+    )[:, None, None, :]
+
+
+def _lean_encode(
+    t5: T5ForConditionalGeneration,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    weights: _Weights,
+    training: bool,
+) -> torch.Tensor:
+    """T5Stack (encoder) forward from input embeddings: [B, L, d] -> [B, L, d]."""
+    enc = t5.encoder
+    act = _ACTIVATIONS[t5.config.dense_act_fn]
+    cd = weights.dtype
+    length = embeds.shape[1]
+    first = enc.block[0].layer[0].SelfAttention
+    # Position bias and padding mask, combined once for the whole stack, in the compute dtype.
+    bias = _position_bias(first, length, length, embeds.device, cd)
+    bias = bias.masked_fill(mask[:, None, None, :] == 0, torch.finfo(cd).min)
+    h = _dropout(embeds, enc.dropout.p, training)
+    for block in enc.block:
+        sa, ff = block.layer[0], block.layer[-1]
+        attn = sa.SelfAttention
+        x = _norm(sa.layer_norm, h).to(cd)
+        q, k, v = (_heads(F.linear(x, weights(lin)), attn.n_heads) for lin in (attn.q, attn.k, attn.v))
+        o = _merge(_attend(q, k, v, bias, attn.dropout if training else 0.0))
+        h = h + _dropout(F.linear(o, weights(attn.o)), sa.dropout.p, training)
+        x = _norm(ff.layer_norm, h).to(cd)
+        h = h + _dropout(_ffn(ff.DenseReluDense, x, weights, act, training), ff.dropout.p, training)
+    return _dropout(_norm(enc.final_layer_norm, h), enc.dropout.p, training)
+
+
+def _lean_decode(
+    t5: T5ForConditionalGeneration,
+    decoder_input_ids: torch.Tensor,
+    enc_out: torch.Tensor,
+    enc_mask: torch.Tensor,
+    weights: _Weights,
+    training: bool,
+) -> torch.Tensor:
+    """Teacher-forced decoder + LM head: [B, T] ids -> logits [B, T, V] in the compute dtype."""
+    dec = t5.decoder
+    act = _ACTIVATIONS[t5.config.dense_act_fn]
+    cd = weights.dtype
+    length = decoder_input_ids.shape[1]
+    self_bias = _position_bias(
+        dec.block[0].layer[0].SelfAttention, length, length, enc_out.device, cd, causal=True
+    )
+    cross_bias = _key_mask(enc_mask, cd)
+    memory = enc_out.to(cd)
+    h = _dropout(dec.embed_tokens(decoder_input_ids), dec.dropout.p, training)
+    for block in dec.block:
+        sa, ca, ff = block.layer[0], block.layer[1], block.layer[-1]
+        attn = sa.SelfAttention
+        x = _norm(sa.layer_norm, h).to(cd)
+        q, k, v = (_heads(F.linear(x, weights(lin)), attn.n_heads) for lin in (attn.q, attn.k, attn.v))
+        o = _merge(_attend(q, k, v, self_bias, attn.dropout if training else 0.0))
+        h = h + _dropout(F.linear(o, weights(attn.o)), sa.dropout.p, training)
+        cross = ca.EncDecAttention
+        x = _norm(ca.layer_norm, h).to(cd)
+        q = _heads(F.linear(x, weights(cross.q)), cross.n_heads)
+        k, v = (_heads(F.linear(memory, weights(lin)), cross.n_heads) for lin in (cross.k, cross.v))
+        o = _merge(_attend(q, k, v, cross_bias, cross.dropout if training else 0.0))
+        h = h + _dropout(F.linear(o, weights(cross.o)), ca.dropout.p, training)
+        x = _norm(ff.layer_norm, h).to(cd)
+        h = h + _dropout(_ffn(ff.DenseReluDense, x, weights, act, training), ff.dropout.p, training)
+    h = _dropout(_norm(dec.final_layer_norm, h), dec.dropout.p, training)
+    if getattr(t5.config, "scale_decoder_outputs", False):
+        h = h * (t5.config.d_model**-0.5)
+    return F.linear(h.to(cd), weights(t5.lm_head))
+
+
+def _token_ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+@torch.no_grad()
+def _lean_greedy(
+    t5: T5ForConditionalGeneration,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    weights: _Weights,
+) -> torch.Tensor:
+    """Greedy decoding with a preallocated KV cache, as `generate(do_sample=False, num_beams=1)` does it.
+
+    Each step embeds the last token, runs every decoder layer on that one position (self-attention
+    over the cache, cross-attention over keys/values projected once per batch), takes the argmax of
+    the logits in fp32, writes `pad` for rows that already emitted EOS, and stops when every row has.
+    Attention at query length 1 is two small batched matmuls in fp32 (keys/values are cached in fp32),
+    which is both cheaper on a CPU than the fused kernel and at least as precise.
+
+    Returns:
+        [B, 1 + steps] ids starting with the decoder start token, like `generate`.
+    """
+    cfg, gen = t5.config, t5.generation_config
+    dec = t5.decoder
+    act = _ACTIVATIONS[cfg.dense_act_fn]
+    cd = weights.dtype
+    device = embeds.device
+    batch = embeds.shape[0]
+    start = (
+        gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
+    )
+    eos = torch.tensor(
+        _token_ids(gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id), device=device
+    )
+    pad = gen.pad_token_id if gen.pad_token_id is not None else cfg.pad_token_id
+    if pad is None and len(eos):
+        pad = int(eos[0])
+
+    memory = _lean_encode(t5, embeds, mask, weights, training=False).to(cd)
+    cross_bias = _key_mask(mask, torch.float32)
+    cross_kv = []
+    for block in dec.block:
+        cross = block.layer[1].EncDecAttention
+        cross_kv.append(
+            tuple(_heads(F.linear(memory, weights(lin)), cross.n_heads).float() for lin in (cross.k, cross.v))
         )
+    del memory
+    first = dec.block[0].layer[0].SelfAttention
+    steps = max_new_tokens
+    self_bias = _position_bias(first, steps, steps, device, torch.float32)  # row t: step t's bias
+    heads, d_kv = first.n_heads, first.key_value_proj_dim
+    cache_k = [torch.zeros(batch, heads, steps, d_kv, device=device) for _ in dec.block]
+    cache_v = [torch.zeros(batch, heads, steps, d_kv, device=device) for _ in dec.block]
+
+    tokens = torch.full((batch, 1), start, dtype=torch.long, device=device)
+    out = [tokens]
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    scale = cfg.d_model**-0.5 if getattr(cfg, "scale_decoder_outputs", False) else None
+    for t in range(steps):
+        h = dec.embed_tokens(tokens)  # [B, 1, d]
+        for i, block in enumerate(dec.block):
+            sa, ca, ff = block.layer[0], block.layer[1], block.layer[-1]
+            attn = sa.SelfAttention
+            x = _norm(sa.layer_norm, h).to(cd)
+            q, k, v = (
+                _heads(F.linear(x, weights(lin)), attn.n_heads).float() for lin in (attn.q, attn.k, attn.v)
+            )
+            cache_k[i][:, :, t : t + 1] = k
+            cache_v[i][:, :, t : t + 1] = v
+            scores = (
+                torch.matmul(q, cache_k[i][:, :, : t + 1].transpose(-1, -2))
+                + self_bias[:, :, t : t + 1, : t + 1]
+            )
+            o = torch.matmul(torch.softmax(scores, dim=-1), cache_v[i][:, :, : t + 1]).to(cd)
+            h = h + F.linear(_merge(o), weights(attn.o))
+            cross = ca.EncDecAttention
+            x = _norm(ca.layer_norm, h).to(cd)
+            q = _heads(F.linear(x, weights(cross.q)), cross.n_heads).float()
+            ck, cv = cross_kv[i]
+            scores = torch.matmul(q, ck.transpose(-1, -2)) + cross_bias
+            o = torch.matmul(torch.softmax(scores, dim=-1), cv).to(cd)
+            h = h + F.linear(_merge(o), weights(cross.o))
+            x = _norm(ff.layer_norm, h).to(cd)
+            h = h + _ffn(ff.DenseReluDense, x, weights, act, training=False)
+        h = _norm(dec.final_layer_norm, h)
+        if scale is not None:
+            h = h * scale
+        logits = F.linear(h[:, -1].to(cd), weights(t5.lm_head)).float()
+        nxt = logits.argmax(dim=-1)
+        if pad is not None:
+            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
+        tokens = nxt[:, None]
+        out.append(tokens)
+        if len(eos):
+            unfinished &= ~torch.isin(nxt, eos)
+            if not bool(unfinished.any()):
+                break
+    return torch.cat(out, dim=1)

@@ -213,7 +213,11 @@ def _as_float(value: Any) -> float:
 
 
 def _model_basename(name: Any) -> str:
-    return Path(str(name).rstrip("/")).name or str(name)
+    path = Path(str(name).rstrip("/"))
+    # A model fine-tuned by softprompt is referred to as RUN/best or RUN/checkpoint-N: name the run.
+    if path.name == "best" or path.name == "last" or path.name.startswith("checkpoint-"):
+        return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+    return path.name or str(name)
 
 
 def model_size(model_name_or_path: str) -> str:
