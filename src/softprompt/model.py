@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -402,15 +403,21 @@ def lean_supported(t5: nn.Module) -> bool:
 def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """A bool mask, True where an element is dropped, each independently with probability p.
 
-    Draws 32 random bits per element from PyTorch's default generator (seeded by `torch.manual_seed`,
-    saved and restored with checkpoints) and compares them with round(p * 2^32), so the drop
-    probability is p to within 2^-32. It does the job of `torch.bernoulli` at about a third of the cost
-    on a CPU and stores 1 byte per element for backward.
+    32 random bits per element are compared with round(p * 2^32), so the drop probability is p to
+    within 2^-32. On a CPU the bits come from numpy's SFC64 generator, about 3x faster than PyTorch's
+    Mersenne Twister, seeded with one draw from PyTorch's default generator: runs stay reproducible
+    under `torch.manual_seed` and resume exactly from a checkpoint's saved RNG state.
     """
     n = math.prod(shape)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
     threshold = -(2**31) + round(p * 2**32)
-    return (words.view(torch.int32)[:n] < threshold).view(shape)
+    if device.type == "cpu":
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        words = np.random.SFC64(seed).random_raw((n + 1) // 2)
+        bits = torch.from_numpy(words.view(np.int32)[:n])
+    else:
+        bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+        bits = bits.view(torch.int32)[:n]
+    return (bits < threshold).view(shape)
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

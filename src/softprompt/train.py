@@ -543,6 +543,8 @@ def save_checkpoint(run: Run) -> Path:
     barrier(env)
     if env.is_main:
         try:
+            if run.model.prompt is not None:  # every saved prompt carries its model card
+                _write_card(tmp, run)
             (tmp / "trainer_state.json").write_text(json.dumps(st.__dict__, indent=2) + "\n")
             ckpt._fsync_tree(tmp)
             old = None
