@@ -394,6 +394,10 @@ def create_app(
                 413,
                 f"the request body is {length} bytes; this server accepts at most {limits.max_body_bytes}",
             )
+        # The body is JSON whatever the client called it: `curl -d '{...}'` sends a form content type.
+        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
         return await call_next(request)
 
     errors = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500)}
