@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -206,11 +207,18 @@ class PromptedT5(nn.Module):
         self.frozen_dtype = dtype
         return self
 
-    def _lean_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The compute dtype of the lean path for this call, or None to go through transformers."""
+    def _lean_dtype(self, device: torch.device, *, for_training: bool = True) -> torch.dtype | None:
+        """The compute dtype of the lean path for this call, or None to go through transformers.
+
+        The lean path runs on CPUs, for unsharded models not being compiled, and (for `forward`) only
+        when no model weight trains; `generate` never trains anything, so it takes the lean path in
+        fine-tune mode too.
+        """
         if not self._lean_ok or device.type != "cpu" or hasattr(self, "unshard"):
             return None
-        if any(p.requires_grad for p in self.model.parameters()):
+        if torch.compiler.is_compiling():  # under --compile, let dynamo trace transformers' code instead
+            return None
+        if for_training and any(p.requires_grad for p in self.model.parameters()):
             return None
         if self.frozen_dtype is not None and self.frozen_dtype != torch.float32:
             return self.frozen_dtype
@@ -277,9 +285,11 @@ class PromptedT5(nn.Module):
         decoder_input_ids = self.model._shift_right(labels)
         cd = self._lean_dtype(inputs_embeds.device)
         if cd is not None:
-            weights = _Weights(cd)
-            enc_out = _lean_encode(self.model, inputs_embeds, mask, weights, self.training)
-            logits = _lean_decode(self.model, decoder_input_ids, enc_out, mask, weights, self.training)
+            # The lean path casts explicitly; autocast would only add casts (e.g. of fp32 attention math).
+            with torch.autocast(inputs_embeds.device.type, enabled=False):
+                weights = _Weights(cd)
+                enc_out = _lean_encode(self.model, inputs_embeds, mask, weights, self.training)
+                logits = _lean_decode(self.model, decoder_input_ids, enc_out, mask, weights, self.training)
         else:
             with self._autocast(inputs_embeds.device):
                 logits = self.model(
@@ -317,9 +327,10 @@ class PromptedT5(nn.Module):
             token ids: [B, <= max_new_tokens + 1], starting with the decoder start token.
         """
         inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask, prompt, prompt_lengths)
-        cd = None if synced_gpus else self._lean_dtype(inputs_embeds.device)
+        cd = None if synced_gpus else self._lean_dtype(inputs_embeds.device, for_training=False)
         if cd is not None and self._plain_greedy():
-            return _lean_greedy(self.model, inputs_embeds, mask, max_new_tokens, _Weights(cd))
+            with torch.autocast(inputs_embeds.device.type, enabled=False):
+                return _lean_greedy(self.model, inputs_embeds, mask, max_new_tokens, _Weights(cd))
         with self._autocast(inputs_embeds.device):
             return self.model.generate(
                 inputs_embeds=inputs_embeds,
@@ -400,24 +411,60 @@ def lean_supported(t5: nn.Module) -> bool:
     return bool(blocks) and all(hasattr(b.layer[-1], "DenseReluDense") for b in blocks)
 
 
+_RNG_CHUNK = 1 << 21  # 64-bit words per independently seeded chunk of a dropout mask
+_rng_pool: ThreadPoolExecutor | None = None
+
+
+def _cpu_drop_mask(n: int, threshold: int, seed: int) -> torch.Tensor:
+    """[n] bool, True where a 32-bit random word falls below `threshold` (as a signed int32).
+
+    The words come from numpy's SFC64 generator, in fixed chunks each seeded with (seed, chunk index),
+    so the mask depends only on the seed, not on how many threads drew it; chunks are drawn and compared
+    on a small thread pool (numpy releases the GIL), since drawing is otherwise single-threaded.
+    """
+    global _rng_pool
+    out = torch.empty(n, dtype=torch.bool)
+    flat = out.numpy()
+    n_words = (n + 1) // 2
+    limit = np.int32(threshold)
+
+    def chunk(i: int) -> None:
+        lo = i * _RNG_CHUNK
+        hi = min(n_words, lo + _RNG_CHUNK)
+        words = np.random.SFC64(np.random.SeedSequence([seed, i])).random_raw(hi - lo).view(np.int32)
+        first, last = 2 * lo, min(n, 2 * hi)
+        np.less(words[: last - first], limit, out=flat[first:last])
+
+    n_chunks = -(-n_words // _RNG_CHUNK)
+    workers = max(1, min(torch.get_num_threads(), n_chunks))
+    if workers == 1:
+        for i in range(n_chunks):
+            chunk(i)
+    else:
+        if _rng_pool is None:
+            _rng_pool = ThreadPoolExecutor(
+                max_workers=max(2, torch.get_num_threads()), thread_name_prefix="sp-rng"
+            )
+        list(_rng_pool.map(chunk, range(n_chunks)))
+    return out
+
+
 def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
     """A bool mask, True where an element is dropped, each independently with probability p.
 
     32 random bits per element are compared with round(p * 2^32), so the drop probability is p to
-    within 2^-32. On a CPU the bits come from numpy's SFC64 generator, about 3x faster than PyTorch's
-    Mersenne Twister, seeded with one draw from PyTorch's default generator: runs stay reproducible
-    under `torch.manual_seed` and resume exactly from a checkpoint's saved RNG state.
+    within 2^-32. On a CPU the bits come from numpy's SFC64 generator (about 3x faster than PyTorch's
+    Mersenne Twister, and drawn on as many threads as PyTorch uses), seeded with one draw from
+    PyTorch's default generator: runs stay reproducible under `torch.manual_seed` and resume exactly
+    from a checkpoint's saved RNG state.
     """
     n = math.prod(shape)
     threshold = -(2**31) + round(p * 2**32)
     if device.type == "cpu":
         seed = int(torch.randint(0, 2**62, (1,)).item())
-        words = np.random.SFC64(seed).random_raw((n + 1) // 2)
-        bits = torch.from_numpy(words.view(np.int32)[:n])
-    else:
-        bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-        bits = bits.view(torch.int32)[:n]
-    return (bits < threshold).view(shape)
+        return _cpu_drop_mask(n, threshold, seed).view(shape)
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    return (bits.view(torch.int32)[:n] < threshold).view(shape)
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -425,6 +472,22 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if not training or p == 0.0:
         return x
     return x.masked_fill(dropout_mask(x.shape, p, x.device), 0.0).mul_(1.0 / (1.0 - p))
+
+
+def _unscaled_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tensor, float]:
+    """Dropout's zeroing without its 1 / (1 - p) scale, returned separately to be folded into a later op."""
+    if not training or p == 0.0:
+        return x, 1.0
+    return x.masked_fill(dropout_mask(x.shape, p, x.device), 0.0), 1.0 / (1.0 - p)
+
+
+def _residual(
+    h: torch.Tensor, branch: torch.Tensor, p: float, training: bool, scale: float = 1.0
+) -> torch.Tensor:
+    """h + dropout(scale * branch), with both scales applied inside the addition."""
+    kept, keep_scale = _unscaled_dropout(branch, p, training)
+    alpha = scale * keep_scale
+    return torch.add(h, kept, alpha=alpha) if alpha != 1.0 else h + kept
 
 
 class _Attention(torch.autograd.Function):
@@ -519,6 +582,46 @@ class _Weights:
         return cached
 
 
+class _RMSNormTo(torch.autograd.Function):
+    """T5LayerNorm of an fp32 input with a frozen fp32 weight, written straight into `dtype`.
+
+    Forward computes rstd = (mean(x^2) + eps)^-1/2 and (x * rstd) * w in fp32, rounding once into the
+    output dtype: the numbers transformers' T5LayerNorm produces before autocast casts them, in three
+    passes over x instead of six. Backward (input gradient only; the weight is frozen) saves just x and
+    rstd: dx = rstd * (g - x * rstd^2 * mean(g * x)) with g = dy * w.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        d = x.shape[-1]
+        rstd = torch.rsqrt(torch.linalg.vecdot(x, x).unsqueeze(-1).div_(d).add_(eps))
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        torch.mul(x * rstd, weight, out=out)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        g = grad_out.float() * weight
+        c = torch.linalg.vecdot(g, x).unsqueeze(-1).div_(x.shape[-1]).mul_(rstd * rstd)
+        return torch.addcmul(g, x, c, value=-1.0).mul_(rstd), None, None, None
+
+
+def _norm_to(layer_norm: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """T5LayerNorm followed by a cast to the compute dtype (the input of the next matmuls)."""
+    w = layer_norm.weight
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or w.requires_grad:
+        return _norm(layer_norm, x).to(dtype)
+    return _RMSNormTo.apply(x, w, layer_norm.variance_epsilon, dtype)
+
+
 def _norm(layer_norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """T5LayerNorm (RMSNorm without mean subtraction), in fp32 like transformers' implementation."""
     w = layer_norm.weight
@@ -540,14 +643,47 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, length, h * d)
 
 
-def _ffn(ff: nn.Module, x: torch.Tensor, weights: _Weights, act: Callable, training: bool) -> torch.Tensor:
-    """T5's feed-forward sublayer body (gated or not), input already normalised and in the compute dtype."""
+def _self_qkv(attn: nn.Module, x: torch.Tensor, weights: _Weights) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, H, L, D] of a self-attention.
+
+    (Three GEMMs: fusing them, or all decoder layers' cross-attention k/v, into one GEMM measured no
+    faster on a CPU, and the all-layer fusion slower, because of the extra layout copies.)
+    """
+    return tuple(_heads(F.linear(x, weights(lin)), attn.n_heads) for lin in (attn.q, attn.k, attn.v))
+
+
+def _cross_kv(
+    dec: nn.Module, memory: torch.Tensor, weights: _Weights
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every decoder layer's cross-attention k, v [B, H, L, D], projected from the encoder output."""
+    cross = [block.layer[1].EncDecAttention for block in dec.block]
+    return [
+        (_heads(F.linear(memory, weights(a.k)), a.n_heads), _heads(F.linear(memory, weights(a.v)), a.n_heads))
+        for a in cross
+    ]
+
+
+def _ffn(
+    ff: nn.Module, x: torch.Tensor, weights: _Weights, act: Callable, training: bool
+) -> tuple[torch.Tensor, float]:
+    """T5's feed-forward sublayer body (gated or not), input already normalised and in the compute dtype.
+
+    Returns the output without the inner dropout's 1 / (1 - p) scale, and that scale.
+    """
     if hasattr(ff, "wi_0"):
         hidden = act(F.linear(x, weights(ff.wi_0))) * F.linear(x, weights(ff.wi_1))
     else:
         hidden = act(F.linear(x, weights(ff.wi)))
-    hidden = _dropout(hidden, ff.dropout.p, training)
-    return F.linear(hidden, weights(ff.wo))
+    hidden, scale = _unscaled_dropout(hidden, ff.dropout.p, training)
+    return F.linear(hidden, weights(ff.wo)), scale
+
+
+def _ffn_args(
+    ff_layer: nn.Module, x: torch.Tensor, weights: _Weights, act: Callable, training: bool
+) -> tuple[torch.Tensor, float, bool, float]:
+    """`_residual` arguments for a T5LayerFF: (branch, outer dropout p, training, inner dropout scale)."""
+    out, scale = _ffn(ff_layer.DenseReluDense, x, weights, act, training)
+    return out, ff_layer.dropout.p, training, scale
 
 
 def _position_bias(
@@ -591,12 +727,12 @@ def _lean_encode(
     for block in enc.block:
         sa, ff = block.layer[0], block.layer[-1]
         attn = sa.SelfAttention
-        x = _norm(sa.layer_norm, h).to(cd)
-        q, k, v = (_heads(F.linear(x, weights(lin)), attn.n_heads) for lin in (attn.q, attn.k, attn.v))
+        x = _norm_to(sa.layer_norm, h, cd)
+        q, k, v = _self_qkv(attn, x, weights)
         o = _merge(_attend(q, k, v, bias, attn.dropout if training else 0.0))
-        h = h + _dropout(F.linear(o, weights(attn.o)), sa.dropout.p, training)
-        x = _norm(ff.layer_norm, h).to(cd)
-        h = h + _dropout(_ffn(ff.DenseReluDense, x, weights, act, training), ff.dropout.p, training)
+        h = _residual(h, F.linear(o, weights(attn.o)), sa.dropout.p, training)
+        x = _norm_to(ff.layer_norm, h, cd)
+        h = _residual(h, *_ffn_args(ff, x, weights, act, training))
     return _dropout(_norm(enc.final_layer_norm, h), enc.dropout.p, training)
 
 
@@ -617,23 +753,22 @@ def _lean_decode(
         dec.block[0].layer[0].SelfAttention, length, length, enc_out.device, cd, causal=True
     )
     cross_bias = _key_mask(enc_mask, cd)
-    memory = enc_out.to(cd)
+    cross_kv = _cross_kv(dec, enc_out.to(cd), weights)
     h = _dropout(dec.embed_tokens(decoder_input_ids), dec.dropout.p, training)
-    for block in dec.block:
+    for block, (k_mem, v_mem) in zip(dec.block, cross_kv, strict=True):
         sa, ca, ff = block.layer[0], block.layer[1], block.layer[-1]
         attn = sa.SelfAttention
-        x = _norm(sa.layer_norm, h).to(cd)
-        q, k, v = (_heads(F.linear(x, weights(lin)), attn.n_heads) for lin in (attn.q, attn.k, attn.v))
+        x = _norm_to(sa.layer_norm, h, cd)
+        q, k, v = _self_qkv(attn, x, weights)
         o = _merge(_attend(q, k, v, self_bias, attn.dropout if training else 0.0))
-        h = h + _dropout(F.linear(o, weights(attn.o)), sa.dropout.p, training)
+        h = _residual(h, F.linear(o, weights(attn.o)), sa.dropout.p, training)
         cross = ca.EncDecAttention
-        x = _norm(ca.layer_norm, h).to(cd)
+        x = _norm_to(ca.layer_norm, h, cd)
         q = _heads(F.linear(x, weights(cross.q)), cross.n_heads)
-        k, v = (_heads(F.linear(memory, weights(lin)), cross.n_heads) for lin in (cross.k, cross.v))
-        o = _merge(_attend(q, k, v, cross_bias, cross.dropout if training else 0.0))
-        h = h + _dropout(F.linear(o, weights(cross.o)), ca.dropout.p, training)
-        x = _norm(ff.layer_norm, h).to(cd)
-        h = h + _dropout(_ffn(ff.DenseReluDense, x, weights, act, training), ff.dropout.p, training)
+        o = _merge(_attend(q, k_mem, v_mem, cross_bias, cross.dropout if training else 0.0))
+        h = _residual(h, F.linear(o, weights(cross.o)), ca.dropout.p, training)
+        x = _norm_to(ff.layer_norm, h, cd)
+        h = _residual(h, *_ffn_args(ff, x, weights, act, training))
     h = _dropout(_norm(dec.final_layer_norm, h), dec.dropout.p, training)
     if getattr(t5.config, "scale_decoder_outputs", False):
         h = h * (t5.config.d_model**-0.5)
@@ -682,51 +817,58 @@ def _lean_greedy(
         pad = int(eos[0])
 
     memory = _lean_encode(t5, embeds, mask, weights, training=False).to(cd)
-    cross_bias = _key_mask(mask, torch.float32)
-    cross_kv = []
-    for block in dec.block:
-        cross = block.layer[1].EncDecAttention
-        cross_kv.append(
-            tuple(_heads(F.linear(memory, weights(lin)), cross.n_heads).float() for lin in (cross.k, cross.v))
-        )
-    del memory
     first = dec.block[0].layer[0].SelfAttention
-    steps = max_new_tokens
-    self_bias = _position_bias(first, steps, steps, device, torch.float32)  # row t: step t's bias
     heads, d_kv = first.n_heads, first.key_value_proj_dim
-    cache_k = [torch.zeros(batch, heads, steps, d_kv, device=device) for _ in dec.block]
-    cache_v = [torch.zeros(batch, heads, steps, d_kv, device=device) for _ in dec.block]
+    rows, length = batch * heads, memory.shape[1]
+    # Keys and values as [B * H, L, D] fp32, contiguous, so every step is two plain bmm calls.
+    cross_bias = _key_mask(mask, torch.float32).expand(batch, heads, 1, length).reshape(rows, 1, length)
+    cross_kv = [
+        (k.reshape(rows, length, d_kv).float(), v.reshape(rows, length, d_kv).float())
+        for k, v in _cross_kv(dec, memory, weights)
+    ]
+    del memory
+    steps = max_new_tokens
+    self_bias = _position_bias(first, steps, steps, device, torch.float32)[0]  # [H, steps, steps]
+    cache_k = [torch.zeros(rows, steps, d_kv, device=device) for _ in dec.block]
+    cache_v = [torch.zeros(rows, steps, d_kv, device=device) for _ in dec.block]
 
     tokens = torch.full((batch, 1), start, dtype=torch.long, device=device)
     out = [tokens]
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     scale = cfg.d_model**-0.5 if getattr(cfg, "scale_decoder_outputs", False) else None
+
+    def one_query(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        """[B, 1, d] -> [B * H, 1, D] fp32."""
+        return F.linear(x, weights(lin)).float().view(rows, 1, d_kv)
+
+    def merged(o: torch.Tensor) -> torch.Tensor:
+        """[B * H, 1, D] -> [B, 1, H * D] in the compute dtype."""
+        return o.view(batch, 1, heads * d_kv).to(cd)
+
     for t in range(steps):
         h = dec.embed_tokens(tokens)  # [B, 1, d]
+        bias_t = self_bias[:, t : t + 1, : t + 1]  # [H, 1, t + 1]
         for i, block in enumerate(dec.block):
             sa, ca, ff = block.layer[0], block.layer[1], block.layer[-1]
             attn = sa.SelfAttention
-            x = _norm(sa.layer_norm, h).to(cd)
-            q, k, v = (
-                _heads(F.linear(x, weights(lin)), attn.n_heads).float() for lin in (attn.q, attn.k, attn.v)
-            )
-            cache_k[i][:, :, t : t + 1] = k
-            cache_v[i][:, :, t : t + 1] = v
+            x = _norm_to(sa.layer_norm, h, cd)
+            q, k, v = _self_qkv(attn, x, weights)  # [B, H, 1, D] each
+            q = q.reshape(rows, 1, d_kv).float()
+            cache_k[i][:, t : t + 1] = k.reshape(rows, 1, d_kv)
+            cache_v[i][:, t : t + 1] = v.reshape(rows, 1, d_kv)
             scores = (
-                torch.matmul(q, cache_k[i][:, :, : t + 1].transpose(-1, -2))
-                + self_bias[:, :, t : t + 1, : t + 1]
+                torch.bmm(q, cache_k[i][:, : t + 1].transpose(1, 2)).view(batch, heads, 1, t + 1) + bias_t
             )
-            o = torch.matmul(torch.softmax(scores, dim=-1), cache_v[i][:, :, : t + 1]).to(cd)
-            h = h + F.linear(_merge(o), weights(attn.o))
+            o = torch.bmm(torch.softmax(scores, dim=-1).view(rows, 1, t + 1), cache_v[i][:, : t + 1])
+            h = h + F.linear(merged(o), weights(attn.o))
             cross = ca.EncDecAttention
-            x = _norm(ca.layer_norm, h).to(cd)
-            q = _heads(F.linear(x, weights(cross.q)), cross.n_heads).float()
+            x = _norm_to(ca.layer_norm, h, cd)
             ck, cv = cross_kv[i]
-            scores = torch.matmul(q, ck.transpose(-1, -2)) + cross_bias
-            o = torch.matmul(torch.softmax(scores, dim=-1), cv).to(cd)
-            h = h + F.linear(_merge(o), weights(cross.o))
-            x = _norm(ff.layer_norm, h).to(cd)
-            h = h + _ffn(ff.DenseReluDense, x, weights, act, training=False)
+            scores = torch.bmm(one_query(x, cross.q), ck.transpose(1, 2)) + cross_bias
+            o = torch.bmm(torch.softmax(scores, dim=-1), cv)
+            h = h + F.linear(merged(o), weights(cross.o))
+            x = _norm_to(ff.layer_norm, h, cd)
+            h = h + _ffn(ff.DenseReluDense, x, weights, act, training=False)[0]
         h = _norm(dec.final_layer_norm, h)
         if scale is not None:
             h = h * scale
