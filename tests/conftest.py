@@ -104,3 +104,27 @@ def squad_small(tmp_path_factory) -> tuple[Path, Path]:
     """64 real SQuAD train questions and 24 real dev questions."""
     d = tmp_path_factory.mktemp("squad")
     return squad_subset(SQUAD_TRAIN, d / "train64.json", 64), squad_subset(SQUAD_DEV, d / "dev24.json", 24)
+
+
+def save_tiny_t5(directory: Path) -> Path:
+    """A tiny random T5 saved as safetensors + the real tokenizer, whose answers depend on the input.
+
+    HF's random init makes a 2-layer T5 say the same word whatever it reads; tripling every weight
+    matrix between the embeddings and the LM head makes its (still meaningless) answers input-specific.
+    """
+    import shutil
+
+    from transformers import T5ForConditionalGeneration
+
+    src = need(TOKENIZER_DIR)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(tiny_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith(("shared", "lm_head", "encoder.embed", "decoder.embed")):
+                p.mul_(3.0)
+    model.save_pretrained(directory)
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, directory / name)
+    return directory

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TOKENIZER_DIR, need, tiny_config
+from conftest import save_tiny_t5, tiny_config
 from softprompt.bank import PromptBank, UnknownTaskError, ensemble_eval, majority_vote, tie_break_order
 from softprompt.checkpoint import PromptConfig, save_prompt
 from softprompt.data import QAExample, tokenize_examples
@@ -55,28 +54,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def save_tiny_t5(directory: Path) -> Path:
-    """A tiny random T5 saved as safetensors + the real tokenizer, whose answers depend on the input.
-
-    HF's random init makes a 2-layer T5 say the same word whatever it reads; tripling every weight
-    matrix between the embeddings and the LM head makes its (still meaningless) answers input-specific.
-    """
-    from transformers import T5ForConditionalGeneration
-
-    src = need(TOKENIZER_DIR)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = T5ForConditionalGeneration(tiny_config())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not name.startswith(("shared", "lm_head", "encoder.embed", "decoder.embed")):
-                p.mul_(3.0)
-    model.save_pretrained(directory)
-    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, directory / name)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import TOKENIZER_DIR, need, tiny_config
+from conftest import save_tiny_t5, tiny_config
 from softprompt.bank import PromptBank
 from softprompt.checkpoint import PromptConfig, save_prompt
 from softprompt.errors import UserError
@@ -55,22 +54,8 @@ def _rows(n: int) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> dict:
     """A saved tiny T5 whose answers depend on the input, three prompts for it, and `predict`'s answers."""
-    from transformers import T5ForConditionalGeneration
-
-    src = need(TOKENIZER_DIR)
     root = tmp_path_factory.mktemp("serve")
-    model_dir = root / "tiny-t5"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = T5ForConditionalGeneration(tiny_config())
-    with torch.no_grad():
-        # HF's init makes a 2-layer T5 repeat one word whatever it reads; larger weights make it listen.
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and not name.startswith(("shared", "lm_head", "encoder.embed", "decoder.embed")):
-                p.mul_(3.0)
-    model.save_pretrained(model_dir)
-    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, model_dir / name)
+    model_dir = save_tiny_t5(root / "tiny-t5")
     gen = torch.Generator().manual_seed(7)
     dirs = {}
     for name, p in TASKS.items():
