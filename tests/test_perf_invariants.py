@@ -209,6 +209,21 @@ def test_dropout_mask_drops_with_probability_p_and_follows_the_torch_seed() -> N
     assert abs(a.float().mean().item() - 0.1) < 0.002  # 1e6 draws: sd 3e-4
     assert torch.equal(a, a2) and not torch.equal(a, b)
     assert not dropout_mask((7, 9), 0.0, torch.device("cpu")).any()
+    assert dropout_mask((7, 9), 1.0, torch.device("cpu")).all()
+
+
+def test_dropout_mask_does_not_depend_on_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(1)
+            masks.append(dropout_mask((5, 1_000_000), 0.25, torch.device("cpu")))  # several RNG chunks
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(masks[0], masks[1])
+    assert abs(masks[0].float().mean().item() - 0.25) < 0.002
 
 
 # ---------------------------------------------------------------------------------------- greedy loop

@@ -412,7 +412,19 @@ def lean_supported(t5: nn.Module) -> bool:
 
 
 _RNG_CHUNK = 1 << 21  # 64-bit words per independently seeded chunk of a dropout mask
-_rng_pool: ThreadPoolExecutor | None = None
+_rng_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The dropout-mask thread pool of this process (a forked child gets its own, fresh one)."""
+    global _rng_pool
+    if _rng_pool is None or _rng_pool[0] != os.getpid():
+        workers = max(2, torch.get_num_threads())
+        _rng_pool = (
+            os.getpid(),
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="softprompt-rng"),
+        )
+    return _rng_pool[1]
 
 
 def _cpu_drop_mask(n: int, threshold: int, seed: int) -> torch.Tensor:
@@ -422,7 +434,6 @@ def _cpu_drop_mask(n: int, threshold: int, seed: int) -> torch.Tensor:
     so the mask depends only on the seed, not on how many threads drew it; chunks are drawn and compared
     on a small thread pool (numpy releases the GIL), since drawing is otherwise single-threaded.
     """
-    global _rng_pool
     out = torch.empty(n, dtype=torch.bool)
     flat = out.numpy()
     n_words = (n + 1) // 2
@@ -441,11 +452,7 @@ def _cpu_drop_mask(n: int, threshold: int, seed: int) -> torch.Tensor:
         for i in range(n_chunks):
             chunk(i)
     else:
-        if _rng_pool is None:
-            _rng_pool = ThreadPoolExecutor(
-                max_workers=max(2, torch.get_num_threads()), thread_name_prefix="sp-rng"
-            )
-        list(_rng_pool.map(chunk, range(n_chunks)))
+        list(_pool().map(chunk, range(n_chunks)))
     return out
 
 
@@ -459,6 +466,8 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.de
     from a checkpoint's saved RNG state.
     """
     n = math.prod(shape)
+    if p >= 1.0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
     threshold = -(2**31) + round(p * 2**32)
     if device.type == "cpu":
         seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -471,14 +480,19 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout: zero each element with probability p and scale the rest by 1 / (1 - p)."""
     if not training or p == 0.0:
         return x
-    return x.masked_fill(dropout_mask(x.shape, p, x.device), 0.0).mul_(1.0 / (1.0 - p))
+    return x.masked_fill(dropout_mask(x.shape, p, x.device), 0.0).mul_(_keep_scale(p))
+
+
+def _keep_scale(p: float) -> float:
+    """Inverted dropout's scale 1 / (1 - p) (0 when p = 1, where every element is dropped anyway)."""
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
 def _unscaled_dropout(x: torch.Tensor, p: float, training: bool) -> tuple[torch.Tensor, float]:
     """Dropout's zeroing without its 1 / (1 - p) scale, returned separately to be folded into a later op."""
     if not training or p == 0.0:
         return x, 1.0
-    return x.masked_fill(dropout_mask(x.shape, p, x.device), 0.0), 1.0 / (1.0 - p)
+    return x.masked_fill(dropout_mask(x.shape, p, x.device), 0.0), _keep_scale(p)
 
 
 def _residual(
@@ -519,7 +533,7 @@ class _Attention(torch.autograd.Function):
         kept = prob.masked_fill(drop, 0.0) if drop is not None else prob
         out = torch.bmm(kept.view(b * h, lq, lk), vf)
         if drop is not None:
-            out.mul_(1.0 / (1.0 - p))
+            out.mul_(_keep_scale(p))
         ctx.save_for_backward(qf, kf, vf, prob, drop)
         ctx.p = p
         return out.view(b, h, lq, d)
@@ -532,7 +546,7 @@ class _Attention(torch.autograd.Function):
         d = qf.shape[-1]
         g = grad_out.reshape(b * h, lq, d).to(qf.dtype)
         if drop is not None:
-            g = g * (1.0 / (1.0 - p))
+            g = g * _keep_scale(p)
             kept = prob.masked_fill(drop, 0.0)
         else:
             kept = prob
