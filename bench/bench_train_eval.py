@@ -150,6 +150,42 @@ def _load() -> float:
     return os.getloadavg()[0]
 
 
+def _cpu_seconds() -> float:
+    """CPU time this process has used so far (all threads, user + system)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _busy_fraction(seconds: float = 2.0) -> float:
+    """Fraction of the machine's CPU time spent busy over `seconds` (by others while we sleep)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return 0.0
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _wait_for_quiet(threshold: float, max_wait: float) -> tuple[float, float]:
+    """Sleep until other processes use under `threshold` of the CPUs (or `max_wait` s pass).
+
+    Returns (seconds waited, the last busy fraction seen).
+    """
+    t0 = time.perf_counter()
+    busy = _busy_fraction()
+    while busy > threshold and time.perf_counter() - t0 < max_wait:
+        busy = _busy_fraction(5.0)
+    return time.perf_counter() - t0, busy
+
+
 def _first_questions(path: Path, n: int) -> list[dict[str, Any]]:
     """The first n questions of a SQuAD v1.1 file as plain dicts, the way a user reads them."""
     with open(path, encoding="utf-8") as f:
@@ -224,7 +260,9 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
 
         sp_train.setup = frozen_setup
     load0 = _load()
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     results = train(cfg)
+    train_cores = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     train_peak = _peak_rss_mib()
     step_seconds = []
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -256,6 +294,7 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
         "train_seconds": results["train_seconds"],
         "step_seconds": step_seconds,
         "train_peak_rss_mib": train_peak,
+        "train_cores_used": train_cores,
         "eval_questions_per_second": len(features) / eval_seconds,
         "eval_seconds": eval_seconds,
         "answers": answers,
@@ -333,7 +372,9 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         callbacks=[timer],
     )
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     trainer.train()
+    train_cores = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     train_peak = _peak_rss_mib()
     step_seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:], strict=False)]
     train_seconds = timer.marks[-1] - timer.marks[0]
@@ -380,6 +421,7 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "step_seconds": step_seconds,
         "train_peak_rss_mib": train_peak,
+        "train_cores_used": train_cores,
         "eval_questions_per_second": len(dev) / eval_seconds,
         "eval_seconds": eval_seconds,
         "answers": answers,
@@ -460,6 +502,7 @@ def _run_side(
         str(out),
     ]
     env = dict(USER_ENV, TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+    waited, busy = _wait_for_quiet(args.quiet, args.max_wait) if args.quiet < 1.0 else (0.0, _busy_fraction())
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -467,6 +510,8 @@ def _run_side(
         raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
     result = json.loads(out.read_text())
     result["wall_seconds"] = time.perf_counter() - t0
+    result["waited_for_quiet_seconds"] = waited
+    result["others_busy_before"] = busy
     return result
 
 
@@ -481,8 +526,8 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "train_examples_per_second",
         "eval_questions_per_second",
         "peak_rss_mib",
-        "load_before",
-        "load_after",
+        "train_cores_used",
+        "others_busy_before",
     )
     best["runs"] = [{k: r[k] for k in keys} for r in runs]
     return best
@@ -530,7 +575,8 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
                 print(
                     f"[{name}] {side}: {r['train_examples_per_second']:.2f} train ex/s, "
                     f"{r['eval_questions_per_second']:.2f} eval q/s, peak RSS {r['peak_rss_mib']:.0f} MiB "
-                    f"(load {r['load_before']:.1f} -> {r['load_after']:.1f})",
+                    f"(training used {r['train_cores_used']:.2f} of {os.cpu_count()} cores; "
+                    f"others busy {100 * r['others_busy_before']:.0f}% before)",
                     flush=True,
                 )
         sides = {side: _best(rs) for side, rs in runs.items()}
@@ -589,16 +635,20 @@ def _table(results: list[dict[str, Any]], rates: dict[str, float]) -> str:
             f"**{q['eval_questions_per_second']:.2f}x** | **{q['peak_rss']:.2f}x** | | | |"
         )
     foot = (
-        f"\nMeasured matmul rates: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s "
+        f"\n\nMeasured matmul rates: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s "
         "(best of 1024/2048/4096 square torch.matmul)."
     )
     for r in results:
         foot += (
-            f"\n{r['shape']}: {r['steps']} steps x {r['batch']} = {r['train_examples']} train questions "
+            f"\n\n{r['shape']}: {r['steps']} steps x {r['batch']} = {r['train_examples']} train questions "
             f"(mean {r['mean_source_tokens']:.0f} source + {r['mean_target_tokens']:.1f} target tokens, "
             f"{r['train_gflop_per_example']:.1f} GFLOP per example); {r['eval_questions']} dev questions in "
-            f"batches of {r['eval_batch']}, answers identical on both sides: {100 * r['eval_answer_agreement']:.0f}%."
+            f"batches of {r['eval_batch']}, answers identical on both sides: {100 * r['eval_answer_agreement']:.0f}%; "
+            f"cores used while training: softprompt {r['softprompt']['train_cores_used']:.2f}, "
+            f"peft {r['peft']['train_cores_used']:.2f} (of {os.cpu_count()})."
         )
+        if min(r[side]["train_cores_used"] for side in ("softprompt", "peft")) < 0.7 * (os.cpu_count() or 1):
+            foot += " **Other processes took CPU time during this run: its ratios are unreliable.**"
     return head + "\n".join(lines) + "\n" + foot
 
 
@@ -609,7 +659,7 @@ def _update_docs(table: str, summary: dict[str, Any]) -> None:
         f"Last run: {summary['timestamp']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, "
         f"ISA {', '.join(m['isa']) or 'n/a'}), torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.\n\n"
         f"Command: `{summary['command']}`\n\n"
-        f"{table}\n"
+        f"{table}\n\n"
         f"Load average before/after the run: {summary['load_before']:.1f} / {summary['load_after']:.1f}.\n"
         f"{DOCS_END}"
     )
@@ -687,6 +737,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="run each side this many times, alternating the order, and keep each side's best "
         "(use 2+ on a shared machine)",
     )
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=0.25,
+        help="before each side, wait until other processes use less than this fraction of the CPUs "
+        "(the machine may be shared; 1 disables waiting)",
+    )
+    p.add_argument("--max-wait", type=float, default=300.0, help="longest wait for --quiet, in seconds")
     p.add_argument(
         "--keep-work", metavar="DIR", help="keep each shape's model, runs and prompt under DIR/<shape>"
     )

@@ -132,6 +132,8 @@ def _set_dropout(model: nn.Module, rate: float) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = rate
+        elif isinstance(getattr(m, "dropout", None), float):  # T5Attention keeps its own probability dropout
+            m.dropout = rate
 
 
 def _prepare_output_dir(cfg: TrainConfig, env: DistEnv) -> Path:
