@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -257,7 +256,3 @@ def _read_jsonl(path: Path) -> list[dict[str, str]]:
     if not rows:
         raise UserError(f"{path} holds no questions")
     return rows
-
-
-def print_err(msg: str) -> None:
-    print(msg, file=sys.stderr)

@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
+from softprompt.checkpoint import PICKLE_SUFFIXES
 from softprompt.errors import CheckpointError
 from softprompt.prompt import SoftPrompt
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:

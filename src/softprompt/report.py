@@ -14,9 +14,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,14 +24,13 @@ from typing import Any
 import yaml
 
 import softprompt
+from softprompt.checkpoint import atomic_write_bytes, atomic_write_text
 from softprompt.errors import UserError
 
 __all__ = [
     "FIGURES",
     "IGNORED_CONFIG_KEYS",
     "Run",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "load_run",
     "make_report",
     "model_size",
@@ -87,37 +84,6 @@ _PATH_SUFFIXES = ("_dir", "_file", "_files", "_path")
 # Ordered smallest first so the prompt-vs-fine-tune table reads like the paper's scaling plot.
 _SIZES = ("small", "base", "large", "xl", "xxl")
 _SIZE_RE = re.compile(r"(?:^|[-_/])(small|base|large|xl|xxl)(?=$|[-_/.])", re.IGNORECASE)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
-
-    Args:
-        path: Destination file; its folder must exist.
-        data: The complete new contents.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with mode 0o666 lets the umask decide permissions, as for any ordinary file;
-    # tempfile would create it 0600 and the report would be private after the rename.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` as UTF-8 to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- reading runs
