@@ -11,7 +11,8 @@ questions greedily (at most 32 new tokens) in batches of the same size.
 
 * softprompt: ``softprompt.train.train(TrainConfig(..., precision="bf16"))`` exactly as ``softprompt
   train`` runs it; train examples/s is the ``train_examples_per_second`` the run writes to results.json.
-  Evaluation is ``softprompt.evaluate.generate_answers(..., bf16=True)`` on the trained prompt.
+  Evaluation is ``softprompt.evaluate.generate_answers(..., bf16=True)`` on the trained prompt, with the
+  weights frozen to bf16 as ``softprompt eval --precision bf16`` does.
 * peer: PEFT ``PromptTuningConfig(task_type=SEQ_2_SEQ_LM, num_virtual_tokens=100,
   prompt_tuning_init=SAMPLE_VOCAB)`` on ``T5ForConditionalGeneration`` (SDPA attention, transformers'
   default), trained by ``Seq2SeqTrainer`` with ``DataCollatorForSeq2Seq`` (dynamic padding, label pad -100),
@@ -20,6 +21,13 @@ questions greedily (at most 32 new tokens) in batches of the same size.
   Evaluation is ``PeftModelForSeq2SeqLM.generate`` in dataset order under bf16 autocast, with the prompt
   softprompt trained copied in, so both sides decode the same tokens and stop at the same place (the
   answers' agreement is reported as a cross-check).
+
+On a GPU (``--device cuda``, the default when one is visible) both sides train and answer there in bf16
+(the peer with ``bf16=True``), peak memory is the GPU's (``torch.cuda.max_memory_allocated``), train
+speed is taken over the steps after ``--warmup-steps`` (kernel selection and allocator warm-up are not
+throughput). On either device ``--variants`` adds softprompt runs with one speed lever switched off
+(``no-freeze``: fp32 weights under autocast instead of bf16 weights stored once by ``PromptedT5.freeze_to``;
+``no-lean``: transformers' T5 modules instead of the lean path), each reported against the same peer.
 
 The parent also times a large ``torch.matmul`` loop in bf16 and fp32 and reports model-FLOPs utilisation
 (MFU) of the prompt-tuning train step against those rates; see ``train_flops_per_example`` for the formula.
@@ -57,6 +65,8 @@ DOCS = REPO / "docs" / "performance.md"
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json")
 DOCS_BEGIN = "<!-- bench:begin -->"
 DOCS_END = "<!-- bench:end -->"
+DOCS_BEGIN_GPU = "<!-- bench:gpu:begin -->"
+DOCS_END_GPU = "<!-- bench:gpu:end -->"
 
 N_TOKENS = 100  # prompt length P, as in the paper
 MAX_SOURCE = 512
@@ -80,7 +90,13 @@ class Shape:
 SHAPES = {
     "small": Shape("t5-small-lm-adapt", batch=32, steps=8, eval_questions=96, eval_batch=32),
     "base": Shape("t5-base-lm-adapt", batch=8, steps=8, eval_questions=48, eval_batch=16),
+    "large": Shape("t5-large-lm-adapt", batch=4, steps=4, eval_questions=16, eval_batch=8),
 }
+# On a GPU every shape runs the paper's batch of 32, for long enough that the warm-up steps are few.
+CUDA_SHAPES = {
+    name: Shape(s.model, batch=32, steps=30, eval_questions=256, eval_batch=64) for name, s in SHAPES.items()
+}
+VARIANTS = ("default", "no-freeze", "no-lean", "no-lean+no-freeze")
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -119,21 +135,30 @@ def train_flops_per_example(cfg: Any, enc_len: int, dec_len: int) -> float:
     return fwd_lin + fwd_att + (fwd_lin - dec_self_lin) + 2 * (fwd_att - dec_self_att)
 
 
-def matmul_rate(dtype_name: str, seconds: float = 2.0, sizes: Sequence[int] = (1024, 2048, 4096)) -> float:
-    """Best sustained GFLOP/s of a square ``torch.matmul`` loop over a few sizes (this process's threads)."""
+def matmul_rate(dtype_name: str, seconds: float = 2.0, device: str = "cpu") -> float:
+    """Best sustained GFLOP/s of a square ``torch.matmul`` loop over a few sizes, on random data.
+
+    On a CPU with this process's threads (1024/2048/4096); on a GPU at 4096/8192, synchronising before
+    the clock is read (the default fp32 matmul precision, i.e. no TF32, as the benchmarked code runs).
+    """
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    sizes = (4096, 8192) if device == "cuda" else (1024, 2048, 4096)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = 0.0
     for n in sizes:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        for _ in range(2):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        for _ in range(3):
             torch.matmul(a, b)
+        sync()
         k, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds / len(sizes):
-            torch.matmul(a, b)
-            k += 1
+            for _ in range(10 if device == "cuda" else 1):
+                torch.matmul(a, b)
+                k += 1
+            sync()
         best = max(best, 2 * n**3 * k / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -144,6 +169,27 @@ def matmul_rate(dtype_name: str, seconds: float = 2.0, sizes: Sequence[int] = (1
 def _peak_rss_mib() -> float:
     """This process's peak resident set size (VmHWM), MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_gpu_mib() -> float:
+    """Peak GPU memory PyTorch allocated in this process since the last reset, MiB (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def _reset_gpu_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _steady_rate(batch: int, step_seconds: list[float], warmup: int) -> float:
+    """Examples per second over the steps after the first `warmup` (all of them if too few)."""
+    steady = step_seconds[warmup:] if len(step_seconds) > warmup else step_seconds
+    return batch * len(steady) / sum(steady)
 
 
 def _load() -> float:
@@ -247,23 +293,22 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
         precision="bf16",
         overwrite_output_dir=True,
     )
-    if args.freeze:
-        import softprompt.train as sp_train
+    # Variants switch off one speed lever each, to measure what it is worth.
+    levers_off = set(args.variant.split("+")) - {"default"}
+    if "no-lean" in levers_off:  # transformers' T5 modules everywhere
+        import softprompt.model as sp_model
 
-        setup = sp_train.setup
-
-        def frozen_setup(cfg: Any, env: Any) -> Any:
-            run = setup(cfg, env)
-            if run.bf16 and cfg.prompt_tuning and not cfg.fsdp:
-                run.model.freeze_to(torch.bfloat16)
-            return run
-
-        sp_train.setup = frozen_setup
+        sp_model.LEAN_DEVICE_TYPES = ()
+    freeze = "no-freeze" not in levers_off
+    if not freeze:  # fp32 weights under autocast instead of bf16 weights stored once
+        PromptedT5.freeze_to = lambda self, dtype: self  # type: ignore[method-assign]
     load0 = _load()
+    _reset_gpu_peak()
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     results = train(cfg)
     train_cores = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     train_peak = _peak_rss_mib()
+    train_gpu_peak = _peak_gpu_mib()
     step_seconds = []
     for line in (out / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
@@ -276,21 +321,26 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
     prompt = SoftPrompt(weight.shape[0], weight.shape[1])
     with torch.no_grad():
         prompt.weight.copy_(weight)
-    model = PromptedT5(t5, prompt).eval()
-    if args.freeze:
-        model.freeze_to(torch.bfloat16)
+    model = PromptedT5(t5, prompt).to(args.device).eval()
+    model.freeze_to(torch.bfloat16)  # as `softprompt eval --precision bf16` does (a no-op under no-freeze)
     examples = load_examples(SQUAD_DEV)[: args.eval_questions]
     features = tokenize_examples(
         examples, tokenizer, max_source_length=MAX_SOURCE, max_target_length=MAX_TARGET
     )
+    if args.device == "cuda":  # one untimed batch: CUDA kernel loading and allocator growth are not speed
+        generate_answers(model, tokenizer, features[: args.eval_batch], batch_size=args.eval_batch, bf16=True)
+    _reset_gpu_peak()
     t0 = time.perf_counter()
     answers = generate_answers(
         model, tokenizer, features, batch_size=args.eval_batch, max_new_tokens=MAX_TARGET, bf16=True
     )
     eval_seconds = time.perf_counter() - t0
-    (work / "softprompt-prompt.json").write_text(json.dumps(weight.tolist()))
+    if args.variant == "default":
+        (work / "softprompt-prompt.json").write_text(json.dumps(weight.tolist()))
     return {
-        "train_examples_per_second": results["train_examples_per_second"],
+        "train_examples_per_second": _steady_rate(args.batch, step_seconds, args.warmup_steps),
+        "train_examples_per_second_all_steps": results["train_examples_per_second"],
+        "train_device": results.get("device", args.device),
         "train_seconds": results["train_seconds"],
         "step_seconds": step_seconds,
         "train_peak_rss_mib": train_peak,
@@ -299,6 +349,8 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
         "eval_seconds": eval_seconds,
         "answers": answers,
         "peak_rss_mib": _peak_rss_mib(),
+        "train_peak_gpu_mib": train_gpu_peak,
+        "eval_peak_gpu_mib": _peak_gpu_mib(),
         "load_before": load0,
         "load_after": _load(),
     }
@@ -338,15 +390,25 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
         for i, m, lab in zip(enc["input_ids"], enc["attention_mask"], targets["input_ids"], strict=True)
     ]
 
+    cuda = args.device == "cuda"
+
     class StepTimer(TrainerCallback):
+        # On a GPU, synchronise only where the steady-state window starts and ends (the Trainer itself does
+        # not wait for the GPU between steps, and the peer should not be slowed by the measurement).
         def __init__(self) -> None:
             self.marks: list[float] = []
 
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            self.marks = [time.perf_counter()]
-
-        def on_step_end(self, *a: Any, **k: Any) -> None:
+        def _mark(self, sync: bool) -> None:
+            if cuda and sync:
+                torch.cuda.synchronize()
             self.marks.append(time.perf_counter())
+
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            self.marks = []
+            self._mark(True)
+
+        def on_step_end(self, _args: Any, state: Any, *a: Any, **k: Any) -> None:
+            self._mark(state.global_step in (args.warmup_steps, args.steps))
 
     timer = StepTimer()
     targs = Seq2SeqTrainingArguments(
@@ -358,7 +420,7 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
         optim="adafactor",
         lr_scheduler_type="constant",
         bf16=True,
-        use_cpu=True,
+        use_cpu=not cuda,
         seed=SEED,
         save_strategy="no",
         report_to="none",
@@ -372,10 +434,12 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         callbacks=[timer],
     )
+    _reset_gpu_peak()
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     trainer.train()
     train_cores = (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
     train_peak = _peak_rss_mib()
+    train_gpu_peak = _peak_gpu_mib()
     step_seconds = [b - a for a, b in zip(timer.marks, timer.marks[1:], strict=False)]
     train_seconds = timer.marks[-1] - timer.marks[0]
 
@@ -395,29 +459,40 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
     model.eval()
     answers: list[str] = []
     cast = (
-        torch.autocast("cpu", dtype=torch.bfloat16)
+        torch.autocast(args.device, dtype=torch.bfloat16)
         if args.peer_eval_precision == "bf16"
-        else torch.autocast("cpu", enabled=False)
+        else torch.autocast(args.device, enabled=False)
     )
-    t0 = time.perf_counter()
+
+    def answer(i: int) -> list[str]:
+        batch = tokenizer.pad(
+            {
+                "input_ids": dev_enc["input_ids"][i : i + args.eval_batch],
+                "attention_mask": dev_enc["attention_mask"][i : i + args.eval_batch],
+            },
+            return_tensors="pt",
+        )
+        out = model.generate(
+            input_ids=batch["input_ids"].to(args.device),
+            attention_mask=batch["attention_mask"].to(args.device),
+            max_new_tokens=MAX_TARGET,
+        )
+        return [a.strip() for a in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
     with torch.no_grad(), cast:
+        if cuda:  # one untimed batch on a GPU, as on the softprompt side
+            answer(0)
+        _reset_gpu_peak()
+        t0 = time.perf_counter()
         for i in range(0, len(dev), args.eval_batch):
-            batch = tokenizer.pad(
-                {
-                    "input_ids": dev_enc["input_ids"][i : i + args.eval_batch],
-                    "attention_mask": dev_enc["attention_mask"][i : i + args.eval_batch],
-                },
-                return_tensors="pt",
-            )
-            out = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=MAX_TARGET,
-            )
-            answers += [a.strip() for a in tokenizer.batch_decode(out, skip_special_tokens=True)]
+            answers += answer(i)
     eval_seconds = time.perf_counter() - t0
+    warm = args.warmup_steps if len(timer.marks) > args.warmup_steps + 1 else 0
+    steady_rate = args.batch * (len(timer.marks) - 1 - warm) / (timer.marks[-1] - timer.marks[warm])
     return {
-        "train_examples_per_second": args.batch * len(step_seconds) / train_seconds,
+        "train_examples_per_second": steady_rate,
+        "train_examples_per_second_all_steps": args.batch * len(step_seconds) / train_seconds,
+        "train_device": str(next(model.parameters()).device.type),
         "train_seconds": train_seconds,
         "step_seconds": step_seconds,
         "train_peak_rss_mib": train_peak,
@@ -427,6 +502,8 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
         "answers": answers,
         "attn_implementation": attn,
         "peak_rss_mib": _peak_rss_mib(),
+        "train_peak_gpu_mib": train_gpu_peak,
+        "eval_peak_gpu_mib": _peak_gpu_mib(),
         "load_before": load0,
         "load_after": _load(),
     }
@@ -450,7 +527,9 @@ def _machine() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError):
         flags = ""
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags.split()]
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {
+        "gpu": gpu,
         "cpu": model_name,
         "cores": os.cpu_count(),
         "isa": isa,
@@ -474,10 +553,22 @@ def _build_model(shape: Shape, directory: Path) -> Any:
     return model.config
 
 
+def _shape(name: str, args: argparse.Namespace) -> Shape:
+    """The shape's workload on this device, with any command-line overrides applied."""
+    base = (CUDA_SHAPES if args.device == "cuda" else SHAPES)[name]
+    return Shape(
+        base.model,
+        batch=args.batch or base.batch,
+        steps=args.steps or base.steps,
+        eval_questions=args.eval_questions or base.eval_questions,
+        eval_batch=args.eval_batch or base.eval_batch,
+    )
+
+
 def _run_side(
-    side: str, shape: Shape, model_dir: Path, work: Path, args: argparse.Namespace
+    side: str, shape: Shape, model_dir: Path, work: Path, args: argparse.Namespace, variant: str = "default"
 ) -> dict[str, Any]:
-    out = work / f"{side}.json"
+    out = work / f"{side}-{variant}.json"
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -488,16 +579,21 @@ def _run_side(
         "--work",
         str(work),
         "--batch",
-        str(args.batch or shape.batch),
+        str(shape.batch),
         "--steps",
-        str(args.steps or shape.steps),
+        str(shape.steps),
         "--eval-questions",
-        str(args.eval_questions or shape.eval_questions),
+        str(shape.eval_questions),
         "--eval-batch",
-        str(args.eval_batch or shape.eval_batch),
+        str(shape.eval_batch),
         "--peer-eval-precision",
         args.peer_eval_precision,
-        *(["--freeze"] if args.freeze else []),
+        "--device",
+        args.device,
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--variant",
+        variant,
         "--side-output",
         str(out),
     ]
@@ -507,6 +603,8 @@ def _run_side(
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        if variant != "default":  # an experimental variant failing must not lose the main comparison
+            return {"failed": f"exit {proc.returncode}: " + (proc.stderr.strip().splitlines() or ["?"])[-1]}
         raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
     result = json.loads(out.read_text())
     result["wall_seconds"] = time.perf_counter() - t0
@@ -522,6 +620,8 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("eval_questions_per_second", "eval_seconds", "answers"):
         best[key] = evals[key]
     best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    best["train_peak_gpu_mib"] = max(r.get("train_peak_gpu_mib", 0.0) for r in runs)
+    best["eval_peak_gpu_mib"] = max(r.get("eval_peak_gpu_mib", 0.0) for r in runs)
     keys = (
         "train_examples_per_second",
         "eval_questions_per_second",
@@ -549,9 +649,9 @@ def _token_counts(model_dir: Path, n_train: int) -> list[tuple[int, int]]:
 
 
 def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) -> dict[str, Any]:
-    """Run both sides on one shape and compute the ratios and MFU."""
-    shape = SHAPES[name]
-    batch, steps = args.batch or shape.batch, args.steps or shape.steps
+    """Run both sides (and any softprompt variants) on one shape and compute the ratios and MFU."""
+    shape = _shape(name, args)
+    variants = ["default", *(v for v in args.variants if v != "default")]
     with tempfile.TemporaryDirectory(prefix=f"spbench-{name}-") as tmp:
         work = Path(tmp)
         if args.keep_work:
@@ -560,54 +660,81 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
             work.mkdir(parents=True)
         model_dir = work / "model"
         print(f"[{name}] building {shape.model} with random weights ...", flush=True)
-        config = _build_model(shape, model_dir)
-        counts = _token_counts(model_dir, batch * steps)
-        sides: dict[str, dict[str, Any]] = {}
-        runs: dict[str, list[dict[str, Any]]] = {"softprompt": [], "peft": []}
+        config = _build_model(SHAPES[name], model_dir)
+        counts = _token_counts(model_dir, shape.batch * shape.steps)
+        labels = [_label(v) for v in variants] + ["peft"]
+        runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
+        failed: dict[str, str] = {}
         for rep in range(args.repeats):
             # softprompt first in the first round (the peer evaluates the prompt it trained); then the
             # order alternates so a change in the machine's load does not favour one side.
-            order = ("softprompt", "peft") if rep % 2 == 0 else ("peft", "softprompt")
-            for side in order:
-                print(f"[{name}] {side}: training {steps} steps x {batch}, then answering ...", flush=True)
-                r = _run_side(side, shape, model_dir, work, args)
-                runs[side].append(r)
+            order = [("softprompt", "default"), ("peft", "default")]
+            order += [("softprompt", v) for v in variants[1:]]
+            if rep % 2:
+                order = order[1:2] + order[:1] + order[2:]
+            for side, variant in order:
+                label = "peft" if side == "peft" else _label(variant)
+                if label in failed:
+                    continue
                 print(
-                    f"[{name}] {side}: {r['train_examples_per_second']:.2f} train ex/s, "
-                    f"{r['eval_questions_per_second']:.2f} eval q/s, peak RSS {r['peak_rss_mib']:.0f} MiB "
+                    f"[{name}] {label}: training {shape.steps} steps x {shape.batch}, then answering ...",
+                    flush=True,
+                )
+                r = _run_side(side, shape, model_dir, work, args, variant)
+                if "failed" in r:
+                    failed[label] = r["failed"]
+                    print(f"[{name}] {label}: FAILED ({r['failed']})", flush=True)
+                    continue
+                runs[label].append(r)
+                print(
+                    f"[{name}] {label}: {r['train_examples_per_second']:.2f} train ex/s, "
+                    f"{r['eval_questions_per_second']:.2f} eval q/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                    f"peak GPU {r['train_peak_gpu_mib']:.0f}/{r['eval_peak_gpu_mib']:.0f} MiB train/eval "
                     f"(training used {r['train_cores_used']:.2f} of {os.cpu_count()} cores; "
                     f"others busy {100 * r['others_busy_before']:.0f}% before)",
                     flush=True,
                 )
-        sides = {side: _best(rs) for side, rs in runs.items()}
-    flops = sum(train_flops_per_example(config, e, t) for e, t in counts)
-    sp, pe = sides["softprompt"], sides["peft"]
-    sp_answers, pe_answers = sp.pop("answers"), pe.pop("answers")
+        sides = {label: _best(rs) for label, rs in runs.items() if rs}
+    flops_per_example = sum(train_flops_per_example(config, e, t) for e, t in counts) / len(counts)
+    pe = sides["peft"]
+    pe_answers = pe["answers"]
+    sp_answers = sides["softprompt"]["answers"]
     agree = sum(a == b for a, b in zip(sp_answers, pe_answers, strict=True)) / max(1, len(sp_answers))
     result: dict[str, Any] = {
         "shape": name,
         "model": shape.model,
-        "batch": batch,
-        "steps": steps,
-        "train_examples": batch * steps,
-        "eval_questions": args.eval_questions or shape.eval_questions,
-        "eval_batch": args.eval_batch or shape.eval_batch,
+        "device": args.device,
+        "batch": shape.batch,
+        "steps": shape.steps,
+        "warmup_steps": args.warmup_steps,
+        "train_examples": shape.batch * shape.steps,
+        "eval_questions": shape.eval_questions,
+        "eval_batch": shape.eval_batch,
         "mean_source_tokens": sum(e for e, _ in counts) / len(counts) - N_TOKENS,
         "mean_target_tokens": sum(t for _, t in counts) / len(counts),
-        "train_gflop_per_example": flops / len(counts) / 1e9,
-        "softprompt": sp,
-        "peft": pe,
-        "ratios": {
-            "train_examples_per_second": sp["train_examples_per_second"] / pe["train_examples_per_second"],
-            "eval_questions_per_second": sp["eval_questions_per_second"] / pe["eval_questions_per_second"],
-            "peak_rss": sp["peak_rss_mib"] / pe["peak_rss_mib"],
-        },
+        "train_gflop_per_example": flops_per_example / 1e9,
+        "eval_answer_agreement": agree,
+        "failed_variants": failed,
+        "sides": list(sides),
+        "ratios": {},
         "mfu": {},
     }
-    result["eval_answer_agreement"] = agree
-    for side, r in (("softprompt", sp), ("peft", pe)):
-        achieved = flops / r["train_seconds"] / 1e9
-        result["mfu"][side] = {
+    for label, r in sides.items():
+        answers = r.pop("answers")
+        result[label] = r
+        if label != "peft":
+            result["ratios"][label] = {
+                "train_examples_per_second": r["train_examples_per_second"] / pe["train_examples_per_second"],
+                "eval_questions_per_second": r["eval_questions_per_second"] / pe["eval_questions_per_second"],
+                "peak_rss": r["peak_rss_mib"] / pe["peak_rss_mib"],
+                "train_peak_gpu": r["train_peak_gpu_mib"] / pe["train_peak_gpu_mib"]
+                if pe["train_peak_gpu_mib"]
+                else None,
+                "answers_equal_to_default": sum(a == b for a, b in zip(answers, sp_answers, strict=True))
+                / max(1, len(answers)),
+            }
+        achieved = flops_per_example * r["train_examples_per_second"] / 1e9
+        result["mfu"][label] = {
             "achieved_gflops": achieved,
             "vs_bf16": achieved / rates["bf16"],
             "vs_fp32": achieved / rates["fp32"],
@@ -615,60 +742,87 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
     return result
 
 
+def _label(variant: str) -> str:
+    return "softprompt" if variant == "default" else f"softprompt[{variant}]"
+
+
 def _table(results: list[dict[str, Any]], rates: dict[str, float]) -> str:
+    gpu = any(r["device"] == "cuda" for r in results)
+    mem = "peak GPU MiB (train)" if gpu else "peak RSS MiB"
+    unit = "TFLOP/s" if gpu else "GFLOP/s"
+    scale = 1e-3 if gpu else 1.0
     head = (
-        "| shape | side | train ex/s | eval q/s | peak RSS MiB | train GFLOP/s | MFU vs bf16 | MFU vs fp32 |\n"
+        f"| shape | side | train ex/s | eval q/s | {mem} | train {unit} | MFU vs bf16 | MFU vs fp32 |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in results:
-        for side in ("softprompt", "peft"):
+        for side in r["sides"]:
             s, m = r[side], r["mfu"][side]
+            memory = s["train_peak_gpu_mib"] if gpu else s["peak_rss_mib"]
             lines.append(
                 f"| {r['shape']} | {side} | {s['train_examples_per_second']:.2f} | "
-                f"{s['eval_questions_per_second']:.2f} | {s['peak_rss_mib']:.0f} | {m['achieved_gflops']:.1f} | "
+                f"{s['eval_questions_per_second']:.2f} | {memory:.0f} | {scale * m['achieved_gflops']:.1f} | "
                 f"{100 * m['vs_bf16']:.1f}% | {100 * m['vs_fp32']:.1f}% |"
             )
-        q = r["ratios"]
-        lines.append(
-            f"| {r['shape']} | **softprompt / peft** | **{q['train_examples_per_second']:.2f}x** | "
-            f"**{q['eval_questions_per_second']:.2f}x** | **{q['peak_rss']:.2f}x** | | | |"
-        )
+        for side, q in r["ratios"].items():
+            memory_ratio = q["train_peak_gpu"] if gpu else q["peak_rss"]
+            lines.append(
+                f"| {r['shape']} | **{side} / peft** | **{q['train_examples_per_second']:.2f}x** | "
+                f"**{q['eval_questions_per_second']:.2f}x** | **{memory_ratio or 0:.2f}x** | | | |"
+            )
+    where = (
+        "square torch.matmul on the GPU, 4096/8192" if gpu else "best of 1024/2048/4096 square torch.matmul"
+    )
     foot = (
-        f"\n\nMeasured matmul rates: bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s "
-        "(best of 1024/2048/4096 square torch.matmul)."
+        f"\n\nMeasured matmul rates: bf16 {scale * rates['bf16']:.0f} {unit}, fp32 {scale * rates['fp32']:.0f} {unit} "
+        f"({where})."
     )
     for r in results:
+        warm = f", train speed over steps {r['warmup_steps'] + 1}-{r['steps']}" if r["warmup_steps"] else ""
         foot += (
             f"\n\n{r['shape']}: {r['steps']} steps x {r['batch']} = {r['train_examples']} train questions "
             f"(mean {r['mean_source_tokens']:.0f} source + {r['mean_target_tokens']:.1f} target tokens, "
-            f"{r['train_gflop_per_example']:.1f} GFLOP per example); {r['eval_questions']} dev questions in "
-            f"batches of {r['eval_batch']}, answers identical on both sides: {100 * r['eval_answer_agreement']:.0f}%; "
-            f"cores used while training: softprompt {r['softprompt']['train_cores_used']:.2f}, "
-            f"peft {r['peft']['train_cores_used']:.2f} (of {os.cpu_count()})."
+            f"{r['train_gflop_per_example']:.1f} GFLOP per example{warm}); {r['eval_questions']} dev questions in "
+            f"batches of {r['eval_batch']}, answers identical on both sides: {100 * r['eval_answer_agreement']:.0f}%"
         )
-        if min(r[side]["train_cores_used"] for side in ("softprompt", "peft")) < 0.7 * (os.cpu_count() or 1):
+        if not gpu:
+            foot += (
+                f"; cores used while training: softprompt {r['softprompt']['train_cores_used']:.2f}, "
+                f"peft {r['peft']['train_cores_used']:.2f} (of {os.cpu_count()})"
+            )
+        foot += "."
+        for label, why in r["failed_variants"].items():
+            foot += f" {label} failed: {why}."
+        busy = min(r[side]["train_cores_used"] for side in ("softprompt", "peft"))
+        if not gpu and busy < 0.7 * (os.cpu_count() or 1):
             foot += " **Other processes took CPU time during this run: its ratios are unreliable.**"
     return head + "\n".join(lines) + "\n" + foot
 
 
-def _update_docs(table: str, summary: dict[str, Any]) -> None:
+def _update_docs(table: str, summary: dict[str, Any], device: str) -> None:
     m = summary["machine"]
+    begin, end = (DOCS_BEGIN, DOCS_END) if device == "cpu" else (DOCS_BEGIN_GPU, DOCS_END_GPU)
+    where = (
+        f"{m['gpu']} (host: {m['cpu']}, {m['cores']} cores)"
+        if device == "cuda"
+        else (
+            f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, ISA {', '.join(m['isa']) or 'n/a'})"
+        )
+    )
     block = (
-        f"{DOCS_BEGIN}\n"
-        f"Last run: {summary['timestamp']} on {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, "
-        f"ISA {', '.join(m['isa']) or 'n/a'}), torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}.\n\n"
+        f"{begin}\n"
+        f"Last run: {summary['timestamp']} on {where}, torch {m['torch']}, transformers {m['transformers']}, "
+        f"peft {m['peft']}.\n\n"
         f"Command: `{summary['command']}`\n\n"
         f"{table}\n\n"
         f"Load average before/after the run: {summary['load_before']:.1f} / {summary['load_after']:.1f}.\n"
-        f"{DOCS_END}"
+        f"{end}"
     )
-    text = (
-        DOCS.read_text(encoding="utf-8") if DOCS.exists() else f"# Performance\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
-    )
-    if DOCS_BEGIN in text and DOCS_END in text:
-        before, rest = text.split(DOCS_BEGIN, 1)
-        _, after = rest.split(DOCS_END, 1)
+    text = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Performance\n"
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        _, after = rest.split(end, 1)
         text = before + block + after
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
@@ -683,8 +837,8 @@ def parent(args: argparse.Namespace) -> None:
         raise SystemExit(f"{SQUAD_TRAIN} is missing; set SOFTPROMPT_SHARED to the shared folder")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     load_before = _load()
-    print(f"measuring matmul rates ({torch.get_num_threads()} threads) ...", flush=True)
-    rates = {"bf16": matmul_rate("bf16"), "fp32": matmul_rate("fp32")}
+    print(f"measuring matmul rates on {args.device} ({torch.get_num_threads()} threads) ...", flush=True)
+    rates = {"bf16": matmul_rate("bf16", device=args.device), "fp32": matmul_rate("fp32", device=args.device)}
     print(f"  bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s", flush=True)
     results = [bench_shape(name, args, rates) for name in args.shapes]
     summary = {
@@ -699,12 +853,13 @@ def parent(args: argparse.Namespace) -> None:
     table = _table(results, rates)
     print("\n" + table)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = "" if args.device == "cpu" else f"-{args.device}"
     for r in results:
         one = {k: v for k, v in summary.items() if k != "shapes"} | {"result": r}
-        (RESULTS / f"{stamp}-{r['shape']}.json").write_text(json.dumps(one, indent=2) + "\n")
-    (RESULTS / "latest.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (RESULTS / f"{stamp}{tag}-{r['shape']}.json").write_text(json.dumps(one, indent=2) + "\n")
+    (RESULTS / f"latest{tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.update_docs:
-        _update_docs(table, summary)
+        _update_docs(table, summary, args.device)
         print(f"updated {DOCS.relative_to(REPO)}")
 
 
@@ -725,10 +880,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the peer's generate runs under bf16 autocast (default, its faster setting here) or in fp32",
     )
     p.add_argument(
-        "--freeze",
-        action="store_true",
-        help="softprompt side: apply the proposed train.py/inference patch (PromptedT5.freeze_to(bf16) "
-        "after setup and before evaluation) by wrapping softprompt.train.setup",
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where both sides train and answer (auto: cuda when a GPU is visible, else cpu)",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="train steps left out of the train speed on both sides (default: 0 on cpu, 3 on cuda)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=["default"],
+        help="softprompt runs to measure against the same peer: default; no-freeze (fp32 weights under "
+        "autocast instead of PromptedT5.freeze_to(bf16)); no-lean (transformers' T5 modules instead of the "
+        "lean path); no-lean+no-freeze",
     )
     p.add_argument(
         "--repeats",
@@ -752,10 +922,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--update-docs", action="store_true", help="rewrite the results block of docs/performance.md"
     )
     p.add_argument("--side", choices=["softprompt", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--side-output", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.warmup_steps is None:
+        args.warmup_steps = 3 if args.device == "cuda" else 0
     if args.side:
         result = side_softprompt(args) if args.side == "softprompt" else side_peft(args)
         Path(args.side_output).write_text(json.dumps(result))

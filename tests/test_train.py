@@ -161,3 +161,49 @@ def test_accumulated_gradient_equals_the_global_token_mean():
     )
     assert tokens == sum(len(f.labels) for f in feats)
     torch.testing.assert_close(model.prompt.weight.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+def _first_loss(out) -> float:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(r["loss"] for r in records if r["event"] == "train")
+
+
+def test_bf16_prompt_tuning_keeps_frozen_weights_in_bf16_and_matches_fp32(
+    tmp_path, tiny_model_dir, squad_small
+):
+    from softprompt.distributed import DistEnv
+    from softprompt.train import setup
+
+    train_file, _ = squad_small
+    kw = {"global_batch_size": 8, "logging_steps": 1}
+    fp32 = _prompt_after(tmp_path, tiny_model_dir, train_file, "fp32", **kw)
+    bf16 = _prompt_after(tmp_path, tiny_model_dir, train_file, "bf16", precision="bf16", **kw)
+    # The first step's loss is computed before any update: bf16 and fp32 differ by rounding only.
+    first32, first16 = _first_loss(tmp_path / "fp32"), _first_loss(tmp_path / "bf16")
+    assert abs(first16 - first32) <= 0.01 * first32
+    from softprompt.model import load_t5
+    from softprompt.prompt import initial_prompt
+
+    emb = load_t5(tiny_model_dir, random_init=True, seed=42).shared.weight
+    moved32, moved16 = (
+        fp32 - initial_prompt("sampled_vocab", 6, emb, seed=42),
+        bf16 - initial_prompt("sampled_vocab", 6, emb, seed=42),
+    )
+    assert bf16.dtype == torch.float32 and moved32.abs().max() > 1e-2
+    # The same training up to bf16 rounding: both moved the prompt the same way.
+    assert torch.nn.functional.cosine_similarity(moved16.flatten(), moved32.flatten(), dim=0) > 0.9
+
+    def dtypes(**over) -> dict[str, set[torch.dtype]]:
+        cfg = TrainConfig(
+            output_dir=str(tmp_path / "setup"), model_name_or_path=str(tiny_model_dir), random_init=True,
+            train_file=str(train_file), n_tokens=4, report_to=["none"], overwrite_output_dir=True, **over,
+        )  # fmt: skip
+        run = setup(cfg, DistEnv())
+        run.logger.close()
+        linear = {m.weight.dtype for m in run.model.model.modules() if isinstance(m, torch.nn.Linear)}
+        return {"linear": linear, "embedding": {run.model.model.shared.weight.dtype}}
+
+    bf16_prompt = dtypes(prompt_tuning=True, precision="bf16")
+    assert bf16_prompt == {"linear": {torch.bfloat16}, "embedding": {torch.float32}}
+    assert dtypes(prompt_tuning=True)["linear"] == {torch.float32}  # fp32 runs keep fp32 weights
+    assert dtypes(precision="bf16")["linear"] == {torch.float32}  # fine-tuning trains fp32 master weights

@@ -41,6 +41,7 @@ def load_model_and_prompts(
     random_init: bool = False,
     seed: int = 42,
     names: Sequence[str] | None = None,
+    bf16: bool = False,
 ) -> Loaded:
     """Load a frozen T5 and any number of prompt checkpoints checked against it.
 
@@ -50,6 +51,7 @@ def load_model_and_prompts(
         random_init: build the model with random weights from its config.
         seed: seed for random weights.
         names: names for the prompts (default: their directory names).
+        bf16: store the frozen matmul weights in bf16 (`PromptedT5.freeze_to`), for bf16 runs.
     """
     device = default_device()
     tokenizer = load_tokenizer(model_name_or_path)
@@ -65,6 +67,8 @@ def load_model_and_prompts(
             expect_base_model=None if random_init else model_name_or_path,
         )
     model = PromptedT5(t5).to(device).eval()
+    if bf16:
+        model.freeze_to(torch.bfloat16)
     return Loaded(model=model, tokenizer=tokenizer, prompts=prompts, device=device)
 
 
@@ -87,7 +91,9 @@ def _with_prompt(loaded: Loaded, name: str | None) -> PromptedT5:
     prompt = SoftPrompt(weight.shape[0], weight.shape[1])
     with torch.no_grad():
         prompt.weight.copy_(weight)
-    return PromptedT5(loaded.model.model, prompt.to(loaded.device)).eval()
+    model = PromptedT5(loaded.model.model, prompt.to(loaded.device)).eval()
+    model.frozen_dtype = loaded.model.frozen_dtype  # the same (possibly bf16) weights
+    return model
 
 
 def _data(args: Any, stats: Counter | None = None) -> list[QAExample]:
@@ -107,7 +113,11 @@ def run_eval(args: Any) -> dict[str, Any]:
     skipped: Counter = Counter()
     examples = _data(args, skipped)  # data first: a bad file is reported before minutes of model loading
     loaded = load_model_and_prompts(
-        args.model_name_or_path, args.prompt, random_init=args.random_init, seed=args.seed
+        args.model_name_or_path,
+        args.prompt,
+        random_init=args.random_init,
+        seed=args.seed,
+        bf16=args.precision == "bf16",
     )
     first = next(iter(loaded.prompts.values()), None)
     max_source = args.max_source_length or (first[1].max_source_length if first else 512)
@@ -175,6 +185,7 @@ def run_predict(args: Any) -> list[str]:
         [args.prompt] if args.prompt else [],
         random_init=args.random_init,
         seed=args.seed,
+        bf16=args.precision == "bf16",
     )
     answers = predict_answers(
         loaded,

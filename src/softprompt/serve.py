@@ -560,6 +560,7 @@ def main(argv: Sequence[str]) -> int:
         random_init=args.random_init,
         seed=args.seed,
         names=[n for n, _ in specs],
+        bf16=args.precision == "bf16",
     )
     # load_model_and_prompts already refused prompts of another model; the bank checks its own adds.
     bank = PromptBank.from_loaded(loaded, base_model=None if args.random_init else args.model)
