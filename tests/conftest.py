@@ -22,6 +22,22 @@ METRIC_VECTORS = SHARED / "data" / "metric" / "squad_v1.1_vectors.jsonl"
 TOKENIZER_DIR = SHARED / "models" / "t5-small-lm-adapt"
 
 
+def cpu_env(**extra: str) -> dict[str, str]:
+    """The environment for a CPU-only subprocess run: one thread, unbuffered, no GPU.
+
+    These runs compare results exactly across processes and use gloo for several ranks on one machine;
+    on a GPU machine they would otherwise pick CUDA and NCCL (two ranks on one GPU, other kernels).
+    tests/test_cuda.py covers the GPU paths.
+    """
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        **extra,
+    }
+
+
 def need(path: Path) -> Path:
     """Skip the calling test with a clear reason when a file from ../shared is missing."""
     if not path.exists():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import cpu_env
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def _common(model_dir: Path, train_file: Path, dev_file: Path) -> list[str]:
 
 def _env() -> dict[str, str]:
     # One thread per process: the same float reductions in every process, so results compare exactly.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return cpu_env()
 
 
 def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import save_tiny_t5, tiny_config
+from conftest import cpu_env, save_tiny_t5, tiny_config
 from softprompt.bank import PromptBank
 from softprompt.checkpoint import PromptConfig, save_prompt
 from softprompt.errors import UserError
@@ -86,7 +85,7 @@ def _start_server(served: dict, log: Path) -> tuple[subprocess.Popen, str]:
         cmd += ["--prompt", f"{name}={directory}"]
     cmd += ["--host", "127.0.0.1", "--port", "0", "--max_batch_size", "16", "--max_wait_ms", "30"]
     cmd += ["--max_context_chars", "2000", "--max_new_tokens", str(MAX_NEW), "--log_level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = cpu_env()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
