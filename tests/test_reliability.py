@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SQUAD_DEV, SQUAD_TRAIN, TOKENIZER_DIR, need, squad_subset, tiny_config
+from conftest import SQUAD_DEV, SQUAD_TRAIN, TOKENIZER_DIR, cpu_env, need, squad_subset, tiny_config
 from softprompt.checkpoint import PromptConfig, load_prompt, save_prompt
 from softprompt.cli import main
 from softprompt.model import PromptedT5
@@ -57,10 +57,8 @@ def _make_tiny_model_dir(d: Path) -> Path:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
     # One thread per process: every run reduces floats in the same order, and the shared box stays usable.
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
+    return cpu_env(MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 @dataclass(frozen=True)
@@ -248,6 +246,8 @@ def test_sigkill_at_three_points_then_resume_is_bit_identical(tiny_run, tmp_path
     assert not set(stale) & set(os.listdir(out))
     _assert_consistent(out)
     _assert_same_run(out, tiny_run.reference)
+    # Steps redone after a kill are logged once: each resume dropped what came after its checkpoint.
+    assert _train_steps(out) == list(range(1, MAX_STEPS + 1))
 
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_resume_is_bit_identical(tiny_run, tmp_path):
@@ -765,6 +765,17 @@ def test_a_prompt_for_another_model_is_refused_naming_both(tiny_model_dir, squad
     assert main(argv) == 2
     line = _one_error_line(capsys.readouterr().err, "eval")
     assert f"trained for google/t5-large-lm-adapt, not {model_dir}" in line
+    # Training may start from another model's prompt (prompt transfer), but says so.
+    argv = ["train", "--output_dir", str(tmp_path / "transfer"), "--model_name_or_path", str(model_dir),
+            "--train_file", str(squad_small[0]), "--prompt_tuning", "--n_tokens", "4", "--prompt_init",
+            "from_file", "--prompt_init_file", str(other), "--max_steps", "1", "--eval_steps", "0",
+            "--save_steps", "0", "--report_to", "none"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"warning: the initial prompt in {other} was trained for google/t5-large-lm-adapt, not {model_dir}"
+        in err
+    )
 
 
 # --------------------------------------------------------------------------------- config errors

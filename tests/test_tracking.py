@@ -87,6 +87,28 @@ def test_partial_last_line_does_not_swallow_the_next_record(tmp_path: Path) -> N
     assert json.loads(lines[2])["loss"] == 0.5
 
 
+def test_a_resumed_run_drops_the_records_after_its_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLogger(tmp_path, ["tensorboard"], is_main_process=True) as logger:
+        logger.log("start", 0)
+        for step in range(1, 6):
+            logger.log("train", step, loss=10.0 - step)
+        logger.log("eval", 4, f1=40.0)
+    with path.open("a", encoding="utf-8") as f:
+        f.write('{"event": "train", "st')  # torn by the kill
+    # The checkpoint was at step 3: steps 4-5 (and the eval at 4) are redone by the resumed run.
+    with MetricsLogger(tmp_path, ["tensorboard"], is_main_process=True, resume_step=3) as logger:
+        for step in range(4, 7):
+            logger.log("train", step, loss=20.0 - step)
+    records = read_jsonl(path)
+    assert [(r["event"], r["step"]) for r in records] == [("start", 0)] + [("train", s) for s in range(1, 7)]
+    assert [r["loss"] for r in records[1:]] == [9.0, 8.0, 7.0, 16.0, 15.0, 14.0]
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert loss == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 16.0), (5, 15.0), (6, 14.0)]
+
+
 def test_tensor_values_become_numbers(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path, [], is_main_process=True) as logger:
         logger.log("train", 3, loss=torch.tensor(1.25), grad_norm=torch.tensor(0.5, dtype=torch.float64))

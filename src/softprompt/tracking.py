@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from softprompt.checkpoint import atomic_write_text
 from softprompt.errors import ConfigError
 
 __all__ = ["METRICS_FILE", "REPORT_TO_CHOICES", "MetricsLogger", "Progress", "is_tty", "progress"]
@@ -46,6 +47,19 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite a metrics file without the records logged after `step` (and any torn line), atomically."""
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill in mid-write
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 def _validate_report_to(report_to: Sequence[str]) -> tuple[str, ...]:
     if isinstance(report_to, str):
         # A bare string would otherwise be iterated character by character.
@@ -62,7 +76,9 @@ class MetricsLogger:
     """Appends metric records to ``metrics.jsonl`` and mirrors them to TensorBoard and wandb.
 
     Each call to :meth:`log` writes one JSON line and flushes it, so a run that is killed keeps
-    everything logged so far; the file is opened in append mode so a resumed run continues it.
+    everything logged so far; the file is opened in append mode so a resumed run continues it. A run
+    resumed from step N first drops the records after step N: the interrupted run logged them after
+    its last checkpoint, and the resumed run logs those steps again (TensorBoard likewise purges them).
 
     Args:
         output_dir: The run directory; ``metrics.jsonl`` and ``tensorboard/`` go inside it.
@@ -71,6 +87,7 @@ class MetricsLogger:
         is_main_process: Only the main process writes anything; others get a silent logger.
         run_config: The resolved run configuration, recorded in TensorBoard as text and as the
             wandb run config.
+        resume_step: The step a resumed run restarts from; records after it are dropped first.
 
     Raises:
         ConfigError: ``report_to`` names an unknown destination, or asks for wandb when the
@@ -83,6 +100,7 @@ class MetricsLogger:
         report_to: Sequence[str] = (),
         is_main_process: bool = True,
         run_config: Mapping[str, Any] | None = None,
+        resume_step: int | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.report_to = _validate_report_to(report_to)
@@ -107,6 +125,8 @@ class MetricsLogger:
             return
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.metrics_path.exists():
+            _drop_records_after(self.metrics_path, resume_step)
         needs_newline = self.metrics_path.exists() and _ends_without_newline(self.metrics_path)
         self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - lives until close()
         if needs_newline:
@@ -118,7 +138,11 @@ class MetricsLogger:
         if "tensorboard" in self.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / TENSORBOARD_DIR), flush_secs=30)
+            self._writer = SummaryWriter(
+                log_dir=str(self.output_dir / TENSORBOARD_DIR),
+                flush_secs=30,
+                purge_step=None if resume_step is None else resume_step + 1,
+            )
             if run_config:
                 self._writer.add_text("config", _config_markdown(run_config), global_step=0)
 

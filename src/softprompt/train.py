@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -199,6 +200,16 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
                     path=cfg.prompt_init_file,
                 )
             )
+        if cfg.prompt_init == "from_file" and cfg.prompt_init_file and env.is_main and not cfg.random_init:
+            # Starting from another model's prompt (prompt transfer) is allowed, but rarely meant.
+            source = ckpt.load_prompt_config(cfg.prompt_init_file).base_model
+            if not ckpt.same_model(source, cfg.model_name_or_path):
+                print(
+                    f"softprompt: warning: the initial prompt in {cfg.prompt_init_file} was trained for {source}, "
+                    f"not {cfg.model_name_or_path}; training starts from it anyway",
+                    file=sys.stderr,
+                    flush=True,
+                )
     model = PromptedT5(t5, prompt).to(env.device)
     if bf16 and cfg.prompt_tuning and not cfg.fsdp:
         # No model weight trains, so keep the matmul weights in bf16 once instead of casting them every
@@ -245,7 +256,11 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         )
 
     logger = MetricsLogger(
-        out, report_to=cfg.report_to, is_main_process=env.is_main, run_config=cfg.to_dict()
+        out,
+        report_to=cfg.report_to,
+        is_main_process=env.is_main,
+        run_config=cfg.to_dict(),
+        resume_step=state.step if cfg.resume else None,  # a resume without a checkpoint restarts at 0
     )
     mode = "prompt tuning" if cfg.prompt_tuning else "full fine-tuning"
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
@@ -392,10 +407,12 @@ def train_loop(run: Run) -> dict[str, Any]:
             else:
                 st.epoch += 1
                 st.batch_in_epoch = 0
-    # -- the end: evaluate, checkpoint, report
+    # -- the end: checkpoint, evaluate, report. Checkpointing first means a job stopped during a long
+    # final evaluation (full SQuAD dev) loses no training: --resume only evaluates again.
+    save_checkpoint(run)
     if run.eval_examples:
         _evaluate(run)
-    save_checkpoint(run)
+        _refresh_last(run)
     return _results(run)
 
 
@@ -518,6 +535,16 @@ def _write_card(directory: Path, run: Run) -> None:
     from softprompt.modelcard import write_model_card
 
     write_model_card(directory, _model_card_info(run))
+
+
+def _refresh_last(run: Run) -> None:
+    """Record the final evaluation's best-so-far in `last/` (trainer state and model card), atomically."""
+    if not run.env.is_main:
+        return
+    last = (run.out / "last").resolve()
+    ckpt.atomic_write_text(last / "trainer_state.json", json.dumps(run.state.__dict__, indent=2) + "\n")
+    if run.model.prompt is not None:
+        _write_card(last, run)
 
 
 def save_checkpoint(run: Run) -> Path:
