@@ -135,6 +135,16 @@ def train_flops_per_example(cfg: Any, enc_len: int, dec_len: int) -> float:
     return fwd_lin + fwd_att + (fwd_lin - dec_self_lin) + 2 * (fwd_att - dec_self_att)
 
 
+def eval_encoder_flops(cfg: Any, enc_len: int) -> float:
+    """Model FLOPs of the encoder's forward for one question of ``enc_len`` = P + source tokens.
+
+    The part of answering that no implementation can skip (every answer needs the whole encoder once),
+    so the measured matmul rate over it bounds eval questions/s from above, whatever the decoder does.
+    """
+    d, ff, inner = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.d_kv
+    return cfg.num_layers * (2 * enc_len * (4 * d * inner + 3 * d * ff) + 4 * enc_len * enc_len * inner)
+
+
 def matmul_rate(dtype_name: str, seconds: float = 2.0, device: str = "cpu") -> float:
     """Best sustained GFLOP/s of a square ``torch.matmul`` loop over a few sizes, on random data.
 
@@ -633,14 +643,14 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
-def _token_counts(model_dir: Path, n_train: int) -> list[tuple[int, int]]:
-    """(P + source tokens, target tokens) of each trained example, from softprompt's tokenization."""
+def _token_counts(model_dir: Path, n_train: int, path: Path = SQUAD_TRAIN) -> list[tuple[int, int]]:
+    """(P + source tokens, target tokens) of each of the first questions, from softprompt's tokenization."""
     from softprompt.data import load_examples, tokenize_examples
     from softprompt.model import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     feats = tokenize_examples(
-        load_examples(SQUAD_TRAIN)[:n_train],
+        load_examples(path)[:n_train],
         tokenizer,
         max_source_length=MAX_SOURCE,
         max_target_length=MAX_TARGET,
@@ -662,6 +672,7 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
         print(f"[{name}] building {shape.model} with random weights ...", flush=True)
         config = _build_model(SHAPES[name], model_dir)
         counts = _token_counts(model_dir, shape.batch * shape.steps)
+        dev_counts = _token_counts(model_dir, shape.eval_questions, SQUAD_DEV)
         labels = [_label(v) for v in variants] + ["peft"]
         runs: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
         failed: dict[str, str] = {}
@@ -696,6 +707,7 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
                 )
         sides = {label: _best(rs) for label, rs in runs.items() if rs}
     flops_per_example = sum(train_flops_per_example(config, e, t) for e, t in counts) / len(counts)
+    eval_flops = sum(eval_encoder_flops(config, e) for e, _ in dev_counts) / len(dev_counts)
     pe = sides["peft"]
     pe_answers = pe["answers"]
     sp_answers = sides["softprompt"]["answers"]
@@ -713,6 +725,9 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
         "mean_source_tokens": sum(e for e, _ in counts) / len(counts) - N_TOKENS,
         "mean_target_tokens": sum(t for _, t in counts) / len(counts),
         "train_gflop_per_example": flops_per_example / 1e9,
+        "eval_encoder_gflop_per_question": eval_flops / 1e9,
+        "eval_ceiling_questions_per_second": rates["bf16"] * 1e9 / eval_flops,
+        "eval_ceiling_vs_peer": rates["bf16"] * 1e9 / eval_flops / pe["eval_questions_per_second"],
         "eval_answer_agreement": agree,
         "failed_variants": failed,
         "sides": list(sides),
@@ -738,6 +753,7 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
             "achieved_gflops": achieved,
             "vs_bf16": achieved / rates["bf16"],
             "vs_fp32": achieved / rates["fp32"],
+            "eval_encoder_vs_bf16": r["eval_questions_per_second"] * eval_flops / (rates["bf16"] * 1e9),
         }
     return result
 
@@ -791,7 +807,13 @@ def _table(results: list[dict[str, Any]], rates: dict[str, float]) -> str:
                 f"; cores used while training: softprompt {r['softprompt']['train_cores_used']:.2f}, "
                 f"peft {r['peft']['train_cores_used']:.2f} (of {os.cpu_count()})"
             )
-        foot += "."
+        foot += (
+            f". Eval bound: the encoder alone is {r['eval_encoder_gflop_per_question']:.1f} GFLOP per question, "
+            f"so at 100% of the bf16 matmul rate no implementation answers more than "
+            f"{r['eval_ceiling_questions_per_second']:.1f} q/s = {r['eval_ceiling_vs_peer']:.2f}x the peer "
+            f"(encoder MFU: softprompt {100 * r['mfu']['softprompt']['eval_encoder_vs_bf16']:.0f}%, "
+            f"peer {100 * r['mfu']['peft']['eval_encoder_vs_bf16']:.0f}%)."
+        )
         for label, why in r["failed_variants"].items():
             foot += f" {label} failed: {why}."
         busy = min(r[side]["train_cores_used"] for side in ("softprompt", "peft"))
