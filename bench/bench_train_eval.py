@@ -350,7 +350,7 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "train_examples_per_second": _steady_rate(args.batch, step_seconds, args.warmup_steps),
         "train_examples_per_second_all_steps": results["train_examples_per_second"],
-        "train_device": results.get("device", args.device),
+        "train_device": results["device"],
         "train_seconds": results["train_seconds"],
         "step_seconds": step_seconds,
         "train_peak_rss_mib": train_peak,
@@ -497,10 +497,8 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(0, len(dev), args.eval_batch):
             answers += answer(i)
     eval_seconds = time.perf_counter() - t0
-    warm = args.warmup_steps if len(timer.marks) > args.warmup_steps + 1 else 0
-    steady_rate = args.batch * (len(timer.marks) - 1 - warm) / (timer.marks[-1] - timer.marks[warm])
     return {
-        "train_examples_per_second": steady_rate,
+        "train_examples_per_second": _steady_rate(args.batch, step_seconds, args.warmup_steps),
         "train_examples_per_second_all_steps": args.batch * len(step_seconds) / train_seconds,
         "train_device": str(next(model.parameters()).device.type),
         "train_seconds": train_seconds,

@@ -19,36 +19,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from softprompt.model import PromptedT5
-from test_perf_invariants import _batch, _prompted, _rel, _t5
+from test_perf_invariants import _batch, _loss_and_grad, _prompted, _rel, _t5
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 CUDA = torch.device("cuda")
 
 
-def _loss_and_grad(
-    model: PromptedT5, batch: dict[str, torch.Tensor], *, bf16: bool
-) -> tuple[torch.Tensor, ...]:
-    device = model.prompt.weight.device
-    model.prompt.weight.grad = None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = model(
-            *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")), reduction="sum"
-        )
-    loss.backward()
-    grad = model.prompt.weight.grad.detach().float().cpu()
-    model.prompt.weight.grad = None
-    return loss.detach().float().cpu(), grad
-
-
 def test_transformers_path_on_cuda_in_bf16_agrees_with_fp32_on_cpu() -> None:
     model = _prompted(_t5())
     batch = _batch()
-    ref_loss, ref_grad = _loss_and_grad(model, batch, bf16=False)  # CPU, fp32 (lean path)
+    ref_loss, ref_grad = _loss_and_grad(model, batch, lean=True)  # CPU, fp32
     model.to(CUDA)
     model._lean_ok = False  # transformers' modules, as fine-tuning and FSDP run them
     assert model._lean_dtype(CUDA) is None
-    loss, grad = _loss_and_grad(model, batch, bf16=True)
+    loss, grad = _loss_and_grad(model, batch, lean=False, bf16=True)
     assert abs(float(loss - ref_loss)) <= 0.01 * abs(float(ref_loss))
     assert F.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
 
@@ -56,11 +40,10 @@ def test_transformers_path_on_cuda_in_bf16_agrees_with_fp32_on_cpu() -> None:
 def test_lean_forward_on_cuda_equals_transformers_in_fp32() -> None:
     model = _prompted(_t5()).to(CUDA)
     batch = _batch()
-    model._lean_ok = False
-    ref_loss, ref_grad = _loss_and_grad(model, batch, bf16=False)
+    ref_loss, ref_grad = _loss_and_grad(model, batch, lean=False)
     model._lean_ok = True  # the default for a frozen model on CUDA
     assert model._lean_dtype(CUDA) == torch.float32
-    loss, grad = _loss_and_grad(model, batch, bf16=False)
+    loss, grad = _loss_and_grad(model, batch, lean=True)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
     assert _rel(grad, ref_grad) < 1e-4
 
@@ -68,14 +51,12 @@ def test_lean_forward_on_cuda_equals_transformers_in_fp32() -> None:
 def test_lean_forward_on_cuda_is_close_to_transformers_in_bf16() -> None:
     model = _prompted(_t5()).to(CUDA)
     batch = _batch()
-    model._lean_ok = False
-    ref_loss, ref_grad = _loss_and_grad(model, batch, bf16=True)
-    model._lean_ok = True
-    loss, grad = _loss_and_grad(model, batch, bf16=True)
+    ref_loss, ref_grad = _loss_and_grad(model, batch, lean=False, bf16=True)
+    loss, grad = _loss_and_grad(model, batch, lean=True, bf16=True)
     assert abs(float(loss - ref_loss)) <= 0.005 * abs(float(ref_loss))
     assert F.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
     model.freeze_to(torch.bfloat16)  # bf16 weights: the same numbers as fp32 weights under autocast
-    frozen, frozen_grad = _loss_and_grad(model, batch, bf16=False)
+    frozen, frozen_grad = _loss_and_grad(model, batch, lean=True)
     torch.testing.assert_close(frozen, loss, rtol=1e-3, atol=1e-3)
     assert _rel(frozen_grad, grad) < 1e-2
 

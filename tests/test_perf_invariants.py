@@ -56,14 +56,18 @@ def _batch(n: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
 def _loss_and_grad(
     model: PromptedT5, batch: dict[str, torch.Tensor], *, lean: bool, bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and prompt gradient (both on the CPU), on whatever device the model is."""
     model._lean_ok = lean and lean_supported(model.model)
+    device = model.prompt.weight.device
     model.prompt.weight.grad = None
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(
+            *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")), reduction="sum"
+        )
     loss.backward()
-    grad = model.prompt.weight.grad.detach().clone()
+    grad = model.prompt.weight.grad.detach().float().cpu()
     model.prompt.weight.grad = None
-    return loss.detach().float(), grad
+    return loss.detach().float().cpu(), grad
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

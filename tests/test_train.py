@@ -184,11 +184,10 @@ def test_bf16_prompt_tuning_keeps_frozen_weights_in_bf16_and_matches_fp32(
     from softprompt.model import load_t5
     from softprompt.prompt import initial_prompt
 
-    emb = load_t5(tiny_model_dir, random_init=True, seed=42).shared.weight
-    moved32, moved16 = (
-        fp32 - initial_prompt("sampled_vocab", 6, emb, seed=42),
-        bf16 - initial_prompt("sampled_vocab", 6, emb, seed=42),
+    init = initial_prompt(
+        "sampled_vocab", 6, load_t5(tiny_model_dir, random_init=True, seed=42).shared.weight, seed=42
     )
+    moved32, moved16 = fp32 - init, bf16 - init
     assert bf16.dtype == torch.float32 and moved32.abs().max() > 1e-2
     # The same training up to bf16 rounding: both moved the prompt the same way.
     assert torch.nn.functional.cosine_similarity(moved16.flatten(), moved32.flatten(), dim=0) > 0.9

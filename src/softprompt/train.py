@@ -537,14 +537,17 @@ def _write_card(directory: Path, run: Run) -> None:
     write_model_card(directory, _model_card_info(run))
 
 
+def _write_state_and_card(directory: Path, run: Run) -> None:
+    """trainer_state.json and, for a prompt, its model card (every saved prompt carries one)."""
+    if run.model.prompt is not None:
+        _write_card(directory, run)
+    ckpt.atomic_write_text(directory / "trainer_state.json", json.dumps(run.state.__dict__, indent=2) + "\n")
+
+
 def _refresh_last(run: Run) -> None:
     """Record the final evaluation's best-so-far in `last/` (trainer state and model card), atomically."""
-    if not run.env.is_main:
-        return
-    last = (run.out / "last").resolve()
-    ckpt.atomic_write_text(last / "trainer_state.json", json.dumps(run.state.__dict__, indent=2) + "\n")
-    if run.model.prompt is not None:
-        _write_card(last, run)
+    if run.env.is_main:
+        _write_state_and_card((run.out / "last").resolve(), run)
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -576,9 +579,7 @@ def save_checkpoint(run: Run) -> Path:
     barrier(env)
     if env.is_main:
         try:
-            if run.model.prompt is not None:  # every saved prompt carries its model card
-                _write_card(tmp, run)
-            (tmp / "trainer_state.json").write_text(json.dumps(st.__dict__, indent=2) + "\n")
+            _write_state_and_card(tmp, run)
             ckpt._fsync_tree(tmp)
             old = None
             if target.exists():
