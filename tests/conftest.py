@@ -22,6 +22,19 @@ METRIC_VECTORS = SHARED / "data" / "metric" / "squad_v1.1_vectors.jsonl"
 TOKENIZER_DIR = SHARED / "models" / "t5-small-lm-adapt"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module, restored afterwards.
+
+    On a small CPU box shared with other jobs, two intra-op threads spin-wait on each other and
+    generation runs up to ~50x slower than with one. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
     """The environment for a CPU-only subprocess run: one thread, unbuffered, no GPU.
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,13 +27,7 @@ SUBJECTS = ["Ada", "the river", "a green door", "the treaty", "twelve ships", "t
 VERBS = ["was mentioned", "changed", "appeared", "was discussed", "was seen"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Two intra-op threads on a shared 2-core box spin-wait on each other (~50x slower generation).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(n: int) -> list[dict[str, str]]:
