@@ -11,6 +11,9 @@ import torch
 # Tiny models are dominated by per-op overhead, where a second thread only adds synchronisation;
 # one thread also makes float reductions identical across processes (the DDP equivalence tests).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test touches the network: Hub ids resolve from a local cache or fail fast (subprocesses inherit this).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
