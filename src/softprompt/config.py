@@ -52,7 +52,7 @@ class TrainConfig:
     n_tokens: int = 100
     """P, the number of prompt vectors (the paper uses 100)."""
     prompt_init: Init = "sampled_vocab"
-    """Prompt init: sampled_vocab (first 5,000 vocabulary rows, the paper's best), uniform ([-0.5, 0.5]), text, from_file."""
+    """Prompt init: sampled_vocab (first 5,000 vocabulary rows, the paper's best), uniform (U[0, 0.5), the official default: flax uniform(0.5)), text, from_file."""
     prompt_init_text: str | None = None
     """The string whose token embeddings start the prompt, with --prompt_init text."""
     prompt_init_file: str | None = None
