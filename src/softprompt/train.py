@@ -172,7 +172,7 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     tok_kwargs = dict(
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
-        pad_punctuation=cfg.pad_punctuation,
+        punctuation=cfg.punctuation,
     )
     train_features = tokenize_examples(train_examples, tokenizer, **tok_kwargs)
     eval_features = tokenize_examples(eval_examples, tokenizer, **tok_kwargs) if eval_examples else []
@@ -481,7 +481,7 @@ def _prompt_config(run: Run) -> ckpt.PromptConfig:
         n_tokens=cfg.n_tokens,
         d_model=run.model.prompt.d_model,
         init=cfg.prompt_init,
-        pad_punctuation=cfg.pad_punctuation,
+        punctuation=cfg.punctuation,
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
         extra={"step": run.state.step, "dev_f1": run.state.best_f1, "dev_exact_match": run.state.best_em},
