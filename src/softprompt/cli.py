@@ -119,10 +119,10 @@ class ScoreArgs:
 class FormatArgs:
     """Write {id, inputs, targets} per question: the exact text the model is trained and evaluated on."""
 
-    data: Annotated[tyro.conf.Positional[str | None], tyro.conf.arg(metavar="DATA")] = None
-    """SQuAD v1.1 JSON, MRQA .jsonl(.gz), or hf:NAME (or give --dataset_name instead)."""
     output: str
     """The .jsonl file to write, one question a line."""
+    data: Annotated[tyro.conf.Positional[str | None], tyro.conf.arg(metavar="DATA")] = None
+    """SQuAD v1.1 JSON, MRQA .jsonl(.gz), or hf:NAME (or give --dataset_name instead)."""
     punctuation: PunctuationName = "paper"
     """paper (T5's squad preprocessor as the paper ran it), current (T5 since 2022-04), none (raw text)."""
     dataset_name: str | None = None
