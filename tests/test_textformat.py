@@ -20,10 +20,9 @@ from softprompt.textformat import (
     source_pieces,
 )
 from softprompt.textformat import _padded_with_origin as padded_with_origin
-from tests.conftest import SHARED, need
+from conftest import SHARED, SQUAD_DEV, need
 
 T5_FORMAT = SHARED / "data" / "t5_format"
-SQUAD_DEV = SHARED / "data" / "squad" / "dev-v1.1.json"
 
 
 @pytest.fixture(scope="module")
