@@ -263,6 +263,7 @@ def test_adafactor_initial_step_survives_resume(tmp_path, tiny_model_dir, squad_
 def test_eval_of_a_padded_prompt_reports_both_scorings(tmp_path, tiny_model_dir, squad_small, capsys):
     train(_t5x_run(tmp_path, tiny_model_dir, squad_small, "pt", max_steps=2, initial_step=1_100_000))
     _, dev_file = squad_small
+    capsys.readouterr()  # the training run's own output
     rc = main([
         "eval", "--model", str(tiny_model_dir), "--random_init", "--prompt", str(tmp_path / "pt" / "best"),
         "--validation_file", str(dev_file), "--max_eval_samples", "6", "--max_new_tokens", "4",
