@@ -167,7 +167,9 @@ def test_card_records_initial_step_text_format_and_t5_scores(tmp_path: Path) -> 
     assert rows["exact match"] == "78.61" and rows["F1"] == "86.04"
     assert rows["exact match, T5's scoring"] == "80.50" and rows["F1, T5's scoring"] == "87.25"
     # Without them (AdamW, raw text): no initial-step row and no T5 rows.
-    _, body = split_card(write_model_card(tmp_path, {**INFO, "punctuation": "none"}).read_text(encoding="utf-8"))
+    _, body = split_card(
+        write_model_card(tmp_path, {**INFO, "punctuation": "none"}).read_text(encoding="utf-8")
+    )
     rows = table(body)
     assert "Adafactor initial step" not in rows and "F1, T5's scoring" not in rows
     assert rows["Input text"] == "none"

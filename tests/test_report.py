@@ -182,13 +182,11 @@ def test_runs_table_has_exact_scores(runs: list[Path], tmp_path: Path) -> None:
     assert len(rows) == 5
     assert (
         "| pt_af_03 | t5-base-lm-adapt | prompt | adafactor | 0.3 | 100 | — | 3000 | 2500 | 78.61 | 86.04 | — | — "
-        "| 0:41:40 |"
-        in rows
+        "| 0:41:40 |" in rows
     )
     assert (
         "| ft_base | t5-v1_1-base | finetune | adafactor | 5e-05 | — | — | 3000 | 3000 | 83.52 | 90.63 | — | — "
-        "| 2:03:04 |"
-        in rows
+        "| 2:03:04 |" in rows
     )
     for run in runs:
         results = json.loads((run / "results.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SHARED, SQUAD_DEV, need
 from softprompt.data import load_squad_json
 from softprompt.textformat import (
     PUNCTUATION_CHOICES,
@@ -20,7 +21,6 @@ from softprompt.textformat import (
     source_pieces,
 )
 from softprompt.textformat import _padded_with_origin as padded_with_origin
-from conftest import SHARED, SQUAD_DEV, need
 
 T5_FORMAT = SHARED / "data" / "t5_format"
 

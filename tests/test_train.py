@@ -249,7 +249,9 @@ def test_adafactor_initial_step_survives_resume(tmp_path, tiny_model_dir, squad_
     state = torch.load(tmp_path / "split" / "last" / "optimizer.pt", weights_only=True)["optimizer"]
     assert state["param_groups"][0]["initial_step"] == 1_100_000
     assert [s["step"] for s in state["state"].values()] == [4]  # updates taken: T5X's step 1,100,004
-    prompt = {d: load_file(str(tmp_path / d / "last" / "prompt.safetensors"))["prompt"] for d in ("whole", "split")}
+    prompt = {
+        d: load_file(str(tmp_path / d / "last" / "prompt.safetensors"))["prompt"] for d in ("whole", "split")
+    }
     torch.testing.assert_close(prompt["split"], prompt["whole"], rtol=0, atol=0)
 
     # The counter matters: the same 4 steps counted from 0 train a different prompt.

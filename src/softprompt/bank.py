@@ -443,7 +443,8 @@ def ensemble_eval(
     if punctuation != "none":
         contexts = {ex.id: ex.context for ex in examples}
         predictions = {
-            name: squad_scores_padded(p, references, contexts, punctuation)[1] for name, p in predictions.items()
+            name: squad_scores_padded(p, references, contexts, punctuation)[1]
+            for name, p in predictions.items()
         }
     scores = {name: squad_scores(p, references) for name, p in predictions.items()}
     names = list(per_prompt)

@@ -210,7 +210,11 @@ def load_prompt_config(directory: str | os.PathLike) -> PromptConfig:
     path = directory / PROMPT_CONFIG
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(raw, dict) and "punctuation" not in raw and isinstance(raw.get("pad_punctuation"), bool):
+        if (
+            isinstance(raw, dict)
+            and "punctuation" not in raw
+            and isinstance(raw.get("pad_punctuation"), bool)
+        ):
             from softprompt.textformat import LEGACY_PAD_PUNCTUATION
 
             # A prompt saved before the named formats: its boolean, read as the nearer T5 format.

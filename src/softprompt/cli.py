@@ -140,7 +140,9 @@ def cmd_format(argv: Sequence[str]) -> int:
 
     args = _parse(FormatArgs, argv, "softprompt format")
     if not args.data and not args.dataset_name:
-        raise UserError("give the data to format: a SQuAD JSON or MRQA jsonl file, hf:NAME, or --dataset_name")
+        raise UserError(
+            "give the data to format: a SQuAD JSON or MRQA jsonl file, hf:NAME, or --dataset_name"
+        )
     n, skipped = write_formatted(
         args.data,
         args.output,

@@ -157,7 +157,12 @@ def run_eval(args: Any) -> dict[str, Any]:
         per_prompt = {}
         for name in loaded.prompts:
             result = evaluate_examples(
-                _with_prompt(loaded, name), loaded.tokenizer, examples, features, punctuation=punctuation, **gen
+                _with_prompt(loaded, name),
+                loaded.tokenizer,
+                examples,
+                features,
+                punctuation=punctuation,
+                **gen,
             )
             per_prompt[name] = result.scores()
             predictions = result.predictions

@@ -620,7 +620,10 @@ def _runs_table(runs: Sequence[Run]) -> list[str]:
                 run.results.get("best_step", "—"),
                 _fmt_score(run.exact_match),
                 _fmt_score(run.f1),
-                *("—" if (s := run.t5_score(k)) is None else _fmt_score(s) for k in ("t5_exact_match", "t5_f1")),
+                *(
+                    "—" if (s := run.t5_score(k)) is None else _fmt_score(s)
+                    for k in ("t5_exact_match", "t5_f1")
+                ),
                 _fmt_duration(run.results.get("train_seconds")),
             ]
         )
