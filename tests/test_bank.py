@@ -67,7 +67,7 @@ def setup(tmp_path_factory) -> dict:
             base_model=str(model_dir),
             n_tokens=w.shape[0],
             d_model=D_MODEL,
-            pad_punctuation=name == "c",
+            punctuation="paper" if name == "c" else "none",
             max_source_length=24 if name == "c" else 512,
         )
         dirs[name] = save_prompt(root / f"prompt-{name}", w, config)

@@ -119,3 +119,26 @@ def test_impossible_combinations_are_refused_together(tmp_path):
         "already holds a run; pass --resume",
     ):
         assert part in msg, part
+
+
+def test_old_pad_punctuation_key_reads_as_a_named_format(tmp_path) -> None:
+    """config.yaml and prompt_config.json written before the named formats still load."""
+    import json
+
+    from softprompt.checkpoint import PROMPT_CONFIG, load_prompt_config
+
+    for old, new in ((True, "paper"), (False, "none")):
+        path = tmp_path / f"old_{old}.yaml"
+        path.write_text(f"pad_punctuation: {str(old).lower()}\n")
+        assert load_yaml_config(path).punctuation == new
+        prompt_dir = tmp_path / f"prompt_{old}"
+        prompt_dir.mkdir()
+        (prompt_dir / PROMPT_CONFIG).write_text(
+            json.dumps({"base_model": "m", "n_tokens": 2, "d_model": 4, "pad_punctuation": old})
+        )
+        assert load_prompt_config(prompt_dir).punctuation == new
+    # An explicit new key wins over the old one.
+    path = tmp_path / "both.yaml"
+    path.write_text("pad_punctuation: true\npunctuation: current\n")
+    assert load_yaml_config(path).punctuation == "current"
+    assert TrainConfig().punctuation == "paper"

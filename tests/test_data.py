@@ -20,6 +20,7 @@ from softprompt.data import (
     BucketBatchSampler,
     Collator,
     Features,
+    Punctuation,
     QAExample,
     examples_from_rows,
     format_input,
@@ -723,45 +724,12 @@ def test_load_hf_dataset_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_format_input_and_target_exact() -> None:
+    # none: the seed's raw text, unchanged. T5's own formats are tested in test_textformat.py.
     assert format_input("Who?", "Ada wrote it.") == "question: Who? context: Ada wrote it."
-    # T5 joins the padded pieces with single spaces, so padding's trailing space doubles before "context:".
-    assert (
-        format_input("Who?", "Ada, 1843.", pad_punctuation=True) == "question: Who ?  context: Ada , 1843 . "
-    )
+    assert format_input("Who?", "Ada, 1843.", "paper") == "question: Who ? context: Ada , 1843 . "
     assert format_target("Ada Lovelace") == "Ada Lovelace"
-    assert format_target("St. Mary's", pad_punctuation=True) == "St . Mary ' s"
-    assert format_target("St. Mary's", True) == format_target("St. Mary's", pad_punctuation=True)
-
-
-@pytest.mark.parametrize(
-    ("text", "padded"),
-    [
-        ("Hello, world!", "Hello , world ! "),
-        ("don't", "don ' t"),
-        ("1,000.5", "1 , 000 . 5"),
-        ("snake_case", "snake_case"),
-        ("cafe\u0301 Beyoncé's", "cafe\u0301 Beyoncé ' s"),  # combining marks and letters stay glued
-        ("(1990–2000)", " ( 1990 – 2000 ) "),
-        ("北京。", "北京 。 "),
-        ("  a \n\t b  ", " a b "),
-        ("x\u00a0y", "x \u00a0 y"),  # RE2's \s excludes NBSP, so T5 pads it like punctuation
-        ("Ⅻ²", "Ⅻ²"),  # \p{N} covers letter-like and superscript numbers
-        ("", ""),
-    ],
-)
-def test_pad_punctuation_examples(text: str, padded: str) -> None:
-    assert pad_punctuation(text) == padded
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=50))
-def test_pad_punctuation_properties(text: str) -> None:
-    padded = pad_punctuation(text)
-    assert pad_punctuation(padded) == padded  # idempotent
-    re2_space = "\t\n\f\r "
-    strip = str.maketrans("", "", re2_space)
-    assert padded.translate(strip) == text.translate(strip)  # only RE2 whitespace is added or removed
-    assert "  " not in padded
+    assert format_target("St. Mary's", "current") == "St . Mary ' s"
+    assert format_target("St. Mary's", Punctuation.PAPER) == pad_punctuation("St. Mary's", "paper")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -776,16 +744,12 @@ def dev_features(dev: list[QAExample], tokenizer) -> list[Features]:
 @pytest.mark.shared
 def test_tokenization_equals_whole_string_tokenization(dev: list[QAExample], tokenizer) -> None:
     sample = dev[::40]
-    for padded in (False, True):
+    for style in ("none", "paper", "current"):
         features = tokenize_examples(
-            sample, tokenizer, max_source_length=4096, max_target_length=512, pad_punctuation=padded
+            sample, tokenizer, max_source_length=4096, max_target_length=512, punctuation=style
         )
-        sources = tokenizer([format_input(e.question, e.context, pad_punctuation=padded) for e in sample])[
-            "input_ids"
-        ]
-        targets = tokenizer([format_target(e.answers[0], pad_punctuation=padded) for e in sample])[
-            "input_ids"
-        ]
+        sources = tokenizer([format_input(e.question, e.context, style) for e in sample])["input_ids"]
+        targets = tokenizer([format_target(e.answers[0], style) for e in sample])["input_ids"]
         assert [f.input_ids for f in features] == sources
         assert [f.labels for f in features] == targets
         assert [f.example_index for f in features] == list(range(len(sample)))

@@ -156,3 +156,20 @@ def test_fine_tuned_checkpoint_card(tmp_path: Path) -> None:
     argv = shlex.split(code_blocks(body, "bash")[0])
     # The fine-tuned checkpoint is itself the model; there is no prompt to pass.
     assert argv[2:4] == ["--model", str(tmp_path)] and "--prompt" not in argv
+
+
+def test_card_records_initial_step_text_format_and_t5_scores(tmp_path: Path) -> None:
+    info = {**INFO, "initial_step": 1_100_000, "punctuation": "paper", "t5_exact_match": 80.5, "t5_f1": 87.25}
+    _, body = split_card(write_model_card(tmp_path, info).read_text(encoding="utf-8"))
+    rows = table(body)
+    assert rows["Adafactor initial step"] == "1,100,000"
+    assert rows["Input text"] == "paper"
+    assert rows["exact match"] == "78.61" and rows["F1"] == "86.04"
+    assert rows["exact match, T5's scoring"] == "80.50" and rows["F1, T5's scoring"] == "87.25"
+    # Without them (AdamW, raw text): no initial-step row and no T5 rows.
+    _, body = split_card(
+        write_model_card(tmp_path, {**INFO, "punctuation": "none"}).read_text(encoding="utf-8")
+    )
+    rows = table(body)
+    assert "Adafactor initial step" not in rows and "F1, T5's scoring" not in rows
+    assert rows["Input text"] == "none"

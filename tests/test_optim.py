@@ -37,6 +37,7 @@ def ref_run(
     clip: bool = True,
     lr_scaled_decay: bool = False,
     param_scale: bool = False,
+    initial_step: int = 0,
 ) -> tuple[torch.Tensor, list[float]]:
     """The T5X rule written out with plain ops; returns the final param and RMS(u) before clipping per step."""
     p = p0.clone()
@@ -45,7 +46,7 @@ def ref_run(
     vr = torch.zeros(p.shape[:-1], dtype=p.dtype)
     vc = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=p.dtype)
     raw_rms = []
-    for t, g in enumerate(grads, start=1):
+    for t, g in enumerate(grads, start=initial_step + 1):
         b = ref_beta2(t)
         g2 = g**2 + eps1
         if factored:
@@ -535,3 +536,98 @@ def test_optimizer_and_scheduler_state_survive_weights_only_load(name: str) -> N
         s.step()
     assert torch.equal(params[0], params_b[0])
     assert sched_b.get_last_lr() == sched.get_last_lr()
+
+
+# ---------------------------------------------------------------- initial step: T5X's continued counter
+
+LM_ADAPT_STEP = 1_100_000
+
+
+def test_initial_step_decay_is_t5x_continued_counter() -> None:
+    """At initial step N the k-th update decays with 1 - (N + k)^-0.8 (T5X: step restored, step_offset 0)."""
+    p0 = param_for((100, 64), seed=20)
+    grads = grads_for((100, 64), 6, seed=21)
+    ours, opt = run_ours(p0, grads, lr=0.3, weight_decay=1e-5, initial_step=LM_ADAPT_STEP)
+    expected, raw_rms = ref_run(p0, grads, lr=0.3, wd=1e-5, initial_step=LM_ADAPT_STEP)
+    torch.testing.assert_close(ours, expected, **TIGHT)
+
+    # The decays themselves: ~0.9999853 from the first update on, and the second moment starts at zero.
+    assert ref_beta2(LM_ADAPT_STEP + 1) == pytest.approx(0.9999853, abs=1e-7)
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    g2 = [g**2 + 1e-30 for g in grads]
+    v = torch.zeros_like(p0)
+    for k, g in enumerate(g2, start=1):
+        b = 1.0 - (LM_ADAPT_STEP + k) ** -0.8
+        v = b * v + (1 - b) * g
+    torch.testing.assert_close(state["exp_avg_sq"], v, **TIGHT)
+    assert state["step"] == 6 and opt.param_groups[0]["initial_step"] == LM_ADAPT_STEP
+
+    # With v ~ 1.5e-5 g^2 the raw update has RMS in the hundreds, so clipping to RMS 1 acts at every step.
+    assert all(r > 30 for r in raw_rms)
+    from_zero, _ = ref_run(p0, grads, lr=0.3, wd=1e-5)
+    assert (from_zero - expected).abs().max().item() > 1e-3  # the counter changes what is trained
+
+
+def test_initial_step_each_update_has_rms_lr_and_decoupled_decay() -> None:
+    """Clipped updates have RMS exactly 1, so each step moves p by (1 - wd) p - lr * u with RMS(u) = 1."""
+    p0 = param_for((100, 64), seed=22)
+    grads = grads_for((100, 64), 4, seed=23)
+    param = torch.nn.Parameter(p0.clone())
+    opt, _ = build_optimizer("adafactor", [param], lr=0.3, weight_decay=1e-5, initial_step=LM_ADAPT_STEP)
+    before = p0.clone()
+    for g in grads:
+        param.grad = g.clone()
+        opt.step()
+        u = ((1 - 1e-5) * before - param.detach()) / 0.3
+        assert float(ref_rms(u)) == pytest.approx(1.0, rel=1e-9)
+        before = param.detach().clone()
+
+
+def test_initial_step_factored_matrix_matches_reference() -> None:
+    p0 = param_for((4, 8, 16), seed=24)
+    grads = grads_for((4, 8, 16), 3, seed=25)
+    ours, _ = run_ours(p0, grads, lr=0.1, min_dim_size_to_factor=8, initial_step=LM_ADAPT_STEP)
+    expected, _ = ref_run(p0, grads, lr=0.1, factored=True, initial_step=LM_ADAPT_STEP)
+    torch.testing.assert_close(ours, expected, **TIGHT)
+
+
+def test_initial_step_survives_state_dict_round_trip() -> None:
+    """Stop after 3 updates, save, load into a fresh optimizer built with initial_step 0: 3 more updates
+    give the same result as 6 uninterrupted ones, because the saved param group carries initial_step."""
+    p0 = param_for((100, 64), seed=26)
+    grads = grads_for((100, 64), 6, seed=27)
+    whole, _ = run_ours(p0, grads, lr=0.3, weight_decay=1e-5, initial_step=LM_ADAPT_STEP)
+
+    first, opt = run_ours(p0, grads[:3], lr=0.3, weight_decay=1e-5, initial_step=LM_ADAPT_STEP)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    param = torch.nn.Parameter(first.clone())
+    resumed = Adafactor([param], lr=0.3, weight_decay=1e-5)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.param_groups[0]["initial_step"] == LM_ADAPT_STEP
+    for g in grads[3:]:
+        param.grad = g.clone()
+        resumed.step()
+    assert resumed.state[param]["step"] == 6
+    torch.testing.assert_close(param.detach(), whole, **TIGHT)
+
+
+def test_state_dict_without_initial_step_loads_as_zero() -> None:
+    param = torch.nn.Parameter(param_for((3, 4), seed=28))
+    opt = Adafactor([param])
+    param.grad = torch.ones_like(param)
+    opt.step()
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["initial_step"]  # as written before the option existed
+    fresh = Adafactor([param], initial_step=LM_ADAPT_STEP)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["initial_step"] == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_initial_step_must_be_a_non_negative_integer(bad) -> None:
+    with pytest.raises(ValueError, match="initial_step"):
+        Adafactor([torch.nn.Parameter(torch.zeros(2))], initial_step=bad)
+    with pytest.raises(ConfigError, match="initial step"):
+        build_optimizer("adafactor", [torch.nn.Parameter(torch.zeros(2))], 0.3, 0.0, initial_step=bad)

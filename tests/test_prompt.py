@@ -36,12 +36,18 @@ def test_sampled_vocab_spreads_over_the_5000_rows():
     assert int((ids >= 4000).sum()) > 100
 
 
-def test_uniform_range_and_seed():
-    emb = torch.zeros(50, 32)
-    out = initial_prompt("uniform", 20, emb, seed=1)
-    assert float(out.min()) >= -0.5 and float(out.max()) <= 0.5
-    assert float(out.std()) == pytest.approx(1 / 12**0.5, rel=0.1)
-    assert torch.equal(out, initial_prompt("uniform", 20, emb, seed=1))
+def test_uniform_is_flax_uniform_half_open_zero_to_half():
+    """flax.linen.initializers.uniform(scale=0.5) (the official gin default) draws U[0, 0.5)."""
+    emb = torch.zeros(50, 64)
+    out = initial_prompt("uniform", 100, emb, seed=1)
+    assert out.shape == (100, 64) and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) < 0.5
+    # Spread over the whole range, not a sliver of it: 6,400 draws reach both ends.
+    assert float(out.min()) < 0.05 and float(out.max()) > 0.45
+    assert float(out.mean()) == pytest.approx(0.25, abs=0.01)
+    assert float(out.std()) == pytest.approx(0.5 / 12**0.5, rel=0.05)
+    assert torch.equal(out, initial_prompt("uniform", 100, emb, seed=1))
+    assert not torch.equal(out, initial_prompt("uniform", 100, emb, seed=2))
 
 
 def test_text_init_repeats_token_embeddings(tokenizer):

@@ -181,12 +181,12 @@ def test_runs_table_has_exact_scores(runs: list[Path], tmp_path: Path) -> None:
     rows = section(md, "Runs")
     assert len(rows) == 5
     assert (
-        "| pt_af_03 | t5-base-lm-adapt | prompt | adafactor | 0.3 | 100 | 3000 | 2500 | 78.61 | 86.04 | 0:41:40 |"
-        in rows
+        "| pt_af_03 | t5-base-lm-adapt | prompt | adafactor | 0.3 | 100 | — | 3000 | 2500 | 78.61 | 86.04 | — | — "
+        "| 0:41:40 |" in rows
     )
     assert (
-        "| ft_base | t5-v1_1-base | finetune | adafactor | 5e-05 | — | 3000 | 3000 | 83.52 | 90.63 | 2:03:04 |"
-        in rows
+        "| ft_base | t5-v1_1-base | finetune | adafactor | 5e-05 | — | — | 3000 | 3000 | 83.52 | 90.63 | — | — "
+        "| 2:03:04 |" in rows
     )
     for run in runs:
         results = json.loads((run / "results.json").read_text())
@@ -306,3 +306,18 @@ def test_bad_config_and_missing_directory(tmp_path: Path) -> None:
 )
 def test_model_size(name: str, size: str) -> None:
     assert model_size(name) == size
+
+
+def test_runs_table_shows_text_format_and_t5_scores(tmp_path: Path) -> None:
+    """A padded-text run shows its format and T5's own scores beside the official ones; an older run's
+    boolean pad_punctuation reads as its nearer named format."""
+    padded = make_run(tmp_path, "paper", em=80.0, f1=88.0, punctuation="paper")
+    results = json.loads((padded / "results.json").read_text())
+    results.update(punctuation="paper", t5_exact_match=81.25, t5_f1=88.5)
+    (padded / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    legacy = make_run(tmp_path, "legacy", em=70.0, f1=75.0, pad_punctuation=True)
+    rows = section(make_report([padded, legacy], tmp_path / "out").read_text(encoding="utf-8"), "Runs")
+    row = next(r for r in rows if r.startswith("| paper |"))
+    assert "| 100 | paper | 3000 | 2500 | 80.00 | 88.00 | 81.25 | 88.50 |" in row
+    row = next(r for r in rows if r.startswith("| legacy |"))
+    assert "| 100 | paper | 3000 | 2500 | 70.00 | 75.00 | — | — |" in row

@@ -206,3 +206,88 @@ def test_bf16_prompt_tuning_keeps_frozen_weights_in_bf16_and_matches_fp32(
     assert bf16_prompt == {"linear": {torch.bfloat16}, "embedding": {torch.float32}}
     assert dtypes(prompt_tuning=True)["linear"] == {torch.float32}  # fp32 runs keep fp32 weights
     assert dtypes(precision="bf16")["linear"] == {torch.float32}  # fine-tuning trains fp32 master weights
+
+
+def _t5x_run(tmp_path, tiny_model_dir, squad_small, name: str, **kw) -> TrainConfig:
+    train_file, dev_file = squad_small
+    fields = dict(
+        output_dir=str(tmp_path / name),
+        model_name_or_path=str(tiny_model_dir),
+        random_init=True,
+        train_file=str(train_file),
+        validation_file=str(dev_file),
+        max_eval_samples=6,
+        prompt_tuning=True,
+        n_tokens=6,
+        global_batch_size=8,
+        dropout=0.0,
+        eval_steps=0,
+        save_steps=2,
+        max_source_length=96,
+        max_target_length=8,
+        punctuation="paper",
+        report_to=["none"],
+    )
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def test_adafactor_initial_step_survives_resume(tmp_path, tiny_model_dir, squad_small):
+    """Train 2 steps from T5X's step 1,100,000, resume to 4: the same prompt as 4 steps straight, because
+    the checkpoint carries the counter (the resumed config even leaves --initial_step unset, whose
+    default for a random init would be 0)."""
+    whole = _t5x_run(tmp_path, tiny_model_dir, squad_small, "whole", max_steps=4, initial_step=1_100_000)
+    results = train(whole)
+    assert results["initial_step"] == 1_100_000 and results["punctuation"] == "paper"
+    assert isinstance(results["t5_exact_match"], float) and isinstance(results["t5_f1"], float)
+    assert json.loads((tmp_path / "whole" / "results.json").read_text())["t5_f1"] == results["t5_f1"]
+
+    train(_t5x_run(tmp_path, tiny_model_dir, squad_small, "split", max_steps=2, initial_step=1_100_000))
+    resumed = _t5x_run(tmp_path, tiny_model_dir, squad_small, "split", max_steps=4, resume=True)
+    assert train(resumed)["initial_step"] == 1_100_000
+
+    state = torch.load(tmp_path / "split" / "last" / "optimizer.pt", weights_only=True)["optimizer"]
+    assert state["param_groups"][0]["initial_step"] == 1_100_000
+    assert [s["step"] for s in state["state"].values()] == [4]  # updates taken: T5X's step 1,100,004
+    prompt = {
+        d: load_file(str(tmp_path / d / "last" / "prompt.safetensors"))["prompt"] for d in ("whole", "split")
+    }
+    torch.testing.assert_close(prompt["split"], prompt["whole"], rtol=0, atol=0)
+
+    # The counter matters: the same 4 steps counted from 0 train a different prompt.
+    train(_t5x_run(tmp_path, tiny_model_dir, squad_small, "zero", max_steps=4, initial_step=0))
+    zero = load_file(str(tmp_path / "zero" / "last" / "prompt.safetensors"))["prompt"]
+    assert (zero - prompt["whole"]).abs().max() > 1e-3
+    card = (tmp_path / "whole" / "last" / "README.md").read_text()
+    assert "| Adafactor initial step | 1,100,000 |" in card and "| Input text | paper |" in card
+
+
+def test_eval_of_a_padded_prompt_reports_both_scorings(tmp_path, tiny_model_dir, squad_small, capsys):
+    train(_t5x_run(tmp_path, tiny_model_dir, squad_small, "pt", max_steps=2, initial_step=1_100_000))
+    _, dev_file = squad_small
+    capsys.readouterr()  # the training run's own output
+    rc = main([
+        "eval", "--model", str(tiny_model_dir), "--random_init", "--prompt", str(tmp_path / "pt" / "best"),
+        "--validation_file", str(dev_file), "--max_eval_samples", "6", "--max_new_tokens", "4",
+    ])  # fmt: skip
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["punctuation"] == "paper"  # read from the prompt's own config
+    assert {"exact_match", "f1", "t5_exact_match", "t5_f1"} <= set(report)
+    assert all(0.0 <= report[k] <= 100.0 for k in ("exact_match", "f1", "t5_exact_match", "t5_f1"))
+
+
+def test_initial_step_default_follows_the_checkpoint_and_is_refused_for_adamw(tmp_path):
+    from softprompt.config import check_config, resolve_initial_step
+
+    assert resolve_initial_step(TrainConfig()) == 1_100_000  # google/t5-base-lm-adapt
+    assert resolve_initial_step(TrainConfig(model_name_or_path="/models/t5-xxl-lm-adapt/")) == 1_100_000
+    assert resolve_initial_step(TrainConfig(model_name_or_path="google/t5-v1_1-base")) == 1_000_000
+    assert resolve_initial_step(TrainConfig(model_name_or_path="runs/ft/best")) == 0
+    assert resolve_initial_step(TrainConfig(random_init=True)) == 0
+    assert resolve_initial_step(TrainConfig(initial_step=7)) == 7
+    assert resolve_initial_step(TrainConfig(optimizer="adamw")) == 0
+    _, problems = check_config(
+        TrainConfig(output_dir=str(tmp_path / "x"), dataset_name="squad", optimizer="adamw", initial_step=5)
+    )
+    assert problems == ["--initial_step only applies to --optimizer adafactor, not adamw"]

@@ -20,8 +20,9 @@ from softprompt.data import Features, QAExample, tokenize_examples
 from softprompt.distributed import DistEnv
 from softprompt.errors import CheckpointError, UserError
 from softprompt.evaluate import RowPrompts, generate_answers
-from softprompt.metrics import normalize_answer, squad_scores
+from softprompt.metrics import normalize_answer, squad_scores, squad_scores_padded
 from softprompt.model import PromptedT5
+from softprompt.textformat import raw_answer
 
 if TYPE_CHECKING:
     from softprompt.inference import Loaded
@@ -241,11 +242,11 @@ class PromptBank:
         tasks = [self.index(task) for task, _, _ in rows]
         features: list[Features | None] = [None] * len(rows)
         # Rows whose prompts were trained with the same input settings are tokenized together.
-        groups: dict[tuple[int, bool], list[int]] = {}
+        groups: dict[tuple[int, str], list[int]] = {}
         for i, k in enumerate(tasks):
             config = self._entries[k].config
-            groups.setdefault((config.max_source_length, config.pad_punctuation), []).append(i)
-        for (max_source, pad_punct), members in groups.items():
+            groups.setdefault((config.max_source_length, config.punctuation), []).append(i)
+        for (max_source, punctuation), members in groups.items():
             examples = [
                 QAExample(id=str(i), question=rows[i][1], context=rows[i][2], answers=("",)) for i in members
             ]
@@ -255,7 +256,7 @@ class PromptBank:
                 self.tokenizer,
                 max_source_length=max_source,
                 max_target_length=2,
-                pad_punctuation=pad_punct,
+                punctuation=punctuation,
             )
             for i, f in zip(members, group, strict=True):
                 f.example_index = i
@@ -282,7 +283,7 @@ class PromptBank:
         if not rows:
             return []
         features, tasks = self.tokenize(rows)
-        return generate_answers(
+        answers = generate_answers(
             self.model,
             self.tokenizer,
             features,
@@ -292,6 +293,12 @@ class PromptBank:
             bf16=bf16,
             row_prompts=self.row_prompts(tasks),
         )
+        # Prompts trained on T5's padded text answer "U . S ."; give back the context's own "U.S.".
+        out = []
+        for answer, row, k in zip(answers, rows, tasks, strict=True):
+            span = raw_answer(answer, row[2], self._entries[k].config.punctuation)
+            out.append(answer if span is None else span)
+        return out
 
     def describe(self) -> list[dict[str, Any]]:
         """Metadata of every prompt, in bank order (what `GET /v1/tasks` serves)."""
@@ -306,7 +313,7 @@ class PromptBank:
                     "base_model": c.base_model,
                     "init": c.init,
                     "max_source_length": c.max_source_length,
-                    "pad_punctuation": c.pad_punctuation,
+                    "punctuation": c.punctuation,
                     "dev_f1": _number(c.extra.get("dev_f1")),
                     "dev_exact_match": _number(c.extra.get("dev_exact_match")),
                     "extra": dict(c.extra),
@@ -393,6 +400,7 @@ def ensemble_eval(
     env: DistEnv | None = None,
     bf16: bool = False,
     show_progress: bool = False,
+    punctuation: str = "none",
 ) -> dict[str, Any]:
     """Score every loaded prompt and their majority vote, from one batched pass (Table 3 of the paper).
 
@@ -409,6 +417,8 @@ def ensemble_eval(
         env: the distributed environment (default: one process on the model's device).
         bf16: run under bf16 autocast.
         show_progress: draw a progress bar.
+        punctuation: the text format the prompts were trained with; with padded text each answer is
+            mapped back to its raw context span before scoring and voting (official scores only).
 
     Returns:
         `predictions` (the ensemble's {id: answer}), `prompts` ({name: {exact_match, f1}}),
@@ -430,6 +440,12 @@ def ensemble_eval(
     ids = [examples[f.example_index].id for f in features]
     references = {ex.id: list(ex.answers) for ex in examples}
     predictions = {name: dict(zip(ids, texts, strict=True)) for name, texts in per_prompt.items()}
+    if punctuation != "none":
+        contexts = {ex.id: ex.context for ex in examples}
+        predictions = {
+            name: squad_scores_padded(p, references, contexts, punctuation)[1]
+            for name, p in predictions.items()
+        }
     scores = {name: squad_scores(p, references) for name, p in predictions.items()}
     names = list(per_prompt)
     priority = tie_break_order([scores[name]["f1"] for name in names])

@@ -44,8 +44,8 @@ class PromptConfig:
     """How the prompt was initialised."""
     input_template: str = DEFAULT_TEMPLATE
     """How a question and context were written as the model's input."""
-    pad_punctuation: bool = False
-    """Whether T5's punctuation padding was applied to inputs and targets."""
+    punctuation: str = "none"
+    """The text format of inputs and targets: paper, current or none (see softprompt.textformat.Punctuation)."""
     max_source_length: int = 512
     """Text tokens of input kept (the prompt comes on top)."""
     max_target_length: int = 32
@@ -210,6 +210,15 @@ def load_prompt_config(directory: str | os.PathLike) -> PromptConfig:
     path = directory / PROMPT_CONFIG
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
+        if (
+            isinstance(raw, dict)
+            and "punctuation" not in raw
+            and isinstance(raw.get("pad_punctuation"), bool)
+        ):
+            from softprompt.textformat import LEGACY_PAD_PUNCTUATION
+
+            # A prompt saved before the named formats: its boolean, read as the nearer T5 format.
+            raw["punctuation"] = LEGACY_PAD_PUNCTUATION[raw["pad_punctuation"]]
         known = {k: raw[k] for k in PromptConfig.__dataclass_fields__ if k in raw}
         return PromptConfig(**known)
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:

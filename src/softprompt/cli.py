@@ -17,6 +17,7 @@ import tyro
 
 from softprompt import __version__
 from softprompt.errors import ConfigError, UserError
+from softprompt.textformat import PunctuationName
 
 USAGE = f"""softprompt {__version__}: prompt tuning (Lester et al., 2021) and fine-tuning of T5 for question answering
 
@@ -27,6 +28,7 @@ commands:
   eval      score a model (+ prompts, optionally an ensemble) on a data file: EM/F1 and predictions
   predict   answer --question/--context, or a JSONL file of {{question, context}} lines
   score     the official SQuAD v1.1 evaluator: softprompt score DATA.json PREDICTIONS.json
+  format    write the model's input/target text for each question: softprompt format DATA --output FILE.jsonl
   serve     an HTTP server answering for many prompts on one frozen model
   inspect   nearest vocabulary tokens of each prompt vector
   report    learning curves and tables comparing run directories
@@ -67,8 +69,8 @@ class EvalArgs:
     """Input text tokens kept; default: the prompt's own setting, else 512."""
     max_new_tokens: int = 32
     """Longest answer in tokens."""
-    pad_punctuation: bool | None = None
-    """T5 punctuation padding; default: the prompt's own setting, else off."""
+    punctuation: PunctuationName | None = None
+    """Input text format (paper, current, none); default: the prompt's own setting, else none."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32 or bf16 autocast."""
     output: str | None = None
@@ -111,6 +113,47 @@ class ScoreArgs:
     """SQuAD v1.1 data JSON (the gold answers)."""
     prediction_file: tyro.conf.Positional[str]
     """Predictions JSON: {question id: answer}."""
+
+
+@dataclass
+class FormatArgs:
+    """Write {id, inputs, targets} per question: the exact text the model is trained and evaluated on."""
+
+    output: str
+    """The .jsonl file to write, one question a line."""
+    data: Annotated[tyro.conf.Positional[str | None], tyro.conf.arg(metavar="DATA")] = None
+    """SQuAD v1.1 JSON, MRQA .jsonl(.gz), or hf:NAME (or give --dataset_name instead)."""
+    punctuation: PunctuationName = "paper"
+    """paper (T5's squad preprocessor as the paper ran it), current (T5 since 2022-04), none (raw text)."""
+    dataset_name: str | None = None
+    """A Hugging Face dataset with SQuAD columns instead of DATA (needs the internet)."""
+    split: str = "validation"
+    """Split of --dataset_name or hf:NAME."""
+    skip_bad_examples: bool = False
+    """Skip malformed questions (counted) instead of stopping at the first one."""
+    max_samples: int | None = None
+    """Write only the first N questions."""
+
+
+def cmd_format(argv: Sequence[str]) -> int:
+    from softprompt.format_data import write_formatted
+
+    args = _parse(FormatArgs, argv, "softprompt format")
+    if not args.data and not args.dataset_name:
+        raise UserError(
+            "give the data to format: a SQuAD JSON or MRQA jsonl file, hf:NAME, or --dataset_name"
+        )
+    n, skipped = write_formatted(
+        args.data,
+        args.output,
+        punctuation=args.punctuation,
+        dataset_name=args.dataset_name,
+        split=args.split,
+        skip_bad_examples=args.skip_bad_examples,
+        max_samples=args.max_samples,
+    )
+    print(f"wrote {n:,} questions to {args.output}" + (f"; skipped {dict(skipped)}" if skipped else ""))
+    return 0
 
 
 def _parse(cls: type, argv: Sequence[str], prog: str, default=None):
@@ -243,6 +286,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "eval": cmd_eval,
     "predict": cmd_predict,
     "score": cmd_score,
+    "format": cmd_format,
     "serve": cmd_serve,
     "inspect": cmd_inspect,
     "report": cmd_report,

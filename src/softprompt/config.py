@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from softprompt.errors import ConfigError
+from softprompt.textformat import LEGACY_PAD_PUNCTUATION, PunctuationName
 
 Optimizer = Literal["adafactor", "adafactor_hf", "adamw", "adam"]
 Precision = Literal["fp32", "bf16"]
@@ -52,13 +53,13 @@ class TrainConfig:
     n_tokens: int = 100
     """P, the number of prompt vectors (the paper uses 100)."""
     prompt_init: Init = "sampled_vocab"
-    """Prompt init: sampled_vocab (first 5,000 vocabulary rows, the paper's best), uniform ([-0.5, 0.5]), text, from_file."""
+    """Prompt init: sampled_vocab (first 5,000 vocabulary rows, the paper's best), uniform (U[0, 0.5), the official default: flax uniform(0.5)), text, from_file."""
     prompt_init_text: str | None = None
     """The string whose token embeddings start the prompt, with --prompt_init text."""
     prompt_init_file: str | None = None
     """A prompt checkpoint directory to start from, with --prompt_init from_file."""
-    pad_punctuation: bool = False
-    """Put spaces around punctuation in inputs and targets, as T5's SQuAD preprocessor does."""
+    punctuation: PunctuationName = "paper"
+    """Input/target text: paper (T5's squad preprocessor as the paper ran it: RE2 \\W padded, i.e. every char but ASCII [0-9A-Za-z_]), current (T5 since 2022-04: ASCII punctuation padded), none (raw text, as the seed replication fed it)."""
     max_source_length: int = 512
     """Input text tokens kept (only the context is truncated); the prompt's P positions come on top."""
     max_target_length: int = 32
@@ -71,6 +72,8 @@ class TrainConfig:
     """Learning rate, constant for Adafactor (0.3 for prompts in the paper; 5e-5 or 1e-3 for fine-tuning)."""
     weight_decay: float = 1e-5
     """Weight decay; our Adafactor applies p <- (1 - wd) p, unscaled by lr, as the paper's code did."""
+    initial_step: int | None = None
+    """adafactor only: the step count of the starting checkpoint, which T5X's Adafactor continues (decay 1 - (N+k)^-0.8 at update k). Default: 1,100,000 for *-lm-adapt models, 1,000,000 for t5-v1_1 ones (their released steps), else 0."""
     warmup_steps: int = 0
     """Linear warmup steps (adamw only; Adafactor runs at a constant lr)."""
     global_batch_size: int | None = None
@@ -194,6 +197,12 @@ def split_config_values(values: dict[str, Any], cls: type = TrainConfig) -> tupl
     hints = typing.get_type_hints(cls)
     good: dict[str, Any] = {}
     problems = []
+    if "pad_punctuation" in values and "punctuation" in hints:
+        # Configs written before the named formats carry the old boolean instead.
+        values = dict(values)
+        old = values.pop("pad_punctuation")
+        if "punctuation" not in values and isinstance(old, bool):
+            values["punctuation"] = LEGACY_PAD_PUNCTUATION[old]
     for key, value in values.items():
         if key not in hints:
             problems.append(f"unknown key '{key}'")
@@ -308,6 +317,24 @@ def save_yaml_config(cfg: Any, path: str | os.PathLike, header: str = "") -> Non
     atomic_write_text(path, header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
+#: Released step counts of the checkpoints softprompt knows by name: T5X continues from these.
+CHECKPOINT_STEPS: tuple[tuple[str, int], ...] = (
+    ("lm-adapt", 1_100_000),  # t5x: t5_1_1_lm100k_*/checkpoint_1100000 (what prompt tuning started from)
+    ("t5-v1_1", 1_000_000),  # t5x: t5_1_1_*/checkpoint_1000000
+)
+
+
+def resolve_initial_step(cfg: TrainConfig) -> int:
+    """The Adafactor step count a run starts from: --initial_step, else the released step of a known
+    checkpoint (by name; see ``CHECKPOINT_STEPS``), else 0 (a random init or an unknown model)."""
+    if cfg.initial_step is not None:
+        return cfg.initial_step
+    if cfg.random_init or cfg.optimizer != "adafactor":
+        return 0
+    name = Path(cfg.model_name_or_path.rstrip("/")).name.lower()
+    return next((step for key, step in CHECKPOINT_STEPS if key in name), 0)
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """How a global batch is split: global = per_device x world_size x grad_accum."""
@@ -382,6 +409,11 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
         problems.append(f"--lr must be > 0 and finite, got {cfg.lr}")
     if cfg.weight_decay < 0 or cfg.weight_decay >= 1:
         problems.append(f"--weight_decay must be in [0, 1), got {cfg.weight_decay}")
+    if cfg.initial_step is not None:
+        if cfg.initial_step < 0:
+            problems.append(f"--initial_step must be >= 0, got {cfg.initial_step}")
+        if cfg.optimizer != "adafactor":
+            problems.append(f"--initial_step only applies to --optimizer adafactor, not {cfg.optimizer}")
     if cfg.epochs is not None and cfg.epochs <= 0:
         problems.append(f"--epochs must be > 0, got {cfg.epochs}")
     if cfg.max_steps is not None and cfg.max_steps < 1:

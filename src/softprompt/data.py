@@ -22,11 +22,17 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import regex
 import torch
 from torch.utils.data import Sampler
 
 from softprompt.errors import DataError
+from softprompt.textformat import (
+    Punctuation,
+    format_input,
+    format_target,
+    pad_punctuation,
+    source_pieces,
+)
 
 __all__ = [
     "BAD_KINDS",
@@ -34,6 +40,7 @@ __all__ = [
     "BucketBatchSampler",
     "Collator",
     "Features",
+    "Punctuation",
     "QAExample",
     "examples_from_rows",
     "format_input",
@@ -661,63 +668,8 @@ def load_examples(
 # --------------------------------------------------------------------------------------------------------
 # Text-to-text formatting
 
-# T5's SQuAD preprocessor pads everything but underscores, whitespace, numbers, letters and marks. Its
-# regexes run in RE2, where \s is only [\t\n\f\r ]: a no-break space is therefore padded like punctuation,
-# and we reproduce that rather than Python's Unicode-wide \s.
-_PUNCT = regex.compile(r"([^_\t\n\f\r \p{N}\p{L}\p{M}])")
-_RE2_SPACE_RUN = regex.compile(r"[\t\n\f\r ]+")
-
-
-def pad_punctuation(text: str) -> str:
-    """Put spaces around punctuation and collapse whitespace, like T5's ``_pad_punctuation``.
-
-    Leading and trailing spaces are kept (collapsed to one), exactly as T5 does.
-
-    Args:
-        text: Any text.
-
-    Returns:
-        The padded text, e.g. ``"Hello, world!"`` -> ``"Hello , world ! "``.
-    """
-    return _RE2_SPACE_RUN.sub(" ", _PUNCT.sub(r" \1 ", text))
-
-
-# The formatting functions take a flag named like the function above, so they reach it through this alias.
-_pad = pad_punctuation
-
-
-def _source_parts(question: str, context: str, padded: bool) -> tuple[str, str]:
-    if padded:
-        question, context = _pad(question), _pad(context)
-    return f"question: {question}", f"context: {context}"
-
-
-def format_input(question: str, context: str, *, pad_punctuation: bool = False) -> str:
-    """The T5 input text for one question: ``"question: {question} context: {context}"``.
-
-    Args:
-        question: The question.
-        context: The passage.
-        pad_punctuation: Apply :func:`pad_punctuation` to the question and the context (not the markers),
-            as T5's SQuAD preprocessor does.
-
-    Returns:
-        The input text.
-    """
-    return " ".join(_source_parts(question, context, pad_punctuation))
-
-
-def format_target(answer: str, pad_punctuation: bool = False) -> str:
-    """The T5 target text for one answer: the answer itself, optionally with punctuation padded.
-
-    Args:
-        answer: The answer text.
-        pad_punctuation: Apply :func:`pad_punctuation`; use the same setting as for the inputs.
-
-    Returns:
-        The target text.
-    """
-    return _pad(answer) if pad_punctuation else answer
+# The text itself (T5's exact SQuAD formats and their names) lives in softprompt.textformat, which
+# imports nothing heavy; it is re-exported here for the loaders' users.
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -747,11 +699,12 @@ def tokenize_examples(
     *,
     max_source_length: int = 512,
     max_target_length: int = 32,
-    pad_punctuation: bool = False,
+    punctuation: Punctuation | str = Punctuation.NONE,
 ) -> list[Features]:
     """Tokenize examples for T5, cutting only the context so the question always survives.
 
-    The source is tokenized as two pieces, ``"question: {q}"`` and ``"context: {c}"``. T5's tokenizer splits
+    The source is tokenized as two pieces, ``"question: {q}"`` and ``"context: {c}"`` (see
+    :func:`~softprompt.textformat.source_pieces`). T5's tokenizer splits
     on whitespace before SentencePiece, so their concatenation equals the tokenization of
     :func:`format_input`'s text. When the source is too long, tokens are dropped from the end of the context
     only; the ``context:`` marker is kept. If even the question does not fit (a tiny ``max_source_length``),
@@ -762,7 +715,8 @@ def tokenize_examples(
         tokenizer: A fast T5 tokenizer (callable on a list of strings).
         max_source_length: Maximum source length including EOS.
         max_target_length: Maximum target length including EOS; the first answer is the target.
-        pad_punctuation: Apply :func:`pad_punctuation` to question, context and answer.
+        punctuation: The text format (see :class:`~softprompt.textformat.Punctuation`): ``paper`` and
+            ``current`` write T5's own ``squad`` inputs and targets at that version, ``none`` raw text.
 
     Returns:
         One :class:`Features` per example, in order, with ``len(input_ids) <= max_source_length`` and
@@ -787,7 +741,7 @@ def tokenize_examples(
     context_texts: list[str] = []
     example_context: list[int] = []
     for ex in examples:
-        question_part, context_part = _source_parts(ex.question, ex.context, pad_punctuation)
+        question_part, context_part = source_pieces(ex.question, ex.context, punctuation)
         question_texts.append(question_part)
         slot = context_slot.get(context_part)
         if slot is None:
@@ -795,7 +749,7 @@ def tokenize_examples(
             slot = context_slot[context_part] = len(context_texts)
             context_texts.append(context_part)
         example_context.append(slot)
-    targets = [format_target(ex.answers[0], pad_punctuation=pad_punctuation) for ex in examples]
+    targets = [format_target(ex.answers[0], punctuation) for ex in examples]
 
     question_ids = tokenizer(question_texts, add_special_tokens=False)["input_ids"]
     context_ids = tokenizer(context_texts, add_special_tokens=False)["input_ids"]

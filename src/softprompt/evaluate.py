@@ -10,7 +10,7 @@ import torch
 
 from softprompt.data import Collator, Features, QAExample, length_sorted_indices, shard_indices
 from softprompt.distributed import DistEnv, gather_objects
-from softprompt.metrics import squad_scores
+from softprompt.metrics import squad_scores, squad_scores_padded
 from softprompt.model import PromptedT5
 from softprompt.tracking import Progress
 
@@ -20,11 +20,33 @@ RowPrompts = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 @dataclass
 class EvalResult:
-    """Scores and the answers behind them."""
+    """Scores and the answers behind them.
+
+    Attributes:
+        exact_match: Official SQuAD v1.1 EM of ``predictions`` against the raw gold answers.
+        f1: Official SQuAD v1.1 F1, likewise.
+        predictions: Question id to the answer scored officially: with padded text, the raw context span
+            the generated answer maps back to (the answer as generated when it maps nowhere).
+        t5_exact_match: EM the way T5's squad task scores: generated text against padded gold answers
+            (None when the text was not padded).
+        t5_f1: F1 likewise.
+        generated: Question id to the answer as generated, when it differs in kind from ``predictions``
+            (padded text); None otherwise.
+    """
 
     exact_match: float
     f1: float
     predictions: dict[str, str]
+    t5_exact_match: float | None = None
+    t5_f1: float | None = None
+    generated: dict[str, str] | None = None
+
+    def scores(self) -> dict[str, float]:
+        """The scores to report: exact_match, f1, and with padded text t5_exact_match, t5_f1."""
+        out = {"exact_match": self.exact_match, "f1": self.f1}
+        if self.t5_exact_match is not None and self.t5_f1 is not None:
+            out.update(t5_exact_match=self.t5_exact_match, t5_f1=self.t5_f1)
+        return out
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -120,15 +142,29 @@ def evaluate_examples(
     tokenizer,
     examples: Sequence[QAExample],
     features: Sequence[Features],
+    *,
+    punctuation: str = "none",
     **kwargs,
 ) -> EvalResult:
     """Answer every example and score with the official SQuAD v1.1 EM/F1 (max over gold answers).
 
     `features[i]` must be the tokenized `examples[features[i].example_index]`; kwargs go to
-    `generate_answers`.
+    `generate_answers`. With padded text (`punctuation` paper or current), answers are mapped back to raw
+    context spans for the official scores, and T5's own scores are added (see `squad_scores_padded`).
     """
     texts = generate_answers(model, tokenizer, features, **kwargs)
     predictions = {examples[f.example_index].id: t for f, t in zip(features, texts, strict=True)}
     references = {ex.id: list(ex.answers) for ex in examples}
-    scores = squad_scores(predictions, references)
-    return EvalResult(exact_match=scores["exact_match"], f1=scores["f1"], predictions=predictions)
+    if punctuation == "none":
+        scores = squad_scores(predictions, references)
+        return EvalResult(exact_match=scores["exact_match"], f1=scores["f1"], predictions=predictions)
+    contexts = {ex.id: ex.context for ex in examples}
+    scores, raw = squad_scores_padded(predictions, references, contexts, punctuation)
+    return EvalResult(
+        exact_match=scores["exact_match"],
+        f1=scores["f1"],
+        predictions=raw,
+        t5_exact_match=scores["t5_exact_match"],
+        t5_f1=scores["t5_f1"],
+        generated=predictions,
+    )

@@ -18,6 +18,7 @@ from softprompt.errors import UserError
 from softprompt.evaluate import evaluate_examples, generate_answers
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.prompt import SoftPrompt
+from softprompt.textformat import raw_answer
 
 
 @dataclass
@@ -121,15 +122,13 @@ def run_eval(args: Any) -> dict[str, Any]:
     )
     first = next(iter(loaded.prompts.values()), None)
     max_source = args.max_source_length or (first[1].max_source_length if first else 512)
-    pad_punct = (
-        args.pad_punctuation if args.pad_punctuation is not None else bool(first and first[1].pad_punctuation)
-    )
+    punctuation = args.punctuation or (first[1].punctuation if first else "none")
     features = tokenize_examples(
         examples,
         loaded.tokenizer,
         max_source_length=max_source,
         max_target_length=32,
-        pad_punctuation=pad_punct,
+        punctuation=punctuation,
     )
     gen = dict(
         batch_size=args.eval_batch_size,
@@ -138,7 +137,7 @@ def run_eval(args: Any) -> dict[str, Any]:
         bf16=args.precision == "bf16",
         show_progress=True,
     )
-    report: dict[str, Any] = {"n_examples": len(examples)}
+    report: dict[str, Any] = {"n_examples": len(examples), "punctuation": punctuation}
     if skipped:
         report["skipped_examples"] = dict(skipped)
     if args.ensemble == "majority":
@@ -146,19 +145,26 @@ def run_eval(args: Any) -> dict[str, Any]:
             raise UserError("--ensemble majority needs at least two --prompt directories")
         from softprompt.bank import ensemble_eval
 
-        report.update(ensemble_eval(loaded, examples, features, **gen))
+        report.update(ensemble_eval(loaded, examples, features, punctuation=punctuation, **gen))
         predictions = report.pop("predictions")
     elif not loaded.prompts:
-        result = evaluate_examples(loaded.model, loaded.tokenizer, examples, features, **gen)
-        report.update(exact_match=result.exact_match, f1=result.f1)
+        result = evaluate_examples(
+            loaded.model, loaded.tokenizer, examples, features, punctuation=punctuation, **gen
+        )
+        report.update(result.scores())
         predictions = result.predictions
     else:
         per_prompt = {}
         for name in loaded.prompts:
             result = evaluate_examples(
-                _with_prompt(loaded, name), loaded.tokenizer, examples, features, **gen
+                _with_prompt(loaded, name),
+                loaded.tokenizer,
+                examples,
+                features,
+                punctuation=punctuation,
+                **gen,
             )
-            per_prompt[name] = {"exact_match": result.exact_match, "f1": result.f1}
+            per_prompt[name] = result.scores()
             predictions = result.predictions
         if len(per_prompt) == 1:
             report.update(next(iter(per_prompt.values())))
@@ -220,6 +226,7 @@ def predict_answers(
 ) -> list[str]:
     """Answer `{question, context}` rows with the named prompt (or none)."""
     config = loaded.prompts[prompt_name][1] if prompt_name else None
+    punctuation = config.punctuation if config else "none"
     examples = [
         QAExample(id=str(i), question=r["question"], context=r["context"], answers=("",))
         for i, r in enumerate(rows)
@@ -229,9 +236,9 @@ def predict_answers(
         loaded.tokenizer,
         max_source_length=config.max_source_length if config else 512,
         max_target_length=2,
-        pad_punctuation=config.pad_punctuation if config else False,
+        punctuation=punctuation,
     )
-    return generate_answers(
+    answers = generate_answers(
         _with_prompt(loaded, prompt_name),
         loaded.tokenizer,
         features,
@@ -240,6 +247,9 @@ def predict_answers(
         env=DistEnv(device=loaded.device),
         bf16=bf16,
     )
+    # A prompt trained on T5's padded text answers "U . S ."; give back the context's own "U.S.".
+    spans = [raw_answer(a, r["context"], punctuation) for a, r in zip(answers, rows, strict=True)]
+    return [a if s is None else s for a, s in zip(answers, spans, strict=True)]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, str]]:

@@ -32,6 +32,7 @@ __all__ = [
     "normalize_answer",
     "per_example_scores",
     "squad_scores",
+    "squad_scores_padded",
 ]
 
 EXPECTED_VERSION = "1.1"
@@ -200,6 +201,47 @@ def squad_scores(
         if len(golds) == 0:
             raise ValueError(f"question {qid!r} has no gold answers to score against")
     return _mean_scores(references.items(), predictions, missing)
+
+
+def squad_scores_padded(
+    predictions: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    contexts: Mapping[str, str],
+    punctuation: str,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Score answers generated in T5's padded text both ways: official on raw spans, and T5's own way.
+
+    A model trained on padded text answers in padded form (``"U . S ."``), which the official evaluator
+    would compare with the raw gold answer (``"U.S."``) and count wrong. So each answer is mapped back to
+    the raw context span it was read from (:func:`softprompt.textformat.raw_answer`); an answer found
+    nowhere in its context is scored as generated. Those raw answers get the official metric:
+    ``exact_match``/``f1``, comparable with raw-text runs and other papers. T5's ``squad`` task instead
+    scores the generated text against the padded gold answers with the same normalisation
+    (``t5.evaluation.metrics.squad``): ``t5_exact_match``/``t5_f1``. With ``none`` nothing is padded,
+    and both pairs are the official scores of the answers as generated.
+
+    Args:
+        predictions: Question id to the generated answer.
+        references: Question id to its raw gold answers.
+        contexts: Question id to its raw context.
+        punctuation: The text format the model saw: ``paper``, ``current`` or ``none``.
+
+    Returns:
+        ``{"exact_match", "f1", "t5_exact_match", "t5_f1"}`` in percent, and the raw answers (question id
+        to the string the official scores were computed on), in the order of ``predictions``.
+    """
+    from softprompt.textformat import padded_gold_answers, raw_answer
+
+    raw: dict[str, str] = {}
+    for qid, answer in predictions.items():
+        span = raw_answer(answer, contexts[qid], punctuation) if qid in contexts else None
+        raw[qid] = answer if span is None else span
+    official = squad_scores(raw, references)
+    t5 = squad_scores(
+        predictions, {qid: padded_gold_answers(golds, punctuation) for qid, golds in references.items()}
+    )
+    scores = {**official, "t5_exact_match": t5["exact_match"], "t5_f1": t5["f1"]}
+    return scores, raw
 
 
 def _read_json(path: Path, what: str) -> Any:

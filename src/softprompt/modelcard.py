@@ -70,10 +70,12 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         info: Run facts, usually the resolved config merged with ``results.json``. Keys read:
             ``model_name_or_path`` (or ``base_model``; required), ``train_file``,
             ``validation_file``, ``mode``/``prompt_tuning``, ``optimizer``, ``lr``,
-            ``weight_decay``, ``n_tokens``, ``prompt_init`` (or ``init``), ``prompt_init_text``,
+            ``weight_decay``, ``initial_step``, ``punctuation``, ``n_tokens``, ``prompt_init`` (or
+            ``init``), ``prompt_init_text``,
             ``global_batch_size``, ``batch_size``, ``steps``/``max_steps``, ``epochs``,
             ``precision``, ``seed``, ``trainable_parameters``, ``exact_match``, ``f1``,
-            ``best_step``. A key that is absent or None shows as "—".
+            ``t5_exact_match``, ``t5_f1``, ``best_step``. A key that is absent or None shows as "—"
+            (the T5 score rows and the Adafactor initial step appear only when given).
 
     Returns:
         The card, starting with YAML front matter.
@@ -106,6 +108,9 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         ("Optimizer", _fmt(info.get("optimizer"))),
         ("Learning rate", _fmt(info.get("lr"))),
         ("Weight decay", _fmt(info.get("weight_decay"))),
+        # T5X continues the starting checkpoint's step count; it sets Adafactor's second-moment decay.
+        _row_if(info, "initial_step", "Adafactor initial step", lambda v: f"{int(v):,}"),
+        ("Input text", _fmt(info.get("punctuation"))),
         ("Batch size (global)", _fmt(_first(info, ("global_batch_size", "batch_size")))),
         # With a global size recorded, batch_size is the per-device share of it.
         _row_if(info, "batch_size", "Batch size per device", _fmt)
@@ -182,10 +187,17 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         "|---|---|",
         f"| exact match | {_fmt_score(info.get('exact_match'))} |",
         f"| F1 | {_fmt_score(info.get('f1'))} |",
+        *(
+            f"| {label} | {_fmt_score(info.get(key))} |"
+            for key, label in (("t5_exact_match", "exact match, T5's scoring"), ("t5_f1", "F1, T5's scoring"))
+            if info.get(key) is not None
+        ),
         f"| best step | {_fmt(info.get('best_step'))} |",
         "",
         "Scores are SQuAD v1.1 exact match and F1 (0–100) on the validation file, "
-        "at the step with the best dev F1.",
+        "at the step with the best dev F1. With T5's padded input text (paper or current), answers are "
+        "mapped back to the context span they came from before the official metric; T5's scoring "
+        "compares the generated text with padded gold answers instead.",
         "",
         "## How to load",
         "",

@@ -38,7 +38,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class Adafactor(torch.optim.Optimizer):
     """Adafactor without momentum, with T5X's decoupled weight decay and update clipping.
 
-    For step ``t`` (1-based) and gradient ``g``, with ``beta2 = 1 - t ** -decay_rate``:
+    For the ``k``-th update this optimizer applies (1-based) and gradient ``g``, with
+    ``t = initial_step + k`` and ``beta2 = 1 - t ** -decay_rate``:
 
     * unfactored: ``v <- beta2 * v + (1 - beta2) * (g**2 + eps1)``, ``u = g / sqrt(v)``;
     * factored (last two dims both >= ``min_dim_size_to_factor``): running means of ``g**2 + eps1`` over
@@ -47,7 +48,15 @@ class Adafactor(torch.optim.Optimizer):
     * ``p <- (1 - weight_decay) * p - lr_eff * u`` where ``lr_eff = lr``, or
       ``lr * max(eps2, RMS(p))`` with ``multiply_by_parameter_scale``.
 
-    Since ``beta2 = 0`` at ``t = 1``, the first step uses ``g**2 + eps1`` as is. State is kept in float32
+    ``initial_step`` is T5X's step counter at the start: T5X restores it from the checkpoint it fine-tunes,
+    and its Adafactor decays with ``1 - (step + 1) ** -decay_rate`` (``step_offset = 0`` in prompt tuning's
+    gin config), so prompt tuning from the LM-adapted checkpoints ran with ``initial_step = 1_100_000``:
+    ``beta2`` is about 0.9999853 from the first update on, while the second moment starts at zero, and the
+    update is clipped at every step. With ``initial_step = 0``, ``beta2 = 0`` at the first update, which
+    uses ``g**2 + eps1`` as is (textbook Adafactor from scratch). ``state_dict()`` carries both the
+    per-parameter update count and ``initial_step``, so a resumed run continues the same sequence.
+
+    State is kept in float32
     for bf16/fp16/fp32 parameters (float64 for float64 ones); the update is computed in that precision and
     written back in the parameter dtype.
 
@@ -61,6 +70,8 @@ class Adafactor(torch.optim.Optimizer):
         min_dim_size_to_factor: Factor the second moment only when the last two dims are both at least this.
         multiply_by_parameter_scale: Scale the learning rate by ``max(eps2, RMS(p))``.
         eps2: Floor of the parameter scale.
+        initial_step: The step count of the checkpoint training starts from (T5X's restored step); the
+            first update uses ``beta2 = 1 - (initial_step + 1) ** -decay_rate``.
     """
 
     def __init__(
@@ -74,6 +85,7 @@ class Adafactor(torch.optim.Optimizer):
         min_dim_size_to_factor: int = 128,
         multiply_by_parameter_scale: bool = False,
         eps2: float = 1e-3,
+        initial_step: int = 0,
     ) -> None:
         if lr < 0.0:
             raise ValueError(f"Adafactor lr must be >= 0, got {lr}")
@@ -85,6 +97,8 @@ class Adafactor(torch.optim.Optimizer):
             raise ValueError(f"Adafactor clipping_threshold must be > 0 or None, got {clipping_threshold}")
         if not 0.0 <= weight_decay < 1.0:
             raise ValueError(f"Adafactor weight_decay must be in [0, 1), got {weight_decay}")
+        if isinstance(initial_step, bool) or not isinstance(initial_step, int) or initial_step < 0:
+            raise ValueError(f"Adafactor initial_step must be an integer >= 0, got {initial_step!r}")
         if min_dim_size_to_factor < 1:
             raise ValueError(f"Adafactor min_dim_size_to_factor must be >= 1, got {min_dim_size_to_factor}")
         defaults: dict[str, Any] = {
@@ -96,6 +110,7 @@ class Adafactor(torch.optim.Optimizer):
             "min_dim_size_to_factor": min_dim_size_to_factor,
             "multiply_by_parameter_scale": multiply_by_parameter_scale,
             "eps2": eps2,
+            "initial_step": initial_step,
         }
         super().__init__(params, defaults)
 
@@ -155,9 +170,9 @@ class Adafactor(torch.optim.Optimizer):
             self._update_sharded(p, group)
             return
         state = self._init_state(p, group)
-        state["step"] += 1
-        t = state["step"]
-        beta2 = 1.0 - t ** (-group["decay_rate"])
+        state["step"] += 1  # updates applied by this optimizer; T5X's counter is initial_step + this
+        t = group["initial_step"] + state["step"]
+        beta2 = 1.0 - float(t) ** (-group["decay_rate"])
         dtype = _compute_dtype(p.dtype)
         g = p.grad.to(dtype)
         g2 = g * g + group["eps1"]
@@ -209,6 +224,9 @@ class Adafactor(torch.optim.Optimizer):
             state_dict: As returned by ``state_dict()``.
         """
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            # A checkpoint written before initial_step existed counted from 0.
+            group.setdefault("initial_step", 0)
         saved_state = state_dict["state"]
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
             for saved_id, p in zip(saved_group["params"], group["params"], strict=True):
@@ -258,6 +276,7 @@ def build_optimizer(
     *,
     warmup_steps: int = 0,
     total_steps: int | None = None,
+    initial_step: int = 0,
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """Build an optimizer and its learning-rate schedule by name.
 
@@ -279,6 +298,9 @@ def build_optimizer(
         weight_decay: Weight decay, in the chosen optimizer's own convention.
         warmup_steps: Optimizer steps of linear warmup (``adamw`` only).
         total_steps: Optimizer steps after which the ``adamw`` rate reaches 0; None keeps it constant.
+        initial_step: ``adafactor`` only: the step count of the checkpoint training starts from, which sets
+            the second-moment decay as T5X's continued counter did (1,100,000 for the LM-adapted T5 1.1
+            checkpoints that prompt tuning starts from; 0 for textbook Adafactor). The others ignore it.
 
     Returns:
         The optimizer and a ``LambdaLR`` scheduler wrapping it.
@@ -298,6 +320,8 @@ def build_optimizer(
     elif key == "adafactor" and weight_decay >= 1:
         # Decoupled decay multiplies p by (1 - wd) every step, so wd >= 1 would zero or flip the weights.
         problems.append(f"adafactor weight decay is decoupled from lr and must be < 1, got {weight_decay}")
+    if isinstance(initial_step, bool) or not isinstance(initial_step, int) or initial_step < 0:
+        problems.append(f"initial step must be an integer >= 0, got {initial_step!r}")
     if warmup_steps < 0:
         problems.append(f"warmup steps must be >= 0, got {warmup_steps}")
     if total_steps is not None and total_steps < max(1, warmup_steps):
@@ -308,7 +332,7 @@ def build_optimizer(
     optimizer: torch.optim.Optimizer
     schedule: Callable[[int], float] = _constant
     if key == "adafactor":
-        optimizer = Adafactor(params, lr=lr, weight_decay=weight_decay)
+        optimizer = Adafactor(params, lr=lr, weight_decay=weight_decay, initial_step=initial_step)
     elif key == "adafactor_hf":
         from transformers.optimization import Adafactor as HFAdafactor
 

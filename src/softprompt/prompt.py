@@ -16,6 +16,8 @@ from softprompt.errors import ConfigError
 # T5's SentencePiece ids are ordered by frequency; the official prompt-tuning code samples the init
 # from this many most-common pieces rather than from the whole (noisier) table.
 SAMPLED_VOCAB_ROWS = 5000
+# prompt_tuning/configs/models/t5_1_1_prompt.gin: `prompt_init/linen.initializers.uniform.scale = 0.5`.
+UNIFORM_SCALE = 0.5
 
 
 class PromptInit(str, Enum):
@@ -24,7 +26,7 @@ class PromptInit(str, Enum):
     SAMPLED_VOCAB = "sampled_vocab"
     """Rows sampled without replacement from the first 5,000 rows of the embedding table (the paper's best)."""
     UNIFORM = "uniform"
-    """Uniform in [-0.5, 0.5]."""
+    """Uniform in [0, 0.5): the official config's default, flax.linen.initializers.uniform(scale=0.5)."""
     TEXT = "text"
     """Embeddings of the tokens of a given string, repeated until P vectors are filled."""
     FROM_FILE = "from_file"
@@ -104,7 +106,8 @@ def initial_prompt(
         ids = torch.randperm(rows, generator=gen)[:n_tokens]
         return table[ids].clone()
     if init is PromptInit.UNIFORM:
-        return torch.rand(n_tokens, width, generator=gen) - 0.5
+        # flax's uniform(scale) draws U[0, scale), not a symmetric range (t5_1_1_prompt.gin sets scale 0.5).
+        return torch.rand(n_tokens, width, generator=gen) * UNIFORM_SCALE
     if init is PromptInit.TEXT:
         if not text or tokenizer is None:
             raise ConfigError("prompt_init 'text' needs a non-empty prompt_init_text")

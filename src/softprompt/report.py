@@ -154,6 +154,21 @@ class Run:
         """Best dev F1 (0..100)."""
         return float(self.results["f1"])
 
+    @property
+    def punctuation(self) -> str | None:
+        """The text format (paper, current, none), or None for a run that does not record one."""
+        value = self._get("punctuation")
+        if value is None and isinstance(self.config.get("pad_punctuation"), bool):
+            from softprompt.textformat import LEGACY_PAD_PUNCTUATION
+
+            value = LEGACY_PAD_PUNCTUATION[self.config["pad_punctuation"]]
+        return None if value is None else str(value)
+
+    def t5_score(self, key: str) -> float | None:
+        """``t5_exact_match`` or ``t5_f1`` from results.json: T5's own scoring of padded text, if any."""
+        value = self.results.get(key)
+        return float(value) if _is_number(value) else None
+
     def effective_config(self) -> dict[str, Any]:
         """The config used to decide whether runs pair up, completed from ``results.json``."""
         eff = dict(self.config)
@@ -581,10 +596,13 @@ def _runs_table(runs: Sequence[Run]) -> list[str]:
         "Optimizer",
         "LR",
         "P",
+        "Text",
         "Steps",
         "Best step",
         "Dev EM",
         "Dev F1",
+        "T5 EM",
+        "T5 F1",
         "Train time",
     ]
     rows = []
@@ -597,10 +615,15 @@ def _runs_table(runs: Sequence[Run]) -> list[str]:
                 run.optimizer,
                 _fmt_lr(run.lr),
                 "—" if run.n_tokens is None else run.n_tokens,
+                run.punctuation or "—",
                 run._get("steps", run.config.get("max_steps", "—")),
                 run.results.get("best_step", "—"),
                 _fmt_score(run.exact_match),
                 _fmt_score(run.f1),
+                *(
+                    "—" if (s := run.t5_score(k)) is None else _fmt_score(s)
+                    for k in ("t5_exact_match", "t5_f1")
+                ),
                 _fmt_duration(run.results.get("train_seconds")),
             ]
         )
@@ -616,6 +639,12 @@ def _render_markdown(runs: Sequence[Run]) -> str:
     lines += ["## Runs", ""]
     lines += _runs_table(runs)
     lines.append("")
+    lines += [
+        "Dev EM/F1: the official SQuAD v1.1 metric on raw text; with T5's padded text (Text: paper or "
+        "current) each answer is first mapped back to the context span it came from. T5 EM/F1: T5's own "
+        "scoring, the generated text against padded gold answers (— when the text was not padded).",
+        "",
+    ]
     skipped = [r for r in runs if r.skipped_lines]
     if skipped:
         notes = ", ".join(f"{r.label} ({r.skipped_lines})" for r in skipped)

@@ -87,7 +87,7 @@ class TaskInfo(BaseModel):
     base_model: str
     init: str
     max_source_length: int
-    pad_punctuation: bool
+    punctuation: str = Field(description="Text format the prompt was trained with: paper, current or none.")
     dev_f1: float | None = Field(default=None, description="Dev F1 recorded at training time, if any.")
     dev_exact_match: float | None = Field(default=None, description="Dev EM recorded at training time.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Everything the checkpoint recorded.")

@@ -25,7 +25,7 @@ from torch import nn
 
 from softprompt import __version__
 from softprompt import checkpoint as ckpt
-from softprompt.config import BatchPlan, TrainConfig, save_yaml_config, validate
+from softprompt.config import BatchPlan, TrainConfig, resolve_initial_step, save_yaml_config, validate
 from softprompt.data import (
     BucketBatchSampler,
     Collator,
@@ -84,6 +84,8 @@ class TrainerState:
     best_f1: float = -1.0
     best_em: float = -1.0
     best_step: int = -1
+    best_t5_em: float | None = None  # T5's own scores at best_step (padded text only)
+    best_t5_f1: float | None = None
     train_seconds: float = 0.0
     examples_seen: int = 0
     skipped_nonfinite: int = 0
@@ -110,6 +112,7 @@ class Run:
     collate: Collator
     max_steps: int
     steps_per_epoch: int
+    initial_step: int
     logger: MetricsLogger
     state: TrainerState
     bf16: bool
@@ -172,7 +175,7 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     tok_kwargs = dict(
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
-        pad_punctuation=cfg.pad_punctuation,
+        punctuation=cfg.punctuation,
     )
     train_features = tokenize_examples(train_examples, tokenizer, **tok_kwargs)
     eval_features = tokenize_examples(eval_examples, tokenizer, **tok_kwargs) if eval_examples else []
@@ -237,6 +240,9 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         max_steps = math.ceil(cfg.epochs * steps_per_epoch)
     else:
         max_steps = PAPER_STEPS
+    # Adafactor continues the starting checkpoint's step count, as T5X does (see TrainConfig.initial_step).
+    # On --resume the optimizer state restores the value the run started with.
+    initial_step = resolve_initial_step(cfg)
     optimizer, scheduler = build_optimizer(
         cfg.optimizer,
         model.trainable_parameters(),
@@ -244,12 +250,15 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps,
         total_steps=max_steps,
+        initial_step=initial_step,
     )
 
     state = TrainerState()
     resume_from = _resume_point(out) if cfg.resume else None
     if resume_from is not None:
         state = _restore(resume_from, model, optimizer, scheduler, env, cfg.fsdp)
+        # The counter the run began with travels in the optimizer state (0 for checkpoints older than it).
+        initial_step = int(optimizer.param_groups[0].get("initial_step", initial_step))
     elif env.is_main:
         save_yaml_config(
             cfg, out / "config.yaml", header=f"# softprompt {__version__}: the resolved config of this run\n"
@@ -277,6 +286,8 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         world_size=env.world_size,
         max_steps=max_steps,
         steps_per_epoch=steps_per_epoch,
+        initial_step=initial_step,
+        punctuation=cfg.punctuation,
         resumed=cfg.resume and state.step > 0,
         skipped_examples=dict(stats),
     )
@@ -305,6 +316,7 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         collate=Collator(pad_token_id=tokenizer.pad_token_id),
         max_steps=max_steps,
         steps_per_epoch=steps_per_epoch,
+        initial_step=initial_step,
         logger=logger,
         state=state,
         bf16=bf16,
@@ -458,12 +470,14 @@ def _evaluate(run: Run) -> float:
         env=run.env,
         bf16=run.bf16,
         lockstep=cfg.fsdp,
+        punctuation=cfg.punctuation,
     )
-    run.logger.log("eval", st.step, exact_match=result.exact_match, f1=result.f1)
+    run.logger.log("eval", st.step, **result.scores())
     if run.env.is_main:
         ckpt.atomic_write_json(run.out / f"predictions_step{st.step}.json", result.predictions)
     if result.f1 > st.best_f1:
         st.best_f1, st.best_em, st.best_step = result.f1, result.exact_match, st.step
+        st.best_t5_em, st.best_t5_f1 = result.t5_exact_match, result.t5_f1
         _save_weights(run, run.out / "best", card=True)
         if run.env.is_main:
             ckpt.atomic_write_json(run.out / "predictions_best.json", result.predictions)
@@ -481,7 +495,7 @@ def _prompt_config(run: Run) -> ckpt.PromptConfig:
         n_tokens=cfg.n_tokens,
         d_model=run.model.prompt.d_model,
         init=cfg.prompt_init,
-        pad_punctuation=cfg.pad_punctuation,
+        punctuation=cfg.punctuation,
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
         extra={"step": run.state.step, "dev_f1": run.state.best_f1, "dev_exact_match": run.state.best_em},
@@ -498,6 +512,8 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         "optimizer": cfg.optimizer,
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
+        "initial_step": run.initial_step if cfg.optimizer == "adafactor" else None,
+        "punctuation": cfg.punctuation,
         "n_tokens": cfg.n_tokens,
         "prompt_init": cfg.prompt_init,
         "global_batch_size": run.plan.global_batch,
@@ -505,6 +521,8 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         "precision": cfg.precision,
         "exact_match": st.best_em,
         "f1": st.best_f1,
+        "t5_exact_match": st.best_t5_em,
+        "t5_f1": st.best_t5_f1,
         "best_step": st.best_step,
     }
 
@@ -671,6 +689,9 @@ def _results(run: Run) -> dict[str, Any]:
     results = {
         "exact_match": st.best_em if st.best_step >= 0 else None,
         "f1": st.best_f1 if st.best_step >= 0 else None,
+        # T5's own way (generated text vs padded gold answers); None when the text was not padded.
+        "t5_exact_match": st.best_t5_em if st.best_step >= 0 else None,
+        "t5_f1": st.best_t5_f1 if st.best_step >= 0 else None,
         "best_step": st.best_step if st.best_step >= 0 else None,
         "steps": st.step,
         "train_seconds": st.train_seconds,
@@ -679,6 +700,8 @@ def _results(run: Run) -> dict[str, Any]:
         "mode": "prompt" if cfg.prompt_tuning else "finetune",
         "optimizer": cfg.optimizer,
         "lr": cfg.lr,
+        "initial_step": run.initial_step if cfg.optimizer == "adafactor" else None,
+        "punctuation": cfg.punctuation,
         "n_tokens": cfg.n_tokens if cfg.prompt_tuning else 0,
         "global_batch_size": run.plan.global_batch,
         "world_size": run.env.world_size,
