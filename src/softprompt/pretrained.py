@@ -187,6 +187,14 @@ def _resolve_hub(repo_id: str) -> ModelFiles:
     )
 
 
+def model_file(name_or_path: str | os.PathLike, filename: str) -> Path | None:
+    """One more file of a model (e.g. `spiece.model`) on local disk, or None if the model has none."""
+    if Path(name_or_path).is_dir():
+        path = Path(name_or_path) / filename
+        return path if path.is_file() else None
+    return _hub_file(str(name_or_path), filename)
+
+
 def read_pickle_weights(files: ModelFiles) -> dict[str, torch.Tensor]:
     """Read `pytorch_model.bin` shards with `torch.load(weights_only=True)`, memory-mapped where possible.
 
