@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
 from softprompt.errors import CheckpointError
-from softprompt.pretrained import load_pretrained_t5, resolve_model_files
+from softprompt.pretrained import is_hub_id, load_pretrained_t5, model_file, resolve_model_files
 from softprompt.prompt import SoftPrompt
 
 # What transformers needs to turn a `spiece.model` into a tokenizer when no tokenizer.json comes with it.
@@ -54,6 +54,10 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError, ImportError) as e:
+        if is_hub_id(name_or_path):
+            model_file(
+                name_or_path, "config.json"
+            )  # a Hub id not in the cache offline: say so, and how to fix it
         missing = [pkg for pkg, module in _SPIECE_NEEDS.items() if not _importable(module)]
         if missing:
             raise CheckpointError(
