@@ -15,7 +15,9 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -246,14 +248,20 @@ def test_no_conversion_service_and_no_pr_revision_when_online(hub: Path, monkeyp
     import transformers.modeling_utils as modeling_utils
     import transformers.safetensors_conversion as conversion
     from huggingface_hub import constants
+    from huggingface_hub.utils import _http as hub_http
 
     import softprompt.pretrained as pretrained
     from softprompt.model import load_t5
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    nowhere = "http://127.0.0.1:9"  # nothing listens there: no test touches the network
+    monkeypatch.setattr(constants, "ENDPOINT", nowhere)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", nowhere + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    # huggingface_hub retries a refused connection with exponential backoff (~45 s in all); skip the waits.
+    monkeypatch.setattr(hub_http, "time", SimpleNamespace(sleep=lambda _: None, time=time.time))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the Hub's safetensors conversion was called")
