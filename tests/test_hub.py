@@ -334,7 +334,7 @@ def test_eval_predict_serve_and_convert_answer_like_transformers(
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     predicted = [json.loads(line)["answer"] for line in out.read_text().splitlines()]
-    assert len(predicted) == N_QUESTIONS
+    assert len(predicted) == N_QUESTIONS and len(set(predicted)) > 1, predicted
 
     # softprompt serve's app, by Hub id, with the same prompt: predict's answers
     from fastapi.testclient import TestClient
@@ -351,7 +351,7 @@ def test_eval_predict_serve_and_convert_answer_like_transformers(
         assert r.json()["answers"] == predicted
 
     # softprompt convert: a safetensors directory that loads without any unpickling, same answers
-    converted = tmp_path / "converted"
+    converted = tmp_path / "t5-v1_1-base"  # the model's own name: its prompts are accepted with it
     assert main(["convert", V11, str(converted)]) == 0
     names = sorted(p.name for p in converted.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json", "spiece.model"} <= set(names), names
@@ -369,6 +369,10 @@ def test_eval_predict_serve_and_convert_answer_like_transformers(
         main(["eval", "--model", str(converted), "--validation_file", str(dev), "--output", str(preds2)]) == 0
     )
     assert json.loads(preds2.read_text()) == got
+    out2 = tmp_path / "answers2.jsonl"
+    argv = ["predict", "--model", str(converted), "--prompt", str(prompt_dir), "--input_file", str(questions)]
+    assert main([*argv, "--output", str(out2)]) == 0
+    assert [json.loads(line)["answer"] for line in out2.read_text().splitlines()] == predicted
     assert not _notices(capsys.readouterr().err)
     from softprompt.model import load_t5
 
