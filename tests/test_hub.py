@@ -285,6 +285,7 @@ def test_no_conversion_service_and_no_pr_revision_when_online(hub: Path, monkeyp
     assert torch.equal(model.lm_head.weight, state["lm_head.weight"])
     assert [f for f, _ in seen] == [
         "config.json",
+        "generation_config.json",
         "model.safetensors",
         "model.safetensors.index.json",
         "pytorch_model.bin",
@@ -298,7 +299,10 @@ def test_a_hub_id_missing_from_the_cache_offline_is_one_clear_line(hub: Path, ca
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "google/t5-small-lm-adapt is not in the Hugging Face cache" in err and "HF_HUB_OFFLINE=1" in err
+    assert (
+        "google/t5-small-lm-adapt is not a local directory, and not in the Hugging Face cache" in err
+        and "HF_HUB_OFFLINE=1" in err
+    )
 
 
 # ---------------------------------------------------------- answers: eval / predict / serve / convert
@@ -443,6 +447,32 @@ def test_other_pickles_stay_refused(tmp_path: Path, monkeypatch) -> None:
         (d / name).write_bytes(b"not read")
         with pytest.raises(CheckpointError, match="holds only pickle weights"):
             load_t5(d)
+
+
+def test_sharded_checkpoints_load_every_shard(hub: Path, tmp_path: Path) -> None:
+    """`pytorch_model.bin.index.json` shards (restricted unpickler) and safetensors shards load in full."""
+    from softprompt.model import load_t5
+
+    snap = _snapshot(hub, V11)
+    state = torch.load(snap / "pytorch_model.bin", weights_only=True)
+    pickled = tmp_path / "bin-shards"
+    pickled.mkdir()
+    shutil.copy(snap / "config.json", pickled)
+    keys = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, part in halves.items():
+        torch.save({k: state[k] for k in part}, pickled / name)
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (pickled / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = load_t5(pickled)
+    for key, tensor in state.items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+    safe = tmp_path / "safe-shards"
+    model.save_pretrained(safe, max_shard_size="2MB")
+    assert (safe / "model.safetensors.index.json").exists() and len(list(safe.glob("*.safetensors"))) > 1
+    again = load_t5(safe)
+    for key, tensor in state.items():
+        assert torch.equal(again.state_dict()[key], tensor), key
 
 
 def test_index_shards_must_stay_inside_the_model_directory(tmp_path: Path) -> None:

@@ -145,14 +145,15 @@ def _hub_file(repo_id: str, filename: str) -> Path | None:
             return None  # a 404 online, or a file the cache lacks offline: the caller tries the next one
         if hub_constants.is_offline_mode():
             raise CheckpointError(
-                f"{repo_id} is not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1: "
+                f"{repo_id} is not a local directory, and not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) "
+                "while HF_HUB_OFFLINE=1: "
                 f"download it once where the Hub is reachable (`hf download {repo_id}`) and point HF_HUB_CACHE "
                 "at that cache, or give a local directory"
             ) from None
         if isinstance(e, LocalEntryNotFoundError):
             raise CheckpointError(
-                f"{repo_id} is not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and the Hub could "
-                "not be reached: check your connection, or give a local directory"
+                f"{repo_id} is not a local directory, and not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) "
+                "while the Hub cannot be reached: check your connection, or give a local directory"
             ) from None
         raise CheckpointError(f"{repo_id} has no {CONFIG}: it is not a transformers model") from None
     except (HFValidationError, OSError, ValueError) as e:  # unknown or gated repo, network errors
@@ -162,6 +163,7 @@ def _hub_file(repo_id: str, filename: str) -> Path | None:
 
 def _resolve_hub(repo_id: str) -> ModelFiles:
     directory = _hub_file(repo_id, CONFIG).parent  # type: ignore[union-attr]  # raises when absent
+    _hub_file(repo_id, GENERATION_CONFIG)  # into the snapshot, if the model has one
     for index, weights, suffix in (
         (SAFE_INDEX, SAFE_WEIGHTS, ".safetensors"),
         (PICKLE_INDEX, PICKLE_WEIGHTS, ".bin"),
