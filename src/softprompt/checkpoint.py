@@ -3,6 +3,8 @@
 Every write goes to a temporary sibling, is fsynced, then renamed into place, so a run killed at
 any moment leaves either the old checkpoint or the new one, never half of one. Weights are read
 from safetensors only; the trainer's small state file is read with `torch.load(weights_only=True)`.
+The one other pickle softprompt reads is a published base model's `pytorch_model.bin`, also with
+`weights_only=True` (softprompt.pretrained); every other pickle (`PICKLE_SUFFIXES`) is refused.
 """
 
 from __future__ import annotations
@@ -297,10 +299,15 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def torch_load_safe(path: Path) -> Any:
-    """`torch.load` restricted to tensors and plain containers: never executes code."""
+def torch_load_safe(path: Path, *, mmap: bool = False) -> Any:
+    """`torch.load` restricted to tensors and plain containers: never executes code.
+
+    Args:
+        path: the file.
+        mmap: map the tensors' storage from the file instead of reading it (zip-format files only).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
     except Exception as e:  # weights_only refusals arrive as UnpicklingError/RuntimeError

@@ -33,6 +33,7 @@ commands:
   inspect   nearest vocabulary tokens of each prompt vector
   report    learning curves and tables comparing run directories
   demo      an offline end-to-end demo: fine-tune a micro T5, then prompt-tune it for a new task
+  convert   write a model (Hub id or directory) as a safetensors Hugging Face directory: convert MODEL OUT_DIR
 """
 
 Repeated = tyro.conf.UseAppendAction
@@ -281,6 +282,26 @@ def cmd_report(argv: Sequence[str]) -> int:
     return 0
 
 
+@dataclass
+class ConvertArgs:
+    """Write a model as a Hugging Face directory with safetensors weights and its tokenizer."""
+
+    model: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="MODEL")]
+    """Hub id (e.g. google/t5-v1_1-base; the Hub cache under HF_HUB_OFFLINE=1) or directory of the T5 model."""
+    out_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="OUT_DIR")]
+    """The directory to write (written to a temporary sibling, then renamed into place)."""
+    overwrite: bool = False
+    """Replace OUT_DIR if it already exists."""
+
+
+def cmd_convert(argv: Sequence[str]) -> int:
+    from softprompt.convert import convert
+
+    args = _parse(ConvertArgs, argv, "softprompt convert")
+    print(f"wrote {convert(args.model, args.out_dir, overwrite=args.overwrite)}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -291,6 +312,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "inspect": cmd_inspect,
     "report": cmd_report,
     "demo": cmd_demo,
+    "convert": cmd_convert,
 }
 
 

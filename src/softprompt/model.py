@@ -17,11 +17,11 @@ generation configs with logits processors, unknown activations) goes through tra
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,32 +29,45 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
 
-from softprompt.checkpoint import PICKLE_SUFFIXES
 from softprompt.errors import CheckpointError
+from softprompt.pretrained import is_hub_id, load_pretrained_t5, model_file, resolve_model_files
 from softprompt.prompt import SoftPrompt
+
+# What transformers needs to turn a `spiece.model` into a tokenizer when no tokenizer.json comes with it.
+_SPIECE_NEEDS = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """The model's tokenizer (T5's SentencePiece), from a hub id or a local directory."""
+    """The model's tokenizer (T5's SentencePiece), from a Hub id (or the Hub cache offline) or a directory.
+
+    Works with transformers-4-era files as the seed's checkpoints publish them (`tokenizer_config.json`,
+    `special_tokens_map.json`, and `spiece.model` with or without `tokenizer.json`). Reading a
+    `spiece.model` alone needs the `sentencepiece` and `protobuf` packages.
+    """
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
+        if is_hub_id(name_or_path):
+            model_file(
+                name_or_path, "config.json"
+            )  # a Hub id not in the cache offline: say so, and how to fix it
+        missing = [pkg for pkg, module in _SPIECE_NEEDS.items() if not _importable(module)]
+        if missing:
+            raise CheckpointError(
+                f"could not load the tokenizer of {name_or_path}: reading its spiece.model needs "
+                f"{' and '.join(missing)} (not installed: pip install {' '.join(missing)})"
+            ) from None
         raise CheckpointError(
-            f"could not load a tokenizer from {name_or_path}: give a hub id or a directory with "
-            f"spiece.model / tokenizer.json ({str(e).splitlines()[0][:120]})"
+            f"could not load a tokenizer from {name_or_path}: give a Hub id or a directory with "
+            f"spiece.model / tokenizer.json ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
         ) from None
-
-
-def _refuse_pickle_only(directory: Path) -> None:
-    has_safetensors = (
-        any(directory.glob("*.safetensors")) or (directory / "model.safetensors.index.json").exists()
-    )
-    pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    if pickles and not has_safetensors:
-        raise CheckpointError(
-            f"{directory} holds only pickle weights ({', '.join(sorted(pickles))}); softprompt never unpickles "
-            "files, so convert them to safetensors first (model.save_pretrained(dir, safe_serialization=True))"
-        )
 
 
 def load_t5(
@@ -65,10 +78,15 @@ def load_t5(
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
 ) -> T5ForConditionalGeneration:
-    """Load a T5 model from the hub or a local directory, weights from safetensors only.
+    """Load a T5 model from the Hub (or its cache) or a local directory, without running code from any file.
+
+    Weights come from safetensors when the model has them; a model that publishes only
+    `pytorch_model.bin` (the seed's google/t5-*-lm-adapt and google/t5-v1_1-*) is read with
+    `torch.load(weights_only=True)`, saying so in one line on stderr; other pickles are refused.
+    The Hub's safetensors conversion is never triggered (see softprompt.pretrained).
 
     Args:
-        name_or_path: a hub id such as `google/t5-base-lm-adapt`, or a local directory.
+        name_or_path: a Hub id such as `google/t5-base-lm-adapt`, or a local directory.
         random_init: build the model from its `config.json` with random weights instead of loading
             weights (how tests and benchmarks run where no weights can be downloaded).
         seed: seeds the random init.
@@ -79,31 +97,22 @@ def load_t5(
     Returns:
         The model, in eval mode.
     """
-    path = Path(name_or_path)
+    if not random_init:
+        files = resolve_model_files(name_or_path)
+        return load_pretrained_t5(files, dtype=dtype, attn_implementation=attn_implementation)
     try:
-        if random_init:
-            config = AutoConfig.from_pretrained(str(name_or_path))
-            config._attn_implementation = attn_implementation
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = T5ForConditionalGeneration(config)
-            if dtype is not None:
-                model = model.to(dtype)
-        else:
-            if path.is_dir():
-                _refuse_pickle_only(path)
-            model = T5ForConditionalGeneration.from_pretrained(
-                str(name_or_path), use_safetensors=True, dtype=dtype, attn_implementation=attn_implementation
-            )
+        config = AutoConfig.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
-        hint = (
-            "add --random_init to build it with random weights from its config.json"
-            if path.is_dir() and (path / "config.json").exists()
-            else "check the hub id or path (weights must be in safetensors)"
-        )
         raise CheckpointError(
-            f"could not load a T5 model from {name_or_path}: {hint} ({str(e).splitlines()[0][:160]})"
+            f"could not read the config.json of {name_or_path}: check the Hub id or path "
+            f"({str(e).strip().splitlines()[0][:160]})"
         ) from None
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config)
+    if dtype is not None:
+        model = model.to(dtype)
     return model.eval()
 
 
