@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -327,7 +328,11 @@ def _preempt(
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "no checkpoint within 180 s"
                 time.sleep(0.005)
-            for pid in _children(proc.pid) if signal_workers else [proc.pid]:
+            targets = _children(proc.pid) if signal_workers else [proc.pid]
+            assert targets and proc.poll() is None, (
+                f"the job ended before it could be preempted: {log.read_text()[-3000:]}"
+            )
+            for pid in targets:
                 os.kill(pid, signal.SIGTERM)
             rc = proc.wait(timeout=120)
         finally:
@@ -389,16 +394,12 @@ def one_rank_preempt_and_resume(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _trace_ops(trace, 0).count(f"init_process_group {backend} world_size=1 rank=0") == 2
 
+    # The reference: the same job uninterrupted in a plain process (this one, which torchrun did not start).
+    from softprompt.cli import main
+
     plain_trace = tmp / "plain-trace"
-    cmd = [sys.executable, "-m", "softprompt", *_preempt_args(model_dir, data, plain_out)]
-    proc = subprocess.run(
-        cmd,
-        env=env(SOFTPROMPT_TRACE_COLLECTIVES=str(plain_trace)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with mock.patch.dict(os.environ, {"SOFTPROMPT_TRACE_COLLECTIVES": str(plain_trace)}):
+        assert main(_preempt_args(model_dir, data, plain_out)) == 0
     assert not list(tmp.glob("plain-trace*"))  # no group, so no collective ran
     assert sorted(_losses(out)) == list(range(1, MAX_STEPS + 1))
     got = json.loads((out / "results.json").read_text())
