@@ -269,6 +269,37 @@ def test_torchrun_environment_joins_a_group_even_with_one_rank(monkeypatch, tmp_
     ]
 
 
+def test_backward_runs_outside_autocast_and_the_token_count_is_exact(monkeypatch):
+    """bf16 autocast wraps the forward only; the token count is summed as an integer."""
+    from transformers import T5ForConditionalGeneration
+
+    from conftest import tiny_config
+    from softprompt.data import Collator, Features
+    from softprompt.distributed import DistEnv
+    from softprompt.model import PromptedT5
+    from softprompt.prompt import SoftPrompt
+    from softprompt.train import accumulate_gradients
+
+    torch.manual_seed(0)
+    model = PromptedT5(T5ForConditionalGeneration(tiny_config()), SoftPrompt(4, 64))
+    feats = [Features(input_ids=[5 + i, 7, 1], labels=[9] * (i + 1) + [1], example_index=i) for i in range(4)]
+    collate = Collator()
+    seen: list[bool] = []
+    backward = torch.Tensor.backward
+
+    def recording_backward(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "backward", recording_backward)
+    forward_autocast: list[bool] = []
+    model.register_forward_pre_hook(lambda *_: forward_autocast.append(torch.is_autocast_enabled("cpu")))
+    loss, tokens = accumulate_gradients(model, [collate(feats[:2]), collate(feats[2:])], DistEnv(), True)
+    assert forward_autocast == [True, True] and seen == [False, False]
+    assert tokens == 2 + 3 + 4 + 5 and isinstance(tokens, float) and loss > 0
+    assert model.prompt.weight.grad is not None and model.prompt.weight.grad.dtype == torch.float32
+
+
 # --------------------------------------------------------- train -> eval -> checkpoint -> SIGTERM -> resume
 
 MAX_STEPS = 10
