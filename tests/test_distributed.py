@@ -300,6 +300,16 @@ def test_backward_runs_outside_autocast_and_the_token_count_is_exact(monkeypatch
     assert model.prompt.weight.grad is not None and model.prompt.weight.grad.dtype == torch.float32
 
 
+def test_fsdp_without_torchrun_is_one_clear_error(tmp_path, tiny_model_dir, squad_small, capsys):
+    from softprompt.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", *_common(tiny_model_dir, *squad_small), "--fsdp", "--output_dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "launch with torchrun" in err[0] and "--fsdp" in err[0], err
+    assert not torch.distributed.is_initialized() and not list(out.glob("checkpoint-*"))
+
+
 # --------------------------------------------------------- train -> eval -> checkpoint -> SIGTERM -> resume
 
 MAX_STEPS = 10

@@ -50,7 +50,7 @@ from softprompt.distributed import (
     shard_fsdp,
     wrap_ddp,
 )
-from softprompt.errors import CheckpointError, UserError
+from softprompt.errors import CheckpointError, ConfigError, UserError
 from softprompt.evaluate import autocast, evaluate_examples
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.optim import build_optimizer
@@ -155,6 +155,11 @@ def _prepare_output_dir(cfg: TrainConfig, env: DistEnv) -> Path:
 def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     """Validate, load data and model, build optimizer and sampler, and restore state on --resume."""
     plan = validate(cfg, env.world_size)
+    if cfg.fsdp and not env.distributed:  # FSDP shards over a process group, which only torchrun starts
+        raise ConfigError(
+            "--fsdp shards the model over the ranks of a torchrun job; launch with torchrun "
+            "(`torchrun --nproc_per_node N -m softprompt train ...`, N = 1 works too) or drop --fsdp"
+        )
     out = _prepare_output_dir(cfg, env)
     bf16 = cfg.precision == "bf16"
     torch.manual_seed(cfg.seed)
