@@ -9,10 +9,12 @@ collectives the trainer and evaluator need: `all_reduce_sum`, `all_reduce_max`, 
 then every helper is a no-op.
 
 Collective tensors live on `env.device`, the device the group's one backend serves (a CUDA device
-for NCCL, the CPU for gloo). A group made for both (`"cpu:gloo,cuda:nccl"`) would let CPU tensors
-through too, but it would also open gloo connections between every pair of ranks on every node,
-which clusters set up for NCCL (InfiniBand, `GLOO_SOCKET_IFNAME` unset) often cannot make; moving a
-few scalars to the GPU costs nothing next to a training step.
+for NCCL, the CPU for gloo); the helpers move them there. A group made for both backends
+(`"cpu:gloo,cuda:nccl"`) would let CPU tensors through too, but it would make a multi-node GPU job
+depend on a second transport: gloo's own TCP connections between all ranks, which on clusters wired
+for NCCL can pick the wrong network interface unless `GLOO_SOCKET_IFNAME` is set. One backend per
+job keeps the launch as simple as torchrun's; moving a few scalars to the GPU costs nothing next to
+a training step.
 """
 
 from __future__ import annotations
@@ -54,8 +56,12 @@ class DistEnv:
 
 
 def launched_by_torchrun() -> bool:
-    """Whether torchrun (or another launcher that sets its environment) started this process."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """Whether torchrun (or another launcher that sets its environment) started this process.
+
+    Either variable counts, so that a half-set environment fails loudly in `init_process_group`
+    instead of training alone on a slice of the data.
+    """
+    return "RANK" in os.environ or "WORLD_SIZE" in os.environ
 
 
 def init_distributed() -> DistEnv:
