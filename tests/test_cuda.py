@@ -3,7 +3,8 @@
 CI has no GPU, so these run where one is lent (bench/device/h200.sh runs them first). They check what
 the CPU suite cannot: transformers' T5 under bf16 autocast on the GPU agrees with fp32; the lean path,
 which frozen models take on CUDA too (`softprompt.model.LEAN_DEVICE_TYPES`), computes what transformers
-computes there; and `softprompt train` runs on the GPU in bf16, resumes, and runs under torchrun with NCCL.
+computes there; `softprompt train` runs on the GPU in bf16, resumes, and runs under torchrun with NCCL;
+and a 1-rank torchrun job joins an NCCL group and runs every collective there, preempted and resumed.
 """
 
 from __future__ import annotations
@@ -121,3 +122,27 @@ def test_train_on_cuda_in_bf16_resumes_and_runs_under_torchrun_with_nccl(
     losses = [r["loss"] for r in records if r["event"] == "train"]
     assert len(losses) == 4 and all(0.0 < x < 100.0 for x in losses)
     assert not list((tmp_path / "a" / "last").glob("model*.safetensors"))  # a prompt-only checkpoint
+
+
+def _cuda_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def test_one_rank_torchrun_on_cuda_joins_an_nccl_group_preempts_and_resumes(
+    tmp_path, tiny_model_dir, squad_small
+):
+    """The gloo test of tests/test_distributed.py on the GPU: every collective (token counts, the stop
+    signal, sharded evaluation, checkpoint barriers) runs in a 1-rank NCCL group, where PyTorch refuses
+    CPU tensors, and the preempted-and-resumed job ends where a plain process ends."""
+    from test_distributed import _losses, one_rank_preempt_and_resume
+
+    out, plain = one_rank_preempt_and_resume(tmp_path, tiny_model_dir, squad_small, _cuda_env, "nccl")
+    assert json.loads((out / "results.json").read_text())["device"] == "cuda"
+    for name in ("last", "best"):
+        a = load_file(str(out / name / "prompt.safetensors"))["prompt"]
+        b = load_file(str(plain / name / "prompt.safetensors"))["prompt"]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    got, want = _losses(out), _losses(plain)
+    assert got.keys() == want.keys()
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), step

@@ -1,8 +1,20 @@
 """Everything that knows about more than one process lives here.
 
-softprompt runs unchanged under `torchrun`: this module reads torchrun's environment, starts the
+softprompt runs unchanged under `torchrun`: this module reads torchrun's environment, joins the
 process group (NCCL on CUDA, gloo on CPU), wraps the model in DDP or FSDP2 and offers the few
-collectives the trainer and evaluator need. With one process every helper is a no-op.
+collectives the trainer and evaluator need: `all_reduce_sum`, `all_reduce_max`, `gather_objects`,
+`broadcast_object` and `barrier`. No other module calls `torch.distributed` collectives
+(tests/test_distributed.py checks). Under torchrun the group is joined even with one rank, so a
+1-GPU job runs every collective a 64-GPU job runs; a plain `softprompt` process joins none, and
+then every helper is a no-op.
+
+Collective tensors live on `env.device`, the device the group's one backend serves (a CUDA device
+for NCCL, the CPU for gloo); the helpers move them there. A group made for both backends
+(`"cpu:gloo,cuda:nccl"`) would let CPU tensors through too, but it would make a multi-node GPU job
+depend on a second transport: gloo's own TCP connections between all ranks, which on clusters wired
+for NCCL can pick the wrong network interface unless `GLOO_SOCKET_IFNAME` is set. One backend per
+job keeps the launch as simple as torchrun's; moving a few scalars to the GPU costs nothing next to
+a training step.
 """
 
 from __future__ import annotations
@@ -18,6 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+TRACE_ENV = "SOFTPROMPT_TRACE_COLLECTIVES"
+"""When set to a path prefix, every rank appends one line per group join and collective to
+`<prefix>.rank<R>` (how the tests prove a 1-rank torchrun job really runs its collectives)."""
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -27,6 +43,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: bool = False  # in a process group (always under torchrun, even with one rank)
 
     @property
     def is_main(self) -> bool:
@@ -34,11 +51,24 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether collectives run (and the model is DDP/FSDP wrapped): a torchrun job of any size."""
+        return self.group
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another launcher that sets its environment) started this process.
+
+    Either variable counts, so that a half-set environment fails loudly in `init_process_group`
+    instead of training alone on a slice of the data.
+    """
+    return "RANK" in os.environ or "WORLD_SIZE" in os.environ
 
 
 def init_distributed() -> DistEnv:
     """Join the torchrun job described by the environment, or run as a single process.
+
+    Under torchrun the process group is joined whatever the world size; without torchrun's
+    environment no group is made.
 
     Returns:
         This process's rank, world size and device (cuda:LOCAL_RANK when CUDA is present, else cpu).
@@ -51,10 +81,20 @@ def init_distributed() -> DistEnv:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if launched_by_torchrun() and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        # device_id binds NCCL to this rank's GPU at once (barriers and object collectives then need
+        # no guess of the device); gloo takes none.
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=30),
+            device_id=device if device.type == "cuda" else None,
+        )
+        _trace(
+            f"init_process_group {backend} world_size={dist.get_world_size()} rank={dist.get_rank()}", rank
+        )
+    group = dist.is_initialized()
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, group=group)
 
 
 def cleanup() -> None:
@@ -63,24 +103,50 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------------- collectives
+
+
+def _trace(event: str, rank: int) -> None:
+    prefix = os.environ.get(TRACE_ENV)
+    if prefix:
+        with open(f"{prefix}.rank{rank}", "a", encoding="utf-8") as f:
+            f.write(event + "\n")
+
+
 def barrier(env: DistEnv) -> None:
+    """Wait until every rank gets here."""
     if env.distributed:
-        dist.barrier()
+        _trace("barrier", env.rank)
+        dist.barrier(device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
 
-def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Sum a tensor over all ranks (returns the input unchanged for one process)."""
-    if env.distributed:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+def _all_reduce(value: torch.Tensor, env: DistEnv, op: dist.ReduceOp.RedOpType, name: str) -> torch.Tensor:
+    if not env.distributed:
+        return value
+    _trace(name, env.rank)
+    # A copy on the device the group's backend serves (NCCL refuses CPU tensors, gloo CUDA ones).
+    value = value.to(env.device, copy=True)
+    dist.all_reduce(value, op=op)
     return value
 
 
+def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum a tensor over all ranks, as a new tensor on `env.device` (the input itself without a group)."""
+    return _all_reduce(value, env, dist.ReduceOp.SUM, "all_reduce_sum")
+
+
+def all_reduce_max(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Max of a tensor over all ranks, as a new tensor on `env.device` (the input itself without a group)."""
+    return _all_reduce(value, env, dist.ReduceOp.MAX, "all_reduce_max")
+
+
 def gather_objects(obj: Any, env: DistEnv) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank."""
+    """Every rank's `obj` (any picklable value), in rank order, on every rank."""
     if not env.distributed:
         return [obj]
+    _trace("gather_objects", env.rank)
     out: list[Any] = [None] * env.world_size
+    # The pickled bytes travel on the current CUDA device under NCCL, which init_distributed set.
     dist.all_gather_object(out, obj)
     return out
 
@@ -89,9 +155,13 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     """Rank 0's `obj` on every rank."""
     if not env.distributed:
         return obj
+    _trace("broadcast_object", env.rank)
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=env.device)
     return box[0]
+
+
+# ------------------------------------------------------------------------------------- wrapping
 
 
 def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
@@ -143,14 +213,6 @@ def no_grad_sync(model: nn.Module, skip: bool) -> Iterator[None]:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under a DDP wrapper (FSDP2 shards in place, so it needs no unwrapping)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def all_reduce_max(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Max of a tensor over all ranks."""
-    if env.distributed:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
 
 
 # ------------------------------------------------------------------------------------- FSDP state

@@ -50,7 +50,7 @@ from softprompt.distributed import (
     shard_fsdp,
     wrap_ddp,
 )
-from softprompt.errors import CheckpointError, UserError
+from softprompt.errors import CheckpointError, ConfigError, UserError
 from softprompt.evaluate import autocast, evaluate_examples
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.optim import build_optimizer
@@ -158,6 +158,11 @@ def _prepare_output_dir(cfg: TrainConfig, env: DistEnv) -> Path:
 def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     """Validate, load data and model, build optimizer and sampler, and restore state on --resume."""
     plan = validate(cfg, env.world_size)
+    if cfg.fsdp and not env.distributed:  # FSDP shards over a process group, which only torchrun starts
+        raise ConfigError(
+            "--fsdp shards the model over the ranks of a torchrun job; launch with torchrun "
+            "(`torchrun --nproc_per_node N -m softprompt train ...`, N = 1 works too) or drop --fsdp"
+        )
     out = _prepare_output_dir(cfg, env)
     bf16 = cfg.precision == "bf16"
     torch.manual_seed(cfg.seed)
@@ -253,6 +258,11 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         initial_step=initial_step,
     )
 
+    # Every rank its own dropout stream, as data parallelism should (the model and prompt above were
+    # seeded alike on every rank). Rank 0 keeps the seed, so one process draws what it always drew;
+    # hence DDP equals gradient accumulation exactly only with --dropout 0. --resume restores each
+    # rank's saved stream over this.
+    torch.manual_seed(cfg.seed + env.rank)
     state = TrainerState()
     resume_from = _resume_point(out) if cfg.resume else None
     if resume_from is not None:
@@ -408,8 +418,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                 saved = bool(cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < run.max_steps)
                 if saved:
                     save_checkpoint(run)
-                if env.distributed:  # a signal seen by any rank stops every rank at the same step
-                    stop.signum = int(all_reduce_max(torch.tensor([stop.signum]), env).item())
+                # A signal seen by any rank stops every rank at the same step.
+                stop.signum = int(all_reduce_max(torch.tensor([stop.signum]), env).item())
                 if stop.signum:
                     if not saved:  # else this very step's checkpoint was just written; nothing changed since
                         save_checkpoint(run)
@@ -441,16 +451,17 @@ def accumulate_gradients(
         The global batch's mean token loss, and its target-token count.
     """
     local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-    global_tokens = float(all_reduce_sum(torch.tensor([float(local_tokens)]), env).item())
+    global_tokens = float(all_reduce_sum(torch.tensor([local_tokens]), env).item())
     loss_sum = torch.zeros((), device=env.device)
     for i, b in enumerate(batches):
-        with no_grad_sync(engine, skip=i < len(batches) - 1), autocast(env.device, bf16):
-            token_loss = engine(
-                b["input_ids"].to(env.device),
-                b["attention_mask"].to(env.device),
-                b["labels"].to(env.device),
-                reduction="sum",
-            )
+        with no_grad_sync(engine, skip=i < len(batches) - 1):
+            with autocast(env.device, bf16):  # the forward only: backward runs in the forward's dtypes
+                token_loss = engine(
+                    b["input_ids"].to(env.device),
+                    b["attention_mask"].to(env.device),
+                    b["labels"].to(env.device),
+                    reduction="sum",
+                )
             # DDP and FSDP average gradients over ranks; scale back up to a plain sum.
             (token_loss * env.world_size / global_tokens).backward()
         loss_sum += token_loss.detach().float()
