@@ -198,8 +198,6 @@ class TrainConfig:
     """Continue the run in --output_dir from its last checkpoint with its saved config; only the settings in RESUMABLE (max_steps, epochs, eval/save/logging steps, report_to, ...) may change."""
     overwrite_output_dir: bool = False
     """Start afresh even if --output_dir already holds a run (its checkpoints are replaced)."""
-    allow_other_base_model: bool = False
-    """Use a --prompt_init_file trained for another base model anyway (a warning instead of an error)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -222,7 +220,6 @@ RESUMABLE = frozenset(
         "resume",
         "overwrite_output_dir",
         "output_dir",
-        "allow_other_base_model",
     }
 )
 

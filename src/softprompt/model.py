@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import textwrap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +42,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as e:
         raise CheckpointError(
             f"could not load a tokenizer from {name_or_path}: give a hub id or a directory with "
-            f"spiece.model / tokenizer.json ({str(e).splitlines()[0][:120]})"
+            f"spiece.model / tokenizer.json ({textwrap.shorten((str(e).splitlines() or [''])[0], 160, placeholder=' ...')})"
         ) from None
 
 

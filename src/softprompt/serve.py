@@ -18,11 +18,10 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tyro
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -460,42 +459,6 @@ def create_app(
 # The command
 
 
-@dataclass
-class ServeArgs:
-    """Serve many soft prompts on one frozen T5 over HTTP, micro-batching concurrent requests."""
-
-    model: str
-    """Hub id or directory of the frozen T5 model the prompts were trained on."""
-    prompt: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """A prompt as NAME=DIR (DIR alone is named after the directory); repeat for several tasks."""
-    random_init: bool = False
-    """Build the model with random weights from its config (offline smoke tests)."""
-    seed: int = 42
-    """Seed for --random_init weights."""
-    host: str = "127.0.0.1"
-    """Interface to listen on (0.0.0.0 exposes the server to the network)."""
-    port: int = 8000
-    """TCP port; 0 picks a free one (printed at startup)."""
-    max_batch_size: int = 32
-    """Most questions merged into one model batch."""
-    max_wait_ms: float = 5.0
-    """How long a request waits for others to share its batch."""
-    max_context_chars: int = 20000
-    """Longest context accepted, in characters (longer ones get 413)."""
-    max_question_chars: int = 2000
-    """Longest question accepted, in characters."""
-    max_inputs: int = 256
-    """Most questions in one request."""
-    max_new_tokens: int = 32
-    """Longest answer in tokens."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32 or bf16 autocast."""
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    """uvicorn's log level."""
-    access_log: bool = False
-    """Log every request."""
-
-
 def parse_prompt_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
     """`NAME=DIR` (or a bare `DIR`, named after its folder) -> (name, dir) pairs.
 
@@ -537,23 +500,13 @@ def main(argv: Sequence[str]) -> int:
     """`softprompt serve`: load the model and prompts, then serve until interrupted."""
     import uvicorn
 
+    from softprompt.cli import ServeArgs, parse, serve_checks
     from softprompt.inference import load_model_and_prompts
 
-    args = tyro.cli(
-        ServeArgs,
-        args=list(argv),
-        prog="softprompt serve",
-        use_underscores=True,
-        description=ServeArgs.__doc__,
-    )
+    args = parse(ServeArgs, argv, "softprompt serve", checks=serve_checks)
     specs = parse_prompt_specs(args.prompt)
     if not specs:
         raise UserError("give at least one --prompt NAME=DIR to serve")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be in [0, 65535], got {args.port}")
-    for flag in ("max_batch_size", "max_context_chars", "max_question_chars", "max_inputs", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     loaded = load_model_and_prompts(
         args.model,
         [d for _, d in specs],
@@ -561,14 +514,16 @@ def main(argv: Sequence[str]) -> int:
         seed=args.seed,
         names=[n for n, _ in specs],
         bf16=args.precision == "bf16",
+        allow_other=args.allow_other_base_model,
     )
     # load_model_and_prompts already refused prompts of another model; the bank checks its own adds.
-    bank = PromptBank.from_loaded(loaded, base_model=None if args.random_init else args.model)
+    check_base = not (args.random_init or args.allow_other_base_model)
+    bank = PromptBank.from_loaded(loaded, base_model=args.model if check_base else None)
     app = create_app(
         bank,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_target_length,
         bf16=args.precision == "bf16",
         limits=Limits(
             max_context_chars=args.max_context_chars,

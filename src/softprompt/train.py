@@ -25,7 +25,15 @@ from torch import nn
 
 from softprompt import __version__
 from softprompt import checkpoint as ckpt
-from softprompt.config import BatchPlan, TrainConfig, save_yaml_config, validate
+from softprompt.config import (
+    BatchPlan,
+    TrainConfig,
+    read_yaml_mapping,
+    resume_changes,
+    save_yaml_config,
+    validate,
+    with_mode_defaults,
+)
 from softprompt.data import (
     BucketBatchSampler,
     Collator,
@@ -50,7 +58,7 @@ from softprompt.distributed import (
     shard_fsdp,
     wrap_ddp,
 )
-from softprompt.errors import CheckpointError, UserError
+from softprompt.errors import CheckpointError, ConfigError, UserError
 from softprompt.evaluate import autocast, evaluate_examples
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.optim import build_optimizer
@@ -113,6 +121,7 @@ class Run:
     logger: MetricsLogger
     state: TrainerState
     bf16: bool
+    base_fingerprint: str | None = None  # what identifies the base model (`ckpt.model_fingerprint`)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -152,9 +161,59 @@ def _prepare_output_dir(cfg: TrainConfig, env: DistEnv) -> Path:
     return out
 
 
+def _check_resume_settings(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """On --resume, the settings changed against the run's config.yaml; refuse those a resume cannot honour."""
+    saved_file = Path(cfg.output_dir) / "config.yaml"
+    if not cfg.resume or not saved_file.is_file():
+        return {}
+    saved = read_yaml_mapping(saved_file)
+    allowed, refused = resume_changes(saved, cfg)
+    if refused:
+        raise ConfigError(
+            f"--resume cannot change {', '.join(refused)}: the run in {cfg.output_dir} was trained with the "
+            "saved values; drop those flags, or start a new run in another --output_dir"
+        )
+    return allowed
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _start_summary(
+    cfg: TrainConfig,
+    plan: BatchPlan,
+    env: DistEnv,
+    mode: str,
+    n_trainable: int,
+    n_examples: int,
+    max_steps: int,
+    stats: Counter,
+) -> str:
+    """The line that says, before any work, what this run will do."""
+    what = (
+        f"softprompt: {mode} of {cfg.model_name_or_path} ({n_trainable:,} trainable parameters"
+        + (
+            ", base model frozen"
+            if cfg.prompt_tuning
+            else ", every weight; pass --prompt_tuning to train a prompt"
+        )
+        + f") with {cfg.optimizer} at lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
+    )
+    return (
+        what
+        + f"{_plural(n_examples, 'example')}; global batch {plan.global_batch} = {plan.per_device} per device x "
+        + f"{env.world_size} device(s) x {plan.grad_accum} accumulation; {_plural(max_steps, 'step')}"
+        + (f"; skipped {dict(stats)}" if stats else "")
+    )
+
+
 def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     """Validate, load data and model, build optimizer and sampler, and restore state on --resume."""
+    cfg = with_mode_defaults(cfg)
     plan = validate(cfg, env.world_size)
+    resumed_changes = _check_resume_settings(cfg)
+    ckpt.refuse_non_model(cfg.model_name_or_path)
     out = _prepare_output_dir(cfg, env)
     bf16 = cfg.precision == "bf16"
     torch.manual_seed(cfg.seed)
@@ -202,8 +261,10 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
             )
         if cfg.prompt_init == "from_file" and cfg.prompt_init_file and env.is_main and not cfg.random_init:
             # Starting from another model's prompt (prompt transfer) is allowed, but rarely meant.
-            source = ckpt.load_prompt_config(cfg.prompt_init_file).base_model
-            if not ckpt.same_model(source, cfg.model_name_or_path):
+            source_config = ckpt.load_prompt_config(cfg.prompt_init_file)
+            source = source_config.base_model
+            recorded = source_config.extra.get("base_model_fingerprint")
+            if not ckpt.same_model(source, cfg.model_name_or_path, recorded):
                 print(
                     f"softprompt: warning: the initial prompt in {cfg.prompt_init_file} was trained for {source}, "
                     f"not {cfg.model_name_or_path}; training starts from it anyway",
@@ -250,7 +311,8 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     resume_from = _resume_point(out) if cfg.resume else None
     if resume_from is not None:
         state = _restore(resume_from, model, optimizer, scheduler, env, cfg.fsdp)
-    elif env.is_main:
+    if env.is_main and (resume_from is None or resumed_changes):
+        # A resume that changed allowed settings records them: config.yaml says what the run now does.
         save_yaml_config(
             cfg, out / "config.yaml", header=f"# softprompt {__version__}: the resolved config of this run\n"
         )
@@ -263,6 +325,10 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         resume_step=state.step if cfg.resume else None,  # a resume without a checkpoint restarts at 0
     )
     mode = "prompt tuning" if cfg.prompt_tuning else "full fine-tuning"
+    if resumed_changes:
+        logger.log(
+            "resume", state.step, changed={k: {"from": a, "to": b} for k, (a, b) in resumed_changes.items()}
+        )
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     logger.log(
         "start",
@@ -282,12 +348,20 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     )
     if env.is_main:
         print(
-            f"softprompt: {mode} of {cfg.model_name_or_path} ({n_trainable:,} trainable parameters) on "
-            f"{len(train_examples):,} examples; global batch {plan.global_batch} = {plan.per_device} per device x "
-            f"{env.world_size} device(s) x {plan.grad_accum} accumulation; {max_steps:,} steps"
-            + (f"; skipped {dict(stats)}" if stats else ""),
+            _start_summary(cfg, plan, env, mode, n_trainable, len(train_examples), max_steps, stats),
             flush=True,
         )
+        if resumed_changes:
+            changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in resumed_changes.items())
+            print(
+                f"softprompt: resuming with changed settings: {changed} (recorded in config.yaml)", flush=True
+            )
+        if not eval_examples and cfg.eval_steps:
+            print(
+                "softprompt: no dev set (--validation_file / --dataset_name): no evaluation, no best/ checkpoint; "
+                "checkpoints are still written every --save_steps",
+                flush=True,
+            )
     return Run(
         cfg=cfg,
         env=env,
@@ -308,6 +382,7 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         logger=logger,
         state=state,
         bf16=bf16,
+        base_fingerprint=None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path),
     )
 
 
@@ -376,7 +451,6 @@ def train_loop(run: Run) -> dict[str, Any]:
                 if math.isfinite(step_loss):
                     window_loss += step_loss * global_tokens
                     window_tokens += global_tokens
-                bar.update(1, loss=step_loss, ex_s=plan.global_batch / max(dt, 1e-9))
 
                 if (cfg.logging_steps and st.step % cfg.logging_steps == 0) or st.step == run.max_steps:
                     run.logger.log(
@@ -390,12 +464,16 @@ def train_loop(run: Run) -> dict[str, Any]:
                     )
                     window_loss = window_tokens = 0.0
                     window_examples, window_time = 0, 0.0
-                if cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps:
-                    f1 = _evaluate(run)
-                    bar.update(0, dev_f1=f1)
                 saved = bool(cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < run.max_steps)
-                if saved:
+                if saved:  # before evaluating: an evaluation that fails must not cost this step's checkpoint
                     save_checkpoint(run)
+                shown = {"loss": step_loss, "ex_s": plan.global_batch / max(dt, 1e-9)}
+                due = cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
+                if due and run.eval_examples:
+                    shown["dev_f1"] = _evaluate(run)
+                    if saved:
+                        _refresh_last(run)  # the checkpoint just written learns this evaluation's best
+                bar.update(1, **shown)  # after the evaluation, so the line shows this step's dev F1
                 if env.distributed:  # a signal seen by any rank stops every rank at the same step
                     stop.signum = int(all_reduce_max(torch.tensor([stop.signum]), env).item())
                 if stop.signum:
@@ -413,6 +491,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     if run.eval_examples:
         _evaluate(run)
         _refresh_last(run)
+    _refresh_best_card(run)
     return _results(run)
 
 
@@ -484,7 +563,12 @@ def _prompt_config(run: Run) -> ckpt.PromptConfig:
         pad_punctuation=cfg.pad_punctuation,
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
-        extra={"step": run.state.step, "dev_f1": run.state.best_f1, "dev_exact_match": run.state.best_em},
+        extra={
+            "step": run.state.step,
+            "dev_f1": run.state.best_f1,
+            "dev_exact_match": run.state.best_em,
+            "base_model_fingerprint": run.base_fingerprint,
+        },
     )
 
 
@@ -502,10 +586,14 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         "prompt_init": cfg.prompt_init,
         "global_batch_size": run.plan.global_batch,
         "steps": st.step,
+        "epochs": cfg.epochs
+        if cfg.epochs is not None
+        else round(st.examples_seen / max(1, len(run.train_features)), 2),
+        "seed": cfg.seed,
         "precision": cfg.precision,
-        "exact_match": st.best_em,
-        "f1": st.best_f1,
-        "best_step": st.best_step,
+        "exact_match": st.best_em if st.best_step >= 0 else None,
+        "f1": st.best_f1 if st.best_step >= 0 else None,
+        "best_step": st.best_step if st.best_step >= 0 else None,
     }
 
 
@@ -527,20 +615,28 @@ def _save_weights(run: Run, directory: Path, *, card: bool = False) -> None:
                 run.model.model.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
                 run.tokenizer.save_pretrained(tmp)
             if card:
-                _write_card(tmp, run)
+                _write_card(tmp, run, location=directory)
     barrier(run.env)
 
 
-def _write_card(directory: Path, run: Run) -> None:
+def _write_card(directory: Path, run: Run, location: Path | None = None) -> None:
+    """The model card in `directory`, naming `location` (where the files will live) as the path to load."""
     from softprompt.modelcard import write_model_card
 
-    write_model_card(directory, _model_card_info(run))
+    write_model_card(directory, _model_card_info(run), location=location)
+
+
+def _refresh_best_card(run: Run) -> None:
+    """At the end, best/'s card states the whole run (its steps and epochs), not the run up to the best step."""
+    best = run.out / "best"
+    if run.env.is_main and (best / "README.md").is_file():
+        _write_card(best, run)
 
 
 def _write_state_and_card(directory: Path, run: Run) -> None:
     """trainer_state.json and, for a prompt, its model card (every saved prompt carries one)."""
     if run.model.prompt is not None:
-        _write_card(directory, run)
+        _write_card(directory, run, location=run.out / "last")
     ckpt.atomic_write_text(directory / "trainer_state.json", json.dumps(run.state.__dict__, indent=2) + "\n")
 
 
@@ -702,11 +798,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Returns:
         The content of results.json (best dev EM/F1 and timing).
     """
+    cfg = with_mode_defaults(cfg)
     env = init_distributed()
+    out = Path(cfg.output_dir)
+    fresh = not out.exists()
     run = None
     try:
         run = setup(cfg, env)
         return train_loop(run)
+    except BaseException:
+        # A run that failed while setting up trained nothing: it leaves no directory behind.
+        if run is None and fresh and env.is_main and out.is_dir() and not any(out.glob("checkpoint-*")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if run is not None:
             run.logger.close()
