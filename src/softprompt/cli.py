@@ -153,15 +153,19 @@ def _train_checks(cfg: Any) -> list[str]:
 def cmd_train(argv: Sequence[str]) -> int:
     from softprompt.config import TrainConfig, config_values, read_yaml_mapping
 
-    cfg = parse(TrainConfig, argv, "softprompt train", checks=_train_checks)
+    # First pass: where the run lives. A resume's settings come from its saved config, so the
+    # combinations are checked once those are in (second pass).
+    cfg = parse(TrainConfig, argv, "softprompt train", checks=lambda c: [] if c.resume else _train_checks(c))
     saved_file = Path(cfg.output_dir) / "config.yaml"
-    if cfg.resume and saved_file.is_file():
-        # A resumed run starts from its own saved settings; the config file and the flags given now
-        # override them, and the trainer refuses the changes a resume cannot honour.
-        saved, problems = config_values(read_yaml_mapping(saved_file), TrainConfig)
-        if problems:
-            raise ConfigError(f"{saved_file}: " + "; ".join(problems))
-        saved.update(resume=True, overwrite_output_dir=False, output_dir=cfg.output_dir)
+    if cfg.resume:
+        saved = None
+        if saved_file.is_file():
+            # A resumed run starts from its own saved settings; the config file and the flags given now
+            # override them, and the trainer refuses the changes a resume cannot honour.
+            saved, problems = config_values(read_yaml_mapping(saved_file), TrainConfig)
+            if problems:
+                raise ConfigError(f"{saved_file}: " + "; ".join(problems))
+            saved.update(resume=True, overwrite_output_dir=False, output_dir=cfg.output_dir)
         cfg = parse(TrainConfig, argv, "softprompt train", defaults=saved, checks=_train_checks)
     _quiet_transformers()
     from softprompt.train import Preempted, train

@@ -6,7 +6,10 @@ copy of the model, one forward pass, many tasks. The model runs on a single work
 event loop keeps accepting requests (and answering /health) while a batch is being decoded.
 
 Endpoints: `POST /v1/answer`, `GET /v1/tasks`, `GET /health`, and FastAPI's `/openapi.json` and
-`/docs`.
+`/docs`. Every error answers `{"error": "one sentence", "errors": [...field details, if any]}` with one
+status scheme: 413 for a request too large, 422 for any other request body the server cannot answer
+(malformed JSON, missing or invalid fields, an unknown task), 404 and 405 for an unknown path or
+method, 500 when the model fails.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from softprompt.bank import PromptBank
 from softprompt.errors import UserError
 
 Row = tuple[str, str, str]  # (task, question, context)
+ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health"
 AnswerFn = Callable[[list[Row]], list[str]]
 
 
@@ -308,7 +312,7 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     for e in errors:
         if e.get("type") == "json_invalid":
             reason = (e.get("ctx") or {}).get("error", "malformed JSON")
-            return _error(400, f"the request body is not valid JSON ({reason}); send a JSON object")
+            return _error(422, f"the request body is not valid JSON ({reason}); send a JSON object")
     if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
         return _error(
             422,
@@ -384,6 +388,17 @@ def create_app(
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.message)
 
+    # Unknown paths and wrong methods answer in the same {"error": ...} shape as everything else.
+    @app.exception_handler(404)
+    async def on_not_found(request: Request, _: Exception) -> JSONResponse:
+        return _error(404, f"no endpoint at {request.url.path}; this server has {ENDPOINTS} (and /docs)")
+
+    @app.exception_handler(405)
+    async def on_bad_method(request: Request, _: Exception) -> JSONResponse:
+        return _error(
+            405, f"{request.method} is not allowed on {request.url.path}; this server has {ENDPOINTS}"
+        )
+
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
         # Refuse an oversized body before reading it rather than after it is in memory.
@@ -399,7 +414,7 @@ def create_app(
             request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
         return await call_next(request)
 
-    errors = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500)}
+    errors = {code: {"model": ErrorResponse} for code in (413, 422, 500)}
 
     @app.post("/v1/answer", responses=errors)
     async def answer_questions(body: AnswerRequest) -> AnswerResponse | BatchAnswerResponse:

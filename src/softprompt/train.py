@@ -95,6 +95,7 @@ class TrainerState:
     train_seconds: float = 0.0
     examples_seen: int = 0
     skipped_nonfinite: int = 0
+    last_eval_step: int = -1  # a checkpoint is written before its step's evaluation; resume finishes it
     python_rng: list[Any] = field(default_factory=list)
 
 
@@ -416,6 +417,11 @@ def train_loop(run: Run) -> dict[str, Any]:
     cfg, env, st, plan = run.cfg, run.env, run.state, run.plan
     window_loss = window_tokens = 0.0
     window_examples, window_time = 0, 0.0
+    due = cfg.eval_steps and st.step and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
+    if due and run.eval_examples and st.last_eval_step != st.step:
+        # Stopped between this step's checkpoint and its evaluation: evaluate now, as the run would have.
+        _evaluate(run)
+        _refresh_last(run)
     with (
         _StopFlag() as stop,
         Progress(total=run.max_steps, desc="train", enabled=env.is_main, unit="step", initial=st.step) as bar,
@@ -538,6 +544,7 @@ def _evaluate(run: Run) -> float:
         bf16=run.bf16,
         lockstep=cfg.fsdp,
     )
+    st.last_eval_step = st.step
     run.logger.log("eval", st.step, exact_match=result.exact_match, f1=result.f1)
     if run.env.is_main:
         ckpt.atomic_write_json(run.out / f"predictions_step{st.step}.json", result.predictions)
