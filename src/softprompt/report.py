@@ -517,6 +517,20 @@ def _ema(values: Sequence[float], weight: float) -> list[float]:
 
 def _render_figure(stem: str, runs: Sequence[Run]) -> dict[str, bytes]:
     from matplotlib import rc_context
+
+    fig = draw_figure(stem, runs)
+    out: dict[str, bytes] = {}
+    # A fixed hash salt and no dates make the SVG byte-identical across runs of the report.
+    with rc_context({"svg.hashsalt": "softprompt"}):
+        for fmt, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=120, metadata=metadata)
+            out[fmt] = buf.getvalue()
+    return out
+
+
+def draw_figure(stem: str, runs: Sequence[Run]) -> Any:
+    """The matplotlib Figure of one learning curve (`loss`, `dev_f1` or `dev_em`) over the runs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -571,14 +585,7 @@ def _render_figure(stem: str, runs: Sequence[Run]) -> dict[str, bytes]:
         ax.text(
             0.5, 0.5, f"no {kind} records in metrics.jsonl", ha="center", va="center", transform=ax.transAxes
         )
-    out: dict[str, bytes] = {}
-    # A fixed hash salt and no dates make the SVG byte-identical across runs of the report.
-    with rc_context({"svg.hashsalt": "softprompt"}):
-        for fmt, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
-            buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, dpi=120, metadata=metadata)
-            out[fmt] = buf.getvalue()
-    return out
+    return fig
 
 
 # --------------------------------------------------------------------------- the report
