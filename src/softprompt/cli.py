@@ -354,9 +354,11 @@ def serve_checks(args: ServeArgs) -> list[str]:
 
 
 def cmd_serve(argv: Sequence[str]) -> int:
-    from softprompt.serve import main as serve_main
+    args = parse(ServeArgs, argv, "softprompt serve", checks=serve_checks)
+    _quiet_transformers()
+    from softprompt.serve import serve
 
-    return serve_main(argv)
+    return serve(args)
 
 
 # ---------------------------------------------------------------------------------------------- inspect
@@ -383,9 +385,11 @@ class InspectArgs:
 
 
 def cmd_inspect(argv: Sequence[str]) -> int:
-    from softprompt.inspect_prompt import main as inspect_main
+    args = parse(InspectArgs, argv, "softprompt inspect")
+    _quiet_transformers()
+    from softprompt.inspect_prompt import inspect_prompt
 
-    return inspect_main(argv)
+    return inspect_prompt(args)
 
 
 # ---------------------------------------------------------------------------------------------- report, demo
@@ -427,9 +431,10 @@ class DemoArgs:
 
 
 def cmd_demo(argv: Sequence[str]) -> int:
-    from softprompt.demo import main as demo_main
+    args = parse(DemoArgs, argv, "softprompt demo")
+    from softprompt.demo import run_parsed
 
-    return demo_main(argv)
+    return run_parsed(args)
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {

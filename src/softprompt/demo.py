@@ -517,7 +517,11 @@ def main(argv: Sequence[str]) -> int:
     """`softprompt demo [--output_dir DIR] [--seed N] [--quick] [--threads N]`."""
     from softprompt.cli import DemoArgs, parse
 
-    args = parse(DemoArgs, argv, "softprompt demo")
+    return run_parsed(parse(DemoArgs, argv, "softprompt demo"))
+
+
+def run_parsed(args: Any) -> int:
+    """Run the demo for parsed `DemoArgs` and say where its files are."""
     from transformers.utils import logging as hf_logging
 
     # transformers draws a bar for every tiny save and load; the trainer's own progress lines suffice.

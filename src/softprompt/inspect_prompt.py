@@ -185,7 +185,11 @@ def main(argv: Sequence[str]) -> int:
     """`softprompt inspect`: print the table (and write JSON), return the exit code."""
     from softprompt.cli import InspectArgs, parse
 
-    args = parse(InspectArgs, argv, "softprompt inspect")
+    return inspect_prompt(parse(InspectArgs, argv, "softprompt inspect"))
+
+
+def inspect_prompt(args: Any) -> int:
+    """Print the table for parsed `InspectArgs` (and write JSON); return the exit code."""
     weight, config = load_prompt(args.prompt_dir)
     model = args.model or config.base_model
     if not args.random_init:

@@ -512,13 +512,18 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def main(argv: Sequence[str]) -> int:
-    """`softprompt serve`: load the model and prompts, then serve until interrupted."""
+    """`softprompt serve`: parse the flags, load the model and prompts, then serve until interrupted."""
+    from softprompt.cli import ServeArgs, parse, serve_checks
+
+    return serve(parse(ServeArgs, argv, "softprompt serve", checks=serve_checks))
+
+
+def serve(args: Any) -> int:
+    """Load the model and prompts named by parsed `ServeArgs`, then serve until interrupted."""
     import uvicorn
 
-    from softprompt.cli import ServeArgs, parse, serve_checks
     from softprompt.inference import load_model_and_prompts
 
-    args = parse(ServeArgs, argv, "softprompt serve", checks=serve_checks)
     specs = parse_prompt_specs(args.prompt)
     if not specs:
         raise UserError("give at least one --prompt NAME=DIR to serve")
