@@ -234,3 +234,18 @@ def test_help_lists_every_flag_and_its_alias(command, capsys):
         if not spec.positional:
             for name in (spec.flag, *spec.aliases):
                 assert f"--{name}" in out, name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--max_eval_samples", "0"], "--model is required; --max_eval_samples must be >= 1, got 0"),
+        (["serve"], "--model is required"),
+        (["score", "data.json"], "give DATASET_FILE PREDICTION_FILE"),
+        (["inspect", "--top_k", "2"], "give PROMPT_DIR"),
+    ],
+)
+def test_missing_required_values_are_one_line_with_the_rest(argv, message, capsys):
+    assert _exit(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -136,7 +136,8 @@ def test_model_card_points_at_the_final_folder_and_states_the_whole_run(
     assert main(argv) == 0
     captured = capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
-    for folder, loads_from in (("best", out / "best"), ("last", out / "last")):
+    # Each card names its checkpoint's own folder (last/ is a link that moves on).
+    for folder, loads_from in (("best", out / "best"), ("last", out / (out / "last").resolve().name)):
         card = (out / folder / "README.md").read_text()
         assert ".tmp" not in card and f"load_prompt({str(loads_from)!r})" in card, folder
         assert f"--prompt {loads_from}" in card

@@ -40,6 +40,7 @@ from softprompt.config import (
     check_flags,
     check_numbers,
     expand_paths,
+    field_specs,
     pop_config_flag,
     read_config_file,
 )
@@ -106,31 +107,33 @@ def parse(
         file_values, file_problems = read_config_file(config_path, cls)
         values.update(file_values)
         problems += [f"{config_path}: {p}" for p in file_problems]
-    if not {"-h", "--help"} & set(argv):
-        flag_values, flag_problems = check_flags(argv, cls)
-        problems += flag_problems
-        if problems:
-            try:  # what did parse still gets its combinations checked, so the user sees everything at once
-                partial = cls(**{**values, **flag_values})
-                problems += [
-                    p
-                    for p in check_numbers(partial) + (checks(partial) if checks else [])
-                    if p not in problems
-                ]
-            except TypeError:
-                pass  # a required flag is missing; the parser names it once the rest is fixed
-            _refuse(prog, problems)
     required = {
         f.name: tyro.MISSING
         for f in dataclasses.fields(cls)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    }  # type: ignore[misc]
+    }
+    if not {"-h", "--help"} & set(argv):
+        flag_values, flag_problems, words = check_flags(argv, cls)
+        problems += flag_problems
+        specs = field_specs(cls)
+        given = {**values, **flag_values}
+        problems += [
+            f"--{specs[n].flag} is required" for n in required if not specs[n].positional and n not in given
+        ]
+        wanted = [n.upper() for n in required if specs[n].positional and n not in given]
+        if len(words) < len(wanted):
+            problems.append(f"give {' '.join(wanted)} (see {prog} --help)")
+        if problems:
+            # What did parse still gets its numbers and combinations checked: everything at once.
+            partial = cls(**{**required, **values, **flag_values})
+            problems += check_numbers(partial) + (checks(partial) if checks else [])
+            _refuse(prog, list(dict.fromkeys(problems)))
     default = cls(**{**required, **values}) if values else None
     args = tyro.cli(cls, args=argv, prog=prog, default=default, use_underscores=True, description=cls.__doc__)
     args = expand_paths(args)
     problems = check_numbers(args) + (checks(args) if checks else [])
     if problems:
-        _refuse(prog, problems)
+        _refuse(prog, list(dict.fromkeys(problems)))
     return args
 
 

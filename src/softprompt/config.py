@@ -496,7 +496,7 @@ def save_yaml_config(cfg: Any, path: str | os.PathLike, header: str = "") -> Non
 # ---------------------------------------------------------------------------------------------- flags
 
 
-def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str]]:
+def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str], list[str]]:
     """Every unknown flag and unreadable value in `argv`, listed at once (the parser stops at the first).
 
     tyro parses the flags; this pass only finds what it would refuse, so the user sees all of it in
@@ -504,7 +504,7 @@ def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str]]:
     same function that reads config files.
 
     Returns:
-        The values that could be read, by field name, and one phrase per problem.
+        The values that could be read, by field name, one phrase per problem, and the positional words.
     """
     specs = field_specs(cls)
     names = {n: s for n, s in _names(specs).items() if not s.positional}
@@ -512,6 +512,7 @@ def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str]]:
     values: dict[str, Any] = {}
     problems: list[str] = []
     positional = any(s.positional for s in specs.values())
+    words: list[str] = []
     i = 0
     while i < len(argv):
         word = argv[i]
@@ -519,6 +520,7 @@ def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str]]:
         if not word.startswith("--"):
             if not positional:
                 problems.append(f"unexpected argument {_short_repr(word)}")
+            words.append(word)
             continue
         name, has_value, inline = word[2:].partition("=")
         key = name.replace("-", "_")
@@ -550,7 +552,7 @@ def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str]]:
             else:
                 shown = " ".join(args)
                 problems.append(f"--{name} must be {_describe(spec.kind)}, got {_short_repr(shown)}")
-    return values, problems
+    return values, problems, words
 
 
 def pop_config_flag(argv: list[str]) -> tuple[list[str], str | None]:

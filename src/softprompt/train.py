@@ -640,17 +640,18 @@ def _refresh_best_card(run: Run) -> None:
         _write_card(best, run)
 
 
-def _write_state_and_card(directory: Path, run: Run) -> None:
-    """trainer_state.json and, for a prompt, its model card (every saved prompt carries one)."""
+def _write_state_and_card(directory: Path, run: Run, location: Path) -> None:
+    """trainer_state.json and, for a prompt, its model card naming `location`, the checkpoint's own folder."""
     if run.model.prompt is not None:
-        _write_card(directory, run, location=run.out / "last")
+        _write_card(directory, run, location=location)
     ckpt.atomic_write_text(directory / "trainer_state.json", json.dumps(run.state.__dict__, indent=2) + "\n")
 
 
 def _refresh_last(run: Run) -> None:
     """Record the final evaluation's best-so-far in `last/` (trainer state and model card), atomically."""
     if run.env.is_main:
-        _write_state_and_card((run.out / "last").resolve(), run)
+        last = (run.out / "last").resolve()
+        _write_state_and_card(last, run, location=run.out / last.name)
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -682,7 +683,7 @@ def save_checkpoint(run: Run) -> Path:
     barrier(env)
     if env.is_main:
         try:
-            _write_state_and_card(tmp, run)
+            _write_state_and_card(tmp, run, location=target)
             ckpt._fsync_tree(tmp)
             old = None
             if target.exists():
