@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,28 @@ def test_atomic_dir_keeps_the_old_checkpoint_when_the_write_fails(tmp_path):
     back, _ = load_prompt(tmp_path / "p")
     assert torch.equal(back, torch.ones(2, 3))
     assert sorted(os.listdir(tmp_path)) == ["p"]  # no temporary left behind
+
+
+def test_a_hub_id_and_its_local_snapshot_are_the_same_model(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import SHARED, cpu_env, need
+
+    hub = need(SHARED / "hf-cache" / "hub")
+    snapshot = next((hub / "models--google--t5-v1_1-base" / "snapshots").iterdir())
+    probe = (
+        "import sys\n"
+        "from softprompt.checkpoint import model_fingerprint, same_model\n"
+        "snap = sys.argv[1]\n"
+        "print(model_fingerprint('google/t5-v1_1-base') == model_fingerprint(snap) is not None)\n"
+        "print(same_model('google/t5-v1_1-base', snap), same_model('google/t5-base-lm-adapt', snap))\n"
+    )
+    env = cpu_env(
+        HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1] / "src")
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(snapshot)], capture_output=True, text=True, env=env, check=True
+    )
+    # pytorch_model.bin only (as these checkpoints publish): its bytes are read, never unpickled.
+    assert out.stdout.split() == ["True", "True", "False"]

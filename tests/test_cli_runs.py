@@ -244,3 +244,22 @@ def test_eval_writes_every_prompts_predictions_and_score_reads_mrqa(tiny_model_d
         scored = json.loads(capsys.readouterr().out)
         assert scored["f1"] == pytest.approx(report["prompts"][name]["f1"], abs=1e-9)
         assert scored["exact_match"] == pytest.approx(report["prompts"][name]["exact_match"], abs=1e-9)
+
+
+def test_a_long_tokenizer_error_is_shortened_at_a_word_boundary(monkeypatch, tmp_path):
+    import transformers
+
+    from softprompt.errors import CheckpointError
+    from softprompt.model import load_tokenizer
+
+    words = " ".join(f"word{i:03d}" for i in range(60))  # 479 characters on one line
+
+    def refuse(*args, **kwargs):
+        raise OSError(words + "\nsecond line")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    with pytest.raises(CheckpointError) as e:
+        load_tokenizer(tmp_path)
+    quoted = re.search(r"\((.*)\)$", str(e.value)).group(1)
+    assert quoted.endswith(" ...") and len(quoted) <= 160
+    assert all(re.fullmatch(r"word\d{3}", w) for w in quoted.removesuffix(" ...").split()), quoted

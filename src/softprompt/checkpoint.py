@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import textwrap
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -275,10 +276,16 @@ def _local_model_dir(name_or_path: str) -> Path | None:
     if path.is_dir():
         return path
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from transformers.utils import cached_file
 
-        found = try_to_load_from_cache(name_or_path, "config.json")
-    except Exception:  # not a valid repo id, or no cache: nothing local to fingerprint
+        found = cached_file(
+            name_or_path,
+            "config.json",
+            local_files_only=True,  # never the network: a model not on this machine has no fingerprint
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+    except Exception:  # not a valid repo id: nothing local to fingerprint
         return None
     return Path(found).parent if isinstance(found, str) else None
 
@@ -286,10 +293,11 @@ def _local_model_dir(name_or_path: str) -> Path | None:
 def model_fingerprint(name_or_path: str) -> str | None:
     """A short hash of what identifies a model, independent of its folder's name.
 
-    It covers the architecture in config.json and, for each safetensors file, its header (tensor
-    names, shapes, dtypes, offsets) plus samples of the weight bytes at its start, middle and end, so a
-    renamed copy matches and another model in a folder of the same name does not. Reading it costs a
-    few hundred KB even for T5-XXL. None when the model is not on this machine.
+    It covers the architecture in config.json and, for each weights file (safetensors, else
+    pytorch_model*.bin), samples of its bytes at the start (a safetensors header: tensor names,
+    shapes, dtypes, offsets), middle and end, so a renamed copy matches and another model in a folder
+    of the same name does not. Reading it costs a few hundred KB even for T5-XXL. A Hub id is
+    fingerprinted through its snapshot in the local Hub cache; None when the model is not on this machine.
     """
     import hashlib
 
@@ -304,7 +312,9 @@ def model_fingerprint(name_or_path: str) -> str | None:
     if isinstance(config, dict):
         config = {k: v for k, v in config.items() if k not in _CONFIG_NOISE}
     digest.update(json.dumps(config, sort_keys=True).encode())
-    for file in sorted(directory.glob("*.safetensors")):
+    # Raw bytes only (a .bin is never unpickled here); many Hub checkpoints ship only pytorch_model.bin.
+    weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    for file in weights:
         with open(file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             for offset in (0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)):
@@ -402,7 +412,8 @@ def torch_load_safe(path: Path) -> Any:
         # torch's message runs over many lines and suggests weights_only=False; quote only the refusal.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
-        reason = reason.removeprefix("WeightsUnpickler error:").strip().split(". ")[0][:160]
+        reason = reason.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+        reason = textwrap.shorten(reason, 160, placeholder=" ...")  # whole words only
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor state file ({reason}); softprompt never "
             "unpickles code, so re-save it with tensors and plain containers only"
