@@ -98,7 +98,10 @@ def parse(
         The parsed dataclass with `~` expanded in its paths.
 
     Raises:
-        SystemExit: 0 after --help, 2 with one line naming every problem.
+        SystemExit: 0 after --help; 2 with one line naming every problem when a flag, a config key
+            or a required value is wrong (like any parser's refusal).
+        ConfigError: the flags parsed but their values are out of range or contradict each other
+            (one message listing every problem).
     """
     argv, config_path = pop_config_flag(list(argv))
     values = dict(defaults or {})
@@ -133,7 +136,9 @@ def parse(
     args = expand_paths(args)
     problems = check_numbers(args) + (checks(args) if checks else [])
     if problems:
-        _refuse(prog, list(dict.fromkeys(problems)))
+        # Well-formed flags whose values cannot work together: a UserError, reported by `main` in the
+        # same one-line form, and returned as its exit status rather than raised.
+        raise ConfigError("invalid configuration: " + "; ".join(dict.fromkeys(problems)))
     return args
 
 
