@@ -16,6 +16,6 @@ done
 shopt -s nullglob
 for f in "$dir"/*.jsonl "$dir"/*.jsonl.gz; do
   name=$(basename "$f"); name=${name%%.*}
-  scores=$(softprompt eval --model_name_or_path "$model" "${prompt[@]}" --validation_file "$f" "${extra[@]}")
+  scores=$(softprompt eval --model "$model" "${prompt[@]}" --validation_file "$f" "${extra[@]}")
   python3 -c 'import json,sys; s=json.loads(sys.argv[2]); print(json.dumps({"dataset": sys.argv[1], "exact_match": s.get("exact_match"), "f1": s.get("f1"), "n": s.get("n_examples")}))' "$name" "$scores"
 done

@@ -307,7 +307,12 @@ def test_eval_cli_ensemble(setup: dict, tmp_path: Path, capsys: pytest.CaptureFi
     report = json.loads(capsys.readouterr().out)
     assert set(report["prompts"]) == {"prompt-a", "prompt-b", "prompt-c"}
     assert report["n_examples"] == 4 and report["ensemble"]["method"] == "majority"
-    predictions = json.loads((tmp_path / "pred.json").read_text(encoding="utf-8"))
+    written = json.loads((tmp_path / "pred.json").read_text(encoding="utf-8"))
+    # Several prompts: each prompt's predictions, and the ensemble's vote (issue 14).
+    assert set(written) == {"prompts", "ensemble"}
+    assert set(written["prompts"]) == {"prompt-a", "prompt-b", "prompt-c"}
+    assert all(set(p) == {"q0", "q1", "q2", "q3"} for p in written["prompts"].values())
+    predictions = written["ensemble"]
     assert set(predictions) == {"q0", "q1", "q2", "q3"}
     assert (
         squad_scores(predictions, {f"q{i}": [CONTEXTS[i].split()[1]] for i in range(4)})["f1"] == report["f1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,8 +54,53 @@ def test_base_model_mismatch_names_both_models(tmp_path):
         CheckpointError, match="trained for google/t5-base-lm-adapt, not google/t5-large-lm-adapt"
     ):
         load_prompt(tmp_path / "p", expect_base_model="google/t5-large-lm-adapt")
-    # a local copy of the same model (same folder name) is accepted
-    load_prompt(tmp_path / "p", expect_base_model="/models/t5-base-lm-adapt")
+    # A folder that merely shares the Hub model's name is no longer taken for it (issue 14).
+    with pytest.raises(CheckpointError, match="--allow_other_base_model"):
+        load_prompt(tmp_path / "p", expect_base_model="/models/t5-base-lm-adapt")
+
+
+def _model_dir(path, seed: int, **config):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        **{"vocab_size": 64, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 1, "num_heads": 2, **config}
+    )
+    T5ForConditionalGeneration(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_base_model_identity_is_config_and_weights_not_folder_names(tmp_path, capsys):
+    import shutil
+
+    from softprompt.checkpoint import model_fingerprint, same_model
+
+    base = _model_dir(tmp_path / "a" / "t5", seed=0)
+    renamed = tmp_path / "copy-with-another-name"
+    shutil.copytree(base, renamed)
+    other_weights = _model_dir(tmp_path / "b" / "t5", seed=1)  # same folder name, other weights
+    other_config = _model_dir(tmp_path / "c" / "t5", seed=0, d_ff=32)
+    assert model_fingerprint(str(base)) == model_fingerprint(str(renamed)) is not None
+    assert same_model(str(base), str(renamed))
+    assert not same_model(str(base), str(other_weights)) and not same_model(str(base), str(other_config))
+    assert model_fingerprint("google/surely-not-cached-here") is None
+    # A prompt records its base model's fingerprint; a renamed copy drives it, the look-alike does not.
+    cfg = PromptConfig(
+        base_model=str(base),
+        n_tokens=5,
+        d_model=8,
+        extra={"base_model_fingerprint": model_fingerprint(str(base))},
+    )
+    save_prompt(tmp_path / "p", torch.zeros(5, 8), cfg)
+    load_prompt(tmp_path / "p", expect_base_model=str(renamed))
+    with pytest.raises(
+        CheckpointError, match=r"trained for .*a/t5, not .*b/t5 \(their config or weights differ\)"
+    ):
+        load_prompt(tmp_path / "p", expect_base_model=str(other_weights))
+    # ... unless the user insists, which they are told about.
+    weight, _ = load_prompt(tmp_path / "p", expect_base_model=str(other_weights), allow_other=True)
+    assert weight.shape == (5, 8)
+    assert "warning:" in capsys.readouterr().err
 
 
 class _Boom:
@@ -91,3 +137,28 @@ def test_atomic_dir_keeps_the_old_checkpoint_when_the_write_fails(tmp_path):
     back, _ = load_prompt(tmp_path / "p")
     assert torch.equal(back, torch.ones(2, 3))
     assert sorted(os.listdir(tmp_path)) == ["p"]  # no temporary left behind
+
+
+def test_a_hub_id_and_its_local_snapshot_are_the_same_model(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import SHARED, cpu_env, need
+
+    hub = need(SHARED / "hf-cache" / "hub")
+    snapshot = next((hub / "models--google--t5-v1_1-base" / "snapshots").iterdir())
+    probe = (
+        "import sys\n"
+        "from softprompt.checkpoint import model_fingerprint, same_model\n"
+        "snap = sys.argv[1]\n"
+        "print(model_fingerprint('google/t5-v1_1-base') == model_fingerprint(snap) is not None)\n"
+        "print(same_model('google/t5-v1_1-base', snap), same_model('google/t5-base-lm-adapt', snap))\n"
+    )
+    env = cpu_env(
+        HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1] / "src")
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(snapshot)], capture_output=True, text=True, env=env, check=True
+    )
+    # pytorch_model.bin only (as these checkpoints publish): its bytes are read, never unpickled.
+    assert out.stdout.split() == ["True", "True", "False"]

@@ -321,3 +321,46 @@ def test_runs_table_shows_text_format_and_t5_scores(tmp_path: Path) -> None:
     assert "| 100 | paper | 3000 | 2500 | 80.00 | 88.00 | 81.25 | 88.50 |" in row
     row = next(r for r in rows if r.startswith("| legacy |"))
     assert "| 100 | paper | 3000 | 2500 | 70.00 | 75.00 | — | — |" in row
+
+
+def test_finished_run_without_dev_set_is_reported_without_scores(tmp_path: Path) -> None:
+    scored = make_run(tmp_path, "with_dev", em=10.0, f1=20.0)
+    no_dev = make_run(tmp_path, "no_dev", em=0.0, f1=0.0, optimizer="adamw")
+    results = json.loads((no_dev / "results.json").read_text())
+    (no_dev / "results.json").write_text(
+        json.dumps({**results, "exact_match": None, "f1": None, "best_step": None})
+    )
+    md = make_report([scored, no_dev], tmp_path / "out").read_text(encoding="utf-8")
+    rows = section(md, "Runs")
+    assert rows[1].startswith("| no_dev |") and "| — | — |" in rows[1]
+    assert "Trained without a dev set (no scores, left out of the comparisons): no_dev." in md
+    assert "## Optimizer comparison" not in md  # nothing to compare a score with
+
+
+def test_short_runs_get_integer_step_ticks_and_zero_scores_a_non_negative_axis(tmp_path: Path) -> None:
+    from softprompt.report import draw_figure
+
+    run = make_run(tmp_path, "short", em=0.0, f1=0.0, max_steps=3)
+    evals = [{"event": "eval", "step": s, "exact_match": 0.0, "f1": 0.0} for s in (1, 2, 3)]
+    trains = [{"event": "train", "step": s, "loss": 2.0 - s / 10} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in trains + evals) + "\n")
+    loaded = load_run(run)
+    for stem in ("loss", "dev_f1", "dev_em"):
+        ax = draw_figure(stem, [loaded]).axes[0]
+        ax.figure.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (stem, ticks)
+        low, high = ax.get_ylim()
+        assert low == 0 and high >= 1.0, (stem, low, high)
+
+
+def test_labels_have_no_doubled_slash_and_a_repeated_run_counts_once(tmp_path: Path) -> None:
+    from softprompt.report import _unique_labels
+
+    assert _unique_labels([Path("/a"), Path("/b/a")]) == ["a", "b/a"]
+    assert not any("//" in label for label in _unique_labels([Path("/x"), Path("/y/x")]))
+    run = make_run(tmp_path, "twice", em=1.0, f1=2.0)
+    md = make_report([run, Path(f"{run}/"), tmp_path / "." / "twice"], tmp_path / "out").read_text()
+    rows = section(md, "Runs")
+    assert len(rows) == 1 and rows[0].startswith("| twice |")
+    assert "(1)" not in md and "1 run(s)" in md

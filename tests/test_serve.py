@@ -160,7 +160,7 @@ def test_real_server_concurrent_mixed_tasks_match_predict(served: dict, tmp_path
             ({"json": [1, 2]}, 422, "must be a JSON object"),
             (
                 {"content": b'{"task": "squad",', "headers": {"content-type": "application/json"}},
-                400,
+                422,  # one status for every unusable body (issue 14; was 400)
                 "not valid JSON",
             ),
             ({"content": b""}, 422, "no body"),
@@ -253,6 +253,27 @@ def test_app_in_process_model_failure_is_500_and_server_recovers(served: dict) -
         assert client.get("/health").json()["batches_run"] == 1
         too_many = client.post("/v1/answer", json={"inputs": [row] * 257})
         assert too_many.status_code == 413 and "at most 256" in too_many.json()["error"]
+
+
+def test_every_error_has_one_shape_and_status_scheme(served: dict) -> None:
+    from fastapi.testclient import TestClient
+
+    bank = PromptBank.from_loaded(served["loaded"])
+    with TestClient(create_app(bank, answer=lambda rows: ["x"] * len(rows))) as client:
+        cases = [
+            (client.get("/v1/nowhere"), 404, "no endpoint at /v1/nowhere"),
+            (client.get("/v1/answer"), 405, "GET is not allowed on /v1/answer"),
+            (client.post("/v1/answer", content=b"{", headers={"content-type": "application/json"}), 422, "JSON"),
+            (client.post("/v1/answer", json={"task": "squad"}), 422, "Field required"),
+            (client.post("/v1/answer", json={"inputs": [{"task": "nope", "question": "q", "context": "c"}]}),
+             422, "unknown task 'nope'"),
+        ]  # fmt: skip
+        for r, status, message in cases:
+            assert r.status_code == status, r.text
+            assert set(r.json()) <= {"error", "errors"} and message in r.json()["error"], r.text
+        # The batch shape documented in the README answers in input order.
+        rows = [{"task": "squad", "question": "q?", "context": "c"}] * 2
+        assert client.post("/v1/answer", json={"inputs": rows}).json() == {"answers": ["x", "x"]}
 
 
 def test_prompt_specs() -> None:

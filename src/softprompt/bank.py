@@ -455,6 +455,7 @@ def ensemble_eval(
     ensemble = squad_scores(voted, references)
     return {
         "predictions": voted,
+        "prompt_predictions": predictions,
         "prompts": scores,
         "prompt_mean": _mean(scores),
         "ensemble": {

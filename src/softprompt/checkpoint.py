@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import textwrap
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -232,13 +233,15 @@ def load_prompt(
     *,
     expect_d_model: int | None = None,
     expect_base_model: str | None = None,
+    allow_other: bool = False,
 ) -> tuple[torch.Tensor, PromptConfig]:
     """Load a prompt checkpoint, refusing anything but safetensors.
 
     Args:
         directory: a directory written by `save_prompt`.
         expect_d_model: the width of the model it will drive; a mismatch is refused.
-        expect_base_model: the model it will drive; a different base model name is refused.
+        expect_base_model: the model it will drive; a different model (by `same_model`) is refused.
+        allow_other: warn instead of refusing a different base model.
 
     Returns:
         prompt: [P, H] float32, and its `PromptConfig`.
@@ -260,20 +263,131 @@ def load_prompt(
             f"the prompt in {directory} is {weight.shape[1]} wide but the model's d_model is {expect_d_model}; "
             f"it was trained for {config.base_model}"
         )
-    if expect_base_model is not None and not same_model(config.base_model, expect_base_model):
-        raise CheckpointError(
-            f"the prompt in {directory} was trained for {config.base_model}, not {expect_base_model}; "
-            "load it with the model it was trained on"
-        )
+    if expect_base_model is not None and not same_model(
+        config.base_model, expect_base_model, config.extra.get("base_model_fingerprint")
+    ):
+        message = f"the prompt in {directory} was trained for {config.base_model}, not {expect_base_model}"
+        if not allow_other:
+            raise CheckpointError(
+                f"{message} (their config or weights differ); load it with the model it was trained on, "
+                "or pass --allow_other_base_model to use it anyway"
+            )
+        warn_other_model(message)
     return weight, config
 
 
-def same_model(a: str, b: str) -> bool:
-    """Whether two model references name the same model (hub id vs a local copy of it by folder name)."""
+# config.json keys that name a copy rather than describe the model.
+_CONFIG_NOISE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")
+_SAMPLE = 1 << 16
+
+
+def _local_model_dir(name_or_path: str) -> Path | None:
+    """The local folder of a model: the path itself, or a Hub id's snapshot in the local cache."""
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_dir():
+        return path
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(
+            name_or_path,
+            "config.json",
+            local_files_only=True,  # never the network: a model not on this machine has no fingerprint
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+    except Exception:  # not a valid repo id: nothing local to fingerprint
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def model_fingerprint(name_or_path: str) -> str | None:
+    """A short hash of what identifies a model, independent of its folder's name.
+
+    It covers the architecture in config.json and, for each weights file (safetensors, else
+    pytorch_model*.bin), samples of its bytes at the start (a safetensors header: tensor names,
+    shapes, dtypes, offsets), middle and end, so a renamed copy matches and another model in a folder
+    of the same name does not. Reading it costs a few hundred KB even for T5-XXL. A Hub id is
+    fingerprinted through its snapshot in the local Hub cache; None when the model is not on this machine.
+    """
+    import hashlib
+
+    directory = _local_model_dir(name_or_path)
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    digest = hashlib.sha256()
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k not in _CONFIG_NOISE}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    # Raw bytes only (a .bin is never unpickled here); many Hub checkpoints ship only pytorch_model.bin.
+    weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    for file in weights:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for offset in (0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)):
+                f.seek(offset)
+                digest.update(f.read(_SAMPLE))
+    return digest.hexdigest()[:16]
+
+
+def same_model(a: str, b: str, fingerprint_a: str | None = None) -> bool:
+    """Whether two model references name the same model, by what identifies it, not by folder names.
+
+    Args:
+        a: the model a checkpoint was made with (Hub id or path).
+        b: the model it is about to be used with.
+        fingerprint_a: `model_fingerprint(a)` as recorded when the checkpoint was made, if it was.
+
+    A Hub id and a local copy match when their fingerprints do (the id through the local Hub cache);
+    two references that cannot both be fingerprinted match only when they are the same string.
+    """
+    fb = model_fingerprint(b)
+    if fingerprint_a is not None and fb is not None:
+        return fingerprint_a == fb
     if a == b:
         return True
-    na, nb = Path(a.rstrip("/")).name, Path(b.rstrip("/")).name
-    return bool(na) and na == nb
+    fa = model_fingerprint(a)
+    return fa is not None and fa == fb
+
+
+def refuse_non_model(name_or_path: str | os.PathLike, flag: str = "--model") -> None:
+    """Refuse, with what to pass instead, a prompt checkpoint or a run directory given as the model.
+
+    A Hub id, or a directory with config.json, passes; loading it may still fail later for other reasons.
+    """
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if not path.is_dir() or (path / "config.json").is_file():
+        return
+    if (path / PROMPT_CONFIG).is_file():
+        base = load_prompt_config(path).base_model
+        raise CheckpointError(
+            f"{path} is a prompt checkpoint, not a model; pass the model it was trained for and the prompt: "
+            f"{flag} {base} --prompt {path}"
+        )
+    if (path / "config.yaml").is_file() or (path / "best").is_dir() or (path / "last").exists():
+        raise CheckpointError(
+            f"{path} is a training run directory, not a model; pass its best/ checkpoint: {flag} {path / 'best'} "
+            f"for a fine-tuned run, or --prompt {path / 'best'} with its base model as {flag} for a prompt"
+        )
+    raise CheckpointError(
+        f"{path} holds no config.json, so it is not a T5 model directory; give a Hub id or a directory "
+        "written by save_pretrained"
+    )
+
+
+def warn_other_model(message: str) -> None:
+    """The warning that replaces a refused base-model mismatch under --allow_other_base_model."""
+    import sys
+
+    print(
+        f"softprompt: warning: {message}; going on because of --allow_other_base_model",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def save_hf_model(directory: str | os.PathLike, model: torch.nn.Module, tokenizer: Any | None = None) -> Path:
@@ -314,7 +428,8 @@ def torch_load_safe(path: Path, *, mmap: bool = False) -> Any:
         # torch's message runs over many lines and suggests weights_only=False; quote only the refusal.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
-        reason = reason.removeprefix("WeightsUnpickler error:").strip().split(". ")[0][:160]
+        reason = reason.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+        reason = textwrap.shorten(reason, 160, placeholder=" ...")  # whole words only
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor state file ({reason}); softprompt never "
             "unpickles code, so re-save it with tensors and plain containers only"

@@ -1,28 +1,108 @@
-"""The run configuration: one dataclass whose field docstrings are also the `--help` text.
+"""The run configuration and the machinery every subcommand's flags and config files go through.
 
-A YAML file (`--config`) sets the defaults and command-line flags override it. Validation collects
-every problem and reports them together before any work starts.
+`TrainConfig` is one dataclass whose field docstrings are also the `--help` text. A YAML or JSON
+file (`--config FILE`) fills it, flags override the file, and tyro parses the flags. Around the
+parser: values in a file are read as their field's type (`lr: 1e-3` is a number), relative paths in
+a file resolve from the file's folder and `~` expands everywhere, numbers are range-checked from the
+field's `Bound`, an unknown key or flag names the closest valid ones, and every problem is reported
+together in one line before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import tyro
 import yaml
 
+from softprompt.choices import (
+    AttentionName,
+    InitName,
+    OptimizerName,
+    PrecisionName,
+    PunctuationName,
+    ReportToName,
+)
 from softprompt.errors import ConfigError
-from softprompt.textformat import LEGACY_PAD_PUNCTUATION, PunctuationName
+from softprompt.textformat import LEGACY_PAD_PUNCTUATION
 
-Optimizer = Literal["adafactor", "adafactor_hf", "adamw", "adam"]
-Precision = Literal["fp32", "bf16"]
-Init = Literal["sampled_vocab", "uniform", "text", "from_file"]
+# The names other modules imported before the choices moved to softprompt.choices.
+Optimizer = OptimizerName
+Precision = PrecisionName
+Init = InitName
+
+
+# ---------------------------------------------------------------------------------------------- markers
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range a number field accepts; checked the same way for every subcommand (`check_numbers`).
+
+    Attributes:
+        low: smallest allowed value (inclusive).
+        above: the value must be greater than this (and finite).
+        below: the value must be smaller than this.
+    """
+
+    low: float | None = None
+    above: float | None = None
+    below: float | None = None
+
+    def problem(self, flag: str, value: Any) -> str | None:
+        """One phrase saying why `value` is out of range, or None when it is fine."""
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        ok = (
+            math.isfinite(value)
+            and (self.low is None or value >= self.low)
+            and (self.above is None or value > self.above)
+            and (self.below is None or value < self.below)
+        )
+        if ok:
+            return None
+        if self.low is not None and self.below is not None:
+            want = f"in [{self.low:g}, {self.below:g})"
+        elif self.above is not None:
+            want = f"> {self.above:g} and finite"
+        elif self.low is not None:
+            want = f">= {self.low:g}"
+        else:
+            want = f"< {self.below:g}"
+        return f"{flag} must be {want}, got {value}"
+
+
+class PathKind(Enum):
+    """What a string field holds, for `~` expansion and resolving a config file's relative paths."""
+
+    PATH = "path"
+    """A file or directory: relative paths in a config file resolve from the file's folder."""
+    DATA = "data"
+    """A data file, or hf:NAME (a Hugging Face dataset), which is left as it is."""
+    MODEL = "model"
+    """A Hub id or a local directory: resolved from a config file's folder only where that exists."""
+
+
+Count = Annotated[int, Bound(low=1)]
+NonNegative = Annotated[int, Bound(low=0)]
+OutputDir = Annotated[str, PathKind.PATH]
+OutputFile = Annotated[str, PathKind.PATH]
+InputPath = Annotated[str, PathKind.PATH]
+DataFile = Annotated[str, PathKind.DATA]
+# One spelling per concept in every subcommand; the other common spelling is an alias.
+Model = Annotated[str, tyro.conf.arg(name="model", aliases=("--model_name_or_path",)), PathKind.MODEL]
+AnswerTokens = Annotated[int, tyro.conf.arg(aliases=("--max_new_tokens",)), Bound(low=1)]
+GenerationBatch = Annotated[int, tyro.conf.arg(aliases=("--batch_size",)), Bound(low=1)]
 
 
 @dataclass
@@ -30,16 +110,16 @@ class TrainConfig:
     """Everything a training run needs. Defaults follow the paper (Lester et al., 2021)."""
 
     # --- where things are
-    output_dir: str = "runs/softprompt"
+    output_dir: OutputDir = "runs/softprompt"
     """Directory the run writes: config.yaml, metrics.jsonl, checkpoints, best/, last/, results.json."""
-    model_name_or_path: str = "google/t5-base-lm-adapt"
-    """Hub id or local directory of the T5 model (config.json + tokenizer, and safetensors weights unless --random_init)."""
+    model_name_or_path: Model = "google/t5-base-lm-adapt"
+    """Hub id or local directory of the T5 model (config.json + tokenizer, and safetensors weights unless --random_init). Alias: --model_name_or_path."""
     random_init: bool = False
     """Build the model from its config with random weights instead of loading weights (tests, benchmarks, offline smoke runs)."""
-    train_file: str | None = None
-    """Training data: SQuAD v1.1 JSON or MRQA .jsonl(.gz). Ignored when --dataset_name is given."""
-    validation_file: str | None = None
-    """Dev data for evaluation and checkpoint selection: SQuAD v1.1 JSON or MRQA .jsonl(.gz)."""
+    train_file: DataFile | None = None
+    """Training data: SQuAD v1.1 JSON, MRQA .jsonl(.gz), or hf:NAME (a Hugging Face dataset). Ignored when --dataset_name is given."""
+    validation_file: DataFile | None = None
+    """Dev data for evaluation and checkpoint selection: SQuAD v1.1 JSON, MRQA .jsonl(.gz) or hf:NAME. Without it (and without --dataset_name) nothing is evaluated and best/ is not written."""
     dataset_name: str | None = None
     """A Hugging Face dataset with SQuAD columns (e.g. 'squad'), used instead of the files; needs the internet."""
     train_split: str = "train"
@@ -49,48 +129,48 @@ class TrainConfig:
 
     # --- method
     prompt_tuning: bool = False
-    """Freeze the model and train only a soft prompt (the paper's method). Without it, every weight is fine-tuned."""
-    n_tokens: int = 100
+    """Freeze the model and train only a soft prompt (the paper's method). Without it, every weight is fine-tuned (at a fine-tuning --lr: see there)."""
+    n_tokens: Count = 100
     """P, the number of prompt vectors (the paper uses 100)."""
-    prompt_init: Init = "sampled_vocab"
+    prompt_init: InitName = "sampled_vocab"
     """Prompt init: sampled_vocab (first 5,000 vocabulary rows, the paper's best), uniform (U[0, 0.5), the official default: flax uniform(0.5)), text, from_file."""
     prompt_init_text: str | None = None
     """The string whose token embeddings start the prompt, with --prompt_init text."""
-    prompt_init_file: str | None = None
+    prompt_init_file: InputPath | None = None
     """A prompt checkpoint directory to start from, with --prompt_init from_file."""
     punctuation: PunctuationName = "paper"
     """Input/target text: paper (T5's squad preprocessor as the paper ran it: RE2 \\W padded, i.e. every char but ASCII [0-9A-Za-z_]), current (T5 since 2022-04: ASCII punctuation padded), none (raw text, as the seed replication fed it)."""
-    max_source_length: int = 512
+    max_source_length: Count = 512
     """Input text tokens kept (only the context is truncated); the prompt's P positions come on top."""
-    max_target_length: int = 32
+    max_target_length: AnswerTokens = 32
     """Answer tokens kept for training, and the most tokens generated at evaluation."""
 
     # --- optimisation
-    optimizer: Optimizer = "adafactor"
+    optimizer: OptimizerName = "adafactor"
     """adafactor (T5X semantics, weight decay not scaled by lr), adafactor_hf (transformers' Adafactor), adamw (alias: adam)."""
-    lr: float = 0.3
-    """Learning rate, constant for Adafactor (0.3 for prompts in the paper; 5e-5 or 1e-3 for fine-tuning)."""
-    weight_decay: float = 1e-5
+    lr: Annotated[float, Bound(above=0)] | None = None
+    """Learning rate, constant for Adafactor. Default: 0.3 with --prompt_tuning (the paper), 5e-5 for full fine-tuning (the paper's best baseline; 1e-3 also reported)."""
+    weight_decay: Annotated[float, Bound(low=0, below=1)] = 1e-5
     """Weight decay; our Adafactor applies p <- (1 - wd) p, unscaled by lr, as the paper's code did."""
-    initial_step: int | None = None
+    initial_step: NonNegative | None = None
     """adafactor only: the step count of the starting checkpoint, which T5X's Adafactor continues (decay 1 - (N+k)^-0.8 at update k). Default: 1,100,000 for *-lm-adapt models, 1,000,000 for t5-v1_1 ones (their released steps), else 0."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegative = 0
     """Linear warmup steps (adamw only; Adafactor runs at a constant lr)."""
-    global_batch_size: int | None = None
+    global_batch_size: Count | None = None
     """Examples per optimizer step over all devices and accumulation steps (the paper: 32). Default: derived, else 32."""
-    batch_size: int | None = None
+    batch_size: Count | None = None
     """Examples per device per forward pass. Default: global_batch_size / (devices x grad_accum_steps)."""
-    grad_accum_steps: int | None = None
+    grad_accum_steps: Count | None = None
     """Forward passes accumulated per optimizer step. Default: global_batch_size / (devices x batch_size), else 1."""
-    epochs: float | None = None
+    epochs: Annotated[float, Bound(above=0)] | None = None
     """Train for this many passes over the training data (the seed used 40)."""
-    max_steps: int | None = None
+    max_steps: Count | None = None
     """Train for this many optimizer steps; overrides --epochs. Default 30,000 (the paper) when neither is set."""
     seed: int = 42
     """Seeds the prompt init, data order, dropout and random model weights."""
-    dropout: float | None = None
+    dropout: Annotated[float, Bound(low=0, below=1)] | None = None
     """Override the model's dropout rate (T5 1.1 ships 0.1; 0 makes runs exactly comparable across device counts)."""
-    max_train_samples: int | None = None
+    max_train_samples: Count | None = None
     """Use only the first N training examples."""
     bucket_by_length: bool = True
     """Group examples of similar length into batches (same examples per epoch, less padding)."""
@@ -100,32 +180,32 @@ class TrainConfig:
     """Skip an optimizer step whose loss is NaN or inf (counted) instead of stopping the run."""
 
     # --- evaluation, logging, checkpoints
-    eval_steps: int = 1000
+    eval_steps: NonNegative = 1000
     """Evaluate on the dev set every N optimizer steps (and at the end); 0 evaluates only at the end."""
-    max_eval_samples: int | None = None
+    max_eval_samples: Count | None = None
     """Evaluate on only the first N dev questions."""
-    eval_batch_size: int = 64
+    eval_batch_size: Count = 64
     """Questions per device per generation batch."""
-    save_steps: int = 1000
+    save_steps: NonNegative = 1000
     """Write a resumable checkpoint every N optimizer steps (and at the end)."""
-    save_total_limit: int = 2
+    save_total_limit: Count = 2
     """Keep this many recent resumable checkpoints (best/ is kept separately)."""
-    logging_steps: int = 50
+    logging_steps: NonNegative = 50
     """Log train loss, lr and examples/s every N optimizer steps."""
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[ReportToName] = field(default_factory=lambda: ["tensorboard"])
     """Where to log besides metrics.jsonl: tensorboard, wandb, none."""
 
     # --- hardware
-    precision: Precision = "fp32"
+    precision: PrecisionName = "fp32"
     """fp32, or bf16 autocast (the prompt, master weights and optimizer state stay fp32)."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    attn_implementation: AttentionName = "sdpa"
     """Attention kernel: PyTorch SDPA (T5's position bias as an additive mask) or transformers' eager code."""
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard) across devices: for models that do not fit one device."""
     compile: bool = False
     """torch.compile the model's forward."""
     resume: bool = False
-    """Continue the run in --output_dir from its last checkpoint (same config)."""
+    """Continue the run in --output_dir from its last checkpoint with its saved config; only the settings in RESUMABLE (max_steps, epochs, eval/save/logging steps, report_to, ...) may change."""
     overwrite_output_dir: bool = False
     """Start afresh even if --output_dir already holds a run (its checkpoints are replaced)."""
 
@@ -133,172 +213,239 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return True
-    if origin is Literal:
-        return value in typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin is list:
-        (inner,) = typing.get_args(annotation)
-        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    return isinstance(value, annotation)
+# Settings `--resume` may change: they decide how long and how visibly the run goes on, not what it
+# computes. Everything else is fixed by the run's config.yaml, and a change is refused.
+RESUMABLE = frozenset(
+    {
+        "max_steps",
+        "epochs",
+        "eval_steps",
+        "save_steps",
+        "save_total_limit",
+        "logging_steps",
+        "report_to",
+        "eval_batch_size",
+        "skip_nonfinite",
+        "compile",
+        "resume",
+        "overwrite_output_dir",
+        "output_dir",
+    }
+)
+
+PROMPT_TUNING_LR = 0.3
+FINE_TUNING_LR = 5e-5
 
 
-def _describe(annotation: Any) -> str:
-    if typing.get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if isinstance(annotation, type):
-        return {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}.get(
-            annotation.__name__, annotation.__name__
+def with_mode_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the settings whose default depends on the mode: lr is 0.3 for a prompt, 5e-5 for all weights."""
+    if cfg.lr is not None:
+        return cfg
+    return dataclasses.replace(cfg, lr=PROMPT_TUNING_LR if cfg.prompt_tuning else FINE_TUNING_LR)
+
+
+# ---------------------------------------------------------------------------------------------- fields
+
+
+_POSITIONAL = typing.get_args(tyro.conf.Positional[int])[1:]
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What the parser helpers need to know about one dataclass field."""
+
+    name: str
+    flag: str
+    aliases: tuple[str, ...]
+    kind: Any  # the type without Annotated and None
+    optional: bool
+    bound: Bound | None
+    path: PathKind | None
+    positional: bool
+
+
+def _unwrap(annotation: Any) -> tuple[Any, list[Any], bool]:
+    meta: list[Any] = []
+    optional = False
+    for _ in range(3):
+        if typing.get_origin(annotation) is Annotated:
+            annotation, *more = typing.get_args(annotation)
+            meta += more
+        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            optional = optional or len(args) < len(typing.get_args(annotation))
+            if len(args) != 1:
+                break
+            annotation = args[0]
+    return annotation, meta, optional
+
+
+def field_specs(cls: type) -> dict[str, FieldSpec]:
+    """Field name -> FieldSpec for a dataclass of flags."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    specs = {}
+    for f in dataclasses.fields(cls):
+        kind, meta, optional = _unwrap(hints[f.name])
+        flag, aliases = f.name, ()
+        for m in meta:
+            if type(m).__name__ == "_ArgConfig":
+                flag = m.name or flag
+                aliases = tuple(a.lstrip("-") for a in (m.aliases or ()))
+        specs[f.name] = FieldSpec(
+            name=f.name,
+            flag=flag,
+            aliases=aliases,
+            kind=kind,
+            optional=optional,
+            bound=next((m for m in meta if isinstance(m, Bound)), None),
+            path=next((m for m in meta if isinstance(m, PathKind)), None),
+            positional=any(m in _POSITIONAL for m in meta),
         )
-    return str(annotation).replace("typing.", "")
+    return specs
 
 
-def config_from_dict(values: dict[str, Any], source: str, cls: type = TrainConfig) -> Any:
-    """Build a config from a mapping, listing every unknown key and wrong type at once.
+def _names(specs: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
+    """Every spelling (field name, flag, aliases) -> its field."""
+    out = {}
+    for s in specs.values():
+        for n in (s.name, s.flag, *s.aliases):
+            out[n] = s
+    return out
 
-    Args:
-        values: key -> value, as read from YAML.
-        source: where the values came from, for the error message.
-        cls: the dataclass to build.
-    """
-    kwargs, problems = split_config_values(values, cls)
-    if problems:
-        raise ConfigError(f"{source}: " + "; ".join(problems))
-    return cls(**kwargs)
+
+def closest(word: str, options: typing.Iterable[str], shown: str = "--{}") -> str:
+    """' (did you mean --x or --y?)' for the valid spellings nearest a misspelt one, else ''."""
+    matches = difflib.get_close_matches(word, sorted(set(options)), n=3, cutoff=0.6)
+    if not matches:
+        return ""
+    return " (did you mean " + " or ".join(shown.format(m) for m in matches) + "?)"
 
 
 def _short_repr(value: Any) -> str:
-    # A config value may be anything a user pasted; an error message quotes only its start.
+    # A value may be anything a user pasted; an error message quotes only its start.
     text = repr(value)
     return text if len(text) <= 60 else text[:60] + "..."
 
 
-def split_config_values(values: dict[str, Any], cls: type = TrainConfig) -> tuple[dict[str, Any], list[str]]:
-    """Separate the usable values of a mapping from the bad ones, so every problem can be listed at once.
+def _describe(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(kind))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
 
-    Returns:
-        The known, well-typed values (integers widened to floats where a number is expected), and one
-        problem phrase per unknown key or wrongly typed value.
+
+def coerce(value: Any, kind: Any, optional: bool = False) -> tuple[Any, bool]:
+    """Read a value (a word from the command line, or what YAML produced) as `kind`.
+
+    Numbers may be written any way users write them (`1e-3`, `3e-1`, `1_000`, `.5`, `10.0` for an
+    integer); a scalar fills a list field as its one item. Returns (value, ok).
     """
-    hints = typing.get_type_hints(cls)
-    good: dict[str, Any] = {}
-    problems = []
-    if "pad_punctuation" in values and "punctuation" in hints:
-        # Configs written before the named formats carry the old boolean instead.
-        values = dict(values)
-        old = values.pop("pad_punctuation")
-        if "punctuation" not in values and isinstance(old, bool):
-            values["punctuation"] = LEGACY_PAD_PUNCTUATION[old]
-    for key, value in values.items():
-        if key not in hints:
-            problems.append(f"unknown key '{key}'")
-        elif not _type_ok(value, hints[key]):
-            problems.append(f"'{key}' must be {_describe(hints[key])}, got {_short_repr(value)}")
-        elif hints[key] is float or (float in typing.get_args(hints[key]) and isinstance(value, int)):
-            good[key] = float(value) if value is not None else None
-        else:
-            good[key] = value
-    return good, problems
-
-
-def _flag_value(args: list[str], annotation: Any, flag: str) -> tuple[Any, str | None]:
-    """Convert a flag's value words like the CLI parser does; returns (value, problem or None)."""
-    options = (
-        typing.get_args(annotation)
-        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
-        else ()
-    )
-    if type(None) in options:
-        if args == ["None"]:
-            return None, None
-        (annotation,) = [a for a in options if a is not type(None)] or [annotation]
-    if typing.get_origin(annotation) is list:
-        return list(args), None
-    if len(args) != 1:
-        return None, f"{flag} takes one value, got {len(args)}"
-    word = args[0]
-    if typing.get_origin(annotation) is Literal:
-        if word in typing.get_args(annotation):
-            return word, None
-        return None, f"{flag} must be {_describe(annotation)}, got {_short_repr(word)}"
-    for kind in (int, float):
-        if annotation is kind:
+    if value is None or (optional and value in ("None", "null")):
+        return None, optional
+    if isinstance(value, Enum):
+        value = value.value
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (inner,) = typing.get_args(kind)
+        items = []
+        for item in value if isinstance(value, list) else [value]:
+            item, ok = coerce(item, inner)
+            if not ok:
+                return None, False
+            items.append(item)
+        return items, True
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if isinstance(value, str) and value.strip().lower() in choices:
+            return value.strip().lower(), True
+        return None, False
+    if isinstance(value, bool) or kind is bool:
+        return value, isinstance(value, bool) and kind is bool
+    if kind is int:
+        if isinstance(value, str):
             try:
-                return kind(word), None
+                value = float(value.strip()) if re.search(r"[.eE]", value) else int(value.strip(), 10)
             except ValueError:
-                return None, f"{flag} must be {_describe(kind)}, got {_short_repr(word)}"
-    return word, None
+                return None, False
+        if isinstance(value, float):
+            return (int(value), True) if value.is_integer() else (None, False)
+        return value, isinstance(value, int)
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                return float(value.strip()), True
+            except ValueError:
+                return None, False
+        return float(value), isinstance(value, int | float)
+    if kind is str:
+        return (str(value), True) if isinstance(value, str | int | float) else (None, False)
+    return value, True
 
 
-def scan_flags(argv: list[str], cls: type = TrainConfig) -> tuple[dict[str, Any], list[str]]:
-    """Read `--name value` flags as the CLI parser will, but list every bad flag instead of the first.
+def resolve_path(value: Any, kind: PathKind | None, base: Path | None = None) -> Any:
+    """Expand `~` in a path field, and resolve a relative one from `base` (a config file's folder)."""
+    if kind is None or not isinstance(value, str) or not value:
+        return value
+    if kind is PathKind.DATA and value.startswith("hf:"):
+        return value
+    path = os.path.expanduser(value)
+    if base is not None and not os.path.isabs(path):
+        candidate = os.path.normpath(base / path)
+        if kind is not PathKind.MODEL or os.path.exists(candidate):
+            path = candidate
+    return path
 
-    Only what is certainly wrong is reported (unknown flags, values of the wrong type, choices not
-    offered, a value given to a switch); anything subtler is left to the parser itself.
 
-    Returns:
-        The values that could be read, by field name, and one problem phrase per bad flag.
-    """
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        i += 1
-        if not word.startswith("--"):
-            problems.append(f"unexpected argument {_short_repr(word)}")
-            continue
-        name, has_value, inline = word[2:].partition("=")
-        args = [inline] if has_value else []
-        while i < len(argv) and not argv[i].startswith("--"):
-            args.append(argv[i])
-            i += 1
-        key = name.replace("-", "_")
-        negated = key.startswith("no_") and hints.get(key[3:]) is bool
-        key = key[3:] if negated else key
-        if key not in hints:
-            problems.append(f"unknown flag --{name}")
-        elif hints[key] is bool:
-            if args:
-                problems.append(f"--{name} is a switch and takes no value, got {_short_repr(' '.join(args))}")
-            else:
-                values[key] = not negated
-        else:
-            value, problem = _flag_value(args, hints[key], f"--{name}")
-            if problem is None:
-                values[key] = value
-            else:
+def expand_paths(obj: Any) -> Any:
+    """The dataclass with `~` expanded in every path field (`--output_dir=~/runs` reaches no shell)."""
+    changes = {}
+    for spec in field_specs(type(obj)).values():
+        value = getattr(obj, spec.name)
+        if spec.path is not None:
+            new = (
+                [resolve_path(v, spec.path) for v in value]
+                if isinstance(value, list)
+                else resolve_path(value, spec.path)
+            )
+            if new != value:
+                changes[spec.name] = new
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def check_numbers(obj: Any) -> list[str]:
+    """Every number field outside its `Bound`, as one phrase each (`--eval_batch_size must be >= 1, got 0`)."""
+    problems = []
+    for spec in field_specs(type(obj)).values():
+        if spec.bound is not None:
+            problem = spec.bound.problem(f"--{spec.flag}", getattr(obj, spec.name))
+            if problem:
                 problems.append(problem)
-    return values, problems
+    return problems
 
 
-def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> Any:
-    """Read a YAML config file into `cls`, with one clear error for any problem."""
-    return config_from_dict(read_yaml_mapping(path), str(path), cls)
+# ---------------------------------------------------------------------------------------------- files
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as users write numbers: PyYAML alone reads `1e-3` (no dot) as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config file's mapping of keys to values, with one clear error if it is not one."""
-    path = Path(path)
+    """Read a YAML (or JSON) config file's mapping of keys to values, with one clear error if it is not one."""
+    path = Path(os.path.expanduser(str(path)))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a YAML file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
@@ -310,11 +457,144 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
+def config_values(
+    raw: dict[str, Any], cls: type, base: Path | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """A config mapping's usable values by field name, and one phrase per unknown key or bad value.
+
+    Keys may be field names or any flag spelling (`model` or `model_name_or_path`); relative paths
+    resolve from `base` (the file's folder).
+    """
+    specs = field_specs(cls)
+    names = _names(specs)
+    values: dict[str, Any] = {}
+    problems = []
+    if "pad_punctuation" in raw and "punctuation" in specs:
+        # Configs written before the named formats carry the old boolean instead.
+        raw = dict(raw)
+        old = raw.pop("pad_punctuation")
+        if "punctuation" not in raw and isinstance(old, bool):
+            raw["punctuation"] = LEGACY_PAD_PUNCTUATION[old]
+    for key, value in raw.items():
+        spec = names.get(str(key).replace("-", "_"))
+        if spec is None or spec.positional:
+            problems.append(f"unknown key '{key}'" + closest(str(key), names, "'{}'"))
+            continue
+        converted, ok = coerce(value, spec.kind, spec.optional)
+        if not ok:
+            problems.append(f"'{key}' must be {_describe(spec.kind)}, got {_short_repr(value)}")
+            continue
+        values[spec.name] = resolve_path(converted, spec.path, base)
+    return values, problems
+
+
+def read_config_file(path: str | os.PathLike, cls: type) -> tuple[dict[str, Any], list[str]]:
+    """`config_values` of a YAML/JSON file, relative paths resolved from the file's folder."""
+    path = Path(os.path.expanduser(str(path)))
+    return config_values(read_yaml_mapping(path), cls, base=path.parent)
+
+
+def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> Any:
+    """Read a YAML config file into `cls`, listing every unknown key and wrong value at once."""
+    values, problems = read_config_file(path, cls)
+    if problems:
+        raise ConfigError(f"{path}: " + "; ".join(problems))
+    return cls(**values)
+
+
 def save_yaml_config(cfg: Any, path: str | os.PathLike, header: str = "") -> None:
     """Write the fully resolved config (what `--config` reads back)."""
     from softprompt.checkpoint import atomic_write_text
 
     atomic_write_text(path, header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+
+def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str], list[str]]:
+    """Every unknown flag and unreadable value in `argv`, listed at once (the parser stops at the first).
+
+    tyro parses the flags; this pass only finds what it would refuse, so the user sees all of it in
+    one line, each unknown flag with the closest valid spellings. Values are read with `coerce`, the
+    same function that reads config files.
+
+    Returns:
+        The values that could be read, by field name, one phrase per problem, and the positional words.
+    """
+    specs = field_specs(cls)
+    names = {n: s for n, s in _names(specs).items() if not s.positional}
+    switches = {f"no_{n}": s for n, s in names.items() if s.kind is bool}
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    positional = any(s.positional for s in specs.values())
+    words: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if not word.startswith("--"):
+            if not positional:
+                problems.append(f"unexpected argument {_short_repr(word)}")
+            words.append(word)
+            continue
+        name, has_value, inline = word[2:].partition("=")
+        key = name.replace("-", "_")
+        spec = names.get(key) or switches.get(key)
+        args = [inline] if has_value else []
+        takes = (
+            0
+            if spec is not None and spec.kind is bool
+            else (None if spec is None or typing.get_origin(spec.kind) is list else 1)
+        )
+        while i < len(argv) and not argv[i].startswith("--") and (takes is None or len(args) < takes):
+            args.append(argv[i])
+            i += 1
+        if spec is None:
+            problems.append(f"unknown flag --{name}" + closest(key, [*names, *switches]))
+        elif spec.kind is bool:
+            if args:
+                problems.append(f"--{name} is a switch and takes no value, got {_short_repr(' '.join(args))}")
+            else:
+                values[spec.name] = key not in switches
+        elif not args:
+            problems.append(f"--{name} needs a value")
+        else:
+            value, ok = coerce(
+                args if typing.get_origin(spec.kind) is list else args[0], spec.kind, spec.optional
+            )
+            if ok:
+                values[spec.name] = value
+            else:
+                shown = " ".join(args)
+                problems.append(f"--{name} must be {_describe(spec.kind)}, got {_short_repr(shown)}")
+    return values, problems, words
+
+
+def pop_config_flag(argv: list[str]) -> tuple[list[str], str | None]:
+    """Take `--config FILE` or `--config=FILE` out of argv; the file's values come under the flags."""
+    rest: list[str] = []
+    path = None
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--config":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError("--config needs a YAML or JSON file path")
+            path = argv[i + 1]
+            i += 2
+            continue
+        if word.startswith("--config="):
+            path = word.split("=", 1)[1]
+            if not path:
+                raise ConfigError("--config needs a YAML or JSON file path")
+        else:
+            rest.append(word)
+        i += 1
+    return rest, path
+
+
+# ---------------------------------------------------------------------------------------------- training checks
 
 
 #: Released step counts of the checkpoints softprompt knows by name: T5X continues from these.
@@ -348,12 +628,8 @@ class BatchPlan:
 def resolve_batch(cfg: TrainConfig, world_size: int) -> tuple[BatchPlan | None, list[str]]:
     """Work out the batch split from whichever of the three sizes were given."""
     g, b, a, w = cfg.global_batch_size, cfg.batch_size, cfg.grad_accum_steps, world_size
-    problems = []
-    for name, v in (("global_batch_size", g), ("batch_size", b), ("grad_accum_steps", a)):
-        if v is not None and v < 1:
-            problems.append(f"{name} must be >= 1, got {v}")
-    if problems:
-        return None, problems
+    if any(v is not None and v < 1 for v in (g, b, a)):
+        return None, []  # check_numbers names them
     if b is not None and a is not None:
         if g is not None and g != b * w * a:
             return None, [f"global_batch_size {g} != batch_size {b} x {w} devices x grad_accum_steps {a}"]
@@ -385,56 +661,39 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> BatchPlan:
     return plan
 
 
+def _exists(value: str) -> bool:
+    return value.startswith("hf:") or Path(value).exists()
+
+
 def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | None, list[str]]:
     """Every problem `validate` would refuse, without raising: the batch plan (None if impossible) and them."""
-    problems: list[str] = []
+    problems: list[str] = check_numbers(cfg)
     if cfg.dataset_name is None and cfg.train_file is None:
-        problems.append("give --train_file (SQuAD JSON or MRQA jsonl) or --dataset_name")
+        problems.append("give --train_file (SQuAD JSON, MRQA jsonl or hf:NAME) or --dataset_name")
     for name in ("train_file", "validation_file", "prompt_init_file"):
         value = getattr(cfg, name)
-        if value is not None and cfg.dataset_name is None and not Path(value).exists():
+        if (
+            value is not None
+            and (cfg.dataset_name is None or name == "prompt_init_file")
+            and not _exists(value)
+        ):
             problems.append(f"--{name} {value} does not exist")
     if cfg.prompt_tuning:
         if cfg.prompt_init == "text" and not cfg.prompt_init_text:
             problems.append("--prompt_init text needs --prompt_init_text")
         if cfg.prompt_init == "from_file" and not cfg.prompt_init_file:
             problems.append("--prompt_init from_file needs --prompt_init_file")
-        if cfg.n_tokens < 1:
-            problems.append(f"--n_tokens must be >= 1, got {cfg.n_tokens}")
     elif cfg.prompt_init_file or cfg.prompt_init_text:
         problems.append(
             "--prompt_init_file/--prompt_init_text need --prompt_tuning (fine-tuning uses no prompt)"
         )
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):  # NaN fails every comparison
-        problems.append(f"--lr must be > 0 and finite, got {cfg.lr}")
-    if cfg.weight_decay < 0 or cfg.weight_decay >= 1:
-        problems.append(f"--weight_decay must be in [0, 1), got {cfg.weight_decay}")
-    if cfg.initial_step is not None:
-        if cfg.initial_step < 0:
-            problems.append(f"--initial_step must be >= 0, got {cfg.initial_step}")
-        if cfg.optimizer != "adafactor":
-            problems.append(f"--initial_step only applies to --optimizer adafactor, not {cfg.optimizer}")
-    if cfg.epochs is not None and cfg.epochs <= 0:
-        problems.append(f"--epochs must be > 0, got {cfg.epochs}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        problems.append(f"--max_steps must be >= 1, got {cfg.max_steps}")
-    for name in ("eval_steps", "save_steps", "logging_steps"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"--{name} must be >= 0")
-    for name in ("max_source_length", "max_target_length", "eval_batch_size", "save_total_limit"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    for name in ("max_train_samples", "max_eval_samples"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
-        problems.append(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    bad_report = sorted(set(cfg.report_to) - {"tensorboard", "wandb", "none"})
-    if bad_report:
-        problems.append(f"--report_to takes tensorboard, wandb or none, not {', '.join(bad_report)}")
+    if cfg.initial_step is not None and cfg.optimizer != "adafactor":
+        problems.append(f"--initial_step only applies to --optimizer adafactor, not {cfg.optimizer}")
     if cfg.resume and cfg.overwrite_output_dir:
         problems.append("--resume and --overwrite_output_dir contradict each other; pick one")
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--output_dir {out} is a file; give a directory")
     if not cfg.resume and not cfg.overwrite_output_dir and (out / "config.yaml").exists():
         problems.append(
             f"{out} already holds a run; pass --resume to continue it or --overwrite_output_dir to start again"
@@ -447,3 +706,31 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
     plan, batch_problems = resolve_batch(cfg, world_size)
     problems += batch_problems
     return plan, problems
+
+
+def _comparable(value: Any) -> Any:
+    # config.yaml records paths as the run resolved them; compare what they point at.
+    if isinstance(value, str) and value and not value.startswith("hf:") and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
+def resume_changes(saved: dict[str, Any], cfg: TrainConfig) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """What a resumed run changes against its saved config.yaml.
+
+    Returns:
+        The allowed changes (field -> (saved, new)), and one phrase per change `--resume` refuses.
+    """
+    allowed: dict[str, tuple[Any, Any]] = {}
+    refused: list[str] = []
+    for f in dataclasses.fields(cfg):
+        if f.name not in saved or f.name in ("resume", "overwrite_output_dir", "output_dir"):
+            continue
+        old, new = saved[f.name], getattr(cfg, f.name)
+        if _comparable(old) == _comparable(new):
+            continue
+        if f.name in RESUMABLE:
+            allowed[f.name] = (old, new)
+        else:
+            refused.append(f"{f.name} ({old!r} -> {new!r})")
+    return allowed, refused

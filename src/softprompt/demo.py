@@ -20,7 +20,6 @@ accept.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -518,26 +517,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt demo [--output_dir DIR] [--seed N] [--quick] [--threads N]`."""
-    parser = argparse.ArgumentParser(
-        prog="softprompt demo",
-        description="An offline end-to-end demo: fine-tune a micro T5 on task A, then freeze it and "
-        "prompt-tune it for task B; prints zero-shot, prompt-tuned and fine-tuned scores.",
-    )
-    parser.add_argument(
-        "--output_dir", default="demo_run", help="Where the runs and summary go (default: demo_run)."
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="Seeds the data, the weights and training (default: 0)."
-    )
-    parser.add_argument("--quick", action="store_true", help="A smaller, faster variant (used by the tests).")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads for torch (default: 1; the micro model is too small to gain from more, and on a "
-        "busy machine extra threads cost far more than they give).",
-    )
-    args = parser.parse_args(list(argv))
+    from softprompt.cli import DemoArgs, parse
+
+    return run_parsed(parse(DemoArgs, argv, "softprompt demo"))
+
+
+def run_parsed(args: Any) -> int:
+    """Run the demo for parsed `DemoArgs` and say where its files are."""
     from transformers.utils import logging as hf_logging
 
     # transformers draws a bar for every tiny save and load; the trainer's own progress lines suffice.

@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-from softprompt.checkpoint import PromptConfig, atomic_write_json, atomic_write_text, load_prompt
+from softprompt.checkpoint import (
+    PromptConfig,
+    atomic_write_json,
+    atomic_write_text,
+    load_prompt,
+    refuse_non_model,
+)
 from softprompt.data import QAExample, load_examples, load_hf_dataset, tokenize_examples
 from softprompt.distributed import DistEnv
 from softprompt.errors import UserError
@@ -43,6 +49,7 @@ def load_model_and_prompts(
     seed: int = 42,
     names: Sequence[str] | None = None,
     bf16: bool = False,
+    allow_other: bool = False,
 ) -> Loaded:
     """Load a frozen T5 and any number of prompt checkpoints checked against it.
 
@@ -53,7 +60,9 @@ def load_model_and_prompts(
         seed: seed for random weights.
         names: names for the prompts (default: their directory names).
         bf16: store the frozen matmul weights in bf16 (`PromptedT5.freeze_to`), for bf16 runs.
+        allow_other: warn instead of refusing prompts trained for another base model.
     """
+    refuse_non_model(model_name_or_path)
     device = default_device()
     tokenizer = load_tokenizer(model_name_or_path)
     t5 = load_t5(model_name_or_path, random_init=random_init, seed=seed)
@@ -66,6 +75,7 @@ def load_model_and_prompts(
             directory,
             expect_d_model=t5.config.d_model,
             expect_base_model=None if random_init else model_name_or_path,
+            allow_other=allow_other,
         )
     model = PromptedT5(t5).to(device).eval()
     if bf16:
@@ -110,15 +120,22 @@ def _data(args: Any, stats: Counter | None = None) -> list[QAExample]:
 
 
 def run_eval(args: Any) -> dict[str, Any]:
-    """`softprompt eval`: score each prompt (or the bare model), and optionally their majority ensemble."""
+    """`softprompt eval`: score each prompt (or the bare model), and optionally their majority ensemble.
+
+    With `--output FILE`, FILE holds {id: answer} for the bare model or one prompt; with several
+    prompts {"prompts": {name: {id: answer}}} plus "ensemble": {id: answer} under --ensemble majority.
+    """
     skipped: Counter = Counter()
     examples = _data(args, skipped)  # data first: a bad file is reported before minutes of model loading
+    if args.ensemble == "majority" and len(args.prompt) < 2:
+        raise UserError("--ensemble majority needs at least two --prompt directories")
     loaded = load_model_and_prompts(
         args.model_name_or_path,
         args.prompt,
         random_init=args.random_init,
         seed=args.seed,
         bf16=args.precision == "bf16",
+        allow_other=args.allow_other_base_model,
     )
     first = next(iter(loaded.prompts.values()), None)
     max_source = args.max_source_length or (first[1].max_source_length if first else 512)
@@ -132,7 +149,7 @@ def run_eval(args: Any) -> dict[str, Any]:
     )
     gen = dict(
         batch_size=args.eval_batch_size,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_target_length,
         env=DistEnv(device=loaded.device),
         bf16=args.precision == "bf16",
         show_progress=True,
@@ -140,13 +157,12 @@ def run_eval(args: Any) -> dict[str, Any]:
     report: dict[str, Any] = {"n_examples": len(examples), "punctuation": punctuation}
     if skipped:
         report["skipped_examples"] = dict(skipped)
+    predictions: dict[str, Any]
     if args.ensemble == "majority":
-        if len(loaded.prompts) < 2:
-            raise UserError("--ensemble majority needs at least two --prompt directories")
         from softprompt.bank import ensemble_eval
 
         report.update(ensemble_eval(loaded, examples, features, punctuation=punctuation, **gen))
-        predictions = report.pop("predictions")
+        predictions = {"prompts": report.pop("prompt_predictions"), "ensemble": report.pop("predictions")}
     elif not loaded.prompts:
         result = evaluate_examples(
             loaded.model, loaded.tokenizer, examples, features, punctuation=punctuation, **gen
@@ -154,7 +170,7 @@ def run_eval(args: Any) -> dict[str, Any]:
         report.update(result.scores())
         predictions = result.predictions
     else:
-        per_prompt = {}
+        per_prompt, per_prompt_predictions = {}, {}
         for name in loaded.prompts:
             result = evaluate_examples(
                 _with_prompt(loaded, name),
@@ -165,11 +181,13 @@ def run_eval(args: Any) -> dict[str, Any]:
                 **gen,
             )
             per_prompt[name] = result.scores()
-            predictions = result.predictions
+            per_prompt_predictions[name] = result.predictions
         if len(per_prompt) == 1:
             report.update(next(iter(per_prompt.values())))
+            predictions = next(iter(per_prompt_predictions.values()))
         else:
             report["prompts"] = per_prompt
+            predictions = {"prompts": per_prompt_predictions}
     if args.output:
         atomic_write_json(args.output, predictions)
         report["predictions_file"] = args.output
@@ -178,6 +196,8 @@ def run_eval(args: Any) -> dict[str, Any]:
 
 def run_predict(args: Any) -> list[str]:
     """`softprompt predict`: answers for one question or a JSONL file of questions."""
+    if args.input_file and (args.question is not None or args.context is not None):
+        raise UserError("give either --question/--context or --input_file, not both")
     if args.input_file:
         rows = _read_jsonl(Path(args.input_file))
     elif args.question is not None and args.context is not None:
@@ -192,14 +212,17 @@ def run_predict(args: Any) -> list[str]:
         random_init=args.random_init,
         seed=args.seed,
         bf16=args.precision == "bf16",
+        allow_other=args.allow_other_base_model,
     )
     answers = predict_answers(
         loaded,
         next(iter(loaded.prompts), None),
         rows,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.max_target_length,
         bf16=args.precision == "bf16",
+        max_source_length=args.max_source_length,
+        punctuation=args.punctuation,
     )
     if args.output:
         lines = [
@@ -223,10 +246,18 @@ def predict_answers(
     batch_size: int = 32,
     max_new_tokens: int = 32,
     bf16: bool = False,
+    max_source_length: int | None = None,
+    punctuation: str | None = None,
 ) -> list[str]:
-    """Answer `{question, context}` rows with the named prompt (or none)."""
+    """Answer `{question, context}` rows with the named prompt (or none).
+
+    `max_source_length` and `punctuation` default to the prompt's own settings, else 512 and raw text.
+    """
     config = loaded.prompts[prompt_name][1] if prompt_name else None
-    punctuation = config.punctuation if config else "none"
+    if max_source_length is None:
+        max_source_length = config.max_source_length if config else 512
+    if punctuation is None:
+        punctuation = config.punctuation if config else "none"
     examples = [
         QAExample(id=str(i), question=r["question"], context=r["context"], answers=("",))
         for i, r in enumerate(rows)
@@ -234,7 +265,7 @@ def predict_answers(
     features = tokenize_examples(
         examples,
         loaded.tokenizer,
-        max_source_length=config.max_source_length if config else 512,
+        max_source_length=max_source_length,
         max_target_length=2,
         punctuation=punctuation,
     )

@@ -11,16 +11,14 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import tyro
 
 from softprompt.checkpoint import PromptConfig, atomic_write_json, load_prompt
-from softprompt.errors import CheckpointError, UserError
+from softprompt.errors import CheckpointError
 from softprompt.model import load_t5, load_tokenizer
 
 # Rows of the embedding table compared at once: bounds the extra memory of normalising a large table
@@ -183,40 +181,20 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@dataclass
-class InspectArgs:
-    """Nearest vocabulary tokens (cosine similarity) and L2 norm of each vector of a soft prompt."""
-
-    prompt_dir: tyro.conf.Positional[str]
-    """Prompt checkpoint directory (prompt.safetensors + prompt_config.json)."""
-    model: str | None = None
-    """Hub id or directory of the model whose vocabulary to search; default: the prompt's base_model."""
-    random_init: bool = False
-    """Build the model with random weights from its config (offline smoke tests)."""
-    seed: int = 42
-    """Seed for --random_init weights."""
-    top_k: int = 5
-    """Tokens shown per prompt position."""
-    json: str | None = None
-    """Also write the inspection as JSON to this file."""
-
-
 def main(argv: Sequence[str]) -> int:
     """`softprompt inspect`: print the table (and write JSON), return the exit code."""
-    args = tyro.cli(
-        InspectArgs,
-        args=list(argv),
-        prog="softprompt inspect",
-        use_underscores=True,
-        description=InspectArgs.__doc__,
-    )
-    if args.top_k < 1:
-        raise UserError(f"--top_k must be >= 1, got {args.top_k}")
+    from softprompt.cli import InspectArgs, parse
+
+    return inspect_prompt(parse(InspectArgs, argv, "softprompt inspect"))
+
+
+def inspect_prompt(args: Any) -> int:
+    """Print the table for parsed `InspectArgs` (and write JSON); return the exit code."""
     weight, config = load_prompt(args.prompt_dir)
     model = args.model or config.base_model
     if not args.random_init:
         # Another model's vocabulary says nothing about this prompt; refuse like eval/predict do.
-        load_prompt(args.prompt_dir, expect_base_model=model)
+        load_prompt(args.prompt_dir, expect_base_model=model, allow_other=args.allow_other_base_model)
     embedding = load_input_embedding(model, random_init=args.random_init, seed=args.seed)
     if weight.shape[1] != embedding.shape[1]:
         raise CheckpointError(
@@ -228,7 +206,7 @@ def main(argv: Sequence[str]) -> int:
     report["model"] = str(model)
     print(f"{args.prompt_dir} against {model}")
     print(format_table(report))
-    if args.json:
-        atomic_write_json(args.json, report)
-        print(f"wrote {args.json}", file=sys.stderr)
+    if args.output:
+        atomic_write_json(args.output, report)
+        print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -410,8 +410,33 @@ def evaluate_squad_file(
     return result
 
 
+def evaluate_file(
+    dataset_path: str | Path, predictions_path: str | Path, *, stderr: TextIO | None = None
+) -> dict[str, float]:
+    """`evaluate_squad_file`, or the same metric over an MRQA .jsonl(.gz) file's questions.
+
+    `softprompt eval` scores MRQA files and writes their predictions keyed by MRQA `qid`; this reads
+    them back the same way, so `score` agrees with `eval` on every file `eval` accepts.
+    """
+    name = str(dataset_path).lower()
+    if not name.endswith((".jsonl", ".jsonl.gz")):
+        return evaluate_squad_file(dataset_path, predictions_path, stderr=stderr)
+    from softprompt.data import load_examples
+
+    err = sys.stderr if stderr is None else stderr
+    examples = load_examples(dataset_path)
+    predictions = _load_predictions(Path(predictions_path))
+    missing: list[str] = []
+    result = _mean_scores([(e.id, list(e.answers)) for e in examples], predictions, missing)
+    for qid in missing:
+        print(f"Unanswered question {qid} will receive score 0.", file=err)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line twin of the official script: ``python -m softprompt.metrics DATASET PREDICTIONS``.
+
+    The flags are `softprompt score`'s, parsed the same way.
 
     Args:
         argv: The arguments after the program name; ``sys.argv[1:]`` when None.
@@ -419,14 +444,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit status: 0 on success, the DataError exit code on bad input.
     """
-    import argparse
+    from softprompt.cli import ScoreArgs, parse
 
-    parser = argparse.ArgumentParser(description="Evaluation for SQuAD 1.1")
-    parser.add_argument("dataset_file", help="Dataset file")
-    parser.add_argument("prediction_file", help="Prediction File")
-    args = parser.parse_args(argv)
+    args = parse(ScoreArgs, list(sys.argv[1:] if argv is None else argv), "python -m softprompt.metrics")
     try:
-        result = evaluate_squad_file(args.dataset_file, args.prediction_file)
+        result = evaluate_file(args.dataset_file, args.prediction_file)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import textwrap
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -66,7 +67,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
             ) from None
         raise CheckpointError(
             f"could not load a tokenizer from {name_or_path}: give a Hub id or a directory with "
-            f"spiece.model / tokenizer.json ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})"
+            f"spiece.model / tokenizer.json ({textwrap.shorten((str(e).splitlines() or [''])[0], 160, placeholder=' ...')})"
         ) from None
 
 

@@ -66,7 +66,8 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
     """Build the card's Markdown text without writing it.
 
     Args:
-        checkpoint_dir: The prompt checkpoint folder the card describes.
+        checkpoint_dir: The prompt checkpoint folder the card describes, as users will load it (its
+            final location, not a temporary folder it is being written in).
         info: Run facts, usually the resolved config merged with ``results.json``. Keys read:
             ``model_name_or_path`` (or ``base_model``; required), ``train_file``,
             ``validation_file``, ``mode``/``prompt_tuning``, ``optimizer``, ``lr``,
@@ -216,12 +217,14 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> Path:
+def write_model_card(checkpoint_dir: Path, info: Mapping[str, Any], *, location: Path | None = None) -> Path:
     """Write ``README.md`` into a saved prompt checkpoint, replacing any earlier card atomically.
 
     Args:
         checkpoint_dir: An existing checkpoint folder.
         info: Run facts; see :func:`render_model_card` for the keys read.
+        location: Where the checkpoint will live once written, when ``checkpoint_dir`` is a temporary
+            folder that is renamed into place afterwards; the card's load instructions name it.
 
     Returns:
         The path of the written card.
@@ -234,5 +237,7 @@ def write_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> Path:
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"{checkpoint_dir} is not a checkpoint folder; save the prompt before its card")
     path = checkpoint_dir / CARD_FILE
-    atomic_write_text(path, render_model_card(checkpoint_dir, info))
+    atomic_write_text(
+        path, render_model_card(Path(location) if location is not None else checkpoint_dir, info)
+    )
     return path

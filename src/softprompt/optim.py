@@ -17,12 +17,14 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.optim.optimizer import ParamsT
 
+from softprompt.choices import Optimizer
+from softprompt.choices import values as choice_values
 from softprompt.errors import ConfigError
 
 __all__ = ["OPTIMIZER_NAMES", "Adafactor", "build_optimizer", "linear_warmup_decay"]
 
-OPTIMIZER_NAMES: tuple[str, ...] = ("adafactor", "adafactor_hf", "adamw")
 _ALIASES = {"adam": "adamw"}
+OPTIMIZER_NAMES: tuple[str, ...] = tuple(v for v in choice_values(Optimizer) if v not in _ALIASES)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:

@@ -5,12 +5,12 @@ The prompt knows nothing about T5; `softprompt.model` decides how it is combined
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from softprompt.choices import PromptInit
 from softprompt.errors import ConfigError
 
 # T5's SentencePiece ids are ordered by frequency; the official prompt-tuning code samples the init
@@ -18,19 +18,6 @@ from softprompt.errors import ConfigError
 SAMPLED_VOCAB_ROWS = 5000
 # prompt_tuning/configs/models/t5_1_1_prompt.gin: `prompt_init/linen.initializers.uniform.scale = 0.5`.
 UNIFORM_SCALE = 0.5
-
-
-class PromptInit(str, Enum):
-    """How the prompt vectors start."""
-
-    SAMPLED_VOCAB = "sampled_vocab"
-    """Rows sampled without replacement from the first 5,000 rows of the embedding table (the paper's best)."""
-    UNIFORM = "uniform"
-    """Uniform in [0, 0.5): the official config's default, flax.linen.initializers.uniform(scale=0.5)."""
-    TEXT = "text"
-    """Embeddings of the tokens of a given string, repeated until P vectors are filled."""
-    FROM_FILE = "from_file"
-    """A prompt saved earlier by softprompt."""
 
 
 class SoftPrompt(nn.Module):

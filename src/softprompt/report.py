@@ -145,14 +145,19 @@ class Run:
         return int(value) if self.mode == "prompt" and value is not None else None
 
     @property
+    def scored(self) -> bool:
+        """Whether the run was evaluated (a run trained without a dev set has no scores)."""
+        return _is_number(self.results.get("f1"))
+
+    @property
     def exact_match(self) -> float:
-        """Best dev exact match (0..100)."""
-        return float(self.results["exact_match"])
+        """Best dev exact match (0..100); NaN for a run without a dev set."""
+        return float(self.results["exact_match"]) if self.scored else math.nan
 
     @property
     def f1(self) -> float:
-        """Best dev F1 (0..100)."""
-        return float(self.results["f1"])
+        """Best dev F1 (0..100); NaN for a run without a dev set."""
+        return float(self.results["f1"]) if self.scored else math.nan
 
     @property
     def punctuation(self) -> str | None:
@@ -318,7 +323,8 @@ def load_run(run_dir: Path, label: str | None = None) -> Run:
     results_path = run_dir / RESULTS_FILE
     results = _read_json_object(results_path)
     for key in ("exact_match", "f1"):
-        if not _is_number(results.get(key)):
+        # null: a finished run that had no dev set (reported without scores); absent or text: not a run.
+        if key not in results or not (results[key] is None or _is_number(results[key])):
             raise UserError(
                 f"{results_path} has no numeric {key!r}; was the run finished by softprompt train?"
             )
@@ -336,16 +342,14 @@ def load_run(run_dir: Path, label: str | None = None) -> Run:
 
 
 def _unique_labels(run_dirs: Sequence[Path]) -> list[str]:
-    # Two runs called ".../base/prompt" and ".../large/prompt" must stay apart in a legend.
-    resolved = [Path(d).resolve() for d in run_dirs]
-    labels = [d.name for d in resolved]
-    depth = 1
-    while len(set(labels)) < len(labels) and depth < 8:
-        depth += 1
-        labels = ["/".join(d.parts[-depth:]) for d in resolved]
-    if len(set(labels)) < len(labels):
-        labels = [f"{label} ({i + 1})" for i, label in enumerate(labels)]
-    return labels
+    # Two runs called ".../base/prompt" and ".../large/prompt" must stay apart in a legend. The
+    # directories are distinct (make_report drops repeats), so some depth of their paths tells them apart.
+    parts = [[p for p in Path(d).resolve().parts if p != "/"] for d in run_dirs]
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(Path(d).resolve()) for d in run_dirs]
 
 
 # --------------------------------------------------------------------------- pairing
@@ -401,7 +405,7 @@ def _groups_varying(runs: Sequence[Run], varied: str, value: Callable[[Run], Any
 
 
 def _fmt_score(x: float) -> str:
-    return f"{x:.2f}"
+    return "—" if math.isnan(x) else f"{x:.2f}"
 
 
 def _fmt_delta(x: float) -> str:
@@ -528,6 +532,20 @@ def _ema(values: Sequence[float], weight: float) -> list[float]:
 
 def _render_figure(stem: str, runs: Sequence[Run]) -> dict[str, bytes]:
     from matplotlib import rc_context
+
+    fig = draw_figure(stem, runs)
+    out: dict[str, bytes] = {}
+    # A fixed hash salt and no dates make the SVG byte-identical across runs of the report.
+    with rc_context({"svg.hashsalt": "softprompt"}):
+        for fmt, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=fmt, dpi=120, metadata=metadata)
+            out[fmt] = buf.getvalue()
+    return out
+
+
+def draw_figure(stem: str, runs: Sequence[Run]) -> Any:
+    """The matplotlib Figure of one learning curve (`loss`, `dev_f1` or `dev_em`) over the runs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -564,6 +582,13 @@ def _render_figure(stem: str, runs: Sequence[Run]) -> dict[str, bytes]:
                 label=run.label,
             )
         plotted += 1
+    from matplotlib.ticker import MaxNLocator
+
+    # Steps are whole numbers, also on a 3-step run; scores and losses are never negative, so an
+    # all-zero F1 curve sits on the axis instead of in the middle of a [-0.05, 0.05] range.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if plotted:
+        ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.0))
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -575,14 +600,7 @@ def _render_figure(stem: str, runs: Sequence[Run]) -> dict[str, bytes]:
         ax.text(
             0.5, 0.5, f"no {kind} records in metrics.jsonl", ha="center", va="center", transform=ax.transAxes
         )
-    out: dict[str, bytes] = {}
-    # A fixed hash salt and no dates make the SVG byte-identical across runs of the report.
-    with rc_context({"svg.hashsalt": "softprompt"}):
-        for fmt, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
-            buf = io.BytesIO()
-            fig.savefig(buf, format=fmt, dpi=120, metadata=metadata)
-            out[fmt] = buf.getvalue()
-    return out
+    return fig
 
 
 # --------------------------------------------------------------------------- the report
@@ -650,6 +668,10 @@ def _render_markdown(runs: Sequence[Run]) -> str:
         notes = ", ".join(f"{r.label} ({r.skipped_lines})" for r in skipped)
         lines += [f"Unreadable metrics.jsonl lines skipped: {notes}.", ""]
 
+    if any(not r.scored for r in runs):
+        unscored = ", ".join(r.label for r in runs if not r.scored)
+        lines += [f"Trained without a dev set (no scores, left out of the comparisons): {unscored}.", ""]
+    runs = [r for r in runs if r.scored]
     comparisons = _comparison_section(
         "Optimizer comparison",
         "Optimizer",
@@ -706,6 +728,14 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     """
     if not run_dirs:
         raise UserError("softprompt report needs at least one run directory")
+    # The same run named twice (`runs/a` and `runs/a/`) is one run, reported once.
+    seen: set[Path] = set()
+    unique = []
+    for d in run_dirs:
+        if Path(d).resolve() not in seen:
+            seen.add(Path(d).resolve())
+            unique.append(Path(d))
+    run_dirs = unique
     labels = _unique_labels(run_dirs)
     # Read everything before writing anything, so a bad run leaves no half-updated report.
     runs = [load_run(Path(d), label) for d, label in zip(run_dirs, labels, strict=True)]

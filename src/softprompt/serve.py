@@ -6,7 +6,10 @@ copy of the model, one forward pass, many tasks. The model runs on a single work
 event loop keeps accepting requests (and answering /health) while a batch is being decoded.
 
 Endpoints: `POST /v1/answer`, `GET /v1/tasks`, `GET /health`, and FastAPI's `/openapi.json` and
-`/docs`.
+`/docs`. Every error answers `{"error": "one sentence", "errors": [...field details, if any]}` with one
+status scheme: 413 for a request too large, 422 for any other request body the server cannot answer
+(malformed JSON, missing or invalid fields, an unknown task), 404 and 405 for an unknown path or
+method, 500 when the model fails.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tyro
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -32,6 +34,7 @@ from softprompt.bank import PromptBank
 from softprompt.errors import UserError
 
 Row = tuple[str, str, str]  # (task, question, context)
+ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health"
 AnswerFn = Callable[[list[Row]], list[str]]
 
 
@@ -309,7 +312,7 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     for e in errors:
         if e.get("type") == "json_invalid":
             reason = (e.get("ctx") or {}).get("error", "malformed JSON")
-            return _error(400, f"the request body is not valid JSON ({reason}); send a JSON object")
+            return _error(422, f"the request body is not valid JSON ({reason}); send a JSON object")
     if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
         return _error(
             422,
@@ -385,6 +388,17 @@ def create_app(
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.message)
 
+    # Unknown paths and wrong methods answer in the same {"error": ...} shape as everything else.
+    @app.exception_handler(404)
+    async def on_not_found(request: Request, _: Exception) -> JSONResponse:
+        return _error(404, f"no endpoint at {request.url.path}; this server has {ENDPOINTS} (and /docs)")
+
+    @app.exception_handler(405)
+    async def on_bad_method(request: Request, _: Exception) -> JSONResponse:
+        return _error(
+            405, f"{request.method} is not allowed on {request.url.path}; this server has {ENDPOINTS}"
+        )
+
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
         # Refuse an oversized body before reading it rather than after it is in memory.
@@ -400,7 +414,7 @@ def create_app(
             request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
         return await call_next(request)
 
-    errors = {code: {"model": ErrorResponse} for code in (400, 413, 422, 500)}
+    errors = {code: {"model": ErrorResponse} for code in (413, 422, 500)}
 
     @app.post("/v1/answer", responses=errors)
     async def answer_questions(body: AnswerRequest) -> AnswerResponse | BatchAnswerResponse:
@@ -460,42 +474,6 @@ def create_app(
 # The command
 
 
-@dataclass
-class ServeArgs:
-    """Serve many soft prompts on one frozen T5 over HTTP, micro-batching concurrent requests."""
-
-    model: str
-    """Hub id or directory of the frozen T5 model the prompts were trained on."""
-    prompt: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
-    """A prompt as NAME=DIR (DIR alone is named after the directory); repeat for several tasks."""
-    random_init: bool = False
-    """Build the model with random weights from its config (offline smoke tests)."""
-    seed: int = 42
-    """Seed for --random_init weights."""
-    host: str = "127.0.0.1"
-    """Interface to listen on (0.0.0.0 exposes the server to the network)."""
-    port: int = 8000
-    """TCP port; 0 picks a free one (printed at startup)."""
-    max_batch_size: int = 32
-    """Most questions merged into one model batch."""
-    max_wait_ms: float = 5.0
-    """How long a request waits for others to share its batch."""
-    max_context_chars: int = 20000
-    """Longest context accepted, in characters (longer ones get 413)."""
-    max_question_chars: int = 2000
-    """Longest question accepted, in characters."""
-    max_inputs: int = 256
-    """Most questions in one request."""
-    max_new_tokens: int = 32
-    """Longest answer in tokens."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32 or bf16 autocast."""
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    """uvicorn's log level."""
-    access_log: bool = False
-    """Log every request."""
-
-
 def parse_prompt_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
     """`NAME=DIR` (or a bare `DIR`, named after its folder) -> (name, dir) pairs.
 
@@ -534,26 +512,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def main(argv: Sequence[str]) -> int:
-    """`softprompt serve`: load the model and prompts, then serve until interrupted."""
+    """`softprompt serve`: parse the flags, load the model and prompts, then serve until interrupted."""
+    from softprompt.cli import ServeArgs, parse, serve_checks
+
+    return serve(parse(ServeArgs, argv, "softprompt serve", checks=serve_checks))
+
+
+def serve(args: Any) -> int:
+    """Load the model and prompts named by parsed `ServeArgs`, then serve until interrupted."""
     import uvicorn
 
     from softprompt.inference import load_model_and_prompts
 
-    args = tyro.cli(
-        ServeArgs,
-        args=list(argv),
-        prog="softprompt serve",
-        use_underscores=True,
-        description=ServeArgs.__doc__,
-    )
     specs = parse_prompt_specs(args.prompt)
     if not specs:
         raise UserError("give at least one --prompt NAME=DIR to serve")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port must be in [0, 65535], got {args.port}")
-    for flag in ("max_batch_size", "max_context_chars", "max_question_chars", "max_inputs", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     loaded = load_model_and_prompts(
         args.model,
         [d for _, d in specs],
@@ -561,14 +534,16 @@ def main(argv: Sequence[str]) -> int:
         seed=args.seed,
         names=[n for n, _ in specs],
         bf16=args.precision == "bf16",
+        allow_other=args.allow_other_base_model,
     )
     # load_model_and_prompts already refused prompts of another model; the bank checks its own adds.
-    bank = PromptBank.from_loaded(loaded, base_model=None if args.random_init else args.model)
+    check_base = not (args.random_init or args.allow_other_base_model)
+    bank = PromptBank.from_loaded(loaded, base_model=args.model if check_base else None)
     app = create_app(
         bank,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_target_length,
         bf16=args.precision == "bf16",
         limits=Limits(
             max_context_chars=args.max_context_chars,

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from enum import Enum
 from functools import lru_cache
-from typing import Literal
+
+from softprompt.choices import Punctuation, PunctuationName, values
 
 __all__ = [
     "LEGACY_PAD_PUNCTUATION",
@@ -39,22 +39,8 @@ __all__ = [
 ]
 
 
-class Punctuation(str, Enum):
-    """How question, context and answer are written: which characters T5's ``_pad_punctuation`` pads."""
-
-    PAPER = "paper"
-    """T5 when the paper ran (commit f0b29894 and before): RE2 ``(\\W)``, every character that is not ASCII
-    ``[0-9A-Za-z_]``, non-ASCII letters such as ``é`` included."""
-    CURRENT = "current"
-    """T5 since commit 9896475 (2022-04): RE2 ``([[:punct:]])``, ASCII punctuation only."""
-    NONE = "none"
-    """Raw text, ``question: {question} context: {context}`` and the answer as given (the seed replication)."""
-
-
 #: The names, in the order ``--help`` lists them.
-PUNCTUATION_CHOICES: tuple[str, ...] = tuple(p.value for p in Punctuation)
-#: The same names as a type, for config fields and CLI flags (built from the enum: one list to maintain).
-PunctuationName = Literal[PUNCTUATION_CHOICES]  # type: ignore[valid-type]
+PUNCTUATION_CHOICES: tuple[str, ...] = values(Punctuation)
 
 #: What the old boolean ``pad_punctuation`` of saved configs and prompts means now. softprompt's old class
 #: ``[^_\s\p{N}\p{L}\p{M}]`` matched neither T5 version; on the 2,067 SQuAD dev contexts it wrote the

@@ -19,13 +19,15 @@ from types import TracebackType
 from typing import IO, Any
 
 from softprompt.checkpoint import atomic_write_text
+from softprompt.choices import ReportTo
+from softprompt.choices import values as choice_values
 from softprompt.errors import ConfigError
 
 __all__ = ["METRICS_FILE", "REPORT_TO_CHOICES", "MetricsLogger", "Progress", "is_tty", "progress"]
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-REPORT_TO_CHOICES = ("tensorboard", "wandb", "none")
+REPORT_TO_CHOICES = choice_values(ReportTo)
 
 # Keys that describe the record rather than measure the model; they are not plotted as scalars.
 _NON_SCALAR_KEYS = frozenset({"event", "step", "time"})

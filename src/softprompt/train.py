@@ -25,7 +25,16 @@ from torch import nn
 
 from softprompt import __version__
 from softprompt import checkpoint as ckpt
-from softprompt.config import BatchPlan, TrainConfig, resolve_initial_step, save_yaml_config, validate
+from softprompt.config import (
+    BatchPlan,
+    TrainConfig,
+    read_yaml_mapping,
+    resolve_initial_step,
+    resume_changes,
+    save_yaml_config,
+    validate,
+    with_mode_defaults,
+)
 from softprompt.data import (
     BucketBatchSampler,
     Collator,
@@ -89,6 +98,7 @@ class TrainerState:
     train_seconds: float = 0.0
     examples_seen: int = 0
     skipped_nonfinite: int = 0
+    last_eval_step: int = -1  # a checkpoint is written before its step's evaluation; resume finishes it
     python_rng: list[Any] = field(default_factory=list)
 
 
@@ -116,6 +126,7 @@ class Run:
     logger: MetricsLogger
     state: TrainerState
     bf16: bool
+    base_fingerprint: str | None = None  # what identifies the base model (`ckpt.model_fingerprint`)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -155,14 +166,64 @@ def _prepare_output_dir(cfg: TrainConfig, env: DistEnv) -> Path:
     return out
 
 
+def _check_resume_settings(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """On --resume, the settings changed against the run's config.yaml; refuse those a resume cannot honour."""
+    saved_file = Path(cfg.output_dir) / "config.yaml"
+    if not cfg.resume or not saved_file.is_file():
+        return {}
+    saved = read_yaml_mapping(saved_file)
+    allowed, refused = resume_changes(saved, cfg)
+    if refused:
+        raise ConfigError(
+            f"--resume cannot change {', '.join(refused)}: the run in {cfg.output_dir} was trained with the "
+            "saved values; drop those flags, or start a new run in another --output_dir"
+        )
+    return allowed
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _start_summary(
+    cfg: TrainConfig,
+    plan: BatchPlan,
+    env: DistEnv,
+    mode: str,
+    n_trainable: int,
+    n_examples: int,
+    max_steps: int,
+    stats: Counter,
+) -> str:
+    """The line that says, before any work, what this run will do."""
+    what = (
+        f"softprompt: {mode} of {cfg.model_name_or_path} ({n_trainable:,} trainable parameters"
+        + (
+            ", base model frozen"
+            if cfg.prompt_tuning
+            else ", every weight; pass --prompt_tuning to train a prompt"
+        )
+        + f") with {cfg.optimizer} at lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
+    )
+    return (
+        what
+        + f"{_plural(n_examples, 'example')}; global batch {plan.global_batch} = {plan.per_device} per device x "
+        + f"{env.world_size} device(s) x {plan.grad_accum} accumulation; {_plural(max_steps, 'step')}"
+        + (f"; skipped {dict(stats)}" if stats else "")
+    )
+
+
 def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     """Validate, load data and model, build optimizer and sampler, and restore state on --resume."""
+    cfg = with_mode_defaults(cfg)
     plan = validate(cfg, env.world_size)
     if cfg.fsdp and not env.distributed:  # FSDP shards over a process group, which only torchrun starts
         raise ConfigError(
             "--fsdp shards the model over the ranks of a torchrun job; launch with torchrun "
             "(`torchrun --nproc_per_node N -m softprompt train ...`, N = 1 works too) or drop --fsdp"
         )
+    resumed_changes = _check_resume_settings(cfg)
+    ckpt.refuse_non_model(cfg.model_name_or_path)
     out = _prepare_output_dir(cfg, env)
     bf16 = cfg.precision == "bf16"
     torch.manual_seed(cfg.seed)
@@ -210,8 +271,10 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
             )
         if cfg.prompt_init == "from_file" and cfg.prompt_init_file and env.is_main and not cfg.random_init:
             # Starting from another model's prompt (prompt transfer) is allowed, but rarely meant.
-            source = ckpt.load_prompt_config(cfg.prompt_init_file).base_model
-            if not ckpt.same_model(source, cfg.model_name_or_path):
+            source_config = ckpt.load_prompt_config(cfg.prompt_init_file)
+            source = source_config.base_model
+            recorded = source_config.extra.get("base_model_fingerprint")
+            if not ckpt.same_model(source, cfg.model_name_or_path, recorded):
                 print(
                     f"softprompt: warning: the initial prompt in {cfg.prompt_init_file} was trained for {source}, "
                     f"not {cfg.model_name_or_path}; training starts from it anyway",
@@ -269,7 +332,8 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         state = _restore(resume_from, model, optimizer, scheduler, env, cfg.fsdp)
         # The counter the run began with travels in the optimizer state (0 for checkpoints older than it).
         initial_step = int(optimizer.param_groups[0].get("initial_step", initial_step))
-    elif env.is_main:
+    if env.is_main and (resume_from is None or resumed_changes):
+        # A resume that changed allowed settings records them: config.yaml says what the run now does.
         save_yaml_config(
             cfg, out / "config.yaml", header=f"# softprompt {__version__}: the resolved config of this run\n"
         )
@@ -282,6 +346,10 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         resume_step=state.step if cfg.resume else None,  # a resume without a checkpoint restarts at 0
     )
     mode = "prompt tuning" if cfg.prompt_tuning else "full fine-tuning"
+    if resumed_changes:
+        logger.log(
+            "resume", state.step, changed={k: {"from": a, "to": b} for k, (a, b) in resumed_changes.items()}
+        )
     n_trainable = sum(p.numel() for p in model.trainable_parameters())
     logger.log(
         "start",
@@ -303,12 +371,20 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     )
     if env.is_main:
         print(
-            f"softprompt: {mode} of {cfg.model_name_or_path} ({n_trainable:,} trainable parameters) on "
-            f"{len(train_examples):,} examples; global batch {plan.global_batch} = {plan.per_device} per device x "
-            f"{env.world_size} device(s) x {plan.grad_accum} accumulation; {max_steps:,} steps"
-            + (f"; skipped {dict(stats)}" if stats else ""),
+            _start_summary(cfg, plan, env, mode, n_trainable, len(train_examples), max_steps, stats),
             flush=True,
         )
+        if resumed_changes:
+            changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in resumed_changes.items())
+            print(
+                f"softprompt: resuming with changed settings: {changed} (recorded in config.yaml)", flush=True
+            )
+        if not eval_examples and cfg.eval_steps:
+            print(
+                "softprompt: no dev set (--validation_file / --dataset_name): no evaluation, no best/ checkpoint; "
+                "checkpoints are still written every --save_steps",
+                flush=True,
+            )
     return Run(
         cfg=cfg,
         env=env,
@@ -330,6 +406,7 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         logger=logger,
         state=state,
         bf16=bf16,
+        base_fingerprint=None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path),
     )
 
 
@@ -363,6 +440,11 @@ def train_loop(run: Run) -> dict[str, Any]:
     cfg, env, st, plan = run.cfg, run.env, run.state, run.plan
     window_loss = window_tokens = 0.0
     window_examples, window_time = 0, 0.0
+    due = cfg.eval_steps and st.step and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
+    if due and run.eval_examples and st.last_eval_step != st.step:
+        # Stopped between this step's checkpoint and its evaluation: evaluate now, as the run would have.
+        _evaluate(run)
+        _refresh_last(run)
     with (
         _StopFlag() as stop,
         Progress(total=run.max_steps, desc="train", enabled=env.is_main, unit="step", initial=st.step) as bar,
@@ -398,7 +480,6 @@ def train_loop(run: Run) -> dict[str, Any]:
                 if math.isfinite(step_loss):
                     window_loss += step_loss * global_tokens
                     window_tokens += global_tokens
-                bar.update(1, loss=step_loss, ex_s=plan.global_batch / max(dt, 1e-9))
 
                 if (cfg.logging_steps and st.step % cfg.logging_steps == 0) or st.step == run.max_steps:
                     run.logger.log(
@@ -412,12 +493,16 @@ def train_loop(run: Run) -> dict[str, Any]:
                     )
                     window_loss = window_tokens = 0.0
                     window_examples, window_time = 0, 0.0
-                if cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps:
-                    f1 = _evaluate(run)
-                    bar.update(0, dev_f1=f1)
                 saved = bool(cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < run.max_steps)
-                if saved:
+                if saved:  # before evaluating: an evaluation that fails must not cost this step's checkpoint
                     save_checkpoint(run)
+                shown = {"loss": step_loss, "ex_s": plan.global_batch / max(dt, 1e-9)}
+                due = cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
+                if due and run.eval_examples:
+                    shown["dev_f1"] = _evaluate(run)
+                    if saved:
+                        _refresh_last(run)  # the checkpoint just written learns this evaluation's best
+                bar.update(1, **shown)  # after the evaluation, so the line shows this step's dev F1
                 # A signal seen by any rank stops every rank at the same step.
                 stop.signum = int(all_reduce_max(torch.tensor([stop.signum]), env).item())
                 if stop.signum:
@@ -435,6 +520,7 @@ def train_loop(run: Run) -> dict[str, Any]:
     if run.eval_examples:
         _evaluate(run)
         _refresh_last(run)
+    _refresh_best_card(run)
     return _results(run)
 
 
@@ -483,6 +569,7 @@ def _evaluate(run: Run) -> float:
         lockstep=cfg.fsdp,
         punctuation=cfg.punctuation,
     )
+    st.last_eval_step = st.step
     run.logger.log("eval", st.step, **result.scores())
     if run.env.is_main:
         ckpt.atomic_write_json(run.out / f"predictions_step{st.step}.json", result.predictions)
@@ -509,7 +596,12 @@ def _prompt_config(run: Run) -> ckpt.PromptConfig:
         punctuation=cfg.punctuation,
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
-        extra={"step": run.state.step, "dev_f1": run.state.best_f1, "dev_exact_match": run.state.best_em},
+        extra={
+            "step": run.state.step,
+            "dev_f1": run.state.best_f1,
+            "dev_exact_match": run.state.best_em,
+            "base_model_fingerprint": run.base_fingerprint,
+        },
     )
 
 
@@ -529,12 +621,16 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         "prompt_init": cfg.prompt_init,
         "global_batch_size": run.plan.global_batch,
         "steps": st.step,
+        "epochs": cfg.epochs
+        if cfg.epochs is not None
+        else round(st.examples_seen / max(1, len(run.train_features)), 2),
+        "seed": cfg.seed,
         "precision": cfg.precision,
-        "exact_match": st.best_em,
-        "f1": st.best_f1,
-        "t5_exact_match": st.best_t5_em,
-        "t5_f1": st.best_t5_f1,
-        "best_step": st.best_step,
+        "exact_match": st.best_em if st.best_step >= 0 else None,
+        "f1": st.best_f1 if st.best_step >= 0 else None,
+        "t5_exact_match": st.best_t5_em if st.best_step >= 0 else None,
+        "t5_f1": st.best_t5_f1 if st.best_step >= 0 else None,
+        "best_step": st.best_step if st.best_step >= 0 else None,
     }
 
 
@@ -556,27 +652,36 @@ def _save_weights(run: Run, directory: Path, *, card: bool = False) -> None:
                 run.model.model.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
                 run.tokenizer.save_pretrained(tmp)
             if card:
-                _write_card(tmp, run)
+                _write_card(tmp, run, location=directory)
     barrier(run.env)
 
 
-def _write_card(directory: Path, run: Run) -> None:
+def _write_card(directory: Path, run: Run, location: Path | None = None) -> None:
+    """The model card in `directory`, naming `location` (where the files will live) as the path to load."""
     from softprompt.modelcard import write_model_card
 
-    write_model_card(directory, _model_card_info(run))
+    write_model_card(directory, _model_card_info(run), location=location)
 
 
-def _write_state_and_card(directory: Path, run: Run) -> None:
-    """trainer_state.json and, for a prompt, its model card (every saved prompt carries one)."""
+def _refresh_best_card(run: Run) -> None:
+    """At the end, best/'s card states the whole run (its steps and epochs), not the run up to the best step."""
+    best = run.out / "best"
+    if run.env.is_main and (best / "README.md").is_file():
+        _write_card(best, run)
+
+
+def _write_state_and_card(directory: Path, run: Run, location: Path) -> None:
+    """trainer_state.json and, for a prompt, its model card naming `location`, the checkpoint's own folder."""
     if run.model.prompt is not None:
-        _write_card(directory, run)
+        _write_card(directory, run, location=location)
     ckpt.atomic_write_text(directory / "trainer_state.json", json.dumps(run.state.__dict__, indent=2) + "\n")
 
 
 def _refresh_last(run: Run) -> None:
     """Record the final evaluation's best-so-far in `last/` (trainer state and model card), atomically."""
     if run.env.is_main:
-        _write_state_and_card((run.out / "last").resolve(), run)
+        last = (run.out / "last").resolve()
+        _write_state_and_card(last, run, location=run.out / last.name)
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -608,7 +713,7 @@ def save_checkpoint(run: Run) -> Path:
     barrier(env)
     if env.is_main:
         try:
-            _write_state_and_card(tmp, run)
+            _write_state_and_card(tmp, run, location=target)
             ckpt._fsync_tree(tmp)
             old = None
             if target.exists():
@@ -736,11 +841,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Returns:
         The content of results.json (best dev EM/F1 and timing).
     """
+    cfg = with_mode_defaults(cfg)
     env = init_distributed()
+    out = Path(cfg.output_dir)
+    fresh = not out.exists()
     run = None
     try:
         run = setup(cfg, env)
         return train_loop(run)
+    except BaseException:
+        # A run that failed while setting up trained nothing: it leaves no directory behind.
+        if run is None and fresh and env.is_main and out.is_dir() and not any(out.glob("checkpoint-*")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         if run is not None:
             run.logger.close()

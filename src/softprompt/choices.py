@@ -1,0 +1,104 @@
+"""Every choice list of the command line and the config, defined once.
+
+Each is a str Enum (what the code compares against) and a `Literal` of its values (what the parser
+offers and `--help` lists), so the flag parser, config validation and the code that acts on a choice
+never disagree. Kept free of heavy imports: `softprompt COMMAND --help` loads this module.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+
+def values(choice: type[Enum]) -> tuple[str, ...]:
+    """The spellings a user may write for an Enum of choices."""
+    return tuple(m.value for m in choice)
+
+
+def literal(choice: type[Enum]) -> Any:
+    """`Literal[...]` of an Enum's values, for a dataclass field the parser reads."""
+    return Literal[values(choice)]  # type: ignore[valid-type]
+
+
+class PromptInit(str, Enum):
+    """How the prompt vectors start."""
+
+    SAMPLED_VOCAB = "sampled_vocab"
+    """Rows sampled without replacement from the first 5,000 rows of the embedding table (the paper's best)."""
+    UNIFORM = "uniform"
+    """Uniform in [0, 0.5): the official config's default, flax.linen.initializers.uniform(scale=0.5)."""
+    TEXT = "text"
+    """Embeddings of the tokens of a given string, repeated until P vectors are filled."""
+    FROM_FILE = "from_file"
+    """A prompt saved earlier by softprompt."""
+
+
+class Punctuation(str, Enum):
+    """How question, context and answer are written: which characters T5's ``_pad_punctuation`` pads."""
+
+    PAPER = "paper"
+    """T5 when the paper ran (commit f0b29894 and before): RE2 ``(\\W)``, every character that is not ASCII
+    ``[0-9A-Za-z_]``, non-ASCII letters such as ``é`` included."""
+    CURRENT = "current"
+    """T5 since commit 9896475 (2022-04): RE2 ``([[:punct:]])``, ASCII punctuation only."""
+    NONE = "none"
+    """Raw text, ``question: {question} context: {context}`` and the answer as given (the seed replication)."""
+
+
+class Optimizer(str, Enum):
+    """The optimizers `--optimizer` offers (`adam` is an alias of `adamw`)."""
+
+    ADAFACTOR = "adafactor"
+    ADAFACTOR_HF = "adafactor_hf"
+    ADAMW = "adamw"
+    ADAM = "adam"
+
+
+class ReportTo(str, Enum):
+    """Where training logs besides metrics.jsonl."""
+
+    TENSORBOARD = "tensorboard"
+    WANDB = "wandb"
+    NONE = "none"
+
+
+class Precision(str, Enum):
+    """Numeric precision of the forward pass."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class Attention(str, Enum):
+    """Attention kernel."""
+
+    SDPA = "sdpa"
+    EAGER = "eager"
+
+
+class Ensemble(str, Enum):
+    """How `eval` combines several prompts."""
+
+    NONE = "none"
+    MAJORITY = "majority"
+
+
+class LogLevel(str, Enum):
+    """uvicorn's log levels."""
+
+    CRITICAL = "critical"
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+    DEBUG = "debug"
+
+
+InitName = literal(PromptInit)
+OptimizerName = literal(Optimizer)
+ReportToName = literal(ReportTo)
+PrecisionName = literal(Precision)
+AttentionName = literal(Attention)
+EnsembleName = literal(Ensemble)
+LogLevelName = literal(LogLevel)
+PunctuationName = literal(Punctuation)
