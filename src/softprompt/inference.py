@@ -42,6 +42,7 @@ def load_model_and_prompts(
     seed: int = 42,
     names: Sequence[str] | None = None,
     bf16: bool = False,
+    fast_path: bool = True,
 ) -> Loaded:
     """Load a frozen T5 and any number of prompt checkpoints checked against it.
 
@@ -52,6 +53,7 @@ def load_model_and_prompts(
         seed: seed for random weights.
         names: names for the prompts (default: their directory names).
         bf16: store the frozen matmul weights in bf16 (`PromptedT5.freeze_to`), for bf16 runs.
+        fast_path: decode with softprompt's lean T5 (see `PromptedT5`); False runs transformers' modules.
     """
     device = default_device()
     tokenizer = load_tokenizer(model_name_or_path)
@@ -66,7 +68,7 @@ def load_model_and_prompts(
             expect_d_model=t5.config.d_model,
             expect_base_model=None if random_init else model_name_or_path,
         )
-    model = PromptedT5(t5).to(device).eval()
+    model = PromptedT5(t5, fast_path=fast_path).to(device).eval()
     if bf16:
         model.freeze_to(torch.bfloat16)
     return Loaded(model=model, tokenizer=tokenizer, prompts=prompts, device=device)
@@ -91,7 +93,7 @@ def _with_prompt(loaded: Loaded, name: str | None) -> PromptedT5:
     prompt = SoftPrompt(weight.shape[0], weight.shape[1])
     with torch.no_grad():
         prompt.weight.copy_(weight)
-    model = PromptedT5(loaded.model.model, prompt.to(loaded.device)).eval()
+    model = PromptedT5(loaded.model.model, prompt.to(loaded.device), fast_path=loaded.model.fast_path).eval()
     model.frozen_dtype = loaded.model.frozen_dtype  # the same (possibly bf16) weights
     return model
 
