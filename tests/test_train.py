@@ -206,3 +206,26 @@ def test_bf16_prompt_tuning_keeps_frozen_weights_in_bf16_and_matches_fp32(
     assert bf16_prompt == {"linear": {torch.bfloat16}, "embedding": {torch.float32}}
     assert dtypes(prompt_tuning=True)["linear"] == {torch.float32}  # fp32 runs keep fp32 weights
     assert dtypes(precision="bf16")["linear"] == {torch.float32}  # fine-tuning trains fp32 master weights
+
+
+def test_fast_path_and_bf16_weights_switches_reach_the_model(tmp_path, tiny_model_dir, squad_small):
+    from softprompt.distributed import DistEnv
+    from softprompt.train import setup
+
+    def model(**over):
+        cfg = TrainConfig(
+            output_dir=str(tmp_path / "setup"), model_name_or_path=str(tiny_model_dir), random_init=True,
+            train_file=str(squad_small[0]), n_tokens=4, report_to=["none"], overwrite_output_dir=True,
+            prompt_tuning=True, precision="bf16", **over,
+        )  # fmt: skip
+        run = setup(cfg, DistEnv())
+        run.logger.close()
+        return run.model
+
+    cpu = torch.device("cpu")
+    default = model()
+    assert default.fast_path and default.fast_path_dtype(cpu) == torch.bfloat16
+    assert default.model.lm_head.weight.dtype == torch.bfloat16
+    off = model(fast_path=False, bf16_weights=False)  # --no_fast_path --no_bf16_weights
+    assert not off.fast_path and off.fast_path_dtype(cpu) is None
+    assert {m.weight.dtype for m in off.model.modules() if isinstance(m, torch.nn.Linear)} == {torch.float32}

@@ -153,7 +153,8 @@ class PromptedT5(nn.Module):
             every model weight is frozen (`requires_grad=False`).
         fast_path: use softprompt's lean T5 (`softprompt.lean_t5`) for frozen forward passes and greedy
             decoding on a CPU or CUDA GPU; False runs transformers' modules (the same results, slower).
-            Ignored, with one warning, where `lean_t5.supported` says no.
+            Ignored where `lean_t5.supported` says no (under an unchecked transformers version it also
+            prints one warning line).
     """
 
     def __init__(
