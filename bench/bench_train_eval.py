@@ -26,8 +26,9 @@ On a GPU (``--device cuda``, the default when one is visible) both sides train a
 (the peer with ``bf16=True``), peak memory is the GPU's (``torch.cuda.max_memory_allocated``), train
 speed is taken over the steps after ``--warmup-steps`` (kernel selection and allocator warm-up are not
 throughput). On either device ``--variants`` adds softprompt runs with one speed lever switched off
-(``no-freeze``: fp32 weights under autocast instead of bf16 weights stored once by ``PromptedT5.freeze_to``;
-``no-lean``: transformers' T5 modules instead of the lean path), each reported against the same peer.
+(``no-freeze``: fp32 weights under autocast instead of bf16 weights stored once by ``PromptedT5.freeze_to``,
+i.e. ``TrainConfig(bf16_weights=False)``; ``no-lean``: transformers' T5 modules instead of the lean T5, i.e.
+``TrainConfig(fast_path=False)`` and ``PromptedT5(..., fast_path=False)``), each reported against the same peer.
 
 The parent also times a large ``torch.matmul`` loop in bf16 and fp32 and reports model-FLOPs utilisation
 (MFU) of the prompt-tuning train step against those rates; see ``train_flops_per_example`` for the formula.
@@ -280,6 +281,11 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(args.work)
     out = work / "softprompt-run"
+    # Variants switch off one speed lever each, to measure what it is worth.
+    levers_off = set(args.variant.split("+")) - {"default"}
+    fast_path = "no-lean" not in levers_off  # off: transformers' T5 modules everywhere
+    # off: fp32 weights under autocast instead of bf16 weights stored once
+    freeze = "no-freeze" not in levers_off
     cfg = TrainConfig(
         output_dir=str(out),
         model_name_or_path=args.model_dir,
@@ -302,16 +308,9 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
         report_to=["none"],
         precision="bf16",
         overwrite_output_dir=True,
+        fast_path=fast_path,
+        bf16_weights=freeze,
     )
-    # Variants switch off one speed lever each, to measure what it is worth.
-    levers_off = set(args.variant.split("+")) - {"default"}
-    if "no-lean" in levers_off:  # transformers' T5 modules everywhere
-        import softprompt.model as sp_model
-
-        sp_model.LEAN_DEVICE_TYPES = ()
-    freeze = "no-freeze" not in levers_off
-    if not freeze:  # fp32 weights under autocast instead of bf16 weights stored once
-        PromptedT5.freeze_to = lambda self, dtype: self  # type: ignore[method-assign]
     load0 = _load()
     _reset_gpu_peak()
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
@@ -331,8 +330,9 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
     prompt = SoftPrompt(weight.shape[0], weight.shape[1])
     with torch.no_grad():
         prompt.weight.copy_(weight)
-    model = PromptedT5(t5, prompt).to(args.device).eval()
-    model.freeze_to(torch.bfloat16)  # as `softprompt eval --precision bf16` does (a no-op under no-freeze)
+    model = PromptedT5(t5, prompt, fast_path=fast_path).to(args.device).eval()
+    if freeze:
+        model.freeze_to(torch.bfloat16)  # as `softprompt eval --precision bf16` does
     examples = load_examples(SQUAD_DEV)[: args.eval_questions]
     features = tokenize_examples(
         examples, tokenizer, max_source_length=MAX_SOURCE, max_target_length=MAX_TARGET

@@ -2,7 +2,7 @@
 
 CI has no GPU, so these run where one is lent (bench/device/h200.sh runs them first). They check what
 the CPU suite cannot: transformers' T5 under bf16 autocast on the GPU agrees with fp32; the lean path,
-which frozen models take on CUDA too (`softprompt.model.LEAN_DEVICE_TYPES`), computes what transformers
+which frozen models take on CUDA too (`softprompt.lean_t5.DEVICE_TYPES`), computes what transformers
 computes there; `softprompt train` runs on the GPU in bf16, resumes, and runs under torchrun with NCCL;
 and a 1-rank torchrun job joins an NCCL group and runs every collective there, preempted and resumed.
 """
@@ -31,8 +31,8 @@ def test_transformers_path_on_cuda_in_bf16_agrees_with_fp32_on_cpu() -> None:
     batch = _batch()
     ref_loss, ref_grad = _loss_and_grad(model, batch, lean=True)  # CPU, fp32
     model.to(CUDA)
-    model._lean_ok = False  # transformers' modules, as fine-tuning and FSDP run them
-    assert model._lean_dtype(CUDA) is None
+    model.fast_path = False  # transformers' modules, as fine-tuning and FSDP run them
+    assert model.fast_path_dtype(CUDA) is None
     loss, grad = _loss_and_grad(model, batch, lean=False, bf16=True)
     assert abs(float(loss - ref_loss)) <= 0.01 * abs(float(ref_loss))
     assert F.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
@@ -42,8 +42,8 @@ def test_lean_forward_on_cuda_equals_transformers_in_fp32() -> None:
     model = _prompted(_t5()).to(CUDA)
     batch = _batch()
     ref_loss, ref_grad = _loss_and_grad(model, batch, lean=False)
-    model._lean_ok = True  # the default for a frozen model on CUDA
-    assert model._lean_dtype(CUDA) == torch.float32
+    model.fast_path = True  # the default for a frozen model on CUDA
+    assert model.fast_path_dtype(CUDA) == torch.float32
     loss, grad = _loss_and_grad(model, batch, lean=True)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
     assert _rel(grad, ref_grad) < 1e-4
@@ -66,10 +66,10 @@ def test_lean_greedy_on_cuda_equals_generate() -> None:
     model = _prompted(_t5(seed=3)).eval().to(CUDA)
     batch = _batch(n=6, seed=4)
     ids, mask = batch["input_ids"].to(CUDA), batch["attention_mask"].to(CUDA)
-    model._lean_ok = False
+    model.fast_path = False
     ref = model.generate(ids, mask, max_new_tokens=10)
-    model._lean_ok = True
-    assert model._lean_dtype(CUDA, for_training=False) is not None
+    model.fast_path = True
+    assert model.fast_path_dtype(CUDA, for_training=False) is not None
     assert torch.equal(model.generate(ids, mask, max_new_tokens=10), ref)
 
 

@@ -1,12 +1,15 @@
 """The speed levers change nothing that matters: same examples, same losses, same answers.
 
 Bucketing by length must visit exactly the examples plain shuffling visits; bf16 must agree with fp32;
-`PromptedT5.freeze_to` must compute what autocast computes; the lean CPU path (`softprompt.model._lean_*`)
-must equal transformers' T5 forward, dropout placement included, and its greedy loop must produce
-the very tokens `generate` produces. Nothing here times anything.
+`PromptedT5.freeze_to` must compute what autocast computes; the lean T5 (`softprompt.lean_t5`, switched
+by `PromptedT5.fast_path`) must equal transformers' T5 forward, dropout placement included, its greedy loop
+must produce the very tokens `generate` produces, and under an unchecked transformers version it must
+step aside for transformers' modules. Nothing here times anything.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import numpy as np
 import pytest
@@ -15,8 +18,10 @@ import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
 
 from conftest import tiny_config
+from softprompt import lean_t5
 from softprompt.data import BucketBatchSampler, Collator, Features
-from softprompt.model import PromptedT5, dropout_mask, join_prompt, lean_supported
+from softprompt.lean_t5 import dropout_mask
+from softprompt.model import PromptedT5, join_prompt
 from softprompt.prompt import SoftPrompt, initial_prompt
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -54,10 +59,15 @@ def _batch(n: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
 
 
 def _loss_and_grad(
-    model: PromptedT5, batch: dict[str, torch.Tensor], *, lean: bool, bf16: bool = False
+    model: PromptedT5, batch: dict[str, torch.Tensor], *, lean: bool | None, bf16: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss and prompt gradient (both on the CPU), on whatever device the model is."""
-    model._lean_ok = lean and lean_supported(model.model)
+    """Summed loss and prompt gradient (both on the CPU), on whatever device the model is.
+
+    `lean` switches the model's fast path on or off first (None: leave it as it is).
+    """
+    if lean is not None:
+        model.fast_path = lean
+        assert model.fast_path == lean
     device = model.prompt.weight.device
     model.prompt.weight.grad = None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -156,7 +166,7 @@ def test_freeze_to_bf16_computes_exactly_what_autocast_computes(lean: bool) -> N
 )
 def test_lean_forward_equals_transformers_in_fp32(overrides: dict) -> None:
     model = _prompted(_t5(**overrides))
-    assert lean_supported(model.model)
+    assert lean_t5.supported(model.model)
     batch = _batch()
     ref_loss, ref_grad = _loss_and_grad(model, batch, lean=False)
     loss, grad = _loss_and_grad(model, batch, lean=True)
@@ -242,7 +252,8 @@ def _hf_generate(model: PromptedT5, ids, mask, n: int, prompt=None, lengths=None
 
 
 def _lean_generate(model: PromptedT5, ids, mask, n: int, prompt=None, lengths=None, bf16: bool = False):
-    assert model._lean_dtype(ids.device, for_training=False) is not None and model._plain_greedy()
+    assert model.fast_path_dtype(ids.device, for_training=False) is not None
+    assert lean_t5.plain_greedy(model.model.generation_config)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return model.generate(ids, mask, max_new_tokens=n, prompt=prompt, prompt_lengths=lengths)
 
@@ -298,15 +309,62 @@ def test_generation_settings_the_lean_loop_does_not_cover_go_through_transformer
     batch = _batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     model.model.generation_config.repetition_penalty = 1.5
-    assert not model._plain_greedy()
+    assert not lean_t5.plain_greedy(model.model.generation_config)
     assert torch.equal(model.generate(ids, mask, max_new_tokens=8), _hf_generate(model, ids, mask, 8))
 
 
 def test_fine_tuning_keeps_transformers_forward() -> None:
     model = PromptedT5(_t5())  # no prompt: every weight trains
-    assert model._lean_dtype(torch.device("cpu")) is None
-    assert model._lean_dtype(torch.device("cpu"), for_training=False) == torch.float32  # generate
+    assert model.fast_path_dtype(torch.device("cpu")) is None
+    assert model.fast_path_dtype(torch.device("cpu"), for_training=False) == torch.float32  # generate
     prompted = _prompted(_t5())
-    assert prompted._lean_dtype(torch.device("cpu")) == torch.float32
+    assert prompted.fast_path_dtype(torch.device("cpu")) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert prompted._lean_dtype(torch.device("cpu")) == torch.bfloat16
+        assert prompted.fast_path_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------- the switch
+
+
+def test_fast_path_false_runs_transformers_modules() -> None:
+    t5 = _t5()
+    model = PromptedT5(t5, _prompted(t5).prompt, fast_path=False)
+    assert not model.fast_path
+    assert model.fast_path_dtype(torch.device("cpu")) is None
+    assert model.fast_path_dtype(torch.device("cpu"), for_training=False) is None
+    assert PromptedT5(t5).fast_path  # on by default where supported
+
+
+def _installed_transformers(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    """Make `transformers.__version__` say `version` (on the module object loaded now: transformers swaps its
+    lazy module in sys.modules while models load, so a reference taken at import time may be stale)."""
+    monkeypatch.setattr(importlib.import_module("transformers"), "__version__", version)
+    assert lean_t5.transformers_version() == version
+
+
+def test_unchecked_transformers_version_falls_back_with_one_warning_and_the_same_results(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _prompted(_t5()).eval()
+    batch = _batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ref_loss, ref_grad = _loss_and_grad(model, batch, lean=False)  # transformers' modules
+    ref_tokens = model.generate(ids, mask, max_new_tokens=10)
+    capsys.readouterr()
+
+    _installed_transformers(monkeypatch, "5.24.7")  # a patch release of a checked version
+    assert PromptedT5(model.model, model.prompt).fast_path
+    assert capsys.readouterr().err == ""
+
+    _installed_transformers(monkeypatch, "99.1.0")
+    fallback = PromptedT5(model.model, model.prompt)  # fast_path=True asked for, not granted
+    assert not fallback.fast_path and not lean_t5.supported(model.model)
+    assert fallback.fast_path_dtype(torch.device("cpu"), for_training=False) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "99.1.0" in err and "transformers" in err  # one line, once
+    fallback.fast_path = True  # asking again changes nothing
+    assert not fallback.fast_path
+    loss, grad = _loss_and_grad(fallback, batch, lean=None)
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    assert torch.equal(fallback.generate(ids, mask, max_new_tokens=10), ref_tokens)
+    assert capsys.readouterr().err == ""  # not repeated

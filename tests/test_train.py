@@ -291,3 +291,26 @@ def test_initial_step_default_follows_the_checkpoint_and_is_refused_for_adamw(tm
         TrainConfig(output_dir=str(tmp_path / "x"), dataset_name="squad", optimizer="adamw", initial_step=5)
     )
     assert problems == ["--initial_step only applies to --optimizer adafactor, not adamw"]
+
+
+def test_fast_path_and_bf16_weights_switches_reach_the_model(tmp_path, tiny_model_dir, squad_small):
+    from softprompt.distributed import DistEnv
+    from softprompt.train import setup
+
+    def model(**over):
+        cfg = TrainConfig(
+            output_dir=str(tmp_path / "setup"), model_name_or_path=str(tiny_model_dir), random_init=True,
+            train_file=str(squad_small[0]), n_tokens=4, report_to=["none"], overwrite_output_dir=True,
+            prompt_tuning=True, precision="bf16", **over,
+        )  # fmt: skip
+        run = setup(cfg, DistEnv())
+        run.logger.close()
+        return run.model
+
+    cpu = torch.device("cpu")
+    default = model()
+    assert default.fast_path and default.fast_path_dtype(cpu) == torch.bfloat16
+    assert default.model.lm_head.weight.dtype == torch.bfloat16
+    off = model(fast_path=False, bf16_weights=False)  # --no_fast_path --no_bf16_weights
+    assert not off.fast_path and off.fast_path_dtype(cpu) is None
+    assert {m.weight.dtype for m in off.model.modules() if isinstance(m, torch.nn.Linear)} == {torch.float32}

@@ -204,6 +204,10 @@ class TrainConfig:
     """Shard the model with FSDP2 (fully_shard) across devices: for models that do not fit one device."""
     compile: bool = False
     """torch.compile the model's forward."""
+    fast_path: bool = True
+    """Use softprompt's lean T5 kernels for frozen models on CPU/CUDA; off = transformers' modules (the same results up to float rounding, slower)."""
+    bf16_weights: bool = True
+    """With --precision bf16 in prompt mode (not FSDP), store the frozen matmul weights in bf16 once (the numbers autocast computes, half the weight memory); off = fp32 weights cast by autocast every step."""
     resume: bool = False
     """Continue the run in --output_dir from its last checkpoint with its saved config; only the settings in RESUMABLE (max_steps, epochs, eval/save/logging steps, report_to, ...) may change."""
     overwrite_output_dir: bool = False

@@ -50,6 +50,7 @@ def load_model_and_prompts(
     names: Sequence[str] | None = None,
     bf16: bool = False,
     allow_other: bool = False,
+    fast_path: bool = True,
 ) -> Loaded:
     """Load a frozen T5 and any number of prompt checkpoints checked against it.
 
@@ -61,6 +62,7 @@ def load_model_and_prompts(
         names: names for the prompts (default: their directory names).
         bf16: store the frozen matmul weights in bf16 (`PromptedT5.freeze_to`), for bf16 runs.
         allow_other: warn instead of refusing prompts trained for another base model.
+        fast_path: decode with softprompt's lean T5 (see `PromptedT5`); False runs transformers' modules.
     """
     refuse_non_model(model_name_or_path)
     device = default_device()
@@ -77,7 +79,7 @@ def load_model_and_prompts(
             expect_base_model=None if random_init else model_name_or_path,
             allow_other=allow_other,
         )
-    model = PromptedT5(t5).to(device).eval()
+    model = PromptedT5(t5, fast_path=fast_path).to(device).eval()
     if bf16:
         model.freeze_to(torch.bfloat16)
     return Loaded(model=model, tokenizer=tokenizer, prompts=prompts, device=device)
@@ -102,7 +104,7 @@ def _with_prompt(loaded: Loaded, name: str | None) -> PromptedT5:
     prompt = SoftPrompt(weight.shape[0], weight.shape[1])
     with torch.no_grad():
         prompt.weight.copy_(weight)
-    model = PromptedT5(loaded.model.model, prompt.to(loaded.device)).eval()
+    model = PromptedT5(loaded.model.model, prompt.to(loaded.device), fast_path=loaded.model.fast_path).eval()
     model.frozen_dtype = loaded.model.frozen_dtype  # the same (possibly bf16) weights
     return model
 

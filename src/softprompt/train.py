@@ -281,8 +281,8 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
                     file=sys.stderr,
                     flush=True,
                 )
-    model = PromptedT5(t5, prompt).to(env.device)
-    if bf16 and cfg.prompt_tuning and not cfg.fsdp:
+    model = PromptedT5(t5, prompt, fast_path=cfg.fast_path).to(env.device)
+    if bf16 and cfg.prompt_tuning and not cfg.fsdp and cfg.bf16_weights:
         # No model weight trains, so keep the matmul weights in bf16 once instead of casting them every
         # step: the same numbers as autocast (tested), half the weight memory, 0.7x peak GPU memory.
         model.freeze_to(torch.bfloat16)
