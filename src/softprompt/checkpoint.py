@@ -276,6 +276,8 @@ def load_prompt(
     return weight, config
 
 
+#: Written by `softprompt convert`: the model a directory was converted from and its fingerprint.
+CONVERTED_FROM = "softprompt_converted_from.json"
 # config.json keys that name a copy rather than describe the model.
 _CONFIG_NOISE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")
 _SAMPLE = 1 << 16
@@ -315,6 +317,12 @@ def model_fingerprint(name_or_path: str) -> str | None:
     directory = _local_model_dir(name_or_path)
     if directory is None or not (directory / "config.json").is_file():
         return None
+    # `softprompt convert` re-encodes the very same tensors (safetensors for a .bin, an explicit untied
+    # head in config.json), which changes the bytes sampled below; it records the source's fingerprint.
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        recorded = json.loads((directory / CONVERTED_FROM).read_text(encoding="utf-8")).get("fingerprint")
+        if isinstance(recorded, str) and recorded:
+            return recorded
     digest = hashlib.sha256()
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from softprompt.checkpoint import atomic_dir
+from softprompt.checkpoint import CONVERTED_FROM, atomic_dir, model_fingerprint
 from softprompt.errors import UserError
 from softprompt.model import load_t5, load_tokenizer
 from softprompt.pretrained import model_file
@@ -47,6 +47,7 @@ def convert(model: str, out_dir: str | os.PathLike, *, overwrite: bool = False) 
         raise UserError(f"{out} exists and is not a directory; choose a new OUT_DIR")
     tokenizer = load_tokenizer(model)
     t5 = load_t5(model)
+    fingerprint = model_fingerprint(model)
     spiece = model_file(model, "spiece.model")
     with atomic_dir(out) as tmp:
         t5.save_pretrained(tmp, safe_serialization=True)
@@ -60,4 +61,8 @@ def convert(model: str, out_dir: str | os.PathLike, *, overwrite: bool = False) 
             config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
             config["tie_word_embeddings"] = False
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if fingerprint is not None:
+            # Prompts trained on the source accept this copy: same tensors, re-encoded.
+            record = {"model": str(model), "fingerprint": fingerprint}
+            (tmp / CONVERTED_FROM).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return out
