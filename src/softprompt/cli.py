@@ -229,6 +229,8 @@ class EvalArgs:
     """fp32 or bf16 autocast."""
     allow_other_base_model: bool = False
     """Use prompts trained for another base model anyway (a warning instead of an error)."""
+    fast_path: bool = True
+    """Use softprompt's lean T5 kernels for frozen models (identical results; off = transformers' modules)."""
     output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
     """Write the predictions as JSON: {id: answer} for the bare model or one prompt; with several prompts
     {prompt name: {id: answer}} (plus "ensemble" with --ensemble majority). Not written when not given."""
@@ -267,6 +269,8 @@ class PredictArgs:
     """fp32 or bf16 autocast."""
     allow_other_base_model: bool = False
     """Use a prompt trained for another base model anyway (a warning instead of an error)."""
+    fast_path: bool = True
+    """Use softprompt's lean T5 kernels for frozen models (identical results; off = transformers' modules)."""
 
 
 def _predict_checks(args: PredictArgs) -> list[str]:
@@ -418,6 +422,8 @@ class ServeArgs:
     """fp32 or bf16 autocast."""
     allow_other_base_model: bool = False
     """Serve prompts trained for another base model anyway (a warning instead of an error)."""
+    fast_path: bool = True
+    """Use softprompt's lean T5 kernels for frozen models (identical results; off = transformers' modules)."""
     log_level: LogLevelName = "info"
     """uvicorn's log level."""
     access_log: bool = False
