@@ -15,7 +15,7 @@ second model wrapper (and no second copy of its frozen-weight state) ever exists
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ __all__ = [
     "PromptBank",
     "PromptTable",
     "UnknownTaskError",
+    "check_new_prompt",
     "context_spans",
     "default_device",
     "ensemble_answers",
@@ -44,6 +45,7 @@ __all__ = [
     "majority_vote",
     "prompt_names",
     "tie_break_order",
+    "tokenize_by_settings",
     "tokenize_questions",
 ]
 
@@ -207,6 +209,39 @@ class PromptTable:
         return prompt, None if bool((lengths == p).all()) else lengths
 
 
+def check_new_prompt(
+    name: str,
+    weight: torch.Tensor,
+    config: PromptConfig,
+    *,
+    taken: Container[str],
+    d_model: int,
+    base_model: str | None,
+) -> None:
+    """Refuse a prompt a bank cannot hold: a taken name, a shape other than [P, d_model], another base model.
+
+    Raises:
+        UserError: `name` is in `taken`.
+        CheckpointError: the weight's shape, or the base model (when `base_model` is given).
+    """
+    if name in taken:
+        raise UserError(f"a prompt named '{name}' is already loaded; give each prompt its own name")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise CheckpointError(f"prompt '{name}' must be a [P, H] tensor, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != d_model:
+        raise CheckpointError(
+            f"prompt '{name}' is {weight.shape[1]} wide but the model's d_model is {d_model}; "
+            f"it was trained for {config.base_model}"
+        )
+    # The recorded fingerprint counts as load_prompt counts it: a renamed copy of the model is the model.
+    fingerprint = config.extra.get("base_model_fingerprint")
+    if base_model is not None and not same_model(config.base_model, base_model, fingerprint):
+        raise CheckpointError(
+            f"prompt '{name}' was trained for {config.base_model}, but this bank's model is "
+            f"{base_model}; load it with the model it was trained on"
+        )
+
+
 class PromptBank:
     """Named soft prompts for one frozen model, usable together in one batch.
 
@@ -277,7 +312,9 @@ class PromptBank:
             CheckpointError: the prompt is not [P, d_model], or was trained for another base model.
             UserError: `name` is taken.
         """
-        self._check_new(name, weight, config)
+        check_new_prompt(
+            name, weight, config, taken=self._index, d_model=self.d_model, base_model=self.base_model
+        )
         weight = weight.detach().to(self.device, torch.float32)
         self._entries.append(BankEntry(name=name, weight=weight, config=config))
         self._index[name] = len(self._entries) - 1
@@ -289,24 +326,6 @@ class PromptBank:
             directory, expect_d_model=self.d_model, expect_base_model=self.base_model
         )
         self.add(name, weight, config)
-
-    def _check_new(self, name: str, weight: torch.Tensor, config: PromptConfig) -> None:
-        if name in self._index:
-            raise UserError(f"a prompt named '{name}' is already loaded; give each prompt its own name")
-        if weight.dim() != 2 or weight.shape[0] < 1:
-            raise CheckpointError(f"prompt '{name}' must be a [P, H] tensor, got shape {tuple(weight.shape)}")
-        if weight.shape[1] != self.d_model:
-            raise CheckpointError(
-                f"prompt '{name}' is {weight.shape[1]} wide but the model's d_model is {self.d_model}; "
-                f"it was trained for {config.base_model}"
-            )
-        # The recorded fingerprint counts as load_prompt counts it: a renamed copy of the model is the model.
-        fingerprint = config.extra.get("base_model_fingerprint")
-        if self.base_model is not None and not same_model(config.base_model, self.base_model, fingerprint):
-            raise CheckpointError(
-                f"prompt '{name}' was trained for {config.base_model}, but this bank's model is "
-                f"{self.base_model}; load it with the model it was trained on"
-            )
 
     # ------------------------------------------------------------------------------------------------
     # Batches
@@ -404,23 +423,13 @@ class PromptBank:
             UnknownTaskError: a row names a task the bank does not hold.
         """
         tasks = [self.index(task) for task, _, _ in rows]
-        features: list[Features | None] = [None] * len(rows)
-        # Rows whose prompts were trained with the same input settings are tokenized together.
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, k in enumerate(tasks):
-            config = self._entries[k].config
-            groups.setdefault((config.max_source_length, config.punctuation), []).append(i)
-        for (max_source, punctuation), members in groups.items():
-            group = tokenize_questions(
-                self.tokenizer,
-                [(rows[i][1], rows[i][2]) for i in members],
-                max_source_length=max_source,
-                punctuation=punctuation,
-            )
-            for i, f in zip(members, group, strict=True):
-                f.example_index = i
-                features[i] = f
-        return [f for f in features if f is not None], tasks
+        configs = [self._entries[k].config for k in tasks]
+        features = tokenize_by_settings(
+            self.tokenizer,
+            [(question, context) for _, question, context in rows],
+            [(c.max_source_length, c.punctuation) for c in configs],
+        )
+        return features, tasks
 
     def answer(
         self,
@@ -465,6 +474,33 @@ def tokenize_questions(
     return tokenize_examples(
         examples, tokenizer, max_source_length=max_source_length, max_target_length=2, punctuation=punctuation
     )
+
+
+def tokenize_by_settings(
+    tokenizer: Any, questions: Sequence[tuple[str, str]], settings: Sequence[tuple[int, str]]
+) -> list[Features]:
+    """Tokenize `(question, context)` pairs, pair i with its own `(max_source_length, punctuation)`.
+
+    Pairs that share settings are tokenized together.
+
+    Returns:
+        One `Features` per pair, in order; `example_index` is the pair's position.
+    """
+    features: list[Features | None] = [None] * len(questions)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for i, setting in enumerate(settings):
+        groups.setdefault(setting, []).append(i)
+    for (max_source, punctuation), members in groups.items():
+        group = tokenize_questions(
+            tokenizer,
+            [questions[i] for i in members],
+            max_source_length=max_source,
+            punctuation=punctuation,
+        )
+        for i, f in zip(members, group, strict=True):
+            f.example_index = i
+            features[i] = f
+    return [f for f in features if f is not None]
 
 
 def context_spans(
