@@ -503,7 +503,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt demo [--output_dir DIR] [--seed N] [--quick] [--threads N]`."""
-    from softprompt.cli import DemoArgs, parse
+    from softprompt.flags import DemoArgs, parse
 
     return run_parsed(parse(DemoArgs, argv, "softprompt demo"))
 

@@ -174,7 +174,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt inspect`: print the table (and write JSON), return the exit code."""
-    from softprompt.cli import InspectArgs, parse
+    from softprompt.flags import InspectArgs, parse
 
     return inspect_prompt(parse(InspectArgs, argv, "softprompt inspect"))
 

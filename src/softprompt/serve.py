@@ -513,7 +513,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt serve`: parse the flags, load the model and prompts, then serve until interrupted."""
-    from softprompt.cli import ServeArgs, parse, serve_checks
+    from softprompt.flags import ServeArgs, parse, serve_checks
 
     return serve(parse(ServeArgs, argv, "softprompt serve", checks=serve_checks))
 
