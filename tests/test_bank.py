@@ -22,7 +22,7 @@ from softprompt.bank import (
 from softprompt.checkpoint import PromptConfig, save_prompt
 from softprompt.data import QAExample, tokenize_examples
 from softprompt.distributed import DistEnv
-from softprompt.errors import CheckpointError
+from softprompt.errors import CheckpointError, UserError
 from softprompt.evaluate import generate_answers
 from softprompt.inference import predict_answers
 from softprompt.metrics import normalize_answer, squad_scores
@@ -337,3 +337,50 @@ def test_eval_cli_ensemble(setup: dict, tmp_path: Path, capsys: pytest.CaptureFi
     assert (
         squad_scores(predictions, {f"q{i}": [CONTEXTS[i].split()[1]] for i in range(4)})["f1"] == report["f1"]
     )
+
+
+def test_fast_path_switch_reaches_the_model_and_changes_no_answer(setup: dict) -> None:
+    fast = setup["loaded"]
+    slow = load_model_and_prompts(
+        str(setup["model_dir"]),
+        [str(d) for d in setup["dirs"].values()],
+        names=list(setup["dirs"]),
+        fast_path=False,
+    )
+    assert fast.model.fast_path and not slow.model.fast_path  # the lean T5 covers this CPU model
+    rows = [(t, q, c) for t in ("a", "c") for q, c in zip(QUESTIONS[:4], CONTEXTS[:4], strict=True)]
+    assert slow.answer(rows, max_new_tokens=MAX_NEW) == fast.answer(rows, max_new_tokens=MAX_NEW)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "serve"])
+def test_no_fast_path_flag_is_passed_to_the_loader(
+    setup: dict, command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import softprompt.inference
+    import softprompt.serve
+    from softprompt.cli import main
+
+    seen: list[bool] = []
+
+    def loader(*args, **kwargs):
+        seen.append(kwargs["fast_path"])
+        raise UserError("stop after loading")  # the flag is what this test is about
+
+    monkeypatch.setattr(softprompt.inference, "load_model_and_prompts", loader)
+    monkeypatch.setattr(softprompt.serve, "load_model_and_prompts", loader)
+    qa = {
+        "id": "q0",
+        "question": QUESTIONS[0],
+        "answers": [{"text": "Ada", "answer_start": CONTEXTS[0].index("Ada")}],
+    }
+    dev = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": CONTEXTS[0], "qas": [qa]}]}]}
+    (tmp_path / "dev.json").write_text(json.dumps(dev), encoding="utf-8")
+    model, prompt = str(setup["model_dir"]), str(setup["dirs"]["a"])
+    argv = {
+        "eval": ["--model", model, "--validation_file", str(tmp_path / "dev.json")],
+        "predict": ["--model", model, "--question", "q?", "--context", "c."],
+        "serve": ["--model", model, "--prompt", f"a={prompt}", "--port", "0"],
+    }[command]
+    assert main([command, *argv]) == 2
+    assert main([command, *argv, "--no_fast_path"]) == 2
+    assert seen == [True, False]
