@@ -222,6 +222,19 @@ def test_no_module_uses_another_modules_private_names() -> None:
     assert ALLOWED_PRIVATE - uses == set()
 
 
+def test_only_the_bank_and_the_trainer_build_a_prompted_model() -> None:
+    # One owner for "a frozen model with a prompt": inference wraps the model once, in
+    # bank.load_model_and_prompts, and drives every prompt through per-row prompts, so no second
+    # PromptedT5 around the same frozen T5 can lose its frozen-weight state (frozen_dtype, fast_path).
+    builders = {
+        name
+        for name, tree in modules().items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "PromptedT5"
+    }
+    assert builders == {"bank", "train"}
+
+
 def _literal_values(annotation: object) -> tuple[str, ...]:
     """The strings of the `Literal` inside an annotation (`Literal[...]`, `X | None`, `list[X]`)."""
     if typing.get_origin(annotation) is typing.Literal:
