@@ -269,14 +269,9 @@ def _first_questions(path: Path, n: int) -> list[dict[str, Any]]:
 
 def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
     """Train with `softprompt.train.train` as `softprompt train` does, then answer with generate_answers."""
-    import torch
-
-    from softprompt.checkpoint import load_prompt
+    from softprompt.bank import load_model_and_prompts
     from softprompt.config import TrainConfig
     from softprompt.data import load_examples, tokenize_examples
-    from softprompt.evaluate import generate_answers
-    from softprompt.model import PromptedT5, load_t5, load_tokenizer
-    from softprompt.prompt import SoftPrompt
     from softprompt.train import train
 
     work = Path(args.work)
@@ -324,25 +319,21 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
         if rec["event"] == "train":
             step_seconds.append(args.batch / rec["examples_per_second"])
 
-    tokenizer = load_tokenizer(args.model_dir)
-    t5 = load_t5(args.model_dir)
-    weight, _ = load_prompt(out / "last", expect_d_model=t5.config.d_model)
-    prompt = SoftPrompt(weight.shape[0], weight.shape[1])
-    with torch.no_grad():
-        prompt.weight.copy_(weight)
-    model = PromptedT5(t5, prompt, fast_path=fast_path).to(args.device).eval()
-    if freeze:
-        model.freeze_to(torch.bfloat16)  # as `softprompt eval --precision bf16` does
+    # as `softprompt eval --precision bf16` loads it: bf16 weights stored once unless the variant says no
+    bank = load_model_and_prompts(
+        args.model_dir, [out / "last"], bf16=freeze, fast_path=fast_path, device=args.device
+    )
+    weight = bank.entry(0).weight.cpu()
     examples = load_examples(SQUAD_DEV)[: args.eval_questions]
     features = tokenize_examples(
-        examples, tokenizer, max_source_length=MAX_SOURCE, max_target_length=MAX_TARGET
+        examples, bank.tokenizer, max_source_length=MAX_SOURCE, max_target_length=MAX_TARGET
     )
     if args.device == "cuda":  # one untimed batch: CUDA kernel loading and allocator growth are not speed
-        generate_answers(model, tokenizer, features[: args.eval_batch], batch_size=args.eval_batch, bf16=True)
+        bank.generate_answers(features[: args.eval_batch], 0, batch_size=args.eval_batch, bf16=True)
     _reset_gpu_peak()
     t0 = time.perf_counter()
-    answers = generate_answers(
-        model, tokenizer, features, batch_size=args.eval_batch, max_new_tokens=MAX_TARGET, bf16=True
+    answers = bank.generate_answers(
+        features, 0, batch_size=args.eval_batch, max_new_tokens=MAX_TARGET, bf16=True
     )
     eval_seconds = time.perf_counter() - t0
     if args.variant == "default":

@@ -11,14 +11,23 @@ import pytest
 import torch
 
 from conftest import save_tiny_t5, tiny_config
-from softprompt.bank import PromptBank, UnknownTaskError, ensemble_eval, majority_vote, tie_break_order
+from softprompt.bank import (
+    PromptBank,
+    UnknownTaskError,
+    ensemble_eval,
+    load_model_and_prompts,
+    majority_vote,
+    tie_break_order,
+)
 from softprompt.checkpoint import PromptConfig, save_prompt
 from softprompt.data import QAExample, tokenize_examples
 from softprompt.distributed import DistEnv
-from softprompt.errors import CheckpointError
+from softprompt.errors import CheckpointError, UserError
 from softprompt.evaluate import generate_answers
-from softprompt.inference import _with_prompt, load_model_and_prompts, predict_answers
+from softprompt.inference import predict_answers
 from softprompt.metrics import normalize_answer, squad_scores
+from softprompt.model import PromptedT5
+from softprompt.prompt import SoftPrompt
 
 D_MODEL = tiny_config().d_model
 MAX_NEW = 6
@@ -75,6 +84,21 @@ def setup(tmp_path_factory) -> dict:
     return {"model_dir": model_dir, "dirs": dirs, "weights": weights, "loaded": loaded}
 
 
+def _single_prompt_model(bank: PromptBank, name: str) -> PromptedT5:
+    """The plain single-prompt model: the bank's frozen T5 with prompt `name` as its own."""
+    weight = bank.entry(name).weight
+    prompt = SoftPrompt(weight.shape[0], weight.shape[1])
+    with torch.no_grad():
+        prompt.weight.copy_(weight)
+    return PromptedT5(bank.model.model, prompt).eval()
+
+
+def _generate(bank: PromptBank, ids: torch.Tensor, mask: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+    """Token ids of a batch whose rows use the prompts `tasks` (the bank's per-row prompts)."""
+    prompt, lengths = bank.stack(tasks)
+    return bank.model.generate(ids, mask, max_new_tokens=MAX_NEW, prompt=prompt, prompt_lengths=lengths)
+
+
 def _trim(ids: torch.Tensor) -> list[int]:
     """Generated ids without the trailing padding that depends on when the rest of the batch stopped."""
     out = ids.tolist()
@@ -84,8 +108,7 @@ def _trim(ids: torch.Tensor) -> list[int]:
 
 
 def test_mixed_batch_rows_equal_single_prompt_batches(setup: dict) -> None:
-    loaded = setup["loaded"]
-    bank = PromptBank.from_loaded(loaded)
+    loaded = bank = setup["loaded"]
     tok = loaded.tokenizer
     examples = [
         QAExample(id=str(i), question=q, context=c, answers=("x",))
@@ -108,7 +131,7 @@ def test_mixed_batch_rows_equal_single_prompt_batches(setup: dict) -> None:
     assert lengths is not None and lengths.tolist() == [5, 5, 8, 8, 5, 5]
     # Short prompts are padded with zeros, never with another prompt's vectors.
     assert torch.equal(prompt[0, :5], setup["weights"]["a"]) and bool((prompt[0, 5:] == 0).all())
-    mixed = bank.generate(ids, mask, tasks, max_new_tokens=MAX_NEW)
+    mixed = _generate(bank, ids, mask, tasks)
     assert len({tuple(_trim(row)) for row in mixed}) == 6  # every row says something different
 
     model = loaded.model
@@ -121,9 +144,9 @@ def test_mixed_batch_rows_equal_single_prompt_batches(setup: dict) -> None:
         sub_ids, sub_mask = collate(rows)
         same_prompt, same_lengths = bank.stack([name] * len(rows))
         assert same_lengths is None and same_prompt.shape[1] == setup["weights"][name].shape[0]
-        alone = bank.generate(sub_ids, sub_mask, [name] * len(rows), max_new_tokens=MAX_NEW)
+        alone = _generate(bank, sub_ids, sub_mask, [name] * len(rows))
         # (2) The plain single-prompt model (the prompt is its own), one row at a time.
-        single = _with_prompt(loaded, name)
+        single = _single_prompt_model(loaded, name)
         for r, i in enumerate(rows):
             assert _trim(mixed[i]) == _trim(alone[r]), f"row {i} ({name}) differs from its own-prompt batch"
             n = len(features[i].input_ids)
@@ -137,8 +160,8 @@ def test_mixed_batch_rows_equal_single_prompt_batches(setup: dict) -> None:
 
 
 def test_answer_equals_predict_for_each_prompt(setup: dict) -> None:
-    loaded = setup["loaded"]
-    bank = PromptBank.from_loaded(loaded, base_model=str(setup["model_dir"]))
+    loaded = bank = setup["loaded"]
+    assert bank.base_model == str(setup["model_dir"])
     rows = [(t, q, c) for t in ("a", "b", "c") for q, c in zip(QUESTIONS, CONTEXTS, strict=True)]
     rows = rows[::2] + rows[1::2]  # interleave tasks so batches mix them
     answers = bank.answer(rows, batch_size=5, max_new_tokens=MAX_NEW)
@@ -203,12 +226,9 @@ def test_ensemble_one_pass_equals_majority_of_separate_runs(
     setup: dict, names: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = setup["loaded"]
-    loaded = type(base)(
-        model=base.model,
-        tokenizer=base.tokenizer,
-        prompts={n: base.prompts[n] for n in names},
-        device=base.device,
-    )
+    loaded = PromptBank(base.model, base.tokenizer)
+    for n in names:
+        loaded.add(n, base.entry(n).weight, base.entry(n).config)
     blank = [
         QAExample(id=f"q{i}", question=q, context=c, answers=("unused",))
         for i, (q, c) in enumerate(zip(QUESTIONS, CONTEXTS, strict=True))
@@ -216,7 +236,7 @@ def test_ensemble_one_pass_equals_majority_of_separate_runs(
     features = tokenize_examples(blank, loaded.tokenizer)
     gen = {"batch_size": 4, "max_new_tokens": MAX_NEW, "env": DistEnv(device=loaded.device), "bf16": False}
     separate = {
-        n: generate_answers(_with_prompt(loaded, n), loaded.tokenizer, features, **gen) for n in names
+        n: generate_answers(_single_prompt_model(loaded, n), loaded.tokenizer, features, **gen) for n in names
     }
     # Gold answers that make the last prompt the most accurate, so ties have a clear winner.
     last, first = names[-1], names[0]
@@ -317,3 +337,50 @@ def test_eval_cli_ensemble(setup: dict, tmp_path: Path, capsys: pytest.CaptureFi
     assert (
         squad_scores(predictions, {f"q{i}": [CONTEXTS[i].split()[1]] for i in range(4)})["f1"] == report["f1"]
     )
+
+
+def test_fast_path_switch_reaches_the_model_and_changes_no_answer(setup: dict) -> None:
+    fast = setup["loaded"]
+    slow = load_model_and_prompts(
+        str(setup["model_dir"]),
+        [str(d) for d in setup["dirs"].values()],
+        names=list(setup["dirs"]),
+        fast_path=False,
+    )
+    assert fast.model.fast_path and not slow.model.fast_path  # the lean T5 covers this CPU model
+    rows = [(t, q, c) for t in ("a", "c") for q, c in zip(QUESTIONS[:4], CONTEXTS[:4], strict=True)]
+    assert slow.answer(rows, max_new_tokens=MAX_NEW) == fast.answer(rows, max_new_tokens=MAX_NEW)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "serve"])
+def test_no_fast_path_flag_is_passed_to_the_loader(
+    setup: dict, command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import softprompt.inference
+    import softprompt.serve
+    from softprompt.cli import main
+
+    seen: list[bool] = []
+
+    def loader(*args, **kwargs):
+        seen.append(kwargs["fast_path"])
+        raise UserError("stop after loading")  # the flag is what this test is about
+
+    monkeypatch.setattr(softprompt.inference, "load_model_and_prompts", loader)
+    monkeypatch.setattr(softprompt.serve, "load_model_and_prompts", loader)
+    qa = {
+        "id": "q0",
+        "question": QUESTIONS[0],
+        "answers": [{"text": "Ada", "answer_start": CONTEXTS[0].index("Ada")}],
+    }
+    dev = {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": CONTEXTS[0], "qas": [qa]}]}]}
+    (tmp_path / "dev.json").write_text(json.dumps(dev), encoding="utf-8")
+    model, prompt = str(setup["model_dir"]), str(setup["dirs"]["a"])
+    argv = {
+        "eval": ["--model", model, "--validation_file", str(tmp_path / "dev.json")],
+        "predict": ["--model", model, "--question", "q?", "--context", "c."],
+        "serve": ["--model", model, "--prompt", f"a={prompt}", "--port", "0"],
+    }[command]
+    assert main([command, *argv]) == 2
+    assert main([command, *argv, "--no_fast_path"]) == 2
+    assert seen == [True, False]

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.cli import (
-    COMMANDS,
+from softprompt.cli import COMMANDS, main
+from softprompt.config import TrainConfig, field_specs
+from softprompt.flags import (
     ConvertArgs,
     DemoArgs,
     EvalArgs,
@@ -21,10 +22,8 @@ from softprompt.cli import (
     ReportArgs,
     ScoreArgs,
     ServeArgs,
-    main,
     parse,
 )
-from softprompt.config import TrainConfig, field_specs
 
 ARGS = {
     "train": TrainConfig,

@@ -343,12 +343,11 @@ def test_eval_predict_serve_and_convert_answer_like_transformers(
     # softprompt serve's app, by Hub id, with the same prompt: predict's answers
     from fastapi.testclient import TestClient
 
-    from softprompt.bank import PromptBank
-    from softprompt.inference import load_model_and_prompts
+    from softprompt.bank import load_model_and_prompts
     from softprompt.serve import create_app
 
     loaded = load_model_and_prompts(V11, [str(prompt_dir)], names=["squad"])
-    with TestClient(create_app(PromptBank.from_loaded(loaded, base_model=V11))) as client:
+    with TestClient(create_app(loaded)) as client:
         inputs = [{"task": "squad", "question": r["question"], "context": r["context"]} for r in rows]
         r = client.post("/v1/answer", json={"inputs": inputs})
         assert r.status_code == 200, r.text

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from softprompt.checkpoint import PromptConfig, save_prompt
 from softprompt.cli import main as cli_main
-from softprompt.inspect_prompt import load_input_embedding, main, nearest_token_ids, nearest_tokens
+from softprompt.inspect_prompt import inspect_report, load_input_embedding, main, nearest_token_ids
 from softprompt.model import load_t5
 from softprompt.prompt import initial_prompt
 
@@ -21,6 +21,13 @@ P = 5
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def nearest_tokens(prompt: torch.Tensor, embedding: torch.Tensor, tokenizer, k: int) -> list[list[tuple]]:
+    """Per position, `inspect`'s (token, cosine) pairs, most similar first."""
+    config = PromptConfig(base_model="m", n_tokens=prompt.shape[0], d_model=prompt.shape[1])
+    report = inspect_report(prompt, config, embedding, tokenizer, k)
+    return [[(n["token"], n["cosine"]) for n in pos["nearest"]] for pos in report["positions"]]
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import cpu_env, save_tiny_t5, tiny_config
-from softprompt.bank import PromptBank
+from softprompt.bank import load_model_and_prompts
 from softprompt.checkpoint import PromptConfig, save_prompt
 from softprompt.errors import UserError
-from softprompt.inference import load_model_and_prompts, predict_answers
+from softprompt.inference import predict_answers
 from softprompt.serve import MicroBatcher, create_app, parse_prompt_specs
 
 MAX_NEW = 6
@@ -235,7 +235,7 @@ def test_micro_batcher_stop_fails_waiting_requests() -> None:
 def test_app_in_process_model_failure_is_500_and_server_recovers(served: dict) -> None:
     from fastapi.testclient import TestClient
 
-    bank = PromptBank.from_loaded(served["loaded"])
+    bank = served["loaded"]
     calls = {"n": 0}
 
     def flaky(rows: list[tuple[str, str, str]]) -> list[str]:
@@ -258,7 +258,7 @@ def test_app_in_process_model_failure_is_500_and_server_recovers(served: dict) -
 def test_every_error_has_one_shape_and_status_scheme(served: dict) -> None:
     from fastapi.testclient import TestClient
 
-    bank = PromptBank.from_loaded(served["loaded"])
+    bank = served["loaded"]
     with TestClient(create_app(bank, answer=lambda rows: ["x"] * len(rows))) as client:
         cases = [
             (client.get("/v1/nowhere"), 404, "no endpoint at /v1/nowhere"),

@@ -1,44 +1,137 @@
-"""Many soft prompts on one frozen model: mixed-prompt batches, and majority-vote ensembles.
+"""The one inference path: a frozen model and its named soft prompts, answering in mixed batches.
 
 Prompt tuning keeps the model frozen, so one copy of it can serve any number of tasks at once
 (section 1 of Lester et al., 2021): each row of a batch carries its own prompt. Rows are
 independent, so row i of a mixed batch gives the answer it gives in a batch of its own prompt; the
 same machinery runs a K-prompt ensemble over a data set in one batched pass (the paper's Table 3).
+
+Everything that answers questions goes through here: `eval`, `predict` and ensembles
+(`softprompt.inference`), `serve`, the demo's scoring and the bench. `load_model_and_prompts` is the one
+place that loads a model with its prompts; `PromptBank.generate_answers` is the one place that runs
+generation with a prompt. Every prompt drives the one loaded model through per-row prompts, so no
+second model wrapper (and no second copy of its frozen-weight state) ever exists.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from softprompt.checkpoint import PromptConfig, load_prompt, same_model
+from softprompt.checkpoint import PromptConfig, load_prompt, refuse_non_model, same_model
 from softprompt.data import Features, QAExample, tokenize_examples
 from softprompt.distributed import DistEnv
 from softprompt.errors import CheckpointError, UserError
-from softprompt.evaluate import RowPrompts, generate_answers
+from softprompt.evaluate import EvalResult, RowPrompts, evaluate_examples, generate_answers
 from softprompt.metrics import normalize_answer, squad_scores, squad_scores_padded
-from softprompt.model import PromptedT5
+from softprompt.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.textformat import raw_answer
 
-if TYPE_CHECKING:
-    from softprompt.inference import Loaded
-
 __all__ = [
+    "BankEntry",
     "PromptBank",
+    "PromptTable",
     "UnknownTaskError",
+    "check_new_prompt",
+    "context_spans",
+    "default_device",
     "ensemble_answers",
     "ensemble_eval",
+    "load_model_and_prompts",
     "majority_vote",
+    "prompt_names",
     "tie_break_order",
+    "tokenize_by_settings",
+    "tokenize_questions",
 ]
+
+# One task for every row (a name or a bank index), one per row, or None for the bare model.
+Tasks = str | int | Sequence[str | int] | torch.Tensor | None
 
 
 class UnknownTaskError(UserError):
     """A row asked for a prompt the bank does not hold."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prompt_names(prompt_dirs: Sequence[str]) -> list[str]:
+    """Short, distinct names for prompt directories: the folder name, or more of the path when
+    folder names clash (`runs/a/best` and `runs/b/best` become `a/best` and `b/best`)."""
+    parts = [Path(p).resolve().parts for p in prompt_dirs]
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in prompt_dirs]
+
+
+def load_model_and_prompts(
+    model_name_or_path: str,
+    prompt_dirs: Sequence[str | Path] = (),
+    *,
+    random_init: bool = False,
+    seed: int = 42,
+    names: Sequence[str] | None = None,
+    bf16: bool = False,
+    allow_other: bool = False,
+    fast_path: bool = True,
+    device: torch.device | str | None = None,
+) -> PromptBank:
+    """Load a frozen T5 and any number of prompt checkpoints checked against it, as a `PromptBank`.
+
+    Args:
+        model_name_or_path: hub id or directory.
+        prompt_dirs: prompt checkpoint directories.
+        random_init: build the model with random weights from its config.
+        seed: seed for random weights.
+        names: names for the prompts (default: their directory names).
+        bf16: store the frozen matmul weights in bf16 (`PromptedT5.freeze_to`), for bf16 runs.
+        allow_other: warn instead of refusing prompts trained for another base model.
+        fast_path: decode with softprompt's lean T5 (see `PromptedT5`); False runs transformers' modules.
+        device: where the model runs (default: `default_device()`).
+
+    Returns:
+        The bank: the model in eval mode on `device`, its tokenizer, and the prompts in the given order.
+        It refuses later additions trained for another model, unless `random_init` (a random model has
+        no identity to compare) or `allow_other`.
+    """
+    refuse_non_model(model_name_or_path)
+    names = list(names) if names is not None else prompt_names([str(d) for d in prompt_dirs])
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"two prompts are named '{twice}'; give them distinct names")
+    tokenizer = load_tokenizer(model_name_or_path)
+    t5 = load_t5(model_name_or_path, random_init=random_init, seed=seed)
+    model = PromptedT5(t5, fast_path=fast_path).to(device or default_device()).eval()
+    if bf16:
+        model.freeze_to(torch.bfloat16)
+    checked = not (random_init or allow_other)
+    bank = PromptBank(model, tokenizer, base_model=model_name_or_path if checked else None)
+    for name, directory in zip(names, prompt_dirs, strict=True):
+        weight, config = load_prompt(
+            directory,
+            expect_d_model=bank.d_model,
+            expect_base_model=None if random_init else model_name_or_path,
+            allow_other=allow_other,
+        )
+        bank.add(name, weight, config)
+    return bank
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bank
 
 
 @dataclass(frozen=True)
@@ -55,15 +148,105 @@ class BankEntry:
     weight: torch.Tensor
     config: PromptConfig
 
+    def describe(self) -> dict[str, Any]:
+        """The prompt's metadata (one item of `GET /v1/tasks`)."""
+        c = self.config
+        return {
+            "name": self.name,
+            "n_tokens": int(self.weight.shape[0]),
+            "d_model": int(self.weight.shape[1]),
+            "base_model": c.base_model,
+            "init": c.init,
+            "max_source_length": c.max_source_length,
+            "punctuation": c.punctuation,
+            "dev_f1": _number(c.extra.get("dev_f1")),
+            "dev_exact_match": _number(c.extra.get("dev_exact_match")),
+            "extra": dict(c.extra),
+        }
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class PromptTable:
+    """K prompts of possibly different lengths in one zero-padded tensor, so a batch's prompts are one index.
+
+    Args:
+        d_model: the prompts' width H.
+        device: where the table lives.
+    """
+
+    def __init__(self, d_model: int, device: torch.device) -> None:
+        self.table = torch.zeros(0, 0, d_model, device=device)  # [K, Pmax, H]
+        self.lengths = torch.zeros(0, dtype=torch.long, device=device)  # [K]
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def append(self, weight: torch.Tensor) -> None:
+        """Add one prompt [P, H] (float32, on the table's device) as row K."""
+        k, p_max, d_model = self.table.shape
+        p = max(p_max, weight.shape[0])
+        table = torch.zeros(k + 1, p, d_model, device=self.table.device)
+        table[:k, :p_max] = self.table
+        table[k, : weight.shape[0]] = weight
+        self.table = table
+        self.lengths = torch.cat([self.lengths, self.lengths.new_tensor([weight.shape[0]])])
+
+    def stack(self, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row prompts for rows using prompts `tasks` ([B] indices).
+
+        Returns:
+            prompt: [B, P, H] float32 with P the longest prompt of these rows (not of the table, so a
+            batch of short prompts pays for no padding), and lengths: [B], or None when every row's
+            prompt is P long.
+        """
+        tasks = tasks.to(self.table.device)
+        lengths = self.lengths[tasks]
+        p = int(lengths.max())
+        prompt = self.table[tasks, :p]
+        return prompt, None if bool((lengths == p).all()) else lengths
+
+
+def check_new_prompt(
+    name: str,
+    weight: torch.Tensor,
+    config: PromptConfig,
+    *,
+    taken: Container[str],
+    d_model: int,
+    base_model: str | None,
+) -> None:
+    """Refuse a prompt a bank cannot hold: a taken name, a shape other than [P, d_model], another base model.
+
+    Raises:
+        UserError: `name` is in `taken`.
+        CheckpointError: the weight's shape, or the base model (when `base_model` is given).
+    """
+    if name in taken:
+        raise UserError(f"a prompt named '{name}' is already loaded; give each prompt its own name")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise CheckpointError(f"prompt '{name}' must be a [P, H] tensor, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != d_model:
+        raise CheckpointError(
+            f"prompt '{name}' is {weight.shape[1]} wide but the model's d_model is {d_model}; "
+            f"it was trained for {config.base_model}"
+        )
+    # The recorded fingerprint counts as load_prompt counts it: a renamed copy of the model is the model.
+    fingerprint = config.extra.get("base_model_fingerprint")
+    if base_model is not None and not same_model(config.base_model, base_model, fingerprint):
+        raise CheckpointError(
+            f"prompt '{name}' was trained for {config.base_model}, but this bank's model is "
+            f"{base_model}; load it with the model it was trained on"
+        )
+
 
 class PromptBank:
     """Named soft prompts for one frozen model, usable together in one batch.
 
-    The prompts live in one padded table [K, Pmax, H] so that a batch's prompts are a single index
-    into it; prompts of different lengths are allowed and each row is told its real length.
-
     Args:
-        model: the frozen model (its own prompt, if any, is ignored: every row brings one).
+        model: the frozen model (its own prompt, if any, is ignored when rows bring theirs).
         tokenizer: the model's tokenizer.
         base_model: the model's hub id or path; when given, prompts trained for another model are
             refused. None skips the check (random-init models have no identity to compare).
@@ -77,21 +260,7 @@ class PromptBank:
         self.device: torch.device = next(model.parameters()).device
         self._entries: list[BankEntry] = []
         self._index: dict[str, int] = {}
-        self._table = torch.zeros(0, 0, self.d_model, device=self.device)  # [K, Pmax, H]
-        self._lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # [K]
-
-    @classmethod
-    def from_loaded(cls, loaded: Loaded, base_model: str | None = None) -> PromptBank:
-        """A bank over the model and every prompt of `inference.load_model_and_prompts`.
-
-        Args:
-            loaded: the model, tokenizer and named prompts (already checked against the model).
-            base_model: see the class docstring.
-        """
-        bank = cls(loaded.model, loaded.tokenizer, base_model=base_model)
-        for name, (weight, config) in loaded.prompts.items():
-            bank.add(name, weight, config)
-        return bank
+        self._prompts = PromptTable(self.d_model, self.device)
 
     # ------------------------------------------------------------------------------------------------
     # Contents
@@ -127,6 +296,10 @@ class PromptBank:
             raise UnknownTaskError(f"unknown task '{task}'; loaded tasks: {loaded}")
         return found
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Metadata of every prompt, in bank order (what `GET /v1/tasks` serves)."""
+        return [e.describe() for e in self._entries]
+
     def add(self, name: str, weight: torch.Tensor, config: PromptConfig) -> None:
         """Add a prompt under `name`.
 
@@ -139,39 +312,20 @@ class PromptBank:
             CheckpointError: the prompt is not [P, d_model], or was trained for another base model.
             UserError: `name` is taken.
         """
-        if name in self._index:
-            raise UserError(f"a prompt named '{name}' is already loaded; give each prompt its own name")
-        if weight.dim() != 2 or weight.shape[0] < 1:
-            raise CheckpointError(f"prompt '{name}' must be a [P, H] tensor, got shape {tuple(weight.shape)}")
-        if weight.shape[1] != self.d_model:
-            raise CheckpointError(
-                f"prompt '{name}' is {weight.shape[1]} wide but the model's d_model is {self.d_model}; "
-                f"it was trained for {config.base_model}"
-            )
-        if self.base_model is not None and not same_model(config.base_model, self.base_model):
-            raise CheckpointError(
-                f"prompt '{name}' was trained for {config.base_model}, but this bank's model is "
-                f"{self.base_model}; load it with the model it was trained on"
-            )
+        check_new_prompt(
+            name, weight, config, taken=self._index, d_model=self.d_model, base_model=self.base_model
+        )
         weight = weight.detach().to(self.device, torch.float32)
         self._entries.append(BankEntry(name=name, weight=weight, config=config))
         self._index[name] = len(self._entries) - 1
-        self._rebuild()
+        self._prompts.append(weight)
 
-    def add_dir(self, name: str, directory: str) -> None:
+    def add_dir(self, name: str, directory: str | Path) -> None:
         """Load a prompt checkpoint directory (safetensors only) and add it under `name`."""
         weight, config = load_prompt(
             directory, expect_d_model=self.d_model, expect_base_model=self.base_model
         )
         self.add(name, weight, config)
-
-    def _rebuild(self) -> None:
-        p_max = max(e.weight.shape[0] for e in self._entries)
-        table = torch.zeros(len(self._entries), p_max, self.d_model, device=self.device)
-        for k, e in enumerate(self._entries):
-            table[k, : e.weight.shape[0]] = e.weight
-        self._table = table
-        self._lengths = torch.tensor([e.weight.shape[0] for e in self._entries], device=self.device)
 
     # ------------------------------------------------------------------------------------------------
     # Batches
@@ -191,43 +345,72 @@ class PromptBank:
             tasks = torch.tensor([self.index(t) for t in tasks], dtype=torch.long)
         if len(self._entries) == 0:
             raise UnknownTaskError("the prompt bank is empty; add a prompt first")
-        tasks = tasks.to(self.device)
-        lengths = self._lengths[tasks]
-        p = int(lengths.max())
-        prompt = self._table[tasks, :p]
-        return prompt, None if bool((lengths == p).all()) else lengths
+        return self._prompts.stack(tasks)
 
-    def row_prompts(self, row_tasks: Sequence[int] | torch.Tensor) -> RowPrompts:
+    def row_prompts(self, row_tasks: Sequence[int | str] | torch.Tensor) -> RowPrompts:
         """The `row_prompts` callback of `evaluate.generate_answers` for features whose row i uses
         task `row_tasks[i]`."""
+        if not isinstance(row_tasks, torch.Tensor):
+            row_tasks = [self.index(t) for t in row_tasks]
         table = torch.as_tensor(row_tasks, dtype=torch.long)
         return lambda idx: self.stack(table[idx])
 
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        tasks: torch.Tensor | Sequence[int | str],
-        max_new_tokens: int = 32,
-    ) -> torch.Tensor:
-        """Greedy answers for a batch whose rows use different prompts.
+    def _row_prompts_for(self, features: Sequence[Features], tasks: Tasks) -> RowPrompts | None:
+        if tasks is None:
+            return None  # the bare model (or its own prompt)
+        if isinstance(tasks, (str, int)):
+            tasks = [self.index(tasks)] * len(features)
+        if len(tasks) != len(features):
+            raise ValueError(f"{len(tasks)} tasks for {len(features)} features; give one per feature")
+        return self.row_prompts(tasks)
+
+    # ------------------------------------------------------------------------------------------------
+    # Answers
+
+    def generate_answers(self, features: Sequence[Features], tasks: Tasks = None, **gen: Any) -> list[str]:
+        """Greedy answers for tokenized questions, every row driven by its task's prompt.
+
+        Rows are sorted by length and cut into batches regardless of task, so a batch may mix prompts;
+        row i answers as it would in a batch of its own prompt.
 
         Args:
-            input_ids: [B, S].
-            attention_mask: [B, S].
-            tasks: [B] each row's task index or name.
-            max_new_tokens: the longest answer in tokens.
+            features: tokenized questions.
+            tasks: one task (name or index) for every row, one per row, or None for the bare model.
+            **gen: `evaluate.generate_answers` options (batch_size, max_new_tokens, env, bf16, ...).
 
         Returns:
-            token ids: [B, <= max_new_tokens + 1].
+            One answer per feature, in feature order, as generated.
         """
-        prompt, lengths = self.stack(tasks)
-        return self.model.generate(
-            input_ids.to(self.device),
-            attention_mask.to(self.device),
-            max_new_tokens=max_new_tokens,
-            prompt=prompt,
-            prompt_lengths=lengths,
+        row_prompts = self._row_prompts_for(features, tasks)
+        return generate_answers(self.model, self.tokenizer, features, row_prompts=row_prompts, **gen)
+
+    def evaluate(
+        self,
+        examples: Sequence[QAExample],
+        features: Sequence[Features],
+        tasks: Tasks = None,
+        *,
+        punctuation: str = "none",
+        **gen: Any,
+    ) -> EvalResult:
+        """Answer and score with the official SQuAD metric (`evaluate.evaluate_examples`).
+
+        Args:
+            examples: the questions with gold answers.
+            features: `features[i]` is the tokenized `examples[features[i].example_index]`.
+            tasks: as in `generate_answers`.
+            punctuation: the text format of the features (padded answers are mapped back to raw spans).
+            **gen: `evaluate.generate_answers` options.
+        """
+        row_prompts = self._row_prompts_for(features, tasks)
+        return evaluate_examples(
+            self.model,
+            self.tokenizer,
+            examples,
+            features,
+            punctuation=punctuation,
+            row_prompts=row_prompts,
+            **gen,
         )
 
     def tokenize(self, rows: Sequence[tuple[str, str, str]]) -> tuple[list[Features], list[int]]:
@@ -240,28 +423,13 @@ class PromptBank:
             UnknownTaskError: a row names a task the bank does not hold.
         """
         tasks = [self.index(task) for task, _, _ in rows]
-        features: list[Features | None] = [None] * len(rows)
-        # Rows whose prompts were trained with the same input settings are tokenized together.
-        groups: dict[tuple[int, str], list[int]] = {}
-        for i, k in enumerate(tasks):
-            config = self._entries[k].config
-            groups.setdefault((config.max_source_length, config.punctuation), []).append(i)
-        for (max_source, punctuation), members in groups.items():
-            examples = [
-                QAExample(id=str(i), question=rows[i][1], context=rows[i][2], answers=("",)) for i in members
-            ]
-            # max_target_length=2, as `inference.predict_answers`: labels are not used to answer.
-            group = tokenize_examples(
-                examples,
-                self.tokenizer,
-                max_source_length=max_source,
-                max_target_length=2,
-                punctuation=punctuation,
-            )
-            for i, f in zip(members, group, strict=True):
-                f.example_index = i
-                features[i] = f
-        return [f for f in features if f is not None], tasks
+        configs = [self._entries[k].config for k in tasks]
+        features = tokenize_by_settings(
+            self.tokenizer,
+            [(question, context) for _, question, context in rows],
+            [(c.max_source_length, c.punctuation) for c in configs],
+        )
+        return features, tasks
 
     def answer(
         self,
@@ -283,47 +451,66 @@ class PromptBank:
         if not rows:
             return []
         features, tasks = self.tokenize(rows)
-        answers = generate_answers(
-            self.model,
-            self.tokenizer,
+        answers = self.generate_answers(
             features,
+            tasks,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             env=DistEnv(device=self.device),
             bf16=bf16,
-            row_prompts=self.row_prompts(tasks),
         )
-        # Prompts trained on T5's padded text answer "U . S ."; give back the context's own "U.S.".
-        out = []
-        for answer, row, k in zip(answers, rows, tasks, strict=True):
-            span = raw_answer(answer, row[2], self._entries[k].config.punctuation)
-            out.append(answer if span is None else span)
-        return out
-
-    def describe(self) -> list[dict[str, Any]]:
-        """Metadata of every prompt, in bank order (what `GET /v1/tasks` serves)."""
-        out = []
-        for e in self._entries:
-            c = e.config
-            out.append(
-                {
-                    "name": e.name,
-                    "n_tokens": int(e.weight.shape[0]),
-                    "d_model": int(e.weight.shape[1]),
-                    "base_model": c.base_model,
-                    "init": c.init,
-                    "max_source_length": c.max_source_length,
-                    "punctuation": c.punctuation,
-                    "dev_f1": _number(c.extra.get("dev_f1")),
-                    "dev_exact_match": _number(c.extra.get("dev_exact_match")),
-                    "extra": dict(c.extra),
-                }
-            )
-        return out
+        styles = [self._entries[k].config.punctuation for k in tasks]
+        return context_spans(answers, [row[2] for row in rows], styles)
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def tokenize_questions(
+    tokenizer: Any, questions: Sequence[tuple[str, str]], *, max_source_length: int, punctuation: str
+) -> list[Features]:
+    """Tokenize `(question, context)` pairs to answer (no gold answers); row i's `example_index` is i."""
+    examples = [
+        QAExample(id=str(i), question=q, context=c, answers=("",)) for i, (q, c) in enumerate(questions)
+    ]
+    # max_target_length=2: labels are not used to answer.
+    return tokenize_examples(
+        examples, tokenizer, max_source_length=max_source_length, max_target_length=2, punctuation=punctuation
+    )
+
+
+def tokenize_by_settings(
+    tokenizer: Any, questions: Sequence[tuple[str, str]], settings: Sequence[tuple[int, str]]
+) -> list[Features]:
+    """Tokenize `(question, context)` pairs, pair i with its own `(max_source_length, punctuation)`.
+
+    Pairs that share settings are tokenized together.
+
+    Returns:
+        One `Features` per pair, in order; `example_index` is the pair's position.
+    """
+    features: list[Features | None] = [None] * len(questions)
+    groups: dict[tuple[int, str], list[int]] = {}
+    for i, setting in enumerate(settings):
+        groups.setdefault(setting, []).append(i)
+    for (max_source, punctuation), members in groups.items():
+        group = tokenize_questions(
+            tokenizer,
+            [questions[i] for i in members],
+            max_source_length=max_source,
+            punctuation=punctuation,
+        )
+        for i, f in zip(members, group, strict=True):
+            f.example_index = i
+            features[i] = f
+    return [f for f in features if f is not None]
+
+
+def context_spans(
+    answers: Sequence[str], contexts: Sequence[str], punctuation: str | Sequence[str]
+) -> list[str]:
+    """Answers as the contexts write them: a prompt trained on T5's padded text answers "U . S .";
+    this gives back the context's own "U.S." (an answer that maps to no span is kept as generated)."""
+    styles = [punctuation] * len(answers) if isinstance(punctuation, str) else list(punctuation)
+    spans = [raw_answer(a, c, s) for a, c, s in zip(answers, contexts, styles, strict=True)]
+    return [a if s is None else s for a, s in zip(answers, spans, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,12 +573,12 @@ def ensemble_answers(
     n = len(features)
     rows = [f for _ in ks for f in features]
     row_tasks = [k for k in ks for _ in range(n)]
-    texts = generate_answers(bank.model, bank.tokenizer, rows, row_prompts=bank.row_prompts(row_tasks), **gen)
+    texts = bank.generate_answers(rows, row_tasks, **gen)
     return {bank.entry(k).name: texts[j * n : (j + 1) * n] for j, k in enumerate(ks)}
 
 
 def ensemble_eval(
-    loaded: Loaded,
+    bank: PromptBank,
     examples: Sequence[QAExample],
     features: Sequence[Features],
     *,
@@ -402,14 +589,14 @@ def ensemble_eval(
     show_progress: bool = False,
     punctuation: str = "none",
 ) -> dict[str, Any]:
-    """Score every loaded prompt and their majority vote, from one batched pass (Table 3 of the paper).
+    """Score every prompt of the bank and their majority vote, from one batched pass (Table 3 of the paper).
 
     Ties go to the prompt with the best F1 on this evaluation set (the paper's SQuAD numbers are on
     the dev set, which is also where it picks prompts). This rank is always available, even for
     prompts without recorded dev scores; equal F1s fall back to `--prompt` order.
 
     Args:
-        loaded: the frozen model and K >= 1 named prompts.
+        bank: the frozen model and K >= 1 named prompts.
         examples: the questions with gold answers.
         features: `features[i]` is the tokenized `examples[features[i].example_index]`.
         batch_size: rows per generation batch (K rows per question).
@@ -425,7 +612,6 @@ def ensemble_eval(
         `prompt_mean` (their mean), `ensemble` ({method, exact_match, f1, tie_break}) and the
         ensemble's `exact_match` / `f1` at the top level, like a single prompt's report.
     """
-    bank = PromptBank.from_loaded(loaded)
     if len(bank) == 0:
         raise UserError("an ensemble needs at least one --prompt")
     per_prompt = ensemble_answers(

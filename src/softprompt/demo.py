@@ -240,30 +240,16 @@ def score(
     Returns:
         ``{"exact_match": ..., "f1": ...}`` in percent.
     """
-    import torch
-
-    from softprompt.checkpoint import load_prompt
+    from softprompt.bank import load_model_and_prompts
     from softprompt.data import load_examples, tokenize_examples
-    from softprompt.evaluate import evaluate_examples
-    from softprompt.model import PromptedT5, load_t5, load_tokenizer
-    from softprompt.prompt import SoftPrompt
 
-    tokenizer = load_tokenizer(model_dir)
-    t5 = load_t5(model_dir)
-    prompt = None
-    if prompt_dir is not None:
-        weight, _ = load_prompt(prompt_dir, expect_d_model=t5.config.d_model)
-        prompt = SoftPrompt(weight.shape[0], weight.shape[1])
-        with torch.no_grad():
-            prompt.weight.copy_(weight)
-    model = PromptedT5(t5, prompt).eval()
+    bank = load_model_and_prompts(str(model_dir), [prompt_dir] if prompt_dir is not None else [])
     examples = load_examples(data_file)
     features = tokenize_examples(
-        examples, tokenizer, max_source_length=MAX_SOURCE_LENGTH, max_target_length=MAX_TARGET_LENGTH
+        examples, bank.tokenizer, max_source_length=MAX_SOURCE_LENGTH, max_target_length=MAX_TARGET_LENGTH
     )
-    result = evaluate_examples(
-        model, tokenizer, examples, features, batch_size=100, max_new_tokens=MAX_TARGET_LENGTH
-    )
+    task = bank.names[0] if len(bank) else None
+    result = bank.evaluate(examples, features, task, batch_size=100, max_new_tokens=MAX_TARGET_LENGTH)
     return {"exact_match": result.exact_match, "f1": result.f1}
 
 
@@ -517,7 +503,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt demo [--output_dir DIR] [--seed N] [--quick] [--threads N]`."""
-    from softprompt.cli import DemoArgs, parse
+    from softprompt.flags import DemoArgs, parse
 
     return run_parsed(parse(DemoArgs, argv, "softprompt demo"))
 

@@ -1,112 +1,24 @@
-"""Load a model (+ prompts) for inference, and the `eval` / `predict` subcommands built on it."""
+"""The `eval` and `predict` subcommands, built on the prompt bank (`softprompt.bank`)."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from softprompt.checkpoint import (
-    PromptConfig,
-    atomic_write_json,
-    atomic_write_text,
-    load_prompt,
-    refuse_non_model,
+from softprompt.bank import (
+    PromptBank,
+    context_spans,
+    ensemble_eval,
+    load_model_and_prompts,
+    tokenize_questions,
 )
+from softprompt.checkpoint import atomic_write_json, atomic_write_text
 from softprompt.data import QAExample, load_examples, load_hf_dataset, tokenize_examples
 from softprompt.distributed import DistEnv
 from softprompt.errors import UserError
-from softprompt.evaluate import evaluate_examples, generate_answers
-from softprompt.model import PromptedT5, load_t5, load_tokenizer
-from softprompt.prompt import SoftPrompt
-from softprompt.textformat import raw_answer
-
-
-@dataclass
-class Loaded:
-    """A frozen model, its tokenizer, and the prompts loaded for it (name -> weight, config)."""
-
-    model: PromptedT5
-    tokenizer: Any
-    prompts: dict[str, tuple[torch.Tensor, PromptConfig]]
-    device: torch.device
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def load_model_and_prompts(
-    model_name_or_path: str,
-    prompt_dirs: Sequence[str] = (),
-    *,
-    random_init: bool = False,
-    seed: int = 42,
-    names: Sequence[str] | None = None,
-    bf16: bool = False,
-    allow_other: bool = False,
-    fast_path: bool = True,
-) -> Loaded:
-    """Load a frozen T5 and any number of prompt checkpoints checked against it.
-
-    Args:
-        model_name_or_path: hub id or directory.
-        prompt_dirs: prompt checkpoint directories.
-        random_init: build the model with random weights from its config.
-        seed: seed for random weights.
-        names: names for the prompts (default: their directory names).
-        bf16: store the frozen matmul weights in bf16 (`PromptedT5.freeze_to`), for bf16 runs.
-        allow_other: warn instead of refusing prompts trained for another base model.
-        fast_path: decode with softprompt's lean T5 (see `PromptedT5`); False runs transformers' modules.
-    """
-    refuse_non_model(model_name_or_path)
-    device = default_device()
-    tokenizer = load_tokenizer(model_name_or_path)
-    t5 = load_t5(model_name_or_path, random_init=random_init, seed=seed)
-    prompts: dict[str, tuple[torch.Tensor, PromptConfig]] = {}
-    names = list(names) if names is not None else prompt_names(prompt_dirs)
-    for name, directory in zip(names, prompt_dirs, strict=True):
-        if name in prompts:
-            raise UserError(f"two prompts are named '{name}'; give them distinct names")
-        prompts[name] = load_prompt(
-            directory,
-            expect_d_model=t5.config.d_model,
-            expect_base_model=None if random_init else model_name_or_path,
-            allow_other=allow_other,
-        )
-    model = PromptedT5(t5, fast_path=fast_path).to(device).eval()
-    if bf16:
-        model.freeze_to(torch.bfloat16)
-    return Loaded(model=model, tokenizer=tokenizer, prompts=prompts, device=device)
-
-
-def prompt_names(prompt_dirs: Sequence[str]) -> list[str]:
-    """Short, distinct names for prompt directories: the folder name, or more of the path when
-    folder names clash (`runs/a/best` and `runs/b/best` become `a/best` and `b/best`)."""
-    parts = [Path(p).resolve().parts for p in prompt_dirs]
-    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
-        names = ["/".join(p[-depth:]) for p in parts]
-        if len(set(names)) == len(names):
-            return names
-    return [str(p) for p in prompt_dirs]
-
-
-def _with_prompt(loaded: Loaded, name: str | None) -> PromptedT5:
-    """The frozen model driven by one of the loaded prompts (sharing the model's weights)."""
-    if name is None:
-        return loaded.model
-    weight, _ = loaded.prompts[name]
-    prompt = SoftPrompt(weight.shape[0], weight.shape[1])
-    with torch.no_grad():
-        prompt.weight.copy_(weight)
-    model = PromptedT5(loaded.model.model, prompt.to(loaded.device), fast_path=loaded.model.fast_path).eval()
-    model.frozen_dtype = loaded.model.frozen_dtype  # the same (possibly bf16) weights
-    return model
 
 
 def _data(args: Any, stats: Counter | None = None) -> list[QAExample]:
@@ -131,20 +43,21 @@ def run_eval(args: Any) -> dict[str, Any]:
     examples = _data(args, skipped)  # data first: a bad file is reported before minutes of model loading
     if args.ensemble == "majority" and len(args.prompt) < 2:
         raise UserError("--ensemble majority needs at least two --prompt directories")
-    loaded = load_model_and_prompts(
+    bank = load_model_and_prompts(
         args.model_name_or_path,
         args.prompt,
         random_init=args.random_init,
         seed=args.seed,
         bf16=args.precision == "bf16",
         allow_other=args.allow_other_base_model,
+        fast_path=args.fast_path,
     )
-    first = next(iter(loaded.prompts.values()), None)
-    max_source = args.max_source_length or (first[1].max_source_length if first else 512)
-    punctuation = args.punctuation or (first[1].punctuation if first else "none")
+    first = bank.entry(0).config if len(bank) else None
+    max_source = args.max_source_length or (first.max_source_length if first else 512)
+    punctuation = args.punctuation or (first.punctuation if first else "none")
     features = tokenize_examples(
         examples,
-        loaded.tokenizer,
+        bank.tokenizer,
         max_source_length=max_source,
         max_target_length=32,
         punctuation=punctuation,
@@ -152,7 +65,7 @@ def run_eval(args: Any) -> dict[str, Any]:
     gen = dict(
         batch_size=args.eval_batch_size,
         max_new_tokens=args.max_target_length,
-        env=DistEnv(device=loaded.device),
+        env=DistEnv(device=bank.device),
         bf16=args.precision == "bf16",
         show_progress=True,
     )
@@ -161,27 +74,16 @@ def run_eval(args: Any) -> dict[str, Any]:
         report["skipped_examples"] = dict(skipped)
     predictions: dict[str, Any]
     if args.ensemble == "majority":
-        from softprompt.bank import ensemble_eval
-
-        report.update(ensemble_eval(loaded, examples, features, punctuation=punctuation, **gen))
+        report.update(ensemble_eval(bank, examples, features, punctuation=punctuation, **gen))
         predictions = {"prompts": report.pop("prompt_predictions"), "ensemble": report.pop("predictions")}
-    elif not loaded.prompts:
-        result = evaluate_examples(
-            loaded.model, loaded.tokenizer, examples, features, punctuation=punctuation, **gen
-        )
+    elif len(bank) == 0:
+        result = bank.evaluate(examples, features, punctuation=punctuation, **gen)
         report.update(result.scores())
         predictions = result.predictions
     else:
         per_prompt, per_prompt_predictions = {}, {}
-        for name in loaded.prompts:
-            result = evaluate_examples(
-                _with_prompt(loaded, name),
-                loaded.tokenizer,
-                examples,
-                features,
-                punctuation=punctuation,
-                **gen,
-            )
+        for name in bank.names:
+            result = bank.evaluate(examples, features, name, punctuation=punctuation, **gen)
             per_prompt[name] = result.scores()
             per_prompt_predictions[name] = result.predictions
         if len(per_prompt) == 1:
@@ -208,17 +110,18 @@ def run_predict(args: Any) -> list[str]:
         raise UserError(
             "give --question and --context, or --input_file with JSONL lines of {question, context}"
         )
-    loaded = load_model_and_prompts(
+    bank = load_model_and_prompts(
         args.model_name_or_path,
         [args.prompt] if args.prompt else [],
         random_init=args.random_init,
         seed=args.seed,
         bf16=args.precision == "bf16",
         allow_other=args.allow_other_base_model,
+        fast_path=args.fast_path,
     )
     answers = predict_answers(
-        loaded,
-        next(iter(loaded.prompts), None),
+        bank,
+        bank.names[0] if len(bank) else None,
         rows,
         batch_size=args.eval_batch_size,
         max_new_tokens=args.max_target_length,
@@ -241,7 +144,7 @@ def run_predict(args: Any) -> list[str]:
 
 
 def predict_answers(
-    loaded: Loaded,
+    bank: PromptBank,
     prompt_name: str | None,
     rows: Sequence[dict[str, str]],
     *,
@@ -251,38 +154,30 @@ def predict_answers(
     max_source_length: int | None = None,
     punctuation: str | None = None,
 ) -> list[str]:
-    """Answer `{question, context}` rows with the named prompt (or none).
+    """Answer `{question, context}` rows with the named prompt of the bank (or the bare model).
 
     `max_source_length` and `punctuation` default to the prompt's own settings, else 512 and raw text.
     """
-    config = loaded.prompts[prompt_name][1] if prompt_name else None
+    config = bank.entry(prompt_name).config if prompt_name else None
     if max_source_length is None:
         max_source_length = config.max_source_length if config else 512
     if punctuation is None:
         punctuation = config.punctuation if config else "none"
-    examples = [
-        QAExample(id=str(i), question=r["question"], context=r["context"], answers=("",))
-        for i, r in enumerate(rows)
-    ]
-    features = tokenize_examples(
-        examples,
-        loaded.tokenizer,
+    features = tokenize_questions(
+        bank.tokenizer,
+        [(r["question"], r["context"]) for r in rows],
         max_source_length=max_source_length,
-        max_target_length=2,
         punctuation=punctuation,
     )
-    answers = generate_answers(
-        _with_prompt(loaded, prompt_name),
-        loaded.tokenizer,
+    answers = bank.generate_answers(
         features,
+        prompt_name,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        env=DistEnv(device=loaded.device),
+        env=DistEnv(device=bank.device),
         bf16=bf16,
     )
-    # A prompt trained on T5's padded text answers "U . S ."; give back the context's own "U.S.".
-    spans = [raw_answer(a, r["context"], punctuation) for a, r in zip(answers, rows, strict=True)]
-    return [a if s is None else s for a, s in zip(answers, spans, strict=True)]
+    return context_spans(answers, [r["context"] for r in rows], punctuation)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, str]]:

@@ -65,31 +65,6 @@ def nearest_token_ids(
     return best_scores, best_ids
 
 
-def nearest_tokens(
-    prompt: torch.Tensor, embedding: torch.Tensor, tokenizer: Any, k: int = 5
-) -> list[list[tuple[str, float]]]:
-    """The k vocabulary tokens nearest to each prompt vector, by cosine similarity.
-
-    T5's embedding table has more rows (32128) than its tokenizer has pieces (32100); the extra rows
-    are padding that no text can produce, so only the first `len(tokenizer)` rows are searched.
-
-    Args:
-        prompt: [P, H] the prompt vectors.
-        embedding: [V, H] the model's input embedding table.
-        tokenizer: the model's tokenizer (ids -> SentencePiece pieces such as '▁question').
-        k: tokens per position.
-
-    Returns:
-        For each of the P positions, k (token, cosine) pairs, most similar first.
-    """
-    vocab = min(embedding.shape[0], len(tokenizer))
-    scores, ids = nearest_token_ids(prompt, embedding[:vocab], k)
-    return [
-        list(zip(tokenizer.convert_ids_to_tokens(row_ids), row_scores, strict=True))
-        for row_ids, row_scores in zip(ids.tolist(), scores.tolist(), strict=True)
-    ]
-
-
 def _embedding_from_safetensors(directory: Path) -> torch.Tensor | None:
     from safetensors import safe_open
 
@@ -126,7 +101,23 @@ def load_input_embedding(
 def inspect_report(
     weight: torch.Tensor, config: PromptConfig, embedding: torch.Tensor, tokenizer: Any, k: int = 5
 ) -> dict[str, Any]:
-    """The JSON-ready inspection of one prompt: per position, its L2 norm and nearest tokens."""
+    """The JSON-ready inspection of one prompt: per position, its L2 norm and the k vocabulary tokens
+    nearest to it by cosine similarity.
+
+    T5's embedding table has more rows (32128) than its tokenizer has pieces (32100); the extra rows
+    are padding that no text can produce, so only the first `len(tokenizer)` rows are searched.
+
+    Args:
+        weight: [P, H] the prompt vectors.
+        config: the prompt's config (its base model and init are reported).
+        embedding: [V, H] the model's input embedding table.
+        tokenizer: the model's tokenizer (ids -> SentencePiece pieces such as '▁question').
+        k: tokens per position.
+
+    Returns:
+        `positions`: per position {position, norm, nearest: [{token, id, cosine}, most similar first]},
+        with the prompt's shape, base model, init, `top_k` and the mean token-embedding norm.
+    """
     vocab = min(embedding.shape[0], len(tokenizer))
     scores, ids = nearest_token_ids(weight, embedding[:vocab], k)
     norms = weight.float().norm(dim=-1).tolist()
@@ -183,7 +174,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt inspect`: print the table (and write JSON), return the exit code."""
-    from softprompt.cli import InspectArgs, parse
+    from softprompt.flags import InspectArgs, parse
 
     return inspect_prompt(parse(InspectArgs, argv, "softprompt inspect"))
 

@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit status: 0 on success, the DataError exit code on bad input.
     """
-    from softprompt.cli import ScoreArgs, parse
+    from softprompt.flags import ScoreArgs, parse
 
     args = parse(ScoreArgs, list(sys.argv[1:] if argv is None else argv), "python -m softprompt.metrics")
     try:

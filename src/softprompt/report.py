@@ -30,7 +30,7 @@ from softprompt.errors import UserError
 __all__ = [
     "FIGURES",
     "IGNORED_CONFIG_KEYS",
-    "Run",
+    "RunSummary",
     "load_run",
     "make_report",
     "model_size",
@@ -90,7 +90,7 @@ _SIZE_RE = re.compile(r"(?:^|[-_/])(small|base|large|xl|xxl)(?=$|[-_/.])", re.IG
 
 
 @dataclass
-class Run:
+class RunSummary:
     """One finished training run, as read from its directory.
 
     Attributes:
@@ -301,7 +301,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def load_run(run_dir: Path, label: str | None = None) -> Run:
+def load_run(run_dir: Path, label: str | None = None) -> RunSummary:
     """Read one run directory.
 
     ``results.json`` is required; ``config.yaml`` and ``metrics.jsonl`` are used when present.
@@ -330,7 +330,7 @@ def load_run(run_dir: Path, label: str | None = None) -> Run:
             )
     config = _read_config(run_dir / CONFIG_FILE)
     train, evals, skipped = _read_metrics(run_dir / METRICS_FILE)
-    return Run(
+    return RunSummary(
         path=run_dir,
         label=label or run_dir.resolve().name,
         config=config,
@@ -375,7 +375,7 @@ def _ignored(key: str) -> bool:
     return key in IGNORED_CONFIG_KEYS or (key != "model_name_or_path" and key.endswith(_PATH_SUFFIXES))
 
 
-def _pairing_key(run: Run, varied: str) -> tuple[tuple[str, str], ...]:
+def _pairing_key(run: RunSummary, varied: str) -> tuple[tuple[str, str], ...]:
     cfg = run.effective_config()
     # With a global batch size recorded, batch_size is per device: a 1-GPU and a 4-GPU run of
     # the same global batch are the same experiment.
@@ -389,9 +389,11 @@ def _pairing_key(run: Run, varied: str) -> tuple[tuple[str, str], ...]:
     )
 
 
-def _groups_varying(runs: Sequence[Run], varied: str, value: Callable[[Run], Any]) -> list[list[Run]]:
+def _groups_varying(
+    runs: Sequence[RunSummary], varied: str, value: Callable[[RunSummary], Any]
+) -> list[list[RunSummary]]:
     """Groups of runs whose configs agree on everything but ``varied`` and that span 2+ values of it."""
-    groups: dict[tuple[tuple[str, str], ...], list[Run]] = {}
+    groups: dict[tuple[tuple[str, str], ...], list[RunSummary]] = {}
     for run in runs:
         groups.setdefault(_pairing_key(run, varied), []).append(run)
     return [
@@ -434,7 +436,7 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines
 
 
-def _describe(run: Run, leave_out: str) -> str:
+def _describe(run: RunSummary, leave_out: str) -> str:
     parts = [f"model `{run.model}`", "prompt tuning" if run.mode == "prompt" else "full fine-tuning"]
     if leave_out != "optimizer":
         parts.append(f"optimizer {run.optimizer}")
@@ -448,9 +450,9 @@ def _describe(run: Run, leave_out: str) -> str:
 def _comparison_section(
     title: str,
     column: str,
-    groups: list[list[Run]],
+    groups: list[list[RunSummary]],
     varied: str,
-    show: Callable[[Run], str],
+    show: Callable[[RunSummary], str],
 ) -> list[str]:
     if not groups:
         return []
@@ -473,8 +475,8 @@ def _size_order(size: str) -> tuple[int, str]:
     return (_SIZES.index(size), size) if size in _SIZES else (len(_SIZES), size)
 
 
-def _prompt_vs_finetune_section(runs: Sequence[Run]) -> list[str]:
-    by_size: dict[str, dict[str, list[Run]]] = {}
+def _prompt_vs_finetune_section(runs: Sequence[RunSummary]) -> list[str]:
+    by_size: dict[str, dict[str, list[RunSummary]]] = {}
     for run in runs:
         size = model_size(str(run._get("model_name_or_path", run.model)))
         by_size.setdefault(size, {}).setdefault(run.mode, []).append(run)
@@ -530,7 +532,7 @@ def _ema(values: Sequence[float], weight: float) -> list[float]:
     return out
 
 
-def _render_figure(stem: str, runs: Sequence[Run]) -> dict[str, bytes]:
+def _render_figure(stem: str, runs: Sequence[RunSummary]) -> dict[str, bytes]:
     from matplotlib import rc_context
 
     fig = draw_figure(stem, runs)
@@ -544,7 +546,7 @@ def _render_figure(stem: str, runs: Sequence[Run]) -> dict[str, bytes]:
     return out
 
 
-def draw_figure(stem: str, runs: Sequence[Run]) -> Any:
+def draw_figure(stem: str, runs: Sequence[RunSummary]) -> Any:
     """The matplotlib Figure of one learning curve (`loss`, `dev_f1` or `dev_em`) over the runs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -606,7 +608,7 @@ def draw_figure(stem: str, runs: Sequence[Run]) -> Any:
 # --------------------------------------------------------------------------- the report
 
 
-def _runs_table(runs: Sequence[Run]) -> list[str]:
+def _runs_table(runs: Sequence[RunSummary]) -> list[str]:
     header = [
         "Run",
         "Model",
@@ -648,7 +650,7 @@ def _runs_table(runs: Sequence[Run]) -> list[str]:
     return _table(header, rows)
 
 
-def _render_markdown(runs: Sequence[Run]) -> str:
+def _render_markdown(runs: Sequence[RunSummary]) -> str:
     lines = ["# softprompt report", ""]
     lines.append(
         f"{len(runs)} run(s), best dev scores (SQuAD EM/F1, 0–100). softprompt {softprompt.__version__}."

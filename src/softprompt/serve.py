@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Discriminator, Field, Tag
 
-from softprompt.bank import PromptBank
+from softprompt.bank import PromptBank, load_model_and_prompts
 from softprompt.errors import UserError
 
 Row = tuple[str, str, str]  # (task, question, context)
@@ -513,7 +513,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt serve`: parse the flags, load the model and prompts, then serve until interrupted."""
-    from softprompt.cli import ServeArgs, parse, serve_checks
+    from softprompt.flags import ServeArgs, parse, serve_checks
 
     return serve(parse(ServeArgs, argv, "softprompt serve", checks=serve_checks))
 
@@ -522,12 +522,10 @@ def serve(args: Any) -> int:
     """Load the model and prompts named by parsed `ServeArgs`, then serve until interrupted."""
     import uvicorn
 
-    from softprompt.inference import load_model_and_prompts
-
     specs = parse_prompt_specs(args.prompt)
     if not specs:
         raise UserError("give at least one --prompt NAME=DIR to serve")
-    loaded = load_model_and_prompts(
+    bank = load_model_and_prompts(
         args.model,
         [d for _, d in specs],
         random_init=args.random_init,
@@ -535,10 +533,8 @@ def serve(args: Any) -> int:
         names=[n for n, _ in specs],
         bf16=args.precision == "bf16",
         allow_other=args.allow_other_base_model,
+        fast_path=args.fast_path,
     )
-    # load_model_and_prompts already refused prompts of another model; the bank checks its own adds.
-    check_base = not (args.random_init or args.allow_other_base_model)
-    bank = PromptBank.from_loaded(loaded, base_model=args.model if check_base else None)
     app = create_app(
         bank,
         max_batch_size=args.max_batch_size,

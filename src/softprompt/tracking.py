@@ -270,6 +270,100 @@ def _format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=max(0, round(seconds))))
 
 
+def status_line(
+    *,
+    desc: str,
+    unit: str,
+    n: int,
+    total: int | None,
+    postfix: Mapping[str, Any],
+    done: int,
+    elapsed: float,
+) -> str:
+    """The plain-text progress line, e.g. ``train: step 120/3000 (4%) loss 1.234 2.00 step/s eta 0:24:00 elapsed 0:01:00``.
+
+    Args:
+        desc: the label in front ("" for none).
+        unit: the name of one unit.
+        n: units counted so far.
+        total: units expected, or None for an open-ended count.
+        postfix: the values shown after the counter (long names shortened, floats to 4 digits).
+        done: units done by this process (the rate counts only these, so a resumed run doesn't
+            claim the steps its predecessor did as instant).
+        elapsed: seconds since this process started counting.
+    """
+    parts = [f"{desc}:"] if desc else []
+    if total:
+        parts.append(f"{unit} {n}/{total} ({100.0 * n / total:.0f}%)")
+    else:
+        parts.append(f"{unit} {n}")
+    for key, value in postfix.items():
+        parts.append(f"{_POSTFIX_NAMES.get(key, key)} {_format_value(value)}")
+    if done > 0 and elapsed > 0:
+        rate = done / elapsed
+        # Slow steps (big models on one GPU) read better as seconds per step.
+        parts.append(f"{rate:.2f} {unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{unit}")
+        if total:
+            parts.append(f"eta {_format_duration(max(0, total - n) / rate)}")
+    parts.append(f"elapsed {_format_duration(elapsed)}")
+    return " ".join(parts)
+
+
+class LineSchedule:
+    """When a redirected display prints its next plain line: every `interval_s` seconds, and each time
+    another `every_percent` of the total is done.
+
+    Args:
+        total: units expected (None: no percent marks).
+        interval_s: longest gap between lines.
+        every_percent: percent step of the marks (<= 0: no marks).
+        n: the count at the start.
+        now: the clock at the start.
+    """
+
+    def __init__(
+        self, total: int | None, interval_s: float, every_percent: float, n: int, now: float
+    ) -> None:
+        self.total = total
+        self.interval_s = interval_s
+        self.every_percent = every_percent
+        self.last_time = now
+        self.last_n = n
+        self.last_mark = self.mark(n)
+
+    def mark(self, n: int) -> int:
+        """Index of the last ``every_percent`` boundary reached at count ``n``."""
+        if not self.total or self.every_percent <= 0:
+            return 0
+        return int(100.0 * n / self.total // self.every_percent)
+
+    def due(self, n: int, now: float) -> bool:
+        """Whether a line is due at count `n`; passing a mark counts it as reported."""
+        mark = self.mark(n)
+        if now - self.last_time >= self.interval_s or mark > self.last_mark:
+            self.last_mark = mark
+            return True
+        return False
+
+    def printed(self, n: int, now: float) -> None:
+        """Record that a line for count `n` was printed at `now`."""
+        self.last_time = now
+        self.last_n = n
+
+
+def _tqdm_bar(total: int | None, desc: str, unit: str, initial: int, file: IO[str]) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc or None, unit=unit, initial=initial, file=file, dynamic_ncols=True)
+
+
+def _length(iterable: Iterable[Any] | None) -> int | None:
+    try:
+        return len(iterable) if iterable is not None else None  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 class Progress:
     """A progress display that is a tqdm bar on a terminal and plain log lines elsewhere.
 
@@ -305,48 +399,22 @@ class Progress:
         log_every_percent: float = 10.0,
         file: IO[str] | None = None,
     ) -> None:
-        if total is None and iterable is not None:
-            try:
-                total = len(iterable)  # type: ignore[arg-type]
-            except TypeError:
-                total = None
         self.iterable = iterable
-        self.total = total
+        self.total = total if total is not None else _length(iterable)
         self.desc = desc
         self.enabled = enabled
         self.unit = unit
         self.n = initial
         self.postfix: dict[str, Any] = {}
-        self.log_interval_s = log_interval_s
-        self.log_every_percent = log_every_percent
         self._file = file if file is not None else sys.stderr
         self._initial = initial
         self._start = time.monotonic()
-        self._last_line_time = self._start
-        self._last_line_n = initial
-        self._last_mark = self._mark(initial)
-        self._bar: Any = None
+        self._schedule = LineSchedule(self.total, log_interval_s, log_every_percent, initial, self._start)
         self._closed = False
-        self.mode = "off"
-        if enabled:
-            self.mode = "bar" if is_tty(self._file) else "lines"
-        if self.mode == "bar":
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=total,
-                desc=desc or None,
-                unit=unit,
-                initial=initial,
-                file=self._file,
-                dynamic_ncols=True,
-            )
-
-    def _mark(self, n: int) -> int:
-        """Index of the last ``log_every_percent`` boundary reached at count ``n``."""
-        if not self.total or self.log_every_percent <= 0:
-            return 0
-        return int(100.0 * n / self.total // self.log_every_percent)
+        self.mode = ("bar" if is_tty(self._file) else "lines") if enabled else "off"
+        self._bar: Any = (
+            _tqdm_bar(self.total, desc, unit, initial, self._file) if self.mode == "bar" else None
+        )
 
     def set_postfix(self, **postfix: Any) -> None:
         """Update the values shown after the counter; they persist until replaced."""
@@ -366,38 +434,25 @@ class Progress:
             self._bar.update(n)
         elif self.mode == "lines":
             now = time.monotonic()
-            mark = self._mark(self.n)
-            if now - self._last_line_time >= self.log_interval_s or mark > self._last_mark:
+            if self._schedule.due(self.n, now):
                 self._emit_line(now)
-                self._last_mark = mark
 
     def line(self, now: float | None = None) -> str:
         """The plain-text status line for the current state."""
         now = time.monotonic() if now is None else now
-        parts = [f"{self.desc}:"] if self.desc else []
-        if self.total:
-            parts.append(f"{self.unit} {self.n}/{self.total} ({100.0 * self.n / self.total:.0f}%)")
-        else:
-            parts.append(f"{self.unit} {self.n}")
-        for key, value in self.postfix.items():
-            parts.append(f"{_POSTFIX_NAMES.get(key, key)} {_format_value(value)}")
-        elapsed = now - self._start
-        done = self.n - self._initial
-        # The rate counts only this process's work, so a resumed run doesn't claim the
-        # steps its predecessor did as instant.
-        if done > 0 and elapsed > 0:
-            rate = done / elapsed
-            # Slow steps (big models on one GPU) read better as seconds per step.
-            parts.append(f"{rate:.2f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.2f} s/{self.unit}")
-            if self.total:
-                parts.append(f"eta {_format_duration(max(0, self.total - self.n) / rate)}")
-        parts.append(f"elapsed {_format_duration(elapsed)}")
-        return " ".join(parts)
+        return status_line(
+            desc=self.desc,
+            unit=self.unit,
+            n=self.n,
+            total=self.total,
+            postfix=self.postfix,
+            done=self.n - self._initial,
+            elapsed=now - self._start,
+        )
 
     def _emit_line(self, now: float) -> None:
         print(self.line(now), file=self._file, flush=True)
-        self._last_line_time = now
-        self._last_line_n = self.n
+        self._schedule.printed(self.n, now)
 
     def write(self, msg: str) -> None:
         """Print a message without breaking the bar; silent when disabled."""
@@ -413,7 +468,7 @@ class Progress:
         self._closed = True
         if self.mode == "bar":
             self._bar.close()
-        elif self.mode == "lines" and self.n != self._last_line_n:
+        elif self.mode == "lines" and self.n != self._schedule.last_n:
             self._emit_line(time.monotonic())
 
     def __iter__(self) -> Iterator[Any]:
