@@ -21,6 +21,7 @@ from softprompt.cli import (
     ReportArgs,
     ScoreArgs,
     ServeArgs,
+    VerifyArgs,
     main,
     parse,
 )
@@ -37,6 +38,7 @@ ARGS = {
     "demo": DemoArgs,
     "format": FormatArgs,
     "convert": ConvertArgs,
+    "verify": VerifyArgs,
 }
 # What a subcommand needs before any other flag parses.
 REQUIRED = {
@@ -48,6 +50,7 @@ REQUIRED = {
     "report": ["run"],
     "format": ["--output", "x.jsonl", "data.json"],
     "convert": ["model_dir", "out"],
+    "verify": ["run"],
 }
 
 
@@ -158,6 +161,7 @@ MISSPELT = {
     "demo": ("--threds", "--threads"),
     "format": ("--punctuaton", "--punctuation"),
     "convert": ("--overwite", "--overwrite"),
+    "verify": ("--outptu", "--output"),
 }
 
 

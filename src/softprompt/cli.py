@@ -59,6 +59,7 @@ commands:
   serve     an HTTP server answering for many prompts on one frozen model
   inspect   nearest vocabulary tokens of each prompt vector
   report    learning curves and tables comparing run directories
+  verify    check every checkpoint of a run directory against its manifest: softprompt verify RUN_DIR
   demo      an offline end-to-end demo: fine-tune a micro T5, then prompt-tune it for a new task
   convert   write a model (Hub id or directory) as a safetensors Hugging Face directory: convert MODEL OUT_DIR
 
@@ -166,7 +167,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     # First pass: where the run lives. A resume's settings come from its saved config, so the
     # combinations are checked once those are in (second pass).
     cfg = parse(TrainConfig, argv, "softprompt train", checks=lambda c: [] if c.resume else _train_checks(c))
-    saved_file = Path(cfg.output_dir) / "config.yaml"
+    from softprompt.rundir import CONFIG_FILE
+
+    saved_file = Path(cfg.output_dir) / CONFIG_FILE
     if cfg.resume:
         saved = None
         if saved_file.is_file():
@@ -497,6 +500,39 @@ def cmd_report(argv: Sequence[str]) -> int:
 
 
 @dataclass
+class VerifyArgs:
+    """Check every checkpoint of a run directory against its manifest (each file's size and sha256)."""
+
+    run_dir: tyro.conf.Positional[str]
+    """A run directory written by `softprompt train`."""
+    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--json",))] = None
+    """Also write the verdicts as JSON to this file. Alias: --json."""
+
+
+def cmd_verify(argv: Sequence[str]) -> int:
+    """Print one line per checkpoint (ok, unverified or damaged); exit 1 when any is damaged."""
+    args = parse(VerifyArgs, argv, "softprompt verify")
+    from softprompt import rundir
+
+    out = Path(args.run_dir)
+    rows = rundir.verify_run(out)
+    print(rundir.verify_table(out, rows))
+    if args.output:
+        from softprompt.checkpoint import atomic_write_json
+
+        atomic_write_json(args.output, {name: {"status": v.status, "detail": v.detail} for name, v in rows})
+    damaged = [name for name, v in rows if not v.usable]
+    if damaged:
+        print(
+            f"softprompt verify: damaged: {', '.join(damaged)}; `softprompt train --output_dir {out} --resume` "
+            "continues from the newest checkpoint that verifies",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+@dataclass
 class DemoArgs:
     """An offline end-to-end demo: fine-tune a micro T5 on task A, then freeze it and prompt-tune it for
     task B; prints zero-shot, prompt-tuned and fine-tuned scores."""
@@ -528,6 +564,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "serve": cmd_serve,
     "inspect": cmd_inspect,
     "report": cmd_report,
+    "verify": cmd_verify,
     "demo": cmd_demo,
     "convert": cmd_convert,
 }

@@ -22,11 +22,10 @@ from softprompt.checkpoint import atomic_write_text
 from softprompt.choices import ReportTo
 from softprompt.choices import values as choice_values
 from softprompt.errors import ConfigError
+from softprompt.rundir import METRICS_FILE, TENSORBOARD_DIR
 
 __all__ = ["METRICS_FILE", "REPORT_TO_CHOICES", "MetricsLogger", "Progress", "is_tty", "progress"]
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 REPORT_TO_CHOICES = choice_values(ReportTo)
 
 # Keys that describe the record rather than measure the model; they are not plotted as scalars.
