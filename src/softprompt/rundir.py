@@ -335,6 +335,9 @@ def verify_checkpoint(directory: Path) -> Verdict:
         recorded = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in files.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return Verdict("damaged", f"{MANIFEST} is unreadable ({type(e).__name__})")
+    extra = [n for n in _files(directory) if n not in recorded and not Path(n).name.startswith(".")]
+    if extra:
+        return Verdict("damaged", f"{extra[0]} is not in the manifest")
     for name, (size, sha) in recorded.items():
         path = directory / name
         if not path.is_file():
@@ -344,9 +347,6 @@ def verify_checkpoint(directory: Path) -> Verdict:
             return Verdict("damaged", f"{name} has {actual:,} bytes, the manifest says {size:,}")
         if _sha256(path) != sha:
             return Verdict("damaged", f"{name} does not match its sha256")
-    extra = [n for n in _files(directory) if n not in recorded and not Path(n).name.startswith(".")]
-    if extra:
-        return Verdict("damaged", f"{extra[0]} is not in the manifest")
     return Verdict("ok", f"{len(recorded)} files")
 
 
@@ -368,8 +368,8 @@ def resume_point(out: Path) -> tuple[Path | None, list[str]]:
         skipped.append(f"{directory.name} ({verdict.detail})")
     if skipped:
         raise CheckpointError(
-            f"--resume: no checkpoint in {out} verifies: {'; '.join(skipped)}; restore a copy, or start again "
-            "with --overwrite_output_dir"
+            f"--resume: no checkpoint in {out} verifies, and softprompt is refusing to load a damaged one: "
+            f"{'; '.join(skipped)}; restore a copy, or start again with --overwrite_output_dir"
         )
     return None, []
 
