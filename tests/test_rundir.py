@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import cpu_env
+from conftest import TOKENIZER_DIR, cpu_env, need, tiny_config
 from softprompt import rundir
 from softprompt.cli import main
 
@@ -86,10 +86,20 @@ def _assert_same_end(run: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, squad_small, tmp_path_factory) -> Path:
+def tiny(tmp_path_factory) -> Path:
+    """conftest's tiny model directory, once for the module."""
+    d = tmp_path_factory.mktemp("tiny-t5")
+    tiny_config().save_pretrained(d)
+    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(need(TOKENIZER_DIR) / name, d / name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, squad_small, tmp_path_factory) -> Path:
     """An uninterrupted 6-step run: checkpoints 4 and 6 survive (save_total_limit 2)."""
     out = tmp_path_factory.mktemp("rundir") / "reference"
-    assert main(_args(tiny_model_dir, squad_small[0], out)) == 0
+    assert main(_args(tiny, squad_small[0], out)) == 0
     assert [p.name for p in rundir.checkpoints(out)] == [rundir.checkpoint_name(4), rundir.checkpoint_name(6)]
     return out
 
@@ -292,7 +302,7 @@ def _fill(directory: Path) -> Path:
 
 
 def test_a_disk_that_fills_mid_checkpoint_ends_in_one_line_and_resume_is_bit_identical(
-    tiny_model_dir, squad_small, reference, tmp_path, capsys, monkeypatch
+    tiny, squad_small, reference, tmp_path, capsys, monkeypatch
 ):
     from safetensors import SafetensorError
 
@@ -321,7 +331,7 @@ def test_a_disk_that_fills_mid_checkpoint_ends_in_one_line_and_resume_is_bit_ide
 
         monkeypatch.setattr(train_module, "save_checkpoint", fill_then_save)
         capsys.readouterr()
-        assert _exit(_args(tiny_model_dir, squad_small[0], out)) == 74
+        assert _exit(_args(tiny, squad_small[0], out)) == 74
         line = _error_line(capsys.readouterr().err)
         assert (
             f"cannot write {out / rundir.checkpoint_name(4)}" not in line

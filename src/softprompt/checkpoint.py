@@ -381,9 +381,15 @@ def torch_load_safe(path: Path, *, mmap: bool = False) -> Any:
     except Exception as e:  # weights_only refusals arrive as UnpicklingError/RuntimeError
         # torch's message runs over many lines and suggests weights_only=False; quote only the refusal.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
-        reason = reason.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+        refusal = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+        reason = (refusal or lines[0]).removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
         reason = textwrap.shorten(reason, 160, placeholder=" ...")  # whole words only
+        if refusal is None and isinstance(
+            e, RuntimeError | EOFError | OSError
+        ):  # a truncated or garbled file
+            raise CheckpointError(
+                f"{path} is damaged: it is not a readable PyTorch state file ({reason})"
+            ) from None
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor state file ({reason}); softprompt never "
             "unpickles code, so re-save it with tensors and plain containers only"
