@@ -353,3 +353,45 @@ def test_a_disk_that_fills_mid_checkpoint_ends_in_one_line_and_resume_is_bit_ide
     finally:
         if real_disk:
             subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_disk_full_while_writing_predictions_names_the_file_and_resume_is_bit_identical(
+    tiny, squad_small, tmp_path, capsys, monkeypatch
+):
+    import softprompt.train as train_module
+
+    mount = tmp_path / "disk"
+    if not _mount_tmpfs(mount, "16m"):
+        pytest.skip("mounting a tmpfs needs root; the checkpoint test injects the error instead")
+    try:
+        evaluated = ["--validation_file", str(squad_small[1]), "--max_eval_samples", "4", "--eval_steps", "4"]
+        reference = tmp_path / "reference"
+        assert main(_args(tiny, squad_small[0], reference, *evaluated)) == 0
+        out = mount / "run"
+        save = train_module.save_checkpoint
+        filler: list[Path] = []
+
+        def save_then_fill(run):
+            saved = save(run)
+            if run.state.step == 4:  # step 4's checkpoint is complete; its evaluation comes next
+                filler.append(_fill(mount))
+            return saved
+
+        monkeypatch.setattr(train_module, "save_checkpoint", save_then_fill)
+        capsys.readouterr()
+        assert _exit(_args(tiny, squad_small[0], out, *evaluated)) == 74
+        line = _error_line(capsys.readouterr().err)
+        assert f"cannot write {out / rundir.predictions_file(4)}: No space left on device [ENOSPC]" in line
+        assert f"the last complete checkpoint is {out / rundir.checkpoint_name(4)}" in line
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [rundir.LOCK_FILE]
+        monkeypatch.undo()
+        filler[0].unlink()
+        assert main(["train", "--output_dir", str(out), "--resume"]) == 0
+        assert _steps_since_last_start(out) == [5, 6]
+        _assert_same_end(out, reference)
+        assert (
+            json.loads((out / rundir.RESULTS_FILE).read_text())["f1"]
+            == json.loads((reference / rundir.RESULTS_FILE).read_text())["f1"]
+        )
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

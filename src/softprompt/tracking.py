@@ -173,10 +173,13 @@ class MetricsLogger:
         assert self._file is not None
         # NaN/Infinity are kept (Python's json reads them back) because a diverged loss is
         # exactly the kind of thing the log must not hide.
-        self._file.write(json.dumps(record) + "\n")
-        # A flush hands the line to the OS, which survives the process being killed; fsync
-        # per line would only add safety against power loss at a real cost per step.
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            # A flush hands the line to the OS, which survives the process being killed; fsync
+            # per line would only add safety against power loss at a real cost per step.
+            self._file.flush()
+        except OSError as e:  # disk full, EIO: name the file (the trainer reports it in one line)
+            raise OSError(e.errno, e.strerror, str(self.metrics_path)) from e
 
         scalars = {
             key: float(value)

@@ -884,7 +884,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise
     finally:
         if run is not None:
-            run.logger.close()
+            # After a failed write the log's buffer cannot be flushed either; the error is already on its way.
+            with contextlib.suppress(OSError):
+                run.logger.close()
             if run.lock is not None:
                 run.lock.release()
         cleanup()
