@@ -395,3 +395,38 @@ def test_a_disk_full_while_writing_predictions_names_the_file_and_resume_is_bit_
         )
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+# ------------------------------------------------------------------------------------------ units
+
+
+@pytest.mark.parametrize(
+    "bad", ['{"step": "7"}', '{"best_f1": null}', '{"step": true}', "[1]", '{"python_rng": 3}', "{"]
+)
+def test_a_trainer_state_of_the_wrong_shape_is_refused_naming_the_file(tmp_path, bad):
+    rundir.write_trainer_state(tmp_path, rundir.TrainerState(step=7, best_t5_f1=0.5))
+    assert rundir.read_trainer_state(tmp_path) == rundir.TrainerState(step=7, best_t5_f1=0.5)
+    (tmp_path / rundir.TRAINER_STATE).write_text(bad)
+    with pytest.raises(rundir.CheckpointError, match=f"{tmp_path / rundir.TRAINER_STATE} is damaged"):
+        rundir.read_trainer_state(tmp_path)
+
+
+def test_amend_replaces_files_as_one_step_and_never_writes_through_the_links(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    tmp = rundir.new_checkpoint_dir(out, 2)
+    (tmp / "weights.bin").write_bytes(b"w" * 100)
+    rundir.write_trainer_state(tmp, rundir.TrainerState(step=2))
+    ckpt = rundir.publish_checkpoint(tmp, out, 2, keep=2)
+    assert rundir.verify_checkpoint(ckpt).status == "ok" and os.readlink(out / rundir.LAST) == ckpt.name
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    with pytest.raises(RuntimeError), rundir.amend(out / rundir.LAST) as copy:
+        rundir.write_trainer_state(copy, rundir.TrainerState(step=2, best_f1=9.0))
+        raise RuntimeError("killed mid-amend")
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # untouched, copy removed
+    assert sorted(p.name for p in out.iterdir()) == [ckpt.name, rundir.LAST]
+    with rundir.amend(out / rundir.LAST) as copy:
+        rundir.write_trainer_state(copy, rundir.TrainerState(step=2, best_f1=9.0))
+    assert rundir.read_trainer_state(out / rundir.LAST).best_f1 == 9.0
+    assert rundir.verify_checkpoint(ckpt).status == "ok"
+    assert (ckpt / "weights.bin").read_bytes() == b"w" * 100

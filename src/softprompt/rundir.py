@@ -267,6 +267,17 @@ def write_trainer_state(directory: Path, state: TrainerState) -> None:
     _write_new(directory / TRAINER_STATE, json.dumps(asdict(state), indent=2) + "\n")
 
 
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether a trainer_state.json value has the type of the field's default (a None default: a number too)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(default, list):
+        return isinstance(value, list)
+    if isinstance(default, int):
+        return isinstance(value, int)
+    return isinstance(value, int | float) or (default is None and value is None)
+
+
 def read_trainer_state(directory: Path) -> TrainerState:
     """Read a checkpoint's `trainer_state.json`; a missing or garbled one is one `CheckpointError`."""
     path = directory / TRAINER_STATE
@@ -274,7 +285,11 @@ def read_trainer_state(directory: Path) -> TrainerState:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
             raise TypeError(f"a JSON {type(raw).__name__}, not an object")
-        return TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
+        state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
+        for name, default in asdict(TrainerState()).items():
+            if not _same_kind(getattr(state, name), default):
+                raise TypeError(f"{name} is {getattr(state, name)!r}")
+        return state
     except FileNotFoundError:
         raise CheckpointError(
             f"{directory} is not a complete checkpoint ({TRAINER_STATE} is missing)"
@@ -325,6 +340,13 @@ class Verdict:
 
 def verify_checkpoint(directory: Path) -> Verdict:
     """Check a checkpoint's files against its manifest: each present, of the recorded size and sha256."""
+    try:
+        return _verify(directory)
+    except OSError as e:  # unreadable, or removed while being read
+        return Verdict("damaged", f"unreadable ({e.strerror or e})")
+
+
+def _verify(directory: Path) -> Verdict:
     manifest = directory / MANIFEST
     if not manifest.is_file():
         if (directory / TRAINER_STATE).is_file() or directory.name == BEST:
@@ -379,6 +401,8 @@ def verify_run(out: Path) -> list[tuple[str, Verdict]]:
     if not Path(out).is_dir():
         raise UserError(f"{out} is not a directory; give a run directory written by softprompt train")
     rows = [(p.name, verify_checkpoint(p)) for p in checkpoints(out)]
+    # A live run prunes old checkpoints: one that vanished while being read is no finding.
+    rows = [(name, verdict) for name, verdict in rows if (out / name).is_dir()]
     if (out / BEST).is_dir():
         rows.append((BEST, verify_checkpoint(out / BEST)))
     if not rows and not is_run_dir(out):
