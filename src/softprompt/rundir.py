@@ -508,6 +508,10 @@ def _link_or_copy(src: str, dst: str) -> None:
 # ------------------------------------------------------------------------------------- I/O failures
 
 
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
+"""Errors that mean the storage failed (not a wrong path): disk full, quota, I/O error, read-only, file too large."""
+
+
 def write_failed(error: OSError, out: Path) -> StorageError:
     """The one-line error for an I/O failure while writing into run directory `out`."""
     what = os.strerror(error.errno) if error.errno else str(error)

@@ -872,12 +872,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         run = setup(cfg, env)
         return train_loop(run)
-    except OSError as e:
-        if run is None:
-            raise
-        # Disk full, quota, EIO, a read-only filesystem: the writer has removed its temporary files.
-        raise rundir.write_failed(e, out) from None
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, OSError) and (run is not None or e.errno in rundir.STORAGE_ERRNOS):
+            # Disk full, quota, EIO, a read-only filesystem: the writer has removed its temporary files.
+            raise rundir.write_failed(e, out) from None
         # A run that failed while setting up trained nothing: it leaves no directory behind.
         if run is None and fresh and env.is_main and out.is_dir() and not rundir.checkpoints(out):
             shutil.rmtree(out, ignore_errors=True)
