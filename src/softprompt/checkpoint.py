@@ -1,7 +1,11 @@
-"""Saving and loading: prompts, fine-tuned models and the trainer's resumable state.
+"""The formats of softprompt's files: prompt checkpoints, tensors, the trainer's resumable tensors.
 
-Every write goes to a temporary sibling, is fsynced, then renamed into place, so a run killed at
-any moment leaves either the old checkpoint or the new one, never half of one. Weights are read
+This module knows what is inside a file and how to write one atomically; `softprompt.rundir` owns the
+run directory around them (file names, the lock, manifests, publishing and choosing checkpoints).
+Every prompt softprompt writes goes through `write_prompt_files` (`save_prompt` wraps it in its own
+directory). Every write goes to a temporary sibling, is fsynced, then renamed into place, so a run
+killed at any moment leaves either the old file or the new one, never half of one; a failed write
+raises `OSError` naming the file (safetensors' own error type is translated). Weights are read
 from safetensors only; the trainer's small state file is read with `torch.load(weights_only=True)`.
 The one other pickle softprompt reads is a published base model's `pytorch_model.bin`, also with
 `weights_only=True` (softprompt.pretrained); every other pickle (`PICKLE_SUFFIXES`) is refused.
