@@ -9,6 +9,7 @@ of the files to `softprompt.checkpoint`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import shutil
@@ -208,24 +209,34 @@ def _check(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, BatchPlan, dict
             "--fsdp shards the model over the ranks of a torchrun job; launch with torchrun "
             "(`torchrun --nproc_per_node N -m softprompt train ...`, N = 1 works too) or drop --fsdp"
         )
-    resumed_changes = _check_resume_settings(cfg)
+    cfg, resumed_changes = _check_resume_settings(cfg)
     ckpt.refuse_non_model(cfg.model_name_or_path)
     return cfg, plan, resumed_changes
 
 
-def _check_resume_settings(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """On --resume, the settings changed against the run's config.yaml; refuse those a resume cannot honour."""
+def _check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+    """On --resume: the config with its unset (None) settings taken from the run's config.yaml, and the
+    settings changed against it; refuse those a resume cannot honour."""
     saved_file = Path(cfg.output_dir) / rundir.CONFIG_FILE
     if not cfg.resume or not saved_file.is_file():
-        return {}
+        return cfg, {}
     saved = read_yaml_mapping(saved_file)
+    # A library caller's TrainConfig(resume=True, ...) leaves what it does not mention at None ("the
+    # default"); on a resume that means the run's own value, as `softprompt train --resume` reads it.
+    unset = {
+        f.name: saved[f.name]
+        for f in dataclasses.fields(cfg)
+        if f.default is None and getattr(cfg, f.name) is None and saved.get(f.name) is not None
+    }
+    if unset:
+        cfg = dataclasses.replace(cfg, **unset)
     allowed, refused = resume_changes(saved, cfg)
     if refused:
         raise ConfigError(
             f"--resume cannot change {', '.join(refused)}: the run in {cfg.output_dir} was trained with the "
             "saved values; drop those flags, or start a new run in another --output_dir"
         )
-    return allowed
+    return cfg, allowed
 
 
 def _claim_output_dir(cfg: TrainConfig, env: DistEnv) -> rundir.RunLock | None:
@@ -748,7 +759,7 @@ def _refresh_best_card(run: Run) -> None:
     best = run.out / rundir.BEST
     if run.env.is_main and (best / "README.md").is_file():
         with rundir.amend(best) as tmp:
-            _write_card(tmp, run)
+            _write_card(tmp, run, location=best)
 
 
 def _write_state_and_card(directory: Path, run: Run, location: Path) -> None:
