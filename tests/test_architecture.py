@@ -22,11 +22,8 @@ BEGIN, END = "<!-- imports:begin -->", "<!-- imports:end -->"
 # Private names one module still uses from another, each with the issue that removes it. Issue 15 item 2
 # (checkpoints and the run directory get one module, branch `ckpt`) moves train.py's checkpoint code
 # into checkpoint.py; the integrator deletes these entries when merging it.
-ALLOWED_PRIVATE: set[tuple[str, str, str]] = {
-    # (user module, owner module, name)
-    ("train", "checkpoint", "_fsync_tree"),  # issue 15 item 2: train.save_checkpoint moves to its owner
-    ("train", "checkpoint", "_write_prompt_files"),  # issue 15 item 2: likewise
-}
+# (user module, owner module, name): private names another module may use. Empty, and it stays so.
+ALLOWED_PRIVATE: set[tuple[str, str, str]] = set()
 
 
 def modules() -> dict[str, ast.Module]:

@@ -22,6 +22,7 @@ from softprompt.flags import (
     ReportArgs,
     ScoreArgs,
     ServeArgs,
+    VerifyArgs,
     parse,
 )
 
@@ -36,6 +37,7 @@ ARGS = {
     "demo": DemoArgs,
     "format": FormatArgs,
     "convert": ConvertArgs,
+    "verify": VerifyArgs,
 }
 # What a subcommand needs before any other flag parses.
 REQUIRED = {
@@ -47,6 +49,7 @@ REQUIRED = {
     "report": ["run"],
     "format": ["--output", "x.jsonl", "data.json"],
     "convert": ["model_dir", "out"],
+    "verify": ["run"],
 }
 
 
@@ -157,6 +160,7 @@ MISSPELT = {
     "demo": ("--threds", "--threads"),
     "format": ("--punctuaton", "--punctuation"),
     "convert": ("--overwite", "--overwrite"),
+    "verify": ("--outptu", "--output"),
 }
 
 

@@ -414,7 +414,7 @@ def test_sigint_checkpoints_once_and_resume_survives_a_kill_between_renames(
 
 
 def test_stale_temporaries_are_removed_and_an_orphaned_old_copy_is_put_back(tmp_path):
-    from softprompt.checkpoint import remove_stale_temporaries
+    from softprompt.rundir import remove_stale_temporaries
 
     for name in (
         "checkpoint-0000002",

@@ -1,7 +1,11 @@
-"""Saving and loading: prompts, fine-tuned models and the trainer's resumable state.
+"""The formats of softprompt's files: prompt checkpoints, tensors, the trainer's resumable tensors.
 
-Every write goes to a temporary sibling, is fsynced, then renamed into place, so a run killed at
-any moment leaves either the old checkpoint or the new one, never half of one. Weights are read
+This module knows what is inside a file and how to write one atomically; `softprompt.rundir` owns the
+run directory around them (file names, the lock, manifests, publishing and choosing checkpoints).
+Every prompt softprompt writes goes through `write_prompt_files` (`save_prompt` wraps it in its own
+directory). Every write goes to a temporary sibling, is fsynced, then renamed into place, so a run
+killed at any moment leaves either the old file or the new one, never half of one; a failed write
+raises `OSError` naming the file (safetensors' own error type is translated). Weights are read
 from safetensors only; the trainer's small state file is read with `torch.load(weights_only=True)`.
 The one other pickle softprompt reads is a published base model's `pytorch_model.bin`, also with
 `weights_only=True` (softprompt.pretrained); every other pickle (`PICKLE_SUFFIXES`) is refused.
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import textwrap
 import uuid
@@ -25,7 +30,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from softprompt import __version__
+from softprompt.distributed import DistEnv, fsdp_full_state_dict, fsdp_train_tensors, load_fsdp_train_tensors
 from softprompt.errors import CheckpointError
+from softprompt.rundir import BEST, fsync_dir, fsync_tree, is_run_dir, replace_dir
 
 PROMPT_WEIGHTS = "prompt.safetensors"
 PROMPT_CONFIG = "prompt_config.json"
@@ -59,32 +66,6 @@ class PromptConfig:
     """Anything else worth keeping (dev scores, step)."""
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_tree(path: Path) -> None:
-    mode = 0o666 & ~_umask()  # temporary files are created private; give them the usual mode
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            os.chmod(p, mode)
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-    fsync_dir(path)
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file so that readers see either the old one or the whole new one: a temporary
     sibling, flushed and fsynced, then renamed into place."""
@@ -99,6 +80,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e  # name the file, not its temporary
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -119,8 +103,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces `target` only once the block completes.
 
-    The old `target`, if any, is swapped out and deleted after the new one is in place, so a crash
-    leaves a complete directory at `target` (old or new) plus, at worst, a stale `.tmp-*` sibling.
+    The old `target`, if any, is swapped out and deleted after the new one is in place
+    (`rundir.replace_dir`), so a crash leaves a complete directory at `target` (old or new) plus, at
+    worst, a stale `.tmp-*` sibling; on failure the temporary directory is removed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,63 +113,36 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> None:
-    """Delete `.tmp-*` / `.old-*` leftovers of writes that a killed run never finished.
-
-    An `.old-NAME-*` whose `NAME` is missing is the only complete copy left by a kill between the two
-    renames of a replacement (`atomic_dir`, a re-saved checkpoint), so it is put back, not deleted.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return
-    for p in sorted(directory.iterdir()):
-        if p.name.startswith(".old-") and p.is_dir():
-            original = directory / p.name.removeprefix(".old-").rpartition("-")[0]
-            if original.name and not original.exists() and not original.is_symlink():
-                os.replace(p, original)
-                fsync_dir(directory)
-                continue
-        # `.NAME.*.tmp` files are atomic_write_text's temporaries.
-        if p.name.startswith((".tmp-", ".old-")) or (p.name.startswith(".") and p.name.endswith(".tmp")):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
-                missing_ok=True
-            )
-
-
 def save_prompt(directory: str | os.PathLike, weight: torch.Tensor, config: PromptConfig) -> Path:
-    """Save a prompt as `prompt.safetensors` (one float32 tensor `prompt`, [P, H]) + `prompt_config.json`.
+    """Save a prompt as its own checkpoint directory, atomically (see `write_prompt_files`).
 
     Returns:
         The checkpoint directory.
     """
     directory = Path(directory)
-    weight = weight.detach().to("cpu", torch.float32).contiguous()
-    if tuple(weight.shape) != (config.n_tokens, config.d_model):
-        raise ValueError(f"prompt shape {tuple(weight.shape)} != ({config.n_tokens}, {config.d_model})")
     with atomic_dir(directory) as tmp:
-        _write_prompt_files(tmp, weight, config)
+        write_prompt_files(tmp, weight, config)
     return directory
 
 
-def _write_prompt_files(directory: Path, weight: torch.Tensor, config: PromptConfig) -> None:
-    save_file(
-        {"prompt": weight.detach().to("cpu", torch.float32).contiguous()}, str(directory / PROMPT_WEIGHTS)
-    )
-    (directory / PROMPT_CONFIG).write_text(json.dumps(asdict(config), indent=2) + "\n", encoding="utf-8")
+def write_prompt_files(directory: Path, weight: torch.Tensor, config: PromptConfig) -> None:
+    """Write a prompt's two files into `directory`, a temporary directory its caller publishes:
+    `prompt.safetensors` (one float32 tensor `prompt`, [P, H]) and `prompt_config.json`.
+
+    Every prompt softprompt writes goes through here.
+    """
+    weight = weight.detach().to("cpu", torch.float32).contiguous()
+    if tuple(weight.shape) != (config.n_tokens, config.d_model):
+        raise ValueError(f"prompt shape {tuple(weight.shape)} != ({config.n_tokens}, {config.d_model})")
+    save_tensors(directory / PROMPT_WEIGHTS, {"prompt": weight})
+    atomic_write_text(directory / PROMPT_CONFIG, json.dumps(asdict(config), indent=2) + "\n")
 
 
 def refuse_pickles(directory: Path, wanted: str) -> None:
@@ -376,10 +334,10 @@ def refuse_non_model(name_or_path: str | os.PathLike, flag: str = "--model") -> 
             f"{path} is a prompt checkpoint, not a model; pass the model it was trained for and the prompt: "
             f"{flag} {base} --prompt {path}"
         )
-    if (path / "config.yaml").is_file() or (path / "best").is_dir() or (path / "last").exists():
+    if is_run_dir(path):
         raise CheckpointError(
-            f"{path} is a training run directory, not a model; pass its best/ checkpoint: {flag} {path / 'best'} "
-            f"for a fine-tuned run, or --prompt {path / 'best'} with its base model as {flag} for a prompt"
+            f"{path} is a training run directory, not a model; pass its best/ checkpoint: {flag} {path / BEST} "
+            f"for a fine-tuned run, or --prompt {path / BEST} with its base model as {flag} for a prompt"
         )
     raise CheckpointError(
         f"{path} holds no config.json, so it is not a T5 model directory; give a Hub id or a directory "
@@ -398,19 +356,19 @@ def warn_other_model(message: str) -> None:
     )
 
 
-def save_hf_model(directory: str | os.PathLike, model: torch.nn.Module, tokenizer: Any | None = None) -> Path:
-    """Save a fine-tuned model as a normal Hugging Face directory with safetensors weights."""
-    directory = Path(directory)
-    with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return directory
-
-
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Save a flat dict of tensors as safetensors (contiguous CPU copies)."""
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    """Save a flat dict of tensors as safetensors (contiguous CPU copies).
+
+    Raises:
+        OSError: the write failed (safetensors reports disk full and I/O errors as its own error type).
+    """
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -435,17 +393,44 @@ def torch_load_safe(path: Path, *, mmap: bool = False) -> Any:
     except Exception as e:  # weights_only refusals arrive as UnpicklingError/RuntimeError
         # torch's message runs over many lines and suggests weights_only=False; quote only the refusal.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
-        reason = reason.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+        refusal = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+        reason = (refusal or lines[0]).removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
         reason = textwrap.shorten(reason, 160, placeholder=" ...")  # whole words only
+        if refusal is None and isinstance(
+            e, RuntimeError | EOFError | OSError
+        ):  # a truncated or garbled file
+            raise CheckpointError(
+                f"{path} is damaged: it is not a readable PyTorch state file ({reason})"
+            ) from None
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor state file ({reason}); softprompt never "
             "unpickles code, so re-save it with tensors and plain containers only"
         ) from None
 
 
+# ------------------------------------------------------------------------------------- resumable state
+# The tensors of a resumable checkpoint. softprompt.rundir owns the checkpoint directory around them
+# (trainer_state.json, the manifest, publication); these functions fill it and read it back.
+
 OPTIMIZER_STATE = "optimizer.pt"
 MODEL_WEIGHTS = "model.safetensors"
+FSDP_OPTIMIZER_GROUPS = "optimizer_groups.json"
+FSDP_SCHEDULER = "scheduler.json"
+
+
+def rng_file(rank: int) -> str:
+    """Each rank's torch RNG state (dropout differs per rank)."""
+    return f"rng_rank{rank}.safetensors"
+
+
+def fsdp_model_file(rank: int) -> str:
+    """A rank's shards of the trainable weights under FSDP."""
+    return f"model_rank{rank}.safetensors"
+
+
+def fsdp_optimizer_file(rank: int) -> str:
+    """A rank's shards of the optimizer state under FSDP."""
+    return f"optimizer_rank{rank}.safetensors"
 
 
 def save_train_state(
@@ -453,24 +438,48 @@ def save_train_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    env: DistEnv,
+    *,
+    fsdp: bool,
     prompt_config: PromptConfig | None,
 ) -> None:
-    """Write the trainable weights and optimizer state of an unsharded model into `directory`.
+    """Write this rank's part of a resumable checkpoint into `directory` (every rank calls it).
 
-    In prompt mode the directory is also a usable prompt checkpoint; in fine-tune mode it is a
-    Hugging Face model directory. The optimizer state holds only tensors and numbers, so it is
-    read back with `weights_only=True`.
+    Every rank writes its RNG state. Unsharded, rank 0 writes the trainable weights (in prompt mode a
+    usable prompt checkpoint, else a Hugging Face model directory) and `optimizer.pt`, which holds
+    only tensors and numbers and is read back with `weights_only=True`. Under FSDP each rank writes
+    its own shards (resuming needs the same number of ranks) and rank 0 the gathered prompt.
     """
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state(env.device)
+    save_tensors(directory / rng_file(env.rank), rng)
     prompt = getattr(model, "prompt", None)
+    if fsdp:
+        shards, optim_flat, groups = fsdp_train_tensors(model, optimizer)
+        save_tensors(directory / fsdp_model_file(env.rank), shards)
+        save_tensors(directory / fsdp_optimizer_file(env.rank), optim_flat)
+        # Every rank takes part in gathering the prompt; rank 0 keeps the checkpoint usable as a prompt.
+        weight = (
+            fsdp_full_state_dict(model, trainable_only=True)["prompt.weight"] if prompt is not None else None
+        )
+        if env.is_main:
+            atomic_write_text(directory / FSDP_OPTIMIZER_GROUPS, json.dumps(groups))
+            atomic_write_text(directory / FSDP_SCHEDULER, json.dumps(scheduler.state_dict()))
+            if weight is not None:
+                assert prompt_config is not None
+                write_prompt_files(directory, weight, prompt_config)
+        return
+    if not env.is_main:
+        return
     if prompt is not None:
         assert prompt_config is not None
-        _write_prompt_files(directory, prompt.weight, prompt_config)
+        write_prompt_files(directory, prompt.weight, prompt_config)
     else:
         model.model.save_pretrained(directory, safe_serialization=True)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-        directory / OPTIMIZER_STATE,
-    )
+    # Through a file object: torch.save to a path reports a full disk as an opaque RuntimeError.
+    with open(directory / OPTIMIZER_STATE, "wb") as f:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, f)
 
 
 def load_train_state(
@@ -478,24 +487,67 @@ def load_train_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    env: DistEnv,
+    *,
+    fsdp: bool,
 ) -> None:
-    """Load what `save_train_state` wrote back into live objects (safetensors + weights-only state)."""
+    """Load what `save_train_state` wrote back into live objects; a damaged file is one `CheckpointError`."""
     prompt = getattr(model, "prompt", None)
-    if prompt is not None:
-        weight, _ = load_prompt(directory, expect_d_model=prompt.d_model)
-        with torch.no_grad():
-            prompt.weight.copy_(weight)
+    if fsdp:
+        groups_file, scheduler_file = directory / FSDP_OPTIMIZER_GROUPS, directory / FSDP_SCHEDULER
+        try:
+            groups = json.loads(groups_file.read_text(encoding="utf-8"))
+            scheduler_state = json.loads(scheduler_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{groups_file} or {scheduler_file} is damaged ({e})") from None
+        shards = load_tensors(directory / fsdp_model_file(env.rank))
+        optim_flat = load_tensors(directory / fsdp_optimizer_file(env.rank))
+        load_fsdp_train_tensors(model, optimizer, shards, optim_flat, groups, where=directory)
+        _load_into(scheduler, scheduler_state, scheduler_file)
     else:
-        refuse_pickles(directory, MODEL_WEIGHTS)
-        state = load_tensors(directory / MODEL_WEIGHTS)
-        missing, unexpected = model.model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
-        if unexpected or set(missing) - tied:
+        if prompt is not None:
+            weight, _ = load_prompt(directory, expect_d_model=prompt.d_model)
+            if weight.shape != prompt.weight.shape:
+                raise CheckpointError(
+                    f"the prompt in {directory} has {weight.shape[0]} vectors, the run trains {prompt.weight.shape[0]}"
+                )
+            with torch.no_grad():
+                prompt.weight.copy_(weight)
+        else:
+            refuse_pickles(directory, MODEL_WEIGHTS)
+            state = load_tensors(directory / MODEL_WEIGHTS)
+            missing, unexpected = model.model.load_state_dict(state, strict=False)
+            tied = {"lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+            if unexpected or set(missing) - tied:
+                raise CheckpointError(
+                    f"{directory / MODEL_WEIGHTS} does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+                    f"unexpected {sorted(unexpected)[:3]})"
+                )
+        refuse_pickles(directory, OPTIMIZER_STATE)
+        saved = torch_load_safe(directory / OPTIMIZER_STATE)
+        if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= set(saved):
             raise CheckpointError(
-                f"{directory / MODEL_WEIGHTS} does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]})"
+                f"{directory / OPTIMIZER_STATE} is damaged (no optimizer and scheduler state)"
             )
-    refuse_pickles(directory, OPTIMIZER_STATE)
-    saved = torch_load_safe(directory / OPTIMIZER_STATE)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+        _load_into(optimizer, saved["optimizer"], directory / OPTIMIZER_STATE)
+        _load_into(scheduler, saved["scheduler"], directory / OPTIMIZER_STATE)
+    path = directory / rng_file(env.rank)
+    rng = load_tensors(path)
+    if "torch_cpu" not in rng:
+        raise CheckpointError(f"{path} is damaged (no torch_cpu state)")
+    try:
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"], env.device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged ({e})") from None
+
+
+def _load_into(obj: Any, state: Any, path: Path) -> None:
+    """`obj.load_state_dict(state)`, with a state that does not fit reported as a damaged `path`."""
+    try:
+        obj.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise CheckpointError(
+            f"{path} is damaged or belongs to another run ({type(e).__name__}: {e})"
+        ) from None

@@ -29,6 +29,7 @@ from softprompt.flags import (
     ReportArgs,
     ScoreArgs,
     ServeArgs,
+    VerifyArgs,
     format_checks,
     parse,
     predict_checks,
@@ -48,6 +49,7 @@ commands:
   serve     an HTTP server answering for many prompts on one frozen model
   inspect   nearest vocabulary tokens of each prompt vector
   report    learning curves and tables comparing run directories
+  verify    check every checkpoint of a run directory against its manifest: softprompt verify RUN_DIR
   demo      an offline end-to-end demo: fine-tune a micro T5, then prompt-tune it for a new task
   convert   write a model (Hub id or directory) as a safetensors Hugging Face directory: convert MODEL OUT_DIR
 
@@ -77,7 +79,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     # First pass: where the run lives. A resume's settings come from its saved config, so the
     # combinations are checked once those are in (second pass).
     cfg = parse(TrainConfig, argv, "softprompt train", checks=lambda c: [] if c.resume else _train_checks(c))
-    saved_file = Path(cfg.output_dir) / "config.yaml"
+    from softprompt.rundir import CONFIG_FILE
+
+    saved_file = Path(cfg.output_dir) / CONFIG_FILE
     if cfg.resume:
         saved = None
         if saved_file.is_file():
@@ -195,6 +199,29 @@ def cmd_report(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_verify(argv: Sequence[str]) -> int:
+    """Print one line per checkpoint (ok, unverified or damaged); exit 1 when any is damaged."""
+    args = parse(VerifyArgs, argv, "softprompt verify")
+    from softprompt import rundir
+
+    out = Path(args.run_dir)
+    rows = rundir.verify_run(out)
+    print(rundir.verify_table(out, rows))
+    if args.output:
+        from softprompt.checkpoint import atomic_write_json
+
+        atomic_write_json(args.output, {name: {"status": v.status, "detail": v.detail} for name, v in rows})
+    damaged = [name for name, v in rows if not v.usable]
+    if damaged:
+        print(
+            f"softprompt verify: damaged: {', '.join(damaged)}; `softprompt train --output_dir {out} --resume` "
+            "continues from the newest checkpoint that verifies",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def cmd_demo(argv: Sequence[str]) -> int:
     args = parse(DemoArgs, argv, "softprompt demo")
     from softprompt.demo import run_parsed
@@ -211,6 +238,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "serve": cmd_serve,
     "inspect": cmd_inspect,
     "report": cmd_report,
+    "verify": cmd_verify,
     "demo": cmd_demo,
     "convert": cmd_convert,
 }

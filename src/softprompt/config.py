@@ -34,6 +34,7 @@ from softprompt.choices import (
     ReportToName,
 )
 from softprompt.errors import ConfigError
+from softprompt.rundir import CONFIG_FILE, LAST
 from softprompt.textformat import LEGACY_PAD_PUNCTUATION
 
 # The names other modules imported before the choices moved to softprompt.choices.
@@ -698,11 +699,11 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"--output_dir {out} is a file; give a directory")
-    if not cfg.resume and not cfg.overwrite_output_dir and (out / "config.yaml").exists():
+    if not cfg.resume and not cfg.overwrite_output_dir and (out / CONFIG_FILE).exists():
         problems.append(
             f"{out} already holds a run; pass --resume to continue it or --overwrite_output_dir to start again"
         )
-    no_run = not (out / "last").exists() and not (out / "config.yaml").exists()
+    no_run = not (out / LAST).exists() and not (out / CONFIG_FILE).exists()
     # With its data named, a run killed before it wrote its config simply starts from the beginning,
     # so a job script can pass --resume every time; `--output_dir DIR --resume` alone needs a run.
     if cfg.resume and no_run and cfg.train_file is None and cfg.dataset_name is None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.errors import UserError
+from softprompt.rundir import BEST, METRICS_FILE
 
 __all__ = [
     "FULL",
@@ -259,7 +260,7 @@ def _sha256(path: Path) -> str:
 
 def _trainable_parameters(run_dir: Path) -> int:
     """The trainable-parameter count the trainer logged at the start of a run."""
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record.get("event") == "start":
             return int(record["trainable_parameters"])
@@ -354,7 +355,7 @@ def _run_phases(out: Path, *, seed: int, quick: bool, echo: bool) -> dict[str, A
         )
     )
     seconds[PHASES[0]] = time.perf_counter() - t
-    base = out / PHASES[0] / "best"
+    base = out / PHASES[0] / BEST
     base_weights = base / "model.safetensors"
     digest_before = _sha256(base_weights)
 
@@ -407,8 +408,8 @@ def _run_phases(out: Path, *, seed: int, quick: bool, echo: bool) -> dict[str, A
     seconds[PHASES[2]] = time.perf_counter() - t
 
     t = time.perf_counter()
-    prompt_test = score(base, files["b_test"], prompt_dir=out / PHASES[1] / "best")
-    finetune_test = score(out / PHASES[2] / "best", files["b_test"])
+    prompt_test = score(base, files["b_test"], prompt_dir=out / PHASES[1] / BEST)
+    finetune_test = score(out / PHASES[2] / BEST, files["b_test"])
     seconds["test_eval"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
 

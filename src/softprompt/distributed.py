@@ -210,11 +210,6 @@ def no_grad_sync(model: nn.Module, skip: bool) -> Iterator[None]:
         yield
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under a DDP wrapper (FSDP2 shards in place, so it needs no unwrapping)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 # ------------------------------------------------------------------------------------- FSDP state
 
 
@@ -249,17 +244,18 @@ def _trainable_shards(model: nn.Module) -> dict[str, torch.Tensor]:
     return shards
 
 
-def save_fsdp_train_state(directory, model: nn.Module, optimizer, scheduler, env: DistEnv) -> None:
-    """Write a sharded checkpoint: every rank saves its own shards, as safetensors.
+def fsdp_train_tensors(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """This rank's part of an FSDP run's trainable state, as flat tensors a checkpoint file can hold.
 
-    Only trainable weights are saved (in prompt mode the frozen model reloads from its source).
-    Resuming needs the same number of ranks; `best/` holds the gathered, unsharded weights.
+    Only trainable weights are included (in prompt mode the frozen model reloads from its source).
+    Resuming needs the same number of ranks.
+
+    Returns:
+        The trainable weight shards by name, the optimizer state flattened to `"{param}::{key}::{kind}"`
+        tensors, and the optimizer's param_groups (plain JSON values).
     """
-    import json
-
-    from softprompt.checkpoint import save_tensors
-
-    save_tensors(directory / f"model_rank{env.rank}.safetensors", _trainable_shards(model))
     optim = optimizer.state_dict()
     flat = {}
     for idx, st in optim["state"].items():
@@ -267,44 +263,52 @@ def save_fsdp_train_state(directory, model: nn.Module, optimizer, scheduler, env
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tag = "dtensor" if hasattr(t, "to_local") else "tensor"
             flat[f"{idx}::{key}::{tag}"] = _local(t).detach().cpu().clone()
-    save_tensors(directory / f"optimizer_rank{env.rank}.safetensors", flat)
-    if env.is_main:
-        (directory / "optimizer_groups.json").write_text(json.dumps(optim["param_groups"]))
-        (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    return _trainable_shards(model), flat, optim["param_groups"]
 
 
-def load_fsdp_train_state(directory, model: nn.Module, optimizer, scheduler, env: DistEnv) -> None:
-    """Load a checkpoint written by `save_fsdp_train_state` (same number of ranks)."""
-    import json
+def load_fsdp_train_tensors(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    shards: dict[str, torch.Tensor],
+    optim_flat: dict[str, torch.Tensor],
+    param_groups: list[dict[str, Any]],
+    *,
+    where: Any,
+) -> None:
+    """Put what `fsdp_train_tensors` returned (on the same number of ranks) back into the live objects.
 
+    Raises:
+        CheckpointError: the tensors come from another number of ranks or another model (`where` names them).
+    """
     from torch.distributed.tensor import DTensor
 
-    from softprompt.checkpoint import load_tensors
     from softprompt.errors import CheckpointError
 
-    saved = load_tensors(directory / f"model_rank{env.rank}.safetensors")
     with torch.no_grad():
         for name, local in _trainable_shards(model).items():
-            if name not in saved or saved[name].shape != local.shape:
+            if name not in shards or shards[name].shape != local.shape:
                 raise CheckpointError(
-                    f"{directory} was written by a run with another number of ranks or model; resume with the same"
+                    f"{where} was written by a run with another number of ranks or model; resume with the same"
                 )
-            local.copy_(saved[name])
+            local.copy_(shards[name])
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
-    for key, value in load_tensors(directory / f"optimizer_rank{env.rank}.safetensors").items():
-        idx, name, tag = key.split("::")
-        p = params[int(idx)]
-        if tag == "dtensor":
-            value = DTensor.from_local(
-                value.to(_local(p).device), p.device_mesh, p.placements, run_check=False
-            )
-        elif name == "step" and value.dim() == 0 and not value.is_floating_point():
-            value = int(value)
-        state.setdefault(int(idx), {})[name] = value
-    groups = json.loads((directory / "optimizer_groups.json").read_text())
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
+    try:
+        for key, value in optim_flat.items():
+            idx, name, tag = key.split("::")
+            p = params[int(idx)]
+            if tag == "dtensor":
+                value = DTensor.from_local(
+                    value.to(_local(p).device), p.device_mesh, p.placements, run_check=False
+                )
+            elif name == "step" and value.dim() == 0 and not value.is_floating_point():
+                value = int(value)
+            state.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    except (ValueError, IndexError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(
+            f"the optimizer state in {where} is damaged ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

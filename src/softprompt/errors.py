@@ -26,3 +26,13 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unsafe to load, or belongs to another model."""
+
+
+EX_IOERR = 74
+"""The exit code of a run stopped by an I/O error (sysexits.h's EX_IOERR): disk full, quota, EIO, read-only."""
+
+
+class StorageError(UserError):
+    """Writing into a run directory failed (ENOSPC, EDQUOT, EIO, EROFS ...); the last checkpoint is intact."""
+
+    exit_code = EX_IOERR

@@ -338,6 +338,16 @@ class ReportArgs:
 
 
 @dataclass
+class VerifyArgs:
+    """Check every checkpoint of a run directory against its manifest (each file's size and sha256)."""
+
+    run_dir: tyro.conf.Positional[str]
+    """A run directory written by `softprompt train`."""
+    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--json",))] = None
+    """Also write the verdicts as JSON to this file. Alias: --json."""
+
+
+@dataclass
 class DemoArgs:
     """An offline end-to-end demo: fine-tune a micro T5 on task A, then freeze it and prompt-tune it for
     task B; prints zero-shot, prompt-tuned and fine-tuned scores."""

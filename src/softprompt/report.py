@@ -26,6 +26,7 @@ import yaml
 import softprompt
 from softprompt.checkpoint import atomic_write_bytes, atomic_write_text
 from softprompt.errors import UserError
+from softprompt.rundir import BEST, CHECKPOINT_PREFIX, CONFIG_FILE, LAST, METRICS_FILE, RESULTS_FILE
 
 __all__ = [
     "FIGURES",
@@ -36,9 +37,6 @@ __all__ = [
     "model_size",
 ]
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 
 # Figure stem -> (y label, title). Both .png and .svg are written for each.
@@ -201,7 +199,7 @@ def _as_float(value: Any) -> float:
 def _model_basename(name: Any) -> str:
     path = Path(str(name).rstrip("/"))
     # A model fine-tuned by softprompt is referred to as RUN/best or RUN/checkpoint-N: name the run.
-    if path.name == "best" or path.name == "last" or path.name.startswith("checkpoint-"):
+    if path.name in (BEST, LAST) or path.name.startswith(CHECKPOINT_PREFIX):
         return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
     return path.name or str(name)
 

@@ -22,11 +22,10 @@ from softprompt.checkpoint import atomic_write_text
 from softprompt.choices import ReportTo
 from softprompt.choices import values as choice_values
 from softprompt.errors import ConfigError
+from softprompt.rundir import METRICS_FILE, TENSORBOARD_DIR
 
 __all__ = ["METRICS_FILE", "REPORT_TO_CHOICES", "MetricsLogger", "Progress", "is_tty", "progress"]
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 REPORT_TO_CHOICES = choice_values(ReportTo)
 
 # Keys that describe the record rather than measure the model; they are not plotted as scalars.
@@ -174,10 +173,13 @@ class MetricsLogger:
         assert self._file is not None
         # NaN/Infinity are kept (Python's json reads them back) because a diverged loss is
         # exactly the kind of thing the log must not hide.
-        self._file.write(json.dumps(record) + "\n")
-        # A flush hands the line to the OS, which survives the process being killed; fsync
-        # per line would only add safety against power loss at a real cost per step.
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            # A flush hands the line to the OS, which survives the process being killed; fsync
+            # per line would only add safety against power loss at a real cost per step.
+            self._file.flush()
+        except OSError as e:  # disk full, EIO: name the file (the trainer reports it in one line)
+            raise OSError(e.errno, e.strerror, str(self.metrics_path)) from e
 
         scalars = {
             key: float(value)

@@ -1,30 +1,30 @@
 """The training loop, in four phases: setup -> train -> save -> cleanup.
 
 One loop serves prompt tuning and full fine-tuning, one process or a torchrun job. Read it top to
-bottom; every distributed detail is delegated to `softprompt.distributed`.
+bottom; every distributed detail is delegated to `softprompt.distributed`, the run directory (its
+lock, file names, checkpoint publication and verification) to `softprompt.rundir`, and the formats
+of the files to `softprompt.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import random
 import shutil
 import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from softprompt import __version__
+from softprompt import __version__, rundir
 from softprompt import checkpoint as ckpt
 from softprompt.config import (
     BatchPlan,
@@ -54,9 +54,7 @@ from softprompt.distributed import (
     cleanup,
     fsdp_full_state_dict,
     init_distributed,
-    load_fsdp_train_state,
     no_grad_sync,
-    save_fsdp_train_state,
     shard_fsdp,
     wrap_ddp,
 )
@@ -65,6 +63,7 @@ from softprompt.evaluate import autocast, evaluate_examples
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.optim import build_optimizer
 from softprompt.prompt import SoftPrompt, initial_prompt
+from softprompt.rundir import TrainerState
 from softprompt.tracking import MetricsLogger, Progress
 
 PAPER_STEPS = 30_000
@@ -82,25 +81,6 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; continue with --resume")
         self.exit_code = 128 + signum
-
-
-@dataclass
-class TrainerState:
-    """What a checkpoint must carry for `--resume` to continue the very same run."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_f1: float = -1.0
-    best_em: float = -1.0
-    best_step: int = -1
-    best_t5_em: float | None = None  # T5's own scores at best_step (padded text only)
-    best_t5_f1: float | None = None
-    train_seconds: float = 0.0
-    examples_seen: int = 0
-    skipped_nonfinite: int = 0
-    last_eval_step: int = -1  # a checkpoint is written before its step's evaluation; resume finishes it
-    python_rng: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -128,49 +108,116 @@ class Run:
     state: TrainerState
     bf16: bool
     base_fingerprint: str | None = None  # what identifies the base model (`ckpt.model_fingerprint`)
+    lock: rundir.RunLock | None = None  # rank 0's lock on `out`, held for the run's whole life
 
 
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def _load_split(cfg: TrainConfig, which: str, stats: Counter) -> list[QAExample]:
-    if cfg.dataset_name is not None:
-        split = cfg.train_split if which == "train" else cfg.validation_split
-        return load_hf_dataset(cfg.dataset_name, split, skip_bad=cfg.skip_bad_examples, stats=stats)
-    path = cfg.train_file if which == "train" else cfg.validation_file
-    if path is None:
-        return []
-    return load_examples(path, skip_bad=cfg.skip_bad_examples, stats=stats)
+def setup(cfg: TrainConfig, env: DistEnv) -> Run:
+    """Validate, claim the output directory, load data and model, build optimizer and sampler, and
+    restore state on --resume. The returned run holds the directory's lock (`Run.lock`) until
+    `train` releases it; a setup that fails releases it itself."""
+    cfg, plan, resumed_changes = _check(cfg, env)
+    lock = _claim_output_dir(cfg, env)
+    try:
+        return _build(cfg, env, plan, lock, resumed_changes)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
 
-def _set_dropout(model: nn.Module, rate: float) -> None:
-    model.config.dropout_rate = rate
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = rate
-        elif isinstance(getattr(m, "dropout", None), float):  # T5Attention keeps its own probability dropout
-            m.dropout = rate
-
-
-def _prepare_output_dir(cfg: TrainConfig, env: DistEnv) -> Path:
+def _build(
+    cfg: TrainConfig,
+    env: DistEnv,
+    plan: BatchPlan,
+    lock: rundir.RunLock | None,
+    resumed_changes: dict[str, tuple[Any, Any]],
+) -> Run:
+    """Everything after the directory is claimed: data, model, sampler, optimizer, restored state, logger."""
     out = Path(cfg.output_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(out)
-        if cfg.overwrite_output_dir and not cfg.resume:
-            for p in out.iterdir():
-                if p.name.startswith("checkpoint-") or p.name in ("best", "last", "tensorboard"):
-                    p.unlink() if p.is_symlink() else shutil.rmtree(p, ignore_errors=True)
-                elif p.name in ("metrics.jsonl", "results.json") or p.name.startswith("predictions_"):
-                    p.unlink()
-    barrier(env)
-    return out
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    stats: Counter = Counter()
+    train_examples, eval_examples = _load_data(cfg, stats)
+    train_features, eval_features = _tokenize(cfg, tokenizer, train_examples, eval_examples)
+    model = _build_model(cfg, env, tokenizer)
+    engine = shard_fsdp(model, env, bf16=cfg.precision == "bf16") if cfg.fsdp else wrap_ddp(model, env)
+    if cfg.compile:
+        engine = torch.compile(engine)
+    sampler, steps_per_epoch, max_steps = _build_sampler(cfg, plan, env, train_features)
+    # Adafactor continues the starting checkpoint's step count, as T5X does (see TrainConfig.initial_step).
+    initial_step = resolve_initial_step(cfg)
+    optimizer, scheduler = build_optimizer(
+        cfg.optimizer,
+        model.trainable_parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=max_steps,
+        initial_step=initial_step,
+    )
+    # Every rank its own dropout stream, as data parallelism should (the model and prompt above were
+    # seeded alike on every rank). Rank 0 keeps the seed, so one process draws what it always drew;
+    # hence DDP equals gradient accumulation exactly only with --dropout 0. --resume restores each
+    # rank's saved stream over this.
+    torch.manual_seed(cfg.seed + env.rank)
+    state, initial_step = _resume_or_start(
+        cfg, env, out, model, optimizer, scheduler, initial_step, resumed_changes
+    )
+    run = Run(
+        cfg=cfg,
+        env=env,
+        plan=plan,
+        out=out,
+        tokenizer=tokenizer,
+        model=model,
+        engine=engine,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_features=train_features,
+        sampler=sampler,
+        eval_examples=eval_examples,
+        eval_features=eval_features,
+        collate=Collator(pad_token_id=tokenizer.pad_token_id),
+        max_steps=max_steps,
+        steps_per_epoch=steps_per_epoch,
+        initial_step=initial_step,
+        logger=MetricsLogger(
+            out,
+            report_to=cfg.report_to,
+            is_main_process=env.is_main,
+            run_config=cfg.to_dict(),
+            resume_step=state.step if cfg.resume else None,  # a resume without a checkpoint restarts at 0
+        ),
+        state=state,
+        bf16=cfg.precision == "bf16",
+        base_fingerprint=None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path),
+        lock=lock,
+    )
+    _announce(run, len(train_examples), stats, resumed_changes)
+    return run
+
+
+def _check(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, BatchPlan, dict[str, tuple[Any, Any]]]:
+    """Everything that can be refused before any work: the config, the resume's changes, the model path."""
+    cfg = with_mode_defaults(cfg)
+    plan = validate(cfg, env.world_size)
+    if cfg.fsdp and not env.distributed:  # FSDP shards over a process group, which only torchrun starts
+        raise ConfigError(
+            "--fsdp shards the model over the ranks of a torchrun job; launch with torchrun "
+            "(`torchrun --nproc_per_node N -m softprompt train ...`, N = 1 works too) or drop --fsdp"
+        )
+    cfg, resumed_changes = _check_resume_settings(cfg)
+    ckpt.refuse_non_model(cfg.model_name_or_path)
+    return cfg, plan, resumed_changes
 
 
 def _check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
     """On --resume: the config with its unset (None) settings taken from the run's config.yaml, and the
     settings changed against it; refuse those a resume cannot honour."""
-    saved_file = Path(cfg.output_dir) / "config.yaml"
+    saved_file = Path(cfg.output_dir) / rundir.CONFIG_FILE
     if not cfg.resume or not saved_file.is_file():
         return cfg, {}
     saved = read_yaml_mapping(saved_file)
@@ -192,55 +239,44 @@ def _check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tup
     return cfg, allowed
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
+def _claim_output_dir(cfg: TrainConfig, env: DistEnv) -> rundir.RunLock | None:
+    """Rank 0 takes the run directory's lock for the run's whole life, then tidies the directory;
+    every rank learns whether it could (one writer per run directory, see softprompt.rundir).
+
+    Returns:
+        The lock on rank 0, None on the other ranks.
+    """
+    out = Path(cfg.output_dir)
+    lock, refusal = None, None
+    if env.is_main:
+        try:
+            lock = rundir.lock(out)
+            rundir.prepare(out, overwrite=cfg.overwrite_output_dir and not cfg.resume)
+        except rundir.RunDirBusy as e:
+            refusal = str(e)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+    refusal = broadcast_object(refusal, env)
+    if refusal is not None:
+        raise rundir.RunDirBusy(refusal)
+    barrier(env)
+    return lock
 
 
-def _start_summary(
-    cfg: TrainConfig,
-    plan: BatchPlan,
-    env: DistEnv,
-    mode: str,
-    n_trainable: int,
-    n_examples: int,
-    max_steps: int,
-    stats: Counter,
-) -> str:
-    """The line that says, before any work, what this run will do."""
-    what = (
-        f"softprompt: {mode} of {cfg.model_name_or_path} ({n_trainable:,} trainable parameters"
-        + (
-            ", base model frozen"
-            if cfg.prompt_tuning
-            else ", every weight; pass --prompt_tuning to train a prompt"
-        )
-        + f") with {cfg.optimizer} at lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
-    )
-    return (
-        what
-        + f"{_plural(n_examples, 'example')}; global batch {plan.global_batch} = {plan.per_device} per device x "
-        + f"{env.world_size} device(s) x {plan.grad_accum} accumulation; {_plural(max_steps, 'step')}"
-        + (f"; skipped {dict(stats)}" if stats else "")
-    )
+def _load_split(cfg: TrainConfig, which: str, stats: Counter) -> list[QAExample]:
+    if cfg.dataset_name is not None:
+        split = cfg.train_split if which == "train" else cfg.validation_split
+        return load_hf_dataset(cfg.dataset_name, split, skip_bad=cfg.skip_bad_examples, stats=stats)
+    path = cfg.train_file if which == "train" else cfg.validation_file
+    if path is None:
+        return []
+    return load_examples(path, skip_bad=cfg.skip_bad_examples, stats=stats)
 
 
-def setup(cfg: TrainConfig, env: DistEnv) -> Run:
-    """Validate, load data and model, build optimizer and sampler, and restore state on --resume."""
-    cfg = with_mode_defaults(cfg)
-    plan = validate(cfg, env.world_size)
-    if cfg.fsdp and not env.distributed:  # FSDP shards over a process group, which only torchrun starts
-        raise ConfigError(
-            "--fsdp shards the model over the ranks of a torchrun job; launch with torchrun "
-            "(`torchrun --nproc_per_node N -m softprompt train ...`, N = 1 works too) or drop --fsdp"
-        )
-    cfg, resumed_changes = _check_resume_settings(cfg)
-    ckpt.refuse_non_model(cfg.model_name_or_path)
-    out = _prepare_output_dir(cfg, env)
-    bf16 = cfg.precision == "bf16"
-    torch.manual_seed(cfg.seed)
-
-    stats: Counter = Counter()
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
+def _load_data(cfg: TrainConfig, stats: Counter) -> tuple[list[QAExample], list[QAExample]]:
+    """The train and dev examples, cut to --max_train_samples / --max_eval_samples."""
     train_examples = _load_split(cfg, "train", stats)
     if cfg.max_train_samples is not None:
         train_examples = train_examples[: cfg.max_train_samples]
@@ -249,14 +285,33 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         eval_examples = eval_examples[: cfg.max_eval_samples]
     if not train_examples:
         raise UserError("the training data holds no usable examples; check --train_file / --dataset_name")
-    tok_kwargs = dict(
+    return train_examples, eval_examples
+
+
+def _tokenize(
+    cfg: TrainConfig, tokenizer: Any, train_examples: list[QAExample], eval_examples: list[QAExample]
+) -> tuple[list[Features], list[Features]]:
+    kwargs = dict(
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
         punctuation=cfg.punctuation,
     )
-    train_features = tokenize_examples(train_examples, tokenizer, **tok_kwargs)
-    eval_features = tokenize_examples(eval_examples, tokenizer, **tok_kwargs) if eval_examples else []
+    train_features = tokenize_examples(train_examples, tokenizer, **kwargs)
+    eval_features = tokenize_examples(eval_examples, tokenizer, **kwargs) if eval_examples else []
+    return train_features, eval_features
 
+
+def _set_dropout(model: nn.Module, rate: float) -> None:
+    model.config.dropout_rate = rate
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = rate
+        elif isinstance(getattr(m, "dropout", None), float):  # T5Attention keeps its own probability dropout
+            m.dropout = rate
+
+
+def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any) -> PromptedT5:
+    """The T5 (with --dropout applied) and, in prompt mode, its initialised prompt, on this rank's device."""
     t5 = load_t5(
         cfg.model_name_or_path,
         random_init=cfg.random_init,
@@ -265,43 +320,49 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     )
     if cfg.dropout is not None:
         _set_dropout(t5, cfg.dropout)
-    prompt = None
-    if cfg.prompt_tuning:
-        prompt = SoftPrompt(cfg.n_tokens, t5.config.d_model)
-        with torch.no_grad():
-            prompt.weight.copy_(
-                initial_prompt(
-                    cfg.prompt_init,
-                    cfg.n_tokens,
-                    t5.get_input_embeddings().weight,
-                    seed=cfg.seed,
-                    text=cfg.prompt_init_text,
-                    tokenizer=tokenizer,
-                    path=cfg.prompt_init_file,
-                )
-            )
-        if cfg.prompt_init == "from_file" and cfg.prompt_init_file and env.is_main and not cfg.random_init:
-            # Starting from another model's prompt (prompt transfer) is allowed, but rarely meant.
-            source_config = ckpt.load_prompt_config(cfg.prompt_init_file)
-            source = source_config.base_model
-            recorded = source_config.extra.get("base_model_fingerprint")
-            if not ckpt.same_model(source, cfg.model_name_or_path, recorded):
-                print(
-                    f"softprompt: warning: the initial prompt in {cfg.prompt_init_file} was trained for {source}, "
-                    f"not {cfg.model_name_or_path}; training starts from it anyway",
-                    file=sys.stderr,
-                    flush=True,
-                )
+    prompt = _build_prompt(cfg, env, t5, tokenizer) if cfg.prompt_tuning else None
     model = PromptedT5(t5, prompt, fast_path=cfg.fast_path).to(env.device)
-    if bf16 and cfg.prompt_tuning and not cfg.fsdp and cfg.bf16_weights:
+    if cfg.precision == "bf16" and cfg.prompt_tuning and not cfg.fsdp and cfg.bf16_weights:
         # No model weight trains, so keep the matmul weights in bf16 once instead of casting them every
         # step: the same numbers as autocast (tested), half the weight memory, 0.7x peak GPU memory.
         model.freeze_to(torch.bfloat16)
     model.train()
-    engine = shard_fsdp(model, env, bf16=bf16) if cfg.fsdp else wrap_ddp(model, env)
-    if cfg.compile:
-        engine = torch.compile(engine)
+    return model
 
+
+def _build_prompt(cfg: TrainConfig, env: DistEnv, t5: nn.Module, tokenizer: Any) -> SoftPrompt:
+    prompt = SoftPrompt(cfg.n_tokens, t5.config.d_model)
+    with torch.no_grad():
+        prompt.weight.copy_(
+            initial_prompt(
+                cfg.prompt_init,
+                cfg.n_tokens,
+                t5.get_input_embeddings().weight,
+                seed=cfg.seed,
+                text=cfg.prompt_init_text,
+                tokenizer=tokenizer,
+                path=cfg.prompt_init_file,
+            )
+        )
+    if cfg.prompt_init == "from_file" and cfg.prompt_init_file and env.is_main and not cfg.random_init:
+        # Starting from another model's prompt (prompt transfer) is allowed, but rarely meant.
+        source_config = ckpt.load_prompt_config(cfg.prompt_init_file)
+        source = source_config.base_model
+        recorded = source_config.extra.get("base_model_fingerprint")
+        if not ckpt.same_model(source, cfg.model_name_or_path, recorded):
+            print(
+                f"softprompt: warning: the initial prompt in {cfg.prompt_init_file} was trained for {source}, "
+                f"not {cfg.model_name_or_path}; training starts from it anyway",
+                file=sys.stderr,
+                flush=True,
+            )
+    return prompt
+
+
+def _build_sampler(
+    cfg: TrainConfig, plan: BatchPlan, env: DistEnv, train_features: list[Features]
+) -> tuple[BucketBatchSampler, int, int]:
+    """The sampler, the steps in an epoch, and the steps of the run."""
     # Each rank's slice of a global batch holds per_device x grad_accum examples; the global batches
     # themselves do not depend on how they are split, so 2 devices x 2 == 1 device x 2 x 2 accumulation.
     sampler = BucketBatchSampler(
@@ -319,106 +380,119 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
         max_steps = math.ceil(cfg.epochs * steps_per_epoch)
     else:
         max_steps = PAPER_STEPS
-    # Adafactor continues the starting checkpoint's step count, as T5X does (see TrainConfig.initial_step).
-    # On --resume the optimizer state restores the value the run started with.
-    initial_step = resolve_initial_step(cfg)
-    optimizer, scheduler = build_optimizer(
-        cfg.optimizer,
-        model.trainable_parameters(),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=max_steps,
-        initial_step=initial_step,
-    )
+    return sampler, steps_per_epoch, max_steps
 
-    # Every rank its own dropout stream, as data parallelism should (the model and prompt above were
-    # seeded alike on every rank). Rank 0 keeps the seed, so one process draws what it always drew;
-    # hence DDP equals gradient accumulation exactly only with --dropout 0. --resume restores each
-    # rank's saved stream over this.
-    torch.manual_seed(cfg.seed + env.rank)
+
+def _resume_or_start(
+    cfg: TrainConfig,
+    env: DistEnv,
+    out: Path,
+    model: PromptedT5,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    initial_step: int,
+    resumed_changes: dict[str, tuple[Any, Any]],
+) -> tuple[TrainerState, int]:
+    """On --resume, restore the newest checkpoint that verifies; record config.yaml when it is new or changed.
+
+    Returns:
+        The trainer state to continue from, and the Adafactor step counter the run began with.
+    """
     state = TrainerState()
-    resume_from = _resume_point(out) if cfg.resume else None
+    resume_from = _resume_point(out, env) if cfg.resume else None
     if resume_from is not None:
-        state = _restore(resume_from, model, optimizer, scheduler, env, cfg.fsdp)
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, env, cfg.fsdp)
         # The counter the run began with travels in the optimizer state (0 for checkpoints older than it).
         initial_step = int(optimizer.param_groups[0].get("initial_step", initial_step))
     if env.is_main and (resume_from is None or resumed_changes):
         # A resume that changed allowed settings records them: config.yaml says what the run now does.
         save_yaml_config(
-            cfg, out / "config.yaml", header=f"# softprompt {__version__}: the resolved config of this run\n"
+            cfg,
+            out / rundir.CONFIG_FILE,
+            header=f"# softprompt {__version__}: the resolved config of this run\n",
         )
+    return state, initial_step
 
-    logger = MetricsLogger(
-        out,
-        report_to=cfg.report_to,
-        is_main_process=env.is_main,
-        run_config=cfg.to_dict(),
-        resume_step=state.step if cfg.resume else None,  # a resume without a checkpoint restarts at 0
-    )
+
+def _resume_point(out: Path, env: DistEnv) -> Path | None:
+    """Rank 0 picks the newest checkpoint that verifies (saying which it skipped); every rank learns it."""
+    answer: tuple[str | None, str | None] = (None, None)
+    if env.is_main:
+        try:
+            found, skipped = rundir.resume_point(out)
+            answer = (str(found) if found is not None else None, None)
+            if skipped:
+                print(
+                    f"softprompt: skipped damaged {'; '.join(skipped)}; resuming from {found.name}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        except CheckpointError as e:
+            answer = (None, str(e))
+    found, refusal = broadcast_object(answer, env)
+    if refusal is not None:
+        raise CheckpointError(refusal)
+    return Path(found) if found is not None else None
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _announce(run: Run, n_examples: int, stats: Counter, resumed_changes: dict[str, tuple[Any, Any]]) -> None:
+    """Log the start event and print, before any work, what this run will do."""
+    cfg, plan, env, state = run.cfg, run.plan, run.env, run.state
     mode = "prompt tuning" if cfg.prompt_tuning else "full fine-tuning"
     if resumed_changes:
-        logger.log(
+        run.logger.log(
             "resume", state.step, changed={k: {"from": a, "to": b} for k, (a, b) in resumed_changes.items()}
         )
-    n_trainable = sum(p.numel() for p in model.trainable_parameters())
-    logger.log(
+    n_trainable = sum(p.numel() for p in run.model.trainable_parameters())
+    run.logger.log(
         "start",
         state.step,
         mode=mode,
         trainable_parameters=n_trainable,
-        train_examples=len(train_examples),
-        eval_examples=len(eval_examples),
+        train_examples=n_examples,
+        eval_examples=len(run.eval_examples),
         global_batch_size=plan.global_batch,
         per_device_batch_size=plan.per_device,
         grad_accum_steps=plan.grad_accum,
         world_size=env.world_size,
-        max_steps=max_steps,
-        steps_per_epoch=steps_per_epoch,
-        initial_step=initial_step,
+        max_steps=run.max_steps,
+        steps_per_epoch=run.steps_per_epoch,
+        initial_step=run.initial_step,
         punctuation=cfg.punctuation,
         resumed=cfg.resume and state.step > 0,
         skipped_examples=dict(stats),
     )
-    if env.is_main:
+    if not env.is_main:
+        return
+    what = (
+        f"softprompt: {mode} of {cfg.model_name_or_path} ({n_trainable:,} trainable parameters"
+        + (
+            ", base model frozen"
+            if cfg.prompt_tuning
+            else ", every weight; pass --prompt_tuning to train a prompt"
+        )
+        + f") with {cfg.optimizer} at lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
+    )
+    print(
+        what
+        + f"{_plural(n_examples, 'example')}; global batch {plan.global_batch} = {plan.per_device} per device x "
+        + f"{env.world_size} device(s) x {plan.grad_accum} accumulation; {_plural(run.max_steps, 'step')}"
+        + (f"; skipped {dict(stats)}" if stats else ""),
+        flush=True,
+    )
+    if resumed_changes:
+        changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in resumed_changes.items())
+        print(f"softprompt: resuming with changed settings: {changed} (recorded in config.yaml)", flush=True)
+    if not run.eval_examples and cfg.eval_steps:
         print(
-            _start_summary(cfg, plan, env, mode, n_trainable, len(train_examples), max_steps, stats),
+            "softprompt: no dev set (--validation_file / --dataset_name): no evaluation, no best/ checkpoint; "
+            "checkpoints are still written every --save_steps",
             flush=True,
         )
-        if resumed_changes:
-            changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in resumed_changes.items())
-            print(
-                f"softprompt: resuming with changed settings: {changed} (recorded in config.yaml)", flush=True
-            )
-        if not eval_examples and cfg.eval_steps:
-            print(
-                "softprompt: no dev set (--validation_file / --dataset_name): no evaluation, no best/ checkpoint; "
-                "checkpoints are still written every --save_steps",
-                flush=True,
-            )
-    return Run(
-        cfg=cfg,
-        env=env,
-        plan=plan,
-        out=out,
-        tokenizer=tokenizer,
-        model=model,
-        engine=engine,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_features=train_features,
-        sampler=sampler,
-        eval_examples=eval_examples,
-        eval_features=eval_features,
-        collate=Collator(pad_token_id=tokenizer.pad_token_id),
-        max_steps=max_steps,
-        steps_per_epoch=steps_per_epoch,
-        initial_step=initial_step,
-        logger=logger,
-        state=state,
-        bf16=bf16,
-        base_fingerprint=None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path),
-    )
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -473,7 +547,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                     if not cfg.skip_nonfinite:
                         raise TrainingError(
                             f"the loss became {step_loss} at step {st.step + 1}; the last good checkpoint in "
-                            f"{run.out / 'last'} is intact (lower --lr, or pass --skip_nonfinite to skip such steps)"
+                            f"{run.out / rundir.LAST} is intact (lower --lr, or pass --skip_nonfinite to skip such steps)"
                         )
                     st.skipped_nonfinite += 1
                     run.optimizer.zero_grad(set_to_none=True)
@@ -583,17 +657,129 @@ def _evaluate(run: Run) -> float:
     st.last_eval_step = st.step
     run.logger.log("eval", st.step, **result.scores())
     if run.env.is_main:
-        ckpt.atomic_write_json(run.out / f"predictions_step{st.step}.json", result.predictions)
+        ckpt.atomic_write_json(run.out / rundir.predictions_file(st.step), result.predictions)
     if result.f1 > st.best_f1:
         st.best_f1, st.best_em, st.best_step = result.f1, result.exact_match, st.step
         st.best_t5_em, st.best_t5_f1 = result.t5_exact_match, result.t5_f1
-        _save_weights(run, run.out / "best", card=True)
+        save_best(run)
         if run.env.is_main:
-            ckpt.atomic_write_json(run.out / "predictions_best.json", result.predictions)
+            ckpt.atomic_write_json(run.out / rundir.PREDICTIONS_BEST, result.predictions)
     return result.f1
 
 
 # ---------------------------------------------------------------------------------------------- save
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write a resumable checkpoint: every rank its part into one temporary directory, which rank 0
+    publishes (manifest, rename, `last`, pruning; see `rundir.publish_checkpoint`)."""
+    env, st, out = run.env, run.state, run.out
+    st.python_rng = _jsonable(random.getstate())
+    tmp = Path(broadcast_object(str(rundir.new_checkpoint_dir(out, st.step)) if env.is_main else None, env))
+    barrier(env)
+    try:
+        ckpt.save_train_state(
+            tmp,
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            env,
+            fsdp=run.cfg.fsdp,
+            prompt_config=_prompt_config(run) if run.model.prompt is not None else None,
+        )
+        barrier(env)
+        if env.is_main:
+            _write_state_and_card(tmp, run, location=out / rundir.checkpoint_name(st.step))
+            rundir.publish_checkpoint(tmp, out, st.step, keep=run.cfg.save_total_limit)
+    except BaseException:
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(env)
+    return out / rundir.checkpoint_name(st.step)
+
+
+def restore_checkpoint(
+    directory: Path,
+    model: PromptedT5,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    env: DistEnv,
+    fsdp: bool,
+) -> TrainerState:
+    """Load a checkpoint written by `save_checkpoint` back into the live objects (every rank)."""
+    directory = directory.resolve()
+    state = rundir.read_trainer_state(directory)
+    ckpt.load_train_state(directory, model, optimizer, scheduler, env, fsdp=fsdp)
+    if state.python_rng:
+        try:
+            v, internal, gauss = state.python_rng
+            random.setstate((v, tuple(internal), gauss))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{directory / rundir.TRAINER_STATE} is damaged (python_rng: {e})"
+            ) from None
+    return state
+
+
+def save_best(run: Run) -> None:
+    """Write best/: the trained weights as a usable artefact (a prompt checkpoint or an HF model
+    directory) with its model card and manifest, replacing the previous best/ atomically."""
+    directory = run.out / rundir.BEST
+    # Under FSDP every rank takes part in gathering the full weights; rank 0 writes them.
+    state = (
+        fsdp_full_state_dict(run.model, trainable_only=run.model.prompt is not None) if run.cfg.fsdp else None
+    )
+    if run.env.is_main:
+        with ckpt.atomic_dir(directory) as tmp:
+            if run.model.prompt is not None:
+                weight = state["prompt.weight"] if state is not None else run.model.prompt.weight
+                ckpt.write_prompt_files(tmp, weight, _prompt_config(run))
+            else:
+                t5_state = (
+                    {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
+                )
+                run.model.model.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
+                run.tokenizer.save_pretrained(tmp)
+            _write_card(tmp, run, location=directory)
+            rundir.write_manifest(tmp)
+    barrier(run.env)
+
+
+def _refresh_last(run: Run) -> None:
+    """Record the final evaluation's best-so-far in `last/` (trainer state and model card), atomically."""
+    if run.env.is_main:
+        last = (run.out / rundir.LAST).resolve()
+        with rundir.amend(last) as tmp:
+            _write_state_and_card(tmp, run, location=run.out / last.name)
+
+
+def _refresh_best_card(run: Run) -> None:
+    """At the end, best/'s card states the whole run (its steps and epochs), not the run up to the best step."""
+    best = run.out / rundir.BEST
+    if run.env.is_main and (best / "README.md").is_file():
+        with rundir.amend(best) as tmp:
+            _write_card(tmp, run, location=best)
+
+
+def _write_state_and_card(directory: Path, run: Run, location: Path) -> None:
+    """trainer_state.json and, for a prompt, its model card naming `location`, the checkpoint's own folder."""
+    if run.model.prompt is not None:
+        _write_card(directory, run, location=location)
+    rundir.write_trainer_state(directory, run.state)
+
+
+def _write_card(directory: Path, run: Run, location: Path | None = None) -> None:
+    """The model card in `directory`, naming `location` (where the files will live) as the path to load."""
+    from softprompt.modelcard import write_model_card
+
+    write_model_card(directory, _model_card_info(run), location=location)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, tuple | list):
+        return [_jsonable(o) for o in obj]
+    return obj
 
 
 def _prompt_config(run: Run) -> ckpt.PromptConfig:
@@ -645,172 +831,6 @@ def _model_card_info(run: Run) -> dict[str, Any]:
     }
 
 
-def _save_weights(run: Run, directory: Path, *, card: bool = False) -> None:
-    """Write the trained weights as a usable artefact: a prompt checkpoint or an HF model directory."""
-    # Under FSDP every rank takes part in gathering the full weights; rank 0 writes them.
-    state = (
-        fsdp_full_state_dict(run.model, trainable_only=run.model.prompt is not None) if run.cfg.fsdp else None
-    )
-    if run.env.is_main:
-        with ckpt.atomic_dir(directory) as tmp:
-            if run.model.prompt is not None:
-                weight = state["prompt.weight"] if state is not None else run.model.prompt.weight
-                ckpt._write_prompt_files(tmp, weight, _prompt_config(run))
-            else:
-                t5_state = (
-                    {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
-                )
-                run.model.model.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
-                run.tokenizer.save_pretrained(tmp)
-            if card:
-                _write_card(tmp, run, location=directory)
-    barrier(run.env)
-
-
-def _write_card(directory: Path, run: Run, location: Path | None = None) -> None:
-    """The model card in `directory`, naming `location` (where the files will live) as the path to load."""
-    from softprompt.modelcard import write_model_card
-
-    write_model_card(directory, _model_card_info(run), location=location)
-
-
-def _refresh_best_card(run: Run) -> None:
-    """At the end, best/'s card states the whole run (its steps and epochs), not the run up to the best step."""
-    best = run.out / "best"
-    if run.env.is_main and (best / "README.md").is_file():
-        _write_card(best, run)
-
-
-def _write_state_and_card(directory: Path, run: Run, location: Path) -> None:
-    """trainer_state.json and, for a prompt, its model card naming `location`, the checkpoint's own folder."""
-    if run.model.prompt is not None:
-        _write_card(directory, run, location=location)
-    ckpt.atomic_write_text(directory / "trainer_state.json", json.dumps(run.state.__dict__, indent=2) + "\n")
-
-
-def _refresh_last(run: Run) -> None:
-    """Record the final evaluation's best-so-far in `last/` (trainer state and model card), atomically."""
-    if run.env.is_main:
-        last = (run.out / "last").resolve()
-        _write_state_and_card(last, run, location=run.out / last.name)
-
-
-def save_checkpoint(run: Run) -> Path:
-    """Write a resumable checkpoint atomically, point `last` at it, and prune old ones."""
-    env, st, out = run.env, run.state, run.out
-    target = out / f"checkpoint-{st.step:07d}"
-    st.python_rng = _jsonable(random.getstate())
-    # Every rank keeps its own RNG stream (dropout differs per rank); each writes its own file
-    # into the temporary directory that rank 0 will rename.
-    tmp = broadcast_object(str(out / f".tmp-{target.name}-{os.getpid()}") if env.is_main else None, env)
-    tmp = Path(tmp)
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(env)
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["torch_cuda"] = torch.cuda.get_rng_state(env.device)
-    ckpt.save_tensors(tmp / f"rng_rank{env.rank}.safetensors", rng)
-    if run.cfg.fsdp:
-        save_fsdp_train_state(tmp, run.model, run.optimizer, run.scheduler, env)
-        if run.model.prompt is not None:  # keep last/ usable as a prompt checkpoint under FSDP too
-            weight = fsdp_full_state_dict(run.model, trainable_only=True)["prompt.weight"]
-            if env.is_main:
-                ckpt._write_prompt_files(tmp, weight, _prompt_config(run))
-    elif env.is_main:
-        prompt_config = _prompt_config(run) if run.model.prompt is not None else None
-        ckpt.save_train_state(tmp, run.model, run.optimizer, run.scheduler, prompt_config)
-    barrier(env)
-    if env.is_main:
-        try:
-            _write_state_and_card(tmp, run, location=target)
-            ckpt._fsync_tree(tmp)
-            old = None
-            if target.exists():
-                # The same step saved again (a resumed run's end): move the old copy aside instead of
-                # deleting it first, so `last` never names a missing directory for longer than two
-                # renames, and a kill between them leaves a copy that the next start puts back.
-                old = out / f".old-{target.name}-{os.getpid()}"
-                os.replace(target, old)
-            os.replace(tmp, target)
-            ckpt.fsync_dir(out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            link_tmp = out / f".tmp-last-{os.getpid()}"
-            link_tmp.unlink(missing_ok=True)
-            link_tmp.symlink_to(target.name)
-            os.replace(link_tmp, out / "last")
-            ckpt.fsync_dir(out)
-            _prune(out, keep=run.cfg.save_total_limit, current=target.name)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    barrier(env)
-    return target
-
-
-def _prune(out: Path, keep: int, current: str) -> None:
-    ckpts = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
-    for p in ckpts[:-keep] if keep > 0 else ckpts:
-        if p.name != current:
-            # Rename first: a kill during rmtree must not leave a half-deleted `checkpoint-*` behind.
-            doomed = out / f".tmp-prune-{p.name}-{os.getpid()}"
-            os.replace(p, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, tuple | list):
-        return [_jsonable(o) for o in obj]
-    return obj
-
-
-def _resume_point(out: Path) -> Path | None:
-    """The checkpoint `--resume` continues from: `last`, else the newest complete `checkpoint-*`.
-
-    `last` only ever names a complete checkpoint, but a kill between the two renames of a same-step
-    re-save leaves it briefly dangling; the run then continues from the newest checkpoint it has.
-    """
-    last = out / "last"
-    if (last / "trainer_state.json").is_file():
-        return last
-    # trainer_state.json is the last file written before a checkpoint is renamed into place.
-    complete = sorted(p for p in out.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
-    return complete[-1] if complete else None
-
-
-def _restore(
-    directory: Path,
-    model: PromptedT5,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    env: DistEnv,
-    fsdp: bool,
-) -> TrainerState:
-    """Load a checkpoint written by `save_checkpoint` back into the live objects."""
-    directory = directory.resolve()
-    state_file = directory / "trainer_state.json"
-    if not state_file.exists():
-        raise CheckpointError(f"{directory} is not a complete checkpoint (trainer_state.json is missing)")
-    raw = json.loads(state_file.read_text())
-    st = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
-    if fsdp:
-        load_fsdp_train_state(directory, model, optimizer, scheduler, env)
-    else:
-        ckpt.load_train_state(directory, model, optimizer, scheduler)
-    rng_file = directory / f"rng_rank{env.rank}.safetensors"
-    if rng_file.exists():
-        rng = ckpt.load_tensors(rng_file)
-        torch.set_rng_state(rng["torch_cpu"])
-        if "torch_cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["torch_cuda"], env.device)
-    if st.python_rng:
-        v, internal, gauss = st.python_rng
-        random.setstate((v, tuple(internal), gauss))
-    return st
-
-
 def _results(run: Run) -> dict[str, Any]:
     cfg, st = run.cfg, run.state
     results = {
@@ -838,7 +858,7 @@ def _results(run: Run) -> dict[str, Any]:
         "softprompt_version": __version__,
     }
     if run.env.is_main:
-        ckpt.atomic_write_json(run.out / "results.json", results)
+        ckpt.atomic_write_json(run.out / rundir.RESULTS_FILE, results)
     run.logger.log("end", st.step, **{k: v for k, v in results.items() if isinstance(v, int | float)})
     return results
 
@@ -851,6 +871,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     Returns:
         The content of results.json (best dev EM/F1 and timing).
+
+    Raises:
+        StorageError: writing into the run directory failed (disk full, I/O error): exit code 74.
     """
     cfg = with_mode_defaults(cfg)
     env = init_distributed()
@@ -860,12 +883,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     try:
         run = setup(cfg, env)
         return train_loop(run)
-    except BaseException:
+    except BaseException as e:
+        if isinstance(e, OSError) and (run is not None or e.errno in rundir.STORAGE_ERRNOS):
+            # Disk full, quota, EIO, a read-only filesystem: the writer has removed its temporary files.
+            raise rundir.write_failed(e, out) from None
         # A run that failed while setting up trained nothing: it leaves no directory behind.
-        if run is None and fresh and env.is_main and out.is_dir() and not any(out.glob("checkpoint-*")):
+        if run is None and fresh and env.is_main and out.is_dir() and not rundir.checkpoints(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
     finally:
         if run is not None:
-            run.logger.close()
+            # After a failed write the log's buffer cannot be flushed either; the error is already on its way.
+            with contextlib.suppress(OSError):
+                run.logger.close()
+            if run.lock is not None:
+                run.lock.release()
         cleanup()
