@@ -162,3 +162,28 @@ def test_a_hub_id_and_its_local_snapshot_are_the_same_model(tmp_path):
     )
     # pytorch_model.bin only (as these checkpoints publish): its bytes are read, never unpickled.
     assert out.stdout.split() == ["True", "True", "False"]
+
+
+def test_save_t5_records_an_untied_head_so_any_reader_keeps_it_untied(tmp_path):
+    """T5 1.1 checkpoints have an lm_head of their own; config.json must say so (transformers 5 writes
+    `tie_word_embeddings: true` for every T5, which transformers 4 would act on)."""
+    from torch import nn
+    from transformers import T5ForConditionalGeneration
+
+    from conftest import tiny_config
+    from softprompt.checkpoint import save_t5
+    from softprompt.model import load_t5
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(tiny_config())
+    t5.lm_head.weight = nn.Parameter(t5.lm_head.weight.detach().clone() * 3)
+    save_t5(tmp_path / "untied", t5)
+    assert json.loads((tmp_path / "untied" / "config.json").read_text())["tie_word_embeddings"] is False
+    loaded = load_t5(str(tmp_path / "untied"))
+    torch.testing.assert_close(loaded.lm_head.weight, t5.lm_head.weight, rtol=0, atol=0)
+    assert not torch.equal(loaded.lm_head.weight, loaded.shared.weight)
+
+    tied = T5ForConditionalGeneration(tiny_config())
+    assert tied.lm_head.weight is tied.shared.weight
+    save_t5(tmp_path / "tied", tied)
+    assert json.loads((tmp_path / "tied" / "config.json").read_text()).get("tie_word_embeddings", True)

@@ -476,10 +476,25 @@ def save_train_state(
         assert prompt_config is not None
         write_prompt_files(directory, prompt.weight, prompt_config)
     else:
-        model.model.save_pretrained(directory, safe_serialization=True)
+        save_t5(directory, model.model)
     # Through a file object: torch.save to a path reports a full disk as an opaque RuntimeError.
     with open(directory / OPTIMIZER_STATE, "wb") as f:
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, f)
+
+
+def save_t5(directory: Path, t5: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a T5 as a Hugging Face model directory with safetensors weights.
+
+    transformers 5 writes `tie_word_embeddings: true` for every T5 (it keeps an untied head untied
+    because the weights differ, and records `scale_decoder_outputs: false`); transformers 4 would tie
+    the head and rescale the decoder. So config.json says what the weights are: untied, for T5 1.1.
+    """
+    t5.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    if t5.get_output_embeddings().weight is not t5.get_input_embeddings().weight:
+        path = Path(directory) / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["tie_word_embeddings"] = False
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def load_train_state(

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from softprompt.checkpoint import CONVERTED_FROM, atomic_dir, model_fingerprint
+from softprompt.checkpoint import CONVERTED_FROM, atomic_dir, model_fingerprint, save_t5
 from softprompt.errors import UserError
 from softprompt.model import load_t5, load_tokenizer
 from softprompt.pretrained import model_file
@@ -50,17 +50,10 @@ def convert(model: str, out_dir: str | os.PathLike, *, overwrite: bool = False) 
     fingerprint = model_fingerprint(model)
     spiece = model_file(model, "spiece.model")
     with atomic_dir(out) as tmp:
-        t5.save_pretrained(tmp, safe_serialization=True)
+        save_t5(tmp, t5)
         tokenizer.save_pretrained(tmp)
         if spiece is not None and not (tmp / spiece.name).exists():
             shutil.copyfile(spiece, tmp / spiece.name)  # for readers of the SentencePiece model itself
-        if t5.lm_head.weight.data_ptr() != t5.shared.weight.data_ptr():
-            # transformers 5 writes `tie_word_embeddings: true` for every T5 (it keeps the head untied
-            # because the weights differ, and saves `scale_decoder_outputs: false`); transformers 4
-            # would tie the head and rescale the decoder, so say what the weights are: untied.
-            config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-            config["tie_word_embeddings"] = False
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if fingerprint is not None:
             # Prompts trained on the source accept this copy: same tensors, re-encoded.
             record = {"model": str(model), "fingerprint": fingerprint}

@@ -739,7 +739,7 @@ def save_best(run: Run) -> None:
                 t5_state = (
                     {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
                 )
-                run.model.model.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
+                ckpt.save_t5(tmp, run.model.model, state_dict=t5_state)
                 run.tokenizer.save_pretrained(tmp)
             _write_card(tmp, run, location=directory)
             rundir.write_manifest(tmp)
