@@ -16,6 +16,7 @@ from softprompt.flags import (
     ConvertArgs,
     DemoArgs,
     EvalArgs,
+    ExportArgs,
     FormatArgs,
     InspectArgs,
     PredictArgs,
@@ -36,6 +37,7 @@ ARGS = {
     "demo": DemoArgs,
     "format": FormatArgs,
     "convert": ConvertArgs,
+    "export": ExportArgs,
 }
 # What a subcommand needs before any other flag parses.
 REQUIRED = {
@@ -47,6 +49,7 @@ REQUIRED = {
     "report": ["run"],
     "format": ["--output", "x.jsonl", "data.json"],
     "convert": ["model_dir", "out"],
+    "export": ["prompt_dir", "out"],
 }
 
 
@@ -157,6 +160,7 @@ MISSPELT = {
     "demo": ("--threds", "--threads"),
     "format": ("--punctuaton", "--punctuation"),
     "convert": ("--overwite", "--overwrite"),
+    "export": ("--too", "--to"),
 }
 
 

@@ -84,6 +84,13 @@ class Ensemble(str, Enum):
     MAJORITY = "majority"
 
 
+class ExportFormat(str, Enum):
+    """The formats `softprompt export --to` writes a prompt in."""
+
+    PEFT = "peft"
+    """A PEFT prompt-tuning adapter (softprompt.peft_format)."""
+
+
 class LogLevel(str, Enum):
     """uvicorn's log levels."""
 
@@ -101,4 +108,5 @@ PrecisionName = literal(Precision)
 AttentionName = literal(Attention)
 EnsembleName = literal(Ensemble)
 LogLevelName = literal(LogLevel)
+ExportFormatName = literal(ExportFormat)
 PunctuationName = literal(Punctuation)
