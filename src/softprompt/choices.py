@@ -32,6 +32,9 @@ class PromptInit(str, Enum):
     """Embeddings of the tokens of a given string, repeated until P vectors are filled."""
     FROM_FILE = "from_file"
     """A prompt saved earlier by softprompt."""
+    CLASS_LABEL = "class_label"
+    """Vector i starts as the embedding of class label i (the mean over its tokens), the rest as sampled_vocab
+    (the paper's section 3.2)."""
 
 
 class Punctuation(str, Enum):
