@@ -114,6 +114,17 @@ def test_exported_prompt_decodes_in_peft_to_softprompt_answers(setup: dict, tmp_
     assert (
         torch.equal(back, weight) and back_config.max_target_length == 7 and back_config.init == config.init
     )
+    # predict and inspect take the adapter where they take the prompt, with the same results.
+    model_flag = ["--model", str(setup["model_dir"])]
+    ask = ["predict", *model_flag, "--question", "Who wrote it?", "--context", "Ada wrote it in 1843."]
+    seen = {}
+    for name, directory in (("prompt", prompt_dir), ("adapter", out)):
+        assert main([*ask, "--prompt", str(directory), "--max_new_tokens", str(MAX_NEW)]) == 0
+        answer = capsys.readouterr().out
+        assert main(["inspect", str(directory), *model_flag, "--output", str(tmp_path / f"{name}.json")]) == 0
+        capsys.readouterr()
+        seen[name] = (answer, json.loads((tmp_path / f"{name}.json").read_text())["positions"])
+    assert seen["prompt"] == seen["adapter"] and seen["prompt"][0].strip() and len(seen["prompt"][1]) == 5
 
 
 @pytest.mark.parametrize("submodules", [None, 1], ids=["peft_default", "encoder_only"])
