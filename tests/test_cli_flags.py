@@ -16,6 +16,7 @@ from softprompt.flags import (
     ConvertArgs,
     DemoArgs,
     EvalArgs,
+    ExportArgs,
     FormatArgs,
     InspectArgs,
     PredictArgs,
@@ -38,6 +39,7 @@ ARGS = {
     "format": FormatArgs,
     "convert": ConvertArgs,
     "verify": VerifyArgs,
+    "export": ExportArgs,
 }
 # What a subcommand needs before any other flag parses.
 REQUIRED = {
@@ -50,6 +52,7 @@ REQUIRED = {
     "format": ["--output", "x.jsonl", "data.json"],
     "convert": ["model_dir", "out"],
     "verify": ["run"],
+    "export": ["prompt_dir", "out"],
 }
 
 
@@ -161,6 +164,7 @@ MISSPELT = {
     "format": ("--punctuaton", "--punctuation"),
     "convert": ("--overwite", "--overwrite"),
     "verify": ("--outptu", "--output"),
+    "export": ("--too", "--to"),
 }
 
 

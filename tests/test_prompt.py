@@ -67,3 +67,58 @@ def test_bad_inits_raise_config_errors():
         initial_prompt("text", 3, emb)
     with pytest.raises(ValueError):
         initial_prompt("nonsense", 3, emb)
+
+
+def test_class_label_init_places_label_means_first_then_sampled_vocab(tokenizer):
+    """Paper section 3.2: vector i starts as class label i's embedding (the mean over its tokens); the
+    rest are the rows sampled_vocab draws with the same seed, from the first 5,000 rows."""
+    emb = torch.randn(32128, 8, generator=torch.Generator().manual_seed(0))
+    labels = ["yes", "no", "entailment"]
+    out = initial_prompt("class_label", 10, emb, seed=5, labels=labels, tokenizer=tokenizer)
+    assert out.shape == (10, 8) and out.dtype == torch.float32
+    pieces = [tokenizer(label, add_special_tokens=False).input_ids for label in labels]
+    assert len(pieces[2]) > 1  # "entailment" is several pieces: its vector is their mean
+    for i, ids in enumerate(pieces):
+        torch.testing.assert_close(out[i], emb[torch.tensor(ids)].mean(dim=0), rtol=0, atol=1e-6)
+    assert not torch.equal(out[2], emb[pieces[2][0]])
+    sampled = initial_prompt("sampled_vocab", 10, emb, seed=5)
+    assert torch.equal(out[3:], sampled[3:])
+    # Those rows are rows of the table's first 5,000 (row i of `index` holds i).
+    index = torch.arange(32128, dtype=torch.float32).unsqueeze(1)
+    rows = initial_prompt("class_label", 10, index, seed=5, labels=labels, tokenizer=tokenizer)[3:, 0]
+    assert int(rows.max()) < SAMPLED_VOCAB_ROWS and len(set(rows.tolist())) == 7
+    with pytest.raises(ConfigError, match="--prompt_init_labels"):
+        initial_prompt("class_label", 10, emb, tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="3 class labels do not fit in n_tokens=2"):
+        initial_prompt("class_label", 2, emb, labels=labels, tokenizer=tokenizer)
+
+
+def test_class_label_init_through_train_is_checked_and_recorded(
+    tmp_path, tiny_model_dir, squad_small, capsys
+):
+    import json
+
+    from softprompt.cli import main
+
+    train_file, _ = squad_small
+    base = ["train", "--model_name_or_path", str(tiny_model_dir), "--random_init", "--train_file", str(train_file),
+            "--prompt_tuning", "--n_tokens", "4", "--max_source_length", "48", "--report_to", "none"]  # fmt: skip
+    # Labels are required with class_label, meaningless without it, and must fit in the prompt.
+    for extra, message in (
+        (["--prompt_init", "class_label"], "--prompt_init class_label needs --prompt_init_labels"),
+        (
+            ["--prompt_init_labels", "yes", "no"],
+            "--prompt_init_labels only applies to --prompt_init class_label",
+        ),
+        (
+            ["--prompt_init", "class_label", "--prompt_init_labels", *"abcde"],
+            "5 --prompt_init_labels do not fit",
+        ),
+    ):
+        assert main([*base, "--output_dir", str(tmp_path / "bad"), *extra]) == 2
+        assert message in capsys.readouterr().err
+    out = tmp_path / "run"
+    argv = [*base, "--output_dir", str(out), "--max_steps", "1", "--batch_size", "4", "--eval_steps", "0"]
+    assert main([*argv, "--prompt_init", "class_label", "--prompt_init_labels", "yes", "no"]) == 0
+    saved = json.loads((out / "last" / "prompt_config.json").read_text())
+    assert saved["init"] == "class_label" and saved["extra"]["prompt_init_labels"] == ["yes", "no"]

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from softprompt import __version__
+from softprompt import __version__, peft_format
 from softprompt.distributed import DistEnv, fsdp_full_state_dict, fsdp_train_tensors, load_fsdp_train_tensors
 from softprompt.errors import CheckpointError
 from softprompt.rundir import BEST, fsync_dir, fsync_tree, is_run_dir, replace_dir
@@ -163,10 +163,19 @@ def refuse_pickles(directory: Path, wanted: str) -> None:
 
 
 def load_prompt_config(directory: str | os.PathLike) -> PromptConfig:
-    """Read `prompt_config.json` from a prompt checkpoint directory."""
+    """Read `prompt_config.json` from a prompt checkpoint directory (or a PEFT prompt-tuning adapter's
+    config, `softprompt.peft_format`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"prompt checkpoint {directory} does not exist or is not a directory")
+    if peft_format.is_peft_adapter(directory):
+        fields = peft_format.read_config(directory)
+        try:
+            return PromptConfig(**{k: fields[k] for k in PromptConfig.__dataclass_fields__ if k in fields})
+        except TypeError as e:
+            raise CheckpointError(
+                f"{directory / peft_format.SETTINGS} is not a valid prompt config ({e})"
+            ) from None
     refuse_pickles(directory, PROMPT_CONFIG)
     path = directory / PROMPT_CONFIG
     try:
@@ -196,7 +205,8 @@ def load_prompt(
     """Load a prompt checkpoint, refusing anything but safetensors.
 
     Args:
-        directory: a directory written by `save_prompt`.
+        directory: a directory written by `save_prompt`, or a PEFT prompt-tuning adapter
+            (`softprompt.peft_format`: its encoder prompt).
         expect_d_model: the width of the model it will drive; a mismatch is refused.
         expect_base_model: the model it will drive; a different model (by `same_model`) is refused.
         allow_other: warn instead of refusing a different base model.
@@ -206,16 +216,20 @@ def load_prompt(
     """
     directory = Path(directory)
     config = load_prompt_config(directory)
-    refuse_pickles(directory, PROMPT_WEIGHTS)
-    try:
-        tensors = load_file(str(directory / PROMPT_WEIGHTS))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(
-            f"{directory / PROMPT_WEIGHTS} is not a readable safetensors file ({e})"
-        ) from None
-    if set(tensors) != {"prompt"} or tensors["prompt"].dim() != 2:
-        raise CheckpointError(f"{directory / PROMPT_WEIGHTS} must hold one 2-D tensor named 'prompt'")
-    weight = tensors["prompt"].float()
+    if peft_format.is_peft_adapter(directory):
+        submodules = config.extra["peft_num_transformer_submodules"]
+        weight = peft_format.read_weight(directory, config.n_tokens, config.d_model, submodules)
+    else:
+        refuse_pickles(directory, PROMPT_WEIGHTS)
+        try:
+            tensors = load_file(str(directory / PROMPT_WEIGHTS))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{directory / PROMPT_WEIGHTS} is not a readable safetensors file ({e})"
+            ) from None
+        if set(tensors) != {"prompt"} or tensors["prompt"].dim() != 2:
+            raise CheckpointError(f"{directory / PROMPT_WEIGHTS} must hold one 2-D tensor named 'prompt'")
+        weight = tensors["prompt"].float()
     if expect_d_model is not None and weight.shape[1] != expect_d_model:
         raise CheckpointError(
             f"the prompt in {directory} is {weight.shape[1]} wide but the model's d_model is {expect_d_model}; "
@@ -333,6 +347,11 @@ def refuse_non_model(name_or_path: str | os.PathLike, flag: str = "--model") -> 
         raise CheckpointError(
             f"{path} is a prompt checkpoint, not a model; pass the model it was trained for and the prompt: "
             f"{flag} {base} --prompt {path}"
+        )
+    if peft_format.is_peft_adapter(path):
+        raise CheckpointError(
+            f"{path} is a PEFT adapter, not a model; pass its base model as {flag} "
+            f"(and a prompt-tuning adapter as --prompt {path})"
         )
     if is_run_dir(path):
         raise CheckpointError(

@@ -32,6 +32,9 @@ class PromptInit(str, Enum):
     """Embeddings of the tokens of a given string, repeated until P vectors are filled."""
     FROM_FILE = "from_file"
     """A prompt saved earlier by softprompt."""
+    CLASS_LABEL = "class_label"
+    """Vector i starts as the embedding of class label i (the mean over its tokens), the rest as sampled_vocab
+    (the paper's section 3.2)."""
 
 
 class Punctuation(str, Enum):
@@ -84,6 +87,13 @@ class Ensemble(str, Enum):
     MAJORITY = "majority"
 
 
+class ExportFormat(str, Enum):
+    """The formats `softprompt export --to` writes a prompt in."""
+
+    PEFT = "peft"
+    """A PEFT prompt-tuning adapter (softprompt.peft_format)."""
+
+
 class LogLevel(str, Enum):
     """uvicorn's log levels."""
 
@@ -101,4 +111,5 @@ PrecisionName = literal(Precision)
 AttentionName = literal(Attention)
 EnsembleName = literal(Ensemble)
 LogLevelName = literal(LogLevel)
+ExportFormatName = literal(ExportFormat)
 PunctuationName = literal(Punctuation)

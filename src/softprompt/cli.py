@@ -23,6 +23,7 @@ from softprompt.flags import (
     ConvertArgs,
     DemoArgs,
     EvalArgs,
+    ExportArgs,
     FormatArgs,
     InspectArgs,
     PredictArgs,
@@ -52,6 +53,7 @@ commands:
   verify    check every checkpoint of a run directory against its manifest: softprompt verify RUN_DIR
   demo      an offline end-to-end demo: fine-tune a micro T5, then prompt-tune it for a new task
   convert   write a model (Hub id or directory) as a safetensors Hugging Face directory: convert MODEL OUT_DIR
+  export    write a prompt as a PEFT prompt-tuning adapter: export PROMPT_DIR --to peft OUTPUT_DIR
 
 Every command takes --config FILE (YAML or JSON, keys = flag names); flags given with it override the file.
 """
@@ -165,6 +167,28 @@ def cmd_convert(argv: Sequence[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- export
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    args = parse(ExportArgs, argv, "softprompt export")
+    from dataclasses import asdict
+
+    from softprompt.checkpoint import atomic_dir, load_prompt
+    from softprompt.peft_format import write_adapter
+
+    out = Path(args.output_dir)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another OUTPUT_DIR")
+    weight, config = load_prompt(args.prompt_dir)
+    with atomic_dir(out) as tmp:
+        write_adapter(tmp, weight, asdict(config))
+    print(
+        f"wrote {out} (PEFT prompt-tuning adapter, {weight.shape[0]} virtual tokens for {config.base_model})"
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- serve
 
 
@@ -241,6 +265,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "verify": cmd_verify,
     "demo": cmd_demo,
     "convert": cmd_convert,
+    "export": cmd_export,
 }
 
 

@@ -134,7 +134,9 @@ class TrainConfig:
     n_tokens: Count = 100
     """P, the number of prompt vectors (the paper uses 100)."""
     prompt_init: InitName = "sampled_vocab"
-    """Prompt init: sampled_vocab (first 5,000 vocabulary rows, the paper's best), uniform (U[0, 0.5), the official default: flax uniform(0.5)), text, from_file."""
+    """Prompt init: sampled_vocab (first 5,000 vocabulary rows, the paper's best), uniform (U[0, 0.5), the official default: flax uniform(0.5)), text, from_file, class_label (one label per vector, then sampled_vocab)."""
+    prompt_init_labels: list[str] = field(default_factory=list)
+    """The class label strings whose embeddings (mean over their tokens) start the first prompt vectors, with --prompt_init class_label: --prompt_init_labels yes no."""
     prompt_init_text: str | None = None
     """The string whose token embeddings start the prompt, with --prompt_init text."""
     prompt_init_file: InputPath | None = None
@@ -688,9 +690,19 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
             problems.append("--prompt_init text needs --prompt_init_text")
         if cfg.prompt_init == "from_file" and not cfg.prompt_init_file:
             problems.append("--prompt_init from_file needs --prompt_init_file")
-    elif cfg.prompt_init_file or cfg.prompt_init_text:
+        if cfg.prompt_init == "class_label" and not cfg.prompt_init_labels:
+            problems.append(
+                "--prompt_init class_label needs --prompt_init_labels (e.g. --prompt_init_labels yes no)"
+            )
+        if cfg.prompt_init_labels and cfg.prompt_init != "class_label":
+            problems.append("--prompt_init_labels only applies to --prompt_init class_label")
+        if len(cfg.prompt_init_labels) > cfg.n_tokens:
+            problems.append(
+                f"{len(cfg.prompt_init_labels)} --prompt_init_labels do not fit in --n_tokens {cfg.n_tokens}"
+            )
+    elif cfg.prompt_init_file or cfg.prompt_init_text or cfg.prompt_init_labels:
         problems.append(
-            "--prompt_init_file/--prompt_init_text need --prompt_tuning (fine-tuning uses no prompt)"
+            "--prompt_init_file/--prompt_init_text/--prompt_init_labels need --prompt_tuning (fine-tuning uses no prompt)"
         )
     if cfg.initial_step is not None and cfg.optimizer != "adafactor":
         problems.append(f"--initial_step only applies to --optimizer adafactor, not {cfg.optimizer}")

@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 
 import tyro
 
-from softprompt.choices import EnsembleName, LogLevelName, PrecisionName, PunctuationName
+from softprompt.choices import EnsembleName, ExportFormatName, LogLevelName, PrecisionName, PunctuationName
 from softprompt.config import (
     AnswerTokens,
     Count,
@@ -254,6 +254,21 @@ class ConvertArgs:
     """The directory to write (written to a temporary sibling, then renamed into place)."""
     overwrite: bool = False
     """Replace OUT_DIR if it already exists."""
+
+
+@dataclass
+class ExportArgs:
+    """Write a prompt in another library's format: --to peft, a PEFT prompt-tuning adapter
+    (adapter_config.json + adapter_model.safetensors) for PeftModel.from_pretrained(base_model, OUTPUT_DIR)."""
+
+    prompt_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="PROMPT_DIR")]
+    """Prompt checkpoint directory (or a PEFT adapter, to re-export it)."""
+    output_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="OUTPUT_DIR")]
+    """The directory to write (written to a temporary sibling, then renamed into place)."""
+    to: ExportFormatName = "peft"
+    """The format to write: peft (a seq2seq prompt-tuning adapter; the prompt goes to the encoder only)."""
+    overwrite: bool = False
+    """Replace OUTPUT_DIR if it already exists."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ The prompt knows nothing about T5; `softprompt.model` decides how it is combined
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -65,6 +66,7 @@ def initial_prompt(
     text: str | None = None,
     tokenizer=None,
     path: str | Path | None = None,
+    labels: Sequence[str] = (),
 ) -> torch.Tensor:
     """Compute the starting values of a prompt.
 
@@ -76,6 +78,7 @@ def initial_prompt(
         text: the string for `text` init.
         tokenizer: needed for `text` init.
         path: a prompt checkpoint directory for `from_file` init.
+        labels: the class label strings for `class_label` init (needs `tokenizer`).
 
     Returns:
         prompt: [P, H] float32.
@@ -84,14 +87,18 @@ def initial_prompt(
     vocab, width = embedding.shape
     table = embedding.detach().float()
     gen = torch.Generator().manual_seed(seed)
-    if init is PromptInit.SAMPLED_VOCAB:
+    if init in (PromptInit.SAMPLED_VOCAB, PromptInit.CLASS_LABEL):
         rows = min(SAMPLED_VOCAB_ROWS, vocab)
         if n_tokens > rows:
             raise ConfigError(
-                f"sampled_vocab init samples without replacement from {rows} rows, so n_tokens must be <= {rows}"
+                f"{init.value} init samples without replacement from {rows} rows, so n_tokens must be <= {rows}"
             )
         ids = torch.randperm(rows, generator=gen)[:n_tokens]
-        return table[ids].clone()
+        prompt = table[ids].clone()
+        if init is PromptInit.CLASS_LABEL:
+            # As the official code: the whole prompt from the fallback init, then the first rows replaced.
+            prompt[: len(labels)] = label_embeddings(labels, n_tokens, table, tokenizer)
+        return prompt
     if init is PromptInit.UNIFORM:
         # flax's uniform(scale) draws U[0, scale), not a symmetric range (t5_1_1_prompt.gin sets scale 0.5).
         return torch.rand(n_tokens, width, generator=gen) * UNIFORM_SCALE
@@ -112,3 +119,30 @@ def initial_prompt(
     if weight.shape[0] != n_tokens:
         raise ConfigError(f"the prompt in {path} has {weight.shape[0]} tokens but n_tokens is {n_tokens}")
     return weight
+
+
+def label_embeddings(
+    labels: Sequence[str], n_tokens: int, embedding: torch.Tensor, tokenizer
+) -> torch.Tensor:
+    """The embedding of each class label string: the mean of its tokens' rows.
+
+    Args:
+        labels: K label strings, K <= n_tokens.
+        n_tokens: P (labels beyond it have no vector to start).
+        embedding: the input embedding table, [V, H].
+        tokenizer: tokenizes each label without special tokens.
+
+    Returns:
+        labels: [K, H] float32.
+    """
+    if not labels or tokenizer is None:
+        raise ConfigError("prompt_init 'class_label' needs the class labels: --prompt_init_labels yes no ...")
+    if len(labels) > n_tokens:
+        raise ConfigError(f"{len(labels)} class labels do not fit in n_tokens={n_tokens} prompt vectors")
+    rows = []
+    for label in labels:
+        ids = tokenizer(label, add_special_tokens=False).input_ids
+        if not ids:
+            raise ConfigError(f"the class label {label!r} tokenizes to nothing; give a label with words")
+        rows.append(embedding[torch.tensor(ids)].float().mean(dim=0))
+    return torch.stack(rows)

@@ -342,6 +342,7 @@ def _build_prompt(cfg: TrainConfig, env: DistEnv, t5: nn.Module, tokenizer: Any)
                 text=cfg.prompt_init_text,
                 tokenizer=tokenizer,
                 path=cfg.prompt_init_file,
+                labels=cfg.prompt_init_labels,
             )
         )
     if cfg.prompt_init == "from_file" and cfg.prompt_init_file and env.is_main and not cfg.random_init:
@@ -798,6 +799,7 @@ def _prompt_config(run: Run) -> ckpt.PromptConfig:
             "dev_f1": run.state.best_f1,
             "dev_exact_match": run.state.best_em,
             "base_model_fingerprint": run.base_fingerprint,
+            **({"prompt_init_labels": list(cfg.prompt_init_labels)} if cfg.prompt_init_labels else {}),
         },
     )
 
