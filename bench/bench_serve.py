@@ -14,8 +14,8 @@ task i mod K). Every request has a timeout, every level a bounded request count.
 Per level and server: requests/s, p50/p95/p99 latency, peak RSS of the server process (psutil, sampled,
 plus the kernel's VmHWM), errors; and the fraction of answers equal between the two servers. Prints the
 compute bound (encoder + ``--max-new-tokens`` decoder steps incl. the LM head at the measured bf16 matmul
-rate), writes ``bench/results/serve-<timestamp>.json``, a plot (PNG + SVG) under ``docs/``, and with
-``--update-docs`` the table into ``docs/performance.md``.
+rate), writes ``bench/results/serve-<timestamp>.json``, and with ``--update-docs`` the table into
+``docs/performance.md`` and its plot (``docs/serve_load.png`` + ``.svg``).
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def table(levels: list[dict[str, Any]], bound: float) -> str:
         sp, pf = lv["softprompt"], lv["peft"]
         lines.append(
             f"| {lv['clients']} | **ratio** | **{sp['rps'] / pf['rps']:.1f}x** | | | "
-            f"**{pf['p99'] / sp['p99']:.1f}x lower** | | | | |"
+            f"**peft/softprompt {pf['p99'] / sp['p99']:.1f}x** | | | | |"
         )
     return "\n".join(lines)
 
@@ -405,7 +405,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         "timestamp": stamp,
-        "command": "python bench/bench_serve.py " + " ".join(sys.argv[1:]),
+        "command": "python bench/bench_serve.py " + " ".join(a for a in sys.argv[1:] if a != args.note),
         "machine": _machine(),
         "shape": SHAPES[args.shape],
         "precision": args.precision,
@@ -417,7 +417,7 @@ def main() -> None:
         "levels": levels,
     }
     (RESULTS / f"serve-{stamp}.json").write_text(json.dumps(summary, indent=1))
-    figs = plot(levels, REPO / "docs" / "serve_load")
+    figs = plot(levels, REPO / "docs" / "serve_load") if args.update_docs else []
     print("wrote", ", ".join(str(f.relative_to(REPO)) for f in figs))
     if args.update_docs:
         m = summary["machine"]
