@@ -335,8 +335,9 @@ def test_overload_answers_503_with_retry_after_and_holds_no_memory(served: dict)
             assert not gate.is_set() and not first.done() and not any(q.done() for q in queued)
             assert batcher.queue_depth == 2 and batcher._queue.qsize() <= 2
             assert batcher.stats.requests_rejected == 550
-            # 400 refused requests of ~150 bytes each would hold ~60 kB if anything kept them.
-            assert grown < 24_000, f"memory grew by {grown} bytes over 400 rejected requests"
+            # Keeping anything of a refused request (its parsed question and context: ~1 kB here) would
+            # hold ~400 kB; what remains is the constant cost of caches filled once (15-25 kB seen).
+            assert grown < 64_000, f"memory grew by {grown} bytes over 400 rejected requests"
 
             health = (await client.get("/health")).json()
             assert health["max_queue"] == 2 and health["requests_rejected"] == 550
