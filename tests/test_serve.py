@@ -285,3 +285,78 @@ def test_prompt_specs() -> None:
         parse_prompt_specs(["=runs/a"])
     with pytest.raises(UserError, match="two prompts are named 'qa'"):
         parse_prompt_specs(["qa=a", "qa=b"])
+
+
+def test_overload_answers_503_with_retry_after_and_holds_no_memory(served: dict) -> None:
+    """A full queue refuses at once (while the model is still busy), holds nothing per refusal, and
+    every accepted request is answered exactly as `predict` answers it."""
+    import gc
+    import tracemalloc
+
+    bank, rows, expected = served["loaded"], served["rows"], served["expected"]
+    entered, gate = threading.Event(), threading.Event()
+
+    def gated(batch: list[tuple[str, str, str]]) -> list[str]:
+        entered.set()
+        assert gate.wait(60), "the test never opened the gate"
+        return bank.answer(batch, max_new_tokens=MAX_NEW)
+
+    app = create_app(bank, max_batch_size=1, max_wait_ms=0, max_queue=2, answer=gated)
+    batcher = app.state.batcher
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            first = asyncio.ensure_future(client.post("/v1/answer", json=rows[0]))
+            while not entered.is_set():  # the first request is on the (blocked) model
+                await asyncio.sleep(0.01)
+            queued = [asyncio.ensure_future(client.post("/v1/answer", json=rows[i])) for i in (1, 2)]
+            while batcher.queue_depth < 2:
+                await asyncio.sleep(0.01)
+
+            async def reject(n: int) -> None:
+                for j in range(n):
+                    r = await client.post("/v1/answer", json=rows[3 + j % 40])
+                    assert r.status_code == 503, r.text
+                    assert set(r.json()) == {"error"} and "overloaded" in r.json()["error"]
+                    assert "--max_queue 2" in r.json()["error"]
+                    assert int(r.headers["Retry-After"]) >= 1
+
+            await reject(50)  # warm-up: first-call caches of httpx, pydantic and FastAPI
+            tracemalloc.start()
+            await reject(100)  # ... and the caches that fill once tracing is on
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            await reject(400)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            # Rejections were answered while the model was still blocked: nothing waited on it.
+            assert not gate.is_set() and not first.done() and not any(q.done() for q in queued)
+            assert batcher.queue_depth == 2 and batcher._queue.qsize() <= 2
+            assert batcher.stats.requests_rejected == 550
+            # Keeping anything of a refused request (its parsed question and context: ~1 kB here) would
+            # hold ~400 kB; what remains is the constant cost of caches filled once (15-25 kB seen).
+            assert grown < 64_000, f"memory grew by {grown} bytes over 400 rejected requests"
+
+            health = (await client.get("/health")).json()
+            assert health["max_queue"] == 2 and health["requests_rejected"] == 550
+            gate.set()
+            answered = await asyncio.gather(first, *queued)
+            assert [r.status_code for r in answered] == [200] * 3
+            assert [r.json()["answer"] for r in answered] == expected[:3]
+            # Once drained, the server accepts again.
+            again = await client.post("/v1/answer", json=rows[5])
+            assert again.status_code == 200 and again.json() == {"answer": expected[5]}
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_max_queue_flag_is_checked() -> None:
+    with pytest.raises(UserError, match="--max_queue must be >= 1"):
+        MicroBatcher(lambda rows: [], max_queue=0)
+    from softprompt.flags import ServeArgs, serve_checks
+
+    args = ServeArgs(model="m", max_queue=0)
+    assert serve_checks(args) == ["--max_queue must be >= 1, got 0"]

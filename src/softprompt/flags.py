@@ -291,6 +291,8 @@ class ServeArgs:
     """Most questions merged into one model batch. Alias: --eval_batch_size."""
     max_wait_ms: float = 5.0
     """How long a request waits for others to share its batch."""
+    max_queue: int = 1024
+    """Most requests waiting for the model; more are answered 503 with Retry-After at once (bounds memory)."""
     max_context_chars: Count = 20000
     """Longest context accepted, in characters (longer ones get 413)."""
     max_question_chars: Count = 2000
@@ -319,6 +321,8 @@ def serve_checks(args: ServeArgs) -> list[str]:
         problems.append(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
     if not args.max_wait_ms >= 0:
         problems.append(f"--max_wait_ms must be >= 0, got {args.max_wait_ms}")
+    if args.max_queue < 1:
+        problems.append(f"--max_queue must be >= 1, got {args.max_queue}")
     return problems
 
 

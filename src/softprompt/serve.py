@@ -9,7 +9,10 @@ Endpoints: `POST /v1/answer`, `GET /v1/tasks`, `GET /health`, and FastAPI's `/op
 `/docs`. Every error answers `{"error": "one sentence", "errors": [...field details, if any]}` with one
 status scheme: 413 for a request too large, 422 for any other request body the server cannot answer
 (malformed JSON, missing or invalid fields, an unknown task), 404 and 405 for an unknown path or
-method, 500 when the model fails.
+method, 500 when the model fails, and 503 with a `Retry-After` header when the queue of requests waiting
+for the model is full (`--max_queue`): an overloaded server says so at once instead of letting clients
+time out, and its memory stays bounded however many requests arrive. 503 rather than 429 because the
+limit is the server's capacity, not one client's request rate.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -113,6 +117,8 @@ class HealthResponse(BaseModel):
     requests_answered: int
     rows_answered: int = Field(description="Questions answered (a request may hold several).")
     queue_depth: int = Field(description="Requests waiting for the model.")
+    max_queue: int = Field(description="Most requests that may wait; more are refused with 503.")
+    requests_rejected: int = Field(description="Requests refused with 503 because the queue was full.")
 
 
 class ErrorResponse(BaseModel):
@@ -125,10 +131,11 @@ class ErrorResponse(BaseModel):
 class ApiError(Exception):
     """An error answered as `ErrorResponse` with the given HTTP status."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,6 +156,16 @@ class BatcherStats:
     max_batch_seen: int = 0
     requests_answered: int = 0
     rows_answered: int = 0
+    requests_rejected: int = 0
+
+
+class QueueFull(Exception):
+    """The batcher's queue holds `max_queue` requests already; retry after `retry_after` seconds."""
+
+    def __init__(self, depth: int, retry_after: int) -> None:
+        super().__init__(f"{depth} requests are already waiting for the model")
+        self.depth = depth
+        self.retry_after = retry_after
 
 
 class MicroBatcher:
@@ -159,21 +176,32 @@ class MicroBatcher:
     runs alone). The batch then runs in a one-thread executor, so the model is never entered twice at
     once and the event loop stays free.
 
+    At most `max_queue` requests wait (the batch on the model is not counted); `submit` refuses more
+    with `QueueFull` at once, holding nothing for them, so memory is bounded by `max_queue` requests
+    plus one batch whatever the load.
+
     Args:
         answer: rows -> answers, called on the worker thread (e.g. `PromptBank.answer`).
         max_batch_size: most questions per merged batch.
         max_wait_ms: how long the first request of a batch waits for company.
+        max_queue: most requests waiting for the model.
     """
 
-    def __init__(self, answer: AnswerFn, *, max_batch_size: int = 32, max_wait_ms: float = 5.0) -> None:
+    def __init__(
+        self, answer: AnswerFn, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024
+    ) -> None:
         if max_batch_size < 1:
             raise UserError(f"--max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
             raise UserError(f"--max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue < 1:
+            raise UserError(f"--max_queue must be >= 1, got {max_queue}")
         self._answer = answer
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
         self.stats = BatcherStats()
+        self._batch_seconds = 1.0  # running mean of a batch's time on the model, for Retry-After
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carry: _Pending | None = None
         self._taken: list[_Pending] = []  # out of the queue, not answered yet
@@ -188,7 +216,7 @@ class MicroBatcher:
         """Start the gathering task on the running event loop (idempotent)."""
         if self._task is not None and not self._task.done():
             return
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-model")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-batcher")
 
@@ -210,12 +238,25 @@ class MicroBatcher:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
+    def retry_after(self) -> int:
+        """Whole seconds until the waiting requests have likely been run (at least 1)."""
+        batches_ahead = self.queue_depth / self.max_batch_size + 1
+        return max(1, math.ceil(self._batch_seconds * batches_ahead))
+
     async def submit(self, rows: list[Row]) -> list[str]:
-        """Queue rows and wait for their answers (in row order)."""
+        """Queue rows and wait for their answers (in row order).
+
+        Raises:
+            QueueFull: `max_queue` requests already wait; nothing was queued.
+        """
         self.start()
         assert self._queue is not None
+        # The carried-over request waits outside the queue but counts against the bound.
+        if self.queue_depth >= self.max_queue:
+            self.stats.requests_rejected += 1
+            raise QueueFull(self.queue_depth, self.retry_after())
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(rows=rows, future=future))
+        self._queue.put_nowait(_Pending(rows=rows, future=future))
         return await future
 
     async def _gather(self) -> list[_Pending]:
@@ -251,6 +292,7 @@ class MicroBatcher:
             if not batch:
                 continue
             rows = [r for p in batch for r in p.rows]
+            started = loop.time()
             try:
                 answers = await loop.run_in_executor(self._executor, self._answer, rows)
             except Exception as e:
@@ -259,6 +301,7 @@ class MicroBatcher:
                         p.future.set_exception(e)
                 self._taken = []
                 continue
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (loop.time() - started)
             self.stats.batches_run += 1
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
             self.stats.rows_answered += len(rows)
@@ -293,9 +336,16 @@ class Limits:
         return self.max_inputs * (4 * (self.max_context_chars + self.max_question_chars) + 1024) + 65536
 
 
-def _error(status: int, message: str, errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(
-        status_code=status, content=ErrorResponse(error=message, errors=errors).model_dump(exclude_none=True)
+        status_code=status,
+        content=ErrorResponse(error=message, errors=errors).model_dump(exclude_none=True),
+        headers=headers,
     )
 
 
@@ -337,6 +387,7 @@ def create_app(
     *,
     max_batch_size: int = 32,
     max_wait_ms: float = 5.0,
+    max_queue: int = 1024,
     max_new_tokens: int = 32,
     bf16: bool = False,
     limits: Limits | None = None,
@@ -348,6 +399,7 @@ def create_app(
         bank: the model and its prompts.
         max_batch_size: most questions per merged batch (also the model's batch size).
         max_wait_ms: how long a request waits for others to share its batch.
+        max_queue: most requests waiting for the model; more are answered 503 with `Retry-After`.
         max_new_tokens: the longest answer in tokens (32, like `softprompt predict`).
         bf16: run the model under bf16 autocast.
         limits: request size limits.
@@ -360,7 +412,9 @@ def create_app(
     answer_fn = answer or functools.partial(
         bank.answer, batch_size=max_batch_size, max_new_tokens=max_new_tokens, bf16=bf16
     )
-    batcher = MicroBatcher(answer_fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    batcher = MicroBatcher(
+        answer_fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue
+    )
     tasks = [TaskInfo(**info) for info in bank.describe()]
 
     @contextlib.asynccontextmanager
@@ -386,7 +440,7 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, headers=exc.headers)
 
     # Unknown paths and wrong methods answer in the same {"error": ...} shape as everything else.
     @app.exception_handler(404)
@@ -414,7 +468,7 @@ def create_app(
             request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
         return await call_next(request)
 
-    errors = {code: {"model": ErrorResponse} for code in (413, 422, 500)}
+    errors = {code: {"model": ErrorResponse} for code in (413, 422, 500, 503)}
 
     @app.post("/v1/answer", responses=errors)
     async def answer_questions(body: AnswerRequest) -> AnswerResponse | BatchAnswerResponse:
@@ -444,6 +498,13 @@ def create_app(
                     )
         try:
             answers = await batcher.submit([(x.task, x.question, x.context) for x in inputs])
+        except QueueFull as e:
+            raise ApiError(
+                503,
+                f"the server is overloaded ({e.depth} requests already wait for the model, --max_queue "
+                f"{batcher.max_queue}); retry after {e.retry_after} s",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
         except Exception as e:
             raise ApiError(500, f"the model failed on this batch ({type(e).__name__}: {e})") from e
         return BatchAnswerResponse(answers=answers) if batched else AnswerResponse(answer=answers[0])
@@ -465,6 +526,8 @@ def create_app(
             requests_answered=s.requests_answered,
             rows_answered=s.rows_answered,
             queue_depth=batcher.queue_depth,
+            max_queue=batcher.max_queue,
+            requests_rejected=s.requests_rejected,
         )
 
     return app
@@ -539,6 +602,7 @@ def serve(args: Any) -> int:
         bank,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
         max_new_tokens=args.max_target_length,
         bf16=args.precision == "bf16",
         limits=Limits(
