@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from softprompt import __version__, peft_format
 from softprompt.distributed import DistEnv, fsdp_full_state_dict, fsdp_train_tensors, load_fsdp_train_tensors
 from softprompt.errors import CheckpointError
-from softprompt.rundir import BEST, fsync_dir, fsync_tree, is_run_dir, replace_dir
+from softprompt.rundir import BEST, fsync_dir, install_dir, is_run_dir
 
 PROMPT_WEIGHTS = "prompt.safetensors"
 PROMPT_CONFIG = "prompt_config.json"
@@ -104,7 +104,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces `target` only once the block completes.
 
     The old `target`, if any, is swapped out and deleted after the new one is in place
-    (`rundir.replace_dir`), so a crash leaves a complete directory at `target` (old or new) plus, at
+    (`rundir.install_dir`), so a crash leaves a complete directory at `target` (old or new) plus, at
     worst, a stale `.tmp-*` sibling; on failure the temporary directory is removed.
     """
     target = Path(target)
@@ -113,11 +113,10 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        fsync_tree(tmp)
-        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    install_dir(tmp, target)
 
 
 def save_prompt(directory: str | os.PathLike, weight: torch.Tensor, config: PromptConfig) -> Path:

@@ -133,6 +133,21 @@ def replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def install_dir(tmp: Path, target: Path, *, manifest: bool = False) -> None:
+    """Publish the finished temporary directory `tmp` as `target`: (its manifest,) fsync, `replace_dir`.
+
+    On any failure `tmp` is removed and `target` is left as it was.
+    """
+    try:
+        if manifest:
+            write_manifest(tmp)
+        fsync_tree(tmp)
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def remove_stale_temporaries(directory: str | os.PathLike) -> None:
     """Delete `.tmp-*` / `.old-*` leftovers of writes that a killed run never finished.
 
@@ -450,13 +465,7 @@ def publish_checkpoint(tmp: Path, out: Path, step: int, *, keep: int) -> Path:
         The published checkpoint's path.
     """
     target = out / checkpoint_name(step)
-    try:
-        write_manifest(tmp)
-        fsync_tree(tmp)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    install_dir(tmp, target, manifest=True)
     link_tmp = out / f".tmp-{LAST}-{os.getpid()}"
     link_tmp.unlink(missing_ok=True)
     link_tmp.symlink_to(target.name)
@@ -489,13 +498,11 @@ def amend(directory: Path) -> Iterator[Path]:
     try:
         shutil.copytree(directory, tmp, copy_function=_link_or_copy)
         yield tmp
-        if (directory / MANIFEST).is_file() or directory.name.startswith(CHECKPOINT_PREFIX):
-            write_manifest(tmp)
-        fsync_tree(tmp)
-        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    manifest = (directory / MANIFEST).is_file() or directory.name.startswith(CHECKPOINT_PREFIX)
+    install_dir(tmp, directory, manifest=manifest)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
