@@ -94,6 +94,34 @@ class ExportFormat(str, Enum):
     """A PEFT prompt-tuning adapter (softprompt.peft_format)."""
 
 
+class TaskMetric(str, Enum):
+    """How a task's answers are scored (softprompt.task_metrics)."""
+
+    SQUAD = "squad"
+    """Official SQuAD v1.1 exact match and F1, max over the gold answers (QA tasks)."""
+    EXACT_MATCH = "exact_match"
+    """The share of answers equal to one of the targets after stripping surrounding whitespace."""
+    ACCURACY = "accuracy"
+    """The share of answers equal to the gold label string; answers that are no label count as wrong."""
+    MACRO_F1 = "macro_f1"
+    """Accuracy and the mean over classes of each class's F1 (T5's CB metrics)."""
+    MULTIRC = "multirc"
+    """F1 over all answer options (label True positive) and exact match per question (T5's MultiRC)."""
+    RECORD = "record"
+    """Max exact match and F1 over the gold entities, SQuAD-normalised (T5's ReCoRD)."""
+    WSC = "wsc"
+    """Accuracy of "the answer names the candidate referent" against the label (T5's wsc_simple)."""
+
+
+class RankMode(str, Enum):
+    """How a classification task's answer is chosen at evaluation."""
+
+    GREEDY = "greedy"
+    """Free greedy generation; an answer that is no label string counts as wrong."""
+    RANK = "rank"
+    """Rank classification: the label string with the highest summed log-likelihood."""
+
+
 class LogLevel(str, Enum):
     """uvicorn's log levels."""
 
@@ -113,3 +141,5 @@ EnsembleName = literal(Ensemble)
 LogLevelName = literal(LogLevel)
 ExportFormatName = literal(ExportFormat)
 PunctuationName = literal(Punctuation)
+TaskMetricName = literal(TaskMetric)
+RankModeName = literal(RankMode)
