@@ -99,7 +99,7 @@ class QAExample:
 # Error helpers
 
 
-class _BadRecord(Exception):
+class BadRecord(Exception):
     """One record is unusable; ``kind`` is its ``stats`` key, ``reason`` a clause for the message."""
 
     def __init__(self, kind: str, reason: str) -> None:
@@ -108,20 +108,20 @@ class _BadRecord(Exception):
         self.reason = reason
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
     """A repr of ``text`` cut to about 80 characters, so a message stays one short line."""
     if len(text) <= _SNIP:
         return repr(text)
     return repr(text[:_SNIP]) + f"... ({len(text):,} characters)"
 
 
-def _one_line(message: str) -> str:
+def one_line(message: str) -> str:
     # A path or a dataset name may itself hold a newline; the CLI prints exactly one line per error.
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _file_error(source: object, reason: str, advice: str) -> DataError:
-    return DataError(_one_line(f"{source}: {reason}; {advice}."))
+def file_error(source: object, reason: str, advice: str) -> DataError:
+    return DataError(one_line(f"{source}: {reason}; {advice}."))
 
 
 def _type_name(value: object) -> str:
@@ -133,7 +133,7 @@ def _expect(value: object, kind: type | tuple[type, ...], what: str) -> Any:
     # bool is an int subclass, but true/false is never a valid string, list or object here.
     if not isinstance(value, kind) or isinstance(value, bool):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise _BadRecord(
+        raise BadRecord(
             "bad_schema", f"{what} must be {_JSON_NAMES.get(names, names)}, not {_type_name(value)}"
         )
     return value
@@ -150,49 +150,52 @@ _JSON_NAMES = {
 
 def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     if key not in obj:
-        raise _BadRecord("bad_schema", f"has no {key!r} key")
+        raise BadRecord("bad_schema", f"has no {key!r} key")
     return _expect(obj[key], kind, repr(key))
 
 
-class _Collector:
+class Collector:
     """Gathers the examples of one source, applying the ``skip_bad`` policy and the unique-id rule."""
 
-    def __init__(self, source: object, skip_bad: bool, stats: Counter[str] | None) -> None:
+    def __init__(
+        self, source: object, skip_bad: bool, stats: Counter[str] | None, noun: str = "questions"
+    ) -> None:
         self.source = source
+        self.noun = noun
         self.skip_bad = skip_bad
         self.stats: Counter[str] = stats if stats is not None else Counter()
-        self.examples: list[QAExample] = []
+        self.examples: list[Any] = []
         self._first_place: dict[str, str] = {}
         self.skipped = 0
 
-    def bad(self, place: str, err: _BadRecord) -> None:
+    def bad(self, place: str, err: BadRecord) -> None:
         """Count and drop the record at ``place`` if skipping, else raise the user-facing error."""
         if self.skip_bad:
             self.stats[err.kind] += 1
             self.skipped += 1
             return
         raise DataError(
-            _one_line(
+            one_line(
                 f"{self.source}: {place}: {err.reason}; fix or remove it, or set skip_bad to drop bad records."
             )
         )
 
-    def add(self, place: str, example: QAExample) -> None:
+    def add(self, place: str, example: Any) -> None:
         first = self._first_place.get(example.id)
         if first is not None:
             # Predictions are keyed by id, so a repeated id would silently merge two questions in eval.
             self.bad(
-                place, _BadRecord("duplicate_id", f"id {_quote(example.id)} was already used at {first}")
+                place, BadRecord("duplicate_id", f"id {quote(example.id)} was already used at {first}")
             )
             return
         self._first_place[example.id] = place
         self.examples.append(example)
 
-    def finish(self) -> list[QAExample]:
+    def finish(self) -> list[Any]:
         if not self.examples:
             skipped = f" after dropping {self.skipped:,} bad records" if self.skipped else ""
-            raise _file_error(
-                self.source, f"contains no questions{skipped}", "check that it is the right file"
+            raise file_error(
+                self.source, f"contains no {self.noun}{skipped}", "check that it is the right file"
             )
         return self.examples
 
@@ -217,22 +220,22 @@ def _make_example(
     """
     qid = str(_expect(qid, (str, int), "'id'"))
     if not qid.strip():
-        raise _BadRecord("empty_id", "the id is empty")
+        raise BadRecord("empty_id", "the id is empty")
     question = _expect(question, str, "'question'")
     if not question.strip():
-        raise _BadRecord("empty_question", "the question has no text")
+        raise BadRecord("empty_question", "the question has no text")
     if not context.strip():
-        raise _BadRecord("empty_context", "the context has no text")
+        raise BadRecord("empty_context", "the context has no text")
     if not answers:
-        raise _BadRecord("empty_answers", "the question has no answers")
+        raise BadRecord("empty_answers", "the question has no answers")
     for k, text in enumerate(answers):
         if not text.strip():
-            raise _BadRecord("empty_answer_text", f"answer {k} has no text")
+            raise BadRecord("empty_answer_text", f"answer {k} has no text")
     if lenient_answers:
         if not any(text in context for text in answers):
             folded = _normalise_ws(context).casefold()
             if not any(_normalise_ws(text).casefold() in folded for text in answers):
-                raise _BadRecord(
+                raise BadRecord(
                     "answer_not_in_context", f"none of its {len(answers)} answers occurs in the context"
                 )
     else:
@@ -244,29 +247,29 @@ def _make_example(
             if normalised is None:
                 normalised = _normalise_ws(context)
             if _normalise_ws(text) not in normalised:
-                raise _BadRecord(
-                    "answer_not_in_context", f"answer {k} {_quote(text)} does not occur in the context"
+                raise BadRecord(
+                    "answer_not_in_context", f"answer {k} {quote(text)} does not occur in the context"
                 )
     return QAExample(id=qid, question=question, context=context, answers=tuple(answers))
 
 
 def _place_with_id(place: str, qa: Mapping[str, Any], id_key: str = "id") -> str:
     qid = qa.get(id_key)
-    return f"{place} (id {_quote(qid)})" if isinstance(qid, str) else place
+    return f"{place} (id {quote(qid)})" if isinstance(qid, str) else place
 
 
 # --------------------------------------------------------------------------------------------------------
 # Reading files
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
     if not path.exists():
         hint = ""
         if len(path.parts) == 1 and not path.suffix:
             hint = f" (to load a Hugging Face dataset, write {HF_PREFIX}{path})"
-        raise _file_error(path, "file not found", f"check the path{hint}")
+        raise file_error(path, "file not found", f"check the path{hint}")
     if not path.is_file():
-        raise _file_error(path, "is not a regular file", "give the path of a data file")
+        raise file_error(path, "is not a regular file", "give the path of a data file")
 
 
 def _is_gzip(path: Path) -> bool:
@@ -275,30 +278,30 @@ def _is_gzip(path: Path) -> bool:
         return f.read(2) == _GZIP_MAGIC
 
 
-def _open_binary(path: Path) -> IO[bytes]:
+def open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if _is_gzip(path) else path.open("rb")
 
 
-def _gzip_error(path: Path, err: BaseException) -> DataError:
-    return _file_error(
+def gzip_error(path: Path, err: BaseException) -> DataError:
+    return file_error(
         path, f"is a damaged or truncated gzip file ({type(err).__name__})", "download or compress it again"
     )
 
 
-def _read_bytes(path: Path) -> bytes:
-    _check_file(path)
+def read_bytes(path: Path) -> bytes:
+    check_file(path)
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             return f.read()
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise _gzip_error(path, err) from None
+        raise gzip_error(path, err) from None
     except OSError as err:
-        raise _file_error(
+        raise file_error(
             path, f"cannot be read ({err.strerror or type(err).__name__})", "check it"
         ) from None
 
 
-def _decode(path: Path, data: bytes, where: str = "") -> str:
+def decode(path: Path, data: bytes, where: str = "") -> str:
     """Decode UTF-8 (a leading BOM is dropped) or raise a DataError naming the first bad byte."""
     skip = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
     try:
@@ -306,7 +309,7 @@ def _decode(path: Path, data: bytes, where: str = "") -> str:
     except UnicodeDecodeError as err:
         offset = skip + err.start
         line = data.count(b"\n", 0, offset) + 1
-        raise _file_error(
+        raise file_error(
             path,
             f"{where}line {line}, byte offset {offset:,}: is not UTF-8 (byte 0x{data[offset]:02x})",
             "re-save the file as UTF-8",
@@ -319,13 +322,13 @@ def _parse_json(path: Path, text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         # err.msg is json's fixed phrase; str(err) and err.doc are avoided since doc is the whole input.
-        raise _file_error(
+        raise file_error(
             path, f"line {err.lineno}, column {err.colno}: is not valid JSON ({err.msg})", "fix the file"
         ) from None
     except RecursionError:
-        raise _file_error(path, "is not valid JSON (it nests too deeply)", "fix the file") from None
+        raise file_error(path, "is not valid JSON (it nests too deeply)", "fix the file") from None
     except ValueError as err:  # e.g. an integer literal longer than Python's digit limit
-        raise _file_error(path, f"is not valid JSON ({str(err)[:_SNIP]})", "fix the file") from None
+        raise file_error(path, f"is not valid JSON ({str(err)[:_SNIP]})", "fix the file") from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -354,24 +357,24 @@ def load_squad_json(
             (unless ``skip_bad``) holds an invalid question.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if not data.strip():
-        raise _file_error(path, "is empty", "give a SQuAD v1.1 JSON file")
-    root = _parse_json(path, _decode(path, data))
+        raise file_error(path, "is empty", "give a SQuAD v1.1 JSON file")
+    root = _parse_json(path, decode(path, data))
     del data
     if not isinstance(root, dict) or not isinstance(root.get("data"), list):
         found = "an object without a 'data' list" if isinstance(root, dict) else _type_name(root)
-        raise _file_error(
+        raise file_error(
             path,
             f"top level: expected a SQuAD object with a 'data' list, found {found}",
             "give a SQuAD v1.1 file",
         )
-    out = _Collector(path, skip_bad, stats)
+    out = Collector(path, skip_bad, stats)
     for a, article in enumerate(root["data"]):
         place = f"data[{a}]"
         try:
             paragraphs = _field(_expect(article, dict, "an article"), "paragraphs", list)
-        except _BadRecord as err:
+        except BadRecord as err:
             out.bad(place, err)
             continue
         for p, paragraph in enumerate(paragraphs):
@@ -380,7 +383,7 @@ def load_squad_json(
                 _expect(paragraph, dict, "a paragraph")
                 context = _field(paragraph, "context", str)
                 qas = _field(paragraph, "qas", list)
-            except _BadRecord as err:
+            except BadRecord as err:
                 out.bad(place, err)
                 continue
             for q, qa in enumerate(qas):
@@ -395,7 +398,7 @@ def load_squad_json(
                         _squad_answer_texts(qa),
                         lenient_answers=False,
                     )
-                except _BadRecord as err:
+                except BadRecord as err:
                     out.bad(place, err)
                     continue
                 out.add(place, example)
@@ -404,10 +407,10 @@ def load_squad_json(
 
 def _squad_answer_texts(qa: Mapping[str, Any]) -> list[str]:
     if "answers" not in qa:
-        raise _BadRecord("empty_answers", "has no 'answers' key")
+        raise BadRecord("empty_answers", "has no 'answers' key")
     answers = _expect(qa["answers"], list, "'answers'")
     if not answers and qa.get("is_impossible") is True:
-        raise _BadRecord(
+        raise BadRecord(
             "empty_answers", "is an unanswerable SQuAD 2.0 question, but this loader reads SQuAD v1.1"
         )
     texts = []
@@ -443,11 +446,11 @@ def load_mrqa_jsonl(
             ``skip_bad``) holds a bad line or question.
     """
     path = Path(path)
-    _check_file(path)
-    out = _Collector(path, skip_bad, stats)
+    check_file(path)
+    out = Collector(path, skip_bad, stats)
     saw_bytes = False
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             offset = 0
             for lineno, raw in enumerate(f, start=1):
                 start, offset = offset, offset + len(raw)
@@ -456,24 +459,24 @@ def load_mrqa_jsonl(
                 saw_bytes = True
                 _mrqa_line(out, path, lineno, start, raw)
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise _gzip_error(path, err) from None
+        raise gzip_error(path, err) from None
     except OSError as err:
-        raise _file_error(
+        raise file_error(
             path, f"cannot be read ({err.strerror or type(err).__name__})", "check it"
         ) from None
     if not saw_bytes:
-        raise _file_error(path, "is empty", "give an MRQA .jsonl file")
+        raise file_error(path, "is empty", "give an MRQA .jsonl file")
     return out.finish()
 
 
-def _mrqa_line(out: _Collector, path: Path, lineno: int, start: int, raw: bytes) -> None:
+def _mrqa_line(out: Collector, path: Path, lineno: int, start: int, raw: bytes) -> None:
     place = f"line {lineno}"
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         out.bad(
             place,
-            _BadRecord(
+            BadRecord(
                 "bad_encoding",
                 f"is not UTF-8 at byte offset {start + err.start:,} (byte 0x{raw[err.start]:02x})",
             ),
@@ -486,20 +489,20 @@ def _mrqa_line(out: _Collector, path: Path, lineno: int, start: int, raw: bytes)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        out.bad(place, _BadRecord("bad_json", f"column {err.colno}: is not valid JSON ({err.msg})"))
+        out.bad(place, BadRecord("bad_json", f"column {err.colno}: is not valid JSON ({err.msg})"))
         return
     except RecursionError:
-        out.bad(place, _BadRecord("bad_json", "is not valid JSON (it nests too deeply)"))
+        out.bad(place, BadRecord("bad_json", "is not valid JSON (it nests too deeply)"))
         return
     except ValueError as err:
-        out.bad(place, _BadRecord("bad_json", f"is not valid JSON ({str(err)[:_SNIP]})"))
+        out.bad(place, BadRecord("bad_json", f"is not valid JSON ({str(err)[:_SNIP]})"))
         return
     if isinstance(obj, dict) and "header" in obj and "context" not in obj:
         return
     try:
         context = _field(_expect(obj, dict, "a line"), "context", str)
         qas = _field(obj, "qas", list)
-    except _BadRecord as err:
+    except BadRecord as err:
         out.bad(place, err)
         return
     for q, qa in enumerate(qas):
@@ -509,16 +512,16 @@ def _mrqa_line(out: _Collector, path: Path, lineno: int, start: int, raw: bytes)
             id_key = "qid" if "qid" in qa else "id"
             qplace = _place_with_id(qplace, qa, id_key)
             if id_key not in qa:
-                raise _BadRecord("bad_schema", "has no 'qid' (or 'id') key")
+                raise BadRecord("bad_schema", "has no 'qid' (or 'id') key")
             if "answers" not in qa:
-                raise _BadRecord("empty_answers", "has no 'answers' key")
+                raise BadRecord("empty_answers", "has no 'answers' key")
             answers = _expect(qa["answers"], list, "'answers'")
             for k, answer in enumerate(answers):
                 _expect(answer, str, f"answer {k}")
             example = _make_example(
                 qa[id_key], _field(qa, "question", str), context, answers, lenient_answers=True
             )
-        except _BadRecord as err:
+        except BadRecord as err:
             out.bad(qplace, err)
             continue
         out.add(qplace, example)
@@ -553,7 +556,7 @@ def examples_from_rows(
     Raises:
         DataError: There are no rows, or (unless ``skip_bad``) a row is invalid.
     """
-    out = _Collector(source, skip_bad, stats)
+    out = Collector(source, skip_bad, stats)
     for r, row in enumerate(rows):
         place = f"row {r}"
         try:
@@ -571,7 +574,7 @@ def examples_from_rows(
                 answers,
                 lenient_answers=False,
             )
-        except _BadRecord as err:
+        except BadRecord as err:
             out.bad(place, err)
             continue
         out.add(place, example)
@@ -604,15 +607,15 @@ def load_hf_dataset(
     try:
         dataset = datasets.load_dataset(name, split=split, **load_kwargs)
     except (datasets.exceptions.DatasetsError, OSError, ValueError) as err:
-        reason = _one_line(str(err))[:_SNIP]
-        raise _file_error(
+        reason = one_line(str(err))[:_SNIP]
+        raise file_error(
             source,
             f"cannot load this Hugging Face dataset ({type(err).__name__}: {reason})",
             "check the name, the split and the network, or give a local file",
         ) from None
     missing = [c for c in ("id", "question", "context", "answers") if c not in dataset.column_names]
     if missing:
-        raise _file_error(
+        raise file_error(
             source,
             f"has no column {', '.join(map(repr, missing))} (it has {', '.join(dataset.column_names)[:_SNIP]})",
             "use a dataset with SQuAD-style columns",
@@ -647,18 +650,18 @@ def load_examples(
     if isinstance(source, str) and source.startswith(HF_PREFIX):
         name = source[len(HF_PREFIX) :]
         if not name:
-            raise _file_error(
+            raise file_error(
                 source, "names no dataset", f"write {HF_PREFIX}NAME, e.g. {HF_PREFIX}rajpurkar/squad"
             )
         return load_hf_dataset(name, split, skip_bad=skip_bad, stats=stats)
     path = Path(source)
-    _check_file(path)
+    check_file(path)
     lower = path.name.lower()
     if lower.endswith((".jsonl", ".jsonl.gz")):
         return load_mrqa_jsonl(path, skip_bad=skip_bad, stats=stats)
     if lower.endswith((".json", ".json.gz")):
         return load_squad_json(path, skip_bad=skip_bad, stats=stats)
-    raise _file_error(
+    raise file_error(
         path,
         "has an unknown suffix",
         "use .json for SQuAD v1.1 or .jsonl / .jsonl.gz for MRQA (or hf:NAME for a Hugging Face dataset)",
