@@ -184,9 +184,7 @@ class Collector:
         first = self._first_place.get(example.id)
         if first is not None:
             # Predictions are keyed by id, so a repeated id would silently merge two questions in eval.
-            self.bad(
-                place, BadRecord("duplicate_id", f"id {quote(example.id)} was already used at {first}")
-            )
+            self.bad(place, BadRecord("duplicate_id", f"id {quote(example.id)} was already used at {first}"))
             return
         self._first_place[example.id] = place
         self.examples.append(example)
@@ -296,9 +294,7 @@ def read_bytes(path: Path) -> bytes:
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise gzip_error(path, err) from None
     except OSError as err:
-        raise file_error(
-            path, f"cannot be read ({err.strerror or type(err).__name__})", "check it"
-        ) from None
+        raise file_error(path, f"cannot be read ({err.strerror or type(err).__name__})", "check it") from None
 
 
 def decode(path: Path, data: bytes, where: str = "") -> str:
@@ -461,9 +457,7 @@ def load_mrqa_jsonl(
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise gzip_error(path, err) from None
     except OSError as err:
-        raise file_error(
-            path, f"cannot be read ({err.strerror or type(err).__name__})", "check it"
-        ) from None
+        raise file_error(path, f"cannot be read ({err.strerror or type(err).__name__})", "check it") from None
     if not saw_bytes:
         raise file_error(path, "is empty", "give an MRQA .jsonl file")
     return out.finish()
