@@ -64,6 +64,9 @@ class PromptConfig:
     """The softprompt release that wrote the prompt."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else worth keeping (dev scores, step)."""
+    task: dict[str, Any] | None = None
+    """The text task the prompt was trained on (softprompt.task.TaskSpec.to_dict(): templates, labels,
+    metric); None for SQuAD-shaped QA. eval, predict and serve write inputs with it."""
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -32,6 +32,7 @@ from softprompt.choices import (
     PrecisionName,
     PunctuationName,
     ReportToName,
+    TaskMetricName,
 )
 from softprompt.errors import ConfigError
 from softprompt.rundir import CONFIG_FILE, LAST
@@ -106,8 +107,26 @@ AnswerTokens = Annotated[int, tyro.conf.arg(aliases=("--max_new_tokens",)), Boun
 GenerationBatch = Annotated[int, tyro.conf.arg(aliases=("--batch_size",)), Bound(low=1)]
 
 
+@dataclass(kw_only=True)
+class TaskFlags:
+    """The task's flags, shared by train, eval, predict and format (softprompt.task reads them)."""
+
+    task: str | None = None
+    """The task: a preset of configs/tasks (boolq, cb, copa, multirc, record, rte, wic, wsc; squad, the default, is QA on SQuAD JSON / MRQA jsonl) or a task YAML file. The flags below override its fields."""
+    input_template: str | None = None
+    """A text task's model input over each row's fields (JSONL/CSV/TSV or hf: rows), e.g. 'sst2 sentence: {sentence}'."""
+    target_template: str | None = None
+    """A text task's target over the row's fields; default: the label string (--label_field/--labels)."""
+    label_field: str | None = None
+    """The row field holding a classification task's label."""
+    labels: list[str] = field(default_factory=list)
+    """A classification task's label strings in class order: --labels negative positive (a row's label may be the index, the string, or for two classes a bool)."""
+    metric: TaskMetricName | None = None
+    """How answers are scored: accuracy, macro_f1, multirc, record, wsc, exact_match, squad (default: the task's; accuracy with --labels, else exact_match)."""
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(TaskFlags):
     """Everything a training run needs. Defaults follow the paper (Lester et al., 2021)."""
 
     # --- where things are
@@ -122,7 +141,9 @@ class TrainConfig:
     validation_file: DataFile | None = None
     """Dev data for evaluation and checkpoint selection: SQuAD v1.1 JSON, MRQA .jsonl(.gz) or hf:NAME. Without it (and without --dataset_name) nothing is evaluated and best/ is not written."""
     dataset_name: str | None = None
-    """A Hugging Face dataset with SQuAD columns (e.g. 'squad'), used instead of the files; needs the internet."""
+    """A Hugging Face dataset, used instead of the files (needs the internet): SQuAD columns (e.g. 'squad'), or any rows a --task reads (e.g. super_glue with --dataset_config rte)."""
+    dataset_config: str | None = None
+    """The configuration of --dataset_name (e.g. rte); default: the task preset's."""
     train_split: str = "train"
     """Split of --dataset_name to train on."""
     validation_split: str = "validation"
@@ -675,8 +696,18 @@ def _exists(value: str) -> bool:
 def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | None, list[str]]:
     """Every problem `validate` would refuse, without raising: the batch plan (None if impossible) and them."""
     problems: list[str] = check_numbers(cfg)
-    if cfg.dataset_name is None and cfg.train_file is None:
-        problems.append("give --train_file (SQuAD JSON, MRQA jsonl or hf:NAME) or --dataset_name")
+    task = None
+    try:
+        from softprompt.task import task_from_flags  # deferred: reads YAML presets, imports the data stack
+
+        task = task_from_flags(cfg)
+    except ConfigError as err:
+        problems.append(str(err))
+    has_own_data = task is not None and bool(task.dataset)
+    if cfg.dataset_name is None and cfg.train_file is None and not has_own_data:
+        problems.append(
+            "give --train_file (SQuAD JSON, MRQA jsonl, a task's JSONL/CSV/TSV, or hf:NAME) or --dataset_name"
+        )
     for name in ("train_file", "validation_file", "prompt_init_file"):
         value = getattr(cfg, name)
         if (

@@ -1,4 +1,5 @@
-"""Greedy answers for a data set, sharded over ranks, scored with the official SQuAD metric."""
+"""Greedy answers for a data set, sharded over ranks, scored with the official SQuAD metric or a text
+task's metric."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
+from softprompt.choices import RankMode
 from softprompt.data import Collator, Features, QAExample, length_sorted_indices, shard_indices
 from softprompt.distributed import DistEnv, gather_objects
 from softprompt.metrics import squad_scores, squad_scores_padded
+from softprompt.errors import ConfigError
 from softprompt.model import PromptedT5
+from softprompt.task import TaskSpec, TextExample
 from softprompt.tracking import Progress
 
 # (feature indices [B]) -> (prompts [B, P, H], lengths [B] or None): per-row prompts for mixed batches.
@@ -23,7 +27,8 @@ class EvalResult:
     """Scores and the answers behind them.
 
     Attributes:
-        exact_match: Official SQuAD v1.1 EM of ``predictions`` against the raw gold answers.
+        exact_match: Official SQuAD v1.1 EM of ``predictions`` against the raw gold answers (a text task:
+            its exact match if its metric has one, else None).
         f1: Official SQuAD v1.1 F1, likewise.
         predictions: Question id to the answer scored officially: with padded text, the raw context span
             the generated answer maps back to (the answer as generated when it maps nowhere).
@@ -34,15 +39,29 @@ class EvalResult:
             (padded text); None otherwise.
     """
 
-    exact_match: float
-    f1: float
+    exact_match: float | None
+    f1: float | None
     predictions: dict[str, str]
     t5_exact_match: float | None = None
     t5_f1: float | None = None
     generated: dict[str, str] | None = None
+    metrics: dict[str, float] | None = None
+    """A text task's scores (softprompt.task_metrics.score_texts), the selection metric first."""
+
+    @property
+    def score(self) -> float:
+        """The score that chooses the best checkpoint: F1 for QA, a text task's first metric."""
+        if self.metrics is not None:
+            return next(iter(self.metrics.values()))
+        assert self.f1 is not None
+        return self.f1
 
     def scores(self) -> dict[str, float]:
-        """The scores to report: exact_match, f1, and with padded text t5_exact_match, t5_f1."""
+        """The scores to report: a text task's metrics; for QA exact_match, f1, and with padded text
+        t5_exact_match, t5_f1."""
+        if self.metrics is not None:
+            return dict(self.metrics)
+        assert self.exact_match is not None and self.f1 is not None
         out = {"exact_match": self.exact_match, "f1": self.f1}
         if self.t5_exact_match is not None and self.t5_f1 is not None:
             out.update(t5_exact_match=self.t5_exact_match, t5_f1=self.t5_f1)
@@ -167,4 +186,52 @@ def evaluate_examples(
         t5_exact_match=scores["t5_exact_match"],
         t5_f1=scores["t5_f1"],
         generated=predictions,
+    )
+
+
+def evaluate_texts(
+    model: PromptedT5,
+    tokenizer,
+    task: TaskSpec,
+    examples: Sequence[TextExample],
+    features: Sequence[Features],
+    *,
+    classify: str = "greedy",
+    **kwargs,
+) -> EvalResult:
+    """Answer every example of a text task and score it with the task's metric.
+
+    Args:
+        model: the (unwrapped) model.
+        tokenizer: decodes (and, for rank classification, encodes the labels).
+        task: the task (its metric and label strings).
+        examples: the examples with gold targets.
+        features: one per example, `features[i].example_index` pointing into `examples`.
+        classify: `greedy` generates freely; `rank` picks the label string with the highest summed
+            log-likelihood (classification tasks only).
+        **kwargs: `generate_answers` options (batch_size, max_new_tokens, env, bf16, row_prompts, ...).
+
+    Returns:
+        The task's scores (`EvalResult.metrics`) and the answers by example id.
+    """
+    from softprompt.task_metrics import score_texts  # deferred: QA runs never need it
+
+    if classify == RankMode.RANK:
+        if not task.classes:
+            raise ConfigError(f"--classify rank needs a classification task; {task.name} has no labels")
+        from softprompt.rank import rank_labels
+
+        kwargs.pop("max_new_tokens", None)
+        picks = rank_labels(model, tokenizer, features, task.classes, **kwargs)
+        texts = [task.classes[k] for k in picks]
+    else:
+        texts = generate_answers(model, tokenizer, features, **kwargs)
+    ordered = [examples[f.example_index] for f in features]
+    scores = score_texts(task.metric, ordered, texts, task.classes)
+    predictions = {ex.id: t for ex, t in zip(ordered, texts, strict=True)}
+    return EvalResult(
+        exact_match=scores.get("exact_match"),
+        f1=scores.get("f1"),
+        predictions=predictions,
+        metrics=scores,
     )

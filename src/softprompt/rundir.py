@@ -265,9 +265,11 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    best_score: float = -1.0  # the selection score at best_step: F1 for QA, a text task's first metric
     best_f1: float = -1.0
     best_em: float = -1.0
     best_step: int = -1
+    best_scores: dict[str, float] = field(default_factory=dict)  # a text task's scores at best_step
     best_t5_em: float | None = None  # T5's own scores at best_step (padded text only)
     best_t5_f1: float | None = None
     train_seconds: float = 0.0
@@ -288,6 +290,8 @@ def _same_kind(value: Any, default: Any) -> bool:
         return False
     if isinstance(default, list):
         return isinstance(value, list)
+    if isinstance(default, dict):
+        return isinstance(value, dict) and all(isinstance(v, int | float) for v in value.values())
     if isinstance(default, int):
         return isinstance(value, int)
     return isinstance(value, int | float) or (default is None and value is None)
@@ -301,6 +305,8 @@ def read_trainer_state(directory: Path) -> TrainerState:
         if not isinstance(raw, dict):
             raise TypeError(f"a JSON {type(raw).__name__}, not an object")
         state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
+        if "best_score" not in raw:  # written before text tasks: QA selected on F1
+            state.best_score = state.best_f1
         for name, default in asdict(TrainerState()).items():
             if not _same_kind(getattr(state, name), default):
                 raise TypeError(f"{name} is {getattr(state, name)!r}")

@@ -668,3 +668,34 @@ def tokenize_texts(
             )
         )
     return features
+
+
+# --------------------------------------------------------------------------------------------------------
+# From flags
+
+_OVERRIDES = ("input_template", "target_template", "label_field", "metric")
+
+
+def task_from_flags(flags: Any, saved: Mapping[str, Any] | None = None) -> TaskSpec | None:
+    """The text task that ``--task`` and the template flags name, or None for SQuAD-shaped QA.
+
+    Args:
+        flags: An object with softprompt.config.TaskFlags' fields (TrainConfig, EvalArgs, ...).
+        saved: A task recorded with a prompt (its ``to_dict``), used when ``--task`` is not given.
+
+    Raises:
+        ConfigError: The preset or file is unknown, or the resulting task is invalid (every problem).
+    """
+    name = getattr(flags, "task", None)
+    base: dict[str, Any] = load_task(name).to_dict() if name else dict(saved or {})
+    overrides = {k: getattr(flags, k) for k in _OVERRIDES if getattr(flags, k, None) is not None}
+    if getattr(flags, "labels", None):
+        overrides["labels"] = list(flags.labels)
+    if not base and not overrides:
+        return None
+    data = {**base, **overrides}
+    if "labels" in overrides and "metric" not in overrides and "metric" not in base:
+        data["metric"] = TaskMetric.ACCURACY.value
+    where = f"--task {name}" if name else "the task flags"
+    spec = TaskSpec.from_dict(data, where=where)
+    return None if spec.is_qa else spec

@@ -40,6 +40,7 @@ from softprompt.data import (
     BucketBatchSampler,
     Collator,
     Features,
+    HF_PREFIX,
     QAExample,
     load_examples,
     load_hf_dataset,
@@ -59,11 +60,12 @@ from softprompt.distributed import (
     wrap_ddp,
 )
 from softprompt.errors import CheckpointError, ConfigError, UserError
-from softprompt.evaluate import autocast, evaluate_examples
+from softprompt.evaluate import EvalResult, autocast, evaluate_examples, evaluate_texts
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.optim import build_optimizer
 from softprompt.prompt import SoftPrompt, initial_prompt
 from softprompt.rundir import TrainerState
+from softprompt.task import TaskSpec, TextExample, load_task_examples, task_from_flags, tokenize_texts
 from softprompt.tracking import MetricsLogger, Progress
 
 PAPER_STEPS = 30_000
@@ -98,7 +100,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_features: list[Features]
     sampler: BucketBatchSampler
-    eval_examples: list[QAExample]
+    eval_examples: list[QAExample] | list[TextExample]
     eval_features: list[Features]
     collate: Collator
     max_steps: int
@@ -109,6 +111,7 @@ class Run:
     bf16: bool
     base_fingerprint: str | None = None  # what identifies the base model (`ckpt.model_fingerprint`)
     lock: rundir.RunLock | None = None  # rank 0's lock on `out`, held for the run's whole life
+    task: TaskSpec | None = None  # a text task; None for SQuAD-shaped QA
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -140,9 +143,10 @@ def _build(
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     stats: Counter = Counter()
-    train_examples, eval_examples = _load_data(cfg, stats)
-    train_features, eval_features = _tokenize(cfg, tokenizer, train_examples, eval_examples)
-    model = _build_model(cfg, env, tokenizer)
+    task = task_from_flags(cfg)
+    train_examples, eval_examples = _load_data(cfg, task, stats)
+    train_features, eval_features = _tokenize(cfg, task, tokenizer, train_examples, eval_examples)
+    model = _build_model(cfg, env, tokenizer, task)
     engine = shard_fsdp(model, env, bf16=cfg.precision == "bf16") if cfg.fsdp else wrap_ddp(model, env)
     if cfg.compile:
         engine = torch.compile(engine)
@@ -195,6 +199,7 @@ def _build(
         bf16=cfg.precision == "bf16",
         base_fingerprint=None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path),
         lock=lock,
+        task=task,
     )
     _announce(run, len(train_examples), stats, resumed_changes)
     return run
@@ -265,7 +270,25 @@ def _claim_output_dir(cfg: TrainConfig, env: DistEnv) -> rundir.RunLock | None:
     return lock
 
 
-def _load_split(cfg: TrainConfig, which: str, stats: Counter) -> list[QAExample]:
+def _load_split(
+    cfg: TrainConfig, task: TaskSpec | None, which: str, stats: Counter
+) -> list[QAExample] | list[TextExample]:
+    if task is not None:
+        split = cfg.train_split if which == "train" else cfg.validation_split
+        path = cfg.train_file if which == "train" else cfg.validation_file
+        if cfg.dataset_name is not None:
+            path = HF_PREFIX + cfg.dataset_name
+        elif path is None and (cfg.train_file is not None or not task.dataset):
+            return []  # files without a dev file: no dev set (no files at all: the task's own dataset)
+        return load_task_examples(
+            task,
+            path,
+            split=split,
+            config=cfg.dataset_config,
+            for_training=which == "train",
+            skip_bad=cfg.skip_bad_examples,
+            stats=stats,
+        )
     if cfg.dataset_name is not None:
         split = cfg.train_split if which == "train" else cfg.validation_split
         return load_hf_dataset(cfg.dataset_name, split, skip_bad=cfg.skip_bad_examples, stats=stats)
@@ -275,12 +298,12 @@ def _load_split(cfg: TrainConfig, which: str, stats: Counter) -> list[QAExample]
     return load_examples(path, skip_bad=cfg.skip_bad_examples, stats=stats)
 
 
-def _load_data(cfg: TrainConfig, stats: Counter) -> tuple[list[QAExample], list[QAExample]]:
+def _load_data(cfg: TrainConfig, task: TaskSpec | None, stats: Counter) -> tuple[list[Any], list[Any]]:
     """The train and dev examples, cut to --max_train_samples / --max_eval_samples."""
-    train_examples = _load_split(cfg, "train", stats)
+    train_examples = _load_split(cfg, task, "train", stats)
     if cfg.max_train_samples is not None:
         train_examples = train_examples[: cfg.max_train_samples]
-    eval_examples = _load_split(cfg, "validation", stats)
+    eval_examples = _load_split(cfg, task, "validation", stats)
     if cfg.max_eval_samples is not None:
         eval_examples = eval_examples[: cfg.max_eval_samples]
     if not train_examples:
@@ -289,8 +312,16 @@ def _load_data(cfg: TrainConfig, stats: Counter) -> tuple[list[QAExample], list[
 
 
 def _tokenize(
-    cfg: TrainConfig, tokenizer: Any, train_examples: list[QAExample], eval_examples: list[QAExample]
+    cfg: TrainConfig,
+    task: TaskSpec | None,
+    tokenizer: Any,
+    train_examples: list[Any],
+    eval_examples: list[Any],
 ) -> tuple[list[Features], list[Features]]:
+    if task is not None:
+        lengths = dict(max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length)
+        train_features = tokenize_texts(train_examples, tokenizer, for_training=True, **lengths)
+        return train_features, tokenize_texts(eval_examples, tokenizer, **lengths)
     kwargs = dict(
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
@@ -310,7 +341,7 @@ def _set_dropout(model: nn.Module, rate: float) -> None:
             m.dropout = rate
 
 
-def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any) -> PromptedT5:
+def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any, task: TaskSpec | None = None) -> PromptedT5:
     """The T5 (with --dropout applied) and, in prompt mode, its initialised prompt, on this rank's device."""
     t5 = load_t5(
         cfg.model_name_or_path,
@@ -320,7 +351,7 @@ def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any) -> PromptedT5:
     )
     if cfg.dropout is not None:
         _set_dropout(t5, cfg.dropout)
-    prompt = _build_prompt(cfg, env, t5, tokenizer) if cfg.prompt_tuning else None
+    prompt = _build_prompt(cfg, env, t5, tokenizer, init_labels(cfg, task)) if cfg.prompt_tuning else None
     model = PromptedT5(t5, prompt, fast_path=cfg.fast_path).to(env.device)
     if cfg.precision == "bf16" and cfg.prompt_tuning and not cfg.fsdp and cfg.bf16_weights:
         # No model weight trains, so keep the matmul weights in bf16 once instead of casting them every
@@ -330,7 +361,17 @@ def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any) -> PromptedT5:
     return model
 
 
-def _build_prompt(cfg: TrainConfig, env: DistEnv, t5: nn.Module, tokenizer: Any) -> SoftPrompt:
+def init_labels(cfg: TrainConfig, task: TaskSpec | None) -> list[str]:
+    """The class labels that start the prompt under --prompt_init class_label: --prompt_init_labels, else
+    the task's label strings."""
+    if cfg.prompt_init != "class_label" or cfg.prompt_init_labels:
+        return list(cfg.prompt_init_labels)
+    return list(task.classes or ()) if task is not None else []
+
+
+def _build_prompt(
+    cfg: TrainConfig, env: DistEnv, t5: nn.Module, tokenizer: Any, labels: list[str]
+) -> SoftPrompt:
     prompt = SoftPrompt(cfg.n_tokens, t5.config.d_model)
     with torch.no_grad():
         prompt.weight.copy_(
@@ -342,7 +383,7 @@ def _build_prompt(cfg: TrainConfig, env: DistEnv, t5: nn.Module, tokenizer: Any)
                 text=cfg.prompt_init_text,
                 tokenizer=tokenizer,
                 path=cfg.prompt_init_file,
-                labels=cfg.prompt_init_labels,
+                labels=labels,
             )
         )
     if cfg.prompt_init == "from_file" and cfg.prompt_init_file and env.is_main and not cfg.random_init:
@@ -641,31 +682,40 @@ def accumulate_gradients(
 
 
 def _evaluate(run: Run) -> float:
-    """Score the dev set; keep best/ when F1 improves. Returns dev F1 (on every rank)."""
+    """Score the dev set; keep best/ when the selection score (F1 for QA, a text task's first metric)
+    improves. Returns that score (on every rank)."""
     cfg, st = run.cfg, run.state
-    result = evaluate_examples(
-        run.model,
-        run.tokenizer,
-        run.eval_examples,
-        run.eval_features,
+    gen = dict(
         batch_size=cfg.eval_batch_size,
         max_new_tokens=cfg.max_target_length,
         env=run.env,
         bf16=run.bf16,
         lockstep=cfg.fsdp,
-        punctuation=cfg.punctuation,
     )
+    result: EvalResult
+    if run.task is not None:
+        result = evaluate_texts(
+            run.model, run.tokenizer, run.task, run.eval_examples, run.eval_features, **gen
+        )
+    else:
+        result = evaluate_examples(
+            run.model, run.tokenizer, run.eval_examples, run.eval_features, punctuation=cfg.punctuation, **gen
+        )
     st.last_eval_step = st.step
     run.logger.log("eval", st.step, **result.scores())
     if run.env.is_main:
         ckpt.atomic_write_json(run.out / rundir.predictions_file(st.step), result.predictions)
-    if result.f1 > st.best_f1:
-        st.best_f1, st.best_em, st.best_step = result.f1, result.exact_match, st.step
-        st.best_t5_em, st.best_t5_f1 = result.t5_exact_match, result.t5_f1
+    if result.score > st.best_score:
+        st.best_score, st.best_step = result.score, st.step
+        if run.task is None:
+            st.best_f1, st.best_em = result.f1, result.exact_match
+            st.best_t5_em, st.best_t5_f1 = result.t5_exact_match, result.t5_f1
+        else:
+            st.best_scores = result.scores()
         save_best(run)
         if run.env.is_main:
             ckpt.atomic_write_json(run.out / rundir.PREDICTIONS_BEST, result.predictions)
-    return result.f1
+    return result.score
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -796,11 +846,15 @@ def _prompt_config(run: Run) -> ckpt.PromptConfig:
         max_target_length=cfg.max_target_length,
         extra={
             "step": run.state.step,
-            "dev_f1": run.state.best_f1,
-            "dev_exact_match": run.state.best_em,
+            **(
+                {"dev_f1": run.state.best_f1, "dev_exact_match": run.state.best_em}
+                if run.task is None
+                else {f"dev_{k}": v for k, v in run.state.best_scores.items()}
+            ),
             "base_model_fingerprint": run.base_fingerprint,
-            **({"prompt_init_labels": list(cfg.prompt_init_labels)} if cfg.prompt_init_labels else {}),
+            **({"prompt_init_labels": labels} if (labels := init_labels(cfg, run.task)) else {}),
         },
+        task=run.task.to_dict() if run.task is not None else None,
     )
 
 
@@ -859,6 +913,13 @@ def _results(run: Run) -> dict[str, Any]:
         "skipped_nonfinite": st.skipped_nonfinite,
         "softprompt_version": __version__,
     }
+    if run.task is not None:
+        # A text task's own scores at the best step (exact_match/f1 are its own when its metric has them).
+        best = st.best_scores if st.best_step >= 0 else {}
+        results.update(
+            exact_match=best.get("exact_match"), f1=best.get("f1"), t5_exact_match=None, t5_f1=None
+        )
+        results.update(best, task=run.task.name, metric=run.task.metric.value, scores=best or None)
     if run.env.is_main:
         ckpt.atomic_write_json(run.out / rundir.RESULTS_FILE, results)
     run.logger.log("end", st.step, **{k: v for k, v in results.items() if isinstance(v, int | float)})
