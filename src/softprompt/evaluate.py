@@ -12,8 +12,8 @@ import torch
 from softprompt.choices import RankMode
 from softprompt.data import Collator, Features, QAExample, length_sorted_indices, shard_indices
 from softprompt.distributed import DistEnv, gather_objects
-from softprompt.metrics import squad_scores, squad_scores_padded
 from softprompt.errors import ConfigError
+from softprompt.metrics import squad_scores, squad_scores_padded
 from softprompt.model import PromptedT5
 from softprompt.task import TaskSpec, TextExample
 from softprompt.tracking import Progress

@@ -37,10 +37,10 @@ from softprompt.config import (
     with_mode_defaults,
 )
 from softprompt.data import (
+    HF_PREFIX,
     BucketBatchSampler,
     Collator,
     Features,
-    HF_PREFIX,
     QAExample,
     load_examples,
     load_hf_dataset,
