@@ -26,9 +26,10 @@ from softprompt.checkpoint import PromptConfig, load_prompt, refuse_non_model, s
 from softprompt.data import Features, QAExample, tokenize_examples
 from softprompt.distributed import DistEnv
 from softprompt.errors import CheckpointError, UserError
-from softprompt.evaluate import EvalResult, RowPrompts, evaluate_examples, generate_answers
+from softprompt.evaluate import EvalResult, RowPrompts, evaluate_examples, evaluate_texts, generate_answers
 from softprompt.metrics import normalize_answer, squad_scores, squad_scores_padded
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
+from softprompt.task import TaskSpec, TextExample
 from softprompt.textformat import raw_answer
 
 __all__ = [
@@ -409,6 +410,38 @@ class PromptBank:
             examples,
             features,
             punctuation=punctuation,
+            row_prompts=row_prompts,
+            **gen,
+        )
+
+    def evaluate_task(
+        self,
+        task: TaskSpec,
+        examples: Sequence[TextExample],
+        features: Sequence[Features],
+        tasks: Tasks = None,
+        *,
+        classify: str = "greedy",
+        **gen: Any,
+    ) -> EvalResult:
+        """Answer and score a text task with its metric (`evaluate.evaluate_texts`).
+
+        Args:
+            task: the task (metric, label strings).
+            examples: the examples with gold targets.
+            features: `features[i]` is the tokenized `examples[features[i].example_index]`.
+            tasks: as in `generate_answers`.
+            classify: greedy generation, or rank classification over the task's labels.
+            **gen: `evaluate.generate_answers` options.
+        """
+        row_prompts = self._row_prompts_for(features, tasks)
+        return evaluate_texts(
+            self.model,
+            self.tokenizer,
+            task,
+            examples,
+            features,
+            classify=classify,
             row_prompts=row_prompts,
             **gen,
         )

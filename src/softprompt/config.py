@@ -721,10 +721,18 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
             problems.append("--prompt_init text needs --prompt_init_text")
         if cfg.prompt_init == "from_file" and not cfg.prompt_init_file:
             problems.append("--prompt_init from_file needs --prompt_init_file")
-        if cfg.prompt_init == "class_label" and not cfg.prompt_init_labels:
+        task_labels = list(task.classes or ()) if task is not None else []
+        if cfg.prompt_init == "class_label" and not cfg.prompt_init_labels and not task_labels:
             problems.append(
-                "--prompt_init class_label needs --prompt_init_labels (e.g. --prompt_init_labels yes no)"
+                "--prompt_init class_label needs --prompt_init_labels (e.g. --prompt_init_labels yes no) "
+                "or a classification --task"
             )
+        if (
+            cfg.prompt_init == "class_label"
+            and not cfg.prompt_init_labels
+            and len(task_labels) > cfg.n_tokens
+        ):
+            problems.append(f"the task's {len(task_labels)} labels do not fit in --n_tokens {cfg.n_tokens}")
         if cfg.prompt_init_labels and cfg.prompt_init != "class_label":
             problems.append("--prompt_init_labels only applies to --prompt_init class_label")
         if len(cfg.prompt_init_labels) > cfg.n_tokens:

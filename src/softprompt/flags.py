@@ -22,7 +22,14 @@ from typing import Annotated, Any, TypeVar
 
 import tyro
 
-from softprompt.choices import EnsembleName, ExportFormatName, LogLevelName, PrecisionName, PunctuationName
+from softprompt.choices import (
+    EnsembleName,
+    ExportFormatName,
+    LogLevelName,
+    PrecisionName,
+    PunctuationName,
+    RankModeName,
+)
 from softprompt.config import (
     AnswerTokens,
     Count,
@@ -32,6 +39,7 @@ from softprompt.config import (
     Model,
     OutputDir,
     OutputFile,
+    TaskFlags,
     check_flags,
     check_numbers,
     expand_paths,
@@ -120,17 +128,21 @@ def parse(
 
 
 @dataclass
-class EvalArgs:
-    """Score a model, with or without prompts, on a QA data file."""
+class EvalArgs(TaskFlags):
+    """Score a model, with or without prompts, on a task's dev data (SQuAD-shaped QA unless --task or the prompt says otherwise)."""
 
     model_name_or_path: Model
     """Hub id or directory of the T5 model (a fine-tuned run's best/ directory works too). Alias: --model_name_or_path."""
     validation_file: DataFile | None = None
-    """SQuAD v1.1 JSON, MRQA .jsonl(.gz) or hf:NAME to evaluate on."""
+    """The data to evaluate on: SQuAD v1.1 JSON, MRQA .jsonl(.gz), a text task's JSONL/CSV/TSV, or hf:NAME."""
     dataset_name: str | None = None
-    """A Hugging Face dataset with SQuAD columns instead of a file (needs the internet)."""
+    """A Hugging Face dataset instead of a file (needs the internet): SQuAD columns, or rows of the --task."""
+    dataset_config: str | None = None
+    """The configuration of --dataset_name (e.g. rte); default: the task preset's."""
     split: str = "validation"
     """Split of --dataset_name."""
+    classify: RankModeName = "greedy"
+    """Classification tasks: greedy (generate; an answer that is no label is wrong) or rank (the label with the highest log-likelihood)."""
     skip_bad_examples: bool = False
     """Skip malformed questions (counted in the report as skipped_examples) instead of stopping at the first one."""
     prompt: Annotated[list[str], Repeated] = field(default_factory=list)
@@ -164,7 +176,7 @@ class EvalArgs:
 
 
 @dataclass
-class PredictArgs:
+class PredictArgs(TaskFlags):
     """Answer questions with a model and an optional prompt."""
 
     model_name_or_path: Model
@@ -175,8 +187,10 @@ class PredictArgs:
     """The question (with --context; not with --input_file)."""
     context: str | None = None
     """The passage that holds the answer (with --question)."""
+    fields: str | None = None
+    """One example of a text task as a JSON object of its fields, e.g. '{"premise": "...", "hypothesis": "..."}'."""
     input_file: InputPath | None = None
-    """A JSONL file of {"question", "context"} lines (an "id" is kept if present)."""
+    """A JSONL file of {"question", "context"} lines (an "id" is kept if present); for a text task (--task, or the prompt's own) JSONL/CSV/TSV rows with the template's fields."""
     output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
     """Write answers here as JSONL instead of printing them."""
     random_init: bool = False
@@ -203,6 +217,8 @@ class PredictArgs:
 def predict_checks(args: PredictArgs) -> list[str]:
     if args.input_file is not None and (args.question is not None or args.context is not None):
         return ["give either --question/--context or --input_file, not both"]
+    if args.fields is not None and (args.input_file is not None or args.question is not None):
+        return ["give --fields alone, not with --question/--context or --input_file"]
     if args.input_file is None and (args.question is None) != (args.context is None):
         return ["--question and --context go together"]
     return []
@@ -219,8 +235,8 @@ class ScoreArgs:
 
 
 @dataclass
-class FormatArgs:
-    """Write {id, inputs, targets} per question: the exact text the model is trained and evaluated on."""
+class FormatArgs(TaskFlags):
+    """Write {id, inputs, targets} per example: the exact text the model is trained and evaluated on."""
 
     output: OutputFile
     """The .jsonl file to write, one question a line."""
@@ -229,7 +245,9 @@ class FormatArgs:
     punctuation: PunctuationName = "paper"
     """paper (T5's squad preprocessor as the paper ran it), current (T5 since 2022-04), none (raw text)."""
     dataset_name: str | None = None
-    """A Hugging Face dataset with SQuAD columns instead of DATA (needs the internet)."""
+    """A Hugging Face dataset instead of DATA (needs the internet): SQuAD columns, or rows of the --task."""
+    dataset_config: str | None = None
+    """The configuration of --dataset_name (e.g. rte); default: the task preset's."""
     split: str = "validation"
     """Split of --dataset_name or hf:NAME."""
     skip_bad_examples: bool = False
@@ -239,7 +257,7 @@ class FormatArgs:
 
 
 def format_checks(args: FormatArgs) -> list[str]:
-    if not args.data and not args.dataset_name:
+    if not args.data and not args.dataset_name and not args.task:
         return ["give the data to format: a SQuAD JSON or MRQA jsonl file, hf:NAME, or --dataset_name"]
     return []
 

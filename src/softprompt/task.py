@@ -360,6 +360,23 @@ class TaskSpec:
         group = row.get("group") if isinstance(row.get("group"), str) else None
         return TextExample(id=qid, inputs=inputs, targets=targets, label=label, group=group)
 
+    def input_texts(self, record: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+        """The model inputs of one unlabelled record (predict, serve): ``(id or None, text)`` per row.
+
+        Raises:
+            BadRecord: The record does not fit the layout or lacks a field of the input template.
+        """
+        if not isinstance(record, Mapping):
+            raise BadRecord("bad_row", f"is a {type(record).__name__}, not an object with fields")
+        out = []
+        for row in self.rows(record, for_training=False):
+            qid = row.get(self.id_field) if self.id_field else None
+            text = fill(self.input_template or "", row)
+            if not text.strip():
+                raise BadRecord("empty_input", "the input is empty")
+            out.append((None if qid is None else _text(qid, self.id_field or "id"), text))
+        return out
+
     def rows(self, record: Mapping[str, Any], for_training: bool) -> list[Mapping[str, Any]]:
         """The flat rows of one record: itself, or what the task's layout expands it to."""
         if self.layout == "rows":
