@@ -60,7 +60,7 @@ def test_every_preset_loads_names_its_source_and_launch_line():
     for name, (metric, layout) in expected.items():
         task = load_task(name)
         assert (task.name, task.metric, task.layout) == (name, TaskMetric(metric), layout)
-        assert task.dataset is not None and task.dataset["name"] == "super_glue"
+        assert task.dataset is not None and task.dataset["name"] == "aps/super_glue"
         # Where the format comes from, in the header (the model card's description).
         assert "t5/data/" in task.description and "prompt_tuning/data/super_glue.py" in task.description
         # The paper's format: no task name in front of the input.
