@@ -37,16 +37,17 @@ from softprompt.flags import (
     serve_checks,
 )
 
-USAGE = f"""softprompt {__version__}: prompt tuning (Lester et al., 2021) and fine-tuning of T5 for question answering
+USAGE = f"""softprompt {__version__}: prompt tuning (Lester et al., 2021) and fine-tuning of T5 for
+question answering (SQuAD) and any text-to-text task (--task: SuperGLUE presets, JSONL/CSV/TSV with templates)
 
 usage: softprompt COMMAND [FLAGS]   (softprompt COMMAND --help for the flags)
 
 commands:
   train     train a soft prompt (--prompt_tuning) or fine-tune the whole model
-  eval      score a model (+ prompts, optionally an ensemble) on a data file: EM/F1 and predictions
-  predict   answer --question/--context, or a JSONL file of {{question, context}} lines
+  eval      score a model (+ prompts, optionally an ensemble) on a data file: EM/F1 or the task's metric
+  predict   answer --question/--context, a text task's --fields, or a file of them
   score     the official SQuAD v1.1 evaluator (also reads MRQA .jsonl): softprompt score DATA PREDICTIONS.json
-  format    write the model's input/target text for each question: softprompt format DATA --output FILE.jsonl
+  format    write the model's input/target text for each example: softprompt format DATA --output FILE.jsonl
   serve     an HTTP server answering for many prompts on one frozen model
   inspect   nearest vocabulary tokens of each prompt vector
   report    learning curves and tables comparing run directories
@@ -141,7 +142,9 @@ def cmd_predict(argv: Sequence[str]) -> int:
 def cmd_format(argv: Sequence[str]) -> int:
     args = parse(FormatArgs, argv, "softprompt format", checks=format_checks)
     from softprompt.format_data import write_formatted
+    from softprompt.task import task_from_flags
 
+    task = task_from_flags(args)
     n, skipped = write_formatted(
         args.data,
         args.output,
@@ -150,8 +153,11 @@ def cmd_format(argv: Sequence[str]) -> int:
         split=args.split,
         skip_bad_examples=args.skip_bad_examples,
         max_samples=args.max_samples,
+        task=task,
+        dataset_config=args.dataset_config,
     )
-    print(f"wrote {n:,} questions to {args.output}" + (f"; skipped {dict(skipped)}" if skipped else ""))
+    noun = "questions" if task is None else "examples"
+    print(f"wrote {n:,} {noun} to {args.output}" + (f"; skipped {dict(skipped)}" if skipped else ""))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`softprompt format`: write the exact text the model sees, one question a line, for users to inspect.
+"""`softprompt format`: write the exact text the model sees, one example a line, for users to inspect.
 
 Each line is ``{"id", "inputs", "targets"}``, the same fields (and, for ``paper``/``current``, the same
 strings) as T5's own ``squad`` preprocessor produces, so the file can be compared with T5's line by line.
@@ -11,7 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from softprompt.data import QAExample, load_examples, load_hf_dataset
+from softprompt.data import HF_PREFIX, QAExample, load_examples, load_hf_dataset
+from softprompt.task import TaskSpec, load_task_examples
 from softprompt.textformat import Punctuation, format_input, format_target
 
 __all__ = ["format_lines", "write_formatted"]
@@ -46,6 +47,8 @@ def write_formatted(
     split: str = "validation",
     skip_bad_examples: bool = False,
     max_samples: int | None = None,
+    task: TaskSpec | None = None,
+    dataset_config: str | None = None,
 ) -> tuple[int, Counter[str]]:
     """Load questions like ``train`` does and write their model text to ``output`` (atomically).
 
@@ -57,6 +60,8 @@ def write_formatted(
         split: The split of a Hugging Face dataset.
         skip_bad_examples: Drop malformed questions (counted) instead of stopping at the first.
         max_samples: Write only the first N questions.
+        task: A text task (its templates make the lines); None for SQuAD-shaped QA.
+        dataset_config: The configuration of a Hugging Face dataset (a text task's default: its own).
 
     Returns:
         The number of lines written, and the dropped questions by kind.
@@ -64,6 +69,15 @@ def write_formatted(
     from softprompt.checkpoint import atomic_write_text
 
     stats: Counter[str] = Counter()
+    if task is not None:
+        source = HF_PREFIX + dataset_name if dataset_name else data
+        texts = load_task_examples(
+            task, source, split=split, config=dataset_config, skip_bad=skip_bad_examples, stats=stats
+        )
+        rows = [{"id": ex.id, "inputs": ex.inputs, "targets": ex.targets[0]} for ex in texts[:max_samples]]
+        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+        atomic_write_text(output, "".join(line + "\n" for line in lines))
+        return len(lines), stats
     if dataset_name:
         examples = load_hf_dataset(dataset_name, split, skip_bad=skip_bad_examples, stats=stats)
     else:
