@@ -86,3 +86,56 @@ def test_classification_from_csv_and_jsonl_trains_and_scores_accuracy(tmp_path, 
     evals = [e for e in events if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [30, 60] and all("accuracy" in e for e in evals)
     assert results["best_step"] in (30, 60)
+
+
+def test_a_prompt_keeps_its_task_for_eval_and_predict(tmp_path, tiny_model_dir, capsys):
+    """A prompt trained on a text task carries the task: eval scores it with the task's metric without
+    --task, equal to training's own evaluation, and predict --fields / --input_file answer alike."""
+    rows = sentiment_rows(12, seed=2)
+    train_jsonl = write_jsonl(tmp_path / "train.jsonl", rows)
+    dev_csv = write_csv(tmp_path / "dev.csv", rows[:8])
+    out = tmp_path / "prompt_run"
+    rc = main(
+        [
+            "train", "--input_template", "sentiment review: {text}", "--label_field", "label",
+            "--labels", "neg", "pos", "--metric", "accuracy", "--id_field", "id",
+            "--train_file", str(train_jsonl), "--validation_file", str(dev_csv),
+            "--model", str(tiny_model_dir), "--random_init", "--output_dir", str(out), "--prompt_tuning",
+            "--prompt_init", "class_label", "--n_tokens", "4", "--batch_size", "4", "--max_steps", "2",
+            "--eval_steps", "2", "--save_steps", "2", "--max_source_length", "32", "--max_target_length", "4",
+            "--report_to", "none",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "best" / "prompt_config.json").read_text())
+    assert config["task"]["input_template"] == "sentiment review: {text}"
+    assert config["task"]["labels"] == ["neg", "pos"] and config["extra"]["prompt_init_labels"] == [
+        "neg",
+        "pos",
+    ]
+    capsys.readouterr()
+    preds_file = tmp_path / "preds.json"
+    argv = ["eval", "--model", str(tiny_model_dir), "--random_init", "--prompt", str(out / "best")]
+    argv += ["--validation_file", str(dev_csv), "--max_target_length", "4", "--output", str(preds_file)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "custom" and report["metric"] == "accuracy" and report["n_examples"] == 8
+    assert report["accuracy"] == results["accuracy"]
+    assert report["invalid_predictions"] == results["invalid_predictions"]
+    predictions = json.loads(preds_file.read_text())
+    assert predictions == json.loads((out / "predictions_best.json").read_text())
+    # predict: the same answers from --fields (one row) and from --input_file (JSONL rows).
+    predict = ["predict", "--model", str(tiny_model_dir), "--random_init", "--prompt", str(out / "best")]
+    predict += ["--max_target_length", "4"]
+    assert main([*predict, "--fields", json.dumps({"text": rows[0]["text"]})]) == 0
+    assert capsys.readouterr().out.strip() == predictions[rows[0]["id"]]
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": r["id"], "text": r["text"]} for r in rows[:8]])
+    assert main([*predict, "--input_file", str(inputs)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert {x["id"]: x["answer"] for x in lines} == predictions
+    # A row without the template's field: one line naming the file, the row and the field.
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "txt": "typo"}])
+    assert main([*predict, "--input_file", str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert f"{bad}: line 1: has no field 'text'" in err and "Traceback" not in err

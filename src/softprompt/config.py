@@ -121,6 +121,8 @@ class TaskFlags:
     """The row field holding a classification task's label."""
     labels: list[str] = field(default_factory=list)
     """A classification task's label strings in class order: --labels negative positive (a row's label may be the index, the string, or for two classes a bool)."""
+    id_field: str | None = None
+    """The row field holding each example's unique id (kept in predictions); default: the row number."""
     metric: TaskMetricName | None = None
     """How answers are scored: accuracy, macro_f1, multirc, record, wsc, exact_match, squad (default: the task's; accuracy with --labels, else exact_match)."""
 

@@ -690,7 +690,7 @@ def tokenize_texts(
 # --------------------------------------------------------------------------------------------------------
 # From flags
 
-_OVERRIDES = ("input_template", "target_template", "label_field", "metric")
+_OVERRIDES = ("input_template", "target_template", "label_field", "id_field", "metric")
 
 
 def task_from_flags(flags: Any, saved: Mapping[str, Any] | None = None) -> TaskSpec | None:
