@@ -142,7 +142,7 @@ def _run_watching_the_frozen_model(
 
 
 def _check_layout(out: Path, summary: dict[str, Any]) -> None:
-    for phase in ("task_a_finetune", "task_b_prompt", "task_b_finetune"):
+    for phase in ("task_a_finetune", "task_b_prompt", "task_b_finetune", "task_c_prompt"):
         for name in RUN_FILES:
             assert (out / phase / name).is_file(), f"{phase}/{name}"
         assert (out / phase / "best").is_dir()
@@ -172,7 +172,18 @@ def test_quick_demo_prompt_tuning_beats_zero_shot(tmp_path: Path, monkeypatch: p
     out = tmp_path / "demo"
     summary, frozen = _run_watching_the_frozen_model(monkeypatch, out, quick=True, seed=0)
     _check_layout(out, summary)
-    assert len(frozen) == 1 and frozen[0][0] == frozen[0][1], "prompt tuning changed the frozen model"
+    # Two prompts (task B, task C) trained on the one frozen model; neither changed a byte of it.
+    assert len(frozen) == 2 and all(x == y for x, y in frozen), "prompt tuning changed the frozen model"
+    c = summary["task_c"]
+    assert c["test"]["accuracy"] >= c["zero_shot_test"]["accuracy"] + 40
+    config = json.loads((out / "task_c_prompt" / "best" / "prompt_config.json").read_text())
+    assert config["init"] == "class_label" and config["task"]["labels"] == [
+        "town",
+        "trade",
+        "year",
+        "instrument",
+    ]
+    assert config["extra"]["prompt_init_labels"] == ["town", "trade", "year", "instrument"]
     b = summary["task_b"]
     assert b["zero_shot"]["test"]["exact_match"] < 20
     assert b["prompt_tuning"]["test"]["exact_match"] >= b["zero_shot"]["test"]["exact_match"] + 30
@@ -189,7 +200,8 @@ def test_full_demo_meets_its_targets(tmp_path: Path, monkeypatch: pytest.MonkeyP
     out = tmp_path / "demo"
     summary, frozen = _run_watching_the_frozen_model(monkeypatch, out, seed=0)
     _check_layout(out, summary)
-    assert len(frozen) == 1 and frozen[0][0] == frozen[0][1]
+    assert len(frozen) == 2 and all(x == y for x, y in frozen)
+    assert summary["task_c"]["test"]["accuracy"] >= 80
     b = summary["task_b"]
     assert b["zero_shot"]["test"]["exact_match"] < 20
     assert b["prompt_tuning"]["test"]["exact_match"] >= 60

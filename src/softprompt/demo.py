@@ -10,7 +10,10 @@ Nothing is downloaded and nothing outside the package is read. The demo
 3. fine-tunes every weight on task A (`task_a_finetune/`);
 4. freezes that model and trains only a new soft prompt for task B (`task_b_prompt/`);
 5. fine-tunes the task-A model on task B as the upper-bound baseline (`task_b_finetune/`);
-6. scores all three, and the task-A model with no prompt (zero-shot), on a held-out task B test set and
+6. trains a second prompt for the same frozen model on task C, a classification task (which attribute a
+   question asks for) read from CSV files through a task file (`data/task_c.yaml`), started from its
+   class labels (the paper's section 3.2) and scored by accuracy;
+7. scores everything, and the task-A model with no prompt (zero-shot), on held-out test sets and
    writes `summary.json` and `summary.md`.
 
 Each phase goes through `softprompt.train.train`, so each sub-directory is an ordinary run directory
@@ -42,13 +45,26 @@ __all__ = [
     "main",
     "run_demo",
     "score",
+    "score_task",
     "summary_markdown",
     "write_data",
+    "write_task_c",
 ]
 
 MODEL_DIR = "micro-t5"
 DATA_DIR = "data"
-PHASES = ("task_a_finetune", "task_b_prompt", "task_b_finetune")
+PHASES = ("task_a_finetune", "task_b_prompt", "task_b_finetune", "task_c_prompt")
+# Task C, a classification task read from CSV through a task file, as a user's own task would be.
+TASK_C_YAML = """\
+# Task C of the softprompt demo: which attribute does a directory question ask for?
+# Launch: softprompt train --task data/task_c.yaml --train_file data/task_c_train.csv --prompt_tuning ...
+name: task_c
+input_template: "question: {question} context: {options}"
+label_field: attribute
+labels: [town, trade, year, instrument]
+id_field: id
+metric: accuracy
+"""
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 
@@ -73,6 +89,10 @@ class DemoPlan:
     """Prompt-tuning steps on task B."""
     steps_b: int
     """Fine-tuning steps on task B (the baseline)."""
+    steps_c: int
+    """Prompt-tuning steps on task C (classification)."""
+    train_c: int
+    """Task C training rows."""
     eval_every_b: int
     """Evaluate the task B runs every this many steps to pick best/."""
     n_tokens: int = 10
@@ -97,6 +117,8 @@ FULL = DemoPlan(
     steps_prompt=200,
     steps_b=150,
     eval_every_b=50,
+    steps_c=100,
+    train_c=1000,
 )
 QUICK = DemoPlan(
     train_a=3000,
@@ -108,6 +130,8 @@ QUICK = DemoPlan(
     steps_prompt=150,
     steps_b=100,
     eval_every_b=50,
+    steps_c=60,
+    train_c=600,
 )
 
 # T5's special ids, so the micro model behaves like the real ones (decoding starts from pad).
@@ -254,6 +278,49 @@ def score(
     return {"exact_match": result.exact_match, "f1": result.f1}
 
 
+def write_task_c(directory: str | os.PathLike, plan: DemoPlan, seed: int) -> dict[str, Path]:
+    """Task C's task file and its train/dev/test CSV files (``c_task``, ``c_train``, ``c_dev``, ``c_test``)."""
+    import csv
+
+    from softprompt.synthetic import generate_intents
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {"c_task": directory / "task_c.yaml"}
+    files["c_task"].write_text(TASK_C_YAML, encoding="utf-8")
+    for split, n in (("train", plan.train_c), ("dev", plan.dev), ("test", plan.dev)):
+        path = files[f"c_{split}"] = directory / f"task_c_{split}.csv"
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "question", "options", "attribute"])
+            writer.writeheader()
+            writer.writerows(generate_intents(split, n, seed))
+    return files
+
+
+def score_task(
+    model_dir: str | os.PathLike,
+    task_file: str | os.PathLike,
+    data_file: str | os.PathLike,
+    prompt_dir: str | os.PathLike | None = None,
+    classify: str = "greedy",
+) -> dict[str, float]:
+    """The task's scores of a saved model (and prompt) on a task's data file, as ``softprompt eval`` gives."""
+    from softprompt.bank import load_model_and_prompts
+    from softprompt.task import load_task, load_task_examples, tokenize_texts
+
+    task = load_task(task_file)
+    bank = load_model_and_prompts(str(model_dir), [prompt_dir] if prompt_dir is not None else [])
+    examples = load_task_examples(task, data_file)
+    features = tokenize_texts(
+        examples, bank.tokenizer, max_source_length=MAX_SOURCE_LENGTH, max_target_length=MAX_TARGET_LENGTH
+    )
+    name = bank.names[0] if len(bank) else None
+    result = bank.evaluate_task(
+        task, examples, features, name, classify=classify, batch_size=100, max_new_tokens=MAX_TARGET_LENGTH
+    )
+    return result.scores()
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -333,7 +400,7 @@ def _run_phases(out: Path, *, seed: int, quick: bool, echo: bool) -> dict[str, A
     model_dir = build_micro_model_dir(out / MODEL_DIR, plan)
     seconds["data_and_model"] = time.perf_counter() - t
 
-    say(f"\n== 1/3 fine-tune a random micro T5 on task A ({plan.steps_a} steps)", flush=True)
+    say(f"\n== 1/4 fine-tune a random micro T5 on task A ({plan.steps_a} steps)", flush=True)
     t = time.perf_counter()
     result_a = train(
         _train_config(
@@ -364,7 +431,7 @@ def _run_phases(out: Path, *, seed: int, quick: bool, echo: bool) -> dict[str, A
     seconds["zero_shot_eval"] = time.perf_counter() - t
 
     say(
-        f"\n== 2/3 freeze it; train a {plan.n_tokens}-token soft prompt for task B ({plan.steps_prompt} steps)"
+        f"\n== 2/4 freeze it; train a {plan.n_tokens}-token soft prompt for task B ({plan.steps_prompt} steps)"
     )
     t = time.perf_counter()
     result_prompt = train(
@@ -387,7 +454,7 @@ def _run_phases(out: Path, *, seed: int, quick: bool, echo: bool) -> dict[str, A
     seconds[PHASES[1]] = time.perf_counter() - t
     frozen = _sha256(base_weights) == digest_before
 
-    say(f"\n== 3/3 baseline: fine-tune every weight of the task-A model on task B ({plan.steps_b} steps)")
+    say(f"\n== 3/4 baseline: fine-tune every weight of the task-A model on task B ({plan.steps_b} steps)")
     t = time.perf_counter()
     result_finetune = train(
         _train_config(
@@ -406,6 +473,36 @@ def _run_phases(out: Path, *, seed: int, quick: bool, echo: bool) -> dict[str, A
         )
     )
     seconds[PHASES[2]] = time.perf_counter() - t
+
+    say(
+        f"\n== 4/4 a classification task from CSV (task C, {plan.steps_c} steps): a prompt for the same frozen "
+        "model, started from its class labels"
+    )
+    t = time.perf_counter()
+    files.update(write_task_c(out / DATA_DIR, plan, seed))
+    result_c = train(
+        _train_config(
+            out,
+            plan,
+            seed,
+            output_dir=PHASES[3],
+            model_name_or_path=str(base),
+            task=str(files["c_task"]),
+            train_file=str(files["c_train"]),
+            validation_file=str(files["c_dev"]),
+            prompt_tuning=True,
+            prompt_init="class_label",
+            n_tokens=plan.n_tokens,
+            optimizer="adafactor",
+            lr=plan.lr_prompt,
+            max_steps=plan.steps_c,
+            eval_steps=plan.steps_c // 2,
+        )
+    )
+    task_c_zero_shot = score_task(base, files["c_task"], files["c_test"])
+    task_c_test = score_task(base, files["c_task"], files["c_test"], prompt_dir=out / PHASES[3] / BEST)
+    seconds[PHASES[3]] = time.perf_counter() - t
+    frozen = frozen and _sha256(base_weights) == digest_before
 
     t = time.perf_counter()
     prompt_test = score(base, files["b_test"], prompt_dir=out / PHASES[1] / BEST)
@@ -441,6 +538,14 @@ def _run_phases(out: Path, *, seed: int, quick: bool, echo: bool) -> dict[str, A
                 "test": finetune_test,
                 "best_step": result_finetune["best_step"],
             },
+        },
+        "task_c": {
+            "run": PHASES[3],
+            "task_file": str(files["c_task"].relative_to(out)),
+            "zero_shot_test": task_c_zero_shot,
+            "dev": {"accuracy": result_c["accuracy"]},
+            "test": task_c_test,
+            "best_step": result_c["best_step"],
         },
         "frozen_model_unchanged": frozen,
         "task_a_model_sha256": digest_before,
@@ -490,6 +595,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             f"| {label} | {row['trainable_parameters']:,} | {row['dev']['exact_match']:.1f} | "
             f"{row['dev']['f1']:.1f} | {row['test']['exact_match']:.1f} | {row['test']['f1']:.1f} |"
         )
+    c = summary.get("task_c")
+    if c is not None:
+        lines += [
+            "",
+            "Task C, a classification task read from CSV through a task file (`"
+            + c["task_file"]
+            + "`): which",
+            "attribute a question asks for. A prompt for the same frozen model, started from its class labels:",
+            f"test accuracy {c['test']['accuracy']:.1f} (zero-shot {c['zero_shot_test']['accuracy']:.1f}; "
+            f"answers that are no label: {c['test']['invalid_predictions']:.0f} with the prompt, "
+            f"{c['zero_shot_test']['invalid_predictions']:.0f} without).",
+        ]
     frozen = "unchanged" if summary["frozen_model_unchanged"] else "CHANGED"
     lines += [
         "",

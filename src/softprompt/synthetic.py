@@ -34,6 +34,7 @@ __all__ = [
     "Attribute",
     "Task",
     "corpus_texts",
+    "generate_intents",
     "generate_split",
     "vocabulary_words",
     "write_squad_json",
@@ -271,6 +272,37 @@ def generate_split(
             {"title": f"{task}-{split}-{len(articles):05d}", "paragraphs": [{"context": context, "qas": qas}]}
         )
     return {"version": "1.1", "data": articles}
+
+
+#: Task C's options, listed in every input so that a model trained to extract spans can answer by one.
+INTENT_OPTIONS = "town trade year instrument"
+
+
+def generate_intents(split: str, n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Task C, a classification task: which attribute does a directory question ask for?
+
+    Each row is ``{"id", "question", "options", "attribute"}``: a question of task A naming its attribute
+    ("Where does Mara Quill live?"), the four label words, and its label (``town``, ``trade``, ``year`` or
+    ``instrument``; every label is a vocabulary word, so class-label initialisation has an embedding for
+    it). The same ``(split, n, seed)`` always gives the same rows.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = random.Random(f"softprompt-synthetic/{seed}/c/{split}")
+    rows = []
+    for k in range(n):
+        attribute = rng.choice(ATTRIBUTES)
+        name = f"{rng.choice(FIRST_NAMES)} {rng.choice(SURNAMES)}"
+        question = rng.choice(QUESTIONS[attribute]).format(n=name)
+        rows.append(
+            {
+                "id": f"c-{split}-{k:05d}",
+                "question": question,
+                "options": INTENT_OPTIONS,
+                "attribute": attribute,
+            }
+        )
+    return rows
 
 
 def write_squad_json(data: dict[str, Any], path: str | Path) -> Path:

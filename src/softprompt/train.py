@@ -626,7 +626,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 shown = {"loss": step_loss, "ex_s": plan.global_batch / max(dt, 1e-9)}
                 due = cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
                 if due and run.eval_examples:
-                    shown["dev_f1"] = _evaluate(run)
+                    shown["dev_f1" if run.task is None else f"dev_{run.task.metric.value}"] = _evaluate(run)
                     if saved:
                         _refresh_last(run)  # the checkpoint just written learns this evaluation's best
                 bar.update(1, **shown)  # after the evaluation, so the line shows this step's dev F1
