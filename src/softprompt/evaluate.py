@@ -56,6 +56,36 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def eval_batches(
+    features: Sequence[Features], batch_size: int, env: DistEnv, lockstep: bool = False
+) -> tuple[list[list[int]], int]:
+    """This rank's evaluation batches: a disjoint shard of the features, longest first, cut into batches.
+
+    Each rank takes a disjoint shard (no padding duplicates, so nothing is counted twice) in length order:
+    similar lengths share a batch, which wastes little on padding.
+
+    Args:
+        features: every feature (all ranks').
+        batch_size: features per batch.
+        env: the distributed environment.
+        lockstep: every rank runs as many batches as the busiest (an FSDP-sharded model gathers weights
+            inside forward, so ranks must run the same forwards): the extra ones repeat the first batch
+            (or feature 0 on a rank with none) and their results are to be dropped.
+
+    Returns:
+        batches: lists of feature indices to run, in order, and how many of them are this rank's own (the
+        first ones; the rest are lockstep filler).
+    """
+    mine = shard_indices(len(features), env.rank, env.world_size)
+    order = [mine[i] for i in length_sorted_indices([len(features[i].input_ids) for i in mine])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    own = len(batches)
+    if lockstep and env.distributed:
+        filler = batches[0] if batches else [0]
+        batches += [filler] * (max(gather_objects(own, env)) - own)
+    return batches, own
+
+
 @torch.no_grad()
 def generate_answers(
     model: PromptedT5,
@@ -93,22 +123,17 @@ def generate_answers(
     env = env or DistEnv(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    mine = shard_indices(len(features), env.rank, env.world_size)
-    order = [mine[i] for i in length_sorted_indices([len(features[i].input_ids) for i in mine])]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    n_batches = len(batches)
-    if lockstep and env.distributed:
-        # FSDP gathers weights inside forward, so every rank must run as many forwards as the busiest.
-        n_batches = max(gather_objects(len(batches), env))
+    batches, own = eval_batches(features, batch_size, env, lockstep)
     collate = Collator(pad_token_id=tokenizer.pad_token_id)
     # generate() bypasses the FSDP root's forward hooks, so gather the root's own (non-block)
     # weights, such as the embedding and the prompt, for the whole pass.
     if hasattr(model, "unshard"):
         model.unshard()
     answers: dict[int, str] = {}
-    with Progress(total=n_batches, desc="eval", enabled=show_progress and env.is_main, unit="batch") as bar:
-        for b in range(n_batches):
-            idx = batches[b] if b < len(batches) else batches[0] if batches else [0]
+    with Progress(
+        total=len(batches), desc="eval", enabled=show_progress and env.is_main, unit="batch"
+    ) as bar:
+        for b, idx in enumerate(batches):
             batch = collate([features[i] for i in idx])
             input_ids = batch["input_ids"].to(env.device)
             mask = batch["attention_mask"].to(env.device)
@@ -124,7 +149,7 @@ def generate_answers(
                     prompt_lengths=lengths,
                     synced_gpus=lockstep and env.distributed,
                 )
-            if b < len(batches):
+            if b < own:
                 for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True), strict=True):
                     answers[i] = text.strip()
             bar.update(1)
