@@ -125,6 +125,15 @@ def test_a_prompt_keeps_its_task_for_eval_and_predict(tmp_path, tiny_model_dir, 
     assert report["invalid_predictions"] == results["invalid_predictions"]
     predictions = json.loads(preds_file.read_text())
     assert predictions == json.loads((out / "predictions_best.json").read_text())
+    # Rank classification: every answer is a label, chosen by log-likelihood, and scored the same way.
+    ranked_file = tmp_path / "ranked.json"
+    assert main([*argv[:-2], "--classify", "rank", "--output", str(ranked_file)]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert ranked["classify"] == "rank" and ranked["invalid_predictions"] == 0
+    ranked_answers = json.loads(ranked_file.read_text())
+    assert set(ranked_answers.values()) <= {"neg", "pos"} and set(ranked_answers) == set(predictions)
+    gold = {r["id"]: r["label"] for r in rows[:8]}
+    assert ranked["accuracy"] == 100 * sum(ranked_answers[k] == gold[k] for k in gold) / 8
     # predict: the same answers from --fields (one row) and from --input_file (JSONL rows).
     predict = ["predict", "--model", str(tiny_model_dir), "--random_init", "--prompt", str(out / "best")]
     predict += ["--max_target_length", "4"]

@@ -26,10 +26,11 @@ from softprompt.checkpoint import PromptConfig, load_prompt, refuse_non_model, s
 from softprompt.data import Features, QAExample, tokenize_examples
 from softprompt.distributed import DistEnv
 from softprompt.errors import CheckpointError, UserError
-from softprompt.evaluate import EvalResult, RowPrompts, evaluate_examples, evaluate_texts, generate_answers
+from softprompt.evaluate import EvalResult, RowPrompts, evaluate_examples, generate_answers
 from softprompt.metrics import normalize_answer, squad_scores, squad_scores_padded
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.task import TaskSpec, TextExample
+from softprompt.task_eval import evaluate_texts
 from softprompt.textformat import raw_answer
 
 __all__ = [

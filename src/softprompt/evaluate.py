@@ -1,5 +1,4 @@
-"""Greedy answers for a data set, sharded over ranks, scored with the official SQuAD metric or a text
-task's metric."""
+"""Greedy answers for a data set, sharded over ranks, scored with the official SQuAD metric."""
 
 from __future__ import annotations
 
@@ -9,13 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from softprompt.choices import RankMode
 from softprompt.data import Collator, Features, QAExample, length_sorted_indices, shard_indices
 from softprompt.distributed import DistEnv, gather_objects
-from softprompt.errors import ConfigError
 from softprompt.metrics import squad_scores, squad_scores_padded
 from softprompt.model import PromptedT5
-from softprompt.task import TaskSpec, TextExample
 from softprompt.tracking import Progress
 
 # (feature indices [B]) -> (prompts [B, P, H], lengths [B] or None): per-row prompts for mixed batches.
@@ -75,6 +71,36 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def eval_batches(
+    features: Sequence[Features], batch_size: int, env: DistEnv, lockstep: bool = False
+) -> tuple[list[list[int]], int]:
+    """This rank's evaluation batches: a disjoint shard of the features, longest first, cut into batches.
+
+    Each rank takes a disjoint shard (no padding duplicates, so nothing is counted twice) in length order:
+    similar lengths share a batch, which wastes little on padding.
+
+    Args:
+        features: every feature (all ranks').
+        batch_size: features per batch.
+        env: the distributed environment.
+        lockstep: every rank runs as many batches as the busiest (an FSDP-sharded model gathers weights
+            inside forward, so ranks must run the same forwards): the extra ones repeat the first batch
+            (or feature 0 on a rank with none) and their results are to be dropped.
+
+    Returns:
+        batches: lists of feature indices to run, in order, and how many of them are this rank's own (the
+        first ones; the rest are lockstep filler).
+    """
+    mine = shard_indices(len(features), env.rank, env.world_size)
+    order = [mine[i] for i in length_sorted_indices([len(features[i].input_ids) for i in mine])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    own = len(batches)
+    if lockstep and env.distributed:
+        filler = batches[0] if batches else [0]
+        batches += [filler] * (max(gather_objects(own, env)) - own)
+    return batches, own
+
+
 @torch.no_grad()
 def generate_answers(
     model: PromptedT5,
@@ -112,22 +138,17 @@ def generate_answers(
     env = env or DistEnv(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    mine = shard_indices(len(features), env.rank, env.world_size)
-    order = [mine[i] for i in length_sorted_indices([len(features[i].input_ids) for i in mine])]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    n_batches = len(batches)
-    if lockstep and env.distributed:
-        # FSDP gathers weights inside forward, so every rank must run as many forwards as the busiest.
-        n_batches = max(gather_objects(len(batches), env))
+    batches, own = eval_batches(features, batch_size, env, lockstep)
     collate = Collator(pad_token_id=tokenizer.pad_token_id)
     # generate() bypasses the FSDP root's forward hooks, so gather the root's own (non-block)
     # weights, such as the embedding and the prompt, for the whole pass.
     if hasattr(model, "unshard"):
         model.unshard()
     answers: dict[int, str] = {}
-    with Progress(total=n_batches, desc="eval", enabled=show_progress and env.is_main, unit="batch") as bar:
-        for b in range(n_batches):
-            idx = batches[b] if b < len(batches) else batches[0] if batches else [0]
+    with Progress(
+        total=len(batches), desc="eval", enabled=show_progress and env.is_main, unit="batch"
+    ) as bar:
+        for b, idx in enumerate(batches):
             batch = collate([features[i] for i in idx])
             input_ids = batch["input_ids"].to(env.device)
             mask = batch["attention_mask"].to(env.device)
@@ -143,7 +164,7 @@ def generate_answers(
                     prompt_lengths=lengths,
                     synced_gpus=lockstep and env.distributed,
                 )
-            if b < len(batches):
+            if b < own:
                 for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True), strict=True):
                     answers[i] = text.strip()
             bar.update(1)
@@ -186,52 +207,4 @@ def evaluate_examples(
         t5_exact_match=scores["t5_exact_match"],
         t5_f1=scores["t5_f1"],
         generated=predictions,
-    )
-
-
-def evaluate_texts(
-    model: PromptedT5,
-    tokenizer,
-    task: TaskSpec,
-    examples: Sequence[TextExample],
-    features: Sequence[Features],
-    *,
-    classify: str = "greedy",
-    **kwargs,
-) -> EvalResult:
-    """Answer every example of a text task and score it with the task's metric.
-
-    Args:
-        model: the (unwrapped) model.
-        tokenizer: decodes (and, for rank classification, encodes the labels).
-        task: the task (its metric and label strings).
-        examples: the examples with gold targets.
-        features: one per example, `features[i].example_index` pointing into `examples`.
-        classify: `greedy` generates freely; `rank` picks the label string with the highest summed
-            log-likelihood (classification tasks only).
-        **kwargs: `generate_answers` options (batch_size, max_new_tokens, env, bf16, row_prompts, ...).
-
-    Returns:
-        The task's scores (`EvalResult.metrics`) and the answers by example id.
-    """
-    from softprompt.task_metrics import score_texts  # deferred: QA runs never need it
-
-    if classify == RankMode.RANK:
-        if not task.classes:
-            raise ConfigError(f"--classify rank needs a classification task; {task.name} has no labels")
-        from softprompt.rank import rank_labels
-
-        kwargs.pop("max_new_tokens", None)
-        picks = rank_labels(model, tokenizer, features, task.classes, **kwargs)
-        texts = [task.classes[k] for k in picks]
-    else:
-        texts = generate_answers(model, tokenizer, features, **kwargs)
-    ordered = [examples[f.example_index] for f in features]
-    scores = score_texts(task.metric, ordered, texts, task.classes)
-    predictions = {ex.id: t for ex, t in zip(ordered, texts, strict=True)}
-    return EvalResult(
-        exact_match=scores.get("exact_match"),
-        f1=scores.get("f1"),
-        predictions=predictions,
-        metrics=scores,
     )

@@ -16,8 +16,8 @@ loss for loss). Because it reads T5's internals (`encoder.block[i].layer[j].Self
 everything goes through transformers (the same results, slower). `PromptedT5(..., fast_path=False)`
 and `softprompt train --no_fast_path` switch it off.
 
-The public interface: `supported`, `logits`, `greedy`, `plain_greedy`, `dropout_mask`, `DEVICE_TYPES`,
-`CHECKED_TRANSFORMERS`. Everything else here is private to this module.
+The public interface: `supported`, `logits`, `encode`, `decode`, `greedy`, `plain_greedy`, `dropout_mask`,
+`DEVICE_TYPES`, `CHECKED_TRANSFORMERS`. Everything else here is private to this module.
 """
 
 from __future__ import annotations
@@ -183,6 +183,51 @@ def logits(
         weights = _Weights(dtype)
         enc_out = _encode(t5, inputs_embeds, attention_mask, weights, training)
         return _decode(t5, decoder_input_ids, enc_out, attention_mask, weights, training)
+
+
+def encode(
+    t5: T5ForConditionalGeneration,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The encoder half of `logits` (no dropout): what `t5.encoder(inputs_embeds=...)` returns, run once and
+    decoded against as often as wanted with `decode` (rank classification scores every label this way).
+
+    Args:
+        t5: the frozen model (where `supported(t5)` holds).
+        inputs_embeds: [B, L, d] encoder input embeddings (the prompt already in front).
+        attention_mask: [B, L] 1 for real positions.
+        dtype: the matmul compute dtype.
+
+    Returns:
+        encoder states: [B, L, d] in the residual stream's dtype (the embedding's).
+    """
+    with torch.autocast(inputs_embeds.device.type, enabled=False):
+        return _encode(t5, inputs_embeds, attention_mask, _Weights(dtype), training=False)
+
+
+def decode(
+    t5: T5ForConditionalGeneration,
+    decoder_input_ids: torch.Tensor,
+    encoder_states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The decoder half of `logits` (no dropout): teacher-forced logits over `encode`'s states.
+
+    Args:
+        t5: the frozen model (where `supported(t5)` holds).
+        decoder_input_ids: [B, T] the labels shifted right.
+        encoder_states: [B, L, d] from `encode` (rows may repeat, e.g. once per candidate label).
+        attention_mask: [B, L] the encoder's mask, 1 for real positions.
+        dtype: the matmul compute dtype.
+
+    Returns:
+        logits: [B, T, V] in `dtype`.
+    """
+    with torch.autocast(encoder_states.device.type, enabled=False):
+        return _decode(t5, decoder_input_ids, encoder_states, attention_mask, _Weights(dtype), training=False)
 
 
 @torch.no_grad()

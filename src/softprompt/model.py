@@ -4,13 +4,13 @@ Prompt mode freezes every weight of the model and trains only the prompt; fine-t
 all weights and uses no prompt.
 
 Speed (see docs/performance.md): when every model weight is frozen (prompt tuning, inference) and the
-model runs on a CPU or a CUDA GPU (`lean_t5.DEVICE_TYPES`), `PromptedT5.forward` and `PromptedT5.generate`
-run softprompt's lean T5 (`softprompt.lean_t5.logits` and `.greedy`) instead of transformers' modules:
-the same weights, the same function (tests check it against transformers token for token and loss for
-loss), fewer and larger kernels. `PromptedT5(..., fast_path=False)` (`softprompt train --no_fast_path`)
-switches it off; anything it does not cover (fine-tuning, FSDP, torch.compile, generation configs with
-logits processors, unknown activations, transformers versions it was not checked against) goes through
-transformers as before.
+model runs on a CPU or a CUDA GPU (`lean_t5.DEVICE_TYPES`), `PromptedT5.forward`, `.generate`, `.encode` and
+`.label_logits` run softprompt's lean T5 (`softprompt.lean_t5.logits`, `.greedy`, `.encode`, `.decode`)
+instead of transformers' modules: the same weights, the same function (tests check it against transformers
+token for token and loss for loss), fewer and larger kernels. `PromptedT5(..., fast_path=False)`
+(`softprompt train --no_fast_path`) switches it off; anything it does not cover (fine-tuning, FSDP,
+torch.compile, generation configs with logits processors, unknown activations, transformers versions it
+was not checked against) goes through transformers as before.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt import lean_t5
 from softprompt.errors import CheckpointError
@@ -326,6 +327,63 @@ class PromptedT5(nn.Module):
         return F.cross_entropy(
             logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction
         )
+
+    @torch.no_grad()
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the encoder once, for decoding against it several times (`label_logits`); for inference, in eval
+        mode (the lean path never applies dropout, transformers' modules do in train mode).
+
+        Args:
+            input_ids: [B, S].
+            attention_mask: [B, S].
+            prompt: optional per-row prompts [B, P, H] (see `encoder_inputs`).
+            prompt_lengths: optional [B] real prompt lengths.
+
+        Returns:
+            encoder states: [B, P + S, H] and their attention mask: [B, P + S].
+        """
+        inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask, prompt, prompt_lengths)
+        cd = self.fast_path_dtype(inputs_embeds.device, for_training=False)
+        if cd is not None:
+            return lean_t5.encode(self.model, inputs_embeds, mask, cd), mask
+        with self._autocast(inputs_embeds.device):
+            states = self.model.get_encoder()(
+                inputs_embeds=inputs_embeds, attention_mask=mask
+            ).last_hidden_state
+        return states, mask
+
+    @torch.no_grad()
+    def label_logits(
+        self, encoder_states: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher-forced logits of `labels` over `encode`'s output: `forward`'s logits without running the
+        encoder again. For inference, in eval mode, like `encode`.
+
+        Args:
+            encoder_states: [B, L, H] from `encode` (rows may repeat, one copy per candidate target).
+            attention_mask: [B, L] the mask `encode` returned, rows repeated likewise.
+            labels: [B, T], -100 where padded; the decoder reads them shifted right, as in `forward`.
+
+        Returns:
+            logits: [B, T, V] (the compute dtype: bf16 under bf16 autocast or `freeze_to(bf16)`).
+        """
+        decoder_input_ids = self.model._shift_right(labels)
+        cd = self.fast_path_dtype(encoder_states.device, for_training=False)
+        if cd is not None:
+            return lean_t5.decode(self.model, decoder_input_ids, encoder_states, attention_mask, cd)
+        with self._autocast(encoder_states.device):
+            return self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids,
+                use_cache=False,
+            ).logits
 
     @torch.no_grad()
     def generate(

@@ -60,12 +60,13 @@ from softprompt.distributed import (
     wrap_ddp,
 )
 from softprompt.errors import CheckpointError, ConfigError, UserError
-from softprompt.evaluate import EvalResult, autocast, evaluate_examples, evaluate_texts
+from softprompt.evaluate import EvalResult, autocast, evaluate_examples
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.optim import build_optimizer
 from softprompt.prompt import SoftPrompt, initial_prompt
 from softprompt.rundir import TrainerState
 from softprompt.task import TaskSpec, TextExample, load_task_examples, task_from_flags, tokenize_texts
+from softprompt.task_eval import evaluate_texts
 from softprompt.tracking import MetricsLogger, Progress
 
 PAPER_STEPS = 30_000
