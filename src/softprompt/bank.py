@@ -29,7 +29,7 @@ from softprompt.errors import CheckpointError, UserError
 from softprompt.evaluate import EvalResult, RowPrompts, evaluate_examples, generate_answers
 from softprompt.metrics import normalize_answer, squad_scores, squad_scores_padded
 from softprompt.model import PromptedT5, load_t5, load_tokenizer
-from softprompt.task import TaskSpec, TextExample
+from softprompt.task import TaskSpec, TextExample, tokenize_texts
 from softprompt.task_eval import evaluate_texts
 from softprompt.textformat import raw_answer
 
@@ -163,6 +163,8 @@ class BankEntry:
             "punctuation": c.punctuation,
             "dev_f1": _number(c.extra.get("dev_f1")),
             "dev_exact_match": _number(c.extra.get("dev_exact_match")),
+            "input_template": c.task.get("input_template") if c.task else None,
+            "labels": list(TaskSpec.from_dict(c.task).classes or ()) or None if c.task else None,
             "extra": dict(c.extra),
         }
 
@@ -447,8 +449,9 @@ class PromptBank:
             **gen,
         )
 
-    def tokenize(self, rows: Sequence[tuple[str, str, str]]) -> tuple[list[Features], list[int]]:
-        """Tokenize `(task, question, context)` rows, each with its own prompt's settings.
+    def tokenize(self, rows: Sequence[tuple[str, str, str | None]]) -> tuple[list[Features], list[int]]:
+        """Tokenize `(task, question, context)` rows, each with its own prompt's settings; a row of a text
+        task is `(task, model input, None)`.
 
         Returns:
             One `Features` per row, in row order, and each row's task index.
@@ -467,13 +470,14 @@ class PromptBank:
 
     def answer(
         self,
-        rows: Sequence[tuple[str, str, str]],
+        rows: Sequence[tuple[str, str, str | None]],
         *,
         batch_size: int = 32,
         max_new_tokens: int = 32,
         bf16: bool = False,
     ) -> list[str]:
-        """Answer `(task, question, context)` rows of any mix of tasks.
+        """Answer `(task, question, context)` rows (a text task's: `(task, model input, None)`) of any mix
+        of tasks.
 
         Rows are sorted by length and cut into batches of `batch_size` regardless of task, so a
         batch usually mixes prompts; each answer equals `inference.predict_answers` with that row's
@@ -511,26 +515,31 @@ def tokenize_questions(
 
 
 def tokenize_by_settings(
-    tokenizer: Any, questions: Sequence[tuple[str, str]], settings: Sequence[tuple[int, str]]
+    tokenizer: Any, questions: Sequence[tuple[str, str | None]], settings: Sequence[tuple[int, str]]
 ) -> list[Features]:
     """Tokenize `(question, context)` pairs, pair i with its own `(max_source_length, punctuation)`.
 
-    Pairs that share settings are tokenized together.
+    Pairs that share settings are tokenized together. A pair whose context is None holds a text task's
+    finished model input (its template filled in), tokenized as it is.
 
     Returns:
         One `Features` per pair, in order; `example_index` is the pair's position.
     """
     features: list[Features | None] = [None] * len(questions)
-    groups: dict[tuple[int, str], list[int]] = {}
-    for i, setting in enumerate(settings):
-        groups.setdefault(setting, []).append(i)
-    for (max_source, punctuation), members in groups.items():
-        group = tokenize_questions(
-            tokenizer,
-            [questions[i] for i in members],
-            max_source_length=max_source,
-            punctuation=punctuation,
-        )
+    groups: dict[tuple[int, str, bool], list[int]] = {}
+    for i, (setting, (_, context)) in enumerate(zip(settings, questions, strict=True)):
+        groups.setdefault((*setting, context is None), []).append(i)
+    for (max_source, punctuation, is_text), members in groups.items():
+        if is_text:
+            texts = [TextExample(id=str(i), inputs=questions[i][0], targets=("",)) for i in members]
+            group = tokenize_texts(texts, tokenizer, max_source_length=max_source, max_target_length=2)
+        else:
+            group = tokenize_questions(
+                tokenizer,
+                [questions[i] for i in members],  # type: ignore[misc]
+                max_source_length=max_source,
+                punctuation=punctuation,
+            )
         for i, f in zip(members, group, strict=True):
             f.example_index = i
             features[i] = f
@@ -538,12 +547,15 @@ def tokenize_by_settings(
 
 
 def context_spans(
-    answers: Sequence[str], contexts: Sequence[str], punctuation: str | Sequence[str]
+    answers: Sequence[str], contexts: Sequence[str | None], punctuation: str | Sequence[str]
 ) -> list[str]:
     """Answers as the contexts write them: a prompt trained on T5's padded text answers "U . S .";
-    this gives back the context's own "U.S." (an answer that maps to no span is kept as generated)."""
+    this gives back the context's own "U.S." (an answer that maps to no span, or a text task's answer,
+    context None, is kept as generated)."""
     styles = [punctuation] * len(answers) if isinstance(punctuation, str) else list(punctuation)
-    spans = [raw_answer(a, c, s) for a, c, s in zip(answers, contexts, styles, strict=True)]
+    spans = [
+        None if c is None else raw_answer(a, c, s) for a, c, s in zip(answers, contexts, styles, strict=True)
+    ]
     return [a if s is None else s for a, s in zip(answers, spans, strict=True)]
 
 

@@ -35,9 +35,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Discriminator, Field, Tag
 
 from softprompt.bank import PromptBank, load_model_and_prompts
+from softprompt.data import BadRecord
 from softprompt.errors import UserError
+from softprompt.task import TaskSpec
 
-Row = tuple[str, str, str]  # (task, question, context)
+Row = tuple[str, str, str | None]  # (task, question, context), or a text task's (task, model input, None)
 ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health"
 AnswerFn = Callable[[list[Row]], list[str]]
 
@@ -47,11 +49,18 @@ AnswerFn = Callable[[list[Row]], list[str]]
 
 
 class AnswerInput(BaseModel):
-    """One question for one task."""
+    """One question (QA tasks) or one example (text tasks: `fields`) for one task."""
 
     task: str = Field(min_length=1, description="Name of a loaded prompt (see GET /v1/tasks).")
-    question: str = Field(min_length=1, description="The question.")
-    context: str = Field(min_length=1, description="The passage that holds the answer.")
+    question: str | None = Field(default=None, min_length=1, description="The question (QA tasks).")
+    context: str | None = Field(
+        default=None, min_length=1, description="The passage that holds the answer (QA tasks)."
+    )
+    fields: dict[str, Any] | None = Field(
+        default=None,
+        description="A text task's fields, filled into the template its prompt was trained with "
+        '(e.g. {"premise": "...", "hypothesis": "..."} for RTE).',
+    )
 
 
 class BatchAnswerRequest(BaseModel):
@@ -93,6 +102,10 @@ class TaskInfo(BaseModel):
     d_model: int
     base_model: str
     init: str
+    input_template: str | None = Field(
+        default=None, description="A text task's template: the fields a request's `fields` must hold."
+    )
+    labels: list[str] | None = Field(default=None, description="A classification task's label strings.")
     max_source_length: int
     punctuation: str = Field(description="Text format the prompt was trained with: paper, current or none.")
     dev_f1: float | None = Field(default=None, description="Dev F1 recorded at training time, if any.")
@@ -469,6 +482,60 @@ def create_app(
         return await call_next(request)
 
     errors = {code: {"model": ErrorResponse} for code in (413, 422, 500, 503)}
+    text_tasks = {
+        name: TaskSpec.from_dict(bank.entry(name).config.task, where=f"prompt {name}")
+        for name in bank.names
+        if bank.entry(name).config.task
+    }
+
+    def _too_long(where: str, name: str, text: str, most: int, flag: str) -> None:
+        if len(text) > most:
+            raise ApiError(
+                413,
+                f"{where}{name} is {len(text)} characters long; this server accepts at most {most} ({flag})",
+            )
+
+    def _row(item: AnswerInput, where: str) -> Row:
+        """One input as the batcher's row: QA as (task, question, context), a text task's fields filled in."""
+        if item.task not in bank:
+            raise ApiError(
+                422, f"{where}task: unknown task '{item.task}'; loaded tasks: {', '.join(bank.names)}"
+            )
+        spec = text_tasks.get(item.task)
+        if spec is None:
+            missing = [n for n in ("question", "context") if getattr(item, n) is None]
+            if missing:
+                raise ApiError(
+                    422,
+                    f"invalid request: {where}{missing[0]}: Field required (task '{item.task}' answers "
+                    "questions: send question and context)",
+                )
+            _too_long(where, "context", item.context, limits.max_context_chars, "--max_context_chars")
+            _too_long(where, "question", item.question, limits.max_question_chars, "--max_question_chars")
+            return (item.task, item.question, item.context)
+        if item.fields is None:
+            raise ApiError(
+                422,
+                f"{where}task '{item.task}' reads its fields: send fields for its template "
+                f"{spec.input_template!r}",
+            )
+        try:
+            texts = spec.input_texts(item.fields)
+        except BadRecord as err:
+            raise ApiError(
+                422, f"{where}fields: {err.reason} (the template is {spec.input_template!r})"
+            ) from None
+        if len(texts) != 1:
+            raise ApiError(422, f"{where}fields: make {len(texts)} inputs; send one example per input")
+        text = texts[0][1]
+        _too_long(
+            where,
+            "the filled template",
+            text,
+            limits.max_context_chars + limits.max_question_chars,
+            "--max_context_chars",
+        )
+        return (item.task, text, None)
 
     @app.post("/v1/answer", responses=errors)
     async def answer_questions(body: AnswerRequest) -> AnswerResponse | BatchAnswerResponse:
@@ -480,24 +547,9 @@ def create_app(
                 413,
                 f"the request holds {len(inputs)} inputs; this server accepts at most {limits.max_inputs}",
             )
-        for i, item in enumerate(inputs):
-            where = f"inputs[{i}]." if batched else ""
-            if item.task not in bank:
-                raise ApiError(
-                    422, f"{where}task: unknown task '{item.task}'; loaded tasks: {', '.join(bank.names)}"
-                )
-            for name, text, most in (
-                ("context", item.context, limits.max_context_chars),
-                ("question", item.question, limits.max_question_chars),
-            ):
-                if len(text) > most:
-                    raise ApiError(
-                        413,
-                        f"{where}{name} is {len(text)} characters long; this server accepts at most {most} "
-                        f"(--max_{name}_chars)",
-                    )
+        rows = [_row(item, f"inputs[{i}]." if batched else "") for i, item in enumerate(inputs)]
         try:
-            answers = await batcher.submit([(x.task, x.question, x.context) for x in inputs])
+            answers = await batcher.submit(rows)
         except QueueFull as e:
             raise ApiError(
                 503,
