@@ -114,10 +114,10 @@ def test_concurrent_mixed_clients_are_batched_together(bank_and_expected: dict) 
 
     async def go() -> tuple[list[httpx.Response], dict]:
         transport = httpx.ASGITransport(app=app)
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                responses = await asyncio.gather(*(client.post("/v1/answer", json=x) for x in bodies))
-                health = (await client.get("/health")).json()
+        client = httpx.AsyncClient(transport=transport, base_url="http://test")
+        async with app.router.lifespan_context(app), client:
+            responses = await asyncio.gather(*(client.post("/v1/answer", json=x) for x in bodies))
+            health = (await client.get("/health")).json()
         return responses, health
 
     responses, health = asyncio.run(go())
