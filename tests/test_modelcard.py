@@ -173,3 +173,22 @@ def test_card_records_initial_step_text_format_and_t5_scores(tmp_path: Path) -> 
     rows = table(body)
     assert "Adafactor initial step" not in rows and "F1, T5's scoring" not in rows
     assert rows["Input text"] == "none"
+
+
+def test_a_text_task_card_names_the_task_its_scores_and_a_fields_command(tmp_path):
+    from softprompt.modelcard import render_model_card
+
+    info = {
+        "model_name_or_path": "google/t5-base-lm-adapt",
+        "task": "rte",
+        "task_description": "RTE (SuperGLUE): does the premise entail the hypothesis.",
+        "input_template": "hypothesis: {hypothesis} premise: {premise}",
+        "metric": "accuracy",
+        "scores": {"accuracy": 71.5, "invalid_predictions": 2.0},
+        "best_step": 3000,
+    }
+    card = render_model_card(tmp_path / "best", info)
+    assert "tags: [prompt-tuning, t5, rte]" in card and "on `rte`" in card
+    assert "| accuracy | 71.50 |" in card and "| invalid_predictions | 2 |" in card
+    assert "| exact match |" not in card
+    assert '--fields \'{"hypothesis": "...", "premise": "..."}\'' in card

@@ -7,6 +7,7 @@ prompt directory copied on its own still says what it is.
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from collections.abc import Callable, Mapping, Sequence
@@ -75,8 +76,9 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
             ``init``), ``prompt_init_text``,
             ``global_batch_size``, ``batch_size``, ``steps``/``max_steps``, ``epochs``,
             ``precision``, ``seed``, ``trainable_parameters``, ``exact_match``, ``f1``,
-            ``t5_exact_match``, ``t5_f1``, ``best_step``. A key that is absent or None shows as "—"
-            (the T5 score rows and the Adafactor initial step appear only when given).
+            ``t5_exact_match``, ``t5_f1``, ``best_step``; for a text task ``task``, ``task_description``,
+            ``input_template``, ``metric`` and ``scores`` (its dev scores). A key that is absent or None
+            shows as "—" (the T5 score rows and the Adafactor initial step appear only when given).
 
     Returns:
         The card, starting with YAML front matter.
@@ -89,10 +91,11 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         # A prompt is useless without its frozen model, so a card that omits it is a bug.
         raise ValueError("model card info must name the base model (model_name_or_path)")
     base_model = str(model)
+    task = info.get("task")
     front = {
         "library_name": "softprompt",
         "base_model": base_model,
-        "tags": ["prompt-tuning", "t5", "squad"],
+        "tags": ["prompt-tuning", "t5", str(task) if task else "squad"],
     }
     # safe_dump quotes whatever needs quoting (a path with ':' or a leading '*').
     front_matter = yaml.safe_dump(front, sort_keys=False, default_flow_style=None, allow_unicode=True)
@@ -131,13 +134,22 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
     predict = ["softprompt", "predict", "--model", base_model, "--prompt", ckpt]
     if not prompt_mode:
         predict = ["softprompt", "predict", "--model", ckpt]
-    cli = " ".join(shlex.quote(arg) for arg in [*predict, "--question", question, "--context", context])
+    if task:
+        from softprompt.task import template_fields  # deferred: imports the data stack
+
+        names = template_fields(str(info.get("input_template") or "")) or ["text"]
+        example = json.dumps({name: "..." for name in names})
+        cli = " ".join(shlex.quote(arg) for arg in [*predict, "--fields", example])
+    else:
+        cli = " ".join(shlex.quote(arg) for arg in [*predict, "--question", question, "--context", context])
+    what = f"the text-to-text task {task}" if task else "extractive question answering"
+    on = f"`{_md(str(task))}`" if task else "SQuAD"
 
     if prompt_mode:
-        title = f"# Soft prompt for `{_md(base_model)}` on SQuAD"
+        title = f"# Soft prompt for `{_md(base_model)}` on {on}"
         intro = (
             "A soft prompt trained with softprompt, an implementation of prompt tuning "
-            "([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for extractive question answering. "
+            f"([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for {what}. "
             "It is a small matrix of embeddings prepended to the input of a frozen T5; "
             "it only works with the base model below."
         )
@@ -148,10 +160,10 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
             f"prompt, prompt_config = load_prompt({ckpt!r})",
         ]
     else:
-        title = f"# `{_md(base_model)}` fine-tuned on SQuAD"
+        title = f"# `{_md(base_model)}` fine-tuned on {on}"
         intro = (
-            "All weights of the base model below fine-tuned with softprompt for extractive question "
-            "answering, the baseline that prompt tuning is compared with."
+            f"All weights of the base model below fine-tuned with softprompt for {what}, "
+            "the baseline that prompt tuning is compared with."
         )
         load = [
             "from transformers import T5ForConditionalGeneration",
@@ -180,25 +192,31 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         "|---|---|",
     ]
     lines += [f"| {key} | {_md(value)} |" for key, value in hyper]
+    if task:
+        lines += _task_rows(info)
     lines += [
         "",
         "## Dev results",
         "",
         "| metric | value |",
         "|---|---|",
-        f"| exact match | {_fmt_score(info.get('exact_match'))} |",
-        f"| F1 | {_fmt_score(info.get('f1'))} |",
-        *(
-            f"| {label} | {_fmt_score(info.get(key))} |"
-            for key, label in (("t5_exact_match", "exact match, T5's scoring"), ("t5_f1", "F1, T5's scoring"))
-            if info.get(key) is not None
-        ),
-        f"| best step | {_fmt(info.get('best_step'))} |",
-        "",
-        "Scores are SQuAD v1.1 exact match and F1 (0–100) on the validation file, "
-        "at the step with the best dev F1. With T5's padded input text (paper or current), answers are "
-        "mapped back to the context span they came from before the official metric; T5's scoring "
-        "compares the generated text with padded gold answers instead.",
+    ]
+    if task:
+        scores = info.get("scores") or {}
+        lines += [
+            f"| {_md(str(k))} | {int(v) if k == 'invalid_predictions' else _fmt_score(v)} |"
+            for k, v in scores.items()
+        ] or ["| — | — |"]
+        lines += [
+            f"| best step | {_fmt(info.get('best_step'))} |",
+            "",
+            f"Scores are the task's metric ({_md(_fmt(info.get('metric')))}; percentages, "
+            "`invalid_predictions` a count of answers that are no label string) on the validation file, at "
+            "the step with the best first score.",
+        ]
+    else:
+        lines += _squad_rows(info)
+    lines += [
         "",
         "## How to load",
         "",
@@ -215,6 +233,35 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         f"Written by softprompt {softprompt.__version__}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _task_rows(info: Mapping[str, Any]) -> list[str]:
+    return [
+        "",
+        "## Task",
+        "",
+        f"`{_md(str(info.get('task')))}`: {_md(str(info.get('task_description') or 'a text-to-text task'))}",
+        "",
+        f"Input template: `{_md(_fmt(info.get('input_template')))}`; metric: {_md(_fmt(info.get('metric')))}.",
+    ]
+
+
+def _squad_rows(info: Mapping[str, Any]) -> list[str]:
+    return [
+        f"| exact match | {_fmt_score(info.get('exact_match'))} |",
+        f"| F1 | {_fmt_score(info.get('f1'))} |",
+        *(
+            f"| {label} | {_fmt_score(info.get(key))} |"
+            for key, label in (("t5_exact_match", "exact match, T5's scoring"), ("t5_f1", "F1, T5's scoring"))
+            if info.get(key) is not None
+        ),
+        f"| best step | {_fmt(info.get('best_step'))} |",
+        "",
+        "Scores are SQuAD v1.1 exact match and F1 (0–100) on the validation file, "
+        "at the step with the best dev F1. With T5's padded input text (paper or current), answers are "
+        "mapped back to the context span they came from before the official metric; T5's scoring "
+        "compares the generated text with padded gold answers instead.",
+    ]
 
 
 def write_model_card(checkpoint_dir: Path, info: Mapping[str, Any], *, location: Path | None = None) -> Path:

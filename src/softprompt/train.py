@@ -885,6 +885,17 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         "t5_exact_match": st.best_t5_em if st.best_step >= 0 else None,
         "t5_f1": st.best_t5_f1 if st.best_step >= 0 else None,
         "best_step": st.best_step if st.best_step >= 0 else None,
+        **(
+            {
+                "task": run.task.name,
+                "task_description": run.task.description,
+                "input_template": run.task.input_template,
+                "metric": run.task.metric.value,
+                "scores": st.best_scores if st.best_step >= 0 else None,
+            }
+            if run.task is not None
+            else {}
+        ),
     }
 
 
