@@ -226,3 +226,32 @@ def test_task_files_and_presets(tmp_path):
     names = preset_names()
     assert "squad" in names
     assert load_task("squad").is_qa
+
+
+def test_hugging_face_rows_load_offline_from_a_local_dataset_directory(tmp_path):
+    """`hf:NAME` goes through datasets.load_dataset; a local directory of split files needs no network."""
+    pytest.importorskip("datasets")
+    from softprompt.task import load_task
+
+    data = tmp_path / "rte_flat"
+    data.mkdir()
+    rows = [  # the Hub's super_glue/rte layout: the label is the class index
+        {"premise": "A dog runs.", "hypothesis": "An animal runs.", "idx": 0, "label": 0},
+        {"premise": "A cat sleeps.", "hypothesis": "A cat runs.", "idx": 1, "label": 1},
+    ]
+    (data / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_task_examples(load_task("rte"), f"hf:{data}", split="validation")
+    assert [(e.id, e.inputs, e.targets) for e in examples] == [
+        ("0", "hypothesis: An animal runs. premise: A dog runs.", ("entailment",)),
+        ("1", "hypothesis: A cat runs. premise: A cat sleeps.", ("not_entailment",)),
+    ]
+    with pytest.raises(DataError, match="cannot load this Hugging Face dataset"):
+        load_task_examples(load_task("rte"), f"hf:{data}", split="no_such_split")
+
+
+def test_rank_classification_is_refused_where_targets_are_not_labels():
+    from softprompt.task_eval import evaluate_texts
+
+    for name in ("wsc", "record"):  # WSC generates the referent; ReCoRD has no label strings
+        with pytest.raises(ConfigError, match="use --classify greedy"):
+            evaluate_texts(None, None, load_task(name), [], [], classify="rank")

@@ -176,7 +176,7 @@ class Collector:
             return
         raise DataError(
             one_line(
-                f"{self.source}: {place}: {err.reason}; fix or remove it, or set skip_bad to drop bad records."
+                f"{self.source}: {place}: {err.reason}; fix or remove it, or pass --skip_bad_examples to drop and count bad records."
             )
         )
 

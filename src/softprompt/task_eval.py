@@ -42,8 +42,11 @@ def evaluate_texts(
         The task's scores (`EvalResult.metrics`) and the answers by example id.
     """
     if classify == RankMode.RANK:
-        if not task.classes:
-            raise ConfigError(f"--classify rank needs a classification task; {task.name} has no labels")
+        if not task.classes or task.target_template or task.target_field:
+            raise ConfigError(
+                f"--classify rank scores label strings, but the {task.name} task's targets are not its labels; "
+                "use --classify greedy"
+            )
         kwargs.pop("max_new_tokens", None)
         picks = rank_labels(model, tokenizer, features, task.classes, **kwargs)
         texts = [task.classes[k] for k in picks]
