@@ -435,11 +435,8 @@ class TaskSpec:
 
 
 def _layouts() -> dict[str, Callable[[Mapping[str, Any], bool], list[dict[str, Any]]]]:
-    # Deferred so that a plain rows task never imports the SuperGLUE layouts.
-    try:
-        from softprompt.superglue import LAYOUTS
-    except ImportError:  # pragma: no cover - superglue is part of the package
-        return {}
+    from softprompt.superglue import LAYOUTS  # deferred: a plain rows task never needs the layouts
+
     return LAYOUTS
 
 
