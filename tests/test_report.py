@@ -364,3 +364,15 @@ def test_labels_have_no_doubled_slash_and_a_repeated_run_counts_once(tmp_path: P
     rows = section(md, "Runs")
     assert len(rows) == 1 and rows[0].startswith("| twice |")
     assert "(1)" not in md and "1 run(s)" in md
+
+
+def test_a_text_task_run_shows_its_own_score(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "rte", em=1.0, f1=2.0)
+    results = json.loads((run / "results.json").read_text())
+    scores = {"accuracy": 71.5, "invalid_predictions": 3.0}
+    results.update(exact_match=None, f1=None, task="rte", metric="accuracy", scores=scores, **scores)
+    (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    qa = make_run(tmp_path, "qa", em=10.0, f1=20.0)
+    rows = section(make_report([run, qa], tmp_path / "out").read_text(encoding="utf-8"), "Runs")
+    assert "| rte accuracy 71.50 |" in rows[0] and "| — | — |" in rows[0]  # no EM/F1 of its own
+    assert "| 10.00 | 20.00 |" in rows[1] and "accuracy" not in rows[1]

@@ -167,6 +167,17 @@ class RunSummary:
             value = LEGACY_PAD_PUNCTUATION[self.config["pad_punctuation"]]
         return None if value is None else str(value)
 
+    @property
+    def task_score(self) -> str:
+        """A text task's selection score, e.g. ``rte accuracy 71.5``; "—" for QA runs and runs without one."""
+        scores = self.results.get("scores")
+        if not isinstance(scores, dict) or not scores:
+            return "—"
+        key, value = next(iter(scores.items()))
+        if not _is_number(value):
+            return "—"
+        return f"{self.results.get('task', '?')} {key} {_fmt_score(float(value))}"
+
     def t5_score(self, key: str) -> float | None:
         """``t5_exact_match`` or ``t5_f1`` from results.json: T5's own scoring of padded text, if any."""
         value = self.results.get(key)
@@ -621,8 +632,13 @@ def _runs_table(runs: Sequence[RunSummary]) -> list[str]:
         "Dev F1",
         "T5 EM",
         "T5 F1",
+        "Task score",
         "Train time",
     ]
+    # Only reports holding a text-task run get the column; QA-only tables keep their shape.
+    tasks = any(run.task_score != "—" for run in runs)
+    if not tasks:
+        header.remove("Task score")
     rows = []
     for run in runs:
         rows.append(
@@ -642,6 +658,7 @@ def _runs_table(runs: Sequence[RunSummary]) -> list[str]:
                     "—" if (s := run.t5_score(k)) is None else _fmt_score(s)
                     for k in ("t5_exact_match", "t5_f1")
                 ),
+                *([run.task_score] if tasks else []),
                 _fmt_duration(run.results.get("train_seconds")),
             ]
         )
@@ -651,7 +668,8 @@ def _runs_table(runs: Sequence[RunSummary]) -> list[str]:
 def _render_markdown(runs: Sequence[RunSummary]) -> str:
     lines = ["# softprompt report", ""]
     lines.append(
-        f"{len(runs)} run(s), best dev scores (SQuAD EM/F1, 0–100). softprompt {softprompt.__version__}."
+        f"{len(runs)} run(s), best dev scores (SQuAD EM/F1, or a text task's own score, 0–100). "
+        f"softprompt {softprompt.__version__}."
     )
     lines.append("")
     lines += ["## Runs", ""]
