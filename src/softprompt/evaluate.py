@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -14,6 +15,7 @@ from softprompt.metrics import squad_scores, squad_scores_padded
 from softprompt.model import PromptedT5
 from softprompt.tracking import Progress
 
+T = TypeVar("T")
 # (feature indices [B]) -> (prompts [B, P, H], lengths [B] or None): per-row prompts for mixed batches.
 RowPrompts = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -135,44 +137,96 @@ def generate_answers(
     Returns:
         One answer string per feature.
     """
+    synced = lockstep and env is not None and env.distributed
+
+    def answer(input_ids: torch.Tensor, mask: torch.Tensor, prompt, lengths) -> list[str]:
+        out = model.generate(
+            input_ids,
+            mask,
+            max_new_tokens=max_new_tokens,
+            prompt=prompt,
+            prompt_lengths=lengths,
+            synced_gpus=synced,
+        )
+        return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    return map_batches(
+        model,
+        tokenizer,
+        features,
+        answer,
+        batch_size=batch_size,
+        env=env,
+        bf16=bf16,
+        row_prompts=row_prompts,
+        lockstep=lockstep,
+        progress="eval" if show_progress else None,
+    )
+
+
+@torch.no_grad()
+def map_batches(
+    model: PromptedT5,
+    tokenizer,
+    features: Sequence[Features],
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], list[T]],
+    *,
+    batch_size: int = 64,
+    env: DistEnv | None = None,
+    bf16: bool = False,
+    row_prompts: RowPrompts | None = None,
+    lockstep: bool = False,
+    progress: str | None = None,
+) -> list[T]:
+    """One result per feature, in feature order, on every rank, from `run` over this rank's batches.
+
+    The one evaluation pass of greedy answers and rank classification: the model in eval mode (restored
+    after), the FSDP root's own weights gathered for the pass (generate() and encode() bypass its
+    forward hooks), this rank's `eval_batches` padded by the `Collator`, bf16 autocast, per-row prompts,
+    a progress bar, and every rank's results gathered.
+
+    Args:
+        model: the (unwrapped) model.
+        tokenizer: gives the pad id.
+        features: tokenized inputs.
+        run: `(input_ids [B, S], mask [B, S], prompt [B, P, H] or None, prompt_lengths [B] or None)` ->
+            one result per row, plain Python values (they travel through `gather_objects`).
+        batch_size: features per batch on this rank.
+        env: the distributed environment (default: one process on the model's device).
+        bf16: run under bf16 autocast.
+        row_prompts: per-row prompts for mixed-task or ensemble batches.
+        lockstep: every rank runs the same number of batches (an FSDP-sharded model).
+        progress: the progress bar's label (rank 0 only), or None for no bar.
+    """
     env = env or DistEnv(device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
     batches, own = eval_batches(features, batch_size, env, lockstep)
     collate = Collator(pad_token_id=tokenizer.pad_token_id)
-    # generate() bypasses the FSDP root's forward hooks, so gather the root's own (non-block)
-    # weights, such as the embedding and the prompt, for the whole pass.
     if hasattr(model, "unshard"):
         model.unshard()
-    answers: dict[int, str] = {}
-    with Progress(
-        total=len(batches), desc="eval", enabled=show_progress and env.is_main, unit="batch"
-    ) as bar:
+    results: dict[int, T] = {}
+    bar = Progress(
+        total=len(batches), desc=progress or "", enabled=progress is not None and env.is_main, unit="batch"
+    )
+    with bar:
         for b, idx in enumerate(batches):
             batch = collate([features[i] for i in idx])
-            input_ids = batch["input_ids"].to(env.device)
-            mask = batch["attention_mask"].to(env.device)
             prompt = lengths = None
             if row_prompts is not None:
                 prompt, lengths = row_prompts(torch.tensor(idx))
             with autocast(env.device, bf16):
-                out = model.generate(
-                    input_ids,
-                    mask,
-                    max_new_tokens=max_new_tokens,
-                    prompt=prompt,
-                    prompt_lengths=lengths,
-                    synced_gpus=lockstep and env.distributed,
+                out = run(
+                    batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device), prompt, lengths
                 )
             if b < own:
-                for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True), strict=True):
-                    answers[i] = text.strip()
+                results.update(zip(idx, out, strict=True))
             bar.update(1)
     if hasattr(model, "reshard"):
         model.reshard()
     model.train(was_training)
-    merged: dict[int, str] = {}
-    for part in gather_objects(answers, env):
+    merged: dict[int, T] = {}
+    for part in gather_objects(results, env):
         merged.update(part)
     return [merged[i] for i in range(len(features))]
 

@@ -17,11 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
-from softprompt.data import Collator, Features
-from softprompt.distributed import DistEnv, gather_objects
-from softprompt.evaluate import RowPrompts, autocast, eval_batches
+from softprompt.data import Features
+from softprompt.distributed import DistEnv
+from softprompt.evaluate import RowPrompts, map_batches
 from softprompt.model import PromptedT5
-from softprompt.tracking import Progress
 
 
 def label_targets(tokenizer, labels: Sequence[str]) -> torch.Tensor:
@@ -122,43 +121,24 @@ def label_log_likelihoods(
     if not features:
         return torch.zeros(0, len(labels))
     targets = targets.to(env.device)
-    was_training = model.training
-    model.eval()
-    batches, own = eval_batches(features, batch_size, env, lockstep)
-    collate = Collator(pad_token_id=tokenizer.pad_token_id)
-    # encode() and label_logits() bypass the FSDP root's forward hooks, so gather the root's own
-    # (non-block) weights, such as the embedding and the prompt, for the whole pass.
-    if hasattr(model, "unshard"):
-        model.unshard()
-    # Plain lists travel through gather_objects (a tensor row would pickle its whole batch's storage).
-    scores: dict[int, list[float]] = {}
-    with Progress(
-        total=len(batches), desc="rank", enabled=show_progress and env.is_main, unit="batch"
-    ) as bar:
-        for b, idx in enumerate(batches):
-            batch = collate([features[i] for i in idx])
-            prompt = lengths = None
-            if row_prompts is not None:
-                prompt, lengths = row_prompts(torch.tensor(idx))
-            with autocast(env.device, bf16):
-                out = score_batch(
-                    model,
-                    batch["input_ids"].to(env.device),
-                    batch["attention_mask"].to(env.device),
-                    targets,
-                    prompt,
-                    lengths,
-                ).tolist()
-            if b < own:
-                scores.update(zip(idx, out, strict=True))
-            bar.update(1)
-    if hasattr(model, "reshard"):
-        model.reshard()
-    model.train(was_training)
-    merged: dict[int, list[float]] = {}
-    for part in gather_objects(scores, env):
-        merged.update(part)
-    return torch.tensor([merged[i] for i in range(len(features))], dtype=torch.float32)[:, label_row]
+
+    def score(input_ids: torch.Tensor, mask: torch.Tensor, prompt, lengths) -> list[list[float]]:
+        # Plain lists travel through gather_objects (a tensor row would pickle its whole batch's storage).
+        return score_batch(model, input_ids, mask, targets, prompt, lengths).tolist()
+
+    scores = map_batches(
+        model,
+        tokenizer,
+        features,
+        score,
+        batch_size=batch_size,
+        env=env,
+        bf16=bf16,
+        row_prompts=row_prompts,
+        lockstep=lockstep,
+        progress="rank" if show_progress else None,
+    )
+    return torch.tensor(scores, dtype=torch.float32)[:, label_row]
 
 
 def rank_labels(
