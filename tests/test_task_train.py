@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from softprompt.cli import main
-from softprompt.task import TaskSpec, TextExample
+from softprompt.task import TaskSpec, TextExample, load_task
 from softprompt.task_metrics import score_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,3 +148,29 @@ def test_a_prompt_keeps_its_task_for_eval_and_predict(tmp_path, tiny_model_dir, 
     assert main([*predict, "--input_file", str(bad)]) != 0
     err = capsys.readouterr().err
     assert f"{bad}: line 1: has no field 'text'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("preset", ["multirc", "record"])
+def test_superglue_presets_train_and_score_through_the_cli(tmp_path, tiny_model_dir, preset):
+    """Official-layout JSONL records of MultiRC and ReCoRD go through train -> eval with their own metrics."""
+    from test_superglue import MULTIRC, RECORD
+
+    record = MULTIRC if preset == "multirc" else RECORD
+    data = write_jsonl(tmp_path / "val.jsonl", [record])
+    out = tmp_path / preset
+    argv = ["train", "--task", preset, "--train_file", str(data), "--validation_file", str(data)]
+    argv += ["--model", str(tiny_model_dir), "--random_init", "--output_dir", str(out), "--prompt_tuning"]
+    argv += ["--n_tokens", "2", "--batch_size", "2", "--max_steps", "1", "--eval_steps", "1"]
+    argv += ["--max_source_length", "64", "--max_target_length", "3", "--report_to", "none"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    keys = (
+        ["score", "f1a", "exact_match", "invalid_predictions"]
+        if preset == "multirc"
+        else ["score", "f1", "exact_match"]
+    )
+    assert results["metric"] == preset and list(results["scores"]) == keys
+    assert all(0 <= results["scores"][k] <= 100 for k in keys if k != "invalid_predictions")
+    predictions = json.loads((out / "predictions_best.json").read_text())
+    ids = [e.id for e in load_task(preset).examples_from_records([("line 1", record)], source="val.jsonl")]
+    assert sorted(predictions) == sorted(ids)
