@@ -483,7 +483,7 @@ def create_app(
     Args:
         bank: the model and its prompts.
         max_batch_size: most questions per merged batch (also the model's batch size).
-        max_wait_ms: how long a request waits for others to share its batch.
+        max_wait_ms: the longest a batch's first request waits for others on their way (see `MicroBatcher`).
         max_queue: most requests waiting for the model; more are answered 503 with `Retry-After`.
         max_new_tokens: the longest answer in tokens (32, like `softprompt predict`).
         bf16: run the model under bf16 autocast.
