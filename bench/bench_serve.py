@@ -431,6 +431,19 @@ def update_docs(block_body: str) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
+def without_note(argv: list[str]) -> list[str]:
+    """The command line as run, less `--note TEXT` (the note is printed under the table anyway)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--note="):
+            skip = False
+            continue
+        skip = a == "--note"
+        if not skip:
+            out.append(a)
+    return out
+
+
 def native_bf16() -> bool:
     """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); without it bf16 is emulated."""
     try:
@@ -646,7 +659,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         "timestamp": stamp,
-        "command": "python bench/bench_serve.py " + " ".join(a for a in sys.argv[1:] if a != args.note),
+        "command": "python bench/bench_serve.py " + " ".join(without_note(sys.argv[1:])),
         "machine": _machine(),
         "shape": SHAPES[args.shape],
         "precision": args.precision,
