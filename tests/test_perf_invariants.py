@@ -265,10 +265,10 @@ def greedy_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     the key/value projections folded into the query (what large CPU batches get)."""
     if request.param.startswith("one row"):
         monkeypatch.setattr(lean_t5, "ENCODE_CHUNK_TOKENS", {"cpu": 1})
-        monkeypatch.setattr(lean_t5, "CROSS_KV_CACHE_BYTES", 0)
+        monkeypatch.setattr(lean_t5, "CROSS_KV_CACHE_BYTES", {"cpu": 0})
     else:
         monkeypatch.setattr(lean_t5, "ENCODE_CHUNK_TOKENS", {})
-        monkeypatch.setattr(lean_t5, "CROSS_KV_CACHE_BYTES", 2**40)
+        monkeypatch.setattr(lean_t5, "CROSS_KV_CACHE_BYTES", {})
     return request.param
 
 

@@ -603,8 +603,9 @@ ENCODE_CHUNK_TOKENS = {"cpu": 1024}
 # attention: the same function from one [B, L, d] tensor instead of 2 x layers x [B, L, H * D] (12x less
 # for t5-small, 24x for t5-base). Each step streams its cross-attention operands from memory either way;
 # for a batch of 32 SQuAD questions (t5-small, CPU) the folded form was 3% faster and 211 MiB smaller,
-# for one question the cache is 7% faster and small, so small caches are kept.
-CROSS_KV_CACHE_BYTES = 64 * 2**20
+# for one question the cache is 7% faster and small, so small caches are kept. Measured on a CPU only:
+# elsewhere (a GPU, with memory to spare) the cache is always built.
+CROSS_KV_CACHE_BYTES = {"cpu": 64 * 2**20}
 
 
 def _ends(mask: torch.Tensor) -> torch.Tensor:
@@ -662,10 +663,10 @@ def _greedy(
     The encoder runs once, in chunks of similar length (`_encoder_output`). Each step embeds the last
     token, runs every decoder layer on that one position (self-attention over the cache, cross-attention
     over keys/values projected once per batch, or over the encoder output with the projections folded
-    into the query when such a cache would exceed `CROSS_KV_CACHE_BYTES`), takes the argmax of the logits
-    in fp32, writes `pad` for rows that already emitted EOS, and stops when every row has. Attention at
-    query length 1 is small batched matmuls in fp32 (keys/values are cached in fp32), which is both
-    cheaper on a CPU than the fused kernel and at least as precise.
+    into the query when such a cache would exceed `CROSS_KV_CACHE_BYTES` on a CPU), takes the argmax of
+    the logits in fp32, writes `pad` for rows that already emitted EOS, and stops when every row has.
+    Attention at query length 1 is small batched matmuls in fp32 (keys/values are cached in fp32), which
+    is both cheaper on a CPU than the fused kernel and at least as precise.
 
     Returns:
         [B, 1 + steps] ids starting with the decoder start token, like `generate`.
@@ -701,7 +702,8 @@ def _greedy(
     # Per layer: keys and values [B * H, L, D] fp32, contiguous, so that every step is two plain bmm
     # calls; or, when those would take more than CROSS_KV_CACHE_BYTES, W_k [H, D, d] and W_v^T [H, d, D]
     # to attend over the encoder output itself (kept as [B, L, d] fp32).
-    fold = len(dec.block) * 2 * rows * length * d_kv * 4 > CROSS_KV_CACHE_BYTES
+    limit = CROSS_KV_CACHE_BYTES.get(device.type)
+    fold = limit is not None and len(dec.block) * 2 * rows * length * d_kv * 4 > limit
     cross_kv = []
     for block in dec.block:
         k, v = (weights(lin) for lin in (block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v))
