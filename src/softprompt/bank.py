@@ -452,8 +452,9 @@ class PromptBank:
         )
         return features, tasks
 
-    def prepare(self, rows: Sequence[tuple[str, str, str]]) -> list[PreparedRow]:
-        """Tokenise `(task, question, context)` rows for `answer_prepared`, each with its prompt's settings.
+    def prepare(self, rows: Sequence[tuple[str, str, str | None]]) -> list[PreparedRow]:
+        """Tokenise `(task, question, context)` rows for `answer_prepared`, each with its prompt's settings
+        (the context of a row without one, or of a prompt trained on unpadded text, is not kept).
 
         Raises:
             UnknownTaskError: a row names a task the bank does not hold.
