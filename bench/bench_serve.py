@@ -1,21 +1,30 @@
-"""`softprompt serve` against a PEFT server under load, in one command.
+"""`softprompt serve` against PEFT servers under load, in one command.
 
     python bench/bench_serve.py --levels 1 8 32 128 --questions 96 --update-docs
 
-Builds one random-weight T5 from ``../shared/models/<shape>`` (published config, real tokenizer), K = 4
-prompts of 100 vectors sampled from the first 5,000 vocabulary rows, saved both as softprompt prompts and
-as PEFT prompt-tuning adapters with the same weights. Starts, on 127.0.0.1 only, ``softprompt serve``
-with the K prompts and the peer (``bench/peft_server.py``: one base + ``PeftModel``, ``set_adapter`` and
+Builds one random-weight T5 from ``../shared/models/<shape>`` (published config, real tokenizer; the pad
+row of its embedding zeroed so that answers depend on the question, see `build`), prompts of 100 vectors
+sampled from the first 5,000 vocabulary rows, saved both as softprompt prompts and as PEFT prompt-tuning
+adapters with the same weights. Starts, on 127.0.0.1 only, ``softprompt serve`` with K = ``--tasks``
+prompts and the peer (``bench/peft_server.py --mode shared``: one base + ``PeftModel``, ``set_adapter`` and
 one ``generate`` per request), both with the same precision and threads, then drives each with the same
 closed-loop async httpx client at every concurrency level: each of C clients sends its next request as
 soon as the last one is answered, over the first ``--questions`` SQuAD dev questions (question i asks
-task i mod K). Every request has a timeout, every level a bounded request count.
+task i mod K). Every request has a timeout, every level a fixed request count, so even 128 clients end.
+
+At 1 client each request alternates with one direct in-process ``PromptedT5.generate`` call for the same
+question (same model, prompt, precision and threads; batch of one, tokenised beforehand): what serving
+adds to a lone user's latency. Then, unless ``--memory-tasks 0``, softprompt with 16 prompts and the
+one-model-per-task peer (``--mode per-task``: 16 PeftModels, each with its own copy of the base) answer
+the same questions at ``--memory-clients``, for peak RSS.
 
 Per level and server: requests/s, p50/p95/p99 latency, peak RSS of the server process (psutil, sampled,
-plus the kernel's VmHWM), errors; and the fraction of answers equal between the two servers. Prints the
-compute bound (encoder + ``--max-new-tokens`` decoder steps incl. the LM head at the measured bf16 matmul
-rate), writes ``bench/results/serve-<timestamp>.json``, and with ``--update-docs`` the table into
-``docs/performance.md`` and its plot (``docs/serve_load.png`` + ``.svg``).
+plus the kernel's VmHWM), errors; and the fraction of answers equal between the servers. Prints the
+compute bound (encoder + ``--max-new-tokens`` decoder steps incl. the LM head at the measured matmul
+rate of the chosen precision), the ratios and issue 17's targets as met / missed, writes
+``bench/results/serve-<timestamp>.json``, and with ``--update-docs`` the report into
+``docs/performance.md`` and its plot (``docs/serve_load.png`` + ``.svg``). ``--precision auto`` (the
+default) is bf16 only where the CPU computes bf16 natively.
 """
 
 from __future__ import annotations
@@ -26,11 +35,13 @@ import datetime as _dt
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +104,15 @@ def matmul_rate(dtype_name: str, seconds: float = 2.0) -> float:
 # ------------------------------------------------------------------------------------------ set-up
 
 
-def build(shape: str, work: Path) -> tuple[Path, list[Path], list[Path], Any]:
-    """The model directory, K softprompt prompt dirs and K PEFT adapter dirs with the same weights."""
+def build(shape: str, work: Path, n_tasks: int = N_TASKS) -> tuple[Path, list[Path], list[Path], Any]:
+    """The model directory, K softprompt prompt dirs and K PEFT adapter dirs with the same weights.
+
+    A random T5's residual stream is dominated by the embedding of the token it just read, so greedy
+    decoding repeats the decoder start token (pad, row 0) and every answer decodes to "": an equality
+    check between servers would prove nothing. Row 0 of the (tied) embedding is zeroed, so the first
+    token comes from the encoder (it differs by question and prompt) and is then repeated to 32 tokens:
+    answers are question-specific and every row still decodes the full `--max-new-tokens`.
+    """
     import shutil
 
     import torch
@@ -106,6 +124,8 @@ def build(shape: str, work: Path) -> tuple[Path, list[Path], list[Path], Any]:
     src = SHARED / "models" / SHAPES[shape]
     model_dir = work / "model"
     model = load_t5(src, random_init=True, seed=SEED)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.decoder_start_token_id].zero_()
     model.save_pretrained(model_dir, safe_serialization=True)
     for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
         if (src / name).exists():
@@ -121,7 +141,7 @@ def build(shape: str, work: Path) -> tuple[Path, list[Path], list[Path], Any]:
             base_model_name_or_path=str(model_dir),
         ),
     )
-    for k in range(N_TASKS):
+    for k in range(n_tasks):
         weight = emb[torch.randint(0, 5000, (N_TOKENS,), generator=gen)].clone().float()
         config = PromptConfig(base_model=str(model_dir), n_tokens=N_TOKENS, d_model=model.config.d_model)
         sp_dirs.append(save_prompt(work / f"prompt-{k}", weight, config))
@@ -194,20 +214,33 @@ class Server:
 # ------------------------------------------------------------------------------------------ load
 
 
-async def drive(url: str, rows: list[dict[str, str]], clients: int, timeout: float) -> dict[str, Any]:
-    """C closed-loop clients over `rows` (each row sent once); latencies, errors, answers by row index."""
+async def drive(
+    url: str,
+    rows: list[dict[str, str]],
+    clients: int,
+    timeout: float,
+    between: Callable[[int], float] | None = None,
+) -> dict[str, Any]:
+    """C closed-loop clients over `rows` (each row sent once); latencies, errors, answers by row index.
+
+    `between(i)`, with one client only, runs after row i is answered and returns seconds it measured
+    (the direct in-process call for the same row): alternating both halves of an A/B comparison keeps
+    it fair on a machine whose load drifts.
+    """
     import httpx
 
-    next_row, latencies, answers, errors = 0, [], [None] * len(rows), 0
+    next_row, latencies, answers, errors, direct = 0, [], [None] * len(rows), 0, []
+    refused = 0
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal next_row, errors
+        nonlocal next_row, errors, refused
         while next_row < len(rows):
             i, next_row = next_row, next_row + 1
             t0 = time.perf_counter()
             try:
                 r = await http.post("/v1/answer", json=rows[i])
                 ok = r.status_code == 200
+                refused += r.status_code in (429, 503)
             except httpx.HTTPError:
                 ok = False
             latencies.append(time.perf_counter() - t0)
@@ -215,51 +248,145 @@ async def drive(url: str, rows: list[dict[str, str]], clients: int, timeout: flo
                 answers[i] = r.json()["answer"]
             else:
                 errors += 1
+            if between is not None:
+                direct.append(between(i))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
-        wall = time.perf_counter() - t0
-    lat = sorted(latencies)
-
-    def pct(p: float) -> float:
-        return lat[min(len(lat) - 1, int(p / 100 * len(lat)))]
-
-    return {
+        wall = time.perf_counter() - t0 - sum(direct)
+    out = {
         "clients": clients,
         "requests": len(rows),
         "seconds": wall,
         "rps": (len(rows) - errors) / wall,
-        "p50": pct(50),
-        "p95": pct(95),
-        "p99": pct(99),
+        **percentiles(latencies),
+        "mean": statistics.fmean(latencies),
         "errors": errors,
+        "refused": refused,
         "answers": answers,
     }
+    if direct:
+        out["direct"] = {**percentiles(direct), "mean": statistics.fmean(direct)}
+    return out
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99 of `values` (nearest rank)."""
+    lat = sorted(values)
+    return {f"p{p}": lat[min(len(lat) - 1, int(p / 100 * len(lat)))] for p in (50, 95, 99)}
+
+
+def direct_caller(
+    model_dir: Path,
+    sp_dirs: list[Path],
+    tasks: list[str],
+    rows: list[dict[str, str]],
+    args: argparse.Namespace,
+) -> Callable[[int], float]:
+    """Row i -> seconds of one direct in-process `PromptedT5.generate` call for it, batch of one.
+
+    The floor a lone user of `softprompt serve` is compared against: the same model, prompt, precision
+    and threads, loaded as `serve` loads it, the input tokenised beforehand and the ids not decoded, so
+    only the model call is timed (tokenising, HTTP, JSON and batching are what serve adds to it).
+    """
+    import torch
+
+    from softprompt.bank import load_model_and_prompts
+    from softprompt.data import Collator
+    from softprompt.evaluate import autocast
+
+    bf16 = args.precision == "bf16"
+    bank = load_model_and_prompts(str(model_dir), [str(d) for d in sp_dirs], names=tasks, bf16=bf16)
+    collate = Collator(pad_token_id=bank.tokenizer.pad_token_id)
+    features, task_ids = bank.tokenize([(r["task"], r["question"], r["context"]) for r in rows])
+
+    def call(i: int) -> float:
+        batch = collate([features[i]])
+        prompt, lengths = bank.stack(torch.tensor([task_ids[i]]))
+        t0 = time.perf_counter()
+        with autocast(bank.device, bf16):
+            bank.model.generate(
+                batch["input_ids"], batch["attention_mask"], args.max_new_tokens, prompt, lengths
+            )
+        return time.perf_counter() - t0
+
+    call(0)  # warm-up, as the servers get theirs
+    return call
 
 
 # ------------------------------------------------------------------------------------------ report
 
 
-def table(levels: list[dict[str, Any]], bound: float) -> str:
+def table(levels: list[dict[str, Any]], bound: float, sides: tuple[str, str]) -> str:
+    """Markdown: one line per level and server, then the ratios softprompt / peer."""
     lines = [
         "| clients | server | req/s | p50 s | p95 s | p99 s | peak RSS MiB | errors | answers equal | % of bound |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in levels:
-        for side in ("softprompt", "peft"):
+        for side in sides:
             r = lv[side]
             lines.append(
                 f"| {lv['clients']} | {side} | {r['rps']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['p99']:.2f} "
                 f"| {r['peak_rss_mib']:.0f} | {r['errors']} | {lv['equal']:.0%} | {100 * r['rps'] / bound:.0f}% |"
             )
-        sp, pf = lv["softprompt"], lv["peft"]
+        sp, pf = lv[sides[0]], lv[sides[1]]
         lines.append(
             f"| {lv['clients']} | **ratio** | **{sp['rps'] / pf['rps']:.1f}x** | | | "
-            f"**peft/softprompt {pf['p99'] / sp['p99']:.1f}x** | | | | |"
+            f"**{pf['p99'] / sp['p99']:.1f}x lower** | **{sp['peak_rss_mib'] / pf['peak_rss_mib']:.2f}x** | | | |"
         )
     return "\n".join(lines)
+
+
+def targets(levels: list[dict[str, Any]], memory: dict[str, Any] | None, bound: float) -> list[str]:
+    """Issue 17's targets, each with the measured value and met / missed."""
+    out = []
+
+    def line(name: str, value: float, goal: float, fmt: str, higher: bool) -> None:
+        met = value >= goal if higher else value <= goal
+        out.append(
+            f"- {name}: {fmt.format(value)} (target {'≥' if higher else '≤'} {fmt.format(goal)}): "
+            f"**{'met' if met else 'missed'}**"
+        )
+
+    by_c = {lv["clients"]: lv for lv in levels}
+    if 1 in by_c and "direct" in by_c[1]["softprompt"]:
+        sp = by_c[1]["softprompt"]
+        line(
+            "1 client: serve p50 / direct `generate` p50",
+            sp["p50"] / sp["direct"]["p50"],
+            1.10,
+            "{:.3f}",
+            False,
+        )
+    if 32 in by_c:
+        sp, pf = by_c[32]["softprompt"], by_c[32]["peft"]
+        line("32 clients: throughput softprompt / peft", sp["rps"] / pf["rps"], 25, "{:.1f}x", True)
+        line("32 clients: share of the compute bound", sp["rps"] / bound, 0.5, "{:.0%}", True)
+        line("32 clients: p99 softprompt / peft", sp["p99"] / pf["p99"], 0.1, "{:.2f}", False)
+        line(
+            "32 clients: peak RSS softprompt / peft, 4 tasks",
+            sp["peak_rss_mib"] / pf["peak_rss_mib"],
+            1.0,
+            "{:.2f}",
+            False,
+        )
+    if memory is not None:
+        line(
+            f"{memory['tasks']} tasks: peak RSS softprompt / one-model-per-task peft",
+            memory["ratio"],
+            0.5,
+            "{:.2f}",
+            False,
+        )
+    errors = sum(lv[s]["errors"] for lv in levels for s in ("softprompt", "peft"))
+    out.append(
+        f"- requests lost or failed at any level: {errors}; answers equal between servers: "
+        f"{min(lv['equal'] for lv in levels):.0%} at worst"
+    )
+    return out
 
 
 def plot(levels: list[dict[str, Any]], stem: Path) -> list[Path]:
@@ -304,12 +431,104 @@ def update_docs(block_body: str) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
+def without_note(argv: list[str]) -> list[str]:
+    """The command line as run, less `--note TEXT` (the note is printed under the table anyway)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--note="):
+            skip = False
+            continue
+        skip = a == "--note"
+        if not skip:
+            out.append(a)
+    return out
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); without it bf16 is emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def softprompt_cmd(
+    model_dir: Path, tasks: list[str], dirs: list[Path], args: argparse.Namespace
+) -> list[str]:
+    cmd = [sys.executable, "-m", "softprompt", "serve", "--model", str(model_dir)]
+    for t, d in zip(tasks, dirs, strict=True):
+        cmd += ["--prompt", f"{t}={d}"]
+    cmd += ["--host", "127.0.0.1", "--port", "0", "--precision", args.precision, "--log_level", "warning"]
+    cmd += ["--max_new_tokens", str(args.max_new_tokens), "--max_batch_size", str(args.max_batch_size)]
+    return [*cmd, "--max_wait_ms", str(args.max_wait_ms), "--max_queue", str(max(1024, 2 * max(args.levels)))]
+
+
+def peft_cmd(
+    model_dir: Path, tasks: list[str], dirs: list[Path], args: argparse.Namespace, mode: str
+) -> list[str]:
+    cmd = [sys.executable, str(REPO / "bench" / "peft_server.py"), "--model", str(model_dir), "--mode", mode]
+    for t, d in zip(tasks, dirs, strict=True):
+        cmd += ["--adapter", f"{t}={d}"]
+    cmd += ["--threads", str(args.threads), "--max_new_tokens", str(args.max_new_tokens)]
+    return cmd + (["--bf16"] if args.precision == "bf16" else [])
+
+
+def run_levels(
+    side: str,
+    cmd: list[str],
+    env: dict[str, str],
+    log: Path,
+    rows: list[dict[str, str]],
+    levels: list[int],
+    timeout: float,
+    direct: Callable[[int], float] | None = None,
+) -> list[dict[str, Any]]:
+    """Start one server, warm it up, drive it at every level (its peak RSS read after each), stop it."""
+    server = Server(cmd, env, log)
+    results = []
+    try:
+        asyncio.run(drive(server.url, rows[: min(4, len(rows))], 1, timeout))  # warm-up
+        for c in levels:
+            r = asyncio.run(drive(server.url, rows, c, timeout, between=direct if c == 1 else None))
+            r["peak_rss_mib"] = server.peak_mib()
+            extra = ""
+            if "direct" in r:
+                extra = (
+                    f" (direct generate p50 {r['direct']['p50']:.3f} s: x{r['p50'] / r['direct']['p50']:.3f})"
+                )
+            print(
+                f"{side:>18} clients={c:<4} {r['rps']:.2f} req/s p50 {r['p50']:.3f} s{extra} "
+                f"p99 {r['p99']:.2f} s errors {r['errors']} peak RSS {r['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+            results.append(r)
+    finally:
+        server.stop()
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--questions", type=int, default=96, help="SQuAD dev questions sent per level")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--tasks", type=int, default=N_TASKS, help="K prompts served at every level")
+    p.add_argument(
+        "--memory-tasks",
+        type=int,
+        default=16,
+        help="then serve this many tasks from softprompt and from one PEFT model per task, at "
+        "--memory-clients, and compare peak RSS (0 skips it)",
+    )
+    p.add_argument("--memory-clients", type=int, default=32)
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="auto: bf16 where the CPU has native bf16 (AVX512-BF16/AMX), else fp32 (emulated bf16 is "
+        "~10x slower than fp32 and leaves every server compute-bound at one question at a time)",
+    )
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=32, help="softprompt serve --max_batch_size")
@@ -318,23 +537,27 @@ def main() -> None:
     p.add_argument("--note", default="", help="a line printed under the table in the docs")
     p.add_argument("--update-docs", action="store_true", help="write the table into docs/performance.md")
     args = p.parse_args()
+    if args.precision == "auto":
+        args.precision = "bf16" if native_bf16() else "fp32"
 
     import torch
 
     torch.set_num_threads(args.threads)
+    load_before = _load()
     rate = matmul_rate(args.precision)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "CUDA_VISIBLE_DEVICES": ""}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
     dev = _first_questions(SQUAD_DEV, args.questions)
-    tasks = [f"task{k}" for k in range(N_TASKS)]
+    n_tasks = max(args.tasks, args.memory_tasks)
+    tasks = [f"task{k}" for k in range(n_tasks)]
     rows = [
-        {"task": tasks[i % N_TASKS], "question": r["question"], "context": r["context"]}
+        {"task": tasks[i % args.tasks], "question": r["question"], "context": r["context"]}
         for i, r in enumerate(dev)
     ]
-    load_before = _load()
+    memory = None
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         work = Path(tmp)
-        model_dir, sp_dirs, peft_dirs, cfg = build(args.shape, work)
+        model_dir, sp_dirs, peft_dirs, cfg = build(args.shape, work, n_tasks)
         from transformers import AutoTokenizer
 
         from softprompt.textformat import format_input
@@ -351,84 +574,119 @@ def main() -> None:
             f"LM head, {per_q / 1e9:.2f} GFLOP/question, at {rate:.0f} GFLOP/s {args.precision} matmul)",
             flush=True,
         )
-        sp_cmd = [sys.executable, "-m", "softprompt", "serve", "--model", str(model_dir)]
-        for t, d in zip(tasks, sp_dirs, strict=True):
-            sp_cmd += ["--prompt", f"{t}={d}"]
-        sp_cmd += [
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--precision",
-            args.precision,
-            "--log_level",
-            "warning",
-        ]
-        sp_cmd += ["--max_new_tokens", str(args.max_new_tokens), "--max_batch_size", str(args.max_batch_size)]
-        sp_cmd += [
-            "--max_wait_ms",
-            str(args.max_wait_ms),
-            "--max_queue",
-            str(max(1024, 2 * max(args.levels))),
-        ]
-        peft_cmd = [sys.executable, str(REPO / "bench" / "peft_server.py"), "--model", str(model_dir)]
-        for t, d in zip(tasks, peft_dirs, strict=True):
-            peft_cmd += ["--adapter", f"{t}={d}"]
-        peft_cmd += ["--threads", str(args.threads), "--max_new_tokens", str(args.max_new_tokens)]
-        peft_cmd += ["--bf16"] if args.precision == "bf16" else []
-
-        results: dict[str, list[dict[str, Any]]] = {}
-        for side, cmd in (("softprompt", sp_cmd), ("peft", peft_cmd)):
-            server = Server(cmd, env, work / f"{side}.log")
-            try:
-                asyncio.run(drive(server.url, rows[: min(4, len(rows))], 1, args.timeout))  # warm-up
-                results[side] = []
-                for c in args.levels:
-                    r = asyncio.run(drive(server.url, rows, c, args.timeout))
-                    r["peak_rss_mib"] = server.peak_mib()
-                    print(
-                        f"{side:>10} clients={c:<4} {r['rps']:.2f} req/s p50 {r['p50']:.2f} s "
-                        f"p99 {r['p99']:.2f} s errors {r['errors']} peak RSS {r['peak_rss_mib']:.0f} MiB",
-                        flush=True,
-                    )
-                    results[side].append(r)
-            finally:
-                server.stop()
+        k = args.tasks
+        direct = direct_caller(model_dir, sp_dirs[:k], tasks[:k], rows, args) if 1 in args.levels else None
+        results = {
+            "softprompt": run_levels(
+                "softprompt",
+                softprompt_cmd(model_dir, tasks[:k], sp_dirs[:k], args),
+                env,
+                work / "softprompt.log",
+                rows,
+                args.levels,
+                args.timeout,
+                direct,
+            ),
+        }
+        del direct  # its model is not needed any more
+        results["peft"] = run_levels(
+            "peft",
+            peft_cmd(model_dir, tasks[:k], peft_dirs[:k], args, "shared"),
+            env,
+            work / "peft.log",
+            rows,
+            args.levels,
+            args.timeout,
+        )
+        if args.memory_tasks:
+            m, c = args.memory_tasks, [args.memory_clients]
+            mem_rows = [{**r, "task": tasks[i % m]} for i, r in enumerate(rows)]
+            sp = run_levels(
+                f"softprompt K={m}",
+                softprompt_cmd(model_dir, tasks[:m], sp_dirs[:m], args),
+                env,
+                work / "softprompt-mem.log",
+                mem_rows,
+                c,
+                args.timeout,
+            )[0]
+            pf = run_levels(
+                f"peft per-task K={m}",
+                peft_cmd(model_dir, tasks[:m], peft_dirs[:m], args, "per-task"),
+                env,
+                work / "peft-mem.log",
+                mem_rows,
+                c,
+                args.timeout,
+            )[0]
+            equal = sum(a is not None and a == b for a, b in zip(sp["answers"], pf["answers"], strict=True))
+            memory = {
+                "tasks": m,
+                "clients": args.memory_clients,
+                "softprompt": sp,
+                "peft_per_task": pf,
+                "ratio": sp["peak_rss_mib"] / pf["peak_rss_mib"],
+                "equal": equal / len(rows),
+            }
     levels = []
     for sp, pf in zip(results["softprompt"], results["peft"], strict=True):
         equal = sum(a is not None and a == b for a, b in zip(sp["answers"], pf["answers"], strict=True))
         levels.append({"clients": sp["clients"], "softprompt": sp, "peft": pf, "equal": equal / len(rows)})
-    text = table(levels, bound)
-    print(text)
+    text = table(levels, bound, ("softprompt", "peft"))
+    lines = [text, ""]
+    if levels and "direct" in levels[0]["softprompt"]:
+        sp = levels[0]["softprompt"]
+        d = sp["direct"]
+        lines.append(
+            f"1 client against one direct in-process `generate` call per question (same model, prompt, "
+            f"precision, threads; alternated with the requests): serve p50 {sp['p50']:.3f} s / direct "
+            f"{d['p50']:.3f} s = **{sp['p50'] / d['p50']:.3f}x**; mean {sp['mean']:.3f} / {d['mean']:.3f} s = "
+            f"{sp['mean'] / d['mean']:.3f}x."
+        )
+    if memory is not None:
+        sp, pf = memory["softprompt"], memory["peft_per_task"]
+        lines.append(
+            f"\n{memory['tasks']} tasks, {memory['clients']} clients: softprompt (one model) {sp['rps']:.2f} req/s, "
+            f"p99 {sp['p99']:.2f} s, peak RSS {sp['peak_rss_mib']:.0f} MiB; PEFT with one model per task "
+            f"{pf['rps']:.2f} req/s, p99 {pf['p99']:.2f} s, peak RSS {pf['peak_rss_mib']:.0f} MiB: "
+            f"**{memory['ratio']:.2f}x** the memory; answers equal {memory['equal']:.0%}."
+        )
+    lines += ["", "Targets (issue 17):", *targets(levels, memory, bound)]
+    report = "\n".join(lines)
+    print(report)
 
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = {
         "timestamp": stamp,
-        "command": "python bench/bench_serve.py " + " ".join(a for a in sys.argv[1:] if a != args.note),
+        "command": "python bench/bench_serve.py " + " ".join(without_note(sys.argv[1:])),
         "machine": _machine(),
         "shape": SHAPES[args.shape],
         "precision": args.precision,
+        "native_bf16": native_bf16(),
         "threads": args.threads,
         "bound_qps": bound,
         "matmul_gflops": rate,
         "load_before": load_before,
         "load_after": _load(),
         "levels": levels,
+        "memory": memory,
     }
-    (RESULTS / f"serve-{stamp}.json").write_text(json.dumps(summary, indent=1))
+    out = RESULTS / f"serve-{stamp}.json"
+    out.write_text(json.dumps(summary, indent=1))
     figs = plot(levels, REPO / "docs" / "serve_load") if args.update_docs else []
-    print("wrote", ", ".join(str(f.relative_to(REPO)) for f in figs))
+    print("wrote", ", ".join(str(f.relative_to(REPO)) for f in [out, *figs]))
     if args.update_docs:
         m = summary["machine"]
         body = (
-            f"Last run: {stamp} on {m['cpu']} ({m['cores']} cores), {args.threads} torch thread(s) per server, "
+            f"Last run: {stamp} on {m['cpu']} ({m['cores']} cores, native bf16: "
+            f"{'yes' if summary['native_bf16'] else 'no'}), {args.threads} torch thread(s) per server, "
             f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; {SHAPES[args.shape]} shape, "
-            f"random weights, {args.precision}, K = {N_TASKS} prompts of {N_TOKENS} tokens, {len(rows)} SQuAD "
-            f"dev questions per level, answers up to {args.max_new_tokens} tokens.\n\n"
+            f"random weights, {args.precision}, K = {args.tasks} prompts of {N_TOKENS} tokens, {len(rows)} SQuAD "
+            f"dev questions per level, answers of {args.max_new_tokens} tokens.\n\n"
             f"Command: `{summary['command']}`\n\n"
             f"Compute bound: {bound:.1f} questions/s ({per_q / 1e9:.2f} GFLOP/question at {rate:.0f} GFLOP/s "
-            f"{args.precision} matmul).\n\n{text}\n\n"
+            f"{args.precision} matmul).\n\n{report}\n\n"
             f"![throughput and p99 latency against concurrency](serve_load.svg)\n\n"
             f"Load average before/after the run: {load_before:.1f} / {summary['load_after']:.1f}."
             + (f"\n\n{args.note}" if args.note else "")

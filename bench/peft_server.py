@@ -1,13 +1,19 @@
 """The peer of `softprompt serve` in bench/bench_serve.py: prompt-tuned tasks served the way PEFT users do.
 
-    python bench/peft_server.py --model DIR --adapter NAME=DIR [...] [--bf16] [--port 0]
+    python bench/peft_server.py --model DIR --adapter NAME=DIR [...] [--bf16] [--mode shared|per-task]
 
-One base `T5ForConditionalGeneration` and one `PeftModel` holding every task's prompt-tuning adapter
-(`load_adapter`); each request switches to its task (`set_adapter`) and calls `generate` once, under a
-lock because `set_adapter` changes the shared model (FastAPI runs `def` endpoints on a thread pool). This
-is what a careful PEFT user builds: one copy of the weights instead of one model per task. The input is
-written exactly as softprompt writes it (`textformat.format_input`, no punctuation padding) so both
-servers see the same tokens and their answers can be compared.
+Two ways PEFT users serve K prompt-tuned tasks, one `generate` call per request either way:
+
+* `--mode shared` (default): one base `T5ForConditionalGeneration` and one `PeftModel` holding every
+  task's adapter (`load_adapter`); each request switches to its task (`set_adapter`) and generates under
+  one lock, because `set_adapter` changes the shared model (FastAPI runs `def` endpoints on a thread
+  pool). One copy of the weights: what a careful PEFT user builds.
+* `--mode per-task`: K `PeftModel`s, each wrapping its own copy of the base model (`from_pretrained` once
+  per task), each behind its own lock, so requests for different tasks may run at once on different
+  threads. What the straightforward "one model per task" deployment does; it holds K copies of the weights.
+
+The input is written exactly as softprompt writes it (`textformat.format_input`, no punctuation padding)
+so both servers see the same tokens and their answers can be compared.
 """
 
 from __future__ import annotations
@@ -32,26 +38,40 @@ class AnswerInput(BaseModel):
     context: str
 
 
-def build_app(model_dir: str, adapters: list[tuple[str, str]], bf16: bool, max_new_tokens: int) -> FastAPI:
-    """The app: one base model, every adapter loaded into one PeftModel."""
+def build_app(
+    model_dir: str, adapters: list[tuple[str, str]], bf16: bool, max_new_tokens: int, mode: str = "shared"
+) -> FastAPI:
+    """The app: one base model with every adapter (`shared`), or one base copy per adapter (`per-task`)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = T5ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
-    (first, first_dir), *rest = adapters
-    model = PeftModel.from_pretrained(base, first_dir, adapter_name=first)
-    for name, directory in rest:
-        model.load_adapter(directory, adapter_name=name)
-    model.eval()
-    lock = threading.Lock()
+    # task -> (model, lock, adapter to switch to, or None when the model holds only that task's adapter)
+    served: dict[str, tuple[PeftModel, threading.Lock, str | None]] = {}
+    if mode == "shared":
+        base = T5ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+        (first, first_dir), *rest = adapters
+        model = PeftModel.from_pretrained(base, first_dir, adapter_name=first)
+        for name, directory in rest:
+            model.load_adapter(directory, adapter_name=name)
+        model.eval()
+        lock = threading.Lock()
+        served = {name: (model, lock, name) for name, _ in adapters}
+    elif mode == "per-task":
+        for name, directory in adapters:
+            base = T5ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+            served[name] = (PeftModel.from_pretrained(base, directory).eval(), threading.Lock(), None)
+    else:
+        raise SystemExit(f"--mode must be shared or per-task, got {mode!r}")
     app = FastAPI()
 
     @app.post("/v1/answer")
     def answer(body: AnswerInput) -> dict[str, str]:
+        model, lock, adapter = served[body.task]
         enc = tokenizer(
             format_input(body.question, body.context), max_length=512, truncation=True, return_tensors="pt"
         )
         with lock, torch.inference_mode():
-            model.set_adapter(body.task)
+            if adapter is not None:
+                model.set_adapter(adapter)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         return {"answer": tokenizer.decode(out[0], skip_special_tokens=True)}
 
@@ -70,12 +90,18 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--mode", choices=["shared", "per-task"], default="shared", help="see the module docstring"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     adapters = [tuple(a.split("=", 1)) for a in args.adapter]
-    app = build_app(args.model, adapters, args.bf16, args.max_new_tokens)  # type: ignore[arg-type]
+    app = build_app(args.model, adapters, args.bf16, args.max_new_tokens, args.mode)  # type: ignore[arg-type]
     sock = bind_socket("127.0.0.1", args.port)
-    print(f"peft server: listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    print(
+        f"peft server ({args.mode}, {len(adapters)} tasks): listening on http://127.0.0.1:{sock.getsockname()[1]}",
+        flush=True,
+    )
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

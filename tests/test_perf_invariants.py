@@ -258,6 +258,21 @@ def _lean_generate(model: PromptedT5, ids, mask, n: int, prompt=None, lengths=No
         return model.generate(ids, mask, max_new_tokens=n, prompt=prompt, prompt_lengths=lengths)
 
 
+@pytest.fixture(params=["whole batch, cached keys", "one row per chunk, folded keys"])
+def greedy_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the greedy loop lays out its work: the batch encoded at once with a cross-attention
+    key/value cache (small batches), and the encoder run row by row, cut to each row's length, with
+    the key/value projections folded into the query (what large CPU batches get)."""
+    if request.param.startswith("one row"):
+        monkeypatch.setattr(lean_t5, "ENCODE_CHUNK_TOKENS", {"cpu": 1})
+        monkeypatch.setattr(lean_t5, "CROSS_KV_CACHE_BYTES", {"cpu": 0})
+    else:
+        monkeypatch.setattr(lean_t5, "ENCODE_CHUNK_TOKENS", {})
+        monkeypatch.setattr(lean_t5, "CROSS_KV_CACHE_BYTES", {})
+    return request.param
+
+
+@pytest.mark.usefixtures("greedy_layout")
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_lean_greedy_equals_generate_token_for_token(attn: str) -> None:
     model = _prompted(_t5(attn=attn)).eval()
@@ -280,6 +295,7 @@ def test_lean_greedy_equals_generate_token_for_token(attn: str) -> None:
     assert (ref == model.model.generation_config.pad_token_id).any() or ref.shape[1] < 13
 
 
+@pytest.mark.usefixtures("greedy_layout")
 def test_lean_greedy_equals_generate_with_per_row_prompts() -> None:
     t5 = _t5()
     model = PromptedT5(t5).eval()
@@ -294,6 +310,7 @@ def test_lean_greedy_equals_generate_with_per_row_prompts() -> None:
     assert embeds.shape[1] == full.shape[1]
 
 
+@pytest.mark.usefixtures("greedy_layout")
 def test_lean_greedy_equals_generate_in_bf16() -> None:
     model = _prompted(_t5(seed=3)).eval()
     batch = _batch(n=6, seed=4)

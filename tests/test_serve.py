@@ -216,6 +216,109 @@ def test_micro_batcher_merges_without_splitting_requests() -> None:
     assert len(threads) == 1 and next(iter(threads)).startswith("softprompt-model")
 
 
+def test_length_bucketed_batches_group_similar_lengths_and_answer_like_predict(served: dict) -> None:
+    """With more waiting than one batch holds, each batch takes the oldest request plus the closest
+    lengths (less padding than batches in arrival order), and every answer is still `predict`'s."""
+    bank, rows, expected = served["loaded"], served["rows"], served["expected"]
+    entered, gate = threading.Event(), threading.Event()
+    batches: list[list] = []
+
+    def gated(prepared: list) -> list[str]:
+        entered.set()
+        assert gate.wait(60), "the test never opened the gate"
+        batches.append(prepared)
+        return bank.answer_prepared(prepared, max_new_tokens=MAX_NEW)
+
+    cap, n = 8, 33
+    batcher = MicroBatcher(gated, prepare=bank.prepare, length=lambda r: r.length, max_batch_size=cap)
+
+    async def scenario() -> list[list[str]]:
+        first = asyncio.ensure_future(batcher.submit([tuple(rows[0].values())]))
+        while not entered.is_set():  # the first request is on the (blocked) model
+            await asyncio.sleep(0.01)
+        rest = [asyncio.ensure_future(batcher.submit([tuple(rows[i].values())])) for i in range(1, n)]
+        while len(batcher._waiting) < n - 1:
+            await asyncio.sleep(0.01)
+        gate.set()
+        try:
+            return await asyncio.wait_for(asyncio.gather(first, *rest), 120)
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(scenario())
+    assert [a[0] for a in answers] == expected[:n]
+    prepared = bank.prepare([tuple(r.values()) for r in rows[:n]])
+    assert [p.context is not None for p in prepared] == [r["task"] == "trivia" for r in rows[:n]]
+    length_of = {id(p.features.input_ids): p.length for p in prepared}
+    assert len({p.length for p in prepared}) > 8, "the rows should have many different lengths"
+    # Which request each batch row came from, by its tokens (rows of this set are all distinct).
+    index = {tuple(p.features.input_ids): i for i, p in enumerate(prepared)}
+    order = [[index[tuple(r.features.input_ids)] for r in b] for b in batches]
+    assert sorted(i for b in order for i in b) == list(range(n))
+    assert order[0] == [0] and all(len(b) <= cap for b in order)
+    done: set[int] = set()
+    for b in order:  # the oldest request still waiting is always in the next batch
+        assert min(set(range(n)) - done) in b
+        done |= set(b)
+
+    def padding(groups: list[list[int]]) -> int:
+        widths = [[prepared[i].length for i in g] for g in groups]
+        return sum(len(w) * max(w) - sum(w) for w in widths)
+
+    waiting = list(range(1, n))
+    in_arrival_order = [waiting[i : i + cap] for i in range(0, len(waiting), cap)]
+    assert padding(order[1:]) < padding(in_arrival_order) / 2
+    del length_of
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    """The window only opens when company is on its way: requests still being prepared, or fewer rows
+    waiting than the last batch held. Counted, not timed: the window here is a minute long."""
+    seen: list[int] = []
+    release = threading.Event()
+
+    def prepare(rows: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        if rows[0][1] == "slow":
+            assert release.wait(60)
+        return rows
+
+    def answer(rows: list[tuple[str, str, str]]) -> list[str]:
+        seen.append(len(rows))
+        return [q for _, q, _ in rows]
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(answer, prepare=prepare, max_batch_size=8, max_wait_ms=60_000)
+        try:
+            for i in range(3):  # one client, one request at a time: never a wait
+                assert await asyncio.wait_for(batcher.submit([("t", f"q{i}", "c")]), 10) == [f"q{i}"]
+            assert batcher.stats.window_waits == 0 and seen == [1, 1, 1]
+            # A request being prepared is company: the first waits for it and they share a batch.
+            first = asyncio.ensure_future(batcher.submit([("t", "fast", "c")]))
+            second = asyncio.ensure_future(batcher.submit([("t", "slow", "c")]))
+            while not (len(batcher._waiting) == 1 and batcher._preparing == 1):
+                await asyncio.sleep(0.01)
+            release.set()
+            assert await asyncio.wait_for(asyncio.gather(first, second), 10) == [["fast"], ["slow"]]
+            assert batcher.stats.window_waits == 1 and seen[-1] == 2
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+
+    async def after_a_batch() -> None:
+        # After a batch of 3 rows, a lone request waits (briefly here) for the other two clients.
+        batcher = MicroBatcher(answer, max_batch_size=8, max_wait_ms=20)
+        try:
+            await asyncio.gather(*(batcher.submit([("t", f"b{i}", "c")]) for i in range(3)))
+            waits = batcher.stats.window_waits
+            assert await asyncio.wait_for(batcher.submit([("t", "alone", "c")]), 10) == ["alone"]
+            assert batcher.stats.window_waits == waits + 1
+        finally:
+            await batcher.stop()
+
+    asyncio.run(after_a_batch())
+
+
 def test_micro_batcher_stop_fails_waiting_requests() -> None:
     def slow(rows: list[tuple[str, str, str]]) -> list[str]:
         time.sleep(0.2)
@@ -333,7 +436,7 @@ def test_overload_answers_503_with_retry_after_and_holds_no_memory(served: dict)
             tracemalloc.stop()
             # Rejections were answered while the model was still blocked: nothing waited on it.
             assert not gate.is_set() and not first.done() and not any(q.done() for q in queued)
-            assert batcher.queue_depth == 2 and batcher._queue.qsize() <= 2
+            assert batcher.queue_depth == 2 and len(batcher._waiting) <= 2
             assert batcher.stats.requests_rejected == 550
             # Keeping anything of a refused request (its parsed question and context: ~1 kB here) would
             # hold ~400 kB; what remains is the constant cost of caches filled once (15-25 kB seen).

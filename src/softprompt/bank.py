@@ -35,6 +35,7 @@ from softprompt.textformat import raw_answer
 
 __all__ = [
     "BankEntry",
+    "PreparedRow",
     "PromptBank",
     "PromptTable",
     "UnknownTaskError",
@@ -171,6 +172,26 @@ class BankEntry:
 
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class PreparedRow:
+    """One question tokenised for its task (`PromptBank.prepare`), ready to join any batch.
+
+    `serve` prepares requests before they queue, so that the model thread only runs the model and the
+    batcher knows each row's length.
+
+    Attributes:
+        features: the tokenised input.
+        task: the task's position in the bank.
+        context: the raw context, kept only where answers are mapped back to it (padded text formats).
+        length: the encoder positions the row takes: its prompt's vectors plus its input tokens.
+    """
+
+    features: Features
+    task: int
+    context: str | None
+    length: int
 
 
 class PromptTable:
@@ -468,6 +489,47 @@ class PromptBank:
         )
         return features, tasks
 
+    def prepare(self, rows: Sequence[tuple[str, str, str | None]]) -> list[PreparedRow]:
+        """Tokenise `(task, question, context)` rows for `answer_prepared`, each with its prompt's settings
+        (the context of a row without one, or of a prompt trained on unpadded text, is not kept).
+
+        Raises:
+            UnknownTaskError: a row names a task the bank does not hold.
+        """
+        features, tasks = self.tokenize(rows)
+        out = []
+        for f, k, (_, _, context) in zip(features, tasks, rows, strict=True):
+            entry = self._entries[k]
+            keep = context if entry.config.punctuation != "none" else None
+            out.append(PreparedRow(f, k, keep, int(entry.weight.shape[0]) + len(f.input_ids)))
+        return out
+
+    def answer_prepared(
+        self,
+        rows: Sequence[PreparedRow],
+        *,
+        batch_size: int = 32,
+        max_new_tokens: int = 32,
+        bf16: bool = False,
+    ) -> list[str]:
+        """Answer prepared rows of any mix of tasks (see `answer`)."""
+        if not rows:
+            return []
+        answers = self.generate_answers(
+            [r.features for r in rows],
+            [r.task for r in rows],
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            env=DistEnv(device=self.device),
+            bf16=bf16,
+        )
+        return [
+            a
+            if r.context is None
+            else context_spans([a], [r.context], self._entries[r.task].config.punctuation)[0]
+            for a, r in zip(answers, rows, strict=True)
+        ]
+
     def answer(
         self,
         rows: Sequence[tuple[str, str, str | None]],
@@ -486,19 +548,9 @@ class PromptBank:
         Returns:
             One answer per row, in row order.
         """
-        if not rows:
-            return []
-        features, tasks = self.tokenize(rows)
-        answers = self.generate_answers(
-            features,
-            tasks,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            env=DistEnv(device=self.device),
-            bf16=bf16,
+        return self.answer_prepared(
+            self.prepare(rows), batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16
         )
-        styles = [self._entries[k].config.punctuation for k in tasks]
-        return context_spans(answers, [row[2] for row in rows], styles)
 
 
 def tokenize_questions(

@@ -308,7 +308,7 @@ class ServeArgs:
     max_batch_size: Annotated[int, tyro.conf.arg(aliases=("--eval_batch_size",))] = 32
     """Most questions merged into one model batch. Alias: --eval_batch_size."""
     max_wait_ms: float = 5.0
-    """How long a request waits for others to share its batch."""
+    """Longest a batch's first request waits for others on their way (a lone request does not wait)."""
     max_queue: int = 1024
     """Most requests waiting for the model; more are answered 503 with Retry-After at once (bounds memory)."""
     max_context_chars: Count = 20000

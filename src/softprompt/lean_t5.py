@@ -634,6 +634,61 @@ def _decode(
     return F.linear(h.to(cd), weights(t5.lm_head))
 
 
+# Most encoder positions (rows x padded length) `greedy` encodes at once on a CPU. The encoder's
+# activations (attention bias [b, H, l, l], feed-forward hidden [b, l, d_ff], ...) then stay those of
+# one chunk whatever the batch size, each chunk is padded only to its own longest row, and the chunk's
+# working set stays in cache: on a 2-core Zen 3, t5-small encoded a batch of 32 SQuAD questions 18% faster
+# in chunks of 1024 positions than at once, with 360 MiB less peak memory (docs/performance.md).
+# On a GPU a chunk that small would leave the device idle, so there the whole batch is one chunk.
+ENCODE_CHUNK_TOKENS = {"cpu": 1024}
+
+# Largest cross-attention key/value cache (all decoder layers, fp32) `greedy` builds. Above it, each
+# step attends over the encoder output itself, folding the key and value projections into the query
+# and the output, (q W_k) m^T instead of q (m W_k)^T, with the H heads as H queries of one fused
+# attention: the same function from one [B, L, d] tensor instead of 2 x layers x [B, L, H * D] (12x less
+# for t5-small, 24x for t5-base). Each step streams its cross-attention operands from memory either way;
+# for a batch of 32 SQuAD questions (t5-small, CPU) the folded form was 3% faster and 211 MiB smaller,
+# for one question the cache is 7% faster and small, so small caches are kept. Measured on a CPU only:
+# elsewhere (a GPU, with memory to spare) the cache is always built.
+CROSS_KV_CACHE_BYTES = {"cpu": 64 * 2**20}
+
+
+def _ends(mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] padding mask -> [B] one past each row's last real position."""
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask.to(torch.long) * positions).amax(dim=1)
+
+
+def _encoder_output(
+    t5: T5ForConditionalGeneration,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    ends: torch.Tensor,
+    weights: _Weights,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """The encoder's output [B, L, d] in the compute dtype, encoding rows in chunks of similar length.
+
+    Rows must come longest first (`ends` non-increasing); L is the longest row. Consecutive rows are
+    encoded together, cut to the chunk's longest row, at most `max_tokens` positions at a time (one row at
+    least; default: `ENCODE_CHUNK_TOKENS` of the device, else the whole batch). This is the same
+    computation as encoding the batch at once: a real position never attends to padding (its weight is
+    exactly 0). Positions past a row's end are zero, and masked wherever the output is read.
+    """
+    batch, length = embeds.shape[0], int(ends[0])
+    budget = max_tokens or ENCODE_CHUNK_TOKENS.get(embeds.device.type) or batch * length
+    out = torch.zeros(batch, length, embeds.shape[-1], dtype=weights.dtype, device=embeds.device)
+    widths = ends.tolist()
+    start = 0
+    while start < batch:
+        width = widths[start]
+        stop = min(batch, start + max(1, budget // max(width, 1)))
+        chunk = _encode(t5, embeds[start:stop, :width], mask[start:stop, :width], weights, training=False)
+        out[start:stop, :width] = chunk
+        start = stop
+    return out
+
+
 def _token_ids(value: int | list[int] | None) -> list[int]:
     if value is None:
         return []
@@ -650,11 +705,13 @@ def _greedy(
 ) -> torch.Tensor:
     """Greedy decoding with a preallocated KV cache, as `generate(do_sample=False, num_beams=1)` does it.
 
-    Each step embeds the last token, runs every decoder layer on that one position (self-attention
-    over the cache, cross-attention over keys/values projected once per batch), takes the argmax of
+    The encoder runs once, in chunks of similar length (`_encoder_output`). Each step embeds the last
+    token, runs every decoder layer on that one position (self-attention over the cache, cross-attention
+    over keys/values projected once per batch, or over the encoder output with the projections folded
+    into the query when such a cache would exceed `CROSS_KV_CACHE_BYTES` on a CPU), takes the argmax of
     the logits in fp32, writes `pad` for rows that already emitted EOS, and stops when every row has.
-    Attention at query length 1 is two small batched matmuls in fp32 (keys/values are cached in fp32),
-    which is both cheaper on a CPU than the fused kernel and at least as precise.
+    Attention at query length 1 is small batched matmuls in fp32 (keys/values are cached in fp32), which
+    is both cheaper on a CPU than the fused kernel and at least as precise.
 
     Returns:
         [B, 1 + steps] ids starting with the decoder start token, like `generate`.
@@ -675,17 +732,40 @@ def _greedy(
     if pad is None and len(eos):
         pad = int(eos[0])
 
-    memory = _encode(t5, embeds, mask, weights, training=False).to(cd)
+    # Rows longest first (the answer rows are put back in the caller's order at the end), so that the
+    # encoder's chunks are runs of similar length.
+    ends = _ends(mask)
+    order = torch.argsort(ends, descending=True, stable=True)
+    embeds, mask, ends = embeds[order], mask[order], ends[order]
+    memory = _encoder_output(t5, embeds, mask, ends, weights)  # [B, L, d]
+    length = memory.shape[1]
     first = dec.block[0].layer[0].SelfAttention
     heads, d_kv = first.n_heads, first.key_value_proj_dim
-    rows, length = batch * heads, memory.shape[1]
-    # Keys and values as [B * H, L, D] fp32, contiguous, so every step is two plain bmm calls.
-    cross_bias = _key_mask(mask, torch.float32).expand(batch, heads, 1, length).reshape(rows, 1, length)
-    cross_kv = [
-        (k.reshape(rows, length, d_kv).float(), v.reshape(rows, length, d_kv).float())
-        for k, v in _cross_kv(dec, memory, weights)
-    ]
-    del memory
+    rows = batch * heads
+    cross_bias = _key_mask(mask[:, :length], torch.float32).expand(batch, heads, 1, length)
+    cross_bias = cross_bias.reshape(rows, 1, length)
+    # Per layer: keys and values [B * H, L, D] fp32, contiguous, so that every step is two plain bmm
+    # calls; or, when those would take more than CROSS_KV_CACHE_BYTES, W_k [H, D, d] and W_v^T [H, d, D]
+    # to attend over the encoder output itself (kept as [B, L, d] fp32).
+    limit = CROSS_KV_CACHE_BYTES.get(device.type)
+    fold = limit is not None and len(dec.block) * 2 * rows * length * d_kv * 4 > limit
+    cross_kv = []
+    for block in dec.block:
+        k, v = (weights(lin) for lin in (block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v))
+        if fold:
+            cross_kv.append(
+                (k.float().view(heads, d_kv, -1), v.float().view(heads, d_kv, -1).transpose(1, 2))
+            )
+        else:
+            cross_kv.append(
+                tuple(_heads(F.linear(memory, w), heads).reshape(rows, length, d_kv).float() for w in (k, v))
+            )
+    memory = memory.float() if fold else None
+    if memory is not None:  # one fused attention reads the encoder output once per layer and step
+        kv, fold_bias = (
+            memory[:, None],
+            _key_mask(mask[:, :length], torch.float32),
+        )  # [B, 1, L, d], [B, 1, 1, L]
     steps = max_new_tokens
     self_bias = _position_bias(first, steps, steps, device, torch.float32)[0]  # [H, steps, steps]
     cache_k = [torch.zeros(rows, steps, d_kv, device=device) for _ in dec.block]
@@ -723,8 +803,14 @@ def _greedy(
             cross = ca.EncDecAttention
             x = _norm_to(ca.layer_norm, h, cd)
             ck, cv = cross_kv[i]
-            scores = torch.bmm(one_query(x, cross.q), ck.transpose(1, 2)) + cross_bias
-            o = torch.bmm(torch.softmax(scores, dim=-1), cv)
+            if memory is None:
+                scores = torch.bmm(one_query(x, cross.q), ck.transpose(1, 2)) + cross_bias
+                o = torch.bmm(torch.softmax(scores, dim=-1), cv)
+            else:  # ck = W_k [H, D, d], cv = W_v^T [H, d, D]; the heads are the queries of one attention
+                q = one_query(x, cross.q).view(batch, heads, d_kv).transpose(0, 1)  # [H, B, D]
+                q = torch.bmm(q, ck).transpose(0, 1)  # [B, H, d]
+                o = F.scaled_dot_product_attention(q[:, None], kv, kv, attn_mask=fold_bias, scale=1.0)
+                o = torch.bmm(o[:, 0].transpose(0, 1), cv).transpose(0, 1).reshape(rows, 1, d_kv)
             h = h + F.linear(merged(o), weights(cross.o))
             x = _norm_to(ff.layer_norm, h, cd)
             h = h + _ffn(ff.DenseReluDense, x, weights, act, training=False)[0]
@@ -741,4 +827,4 @@ def _greedy(
             unfinished &= ~torch.isin(nxt, eos)
             if not bool(unfinished.any()):
                 break
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1)[torch.argsort(order)]

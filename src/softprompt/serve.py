@@ -157,8 +157,9 @@ class ApiError(Exception):
 
 @dataclass
 class _Pending:
-    rows: list[Row]
+    rows: list[Any]  # as given to `submit`, or as `prepare` made them
     future: asyncio.Future[list[str]]
+    length: int = 0  # the longest row's `length`, when the batcher has one
 
 
 @dataclass
@@ -170,6 +171,8 @@ class BatcherStats:
     requests_answered: int = 0
     rows_answered: int = 0
     requests_rejected: int = 0
+    window_waits: int = 0
+    """Batches whose first request waited for company (not on /health)."""
 
 
 class QueueFull(Exception):
@@ -184,24 +187,42 @@ class QueueFull(Exception):
 class MicroBatcher:
     """Gathers concurrent requests into one batch for a single model worker thread.
 
-    The first waiting request opens a window of `max_wait_ms`; requests arriving in it join the batch
-    until it holds `max_batch_size` questions (a request is never split, and one bigger than the cap
-    runs alone). The batch then runs in a one-thread executor, so the model is never entered twice at
-    once and the event loop stays free.
+    A request is first prepared (`prepare`, e.g. tokenised, on a thread of its own, so that the model
+    thread only runs the model), then waits. When the model is free, the batch is formed from what waits:
 
-    At most `max_queue` requests wait (the batch on the model is not counted); `submit` refuses more
-    with `QueueFull` at once, holding nothing for them, so memory is bounded by `max_queue` requests
-    plus one batch whatever the load.
+    * The window. A lone request does not wait: the batch runs at once unless company is on its way, that
+      is while requests are still being prepared, or while fewer rows wait than the last batch held (the
+      clients it answered are likely to send their next request now). Then it waits for them, at most
+      `max_wait_ms`, and no longer once `max_batch_size` rows wait.
+    * Batch formation. When everything waiting fits in `max_batch_size` rows, everything goes. Otherwise
+      the oldest request (so none waits forever) is joined by the requests of the most similar lengths
+      (`length`), growing the batch towards whichever neighbour in length adds the least padding; without
+      `length`, by the oldest that fit. A request is never split, and one bigger than the cap runs alone.
+
+    The batch runs in a one-thread executor, so the model is never entered twice at once and the event
+    loop stays free. At most `max_queue` requests wait or are being prepared (the batch on the model is
+    not counted); `submit` refuses more with `QueueFull` at once, holding nothing for them, so memory is
+    bounded by `max_queue` requests plus one batch whatever the load.
 
     Args:
-        answer: rows -> answers, called on the worker thread (e.g. `PromptBank.answer`).
+        answer: rows (prepared, if `prepare` is given) -> answers, called on the worker thread (e.g.
+            `PromptBank.answer_prepared`).
+        prepare: rows -> prepared rows, one per row (e.g. `PromptBank.prepare`); None queues rows as given.
+        length: a prepared row's size for batch formation (e.g. `PreparedRow.length`); None: arrival order.
         max_batch_size: most questions per merged batch.
-        max_wait_ms: how long the first request of a batch waits for company.
+        max_wait_ms: the longest a batch's first request waits for company.
         max_queue: most requests waiting for the model.
     """
 
     def __init__(
-        self, answer: AnswerFn, *, max_batch_size: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024
+        self,
+        answer: AnswerFn,
+        *,
+        prepare: Callable[[list[Row]], list[Any]] | None = None,
+        length: Callable[[Any], int] | None = None,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 1024,
     ) -> None:
         if max_batch_size < 1:
             raise UserError(f"--max_batch_size must be >= 1, got {max_batch_size}")
@@ -210,27 +231,37 @@ class MicroBatcher:
         if max_queue < 1:
             raise UserError(f"--max_queue must be >= 1, got {max_queue}")
         self._answer = answer
+        self._prepare = prepare
+        self._length = length
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.stats = BatcherStats()
         self._batch_seconds = 1.0  # running mean of a batch's time on the model, for Retry-After
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._carry: _Pending | None = None
+        self._last_rows = 0  # rows of the last batch: how much company to expect
+        self._waiting: list[_Pending] = []  # in arrival order
+        self._preparing = 0  # accepted requests still being prepared
+        self._arrived: asyncio.Event | None = None
         self._taken: list[_Pending] = []  # out of the queue, not answered yet
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._prepare_executor: ThreadPoolExecutor | None = None
 
     @property
     def queue_depth(self) -> int:
-        return (self._queue.qsize() if self._queue is not None else 0) + (self._carry is not None)
+        """Requests accepted and not yet on the model (waiting, or being prepared)."""
+        return len(self._waiting) + self._preparing
 
     def start(self) -> None:
         """Start the gathering task on the running event loop (idempotent)."""
         if self._task is not None and not self._task.done():
             return
-        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-model")
+        if self._prepare is not None:
+            self._prepare_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="softprompt-prepare"
+            )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-batcher")
 
     async def stop(self) -> None:
@@ -240,16 +271,14 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        waiting = [*self._taken, *([self._carry] if self._carry is not None else [])]
-        self._taken, self._carry = [], None
-        while self._queue is not None and not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
+        waiting, self._taken, self._waiting = [*self._taken, *self._waiting], [], []
         for p in waiting:
             if not p.future.done():
                 p.future.set_exception(RuntimeError("the server is shutting down"))
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        for executor in (self._executor, self._prepare_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._prepare_executor = None
 
     def retry_after(self) -> int:
         """Whole seconds until the waiting requests have likely been run (at least 1)."""
@@ -257,44 +286,99 @@ class MicroBatcher:
         return max(1, math.ceil(self._batch_seconds * batches_ahead))
 
     async def submit(self, rows: list[Row]) -> list[str]:
-        """Queue rows and wait for their answers (in row order).
+        """Prepare and queue rows, and wait for their answers (in row order).
 
         Raises:
             QueueFull: `max_queue` requests already wait; nothing was queued.
         """
         self.start()
-        assert self._queue is not None
-        # The carried-over request waits outside the queue but counts against the bound.
+        assert self._arrived is not None
         if self.queue_depth >= self.max_queue:
             self.stats.requests_rejected += 1
             raise QueueFull(self.queue_depth, self.retry_after())
+        items: list[Any] = rows
+        if self._prepare is not None:
+            self._preparing += 1
+            try:
+                loop = asyncio.get_running_loop()
+                items = await loop.run_in_executor(self._prepare_executor, self._prepare, rows)
+            finally:
+                self._preparing -= 1
+                self._arrived.set()  # the window may be waiting for this request
+        length = max(map(self._length, items)) if self._length is not None and items else 0
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(rows=rows, future=future))
+        self._waiting.append(_Pending(rows=items, future=future, length=length))
+        self._arrived.set()
         return await future
 
+    def _rows_waiting(self) -> int:
+        return sum(len(p.rows) for p in self._waiting)
+
+    async def _next_arrival(self, timeout: float | None = None) -> bool:
+        """Wait until a request arrives or finishes preparing; False on timeout."""
+        assert self._arrived is not None
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def _gather(self) -> list[_Pending]:
-        assert self._queue is not None
+        while not self._waiting:
+            await self._next_arrival()
         loop = asyncio.get_running_loop()
-        first = self._carry if self._carry is not None else await self._queue.get()
-        self._carry = None
-        batch, size = [first], len(first.rows)
-        self._taken = batch  # so that stop() can fail them if it interrupts the gathering
         deadline = loop.time() + self.max_wait
-        while size < self.max_batch_size:
+        waited = False
+        while self._rows_waiting() < self.max_batch_size and (
+            self._preparing > 0 or self._rows_waiting() < self._last_rows
+        ):
             remaining = deadline - loop.time()
-            try:
-                if remaining > 0:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                else:
-                    item = self._queue.get_nowait()  # the window is over, but take what already waits
-            except (TimeoutError, asyncio.QueueEmpty):
+            if remaining <= 0:
                 break
-            if size + len(item.rows) > self.max_batch_size:
-                self._carry = item  # it opens the next batch rather than overfilling this one
+            waited = True
+            if not await self._next_arrival(remaining):
                 break
-            batch.append(item)
-            size += len(item.rows)
+        self.stats.window_waits += waited
+        batch = self._select()
+        chosen = {id(p) for p in batch}
+        self._waiting = [p for p in self._waiting if id(p) not in chosen]
         return batch
+
+    def _select(self) -> list[_Pending]:
+        """The next batch from the waiting requests (see the class docstring)."""
+        waiting, cap = self._waiting, self.max_batch_size
+        if self._rows_waiting() <= cap:
+            return list(waiting)
+        oldest = waiting[0]
+        if len(oldest.rows) >= cap:
+            return [oldest]
+        if self._length is None:
+            batch, size = [], 0
+            for p in waiting:
+                if size + len(p.rows) <= cap:
+                    batch.append(p)
+                    size += len(p.rows)
+            return batch
+        # Grow a run of the length-sorted requests around the oldest, towards the cheaper neighbour.
+        ranked = sorted(waiting, key=lambda p: p.length)
+        lo = hi = next(i for i, p in enumerate(ranked) if p is oldest)
+        size, longest, total = len(oldest.rows), oldest.length, len(oldest.rows) * oldest.length
+        while True:
+            options = []
+            for j in (lo - 1, hi + 1):
+                if 0 <= j < len(ranked) and size + len(ranked[j].rows) <= cap:
+                    p = ranked[j]
+                    rows, width = size + len(p.rows), max(longest, p.length)
+                    options.append((rows * width - total - len(p.rows) * p.length, j))
+            if not options:
+                break
+            _, j = min(options)
+            p = ranked[j]
+            lo, hi = min(lo, j), max(hi, j)
+            size, longest, total = size + len(p.rows), max(longest, p.length), total + len(p.rows) * p.length
+        chosen = {id(p) for p in ranked[lo : hi + 1]}
+        return [p for p in waiting if id(p) in chosen]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -305,6 +389,7 @@ class MicroBatcher:
             if not batch:
                 continue
             rows = [r for p in batch for r in p.rows]
+            self._last_rows = len(rows)
             started = loop.time()
             try:
                 answers = await loop.run_in_executor(self._executor, self._answer, rows)
@@ -411,23 +496,32 @@ def create_app(
     Args:
         bank: the model and its prompts.
         max_batch_size: most questions per merged batch (also the model's batch size).
-        max_wait_ms: how long a request waits for others to share its batch.
+        max_wait_ms: the longest a batch's first request waits for others on their way (see `MicroBatcher`).
         max_queue: most requests waiting for the model; more are answered 503 with `Retry-After`.
         max_new_tokens: the longest answer in tokens (32, like `softprompt predict`).
         bf16: run the model under bf16 autocast.
         limits: request size limits.
-        answer: replaces `bank.answer` (rows -> answers), e.g. to instrument it.
+        answer: replaces `bank.answer` (rows -> answers, rows queued as given), e.g. to instrument it.
 
     Returns:
         A FastAPI app; the micro-batcher starts with it and stops on shutdown.
     """
     limits = limits or Limits()
-    answer_fn = answer or functools.partial(
-        bank.answer, batch_size=max_batch_size, max_new_tokens=max_new_tokens, bf16=bf16
-    )
-    batcher = MicroBatcher(
-        answer_fn, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue
-    )
+    if answer is not None:
+        batcher = MicroBatcher(
+            answer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue
+        )
+    else:
+        batcher = MicroBatcher(
+            functools.partial(
+                bank.answer_prepared, batch_size=max_batch_size, max_new_tokens=max_new_tokens, bf16=bf16
+            ),
+            prepare=bank.prepare,
+            length=lambda row: row.length,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+        )
     tasks = [TaskInfo(**info) for info in bank.describe()]
 
     @contextlib.asynccontextmanager
