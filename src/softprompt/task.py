@@ -55,6 +55,8 @@ __all__ = [
     "load_task_examples",
     "preset_names",
     "read_records",
+    "task_from_flags",
+    "template_fields",
     "tokenize_texts",
 ]
 
