@@ -265,7 +265,6 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    best_score: float = -1.0  # the selection score at best_step: F1 for QA, a text task's first metric
     best_f1: float = -1.0
     best_em: float = -1.0
     best_step: int = -1
@@ -277,6 +276,11 @@ class TrainerState:
     skipped_nonfinite: int = 0
     last_eval_step: int = -1  # a checkpoint is written before its step's evaluation; resume finishes it
     python_rng: list[Any] = field(default_factory=list)
+
+    @property
+    def best_score(self) -> float:
+        """The selection score at best_step: a text task's first score, F1 for QA (-1 before any)."""
+        return next(iter(self.best_scores.values())) if self.best_scores else self.best_f1
 
 
 def write_trainer_state(directory: Path, state: TrainerState) -> None:
@@ -305,8 +309,6 @@ def read_trainer_state(directory: Path) -> TrainerState:
         if not isinstance(raw, dict):
             raise TypeError(f"a JSON {type(raw).__name__}, not an object")
         state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
-        if "best_score" not in raw:  # written before text tasks: QA selected on F1
-            state.best_score = state.best_f1
         for name, default in asdict(TrainerState()).items():
             if not _same_kind(getattr(state, name), default):
                 raise TypeError(f"{name} is {getattr(state, name)!r}")

@@ -707,7 +707,7 @@ def _evaluate(run: Run) -> float:
     if run.env.is_main:
         ckpt.atomic_write_json(run.out / rundir.predictions_file(st.step), result.predictions)
     if result.score > st.best_score:
-        st.best_score, st.best_step = result.score, st.step
+        st.best_step = st.step
         if run.task is None:
             st.best_f1, st.best_em = result.f1, result.exact_match
             st.best_t5_em, st.best_t5_f1 = result.t5_exact_match, result.t5_f1
