@@ -710,8 +710,6 @@ def task_from_flags(flags: Any, saved: Mapping[str, Any] | None = None) -> TaskS
     if not base and not overrides:
         return None
     data = {**base, **overrides}
-    if "labels" in overrides and "metric" not in overrides and "metric" not in base:
-        data["metric"] = TaskMetric.ACCURACY.value
     where = f"--task {name}" if name else "the task flags"
     spec = TaskSpec.from_dict(data, where=where)
     return None if spec.is_qa else spec
