@@ -203,27 +203,16 @@ def run_predict(args: Any) -> list[str]:
         )
     bank = _bank(args, [args.prompt] if args.prompt else [])
     name = bank.names[0] if len(bank) else None
+    gen = dict(
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.max_target_length,
+        bf16=args.precision == "bf16",
+        max_source_length=args.max_source_length,
+    )
     if task is not None:
-        answers = predict_texts(
-            bank,
-            name,
-            texts,
-            batch_size=args.eval_batch_size,
-            max_new_tokens=args.max_target_length,
-            bf16=args.precision == "bf16",
-            max_source_length=args.max_source_length,
-        )
+        answers = predict_texts(bank, name, texts, **gen)
     else:
-        answers = predict_answers(
-            bank,
-            name,
-            rows,
-            batch_size=args.eval_batch_size,
-            max_new_tokens=args.max_target_length,
-            bf16=args.precision == "bf16",
-            max_source_length=args.max_source_length,
-            punctuation=args.punctuation,
-        )
+        answers = predict_answers(bank, name, rows, punctuation=args.punctuation, **gen)
     lines = [
         json.dumps({**({"id": i} if i is not None else {}), "answer": a})
         for i, a in zip(ids, answers, strict=True)
