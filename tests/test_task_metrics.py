@@ -219,7 +219,18 @@ def test_wsc_accuracy_compares_the_referent_decision_with_the_label() -> None:
     # 0: names the referent, label True -> right; 1: does not (apostrophe), label False -> right;
     # 2: empty answer -> wrong although "does not name it" would equal False (T5's -1);
     # 3: "dog" is not "cat", label True -> wrong. 2/4.
-    assert score_texts(TaskMetric.WSC, rows, predictions) == {"accuracy": 50.0}
+    assert score_texts(TaskMetric.WSC, rows, predictions) == {"accuracy": 50.0, "invalid_predictions": 1.0}
+
+
+def test_wsc_invalid_count_is_the_empty_answers_not_the_non_class_strings() -> None:
+    # Issue 25 item 2: perfect referent answers were all counted invalid against "False"/"True".
+    rows = [TextExample(str(i), "x", ("the cat",), label="True") for i in range(12)]
+    perfect = ["the cat"] * 12
+    for classes in (None, ["False", "True"]):
+        scores = score_texts(TaskMetric.WSC, rows, perfect, classes=classes)
+        assert scores == {"accuracy": 100.0, "invalid_predictions": 0.0}
+    scores = score_texts(TaskMetric.WSC, rows, ["the cat"] * 10 + ["", "  "], classes=["False", "True"])
+    assert scores == pytest.approx({"accuracy": 1000 / 12, "invalid_predictions": 2.0})
 
 
 # --------------------------------------------------------------------------------- score_texts in general

@@ -224,11 +224,13 @@ def score_texts(
       example without a group is its own question).
     - ``record``: {score, f1, exact_match} over all ``targets``, each ``group`` counted once (T5's
       ``deduplicate_metric``: the first example of a query stands for it).
-    - ``wsc``: {accuracy}; right when :func:`wsc_predicts_referent` against ``targets[0]`` equals
-      ``label == "True"`` and the answer is not empty.
+    - ``wsc``: {accuracy, invalid_predictions}; right when :func:`wsc_predicts_referent` against
+      ``targets[0]`` equals ``label == "True"`` and the answer is not empty. Its answers are referents,
+      not class strings, so ``invalid_predictions`` counts the empty answers only.
 
     ``score`` is the mean of the two metrics after it. ``invalid_predictions`` (a count) is added
-    wherever ``classes`` are given, and always for multirc, whose classes are "False" and "True".
+    wherever ``classes`` are given, always for multirc, whose classes are "False" and "True", and always
+    for wsc (empty answers).
 
     Args:
         metric: The task's metric; not ``squad`` (softprompt.metrics scores QA).
@@ -289,6 +291,10 @@ def score_texts(
             for ex, p, y in zip(examples, predictions, labels, strict=True)
         )
         scores = {"accuracy": 100.0 * right / len(examples)}
+        # A WSC answer is a referent, not one of the class strings "False"/"True": the only answer
+        # that cannot name a referent is an empty one, which T5's rule scores wrong (commit 9bad27b).
+        scores["invalid_predictions"] = float(sum(not _wsc_clean(p) for p in predictions))
+        return scores
     if classes:
         scores["invalid_predictions"] = float(invalid_predictions(predictions, classes))
     return scores
