@@ -260,7 +260,7 @@ def test_wic_sentences_then_word_and_offsets_unused():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# MultiRC: one row per answer option, HTML markup removed, ids p-q-a, groups p-q.
+# MultiRC: one row per answer option, HTML markup removed, ids p-q-a, groups q (T5: idx/question).
 
 MULTIRC_PARAGRAPH = "<b>Sent 1: </b>Ann has a red <b>bike</b>.<br><b>Sent 2: </b>She rides it to school.<br>"
 MULTIRC = {
@@ -296,21 +296,21 @@ def test_multirc_one_row_per_answer_with_markup_removed():
             "question: What does Ann ride? answer: A red bike paragraph: " + MULTIRC_CLEAN,
             ("True",),
             "True",
-            "3-10",
+            "10",
         ),
         (
             "3-10-41",
             "question: What does Ann ride? answer: A bus paragraph: " + MULTIRC_CLEAN,
             ("False",),
             "False",
-            "3-10",
+            "10",
         ),
         (
             "3-11-42",
             "question: Where does she go? answer: School paragraph: " + MULTIRC_CLEAN,
             ("True",),
             "True",
-            "3-11",
+            "11",
         ),
     ]
     rows = expand_multirc(MULTIRC, True)
@@ -336,7 +336,7 @@ def test_multirc_hugging_face_row_and_unlabelled_option():
             "question: What does Ann ride? answer: A red bike paragraph: " + MULTIRC_CLEAN,
             ("True",),
             "True",
-            "3-10",
+            "10",
         )
     ]
     test_split = {
@@ -635,3 +635,26 @@ def test_a_bad_record_is_one_line_naming_file_line_and_field():
     assert (
         "val.jsonl" in message and "line 2" in message and "target.span2_text 'He' is not word 12" in message
     )
+
+
+def test_multirc_groups_by_the_question_index_alone_as_t5_does():
+    # Issue 25 item 5: T5's postprocessors.multirc groups by idx/question only, so two paragraphs whose
+    # questions share an index are one exact-match unit there (and here), not two.
+    from softprompt.task_metrics import score_texts
+
+    def record(p: int) -> dict:
+        answers = [{"text": "yes", "idx": 2 * p, "label": 1}, {"text": "no", "idx": 2 * p + 1, "label": 0}]
+        return {
+            "idx": p,
+            "passage": {"text": "P", "questions": [{"question": "Q", "idx": 0, "answers": answers}]},
+        }
+
+    task = load_task("multirc")
+    found = task.examples_from_records(
+        [(f"line {p + 1}", record(p)) for p in range(2)], source="val.jsonl", for_training=False
+    )
+    assert [e.group for e in found] == ["0", "0", "0", "0"]
+    # paragraph 0 all right, paragraph 1 one option wrong: one group of four, not right -> EM 0 (it
+    # would be 50 if paragraphs were separate groups).
+    scores = score_texts("multirc", found, ["True", "False", "True", "True"])
+    assert scores["exact_match"] == 0.0

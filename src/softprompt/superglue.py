@@ -10,7 +10,8 @@ with every text change T5 makes already made, so the template only joins:
 - ``multirc``: one row per answer option (TFDS ``_generate_examples``), fields ``paragraph``,
   ``question``, ``answer`` with ``<br>`` made a space and ``<b>``/``</b>`` removed (T5
   ``preprocessors.glue`` for ``benchmark_name == "multirc"``), ``label``, ``id`` ``"p-q-a"`` and
-  ``group`` ``"p-q"`` (the question, the unit MultiRC's exact match scores).
+  ``group`` the question's idx alone (the unit MultiRC's exact match scores: T5's
+  ``postprocessors.multirc`` groups by ``idx/question``, not by paragraph and question).
 - ``record``: one row per query, fields ``passage`` with T5's ``@highlight`` rules (``preprocessors.record``),
   ``query``, ``entities`` (the distinct entity texts ``text[start:end + 1]``, sorted, joined with ", "),
   ``answers`` (the distinct answer texts, sorted; a list, empty for unlabelled rows) and ``id`` ``"p-q"``.
@@ -143,7 +144,7 @@ def expand_multirc(record: Mapping[str, Any], for_training: bool) -> list[Row]:
 
     Returns:
         Rows with ``paragraph``, ``question``, ``answer`` (markup removed), ``label`` (when given),
-        ``id`` ``"p-q-a"``, ``group`` ``"p-q"`` and ``idx``.
+        ``id`` ``"p-q-a"``, ``group`` ``"q"`` (T5 groups by the question idx alone) and ``idx``.
     """
     del for_training
     if isinstance(record.get("passage"), Mapping):
@@ -163,7 +164,7 @@ def expand_multirc(record: Mapping[str, Any], for_training: bool) -> list[Row]:
                     "question": text,
                     "answer": multirc_text(_text(answer, "text", f"{apath}.text")),
                     "id": f"{p}-{q}-{a}",
-                    "group": f"{p}-{q}",
+                    "group": str(q),
                     "idx": {"paragraph": record["idx"], "question": question["idx"], "answer": answer["idx"]},
                 }
                 rows.append(_with_label(row, answer))
@@ -176,7 +177,7 @@ def expand_multirc(record: Mapping[str, Any], for_training: bool) -> list[Row]:
             "question": multirc_text(_text(record, "question", "question")),
             "answer": multirc_text(_text(record, "answer", "answer")),
             "id": f"{p}-{q}-{a}",
-            "group": f"{p}-{q}",
+            "group": str(q),
             "idx": dict(idx),
         }
         return [_with_label(row, record)]
