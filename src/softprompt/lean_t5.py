@@ -90,7 +90,7 @@ _NEUTRAL_GENERATION = {
 # The transformers versions (major.minor) whose T5 modules this file was checked against: it reads their
 # attribute layout and mirrors their computation, so any other version runs transformers' own modules.
 # Add a version here after tests/test_perf_invariants.py (and tests/test_cuda.py on a GPU) pass under it.
-CHECKED_TRANSFORMERS: tuple[str, ...] = ("5.24",)
+CHECKED_TRANSFORMERS: tuple[str, ...] = ("5.24", "5.25")
 
 # Device types the lean path runs on. On an H200 it trained 2.5-3.9x faster than transformers' modules
 # under autocast and decoded 2-5x faster (fewer, larger kernels; docs/performance.md), and
