@@ -118,8 +118,8 @@ def build(shape: str, work: Path, n_tasks: int = N_TASKS) -> tuple[Path, list[Pa
     import torch
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
-    from softprompt.checkpoint import PromptConfig, save_prompt
-    from softprompt.model import load_t5
+    from softprompt.io.checkpoint import PromptConfig, save_prompt
+    from softprompt.modeling.model import load_t5
 
     src = SHARED / "models" / SHAPES[shape]
     model_dir = work / "model"
@@ -293,9 +293,9 @@ def direct_caller(
     """
     import torch
 
-    from softprompt.bank import load_model_and_prompts
-    from softprompt.data import Collator
-    from softprompt.evaluate import autocast
+    from softprompt.data.records import Collator
+    from softprompt.inference.bank import load_model_and_prompts
+    from softprompt.inference.engine import autocast
 
     bf16 = args.precision == "bf16"
     bank = load_model_and_prompts(str(model_dir), [str(d) for d in sp_dirs], names=tasks, bf16=bf16)
@@ -560,7 +560,7 @@ def main() -> None:
         model_dir, sp_dirs, peft_dirs, cfg = build(args.shape, work, n_tasks)
         from transformers import AutoTokenizer
 
-        from softprompt.textformat import format_input
+        from softprompt.tasks.squad.text import format_input
 
         tok = AutoTokenizer.from_pretrained(model_dir)
         src_lens = [len(tok(format_input(r["question"], r["context"])).input_ids) for r in rows]

@@ -9,9 +9,9 @@ Both sides train on the first N questions of SQuAD v1.1 train for the same numbe
 (N = steps x batch: one epoch, so both see exactly the same examples) and answer the first M dev
 questions greedily (at most 32 new tokens) in batches of the same size.
 
-* softprompt: ``softprompt.train.train(TrainConfig(..., precision="bf16"))`` exactly as ``softprompt
+* softprompt: ``softprompt.training.loop.train(TrainConfig(..., precision="bf16"))`` exactly as ``softprompt
   train`` runs it; train examples/s is the ``train_examples_per_second`` the run writes to results.json.
-  Evaluation is ``softprompt.evaluate.generate_answers(..., bf16=True)`` on the trained prompt, with the
+  Evaluation is ``softprompt.inference.engine.generate_answers(..., bf16=True)`` on the trained prompt, with the
   weights frozen to bf16 as ``softprompt eval --precision bf16`` does.
 * peer: PEFT ``PromptTuningConfig(task_type=SEQ_2_SEQ_LM, num_virtual_tokens=100,
   prompt_tuning_init=SAMPLE_VOCAB)`` on ``T5ForConditionalGeneration`` (SDPA attention, transformers'
@@ -268,11 +268,11 @@ def _first_questions(path: Path, n: int) -> list[dict[str, Any]]:
 
 
 def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
-    """Train with `softprompt.train.train` as `softprompt train` does, then answer with generate_answers."""
-    from softprompt.bank import load_model_and_prompts
-    from softprompt.config import TrainConfig
-    from softprompt.data import load_examples, tokenize_examples
-    from softprompt.train import train
+    """Train with `softprompt.training.loop.train` as `softprompt train` does, then answer with generate_answers."""
+    from softprompt.data.records import load_examples, tokenize_examples
+    from softprompt.inference.bank import load_model_and_prompts
+    from softprompt.training.config import TrainConfig
+    from softprompt.training.loop import train
 
     work = Path(args.work)
     out = work / "softprompt-run"
@@ -542,7 +542,7 @@ def _machine() -> dict[str, Any]:
 
 def _build_model(shape: Shape, directory: Path) -> Any:
     """One random-weight T5 from the shared config, saved where both sides load it from."""
-    from softprompt.model import load_t5
+    from softprompt.modeling.model import load_t5
 
     src = SHARED / "models" / shape.model
     model = load_t5(src, random_init=True, seed=0)
@@ -634,8 +634,8 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _token_counts(model_dir: Path, n_train: int, path: Path = SQUAD_TRAIN) -> list[tuple[int, int]]:
     """(P + source tokens, target tokens) of each of the first questions, from softprompt's tokenization."""
-    from softprompt.data import load_examples, tokenize_examples
-    from softprompt.model import load_tokenizer
+    from softprompt.data.records import load_examples, tokenize_examples
+    from softprompt.modeling.model import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     feats = tokenize_examples(

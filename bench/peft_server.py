@@ -28,8 +28,8 @@ from peft import PeftModel
 from pydantic import BaseModel
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from softprompt.serve import bind_socket
-from softprompt.textformat import format_input
+from softprompt.serving.server import bind_socket
+from softprompt.tasks.squad.text import format_input
 
 
 class AnswerInput(BaseModel):

@@ -170,8 +170,8 @@ def documented_edges() -> list[str]:
 def test_the_graph_sees_every_kind_of_import() -> None:
     # The detector itself: lazy imports, relative imports and `from softprompt import module` count.
     tree = ast.parse(
-        "import softprompt.bank\n"
-        "from softprompt.model import PromptedT5\n"
+        "import softprompt.inference.bank\n"
+        "from softprompt.modeling.model import PromptedT5\n"
         "def f():\n"
         "    from softprompt import data\n"
         "    from .metrics import squad_scores\n"
@@ -196,12 +196,12 @@ def test_no_import_cycles() -> None:
 
 def test_the_private_name_detector() -> None:
     tree = ast.parse(
-        "import softprompt.checkpoint as ckpt\n"
-        "import softprompt.data\n"
+        "import softprompt.io.checkpoint as ckpt\n"
+        "import softprompt.data.records\n"
         "from softprompt import metrics\n"
-        "from softprompt.model import _importable, load_t5\n"
+        "from softprompt.modeling.model import _importable, load_t5\n"
         "def f(x):\n"
-        "    ckpt._fsync_tree(x); metrics._mean(x); softprompt.data._read(x); x._private; ckpt.__name__\n"
+        "    ckpt._fsync_tree(x); metrics._mean(x); softprompt.data.records._read(x); x._private; ckpt.__name__\n"
     )
     found = private_uses("user", tree, {"checkpoint", "data", "metrics", "model"})
     assert found == {
@@ -244,9 +244,8 @@ def _literal_values(annotation: object) -> tuple[str, ...]:
 
 
 def test_each_choice_list_is_defined_once_and_the_parser_offers_it() -> None:
-    from softprompt import choices
-    from softprompt.config import TrainConfig
-    from softprompt.flags import EvalArgs, PredictArgs, ServeArgs
+    from softprompt.commands.flags import EvalArgs, PredictArgs, ServeArgs
+    from softprompt.training.config import TrainConfig, choices
 
     expected = {
         (TrainConfig, "prompt_init"): choices.PromptInit,
@@ -277,7 +276,7 @@ def test_each_choice_list_is_defined_once_and_the_parser_offers_it() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.ClassDef):
                 assert node.name not in enums, (
-                    f"{name}.py defines its own {node.name}; use softprompt.choices"
+                    f"{name}.py defines its own {node.name}; use softprompt.config.choices"
                 )
                 bases = {ast.unparse(b) for b in node.bases}
                 assert not ({"str", "Enum"} <= bases), f"{name}.py defines the choice list {node.name}"

@@ -11,8 +11,8 @@ import torch
 
 from conftest import METRIC_VECTORS, MRQA_RE, SQUAD_DEV, need
 from softprompt import __version__
-from softprompt.checkpoint import PromptConfig, save_prompt
 from softprompt.cli import COMMANDS, main
+from softprompt.io.checkpoint import PromptConfig, save_prompt
 
 
 def test_version_and_usage(capsys):

@@ -1,6 +1,6 @@
 """The `softprompt` command: one entry point, one subcommand per job.
 
-Each subcommand is a dataclass of flags in `softprompt.flags` (parsed by `flags.parse`) and one small
+Each subcommand is a dataclass of flags in `softprompt.commands.flags` (parsed by `flags.parse`) and one small
 `cmd_*` function here, listed in `COMMANDS`.
 
 This module imports nothing heavy, so `softprompt COMMAND --help` answers at once; each command
@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from softprompt import __version__
-from softprompt.errors import ConfigError, UserError
-from softprompt.flags import (
+from softprompt.commands.flags import (
     ConvertArgs,
     DemoArgs,
     EvalArgs,
@@ -36,6 +35,7 @@ from softprompt.flags import (
     predict_checks,
     serve_checks,
 )
+from softprompt.errors import ConfigError, UserError
 
 USAGE = f"""softprompt {__version__}: prompt tuning (Lester et al., 2021) and fine-tuning of T5 for
 question answering (SQuAD) and any text-to-text task (--task: SuperGLUE presets, JSONL/CSV/TSV with templates)
@@ -71,18 +71,18 @@ def _quiet_transformers() -> None:
 
 
 def _train_checks(cfg: Any) -> list[str]:
-    from softprompt.config import check_config
+    from softprompt.training.config import check_config
 
     return check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))[1]
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    from softprompt.config import TrainConfig, config_values, read_yaml_mapping
+    from softprompt.training.config import TrainConfig, config_values, read_yaml_mapping
 
     # First pass: where the run lives. A resume's settings come from its saved config, so the
     # combinations are checked once those are in (second pass).
     cfg = parse(TrainConfig, argv, "softprompt train", checks=lambda c: [] if c.resume else _train_checks(c))
-    from softprompt.rundir import CONFIG_FILE
+    from softprompt.io.rundir import CONFIG_FILE
 
     saved_file = Path(cfg.output_dir) / CONFIG_FILE
     if cfg.resume:
@@ -96,7 +96,7 @@ def cmd_train(argv: Sequence[str]) -> int:
             saved.update(resume=True, overwrite_output_dir=False, output_dir=cfg.output_dir)
         cfg = parse(TrainConfig, argv, "softprompt train", defaults=saved, checks=_train_checks)
     _quiet_transformers()
-    from softprompt.train import Preempted, train
+    from softprompt.training.loop import Preempted, train
 
     try:
         results = train(cfg)
@@ -111,7 +111,7 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_score(argv: Sequence[str]) -> int:
-    from softprompt.metrics import evaluate_file
+    from softprompt.tasks.metrics.squad import evaluate_file
 
     args = parse(ScoreArgs, argv, "softprompt score")
     print(json.dumps(evaluate_file(args.dataset_file, args.prediction_file)))
@@ -121,7 +121,7 @@ def cmd_score(argv: Sequence[str]) -> int:
 def cmd_eval(argv: Sequence[str]) -> int:
     args = parse(EvalArgs, argv, "softprompt eval")
     _quiet_transformers()
-    from softprompt.inference import run_eval
+    from softprompt.commands.eval_predict import run_eval
 
     print(json.dumps(run_eval(args), indent=2))
     return 0
@@ -130,7 +130,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
 def cmd_predict(argv: Sequence[str]) -> int:
     args = parse(PredictArgs, argv, "softprompt predict", checks=predict_checks)
     _quiet_transformers()
-    from softprompt.inference import run_predict
+    from softprompt.commands.eval_predict import run_predict
 
     run_predict(args)
     return 0
@@ -141,8 +141,8 @@ def cmd_predict(argv: Sequence[str]) -> int:
 
 def cmd_format(argv: Sequence[str]) -> int:
     args = parse(FormatArgs, argv, "softprompt format", checks=format_checks)
-    from softprompt.format_data import write_formatted
-    from softprompt.task import task_from_flags
+    from softprompt.commands.format import write_formatted
+    from softprompt.tasks.text.task import task_from_flags
 
     task = task_from_flags(args)
     n, skipped = write_formatted(
@@ -167,7 +167,7 @@ def cmd_format(argv: Sequence[str]) -> int:
 def cmd_convert(argv: Sequence[str]) -> int:
     args = parse(ConvertArgs, argv, "softprompt convert")
     _quiet_transformers()
-    from softprompt.convert import convert
+    from softprompt.commands.convert import convert
 
     print(f"wrote {convert(args.model, args.out_dir, overwrite=args.overwrite)}")
     return 0
@@ -180,8 +180,8 @@ def cmd_export(argv: Sequence[str]) -> int:
     args = parse(ExportArgs, argv, "softprompt export")
     from dataclasses import asdict
 
-    from softprompt.checkpoint import atomic_dir, load_prompt
-    from softprompt.peft_format import write_adapter
+    from softprompt.io.checkpoint import atomic_dir, load_prompt
+    from softprompt.io.peft_format import write_adapter
 
     out = Path(args.output_dir)
     if out.exists() and not args.overwrite:
@@ -201,7 +201,7 @@ def cmd_export(argv: Sequence[str]) -> int:
 def cmd_serve(argv: Sequence[str]) -> int:
     args = parse(ServeArgs, argv, "softprompt serve", checks=serve_checks)
     _quiet_transformers()
-    from softprompt.serve import serve
+    from softprompt.serving.server import serve
 
     return serve(args)
 
@@ -212,7 +212,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
 def cmd_inspect(argv: Sequence[str]) -> int:
     args = parse(InspectArgs, argv, "softprompt inspect")
     _quiet_transformers()
-    from softprompt.inspect_prompt import inspect_prompt
+    from softprompt.commands.inspect import inspect_prompt
 
     return inspect_prompt(args)
 
@@ -222,7 +222,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
 
 def cmd_report(argv: Sequence[str]) -> int:
     args = parse(ReportArgs, argv, "softprompt report")
-    from softprompt.report import make_report
+    from softprompt.training.report import make_report
 
     path = make_report([Path(d) for d in args.run_dirs], Path(args.output_dir))
     print(f"wrote {path}")
@@ -232,13 +232,13 @@ def cmd_report(argv: Sequence[str]) -> int:
 def cmd_verify(argv: Sequence[str]) -> int:
     """Print one line per checkpoint (ok, unverified or damaged); exit 1 when any is damaged."""
     args = parse(VerifyArgs, argv, "softprompt verify")
-    from softprompt import rundir
+    from softprompt.io import rundir
 
     out = Path(args.run_dir)
     rows = rundir.verify_run(out)
     print(rundir.verify_table(out, rows))
     if args.output:
-        from softprompt.checkpoint import atomic_write_json
+        from softprompt.io.checkpoint import atomic_write_json
 
         atomic_write_json(args.output, {name: {"status": v.status, "detail": v.detail} for name, v in rows})
     damaged = [name for name, v in rows if not v.usable]
@@ -254,7 +254,7 @@ def cmd_verify(argv: Sequence[str]) -> int:
 
 def cmd_demo(argv: Sequence[str]) -> int:
     args = parse(DemoArgs, argv, "softprompt demo")
-    from softprompt.demo import run_parsed
+    from softprompt.commands.demo import run_parsed
 
     return run_parsed(args)
 
@@ -316,7 +316,7 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     command = COMMANDS.get(argv[0])
     if command is None:
-        from softprompt.config import closest
+        from softprompt.training.config import closest
 
         print(
             f"softprompt: error: unknown command '{argv[0]}'{closest(argv[0], COMMANDS, '{}')}; "

@@ -1,0 +1,400 @@
+"""Every subcommand's flags, and the one parser that reads them.
+
+Every subcommand is a dataclass of flags (its field docstrings are the `--help` text); `softprompt.cli`
+maps subcommand names to them. All of them go through `parse`: `--config FILE` (YAML or JSON) fills
+the dataclass, flags override it, `--flag value` and `--flag=value` both work, and every problem
+(unknown flags with the closest valid spellings, unreadable values, numbers out of range) is reported
+together in one line. The same thing has the same flag everywhere (`--model`, `--output_dir` for
+directories a command writes, `--output` for files, `--eval_batch_size`, `--max_target_length`), with
+the other common spelling as an alias. (`train`'s flags are `config.TrainConfig`.)
+
+Imports nothing heavy, so `--help` answers at once; the modules that run a subcommand import it
+(downwards) to parse their own `python -m` entry points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+import tyro
+
+from softprompt.config.choices import (
+    EnsembleName,
+    ExportFormatName,
+    LogLevelName,
+    PrecisionName,
+    PunctuationName,
+    RankModeName,
+)
+from softprompt.errors import ConfigError
+from softprompt.training.config import (
+    AnswerTokens,
+    Count,
+    DataFile,
+    GenerationBatch,
+    InputPath,
+    Model,
+    OutputDir,
+    OutputFile,
+    TaskFlags,
+    check_flags,
+    check_numbers,
+    expand_paths,
+    field_specs,
+    pop_config_flag,
+    read_config_file,
+)
+
+Repeated = tyro.conf.UseAppendAction
+
+
+T = TypeVar("T")
+
+
+def _refuse(prog: str, problems: list[str]) -> None:
+    # The same exit as the parser's own refusals: one line, status 2.
+    error = ConfigError("invalid configuration: " + "; ".join(problems))
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    raise SystemExit(error.exit_code)
+
+
+def parse(
+    cls: type[T],
+    argv: Sequence[str],
+    prog: str,
+    *,
+    defaults: dict[str, Any] | None = None,
+    checks: Callable[[T], list[str]] | None = None,
+) -> T:
+    """Parse a subcommand's flags into `cls`: config file, then flags, then every check at once.
+
+    Args:
+        cls: the subcommand's dataclass.
+        argv: the words after the subcommand.
+        prog: `softprompt COMMAND`, for messages and --help.
+        defaults: values under the config file and the flags (a resumed run's saved config).
+        checks: more problems to report with the parser's (combinations of settings).
+
+    Returns:
+        The parsed dataclass with `~` expanded in its paths.
+
+    Raises:
+        SystemExit: 0 after --help; 2 with one line naming every problem when a flag, a config key
+            or a required value is wrong (like any parser's refusal).
+        ConfigError: the flags parsed but their values are out of range or contradict each other
+            (one message listing every problem).
+    """
+    argv, config_path = pop_config_flag(list(argv))
+    values = dict(defaults or {})
+    problems: list[str] = []
+    if config_path is not None:
+        file_values, file_problems = read_config_file(config_path, cls)
+        values.update(file_values)
+        problems += [f"{config_path}: {p}" for p in file_problems]
+    required = {
+        f.name: tyro.MISSING
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    if not {"-h", "--help"} & set(argv):
+        flag_values, flag_problems, words = check_flags(argv, cls)
+        problems += flag_problems
+        specs = field_specs(cls)
+        given = {**values, **flag_values}
+        problems += [
+            f"--{specs[n].flag} is required" for n in required if not specs[n].positional and n not in given
+        ]
+        wanted = [n.upper() for n in required if specs[n].positional and n not in given]
+        if len(words) < len(wanted):
+            problems.append(f"give {' '.join(wanted)} (see {prog} --help)")
+        if problems:
+            # What did parse still gets its numbers and combinations checked: everything at once.
+            partial = cls(**{**required, **values, **flag_values})
+            problems += check_numbers(partial) + (checks(partial) if checks else [])
+            _refuse(prog, list(dict.fromkeys(problems)))
+    default = cls(**{**required, **values}) if values else None
+    args = tyro.cli(cls, args=argv, prog=prog, default=default, use_underscores=True, description=cls.__doc__)
+    args = expand_paths(args)
+    problems = check_numbers(args) + (checks(args) if checks else [])
+    if problems:
+        # Well-formed flags whose values cannot work together: a UserError, reported by `main` in the
+        # same one-line form, and returned as its exit status rather than raised.
+        raise ConfigError("invalid configuration: " + "; ".join(dict.fromkeys(problems)))
+    return args
+
+
+@dataclass
+class EvalArgs(TaskFlags):
+    """Score a model, with or without prompts, on a task's dev data (SQuAD-shaped QA unless --task or the prompt says otherwise)."""
+
+    model_name_or_path: Model
+    """Hub id or directory of the T5 model (a fine-tuned run's best/ directory works too). Alias: --model_name_or_path."""
+    validation_file: DataFile | None = None
+    """The data to evaluate on: SQuAD v1.1 JSON, MRQA .jsonl(.gz), a text task's JSONL/CSV/TSV, or hf:NAME."""
+    dataset_name: str | None = None
+    """A Hugging Face dataset instead of a file (needs the internet): SQuAD columns, or rows of the --task."""
+    dataset_config: str | None = None
+    """The configuration of --dataset_name (e.g. rte); default: the task preset's."""
+    split: str = "validation"
+    """Split of --dataset_name."""
+    classify: RankModeName = "greedy"
+    """Classification tasks: greedy (generate; an answer that is no label is wrong) or rank (the label with the highest log-likelihood)."""
+    skip_bad_examples: bool = False
+    """Skip malformed questions (counted in the report as skipped_examples) instead of stopping at the first one."""
+    prompt: Annotated[list[str], Repeated] = field(default_factory=list)
+    """Prompt checkpoint directory; repeat the flag for several prompts (scored each, and as an ensemble)."""
+    ensemble: EnsembleName = "none"
+    """With several prompts: also score their majority vote (ties go to the prompt with the best dev F1)."""
+    random_init: bool = False
+    """Build the model with random weights from its config (offline smoke tests)."""
+    seed: int = 42
+    """Seed for --random_init weights."""
+    max_eval_samples: Count | None = None
+    """Evaluate on only the first N questions."""
+    eval_batch_size: GenerationBatch = 64
+    """Questions per generation batch. Alias: --batch_size."""
+    max_source_length: Count | None = None
+    """Input text tokens kept; default: the prompt's own setting, else 512."""
+    max_target_length: AnswerTokens = 32
+    """Longest answer in tokens. Alias: --max_new_tokens."""
+    punctuation: PunctuationName | None = None
+    """Input text format: paper (T5's squad preprocessor as the paper ran it), current (T5 since 2022-04),
+    none (raw text); default: the prompt's own setting, else none."""
+    precision: PrecisionName = "fp32"
+    """fp32 or bf16 autocast."""
+    allow_other_base_model: bool = False
+    """Use prompts trained for another base model anyway (a warning instead of an error)."""
+    fast_path: bool = True
+    """Use softprompt's lean T5 kernels for frozen models (identical results; off = transformers' modules)."""
+    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
+    """Write the predictions as JSON: {id: answer} for the bare model or one prompt; with several prompts
+    {prompt name: {id: answer}} (plus "ensemble" with --ensemble majority). Not written when not given."""
+
+
+@dataclass
+class PredictArgs(TaskFlags):
+    """Answer questions with a model and an optional prompt."""
+
+    model_name_or_path: Model
+    """Hub id or directory of the T5 model. Alias: --model_name_or_path."""
+    prompt: InputPath | None = None
+    """Prompt checkpoint directory."""
+    question: str | None = None
+    """The question (with --context; not with --input_file)."""
+    context: str | None = None
+    """The passage that holds the answer (with --question)."""
+    fields: str | None = None
+    """One example of a text task as a JSON object of its fields, e.g. '{"premise": "...", "hypothesis": "..."}'."""
+    input_file: InputPath | None = None
+    """A JSONL file of {"question", "context"} lines (an "id" is kept if present); for a text task (--task, or the prompt's own) JSONL/CSV/TSV rows with the template's fields."""
+    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
+    """Write answers here as JSONL instead of printing them."""
+    random_init: bool = False
+    """Build the model with random weights from its config (offline smoke tests)."""
+    seed: int = 42
+    """Seed for --random_init weights."""
+    eval_batch_size: GenerationBatch = 32
+    """Questions per generation batch. Alias: --batch_size."""
+    max_source_length: Count | None = None
+    """Input text tokens kept; default: the prompt's own setting, else 512."""
+    max_target_length: AnswerTokens = 32
+    """Longest answer in tokens. Alias: --max_new_tokens."""
+    punctuation: PunctuationName | None = None
+    """Input text format: paper (T5's squad preprocessor as the paper ran it), current (T5 since 2022-04),
+    none (raw text); default: the prompt's own setting, else none."""
+    precision: PrecisionName = "fp32"
+    """fp32 or bf16 autocast."""
+    allow_other_base_model: bool = False
+    """Use a prompt trained for another base model anyway (a warning instead of an error)."""
+    fast_path: bool = True
+    """Use softprompt's lean T5 kernels for frozen models (identical results; off = transformers' modules)."""
+
+
+def predict_checks(args: PredictArgs) -> list[str]:
+    if args.input_file is not None and (args.question is not None or args.context is not None):
+        return ["give either --question/--context or --input_file, not both"]
+    if args.fields is not None and (args.input_file is not None or args.question is not None):
+        return ["give --fields alone, not with --question/--context or --input_file"]
+    if args.input_file is None and (args.question is None) != (args.context is None):
+        return ["--question and --context go together"]
+    return []
+
+
+@dataclass
+class ScoreArgs:
+    """The official SQuAD v1.1 evaluator: prints {"exact_match": ..., "f1": ...}. Also reads MRQA .jsonl(.gz)."""
+
+    dataset_file: tyro.conf.Positional[str]
+    """The gold answers: SQuAD v1.1 data JSON, or an MRQA .jsonl(.gz) file (as `eval` reads)."""
+    prediction_file: tyro.conf.Positional[str]
+    """Predictions JSON: {question id: answer}."""
+
+
+@dataclass
+class FormatArgs(TaskFlags):
+    """Write {id, inputs, targets} per example: the exact text the model is trained and evaluated on."""
+
+    output: OutputFile
+    """The .jsonl file to write, one question a line."""
+    data: Annotated[tyro.conf.Positional[str | None], tyro.conf.arg(metavar="DATA")] = None
+    """SQuAD v1.1 JSON, MRQA .jsonl(.gz), or hf:NAME (or give --dataset_name instead)."""
+    punctuation: PunctuationName = "paper"
+    """paper (T5's squad preprocessor as the paper ran it), current (T5 since 2022-04), none (raw text)."""
+    dataset_name: str | None = None
+    """A Hugging Face dataset instead of DATA (needs the internet): SQuAD columns, or rows of the --task."""
+    dataset_config: str | None = None
+    """The configuration of --dataset_name (e.g. rte); default: the task preset's."""
+    split: str = "validation"
+    """Split of --dataset_name or hf:NAME."""
+    skip_bad_examples: bool = False
+    """Skip malformed questions (counted) instead of stopping at the first one."""
+    max_samples: Count | None = None
+    """Write only the first N questions."""
+
+
+def format_checks(args: FormatArgs) -> list[str]:
+    if not args.data and not args.dataset_name and not args.task:
+        return ["give the data to format: a SQuAD JSON or MRQA jsonl file, hf:NAME, or --dataset_name"]
+    return []
+
+
+@dataclass
+class ConvertArgs:
+    """Write a model as a Hugging Face directory with safetensors weights and its tokenizer."""
+
+    model: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="MODEL")]
+    """Hub id (e.g. google/t5-v1_1-base; the Hub cache under HF_HUB_OFFLINE=1) or directory of the T5 model."""
+    out_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="OUT_DIR")]
+    """The directory to write (written to a temporary sibling, then renamed into place)."""
+    overwrite: bool = False
+    """Replace OUT_DIR if it already exists."""
+
+
+@dataclass
+class ExportArgs:
+    """Write a prompt in another library's format: --to peft, a PEFT prompt-tuning adapter
+    (adapter_config.json + adapter_model.safetensors) for PeftModel.from_pretrained(base_model, OUTPUT_DIR)."""
+
+    prompt_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="PROMPT_DIR")]
+    """Prompt checkpoint directory (or a PEFT adapter, to re-export it)."""
+    output_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="OUTPUT_DIR")]
+    """The directory to write (written to a temporary sibling, then renamed into place)."""
+    to: ExportFormatName = "peft"
+    """The format to write: peft (a seq2seq prompt-tuning adapter; the prompt goes to the encoder only)."""
+    overwrite: bool = False
+    """Replace OUTPUT_DIR if it already exists."""
+
+
+@dataclass
+class ServeArgs:
+    """Serve many soft prompts on one frozen T5 over HTTP, micro-batching concurrent requests."""
+
+    model: Annotated[str, tyro.conf.arg(aliases=("--model_name_or_path",))]
+    """Hub id or directory of the frozen T5 model the prompts were trained on. Alias: --model_name_or_path."""
+    prompt: Annotated[list[str], Repeated] = field(default_factory=list)
+    """A prompt as NAME=DIR (DIR alone is named after the directory); repeat for several tasks."""
+    random_init: bool = False
+    """Build the model with random weights from its config (offline smoke tests)."""
+    seed: int = 42
+    """Seed for --random_init weights."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 exposes the server to the network)."""
+    port: int = 8000
+    """TCP port in [0, 65535]; 0 picks a free one (printed at startup)."""
+    max_batch_size: Annotated[int, tyro.conf.arg(aliases=("--eval_batch_size",))] = 32
+    """Most questions merged into one model batch. Alias: --eval_batch_size."""
+    max_wait_ms: float = 5.0
+    """Longest a batch's first request waits for others on their way (a lone request does not wait)."""
+    max_queue: int = 1024
+    """Most requests waiting for the model; more are answered 503 with Retry-After at once (bounds memory)."""
+    max_context_chars: Count = 20000
+    """Longest context accepted, in characters (longer ones get 413)."""
+    max_question_chars: Count = 2000
+    """Longest question accepted, in characters."""
+    max_inputs: Count = 256
+    """Most questions in one request."""
+    max_target_length: AnswerTokens = 32
+    """Longest answer in tokens. Alias: --max_new_tokens."""
+    precision: PrecisionName = "fp32"
+    """fp32 or bf16 autocast."""
+    allow_other_base_model: bool = False
+    """Serve prompts trained for another base model anyway (a warning instead of an error)."""
+    fast_path: bool = True
+    """Use softprompt's lean T5 kernels for frozen models (identical results; off = transformers' modules)."""
+    log_level: LogLevelName = "info"
+    """uvicorn's log level."""
+    access_log: bool = False
+    """Log every request."""
+
+
+def serve_checks(args: ServeArgs) -> list[str]:
+    problems = []
+    if not 0 <= args.port <= 65535:
+        problems.append(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_batch_size < 1:
+        problems.append(f"--max_batch_size must be >= 1, got {args.max_batch_size}")
+    if not args.max_wait_ms >= 0:
+        problems.append(f"--max_wait_ms must be >= 0, got {args.max_wait_ms}")
+    if args.max_queue < 1:
+        problems.append(f"--max_queue must be >= 1, got {args.max_queue}")
+    return problems
+
+
+@dataclass
+class InspectArgs:
+    """Nearest vocabulary tokens (cosine similarity) and L2 norm of each vector of a soft prompt."""
+
+    prompt_dir: tyro.conf.Positional[str]
+    """Prompt checkpoint directory (prompt.safetensors + prompt_config.json)."""
+    model: Annotated[str | None, tyro.conf.arg(aliases=("--model_name_or_path",))] = None
+    """Hub id or directory of the model whose vocabulary to search; default: the prompt's base_model."""
+    random_init: bool = False
+    """Build the model with random weights from its config (offline smoke tests)."""
+    seed: int = 42
+    """Seed for --random_init weights."""
+    top_k: Count = 5
+    """Tokens shown per prompt position."""
+    allow_other_base_model: bool = False
+    """Inspect against another model's vocabulary anyway (a warning instead of an error)."""
+    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--json",))] = None
+    """Also write the inspection as JSON to this file. Alias: --json."""
+
+
+@dataclass
+class ReportArgs:
+    """Learning curves (PNG + SVG) and Markdown tables comparing training runs."""
+
+    run_dirs: tyro.conf.Positional[list[str]]
+    """Run directories written by `softprompt train` (each with results.json, metrics.jsonl, config.yaml)."""
+    output_dir: Annotated[OutputDir, tyro.conf.arg(aliases=("--out",))] = "report"
+    """Directory to write report.md and the figures into. Alias: --out."""
+
+
+@dataclass
+class VerifyArgs:
+    """Check every checkpoint of a run directory against its manifest (each file's size and sha256)."""
+
+    run_dir: tyro.conf.Positional[str]
+    """A run directory written by `softprompt train`."""
+    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--json",))] = None
+    """Also write the verdicts as JSON to this file. Alias: --json."""
+
+
+@dataclass
+class DemoArgs:
+    """An offline end-to-end demo: fine-tune a micro T5 on task A, then freeze it and prompt-tune it for
+    task B; prints zero-shot, prompt-tuned and fine-tuned scores."""
+
+    output_dir: OutputDir = "demo_run"
+    """Where the runs and summary go."""
+    seed: int = 0
+    """Seeds the data, the weights and training."""
+    quick: bool = False
+    """A smaller, faster variant (used by the tests)."""
+    threads: Count = 1
+    """CPU threads for torch (the micro model is too small to gain from more, and on a busy machine extra
+    threads cost far more than they give)."""

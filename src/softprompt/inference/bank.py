@@ -1,0 +1,758 @@
+"""The one inference path: a frozen model and its named soft prompts, answering in mixed batches.
+
+Prompt tuning keeps the model frozen, so one copy of it can serve any number of tasks at once
+(section 1 of Lester et al., 2021): each row of a batch carries its own prompt. Rows are
+independent, so row i of a mixed batch gives the answer it gives in a batch of its own prompt; the
+same machinery runs a K-prompt ensemble over a data set in one batched pass (the paper's Table 3).
+
+Everything that answers questions goes through here: `eval`, `predict` and ensembles
+(`softprompt.commands.eval_predict`), `serve`, the demo's scoring and the bench. `load_model_and_prompts` is the one
+place that loads a model with its prompts; `PromptBank.generate_answers` is the one place that runs
+generation with a prompt. Every prompt drives the one loaded model through per-row prompts, so no
+second model wrapper (and no second copy of its frozen-weight state) ever exists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from softprompt.data.records import Features, QAExample, tokenize_examples
+from softprompt.errors import CheckpointError, UserError
+from softprompt.inference.engine import EvalResult, RowPrompts, evaluate_examples, generate_answers
+from softprompt.inference.task_eval import evaluate_texts
+from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model, same_model
+from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
+from softprompt.runtime.distributed import DistEnv
+from softprompt.tasks.metrics.squad import normalize_answer, squad_scores, squad_scores_padded
+from softprompt.tasks.squad.text import raw_answer
+from softprompt.tasks.text.task import TaskSpec, TextExample, tokenize_texts
+
+__all__ = [
+    "BankEntry",
+    "PreparedRow",
+    "PromptBank",
+    "PromptTable",
+    "UnknownTaskError",
+    "check_new_prompt",
+    "context_spans",
+    "default_device",
+    "ensemble_answers",
+    "ensemble_eval",
+    "load_model_and_prompts",
+    "majority_vote",
+    "prompt_names",
+    "tie_break_order",
+    "tokenize_by_settings",
+    "tokenize_questions",
+]
+
+# One task for every row (a name or a bank index), one per row, or None for the bare model.
+Tasks = str | int | Sequence[str | int] | torch.Tensor | None
+
+
+class UnknownTaskError(UserError):
+    """A row asked for a prompt the bank does not hold."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prompt_names(prompt_dirs: Sequence[str]) -> list[str]:
+    """Short, distinct names for prompt directories: the folder name, or more of the path when
+    folder names clash (`runs/a/best` and `runs/b/best` become `a/best` and `b/best`)."""
+    parts = [Path(p).resolve().parts for p in prompt_dirs]
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in prompt_dirs]
+
+
+def load_model_and_prompts(
+    model_name_or_path: str,
+    prompt_dirs: Sequence[str | Path] = (),
+    *,
+    random_init: bool = False,
+    seed: int = 42,
+    names: Sequence[str] | None = None,
+    bf16: bool = False,
+    allow_other: bool = False,
+    fast_path: bool = True,
+    device: torch.device | str | None = None,
+) -> PromptBank:
+    """Load a frozen T5 and any number of prompt checkpoints checked against it, as a `PromptBank`.
+
+    Args:
+        model_name_or_path: hub id or directory.
+        prompt_dirs: prompt checkpoint directories.
+        random_init: build the model with random weights from its config.
+        seed: seed for random weights.
+        names: names for the prompts (default: their directory names).
+        bf16: store the frozen matmul weights in bf16 (`PromptedT5.freeze_to`), for bf16 runs.
+        allow_other: warn instead of refusing prompts trained for another base model.
+        fast_path: decode with softprompt's lean T5 (see `PromptedT5`); False runs transformers' modules.
+        device: where the model runs (default: `default_device()`).
+
+    Returns:
+        The bank: the model in eval mode on `device`, its tokenizer, and the prompts in the given order.
+        It refuses later additions trained for another model, unless `random_init` (a random model has
+        no identity to compare) or `allow_other`.
+    """
+    refuse_non_model(model_name_or_path)
+    names = list(names) if names is not None else prompt_names([str(d) for d in prompt_dirs])
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"two prompts are named '{twice}'; give them distinct names")
+    tokenizer = load_tokenizer(model_name_or_path)
+    t5 = load_t5(model_name_or_path, random_init=random_init, seed=seed)
+    model = PromptedT5(t5, fast_path=fast_path).to(device or default_device()).eval()
+    if bf16:
+        model.freeze_to(torch.bfloat16)
+    checked = not (random_init or allow_other)
+    bank = PromptBank(model, tokenizer, base_model=model_name_or_path if checked else None)
+    for name, directory in zip(names, prompt_dirs, strict=True):
+        weight, config = load_prompt(
+            directory,
+            expect_d_model=bank.d_model,
+            expect_base_model=None if random_init else model_name_or_path,
+            allow_other=allow_other,
+        )
+        bank.add(name, weight, config)
+    return bank
+
+
+# ----------------------------------------------------------------------------------------------------
+# The bank
+
+
+@dataclass(frozen=True)
+class BankEntry:
+    """One prompt of the bank.
+
+    Attributes:
+        name: the task name rows refer to.
+        weight: [P, H] float32, on the bank's device.
+        config: how the prompt was trained (tokenization settings, base model, dev scores).
+    """
+
+    name: str
+    weight: torch.Tensor
+    config: PromptConfig
+
+    def describe(self) -> dict[str, Any]:
+        """The prompt's metadata (one item of `GET /v1/tasks`)."""
+        c = self.config
+        return {
+            "name": self.name,
+            "n_tokens": int(self.weight.shape[0]),
+            "d_model": int(self.weight.shape[1]),
+            "base_model": c.base_model,
+            "init": c.init,
+            "max_source_length": c.max_source_length,
+            "punctuation": c.punctuation,
+            "dev_f1": _number(c.extra.get("dev_f1")),
+            "dev_exact_match": _number(c.extra.get("dev_exact_match")),
+            "input_template": c.task.get("input_template") if c.task else None,
+            "labels": list(TaskSpec.from_dict(c.task).classes or ()) or None if c.task else None,
+            "extra": dict(c.extra),
+        }
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class PreparedRow:
+    """One question tokenised for its task (`PromptBank.prepare`), ready to join any batch.
+
+    `serve` prepares requests before they queue, so that the model thread only runs the model and the
+    batcher knows each row's length.
+
+    Attributes:
+        features: the tokenised input.
+        task: the task's position in the bank.
+        context: the raw context, kept only where answers are mapped back to it (padded text formats).
+        length: the encoder positions the row takes: its prompt's vectors plus its input tokens.
+    """
+
+    features: Features
+    task: int
+    context: str | None
+    length: int
+
+
+class PromptTable:
+    """K prompts of possibly different lengths in one zero-padded tensor, so a batch's prompts are one index.
+
+    Args:
+        d_model: the prompts' width H.
+        device: where the table lives.
+    """
+
+    def __init__(self, d_model: int, device: torch.device) -> None:
+        self.table = torch.zeros(0, 0, d_model, device=device)  # [K, Pmax, H]
+        self.lengths = torch.zeros(0, dtype=torch.long, device=device)  # [K]
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def append(self, weight: torch.Tensor) -> None:
+        """Add one prompt [P, H] (float32, on the table's device) as row K."""
+        k, p_max, d_model = self.table.shape
+        p = max(p_max, weight.shape[0])
+        table = torch.zeros(k + 1, p, d_model, device=self.table.device)
+        table[:k, :p_max] = self.table
+        table[k, : weight.shape[0]] = weight
+        self.table = table
+        self.lengths = torch.cat([self.lengths, self.lengths.new_tensor([weight.shape[0]])])
+
+    def stack(self, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row prompts for rows using prompts `tasks` ([B] indices).
+
+        Returns:
+            prompt: [B, P, H] float32 with P the longest prompt of these rows (not of the table, so a
+            batch of short prompts pays for no padding), and lengths: [B], or None when every row's
+            prompt is P long.
+        """
+        tasks = tasks.to(self.table.device)
+        lengths = self.lengths[tasks]
+        p = int(lengths.max())
+        prompt = self.table[tasks, :p]
+        return prompt, None if bool((lengths == p).all()) else lengths
+
+
+def check_new_prompt(
+    name: str,
+    weight: torch.Tensor,
+    config: PromptConfig,
+    *,
+    taken: Container[str],
+    d_model: int,
+    base_model: str | None,
+) -> None:
+    """Refuse a prompt a bank cannot hold: a taken name, a shape other than [P, d_model], another base model.
+
+    Raises:
+        UserError: `name` is in `taken`.
+        CheckpointError: the weight's shape, or the base model (when `base_model` is given).
+    """
+    if name in taken:
+        raise UserError(f"a prompt named '{name}' is already loaded; give each prompt its own name")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise CheckpointError(f"prompt '{name}' must be a [P, H] tensor, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != d_model:
+        raise CheckpointError(
+            f"prompt '{name}' is {weight.shape[1]} wide but the model's d_model is {d_model}; "
+            f"it was trained for {config.base_model}"
+        )
+    # The recorded fingerprint counts as load_prompt counts it: a renamed copy of the model is the model.
+    fingerprint = config.extra.get("base_model_fingerprint")
+    if base_model is not None and not same_model(config.base_model, base_model, fingerprint):
+        raise CheckpointError(
+            f"prompt '{name}' was trained for {config.base_model}, but this bank's model is "
+            f"{base_model}; load it with the model it was trained on"
+        )
+
+
+class PromptBank:
+    """Named soft prompts for one frozen model, usable together in one batch.
+
+    Args:
+        model: the frozen model (its own prompt, if any, is ignored when rows bring theirs).
+        tokenizer: the model's tokenizer.
+        base_model: the model's hub id or path; when given, prompts trained for another model are
+            refused. None skips the check (random-init models have no identity to compare).
+    """
+
+    def __init__(self, model: PromptedT5, tokenizer: Any, *, base_model: str | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.base_model = base_model
+        self.d_model: int = model.model.config.d_model
+        self.device: torch.device = next(model.parameters()).device
+        self._entries: list[BankEntry] = []
+        self._index: dict[str, int] = {}
+        self._prompts = PromptTable(self.d_model, self.device)
+
+    # ------------------------------------------------------------------------------------------------
+    # Contents
+
+    @property
+    def names(self) -> list[str]:
+        """Task names, in the order they were added (a row's task index is its position here)."""
+        return [e.name for e in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def entry(self, task: str | int) -> BankEntry:
+        """The prompt named `task` (or at position `task`)."""
+        return self._entries[self.index(task)]
+
+    def index(self, task: str | int) -> int:
+        """The position of a task in the bank.
+
+        Raises:
+            UnknownTaskError: no prompt has that name; the message lists the loaded ones.
+        """
+        if isinstance(task, int):
+            if not 0 <= task < len(self._entries):
+                raise UnknownTaskError(f"task index {task} is out of range: the bank holds {len(self)}")
+            return task
+        found = self._index.get(task)
+        if found is None:
+            loaded = ", ".join(self.names) or "none"
+            raise UnknownTaskError(f"unknown task '{task}'; loaded tasks: {loaded}")
+        return found
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Metadata of every prompt, in bank order (what `GET /v1/tasks` serves)."""
+        return [e.describe() for e in self._entries]
+
+    def add(self, name: str, weight: torch.Tensor, config: PromptConfig) -> None:
+        """Add a prompt under `name`.
+
+        Args:
+            name: the task name rows will use; must be new.
+            weight: [P, H] the prompt vectors.
+            config: the prompt's config.
+
+        Raises:
+            CheckpointError: the prompt is not [P, d_model], or was trained for another base model.
+            UserError: `name` is taken.
+        """
+        check_new_prompt(
+            name, weight, config, taken=self._index, d_model=self.d_model, base_model=self.base_model
+        )
+        weight = weight.detach().to(self.device, torch.float32)
+        self._entries.append(BankEntry(name=name, weight=weight, config=config))
+        self._index[name] = len(self._entries) - 1
+        self._prompts.append(weight)
+
+    def add_dir(self, name: str, directory: str | Path) -> None:
+        """Load a prompt checkpoint directory (safetensors only) and add it under `name`."""
+        weight, config = load_prompt(
+            directory, expect_d_model=self.d_model, expect_base_model=self.base_model
+        )
+        self.add(name, weight, config)
+
+    # ------------------------------------------------------------------------------------------------
+    # Batches
+
+    def stack(self, tasks: torch.Tensor | Sequence[int | str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row prompts for a batch.
+
+        Args:
+            tasks: [B] task indices (or names) of the rows.
+
+        Returns:
+            prompt: [B, P, H] float32 with P the longest prompt of this batch (not of the bank, so a
+            batch of short prompts pays for no padding), and lengths: [B], or None when every row's
+            prompt is P long.
+        """
+        if not isinstance(tasks, torch.Tensor):
+            tasks = torch.tensor([self.index(t) for t in tasks], dtype=torch.long)
+        if len(self._entries) == 0:
+            raise UnknownTaskError("the prompt bank is empty; add a prompt first")
+        return self._prompts.stack(tasks)
+
+    def row_prompts(self, row_tasks: Sequence[int | str] | torch.Tensor) -> RowPrompts:
+        """The `row_prompts` callback of `evaluate.generate_answers` for features whose row i uses
+        task `row_tasks[i]`."""
+        if not isinstance(row_tasks, torch.Tensor):
+            row_tasks = [self.index(t) for t in row_tasks]
+        table = torch.as_tensor(row_tasks, dtype=torch.long)
+        return lambda idx: self.stack(table[idx])
+
+    def _row_prompts_for(self, features: Sequence[Features], tasks: Tasks) -> RowPrompts | None:
+        if tasks is None:
+            return None  # the bare model (or its own prompt)
+        if isinstance(tasks, (str, int)):
+            tasks = [self.index(tasks)] * len(features)
+        if len(tasks) != len(features):
+            raise ValueError(f"{len(tasks)} tasks for {len(features)} features; give one per feature")
+        return self.row_prompts(tasks)
+
+    # ------------------------------------------------------------------------------------------------
+    # Answers
+
+    def generate_answers(self, features: Sequence[Features], tasks: Tasks = None, **gen: Any) -> list[str]:
+        """Greedy answers for tokenized questions, every row driven by its task's prompt.
+
+        Rows are sorted by length and cut into batches regardless of task, so a batch may mix prompts;
+        row i answers as it would in a batch of its own prompt.
+
+        Args:
+            features: tokenized questions.
+            tasks: one task (name or index) for every row, one per row, or None for the bare model.
+            **gen: `evaluate.generate_answers` options (batch_size, max_new_tokens, env, bf16, ...).
+
+        Returns:
+            One answer per feature, in feature order, as generated.
+        """
+        row_prompts = self._row_prompts_for(features, tasks)
+        return generate_answers(self.model, self.tokenizer, features, row_prompts=row_prompts, **gen)
+
+    def evaluate(
+        self,
+        examples: Sequence[QAExample],
+        features: Sequence[Features],
+        tasks: Tasks = None,
+        *,
+        punctuation: str = "none",
+        **gen: Any,
+    ) -> EvalResult:
+        """Answer and score with the official SQuAD metric (`evaluate.evaluate_examples`).
+
+        Args:
+            examples: the questions with gold answers.
+            features: `features[i]` is the tokenized `examples[features[i].example_index]`.
+            tasks: as in `generate_answers`.
+            punctuation: the text format of the features (padded answers are mapped back to raw spans).
+            **gen: `evaluate.generate_answers` options.
+        """
+        row_prompts = self._row_prompts_for(features, tasks)
+        return evaluate_examples(
+            self.model,
+            self.tokenizer,
+            examples,
+            features,
+            punctuation=punctuation,
+            row_prompts=row_prompts,
+            **gen,
+        )
+
+    def evaluate_task(
+        self,
+        task: TaskSpec,
+        examples: Sequence[TextExample],
+        features: Sequence[Features],
+        tasks: Tasks = None,
+        *,
+        classify: str = "greedy",
+        **gen: Any,
+    ) -> EvalResult:
+        """Answer and score a text task with its metric (`evaluate.evaluate_texts`).
+
+        Args:
+            task: the task (metric, label strings).
+            examples: the examples with gold targets.
+            features: `features[i]` is the tokenized `examples[features[i].example_index]`.
+            tasks: as in `generate_answers`.
+            classify: greedy generation, or rank classification over the task's labels.
+            **gen: `evaluate.generate_answers` options.
+        """
+        row_prompts = self._row_prompts_for(features, tasks)
+        return evaluate_texts(
+            self.model,
+            self.tokenizer,
+            task,
+            examples,
+            features,
+            classify=classify,
+            row_prompts=row_prompts,
+            **gen,
+        )
+
+    def tokenize(self, rows: Sequence[tuple[str, str, str | None]]) -> tuple[list[Features], list[int]]:
+        """Tokenize `(task, question, context)` rows, each with its own prompt's settings; a row of a text
+        task is `(task, model input, None)`.
+
+        Returns:
+            One `Features` per row, in row order, and each row's task index.
+
+        Raises:
+            UnknownTaskError: a row names a task the bank does not hold.
+        """
+        tasks = [self.index(task) for task, _, _ in rows]
+        configs = [self._entries[k].config for k in tasks]
+        features = tokenize_by_settings(
+            self.tokenizer,
+            [(question, context) for _, question, context in rows],
+            [(c.max_source_length, c.punctuation) for c in configs],
+        )
+        return features, tasks
+
+    def prepare(self, rows: Sequence[tuple[str, str, str | None]]) -> list[PreparedRow]:
+        """Tokenise `(task, question, context)` rows for `answer_prepared`, each with its prompt's settings
+        (the context of a row without one, or of a prompt trained on unpadded text, is not kept).
+
+        Raises:
+            UnknownTaskError: a row names a task the bank does not hold.
+        """
+        features, tasks = self.tokenize(rows)
+        out = []
+        for f, k, (_, _, context) in zip(features, tasks, rows, strict=True):
+            entry = self._entries[k]
+            keep = context if entry.config.punctuation != "none" else None
+            out.append(PreparedRow(f, k, keep, int(entry.weight.shape[0]) + len(f.input_ids)))
+        return out
+
+    def answer_prepared(
+        self,
+        rows: Sequence[PreparedRow],
+        *,
+        batch_size: int = 32,
+        max_new_tokens: int = 32,
+        bf16: bool = False,
+    ) -> list[str]:
+        """Answer prepared rows of any mix of tasks (see `answer`)."""
+        if not rows:
+            return []
+        answers = self.generate_answers(
+            [r.features for r in rows],
+            [r.task for r in rows],
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            env=DistEnv(device=self.device),
+            bf16=bf16,
+        )
+        return [
+            a
+            if r.context is None
+            else context_spans([a], [r.context], self._entries[r.task].config.punctuation)[0]
+            for a, r in zip(answers, rows, strict=True)
+        ]
+
+    def answer(
+        self,
+        rows: Sequence[tuple[str, str, str | None]],
+        *,
+        batch_size: int = 32,
+        max_new_tokens: int = 32,
+        bf16: bool = False,
+    ) -> list[str]:
+        """Answer `(task, question, context)` rows (a text task's: `(task, model input, None)`) of any mix
+        of tasks.
+
+        Rows are sorted by length and cut into batches of `batch_size` regardless of task, so a
+        batch usually mixes prompts; each answer equals `inference.predict_answers` with that row's
+        prompt.
+
+        Returns:
+            One answer per row, in row order.
+        """
+        return self.answer_prepared(
+            self.prepare(rows), batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16
+        )
+
+
+def tokenize_questions(
+    tokenizer: Any, questions: Sequence[tuple[str, str]], *, max_source_length: int, punctuation: str
+) -> list[Features]:
+    """Tokenize `(question, context)` pairs to answer (no gold answers); row i's `example_index` is i."""
+    examples = [
+        QAExample(id=str(i), question=q, context=c, answers=("",)) for i, (q, c) in enumerate(questions)
+    ]
+    # max_target_length=2: labels are not used to answer.
+    return tokenize_examples(
+        examples, tokenizer, max_source_length=max_source_length, max_target_length=2, punctuation=punctuation
+    )
+
+
+def tokenize_by_settings(
+    tokenizer: Any, questions: Sequence[tuple[str, str | None]], settings: Sequence[tuple[int, str]]
+) -> list[Features]:
+    """Tokenize `(question, context)` pairs, pair i with its own `(max_source_length, punctuation)`.
+
+    Pairs that share settings are tokenized together. A pair whose context is None holds a text task's
+    finished model input (its template filled in), tokenized as it is.
+
+    Returns:
+        One `Features` per pair, in order; `example_index` is the pair's position.
+    """
+    features: list[Features | None] = [None] * len(questions)
+    groups: dict[tuple[int, str, bool], list[int]] = {}
+    for i, (setting, (_, context)) in enumerate(zip(settings, questions, strict=True)):
+        groups.setdefault((*setting, context is None), []).append(i)
+    for (max_source, punctuation, is_text), members in groups.items():
+        if is_text:
+            texts = [TextExample(id=str(i), inputs=questions[i][0], targets=("",)) for i in members]
+            group = tokenize_texts(texts, tokenizer, max_source_length=max_source, max_target_length=2)
+        else:
+            group = tokenize_questions(
+                tokenizer,
+                [questions[i] for i in members],  # type: ignore[misc]
+                max_source_length=max_source,
+                punctuation=punctuation,
+            )
+        for i, f in zip(members, group, strict=True):
+            f.example_index = i
+            features[i] = f
+    return [f for f in features if f is not None]
+
+
+def context_spans(
+    answers: Sequence[str], contexts: Sequence[str | None], punctuation: str | Sequence[str]
+) -> list[str]:
+    """Answers as the contexts write them: a prompt trained on T5's padded text answers "U . S .";
+    this gives back the context's own "U.S." (an answer that maps to no span, or a text task's answer,
+    context None, is kept as generated)."""
+    styles = [punctuation] * len(answers) if isinstance(punctuation, str) else list(punctuation)
+    spans = [
+        None if c is None else raw_answer(a, c, s) for a, c, s in zip(answers, contexts, styles, strict=True)
+    ]
+    return [a if s is None else s for a, s in zip(answers, spans, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ensembles
+
+
+def tie_break_order(f1: Sequence[float]) -> list[int]:
+    """Prompt indices from the best F1 to the worst; equal F1s keep their given order."""
+    return sorted(range(len(f1)), key=lambda k: -f1[k])
+
+
+def majority_vote(answers: Sequence[str], priority: Sequence[int]) -> str:
+    """The answer most prompts agree on.
+
+    Answers are compared after SQuAD normalisation, so "The Cat." and "cat" are one vote. When
+    several answers have the most votes, the one given by the prompt earliest in `priority` wins; the
+    returned text is that of the winning group's highest-priority prompt.
+
+    Args:
+        answers: [K] prompt k's answer to one question.
+        priority: the K prompt indices, most trusted first (see `tie_break_order`).
+
+    Returns:
+        The chosen answer, verbatim as one of the prompts gave it.
+    """
+    if not answers:
+        raise ValueError("majority_vote needs at least one answer")
+    rank = {k: r for r, k in enumerate(priority)}
+    if sorted(rank) != list(range(len(answers))):
+        raise ValueError(f"priority must order all {len(answers)} prompts, got {list(priority)}")
+    groups: dict[str, list[int]] = {}
+    for k, text in enumerate(answers):
+        groups.setdefault(normalize_answer(text), []).append(k)
+    voters = min(groups.values(), key=lambda ks: (-len(ks), min(rank[k] for k in ks)))
+    return answers[min(voters, key=rank.__getitem__)]
+
+
+def ensemble_answers(
+    bank: PromptBank,
+    features: Sequence[Features],
+    tasks: Sequence[str | int] | None = None,
+    **gen: Any,
+) -> dict[str, list[str]]:
+    """Answer every feature with each of K prompts in one batched pass.
+
+    The features are replicated K times (row k * N + i is feature i under prompt k) and the K * N
+    rows go through one length-sorted generation, so an example's K copies, having the same
+    length, mostly share a batch.
+
+    Args:
+        bank: the prompts and the model.
+        features: N tokenized questions (the same tokens for every prompt).
+        tasks: the prompts to run (default: all of the bank's).
+        **gen: `evaluate.generate_answers` options (batch_size counts rows, not questions).
+
+    Returns:
+        Task name -> its N answers in feature order.
+    """
+    ks = [bank.index(t) for t in (tasks if tasks is not None else bank.names)]
+    n = len(features)
+    rows = [f for _ in ks for f in features]
+    row_tasks = [k for k in ks for _ in range(n)]
+    texts = bank.generate_answers(rows, row_tasks, **gen)
+    return {bank.entry(k).name: texts[j * n : (j + 1) * n] for j, k in enumerate(ks)}
+
+
+def ensemble_eval(
+    bank: PromptBank,
+    examples: Sequence[QAExample],
+    features: Sequence[Features],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    env: DistEnv | None = None,
+    bf16: bool = False,
+    show_progress: bool = False,
+    punctuation: str = "none",
+) -> dict[str, Any]:
+    """Score every prompt of the bank and their majority vote, from one batched pass (Table 3 of the paper).
+
+    Ties go to the prompt with the best F1 on this evaluation set (the paper's SQuAD numbers are on
+    the dev set, which is also where it picks prompts). This rank is always available, even for
+    prompts without recorded dev scores; equal F1s fall back to `--prompt` order.
+
+    Args:
+        bank: the frozen model and K >= 1 named prompts.
+        examples: the questions with gold answers.
+        features: `features[i]` is the tokenized `examples[features[i].example_index]`.
+        batch_size: rows per generation batch (K rows per question).
+        max_new_tokens: the longest answer in tokens.
+        env: the distributed environment (default: one process on the model's device).
+        bf16: run under bf16 autocast.
+        show_progress: draw a progress bar.
+        punctuation: the text format the prompts were trained with; with padded text each answer is
+            mapped back to its raw context span before scoring and voting (official scores only).
+
+    Returns:
+        `predictions` (the ensemble's {id: answer}), `prompts` ({name: {exact_match, f1}}),
+        `prompt_mean` (their mean), `ensemble` ({method, exact_match, f1, tie_break}) and the
+        ensemble's `exact_match` / `f1` at the top level, like a single prompt's report.
+    """
+    if len(bank) == 0:
+        raise UserError("an ensemble needs at least one --prompt")
+    per_prompt = ensemble_answers(
+        bank,
+        features,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        env=env or DistEnv(device=bank.device),
+        bf16=bf16,
+        show_progress=show_progress,
+    )
+    ids = [examples[f.example_index].id for f in features]
+    references = {ex.id: list(ex.answers) for ex in examples}
+    predictions = {name: dict(zip(ids, texts, strict=True)) for name, texts in per_prompt.items()}
+    if punctuation != "none":
+        contexts = {ex.id: ex.context for ex in examples}
+        predictions = {
+            name: squad_scores_padded(p, references, contexts, punctuation)[1]
+            for name, p in predictions.items()
+        }
+    scores = {name: squad_scores(p, references) for name, p in predictions.items()}
+    names = list(per_prompt)
+    priority = tie_break_order([scores[name]["f1"] for name in names])
+    voted = {
+        qid: majority_vote([predictions[name][qid] for name in names], priority) for qid in dict.fromkeys(ids)
+    }
+    ensemble = squad_scores(voted, references)
+    return {
+        "predictions": voted,
+        "prompt_predictions": predictions,
+        "prompts": scores,
+        "prompt_mean": _mean(scores),
+        "ensemble": {
+            "method": "majority",
+            "exact_match": ensemble["exact_match"],
+            "f1": ensemble["f1"],
+            "tie_break": [names[k] for k in priority],
+        },
+        "exact_match": ensemble["exact_match"],
+        "f1": ensemble["f1"],
+    }
+
+
+def _mean(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    values = list(scores.values())
+    return {key: math.fsum(s[key] for s in values) / len(values) for key in ("exact_match", "f1")}

@@ -1,0 +1,264 @@
+"""Greedy answers for a data set, sharded over ranks, scored with the official SQuAD metric."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from softprompt.data.records import Collator, Features, QAExample, length_sorted_indices, shard_indices
+from softprompt.modeling.model import PromptedT5
+from softprompt.runtime.distributed import DistEnv, gather_objects
+from softprompt.tasks.metrics.squad import squad_scores, squad_scores_padded
+from softprompt.training.tracking import Progress
+
+T = TypeVar("T")
+# (feature indices [B]) -> (prompts [B, P, H], lengths [B] or None): per-row prompts for mixed batches.
+RowPrompts = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass
+class EvalResult:
+    """Scores and the answers behind them.
+
+    Attributes:
+        exact_match: Official SQuAD v1.1 EM of ``predictions`` against the raw gold answers (a text task:
+            its exact match if its metric has one, else None).
+        f1: Official SQuAD v1.1 F1, likewise.
+        predictions: Question id to the answer scored officially: with padded text, the raw context span
+            the generated answer maps back to (the answer as generated when it maps nowhere).
+        t5_exact_match: EM the way T5's squad task scores: generated text against padded gold answers
+            (None when the text was not padded).
+        t5_f1: F1 likewise.
+        generated: Question id to the answer as generated, when it differs in kind from ``predictions``
+            (padded text); None otherwise.
+    """
+
+    exact_match: float | None
+    f1: float | None
+    predictions: dict[str, str]
+    t5_exact_match: float | None = None
+    t5_f1: float | None = None
+    generated: dict[str, str] | None = None
+    metrics: dict[str, float] | None = None
+    """A text task's scores (softprompt.tasks.metrics.text.score_texts), the selection metric first."""
+
+    @property
+    def score(self) -> float:
+        """The score that chooses the best checkpoint: F1 for QA, a text task's first metric."""
+        if self.metrics is not None:
+            return next(iter(self.metrics.values()))
+        assert self.f1 is not None
+        return self.f1
+
+    def scores(self) -> dict[str, float]:
+        """The scores to report: a text task's metrics; for QA exact_match, f1, and with padded text
+        t5_exact_match, t5_f1."""
+        if self.metrics is not None:
+            return dict(self.metrics)
+        assert self.exact_match is not None and self.f1 is not None
+        out = {"exact_match": self.exact_match, "f1": self.f1}
+        if self.t5_exact_match is not None and self.t5_f1 is not None:
+            out.update(t5_exact_match=self.t5_exact_match, t5_f1=self.t5_f1)
+        return out
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPU (AMX) or GPU; a no-op for fp32."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def eval_batches(
+    features: Sequence[Features], batch_size: int, env: DistEnv, lockstep: bool = False
+) -> tuple[list[list[int]], int]:
+    """This rank's evaluation batches: a disjoint shard of the features, longest first, cut into batches.
+
+    Each rank takes a disjoint shard (no padding duplicates, so nothing is counted twice) in length order:
+    similar lengths share a batch, which wastes little on padding.
+
+    Args:
+        features: every feature (all ranks').
+        batch_size: features per batch.
+        env: the distributed environment.
+        lockstep: every rank runs as many batches as the busiest (an FSDP-sharded model gathers weights
+            inside forward, so ranks must run the same forwards): the extra ones repeat the first batch
+            (or feature 0 on a rank with none) and their results are to be dropped.
+
+    Returns:
+        batches: lists of feature indices to run, in order, and how many of them are this rank's own (the
+        first ones; the rest are lockstep filler).
+    """
+    mine = shard_indices(len(features), env.rank, env.world_size)
+    order = [mine[i] for i in length_sorted_indices([len(features[i].input_ids) for i in mine])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    own = len(batches)
+    if lockstep and env.distributed:
+        filler = batches[0] if batches else [0]
+        batches += [filler] * (max(gather_objects(own, env)) - own)
+    return batches, own
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PromptedT5,
+    tokenizer,
+    features: Sequence[Features],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    env: DistEnv | None = None,
+    bf16: bool = False,
+    row_prompts: RowPrompts | None = None,
+    lockstep: bool = False,
+    show_progress: bool = False,
+) -> list[str]:
+    """Greedy answers for every feature, in feature order, on every rank.
+
+    Each rank takes a disjoint shard (no padding duplicates, so nothing is counted twice) and
+    decodes it longest-first: similar lengths share a batch, which wastes little on padding.
+
+    Args:
+        model: the (unwrapped) model.
+        tokenizer: decodes the generated ids.
+        features: tokenized inputs.
+        batch_size: questions per generation batch on this rank.
+        max_new_tokens: the longest answer in tokens.
+        env: the distributed environment (default: one process on the model's device).
+        bf16: run under bf16 autocast.
+        row_prompts: per-row prompts for mixed-task or ensemble batches.
+        lockstep: every rank runs the same number of batches (needed when the model is FSDP-sharded).
+        show_progress: draw a progress bar (rank 0 only).
+
+    Returns:
+        One answer string per feature.
+    """
+    synced = lockstep and env is not None and env.distributed
+
+    def answer(input_ids: torch.Tensor, mask: torch.Tensor, prompt, lengths) -> list[str]:
+        out = model.generate(
+            input_ids,
+            mask,
+            max_new_tokens=max_new_tokens,
+            prompt=prompt,
+            prompt_lengths=lengths,
+            synced_gpus=synced,
+        )
+        return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    return map_batches(
+        model,
+        tokenizer,
+        features,
+        answer,
+        batch_size=batch_size,
+        env=env,
+        bf16=bf16,
+        row_prompts=row_prompts,
+        lockstep=lockstep,
+        progress="eval" if show_progress else None,
+    )
+
+
+@torch.no_grad()
+def map_batches(
+    model: PromptedT5,
+    tokenizer,
+    features: Sequence[Features],
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], list[T]],
+    *,
+    batch_size: int = 64,
+    env: DistEnv | None = None,
+    bf16: bool = False,
+    row_prompts: RowPrompts | None = None,
+    lockstep: bool = False,
+    progress: str | None = None,
+) -> list[T]:
+    """One result per feature, in feature order, on every rank, from `run` over this rank's batches.
+
+    The one evaluation pass of greedy answers and rank classification: the model in eval mode (restored
+    after), the FSDP root's own weights gathered for the pass (generate() and encode() bypass its
+    forward hooks), this rank's `eval_batches` padded by the `Collator`, bf16 autocast, per-row prompts,
+    a progress bar, and every rank's results gathered.
+
+    Args:
+        model: the (unwrapped) model.
+        tokenizer: gives the pad id.
+        features: tokenized inputs.
+        run: `(input_ids [B, S], mask [B, S], prompt [B, P, H] or None, prompt_lengths [B] or None)` ->
+            one result per row, plain Python values (they travel through `gather_objects`).
+        batch_size: features per batch on this rank.
+        env: the distributed environment (default: one process on the model's device).
+        bf16: run under bf16 autocast.
+        row_prompts: per-row prompts for mixed-task or ensemble batches.
+        lockstep: every rank runs the same number of batches (an FSDP-sharded model).
+        progress: the progress bar's label (rank 0 only), or None for no bar.
+    """
+    env = env or DistEnv(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    batches, own = eval_batches(features, batch_size, env, lockstep)
+    collate = Collator(pad_token_id=tokenizer.pad_token_id)
+    if hasattr(model, "unshard"):
+        model.unshard()
+    results: dict[int, T] = {}
+    bar = Progress(
+        total=len(batches), desc=progress or "", enabled=progress is not None and env.is_main, unit="batch"
+    )
+    with bar:
+        for b, idx in enumerate(batches):
+            batch = collate([features[i] for i in idx])
+            prompt = lengths = None
+            if row_prompts is not None:
+                prompt, lengths = row_prompts(torch.tensor(idx))
+            with autocast(env.device, bf16):
+                out = run(
+                    batch["input_ids"].to(env.device), batch["attention_mask"].to(env.device), prompt, lengths
+                )
+            if b < own:
+                results.update(zip(idx, out, strict=True))
+            bar.update(1)
+    if hasattr(model, "reshard"):
+        model.reshard()
+    model.train(was_training)
+    merged: dict[int, T] = {}
+    for part in gather_objects(results, env):
+        merged.update(part)
+    return [merged[i] for i in range(len(features))]
+
+
+def evaluate_examples(
+    model: PromptedT5,
+    tokenizer,
+    examples: Sequence[QAExample],
+    features: Sequence[Features],
+    *,
+    punctuation: str = "none",
+    **kwargs,
+) -> EvalResult:
+    """Answer every example and score with the official SQuAD v1.1 EM/F1 (max over gold answers).
+
+    `features[i]` must be the tokenized `examples[features[i].example_index]`; kwargs go to
+    `generate_answers`. With padded text (`punctuation` paper or current), answers are mapped back to raw
+    context spans for the official scores, and T5's own scores are added (see `squad_scores_padded`).
+    """
+    texts = generate_answers(model, tokenizer, features, **kwargs)
+    predictions = {examples[f.example_index].id: t for f, t in zip(features, texts, strict=True)}
+    references = {ex.id: list(ex.answers) for ex in examples}
+    if punctuation == "none":
+        scores = squad_scores(predictions, references)
+        return EvalResult(exact_match=scores["exact_match"], f1=scores["f1"], predictions=predictions)
+    contexts = {ex.id: ex.context for ex in examples}
+    scores, raw = squad_scores_padded(predictions, references, contexts, punctuation)
+    return EvalResult(
+        exact_match=scores["exact_match"],
+        f1=scores["f1"],
+        predictions=raw,
+        t5_exact_match=scores["t5_exact_match"],
+        t5_f1=scores["t5_f1"],
+        generated=predictions,
+    )

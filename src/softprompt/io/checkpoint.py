@@ -1,0 +1,595 @@
+"""The formats of softprompt's files: prompt checkpoints, tensors, the trainer's resumable tensors.
+
+This module knows what is inside a file and how to write one atomically; `softprompt.io.rundir` owns the
+run directory around them (file names, the lock, manifests, publishing and choosing checkpoints).
+Every prompt softprompt writes goes through `write_prompt_files` (`save_prompt` wraps it in its own
+directory). Every write goes to a temporary sibling, is fsynced, then renamed into place, so a run
+killed at any moment leaves either the old file or the new one, never half of one; a failed write
+raises `OSError` naming the file (safetensors' own error type is translated). Weights are read
+from safetensors only; the trainer's small state file is read with `torch.load(weights_only=True)`.
+The one other pickle softprompt reads is a published base model's `pytorch_model.bin`, also with
+`weights_only=True` (softprompt.io.pretrained); every other pickle (`PICKLE_SUFFIXES`) is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import textwrap
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from softprompt import __version__
+from softprompt.errors import CheckpointError
+from softprompt.io import peft_format
+from softprompt.io.rundir import BEST, fsync_dir, install_dir, is_run_dir
+from softprompt.runtime.distributed import (
+    DistEnv,
+    fsdp_full_state_dict,
+    fsdp_train_tensors,
+    load_fsdp_train_tensors,
+)
+
+PROMPT_WEIGHTS = "prompt.safetensors"
+PROMPT_CONFIG = "prompt_config.json"
+DEFAULT_TEMPLATE = "question: {question} context: {context}"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+@dataclass
+class PromptConfig:
+    """What a prompt needs to be used again: the model it was trained for and how inputs were written."""
+
+    base_model: str
+    """Hub id or path of the frozen model the prompt was trained on."""
+    n_tokens: int
+    """P, the number of prompt vectors."""
+    d_model: int
+    """Width of each vector; must equal the model's d_model."""
+    init: str = "sampled_vocab"
+    """How the prompt was initialised."""
+    input_template: str = DEFAULT_TEMPLATE
+    """How a question and context were written as the model's input."""
+    punctuation: str = "none"
+    """The text format of inputs and targets: paper, current or none (see softprompt.tasks.squad.text.Punctuation)."""
+    max_source_length: int = 512
+    """Text tokens of input kept (the prompt comes on top)."""
+    max_target_length: int = 32
+    """Longest answer in tokens."""
+    softprompt_version: str = __version__
+    """The softprompt release that wrote the prompt."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth keeping (dev scores, step)."""
+    task: dict[str, Any] | None = None
+    """The text task the prompt was trained on (softprompt.tasks.text.task.TaskSpec.to_dict(): templates, labels,
+    metric); None for SQuAD-shaped QA. eval, predict and serve write inputs with it."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file so that readers see either the old one or the whole new one: a temporary
+    sibling, flushed and fsynced, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # os.open with 0o666 lets the umask decide the mode, as for any ordinary file (mkstemp is 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from e  # name the file, not its temporary
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically (see `atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON via a temporary file and a rename."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `target` only once the block completes.
+
+    The old `target`, if any, is swapped out and deleted after the new one is in place
+    (`rundir.install_dir`), so a crash leaves a complete directory at `target` (old or new) plus, at
+    worst, a stale `.tmp-*` sibling; on failure the temporary directory is removed.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    install_dir(tmp, target)
+
+
+def save_prompt(directory: str | os.PathLike, weight: torch.Tensor, config: PromptConfig) -> Path:
+    """Save a prompt as its own checkpoint directory, atomically (see `write_prompt_files`).
+
+    Returns:
+        The checkpoint directory.
+    """
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        write_prompt_files(tmp, weight, config)
+    return directory
+
+
+def write_prompt_files(directory: Path, weight: torch.Tensor, config: PromptConfig) -> None:
+    """Write a prompt's two files into `directory`, a temporary directory its caller publishes:
+    `prompt.safetensors` (one float32 tensor `prompt`, [P, H]) and `prompt_config.json`.
+
+    Every prompt softprompt writes goes through here.
+    """
+    weight = weight.detach().to("cpu", torch.float32).contiguous()
+    if tuple(weight.shape) != (config.n_tokens, config.d_model):
+        raise ValueError(f"prompt shape {tuple(weight.shape)} != ({config.n_tokens}, {config.d_model})")
+    save_tensors(directory / PROMPT_WEIGHTS, {"prompt": weight})
+    atomic_write_text(directory / PROMPT_CONFIG, json.dumps(asdict(config), indent=2) + "\n")
+
+
+def refuse_pickles(directory: Path, wanted: str) -> None:
+    """Raise a clear error when `wanted` is missing, mentioning pickle files we will not load."""
+    if (directory / wanted).exists():
+        return
+    pickles = (
+        sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if directory.is_dir()
+        else []
+    )
+    if pickles:
+        raise CheckpointError(
+            f"{directory} has no {wanted}, only pickle files ({', '.join(pickles)}); softprompt never unpickles "
+            "files because they can run code, so re-save the weights with safetensors"
+        )
+    raise CheckpointError(f"{directory} is not a softprompt checkpoint: {wanted} is missing")
+
+
+def load_prompt_config(directory: str | os.PathLike) -> PromptConfig:
+    """Read `prompt_config.json` from a prompt checkpoint directory (or a PEFT prompt-tuning adapter's
+    config, `softprompt.io.peft_format`)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"prompt checkpoint {directory} does not exist or is not a directory")
+    if peft_format.is_peft_adapter(directory):
+        fields = peft_format.read_config(directory)
+        try:
+            return PromptConfig(**{k: fields[k] for k in PromptConfig.__dataclass_fields__ if k in fields})
+        except TypeError as e:
+            raise CheckpointError(
+                f"{directory / peft_format.SETTINGS} is not a valid prompt config ({e})"
+            ) from None
+    refuse_pickles(directory, PROMPT_CONFIG)
+    path = directory / PROMPT_CONFIG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if (
+            isinstance(raw, dict)
+            and "punctuation" not in raw
+            and isinstance(raw.get("pad_punctuation"), bool)
+        ):
+            from softprompt.tasks.squad.text import LEGACY_PAD_PUNCTUATION
+
+            # A prompt saved before the named formats: its boolean, read as the nearer T5 format.
+            raw["punctuation"] = LEGACY_PAD_PUNCTUATION[raw["pad_punctuation"]]
+        known = {k: raw[k] for k in PromptConfig.__dataclass_fields__ if k in raw}
+        return PromptConfig(**known)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid prompt config ({e}); re-save the prompt") from None
+
+
+def load_prompt(
+    directory: str | os.PathLike,
+    *,
+    expect_d_model: int | None = None,
+    expect_base_model: str | None = None,
+    allow_other: bool = False,
+) -> tuple[torch.Tensor, PromptConfig]:
+    """Load a prompt checkpoint, refusing anything but safetensors.
+
+    Args:
+        directory: a directory written by `save_prompt`, or a PEFT prompt-tuning adapter
+            (`softprompt.io.peft_format`: its encoder prompt).
+        expect_d_model: the width of the model it will drive; a mismatch is refused.
+        expect_base_model: the model it will drive; a different model (by `same_model`) is refused.
+        allow_other: warn instead of refusing a different base model.
+
+    Returns:
+        prompt: [P, H] float32, and its `PromptConfig`.
+    """
+    directory = Path(directory)
+    config = load_prompt_config(directory)
+    if peft_format.is_peft_adapter(directory):
+        submodules = config.extra["peft_num_transformer_submodules"]
+        weight = peft_format.read_weight(directory, config.n_tokens, config.d_model, submodules)
+    else:
+        refuse_pickles(directory, PROMPT_WEIGHTS)
+        try:
+            tensors = load_file(str(directory / PROMPT_WEIGHTS))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{directory / PROMPT_WEIGHTS} is not a readable safetensors file ({e})"
+            ) from None
+        if set(tensors) != {"prompt"} or tensors["prompt"].dim() != 2:
+            raise CheckpointError(f"{directory / PROMPT_WEIGHTS} must hold one 2-D tensor named 'prompt'")
+        weight = tensors["prompt"].float()
+    if expect_d_model is not None and weight.shape[1] != expect_d_model:
+        raise CheckpointError(
+            f"the prompt in {directory} is {weight.shape[1]} wide but the model's d_model is {expect_d_model}; "
+            f"it was trained for {config.base_model}"
+        )
+    if expect_base_model is not None and not same_model(
+        config.base_model, expect_base_model, config.extra.get("base_model_fingerprint")
+    ):
+        message = f"the prompt in {directory} was trained for {config.base_model}, not {expect_base_model}"
+        if not allow_other:
+            raise CheckpointError(
+                f"{message} (their config or weights differ); load it with the model it was trained on, "
+                "or pass --allow_other_base_model to use it anyway"
+            )
+        warn_other_model(message)
+    return weight, config
+
+
+#: Written by `softprompt convert`: the model a directory was converted from and its fingerprint.
+CONVERTED_FROM = "softprompt_converted_from.json"
+# config.json keys that name a copy rather than describe the model.
+_CONFIG_NOISE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures")
+_SAMPLE = 1 << 16
+
+
+def _local_model_dir(name_or_path: str) -> Path | None:
+    """The local folder of a model: the path itself, or a Hub id's snapshot in the local cache."""
+    path = Path(os.path.expanduser(name_or_path))
+    if path.is_dir():
+        return path
+    try:
+        from transformers.utils import cached_file
+
+        found = cached_file(
+            name_or_path,
+            "config.json",
+            local_files_only=True,  # never the network: a model not on this machine has no fingerprint
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+    except Exception:  # not a valid repo id: nothing local to fingerprint
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def model_fingerprint(name_or_path: str) -> str | None:
+    """A short hash of what identifies a model, independent of its folder's name.
+
+    It covers the architecture in config.json and, for each weights file (safetensors, else
+    pytorch_model*.bin), samples of its bytes at the start (a safetensors header: tensor names,
+    shapes, dtypes, offsets), middle and end, so a renamed copy matches and another model in a folder
+    of the same name does not. Reading it costs a few hundred KB even for T5-XXL. A Hub id is
+    fingerprinted through its snapshot in the local Hub cache; None when the model is not on this machine.
+    """
+    import hashlib
+
+    directory = _local_model_dir(name_or_path)
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    # `softprompt convert` re-encodes the very same tensors (safetensors for a .bin, an explicit untied
+    # head in config.json), which changes the bytes sampled below; it records the source's fingerprint.
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        recorded = json.loads((directory / CONVERTED_FROM).read_text(encoding="utf-8")).get("fingerprint")
+        if isinstance(recorded, str) and recorded:
+            return recorded
+    digest = hashlib.sha256()
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k not in _CONFIG_NOISE}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    # Raw bytes only (a .bin is never unpickled here); many Hub checkpoints ship only pytorch_model.bin.
+    weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    for file in weights:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for offset in (0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)):
+                f.seek(offset)
+                digest.update(f.read(_SAMPLE))
+    return digest.hexdigest()[:16]
+
+
+def same_model(a: str, b: str, fingerprint_a: str | None = None) -> bool:
+    """Whether two model references name the same model, by what identifies it, not by folder names.
+
+    Args:
+        a: the model a checkpoint was made with (Hub id or path).
+        b: the model it is about to be used with.
+        fingerprint_a: `model_fingerprint(a)` as recorded when the checkpoint was made, if it was.
+
+    A Hub id and a local copy match when their fingerprints do (the id through the local Hub cache);
+    two references that cannot both be fingerprinted match only when they are the same string.
+    """
+    fb = model_fingerprint(b)
+    if fingerprint_a is not None and fb is not None:
+        return fingerprint_a == fb
+    if a == b:
+        return True
+    fa = model_fingerprint(a)
+    return fa is not None and fa == fb
+
+
+def refuse_non_model(name_or_path: str | os.PathLike, flag: str = "--model") -> None:
+    """Refuse, with what to pass instead, a prompt checkpoint or a run directory given as the model.
+
+    A Hub id, or a directory with config.json, passes; loading it may still fail later for other reasons.
+    """
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if not path.is_dir() or (path / "config.json").is_file():
+        return
+    if (path / PROMPT_CONFIG).is_file():
+        base = load_prompt_config(path).base_model
+        raise CheckpointError(
+            f"{path} is a prompt checkpoint, not a model; pass the model it was trained for and the prompt: "
+            f"{flag} {base} --prompt {path}"
+        )
+    if peft_format.is_peft_adapter(path):
+        raise CheckpointError(
+            f"{path} is a PEFT adapter, not a model; pass its base model as {flag} "
+            f"(and a prompt-tuning adapter as --prompt {path})"
+        )
+    if is_run_dir(path):
+        raise CheckpointError(
+            f"{path} is a training run directory, not a model; pass its best/ checkpoint: {flag} {path / BEST} "
+            f"for a fine-tuned run, or --prompt {path / BEST} with its base model as {flag} for a prompt"
+        )
+    raise CheckpointError(
+        f"{path} holds no config.json, so it is not a T5 model directory; give a Hub id or a directory "
+        "written by save_pretrained"
+    )
+
+
+def warn_other_model(message: str) -> None:
+    """The warning that replaces a refused base-model mismatch under --allow_other_base_model."""
+    import sys
+
+    print(
+        f"softprompt: warning: {message}; going on because of --allow_other_base_model",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Save a flat dict of tensors as safetensors (contiguous CPU copies).
+
+    Raises:
+        OSError: the write failed (safetensors reports disk full and I/O errors as its own error type).
+    """
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, with a clear error for anything else."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def torch_load_safe(path: Path, *, mmap: bool = False) -> Any:
+    """`torch.load` restricted to tensors and plain containers: never executes code.
+
+    Args:
+        path: the file.
+        mmap: map the tensors' storage from the file instead of reading it (zip-format files only).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except Exception as e:  # weights_only refusals arrive as UnpicklingError/RuntimeError
+        # torch's message runs over many lines and suggests weights_only=False; quote only the refusal.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        refusal = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+        reason = (refusal or lines[0]).removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+        reason = textwrap.shorten(reason, 160, placeholder=" ...")  # whole words only
+        if refusal is None and isinstance(
+            e, RuntimeError | EOFError | OSError
+        ):  # a truncated or garbled file
+            raise CheckpointError(
+                f"{path} is damaged: it is not a readable PyTorch state file ({reason})"
+            ) from None
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain tensor state file ({reason}); softprompt never "
+            "unpickles code, so re-save it with tensors and plain containers only"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------- resumable state
+# The tensors of a resumable checkpoint. softprompt.io.rundir owns the checkpoint directory around them
+# (trainer_state.json, the manifest, publication); these functions fill it and read it back.
+
+OPTIMIZER_STATE = "optimizer.pt"
+MODEL_WEIGHTS = "model.safetensors"
+FSDP_OPTIMIZER_GROUPS = "optimizer_groups.json"
+FSDP_SCHEDULER = "scheduler.json"
+
+
+def rng_file(rank: int) -> str:
+    """Each rank's torch RNG state (dropout differs per rank)."""
+    return f"rng_rank{rank}.safetensors"
+
+
+def fsdp_model_file(rank: int) -> str:
+    """A rank's shards of the trainable weights under FSDP."""
+    return f"model_rank{rank}.safetensors"
+
+
+def fsdp_optimizer_file(rank: int) -> str:
+    """A rank's shards of the optimizer state under FSDP."""
+    return f"optimizer_rank{rank}.safetensors"
+
+
+def save_train_state(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    env: DistEnv,
+    *,
+    fsdp: bool,
+    prompt_config: PromptConfig | None,
+) -> None:
+    """Write this rank's part of a resumable checkpoint into `directory` (every rank calls it).
+
+    Every rank writes its RNG state. Unsharded, rank 0 writes the trainable weights (in prompt mode a
+    usable prompt checkpoint, else a Hugging Face model directory) and `optimizer.pt`, which holds
+    only tensors and numbers and is read back with `weights_only=True`. Under FSDP each rank writes
+    its own shards (resuming needs the same number of ranks) and rank 0 the gathered prompt.
+    """
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state(env.device)
+    save_tensors(directory / rng_file(env.rank), rng)
+    prompt = getattr(model, "prompt", None)
+    if fsdp:
+        shards, optim_flat, groups = fsdp_train_tensors(model, optimizer)
+        save_tensors(directory / fsdp_model_file(env.rank), shards)
+        save_tensors(directory / fsdp_optimizer_file(env.rank), optim_flat)
+        # Every rank takes part in gathering the prompt; rank 0 keeps the checkpoint usable as a prompt.
+        weight = (
+            fsdp_full_state_dict(model, trainable_only=True)["prompt.weight"] if prompt is not None else None
+        )
+        if env.is_main:
+            atomic_write_text(directory / FSDP_OPTIMIZER_GROUPS, json.dumps(groups))
+            atomic_write_text(directory / FSDP_SCHEDULER, json.dumps(scheduler.state_dict()))
+            if weight is not None:
+                assert prompt_config is not None
+                write_prompt_files(directory, weight, prompt_config)
+        return
+    if not env.is_main:
+        return
+    if prompt is not None:
+        assert prompt_config is not None
+        write_prompt_files(directory, prompt.weight, prompt_config)
+    else:
+        save_t5(directory, model.model)
+    # Through a file object: torch.save to a path reports a full disk as an opaque RuntimeError.
+    with open(directory / OPTIMIZER_STATE, "wb") as f:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, f)
+
+
+def save_t5(directory: Path, t5: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a T5 as a Hugging Face model directory with safetensors weights.
+
+    transformers 5 writes `tie_word_embeddings: true` for every T5 (it keeps an untied head untied
+    because the weights differ, and records `scale_decoder_outputs: false`); transformers 4 would tie
+    the head and rescale the decoder. So config.json says what the weights are: untied, for T5 1.1.
+    """
+    t5.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    if t5.get_output_embeddings().weight is not t5.get_input_embeddings().weight:
+        path = Path(directory) / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["tie_word_embeddings"] = False
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def load_train_state(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    env: DistEnv,
+    *,
+    fsdp: bool,
+) -> None:
+    """Load what `save_train_state` wrote back into live objects; a damaged file is one `CheckpointError`."""
+    prompt = getattr(model, "prompt", None)
+    if fsdp:
+        groups_file, scheduler_file = directory / FSDP_OPTIMIZER_GROUPS, directory / FSDP_SCHEDULER
+        try:
+            groups = json.loads(groups_file.read_text(encoding="utf-8"))
+            scheduler_state = json.loads(scheduler_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{groups_file} or {scheduler_file} is damaged ({e})") from None
+        shards = load_tensors(directory / fsdp_model_file(env.rank))
+        optim_flat = load_tensors(directory / fsdp_optimizer_file(env.rank))
+        load_fsdp_train_tensors(model, optimizer, shards, optim_flat, groups, where=directory)
+        _load_into(scheduler, scheduler_state, scheduler_file)
+    else:
+        if prompt is not None:
+            weight, _ = load_prompt(directory, expect_d_model=prompt.d_model)
+            if weight.shape != prompt.weight.shape:
+                raise CheckpointError(
+                    f"the prompt in {directory} has {weight.shape[0]} vectors, the run trains {prompt.weight.shape[0]}"
+                )
+            with torch.no_grad():
+                prompt.weight.copy_(weight)
+        else:
+            refuse_pickles(directory, MODEL_WEIGHTS)
+            state = load_tensors(directory / MODEL_WEIGHTS)
+            missing, unexpected = model.model.load_state_dict(state, strict=False)
+            tied = {"lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+            if unexpected or set(missing) - tied:
+                raise CheckpointError(
+                    f"{directory / MODEL_WEIGHTS} does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
+                    f"unexpected {sorted(unexpected)[:3]})"
+                )
+        refuse_pickles(directory, OPTIMIZER_STATE)
+        saved = torch_load_safe(directory / OPTIMIZER_STATE)
+        if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= set(saved):
+            raise CheckpointError(
+                f"{directory / OPTIMIZER_STATE} is damaged (no optimizer and scheduler state)"
+            )
+        _load_into(optimizer, saved["optimizer"], directory / OPTIMIZER_STATE)
+        _load_into(scheduler, saved["scheduler"], directory / OPTIMIZER_STATE)
+    path = directory / rng_file(env.rank)
+    rng = load_tensors(path)
+    if "torch_cpu" not in rng:
+        raise CheckpointError(f"{path} is damaged (no torch_cpu state)")
+    try:
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"], env.device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged ({e})") from None
+
+
+def _load_into(obj: Any, state: Any, path: Path) -> None:
+    """`obj.load_state_dict(state)`, with a state that does not fit reported as a damaged `path`."""
+    try:
+        obj.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise CheckpointError(
+            f"{path} is damaged or belongs to another run ({type(e).__name__}: {e})"
+        ) from None

@@ -1,0 +1,715 @@
+"""Tasks beyond SQuAD: a task is data + templates + a metric.
+
+A :class:`TaskSpec` says how one record of a data set (a JSONL/CSV/TSV row, a Hugging Face dataset row,
+or an official SuperGLUE record expanded by a layout) becomes :class:`TextExample` records: an input
+template over the row's fields, a target template or field, for classification the label strings, and
+the metric. Named presets live in ``configs/tasks/`` (``--task rte``); a task YAML file of one's own or
+the flags ``--input_template`` / ``--target_template`` / ``--label_field`` / ``--labels`` / ``--metric``
+define others. QA data (SQuAD JSON, MRQA JSONL) keeps its own path (softprompt.data.records): the ``squad`` task.
+
+Templates are ``{field}`` (``{a.b}`` reaches into a nested object; ``{{`` and ``}}`` are literal braces).
+A field's text is used as it is; booleans are written ``True`` / ``False`` as T5 writes them.
+
+Errors name the file, the row and the field, in one line; ``skip_bad`` drops the row instead and counts
+it in ``stats`` under one of ``TEXT_BAD_KINDS``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from softprompt.config.choices import TaskMetric
+from softprompt.data.records import (
+    HF_PREFIX,
+    BadRecord,
+    Collector,
+    Features,
+    check_file,
+    decode,
+    file_error,
+    gzip_error,
+    one_line,
+    open_binary,
+    quote,
+    read_bytes,
+)
+from softprompt.errors import ConfigError, DataError
+
+__all__ = [
+    "PRESETS_DIR",
+    "TEXT_BAD_KINDS",
+    "TaskSpec",
+    "TextExample",
+    "fill",
+    "load_task",
+    "load_task_examples",
+    "preset_names",
+    "read_records",
+    "task_from_flags",
+    "template_fields",
+    "tokenize_texts",
+]
+
+#: Keys that ``stats`` counts when ``skip_bad=True`` drops a row of a text task.
+TEXT_BAD_KINDS = (
+    "bad_json",  # a JSONL line that is not JSON
+    "bad_encoding",  # a JSONL line that is not UTF-8
+    "bad_row",  # a row that is not an object, or a CSV row with the wrong number of values
+    "missing_field",  # a template or the label names a field the row lacks
+    "empty_input",
+    "empty_target",
+    "unknown_label",  # a label value outside the task's labels
+    "duplicate_id",
+)
+
+#: Where ``--task NAME`` finds NAME.yaml: the repository's configs/tasks, installed with the package.
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets" / "tasks"
+_SOURCE_PRESETS = Path(__file__).resolve().parents[4] / "configs" / "tasks"
+
+_FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_QA_LAYOUT = "squad"
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """One example of a text-to-text task.
+
+    Attributes:
+        id: Unique within its source (the row's id field, else its row number).
+        inputs: The model's input text, the template filled in.
+        targets: Every gold target string; the first is the training target (ReCoRD has several).
+        label: The gold class label string of a classification task (equal to ``targets[0]`` except for
+            WSC, whose target is the referent and whose label says whether the candidate is it); None
+            for generation tasks.
+        group: The unit some metrics score together (MultiRC: one question's answer options); None
+            otherwise.
+    """
+
+    id: str
+    inputs: str
+    targets: tuple[str, ...]
+    label: str | None = None
+    group: str | None = None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Templates
+
+
+def _lookup(row: Mapping[str, Any], name: str) -> Any:
+    value: Any = row
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise BadRecord("missing_field", f"has no field {quote(name)}")
+        value = value[part]
+    return value
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    if value is None:
+        raise BadRecord("missing_field", f"field {quote(name)} is empty (null)")
+    raise BadRecord("bad_row", f"field {quote(name)} is a {type(value).__name__}, not text")
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names a template uses, in order of appearance.
+
+    Raises:
+        ValueError: A brace is unbalanced or a field name is empty.
+    """
+    names = []
+    for m in _FIELD.finditer(template):
+        token = m.group(0)
+        if token in ("{{", "}}"):
+            continue
+        if m.group(1) is None or not m.group(1).strip():
+            raise ValueError(f"template {template!r} has an unbalanced brace or an empty {{}}")
+        names.append(m.group(1).strip())
+    return names
+
+
+def fill(template: str, row: Mapping[str, Any]) -> str:
+    """The template with each ``{field}`` replaced by the row's text for it.
+
+    Args:
+        template: E.g. ``"rte hypothesis: {hypothesis} premise: {premise}"``.
+        row: The record; ``{a.b}`` reads ``row["a"]["b"]``.
+
+    Raises:
+        BadRecord: The row lacks a field or holds a non-text value there.
+    """
+
+    def one(m: re.Match[str]) -> str:
+        token = m.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        name = m.group(1).strip()
+        return _text(_lookup(row, name), name)
+
+    return _FIELD.sub(one, template)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The task
+
+
+def _label_key(value: Any) -> str:
+    """How label values compare: booleans as true/false (YAML and JSON agree), numbers and text as text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@dataclass
+class TaskSpec:
+    """How a data set's records become model inputs and targets, and how answers are scored.
+
+    Attributes:
+        name: The task's name (a preset's file name, or ``custom``).
+        input_template: The model input, e.g. ``"rte hypothesis: {hypothesis} premise: {premise}"``.
+        target_template: The target; default: the label string.
+        target_field: A field holding the target string or a list of target strings (instead of a
+            template).
+        label_field: The field holding the class label.
+        labels: The class label strings in class order (a row's label may be the index, the string, or
+            for two classes a boolean: False is the first), or a map from label values to strings.
+        metric: How answers are scored (softprompt.config.choices.TaskMetric).
+        id_field: The field holding a unique id; default: the row number.
+        layout: How one record becomes rows: ``rows`` (as it is), ``squad`` (the QA path), or a layout of
+            softprompt.tasks.layouts (``multirc``, ``record``, ``wsc``).
+        dataset: The Hugging Face dataset the task's data comes from (``{name: super_glue, config: rte}``),
+            used when a run names no files.
+        description: Where the format comes from (a preset's header, for the model card).
+        source: The YAML file the task was read from, if any.
+    """
+
+    name: str = "custom"
+    input_template: str | None = None
+    target_template: str | None = None
+    target_field: str | None = None
+    label_field: str | None = None
+    labels: list[str] | dict[str, str] | None = None
+    metric: TaskMetric = TaskMetric.EXACT_MATCH
+    id_field: str | None = None
+    layout: str = "rows"
+    dataset: dict[str, str] | None = None
+    description: str = ""
+    source: str | None = field(default=None, compare=False)
+
+    @property
+    def is_qa(self) -> bool:
+        """Whether this is the SQuAD-shaped QA path (softprompt.data.records), not a text task."""
+        return self.layout == _QA_LAYOUT or self.metric == TaskMetric.SQUAD
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """The label strings, each once, in class order; None for generation tasks."""
+        if self.labels is None:
+            return None
+        strings = self.labels if isinstance(self.labels, list) else list(self.labels.values())
+        return tuple(dict.fromkeys(strings))
+
+    def problems(self) -> list[str]:
+        """Every inconsistency of the spec, each a clause; empty when the spec is usable."""
+        out = []
+        if self.is_qa:
+            return out
+        if self.layout not in ("rows", *_layouts()):
+            out.append(f"layout {self.layout!r} is not one of rows, {', '.join(_layouts())}, squad")
+        if not self.input_template:
+            out.append("input_template is missing")
+        for key in ("input_template", "target_template"):
+            template = getattr(self, key)
+            if template:
+                try:
+                    template_fields(template)
+                except ValueError as err:
+                    out.append(f"{key}: {err}")
+        if self.target_template and self.target_field:
+            out.append("give target_template or target_field, not both")
+        if self.labels is not None and not self.label_field:
+            out.append("labels are given but label_field is not")
+        if self.label_field and self.labels is None:
+            out.append(f"label_field {self.label_field!r} is given but labels are not")
+        if self.labels is not None:
+            strings = self.labels if isinstance(self.labels, list) else list(self.labels.values())
+            if not strings:
+                out.append("labels is empty")
+            if any(not isinstance(s, str) or not s.strip() for s in strings):
+                out.append("every label string must be non-empty text")
+        if not (self.target_template or self.target_field or self.labels is not None):
+            out.append("say what the target is: target_template, target_field or label_field + labels")
+        needs_classes = (TaskMetric.ACCURACY, TaskMetric.MACRO_F1, TaskMetric.MULTIRC, TaskMetric.WSC)
+        if self.metric in needs_classes and self.labels is None:
+            out.append(f"metric {self.metric.value} needs labels")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-able values (for prompt_config.json and the run's config)."""
+        out = asdict(self)
+        out["metric"] = self.metric.value
+        out.pop("source")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "the task") -> TaskSpec:
+        """Build and validate a spec from a mapping (a preset's YAML, a saved prompt's config).
+
+        Raises:
+            ConfigError: One line naming ``where`` and every problem.
+        """
+        known = {f for f in cls.__dataclass_fields__ if f != "source"}
+        problems = [f"unknown key {k!r}" for k in data if k not in known]
+        values = {k: v for k, v in data.items() if k in known}
+        metric = values.get("metric")
+        if metric is None:
+            values["metric"] = (
+                TaskMetric.ACCURACY if values.get("labels") is not None else TaskMetric.EXACT_MATCH
+            )
+        else:
+            try:
+                values["metric"] = TaskMetric(metric)
+            except ValueError:
+                choices = ", ".join(m.value for m in TaskMetric)
+                problems.append(f"metric {metric!r} is not one of {choices}")
+                values.pop("metric")
+        labels = values.get("labels")
+        if isinstance(labels, Mapping):
+            values["labels"] = {_label_key(k): v for k, v in labels.items()}
+        elif isinstance(labels, (list, tuple)):
+            values["labels"] = list(labels)
+        elif labels is not None:
+            problems.append("labels must be a list of label strings or a map from values to strings")
+            values.pop("labels")
+        if values.get("dataset") is not None and not isinstance(values["dataset"], Mapping):
+            problems.append("dataset must be a map like {name: super_glue, config: rte}")
+            values.pop("dataset")
+        spec = cls(**values)
+        problems += spec.problems()
+        if problems:
+            raise ConfigError(f"{where}: " + "; ".join(problems))
+        return spec
+
+    # ----------------------------------------------------------------------------------------------------
+    # From rows to examples
+
+    def label_string(self, value: Any) -> str:
+        """The label string of a row's label value.
+
+        Raises:
+            BadRecord: The value is no label of this task.
+        """
+        labels = self.labels
+        if isinstance(labels, dict):
+            key = _label_key(value)
+            if key in labels:
+                return labels[key]
+        elif labels is not None:
+            if isinstance(value, bool) and len(labels) == 2:
+                return labels[int(value)]
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
+                return labels[value]
+            if isinstance(value, str) and value in labels:
+                return value
+        allowed = ", ".join(self.classes or ())
+        raise BadRecord(
+            "unknown_label", f"label {quote(str(value))} is not one of the task's labels ({allowed})"
+        )
+
+    def example_from_row(self, row: Mapping[str, Any], number: int) -> TextExample:
+        """One flat row as an example.
+
+        Args:
+            row: The row (after the layout, if any).
+            number: Its position, the id when the task has no ``id_field``.
+
+        Raises:
+            BadRecord: A field is missing or empty, or the label is unknown.
+        """
+        if not isinstance(row, Mapping):
+            raise BadRecord("bad_row", f"is a {type(row).__name__}, not an object with fields")
+        qid = _text(_lookup(row, self.id_field), self.id_field) if self.id_field else str(number)
+        inputs = fill(self.input_template or "", row)
+        if not inputs.strip():
+            raise BadRecord("empty_input", "the input is empty")
+        label = None
+        if self.label_field:
+            label = self.label_string(_lookup(row, self.label_field))
+        if self.target_template:
+            targets: tuple[str, ...] = (fill(self.target_template, row),)
+        elif self.target_field:
+            value = _lookup(row, self.target_field)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            targets = tuple(_text(v, self.target_field) for v in items)
+        else:
+            targets = (label,) if label is not None else ()
+        if not targets or not all(t.strip() for t in targets):
+            raise BadRecord("empty_target", "the target is empty")
+        group = row.get("group") if isinstance(row.get("group"), str) else None
+        return TextExample(id=qid, inputs=inputs, targets=targets, label=label, group=group)
+
+    def input_texts(self, record: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+        """The model inputs of one unlabelled record (predict, serve): ``(id or None, text)`` per row.
+
+        Raises:
+            BadRecord: The record does not fit the layout or lacks a field of the input template.
+        """
+        if not isinstance(record, Mapping):
+            raise BadRecord("bad_row", f"is a {type(record).__name__}, not an object with fields")
+        out = []
+        for row in self.rows(record, for_training=False):
+            qid = row.get(self.id_field) if self.id_field else None
+            text = fill(self.input_template or "", row)
+            if not text.strip():
+                raise BadRecord("empty_input", "the input is empty")
+            out.append((None if qid is None else _text(qid, self.id_field or "id"), text))
+        return out
+
+    def rows(self, record: Mapping[str, Any], for_training: bool) -> list[Mapping[str, Any]]:
+        """The flat rows of one record: itself, or what the task's layout expands it to."""
+        if self.layout == "rows":
+            return [record]
+        try:
+            return list(_layouts()[self.layout](record, for_training))
+        except (ValueError, KeyError, TypeError) as err:
+            raise BadRecord("bad_row", f"does not fit the {self.layout} layout ({err})") from None
+
+    def examples_from_records(
+        self,
+        records: Iterable[tuple[str, Any]],
+        *,
+        source: object,
+        for_training: bool = False,
+        skip_bad: bool = False,
+        stats: Counter[str] | None = None,
+    ) -> list[TextExample]:
+        """Examples from ``(place, record)`` pairs, e.g. from :func:`read_records`.
+
+        A record that could not be read arrives as a :class:`BadRecord` instead of a mapping.
+
+        Args:
+            records: Each record with its place (``line 3``, ``row 7``) for messages.
+            source: The file or dataset, for messages.
+            for_training: Layouts may keep only training rows (WSC keeps the true referents).
+            skip_bad: Drop bad rows (counted in ``stats``) instead of raising.
+            stats: Counts dropped rows by kind (``TEXT_BAD_KINDS``).
+
+        Raises:
+            DataError: One line naming the source, the row and the problem (unless ``skip_bad``), or
+                there are no examples.
+        """
+        out = Collector(source, skip_bad, stats, noun="examples")
+        number = 0
+        for place, record in records:
+            try:
+                if isinstance(record, BadRecord):
+                    raise record
+                if not isinstance(record, Mapping):
+                    raise BadRecord("bad_row", f"is a {type(record).__name__}, not an object with fields")
+                flat = self.rows(record, for_training)
+            except BadRecord as err:
+                out.bad(place, err)
+                continue
+            for row in flat:
+                try:
+                    example = self.example_from_row(row, number)
+                except BadRecord as err:
+                    out.bad(place, err)
+                    continue
+                finally:
+                    number += 1
+                out.add(place, example)
+        return out.finish()
+
+
+def _layouts() -> dict[str, Callable[[Mapping[str, Any], bool], list[dict[str, Any]]]]:
+    from softprompt.tasks.layouts import LAYOUTS  # deferred: a plain rows task never needs the layouts
+
+    return LAYOUTS
+
+
+# --------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def _presets_dir() -> Path:
+    return PRESETS_DIR if PRESETS_DIR.is_dir() else _SOURCE_PRESETS
+
+
+def preset_names() -> list[str]:
+    """The task presets shipped with softprompt (``configs/tasks/*.yaml``), sorted."""
+    return sorted(p.stem for p in _presets_dir().glob("*.yaml"))
+
+
+def _header(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(x for x in lines if x and not x.lower().startswith("launch:"))
+
+
+def load_task(name_or_path: str | Path) -> TaskSpec:
+    """The task a preset name (``rte``) or a task YAML file names.
+
+    Raises:
+        ConfigError: No such preset or file, or the YAML is not a valid task (every problem listed).
+    """
+    import yaml  # deferred: --help need not pay for it
+
+    text_path = Path(name_or_path)
+    if text_path.suffix in (".yaml", ".yml") or text_path.exists():
+        path = text_path
+        if not path.is_file():
+            raise ConfigError(
+                f"task file {path} not found; give a task YAML file or one of {', '.join(preset_names())}"
+            )
+    else:
+        path = _presets_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"--task {name_or_path!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file"
+            )
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: is not valid YAML ({one_line(str(err))[:120]})") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: a task file holds a map of task fields (name, input_template, ...)")
+    data = dict(data)
+    data.setdefault("name", path.stem)
+    data.setdefault("description", _header(text))
+    spec = TaskSpec.from_dict(data, where=str(path))
+    spec.source = str(path)
+    return spec
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        with open_binary(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                place = f"line {lineno}"
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    yield place, BadRecord("bad_encoding", "is not UTF-8")
+                    continue
+                try:
+                    yield place, json.loads(line)
+                except (json.JSONDecodeError, RecursionError, ValueError) as err:
+                    reason = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+                    yield place, BadRecord("bad_json", f"is not valid JSON ({reason})")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise gzip_error(path, err) from None
+
+
+def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
+    text = decode(path, read_bytes(path))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        if not reader.fieldnames:
+            raise file_error(path, "has no header row", "put the column names on the first line")
+        for row in reader:
+            place = f"line {reader.line_num}"
+            if None in row:
+                yield (
+                    place,
+                    BadRecord(
+                        "bad_row", f"has more values than the header's {len(reader.fieldnames)} columns"
+                    ),
+                )
+            elif any(v is None for v in row.values()):
+                missing = [k for k, v in row.items() if v is None]
+                yield place, BadRecord("missing_field", f"has no value for column {quote(missing[0])}")
+            else:
+                yield place, row
+    except csv.Error as err:
+        raise file_error(path, f"line {reader.line_num}: is not valid CSV ({err})", "fix the file") from None
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """The records of a JSONL, CSV or TSV file (``.gz`` too), each with its place, in file order.
+
+    A line that cannot be read is yielded as a :class:`BadRecord` so that ``skip_bad`` can drop it.
+
+    Raises:
+        DataError: The file is missing, of an unknown kind, damaged as a whole, or empty.
+    """
+    path = Path(path)
+    check_file(path)
+    lower = path.name.lower().removesuffix(".gz")
+    if lower.endswith(".jsonl"):
+        records = _jsonl_records(path)
+    elif lower.endswith(".csv"):
+        records = _csv_records(path, ",")
+    elif lower.endswith((".tsv", ".tab")):
+        records = _csv_records(path, "\t")
+    else:
+        raise file_error(
+            path, "has an unknown suffix", "use .jsonl, .csv or .tsv (or hf:NAME for a Hugging Face dataset)"
+        )
+    empty = True
+    for item in records:
+        empty = False
+        yield item
+    if empty:
+        raise file_error(path, "is empty", "give a file with at least one row")
+
+
+def _hf_records(name: str, config: str | None, split: str) -> tuple[str, Iterator[tuple[str, Any]]]:
+    import datasets  # deferred: importing datasets costs about a second and most runs read local files
+
+    source = f"{name}{'/' + config if config else ''} [{split}]"
+    try:
+        dataset = datasets.load_dataset(name, config, split=split)
+    except (datasets.exceptions.DatasetsError, OSError, ValueError) as err:
+        reason = one_line(str(err))[:80]
+        raise file_error(
+            source,
+            f"cannot load this Hugging Face dataset ({type(err).__name__}: {reason})",
+            "check the name, the config, the split and the network, or give a local file",
+        ) from None
+    return source, ((f"row {i}", row) for i, row in enumerate(dataset))
+
+
+def load_task_examples(
+    task: TaskSpec,
+    source: str | Path | None,
+    *,
+    split: str = "train",
+    config: str | None = None,
+    for_training: bool = False,
+    skip_bad: bool = False,
+    stats: Counter[str] | None = None,
+) -> list[TextExample]:
+    """Load a text task's examples from a file, ``hf:NAME[/CONFIG]``, or the task's own dataset.
+
+    Args:
+        task: The task (not a QA task: those load through softprompt.data.records).
+        source: A JSONL/CSV/TSV file, ``"hf:NAME"``, or None for the task's ``dataset``.
+        split: The split of a Hugging Face dataset.
+        config: The configuration of a Hugging Face dataset (default: the task's, for its own dataset).
+        for_training: Whether the examples train (layouts may keep only training rows).
+        skip_bad: Drop bad rows instead of raising.
+        stats: Counts dropped rows by kind.
+
+    Raises:
+        DataError: The data cannot be read, or (unless ``skip_bad``) a row is bad.
+    """
+    if source is None or (isinstance(source, str) and source.startswith(HF_PREFIX)):
+        own = task.dataset or {}
+        name = own.get("name") if source is None else source[len(HF_PREFIX) :]
+        if not name:
+            raise DataError(f"task {task.name!r} names no dataset; give a data file or hf:NAME")
+        if config is None and name == own.get("name"):
+            config = own.get("config")
+        where, records = _hf_records(name, config, split)
+        return task.examples_from_records(
+            records, source=where, for_training=for_training, skip_bad=skip_bad, stats=stats
+        )
+    return task.examples_from_records(
+        read_records(source), source=Path(source), for_training=for_training, skip_bad=skip_bad, stats=stats
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def tokenize_texts(
+    examples: Sequence[TextExample],
+    tokenizer: Any,
+    *,
+    max_source_length: int = 512,
+    max_target_length: int = 32,
+    for_training: bool = False,
+) -> list[Features]:
+    """Tokenize text examples for T5: the input cut at its end to fit, EOS appended to both sides.
+
+    Args:
+        examples: The examples.
+        tokenizer: A fast T5 tokenizer.
+        max_source_length: Maximum input length including EOS.
+        max_target_length: Maximum target length including EOS.
+        for_training: One feature per target (ReCoRD's several answers each train, as T5 does); else one
+            per example, with the first target.
+
+    Returns:
+        Features whose ``example_index`` points into ``examples``.
+    """
+    if max_source_length < 2 or max_target_length < 2:
+        raise ValueError("max_source_length and max_target_length must be at least 2")
+    if not examples:
+        return []
+    eos = tokenizer.eos_token_id
+    pairs = [
+        (i, target)
+        for i, ex in enumerate(examples)
+        for target in (ex.targets if for_training else ex.targets[:1])
+    ]
+    input_ids = tokenizer([ex.inputs for ex in examples], add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    features = []
+    for (i, _), t_ids in zip(pairs, target_ids, strict=True):
+        ids = input_ids[i]
+        truncated = len(ids) > max_source_length - 1
+        features.append(
+            Features(
+                input_ids=[*ids[: max_source_length - 1], eos],
+                labels=[*t_ids[: max_target_length - 1], eos],
+                example_index=i,
+                truncated=truncated,
+            )
+        )
+    return features
+
+
+# --------------------------------------------------------------------------------------------------------
+# From flags
+
+_OVERRIDES = ("input_template", "target_template", "label_field", "id_field", "metric")
+
+
+def task_from_flags(flags: Any, saved: Mapping[str, Any] | None = None) -> TaskSpec | None:
+    """The text task that ``--task`` and the template flags name, or None for SQuAD-shaped QA.
+
+    Args:
+        flags: An object with softprompt.training.config.TaskFlags' fields (TrainConfig, EvalArgs, ...).
+        saved: A task recorded with a prompt (its ``to_dict``), used when ``--task`` is not given.
+
+    Raises:
+        ConfigError: The preset or file is unknown, or the resulting task is invalid (every problem).
+    """
+    name = getattr(flags, "task", None)
+    base: dict[str, Any] = load_task(name).to_dict() if name else dict(saved or {})
+    overrides = {k: getattr(flags, k) for k in _OVERRIDES if getattr(flags, k, None) is not None}
+    if getattr(flags, "labels", None):
+        overrides["labels"] = list(flags.labels)
+    if not base and not overrides:
+        return None
+    data = {**base, **overrides}
+    where = f"--task {name}" if name else "the task flags"
+    spec = TaskSpec.from_dict(data, where=where)
+    return None if spec.is_qa else spec

@@ -1,0 +1,290 @@
+"""A README.md model card for a saved prompt checkpoint.
+
+The card records what a soft prompt is only meaningful with, the frozen base model and the
+data and hyperparameters it was trained with, plus its dev scores and how to load it, so a
+prompt directory copied on its own still says what it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import softprompt
+from softprompt.errors import CheckpointError
+from softprompt.training.report import atomic_write_text
+
+__all__ = ["CARD_FILE", "render_model_card", "write_model_card"]
+
+CARD_FILE = "README.md"
+# One mark for "not set" (epochs when max_steps rules) and "not passed in".
+_MISSING = "—"
+
+
+def _first(info: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    for key in keys:
+        value = info.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return _MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _fmt_score(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{float(value):.2f}"
+    return _MISSING
+
+
+def _row_if(
+    info: Mapping[str, Any], key: str, label: str, show: Callable[[Any], str]
+) -> tuple[str, str] | None:
+    value = info.get(key)
+    return None if value is None or value == "" else (label, show(value))
+
+
+def _md(value: str) -> str:
+    # Table cells: a pipe would split the cell, a newline would end the row.
+    return value.replace("|", "\\|").replace("\n", " ")
+
+
+def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
+    """Build the card's Markdown text without writing it.
+
+    Args:
+        checkpoint_dir: The prompt checkpoint folder the card describes, as users will load it (its
+            final location, not a temporary folder it is being written in).
+        info: Run facts, usually the resolved config merged with ``results.json``. Keys read:
+            ``model_name_or_path`` (or ``base_model``; required), ``train_file``,
+            ``validation_file``, ``mode``/``prompt_tuning``, ``optimizer``, ``lr``,
+            ``weight_decay``, ``initial_step``, ``punctuation``, ``n_tokens``, ``prompt_init`` (or
+            ``init``), ``prompt_init_text``,
+            ``global_batch_size``, ``batch_size``, ``steps``/``max_steps``, ``epochs``,
+            ``precision``, ``seed``, ``trainable_parameters``, ``exact_match``, ``f1``,
+            ``t5_exact_match``, ``t5_f1``, ``best_step``; for a text task ``task``, ``task_description``,
+            ``input_template``, ``metric`` and ``scores`` (its dev scores). A key that is absent or None
+            shows as "—" (the T5 score rows and the Adafactor initial step appear only when given).
+
+    Returns:
+        The card, starting with YAML front matter.
+
+    Raises:
+        ValueError: ``info`` does not name the base model.
+    """
+    model = _first(info, ("model_name_or_path", "base_model"))
+    if model is None:
+        # A prompt is useless without its frozen model, so a card that omits it is a bug.
+        raise ValueError("model card info must name the base model (model_name_or_path)")
+    base_model = str(model)
+    task = info.get("task")
+    front = {
+        "library_name": "softprompt",
+        "base_model": base_model,
+        "tags": ["prompt-tuning", "t5", str(task) if task else "squad"],
+    }
+    # safe_dump quotes whatever needs quoting (a path with ':' or a leading '*').
+    front_matter = yaml.safe_dump(front, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+    prompt_mode = info.get("mode", "prompt") == "prompt" and info.get("prompt_tuning", True) is not False
+    steps = _first(info, ("steps", "max_steps"))
+    # (label, value) rows; optional rows are None and dropped, so the order stays readable here.
+    optional: list[tuple[str, str] | None] = [
+        ("Method", "prompt tuning (base model frozen)" if prompt_mode else "full fine-tuning"),
+        ("Prompt length P", _fmt(info.get("n_tokens"))),
+        _row_if(info, "trainable_parameters", "Trainable parameters", lambda v: f"{int(v):,}"),
+        ("Prompt init", _fmt(_first(info, ("prompt_init", "init", "init_method")))),
+        _row_if(info, "prompt_init_text", "Prompt init text", lambda v: repr(str(v))),
+        ("Optimizer", _fmt(info.get("optimizer"))),
+        ("Learning rate", _fmt(info.get("lr"))),
+        ("Weight decay", _fmt(info.get("weight_decay"))),
+        # T5X continues the starting checkpoint's step count; it sets Adafactor's second-moment decay.
+        _row_if(info, "initial_step", "Adafactor initial step", lambda v: f"{int(v):,}"),
+        ("Input text", _fmt(info.get("punctuation"))),
+        ("Batch size (global)", _fmt(_first(info, ("global_batch_size", "batch_size")))),
+        # With a global size recorded, batch_size is the per-device share of it.
+        _row_if(info, "batch_size", "Batch size per device", _fmt)
+        if info.get("global_batch_size") is not None
+        else None,
+        ("Training steps", _fmt(steps)),
+        ("Epochs", _fmt(info.get("epochs"))),
+        ("Precision", _fmt(info.get("precision"))),
+        ("Seed", _fmt(info.get("seed"))),
+    ]
+    hyper = [row for row in optional if row is not None]
+
+    ckpt = str(checkpoint_dir)
+    question = "Who wrote Hamlet?"
+    context = "Hamlet is a tragedy written by William Shakespeare."
+    # A prompt is used together with its frozen base model; a fine-tuned checkpoint is the model.
+    predict = ["softprompt", "predict", "--model", base_model, "--prompt", ckpt]
+    if not prompt_mode:
+        predict = ["softprompt", "predict", "--model", ckpt]
+    if task:
+        from softprompt.tasks.text.task import template_fields  # deferred: imports the data stack
+
+        names = template_fields(str(info.get("input_template") or "")) or ["text"]
+        example = json.dumps({name: "..." for name in names})
+        cli = " ".join(shlex.quote(arg) for arg in [*predict, "--fields", example])
+    else:
+        cli = " ".join(shlex.quote(arg) for arg in [*predict, "--question", question, "--context", context])
+    what = f"the text-to-text task {task}" if task else "extractive question answering"
+    on = f"`{_md(str(task))}`" if task else "SQuAD"
+
+    if prompt_mode:
+        title = f"# Soft prompt for `{_md(base_model)}` on {on}"
+        intro = (
+            "A soft prompt trained with softprompt, an implementation of prompt tuning "
+            f"([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for {what}. "
+            "It is a small matrix of embeddings prepended to the input of a frozen T5; "
+            "it only works with the base model below."
+        )
+        load = [
+            "from softprompt.io.checkpoint import load_prompt",
+            "",
+            "# The [P, d_model] prompt tensor and its PromptConfig (base model, input template, ...).",
+            f"prompt, prompt_config = load_prompt({ckpt!r})",
+        ]
+    else:
+        title = f"# `{_md(base_model)}` fine-tuned on {on}"
+        intro = (
+            f"All weights of the base model below fine-tuned with softprompt for {what}, "
+            "the baseline that prompt tuning is compared with."
+        )
+        load = [
+            "from transformers import T5ForConditionalGeneration",
+            "",
+            f"model = T5ForConditionalGeneration.from_pretrained({ckpt!r})",
+        ]
+
+    lines = ["---", front_matter.rstrip("\n"), "---", ""]
+    lines += [title, "", intro]
+    lines += [
+        "",
+        "## Base model",
+        "",
+        f"`{base_model}`",
+        "",
+        "## Data",
+        "",
+        "| split | file |",
+        "|---|---|",
+        f"| train | {_md(_fmt(info.get('train_file')))} |",
+        f"| validation | {_md(_fmt(info.get('validation_file')))} |",
+        "",
+        "## Hyperparameters",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {_md(value)} |" for key, value in hyper]
+    if task:
+        lines += _task_rows(info)
+    lines += [
+        "",
+        "## Dev results",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    if task:
+        scores = info.get("scores") or {}
+        lines += [
+            f"| {_md(str(k))} | {int(v) if k == 'invalid_predictions' else _fmt_score(v)} |"
+            for k, v in scores.items()
+        ] or ["| — | — |"]
+        lines += [
+            f"| best step | {_fmt(info.get('best_step'))} |",
+            "",
+            f"Scores are the task's metric ({_md(_fmt(info.get('metric')))}; percentages, "
+            "`invalid_predictions` a count of answers that are no label string) on the validation file, at "
+            "the step with the best first score.",
+        ]
+    else:
+        lines += _squad_rows(info)
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        *load,
+        "```",
+        "",
+        "From the command line:",
+        "",
+        "```bash",
+        cli,
+        "```",
+        "",
+        f"Written by softprompt {softprompt.__version__}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _task_rows(info: Mapping[str, Any]) -> list[str]:
+    return [
+        "",
+        "## Task",
+        "",
+        f"`{_md(str(info.get('task')))}`: {_md(str(info.get('task_description') or 'a text-to-text task'))}",
+        "",
+        f"Input template: `{_md(_fmt(info.get('input_template')))}`; metric: {_md(_fmt(info.get('metric')))}.",
+    ]
+
+
+def _squad_rows(info: Mapping[str, Any]) -> list[str]:
+    return [
+        f"| exact match | {_fmt_score(info.get('exact_match'))} |",
+        f"| F1 | {_fmt_score(info.get('f1'))} |",
+        *(
+            f"| {label} | {_fmt_score(info.get(key))} |"
+            for key, label in (("t5_exact_match", "exact match, T5's scoring"), ("t5_f1", "F1, T5's scoring"))
+            if info.get(key) is not None
+        ),
+        f"| best step | {_fmt(info.get('best_step'))} |",
+        "",
+        "Scores are SQuAD v1.1 exact match and F1 (0–100) on the validation file, "
+        "at the step with the best dev F1. With T5's padded input text (paper or current), answers are "
+        "mapped back to the context span they came from before the official metric; T5's scoring "
+        "compares the generated text with padded gold answers instead.",
+    ]
+
+
+def write_model_card(checkpoint_dir: Path, info: Mapping[str, Any], *, location: Path | None = None) -> Path:
+    """Write ``README.md`` into a saved prompt checkpoint, replacing any earlier card atomically.
+
+    Args:
+        checkpoint_dir: An existing checkpoint folder.
+        info: Run facts; see :func:`render_model_card` for the keys read.
+        location: Where the checkpoint will live once written, when ``checkpoint_dir`` is a temporary
+            folder that is renamed into place afterwards; the card's load instructions name it.
+
+    Returns:
+        The path of the written card.
+
+    Raises:
+        CheckpointError: ``checkpoint_dir`` does not exist or is not a folder.
+        ValueError: ``info`` does not name the base model.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise CheckpointError(f"{checkpoint_dir} is not a checkpoint folder; save the prompt before its card")
+    path = checkpoint_dir / CARD_FILE
+    atomic_write_text(
+        path, render_model_card(Path(location) if location is not None else checkpoint_dir, info)
+    )
+    return path

@@ -1,0 +1,176 @@
+"""Text tasks through `softprompt train` / `eval`: a classification task from CSV and JSONL, end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from softprompt.cli import main
+from softprompt.tasks.metrics.text import score_texts
+from softprompt.tasks.text.task import TaskSpec, TextExample, load_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+WORDS = ["film", "plot", "cast", "music", "ending", "story", "scenes", "acting"]
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Reviews whose label is the adjective they contain: learnable from one word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.choice(["pos", "neg"])
+        adjective = rng.choice(["great", "wonderful"] if label == "pos" else ["awful", "boring"])
+        rows.append(
+            {"id": f"r{seed}-{i}", "text": f"the {rng.choice(WORDS)} was {adjective}", "label": label}
+        )
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("id,text,label\n" + "".join(f"{r['id']},{r['text']},{r['label']}\n" for r in rows))
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+TASK_YAML = """\
+# Sentiment of short reviews (a test task).
+# Launch: softprompt train --task sentiment.yaml --train_file train.csv --validation_file dev.jsonl
+name: sentiment
+input_template: "sentiment review: {text}"
+label_field: label
+labels: {pos: positive, neg: negative}
+id_field: id
+"""
+
+
+def test_classification_from_csv_and_jsonl_trains_and_scores_accuracy(tmp_path, tiny_model_dir):
+    train_rows = sentiment_rows(16, seed=1)
+    train_csv = write_csv(tmp_path / "train.csv", train_rows)
+    dev = write_jsonl(tmp_path / "dev.jsonl", train_rows)  # the same rows: fine-tuning must fit them
+    task_file = tmp_path / "sentiment.yaml"
+    task_file.write_text(TASK_YAML)
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "train", "--task", str(task_file), "--train_file", str(train_csv), "--validation_file", str(dev),
+            "--model", str(tiny_model_dir), "--random_init", "--output_dir", str(out), "--optimizer", "adamw",
+            "--lr", "3e-3", "--batch_size", "8", "--max_steps", "60", "--eval_steps", "30", "--save_steps", "30",
+            "--max_source_length", "32", "--max_target_length", "4", "--report_to", "none", "--dropout", "0",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "sentiment" and results["metric"] == "accuracy"
+    assert list(results["scores"]) == ["accuracy", "invalid_predictions"]
+    assert results["accuracy"] == 100.0 and results["invalid_predictions"] == 0
+    assert results["exact_match"] is None and results["f1"] is None
+    predictions = json.loads((out / "predictions_best.json").read_text())
+    assert set(predictions) == {r["id"] for r in train_rows}
+    # results.json's score is the metric of the saved predictions, recomputed here.
+    spec = TaskSpec.from_dict(
+        {"input_template": "{t}", "label_field": "l", "labels": ["positive", "negative"]}
+    )
+    gold = {"pos": "positive", "neg": "negative"}
+    examples = [TextExample(r["id"], "", (gold[r["label"]],), gold[r["label"]]) for r in train_rows]
+    recomputed = score_texts("accuracy", examples, [predictions[r["id"]] for r in train_rows], spec.classes)
+    assert recomputed["accuracy"] == results["accuracy"]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [30, 60] and all("accuracy" in e for e in evals)
+    assert results["best_step"] in (30, 60)
+
+
+def test_a_prompt_keeps_its_task_for_eval_and_predict(tmp_path, tiny_model_dir, capsys):
+    """A prompt trained on a text task carries the task: eval scores it with the task's metric without
+    --task, equal to training's own evaluation, and predict --fields / --input_file answer alike."""
+    rows = sentiment_rows(12, seed=2)
+    train_jsonl = write_jsonl(tmp_path / "train.jsonl", rows)
+    dev_csv = write_csv(tmp_path / "dev.csv", rows[:8])
+    out = tmp_path / "prompt_run"
+    rc = main(
+        [
+            "train", "--input_template", "sentiment review: {text}", "--label_field", "label",
+            "--labels", "neg", "pos", "--metric", "accuracy", "--id_field", "id",
+            "--train_file", str(train_jsonl), "--validation_file", str(dev_csv),
+            "--model", str(tiny_model_dir), "--random_init", "--output_dir", str(out), "--prompt_tuning",
+            "--prompt_init", "class_label", "--n_tokens", "4", "--batch_size", "4", "--max_steps", "2",
+            "--eval_steps", "2", "--save_steps", "2", "--max_source_length", "32", "--max_target_length", "4",
+            "--report_to", "none",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    config = json.loads((out / "best" / "prompt_config.json").read_text())
+    assert config["task"]["input_template"] == "sentiment review: {text}"
+    assert config["task"]["labels"] == ["neg", "pos"] and config["extra"]["prompt_init_labels"] == [
+        "neg",
+        "pos",
+    ]
+    capsys.readouterr()
+    preds_file = tmp_path / "preds.json"
+    argv = ["eval", "--model", str(tiny_model_dir), "--random_init", "--prompt", str(out / "best")]
+    argv += ["--validation_file", str(dev_csv), "--max_target_length", "4", "--output", str(preds_file)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "custom" and report["metric"] == "accuracy" and report["n_examples"] == 8
+    assert report["accuracy"] == results["accuracy"]
+    assert report["invalid_predictions"] == results["invalid_predictions"]
+    predictions = json.loads(preds_file.read_text())
+    assert predictions == json.loads((out / "predictions_best.json").read_text())
+    # Rank classification: every answer is a label, chosen by log-likelihood, and scored the same way.
+    ranked_file = tmp_path / "ranked.json"
+    assert main([*argv[:-2], "--classify", "rank", "--output", str(ranked_file)]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert ranked["classify"] == "rank" and ranked["invalid_predictions"] == 0
+    ranked_answers = json.loads(ranked_file.read_text())
+    assert set(ranked_answers.values()) <= {"neg", "pos"} and set(ranked_answers) == set(predictions)
+    gold = {r["id"]: r["label"] for r in rows[:8]}
+    assert ranked["accuracy"] == 100 * sum(ranked_answers[k] == gold[k] for k in gold) / 8
+    # predict: the same answers from --fields (one row) and from --input_file (JSONL rows).
+    predict = ["predict", "--model", str(tiny_model_dir), "--random_init", "--prompt", str(out / "best")]
+    predict += ["--max_target_length", "4"]
+    assert main([*predict, "--fields", json.dumps({"text": rows[0]["text"]})]) == 0
+    assert capsys.readouterr().out.strip() == predictions[rows[0]["id"]]
+    inputs = write_jsonl(tmp_path / "in.jsonl", [{"id": r["id"], "text": r["text"]} for r in rows[:8]])
+    assert main([*predict, "--input_file", str(inputs)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert {x["id"]: x["answer"] for x in lines} == predictions
+    # A row without the template's field: one line naming the file, the row and the field.
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "txt": "typo"}])
+    assert main([*predict, "--input_file", str(bad)]) != 0
+    err = capsys.readouterr().err
+    assert f"{bad}: line 1: has no field 'text'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("preset", ["multirc", "record"])
+def test_superglue_presets_train_and_score_through_the_cli(tmp_path, tiny_model_dir, preset):
+    """Official-layout JSONL records of MultiRC and ReCoRD go through train -> eval with their own metrics."""
+    from test_layouts import MULTIRC, RECORD
+
+    record = MULTIRC if preset == "multirc" else RECORD
+    data = write_jsonl(tmp_path / "val.jsonl", [record])
+    out = tmp_path / preset
+    argv = ["train", "--task", preset, "--train_file", str(data), "--validation_file", str(data)]
+    argv += ["--model", str(tiny_model_dir), "--random_init", "--output_dir", str(out), "--prompt_tuning"]
+    argv += ["--n_tokens", "2", "--batch_size", "2", "--max_steps", "1", "--eval_steps", "1"]
+    argv += ["--max_source_length", "64", "--max_target_length", "3", "--report_to", "none"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    keys = (
+        ["score", "f1a", "exact_match", "invalid_predictions"]
+        if preset == "multirc"
+        else ["score", "f1", "exact_match"]
+    )
+    assert results["metric"] == preset and list(results["scores"]) == keys
+    assert all(0 <= results["scores"][k] <= 100 for k in keys if k != "invalid_predictions")
+    predictions = json.loads((out / "predictions_best.json").read_text())
+    ids = [e.id for e in load_task(preset).examples_from_records([("line 1", record)], source="val.jsonl")]
+    assert sorted(predictions) == sorted(ids)
