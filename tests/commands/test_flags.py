@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -270,3 +272,35 @@ def test_missing_required_values_are_one_line_with_the_rest(argv, message, capsy
     assert _exit(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def _flag_snapshot(cls: type) -> dict[str, dict[str, typing.Any]]:
+    # What a user can type and what they get without typing it: flag, aliases, default, type, range.
+    specs = field_specs(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        s = specs[f.name]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "<required>"
+        out[f.name] = {
+            "flag": s.flag,
+            "aliases": list(s.aliases),
+            "default": repr(default),
+            "kind": repr(s.kind),
+            "optional": s.optional,
+            "bound": repr(s.bound),
+            "path": repr(s.path),
+            "positional": s.positional,
+        }
+    return out
+
+
+@pytest.mark.parametrize("command", sorted(ARGS))
+def test_every_subcommand_keeps_its_flags_and_defaults(command: str) -> None:
+    # Recorded from the flags before the shared groups (config.groups) replaced the copied fields.
+    snapshot = json.loads((Path(__file__).parent / "flags_snapshot.json").read_text(encoding="utf-8"))
+    assert _flag_snapshot(ARGS[command]) == snapshot[command]
