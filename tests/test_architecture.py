@@ -245,7 +245,8 @@ def _literal_values(annotation: object) -> tuple[str, ...]:
 
 def test_each_choice_list_is_defined_once_and_the_parser_offers_it() -> None:
     from softprompt.commands.flags import EvalArgs, PredictArgs, ServeArgs
-    from softprompt.training.config import TrainConfig, choices
+    from softprompt.config import choices
+    from softprompt.training.config import TrainConfig
 
     expected = {
         (TrainConfig, "prompt_init"): choices.PromptInit,

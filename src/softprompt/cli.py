@@ -1,6 +1,6 @@
 """The `softprompt` command: one entry point, one subcommand per job.
 
-Each subcommand is a dataclass of flags in `softprompt.commands.flags` (parsed by `flags.parse`) and one small
+Each subcommand is a dataclass of flags in `softprompt.commands.flags` (parsed by `config.parser.parse`) and one small
 `cmd_*` function here, listed in `COMMANDS`.
 
 This module imports nothing heavy, so `softprompt COMMAND --help` answers at once; each command
@@ -31,10 +31,10 @@ from softprompt.commands.flags import (
     ServeArgs,
     VerifyArgs,
     format_checks,
-    parse,
     predict_checks,
     serve_checks,
 )
+from softprompt.config.parser import parse
 from softprompt.errors import ConfigError, UserError
 
 USAGE = f"""softprompt {__version__}: prompt tuning (Lester et al., 2021) and fine-tuning of T5 for
@@ -77,7 +77,8 @@ def _train_checks(cfg: Any) -> list[str]:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    from softprompt.training.config import TrainConfig, config_values, read_yaml_mapping
+    from softprompt.config.parser import config_values, read_yaml_mapping
+    from softprompt.training.config import TrainConfig
 
     # First pass: where the run lives. A resume's settings come from its saved config, so the
     # combinations are checked once those are in (second pass).
@@ -316,7 +317,7 @@ def _dispatch(argv: list[str]) -> int:
         return 0
     command = COMMANDS.get(argv[0])
     if command is None:
-        from softprompt.training.config import closest
+        from softprompt.config.fields import closest
 
         print(
             f"softprompt: error: unknown command '{argv[0]}'{closest(argv[0], COMMANDS, '{}')}; "

@@ -25,9 +25,10 @@ from softprompt.commands.flags import (
     ScoreArgs,
     ServeArgs,
     VerifyArgs,
-    parse,
 )
-from softprompt.training.config import TrainConfig, field_specs
+from softprompt.config.fields import field_specs
+from softprompt.config.parser import parse
+from softprompt.training.config import TrainConfig
 
 ARGS = {
     "train": TrainConfig,

@@ -621,7 +621,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt demo [--output_dir DIR] [--seed N] [--quick] [--threads N]`."""
-    from softprompt.commands.flags import DemoArgs, parse
+    from softprompt.commands.flags import DemoArgs
+    from softprompt.config.parser import parse
 
     return run_parsed(parse(DemoArgs, argv, "softprompt demo"))
 

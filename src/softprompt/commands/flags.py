@@ -14,11 +14,8 @@ Imports nothing heavy, so `--help` answers at once; the modules that run a subco
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import tyro
 
@@ -30,8 +27,7 @@ from softprompt.config.choices import (
     PunctuationName,
     RankModeName,
 )
-from softprompt.errors import ConfigError
-from softprompt.training.config import (
+from softprompt.config.fields import (
     AnswerTokens,
     Count,
     DataFile,
@@ -40,91 +36,10 @@ from softprompt.training.config import (
     Model,
     OutputDir,
     OutputFile,
-    TaskFlags,
-    check_flags,
-    check_numbers,
-    expand_paths,
-    field_specs,
-    pop_config_flag,
-    read_config_file,
 )
+from softprompt.config.groups import TaskFlags
 
 Repeated = tyro.conf.UseAppendAction
-
-
-T = TypeVar("T")
-
-
-def _refuse(prog: str, problems: list[str]) -> None:
-    # The same exit as the parser's own refusals: one line, status 2.
-    error = ConfigError("invalid configuration: " + "; ".join(problems))
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    raise SystemExit(error.exit_code)
-
-
-def parse(
-    cls: type[T],
-    argv: Sequence[str],
-    prog: str,
-    *,
-    defaults: dict[str, Any] | None = None,
-    checks: Callable[[T], list[str]] | None = None,
-) -> T:
-    """Parse a subcommand's flags into `cls`: config file, then flags, then every check at once.
-
-    Args:
-        cls: the subcommand's dataclass.
-        argv: the words after the subcommand.
-        prog: `softprompt COMMAND`, for messages and --help.
-        defaults: values under the config file and the flags (a resumed run's saved config).
-        checks: more problems to report with the parser's (combinations of settings).
-
-    Returns:
-        The parsed dataclass with `~` expanded in its paths.
-
-    Raises:
-        SystemExit: 0 after --help; 2 with one line naming every problem when a flag, a config key
-            or a required value is wrong (like any parser's refusal).
-        ConfigError: the flags parsed but their values are out of range or contradict each other
-            (one message listing every problem).
-    """
-    argv, config_path = pop_config_flag(list(argv))
-    values = dict(defaults or {})
-    problems: list[str] = []
-    if config_path is not None:
-        file_values, file_problems = read_config_file(config_path, cls)
-        values.update(file_values)
-        problems += [f"{config_path}: {p}" for p in file_problems]
-    required = {
-        f.name: tyro.MISSING
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    }
-    if not {"-h", "--help"} & set(argv):
-        flag_values, flag_problems, words = check_flags(argv, cls)
-        problems += flag_problems
-        specs = field_specs(cls)
-        given = {**values, **flag_values}
-        problems += [
-            f"--{specs[n].flag} is required" for n in required if not specs[n].positional and n not in given
-        ]
-        wanted = [n.upper() for n in required if specs[n].positional and n not in given]
-        if len(words) < len(wanted):
-            problems.append(f"give {' '.join(wanted)} (see {prog} --help)")
-        if problems:
-            # What did parse still gets its numbers and combinations checked: everything at once.
-            partial = cls(**{**required, **values, **flag_values})
-            problems += check_numbers(partial) + (checks(partial) if checks else [])
-            _refuse(prog, list(dict.fromkeys(problems)))
-    default = cls(**{**required, **values}) if values else None
-    args = tyro.cli(cls, args=argv, prog=prog, default=default, use_underscores=True, description=cls.__doc__)
-    args = expand_paths(args)
-    problems = check_numbers(args) + (checks(args) if checks else [])
-    if problems:
-        # Well-formed flags whose values cannot work together: a UserError, reported by `main` in the
-        # same one-line form, and returned as its exit status rather than raised.
-        raise ConfigError("invalid configuration: " + "; ".join(dict.fromkeys(problems)))
-    return args
 
 
 @dataclass

@@ -174,7 +174,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt inspect`: print the table (and write JSON), return the exit code."""
-    from softprompt.commands.flags import InspectArgs, parse
+    from softprompt.commands.flags import InspectArgs
+    from softprompt.config.parser import parse
 
     return inspect_prompt(parse(InspectArgs, argv, "softprompt inspect"))
 

@@ -193,7 +193,7 @@ def load_prompt_config(directory: str | os.PathLike) -> PromptConfig:
             and "punctuation" not in raw
             and isinstance(raw.get("pad_punctuation"), bool)
         ):
-            from softprompt.tasks.squad.text import LEGACY_PAD_PUNCTUATION
+            from softprompt.config.choices import LEGACY_PAD_PUNCTUATION
 
             # A prompt saved before the named formats: its boolean, read as the nearer T5 format.
             raw["punctuation"] = LEGACY_PAD_PUNCTUATION[raw["pad_punctuation"]]

@@ -722,7 +722,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt serve`: parse the flags, load the model and prompts, then serve until interrupted."""
-    from softprompt.commands.flags import ServeArgs, parse, serve_checks
+    from softprompt.commands.flags import ServeArgs, serve_checks
+    from softprompt.config.parser import parse
 
     return serve(parse(ServeArgs, argv, "softprompt serve", checks=serve_checks))
 

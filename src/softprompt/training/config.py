@@ -1,28 +1,19 @@
-"""The run configuration and the machinery every subcommand's flags and config files go through.
+"""The training run's configuration: `TrainConfig`, its mode defaults, and the checks before a run starts.
 
-`TrainConfig` is one dataclass whose field docstrings are also the `--help` text. A YAML or JSON
-file (`--config FILE`) fills it, flags override the file, and tyro parses the flags. Around the
-parser: values in a file are read as their field's type (`lr: 1e-3` is a number), relative paths in
-a file resolve from the file's folder and `~` expands everywhere, numbers are range-checked from the
-field's `Bound`, an unknown key or flag names the closest valid ones, and every problem is reported
-together in one line before any work starts.
+`TrainConfig` is one dataclass whose field docstrings are also the `--help` text; `softprompt train`
+reads it with `softprompt.config.parser.parse` (config file, then flags). Here are also what depends
+on training: the batch split over devices, Adafactor's starting step, every combination `validate`
+refuses before anything loads, and what `--resume` may change against a run's saved config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-import tyro
 import yaml
 
 from softprompt.config.choices import (
@@ -32,99 +23,22 @@ from softprompt.config.choices import (
     PrecisionName,
     PunctuationName,
     ReportToName,
-    TaskMetricName,
 )
+from softprompt.config.fields import (
+    AnswerTokens,
+    Bound,
+    Count,
+    DataFile,
+    InputPath,
+    Model,
+    NonNegative,
+    OutputDir,
+    check_numbers,
+)
+from softprompt.config.groups import TaskFlags
+from softprompt.config.parser import read_config_file
 from softprompt.errors import ConfigError
 from softprompt.io.rundir import CONFIG_FILE, LAST
-from softprompt.tasks.squad.text import LEGACY_PAD_PUNCTUATION
-
-# The names other modules imported before the choices moved to softprompt.config.choices.
-Optimizer = OptimizerName
-Precision = PrecisionName
-Init = InitName
-
-
-# ---------------------------------------------------------------------------------------------- markers
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The range a number field accepts; checked the same way for every subcommand (`check_numbers`).
-
-    Attributes:
-        low: smallest allowed value (inclusive).
-        above: the value must be greater than this (and finite).
-        below: the value must be smaller than this.
-    """
-
-    low: float | None = None
-    above: float | None = None
-    below: float | None = None
-
-    def problem(self, flag: str, value: Any) -> str | None:
-        """One phrase saying why `value` is out of range, or None when it is fine."""
-        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-            return None
-        ok = (
-            math.isfinite(value)
-            and (self.low is None or value >= self.low)
-            and (self.above is None or value > self.above)
-            and (self.below is None or value < self.below)
-        )
-        if ok:
-            return None
-        if self.low is not None and self.below is not None:
-            want = f"in [{self.low:g}, {self.below:g})"
-        elif self.above is not None:
-            want = f"> {self.above:g} and finite"
-        elif self.low is not None:
-            want = f">= {self.low:g}"
-        else:
-            want = f"< {self.below:g}"
-        return f"{flag} must be {want}, got {value}"
-
-
-class PathKind(Enum):
-    """What a string field holds, for `~` expansion and resolving a config file's relative paths."""
-
-    PATH = "path"
-    """A file or directory: relative paths in a config file resolve from the file's folder."""
-    DATA = "data"
-    """A data file, or hf:NAME (a Hugging Face dataset), which is left as it is."""
-    MODEL = "model"
-    """A Hub id or a local directory: resolved from a config file's folder only where that exists."""
-
-
-Count = Annotated[int, Bound(low=1)]
-NonNegative = Annotated[int, Bound(low=0)]
-OutputDir = Annotated[str, PathKind.PATH]
-OutputFile = Annotated[str, PathKind.PATH]
-InputPath = Annotated[str, PathKind.PATH]
-DataFile = Annotated[str, PathKind.DATA]
-# One spelling per concept in every subcommand; the other common spelling is an alias.
-Model = Annotated[str, tyro.conf.arg(name="model", aliases=("--model_name_or_path",)), PathKind.MODEL]
-AnswerTokens = Annotated[int, tyro.conf.arg(aliases=("--max_new_tokens",)), Bound(low=1)]
-GenerationBatch = Annotated[int, tyro.conf.arg(aliases=("--batch_size",)), Bound(low=1)]
-
-
-@dataclass(kw_only=True)
-class TaskFlags:
-    """The task's flags, shared by train, eval, predict and format (softprompt.tasks.text.task reads them)."""
-
-    task: str | None = None
-    """The task: a preset of configs/tasks (boolq, cb, copa, multirc, record, rte, wic, wsc; squad, the default, is QA on SQuAD JSON / MRQA jsonl) or a task YAML file. The flags below override its fields."""
-    input_template: str | None = None
-    """A text task's model input over each row's fields (JSONL/CSV/TSV or hf: rows), e.g. 'sst2 sentence: {sentence}'."""
-    target_template: str | None = None
-    """A text task's target over the row's fields; default: the label string (--label_field/--labels)."""
-    label_field: str | None = None
-    """The row field holding a classification task's label."""
-    labels: list[str] = field(default_factory=list)
-    """A classification task's label strings in class order: --labels negative positive (a row's label may be the index, the string, or for two classes a bool)."""
-    id_field: str | None = None
-    """The row field holding each example's unique id (kept in predictions); default: the row number."""
-    metric: TaskMetricName | None = None
-    """How answers are scored: accuracy, macro_f1, multirc, record, wsc, exact_match, squad (default: the task's; accuracy with --labels, else exact_match)."""
 
 
 @dataclass
@@ -274,256 +188,6 @@ def with_mode_defaults(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, lr=PROMPT_TUNING_LR if cfg.prompt_tuning else FINE_TUNING_LR)
 
 
-# ---------------------------------------------------------------------------------------------- fields
-
-
-_POSITIONAL = typing.get_args(tyro.conf.Positional[int])[1:]
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """What the parser helpers need to know about one dataclass field."""
-
-    name: str
-    flag: str
-    aliases: tuple[str, ...]
-    kind: Any  # the type without Annotated and None
-    optional: bool
-    bound: Bound | None
-    path: PathKind | None
-    positional: bool
-
-
-def _unwrap(annotation: Any) -> tuple[Any, list[Any], bool]:
-    meta: list[Any] = []
-    optional = False
-    for _ in range(3):
-        if typing.get_origin(annotation) is Annotated:
-            annotation, *more = typing.get_args(annotation)
-            meta += more
-        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(annotation) if a is not type(None)]
-            optional = optional or len(args) < len(typing.get_args(annotation))
-            if len(args) != 1:
-                break
-            annotation = args[0]
-    return annotation, meta, optional
-
-
-def field_specs(cls: type) -> dict[str, FieldSpec]:
-    """Field name -> FieldSpec for a dataclass of flags."""
-    hints = typing.get_type_hints(cls, include_extras=True)
-    specs = {}
-    for f in dataclasses.fields(cls):
-        kind, meta, optional = _unwrap(hints[f.name])
-        flag, aliases = f.name, ()
-        for m in meta:
-            if type(m).__name__ == "_ArgConfig":
-                flag = m.name or flag
-                aliases = tuple(a.lstrip("-") for a in (m.aliases or ()))
-        specs[f.name] = FieldSpec(
-            name=f.name,
-            flag=flag,
-            aliases=aliases,
-            kind=kind,
-            optional=optional,
-            bound=next((m for m in meta if isinstance(m, Bound)), None),
-            path=next((m for m in meta if isinstance(m, PathKind)), None),
-            positional=any(m in _POSITIONAL for m in meta),
-        )
-    return specs
-
-
-def _names(specs: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
-    """Every spelling (field name, flag, aliases) -> its field."""
-    out = {}
-    for s in specs.values():
-        for n in (s.name, s.flag, *s.aliases):
-            out[n] = s
-    return out
-
-
-def closest(word: str, options: typing.Iterable[str], shown: str = "--{}") -> str:
-    """' (did you mean --x or --y?)' for the valid spellings nearest a misspelt one, else ''."""
-    matches = difflib.get_close_matches(word, sorted(set(options)), n=3, cutoff=0.6)
-    if not matches:
-        return ""
-    return " (did you mean " + " or ".join(shown.format(m) for m in matches) + "?)"
-
-
-def _short_repr(value: Any) -> str:
-    # A value may be anything a user pasted; an error message quotes only its start.
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
-
-
-def _describe(kind: Any) -> str:
-    if typing.get_origin(kind) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(kind))
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    return names.get(kind, getattr(kind, "__name__", str(kind)))
-
-
-def coerce(value: Any, kind: Any, optional: bool = False) -> tuple[Any, bool]:
-    """Read a value (a word from the command line, or what YAML produced) as `kind`.
-
-    Numbers may be written any way users write them (`1e-3`, `3e-1`, `1_000`, `.5`, `10.0` for an
-    integer); a scalar fills a list field as its one item. Returns (value, ok).
-    """
-    if value is None or (optional and value in ("None", "null")):
-        return None, optional
-    if isinstance(value, Enum):
-        value = value.value
-    origin = typing.get_origin(kind)
-    if origin is list:
-        (inner,) = typing.get_args(kind)
-        items = []
-        for item in value if isinstance(value, list) else [value]:
-            item, ok = coerce(item, inner)
-            if not ok:
-                return None, False
-            items.append(item)
-        return items, True
-    if origin is Literal:
-        choices = typing.get_args(kind)
-        if isinstance(value, str) and value.strip().lower() in choices:
-            return value.strip().lower(), True
-        return None, False
-    if isinstance(value, bool) or kind is bool:
-        return value, isinstance(value, bool) and kind is bool
-    if kind is int:
-        if isinstance(value, str):
-            try:
-                value = float(value.strip()) if re.search(r"[.eE]", value) else int(value.strip(), 10)
-            except ValueError:
-                return None, False
-        if isinstance(value, float):
-            return (int(value), True) if value.is_integer() else (None, False)
-        return value, isinstance(value, int)
-    if kind is float:
-        if isinstance(value, str):
-            try:
-                return float(value.strip()), True
-            except ValueError:
-                return None, False
-        return float(value), isinstance(value, int | float)
-    if kind is str:
-        return (str(value), True) if isinstance(value, str | int | float) else (None, False)
-    return value, True
-
-
-def resolve_path(value: Any, kind: PathKind | None, base: Path | None = None) -> Any:
-    """Expand `~` in a path field, and resolve a relative one from `base` (a config file's folder)."""
-    if kind is None or not isinstance(value, str) or not value:
-        return value
-    if kind is PathKind.DATA and value.startswith("hf:"):
-        return value
-    path = os.path.expanduser(value)
-    if base is not None and not os.path.isabs(path):
-        candidate = os.path.normpath(base / path)
-        if kind is not PathKind.MODEL or os.path.exists(candidate):
-            path = candidate
-    return path
-
-
-def expand_paths(obj: Any) -> Any:
-    """The dataclass with `~` expanded in every path field (`--output_dir=~/runs` reaches no shell)."""
-    changes = {}
-    for spec in field_specs(type(obj)).values():
-        value = getattr(obj, spec.name)
-        if spec.path is not None:
-            new = (
-                [resolve_path(v, spec.path) for v in value]
-                if isinstance(value, list)
-                else resolve_path(value, spec.path)
-            )
-            if new != value:
-                changes[spec.name] = new
-    return dataclasses.replace(obj, **changes) if changes else obj
-
-
-def check_numbers(obj: Any) -> list[str]:
-    """Every number field outside its `Bound`, as one phrase each (`--eval_batch_size must be >= 1, got 0`)."""
-    problems = []
-    for spec in field_specs(type(obj)).values():
-        if spec.bound is not None:
-            problem = spec.bound.problem(f"--{spec.flag}", getattr(obj, spec.name))
-            if problem:
-                problems.append(problem)
-    return problems
-
-
-# ---------------------------------------------------------------------------------------------- files
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as users write numbers: PyYAML alone reads `1e-3` (no dot) as a string."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML (or JSON) config file's mapping of keys to values, with one clear error if it is not one."""
-    path = Path(os.path.expanduser(str(path)))
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader subclass
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory; give a YAML file") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path} is not valid YAML{at}; fix the syntax") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys, not a {type(raw).__name__}")
-    return raw
-
-
-def config_values(
-    raw: dict[str, Any], cls: type, base: Path | None = None
-) -> tuple[dict[str, Any], list[str]]:
-    """A config mapping's usable values by field name, and one phrase per unknown key or bad value.
-
-    Keys may be field names or any flag spelling (`model` or `model_name_or_path`); relative paths
-    resolve from `base` (the file's folder).
-    """
-    specs = field_specs(cls)
-    names = _names(specs)
-    values: dict[str, Any] = {}
-    problems = []
-    if "pad_punctuation" in raw and "punctuation" in specs:
-        # Configs written before the named formats carry the old boolean instead.
-        raw = dict(raw)
-        old = raw.pop("pad_punctuation")
-        if "punctuation" not in raw and isinstance(old, bool):
-            raw["punctuation"] = LEGACY_PAD_PUNCTUATION[old]
-    for key, value in raw.items():
-        spec = names.get(str(key).replace("-", "_"))
-        if spec is None or spec.positional:
-            problems.append(f"unknown key '{key}'" + closest(str(key), names, "'{}'"))
-            continue
-        converted, ok = coerce(value, spec.kind, spec.optional)
-        if not ok:
-            problems.append(f"'{key}' must be {_describe(spec.kind)}, got {_short_repr(value)}")
-            continue
-        values[spec.name] = resolve_path(converted, spec.path, base)
-    return values, problems
-
-
-def read_config_file(path: str | os.PathLike, cls: type) -> tuple[dict[str, Any], list[str]]:
-    """`config_values` of a YAML/JSON file, relative paths resolved from the file's folder."""
-    path = Path(os.path.expanduser(str(path)))
-    return config_values(read_yaml_mapping(path), cls, base=path.parent)
-
-
 def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> Any:
     """Read a YAML config file into `cls`, listing every unknown key and wrong value at once."""
     values, problems = read_config_file(path, cls)
@@ -534,94 +198,10 @@ def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> Any:
 
 def save_yaml_config(cfg: Any, path: str | os.PathLike, header: str = "") -> None:
     """Write the fully resolved config (what `--config` reads back)."""
+    # Deferred: the checkpoint module imports torch, and `softprompt train --help` loads this one.
     from softprompt.io.checkpoint import atomic_write_text
 
     atomic_write_text(path, header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-
-# ---------------------------------------------------------------------------------------------- flags
-
-
-def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str], list[str]]:
-    """Every unknown flag and unreadable value in `argv`, listed at once (the parser stops at the first).
-
-    tyro parses the flags; this pass only finds what it would refuse, so the user sees all of it in
-    one line, each unknown flag with the closest valid spellings. Values are read with `coerce`, the
-    same function that reads config files.
-
-    Returns:
-        The values that could be read, by field name, one phrase per problem, and the positional words.
-    """
-    specs = field_specs(cls)
-    names = {n: s for n, s in _names(specs).items() if not s.positional}
-    switches = {f"no_{n}": s for n, s in names.items() if s.kind is bool}
-    values: dict[str, Any] = {}
-    problems: list[str] = []
-    positional = any(s.positional for s in specs.values())
-    words: list[str] = []
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        i += 1
-        if not word.startswith("--"):
-            if not positional:
-                problems.append(f"unexpected argument {_short_repr(word)}")
-            words.append(word)
-            continue
-        name, has_value, inline = word[2:].partition("=")
-        key = name.replace("-", "_")
-        spec = names.get(key) or switches.get(key)
-        args = [inline] if has_value else []
-        takes = (
-            0
-            if spec is not None and spec.kind is bool
-            else (None if spec is None or typing.get_origin(spec.kind) is list else 1)
-        )
-        while i < len(argv) and not argv[i].startswith("--") and (takes is None or len(args) < takes):
-            args.append(argv[i])
-            i += 1
-        if spec is None:
-            problems.append(f"unknown flag --{name}" + closest(key, [*names, *switches]))
-        elif spec.kind is bool:
-            if args:
-                problems.append(f"--{name} is a switch and takes no value, got {_short_repr(' '.join(args))}")
-            else:
-                values[spec.name] = key not in switches
-        elif not args:
-            problems.append(f"--{name} needs a value")
-        else:
-            value, ok = coerce(
-                args if typing.get_origin(spec.kind) is list else args[0], spec.kind, spec.optional
-            )
-            if ok:
-                values[spec.name] = value
-            else:
-                shown = " ".join(args)
-                problems.append(f"--{name} must be {_describe(spec.kind)}, got {_short_repr(shown)}")
-    return values, problems, words
-
-
-def pop_config_flag(argv: list[str]) -> tuple[list[str], str | None]:
-    """Take `--config FILE` or `--config=FILE` out of argv; the file's values come under the flags."""
-    rest: list[str] = []
-    path = None
-    i = 0
-    while i < len(argv):
-        word = argv[i]
-        if word == "--config":
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError("--config needs a YAML or JSON file path")
-            path = argv[i + 1]
-            i += 2
-            continue
-        if word.startswith("--config="):
-            path = word.split("=", 1)[1]
-            if not path:
-                raise ConfigError("--config needs a YAML or JSON file path")
-        else:
-            rest.append(word)
-        i += 1
-    return rest, path
 
 
 # ---------------------------------------------------------------------------------------------- training checks

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from softprompt import __version__
+from softprompt.config.parser import read_yaml_mapping
 from softprompt.data.records import (
     HF_PREFIX,
     BucketBatchSampler,
@@ -67,7 +68,6 @@ from softprompt.tasks.text.task import (
 from softprompt.training.config import (
     BatchPlan,
     TrainConfig,
-    read_yaml_mapping,
     resolve_initial_step,
     resume_changes,
     save_yaml_config,

@@ -162,7 +162,7 @@ class RunSummary:
         """The text format (paper, current, none), or None for a run that does not record one."""
         value = self._get("punctuation")
         if value is None and isinstance(self.config.get("pad_punctuation"), bool):
-            from softprompt.tasks.squad.text import LEGACY_PAD_PUNCTUATION
+            from softprompt.config.choices import LEGACY_PAD_PUNCTUATION
 
             value = LEGACY_PAD_PUNCTUATION[self.config["pad_punctuation"]]
         return None if value is None else str(value)

@@ -444,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit status: 0 on success, the DataError exit code on bad input.
     """
-    from softprompt.commands.flags import ScoreArgs, parse
+    from softprompt.commands.flags import ScoreArgs
+    from softprompt.config.parser import parse
 
     args = parse(
         ScoreArgs, list(sys.argv[1:] if argv is None else argv), "python -m softprompt.tasks.metrics.squad"

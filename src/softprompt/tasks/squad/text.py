@@ -26,7 +26,6 @@ from functools import lru_cache
 from softprompt.config.choices import Punctuation, PunctuationName, values
 
 __all__ = [
-    "LEGACY_PAD_PUNCTUATION",
     "PUNCTUATION_CHOICES",
     "Punctuation",
     "PunctuationName",
@@ -42,11 +41,6 @@ __all__ = [
 #: The names, in the order ``--help`` lists them.
 PUNCTUATION_CHOICES: tuple[str, ...] = values(Punctuation)
 
-#: What the old boolean ``pad_punctuation`` of saved configs and prompts means now. softprompt's old class
-#: ``[^_\s\p{N}\p{L}\p{M}]`` matched neither T5 version; on the 2,067 SQuAD dev contexts it wrote the
-#: paper's text for 1,811 and the current one's for 1,691 (it padded non-ASCII punctuation such as "–", as
-#: ``paper`` does), so True reads as ``paper``, the nearer of the two.
-LEGACY_PAD_PUNCTUATION: dict[bool, str] = {True: Punctuation.PAPER.value, False: Punctuation.NONE.value}
 
 _CLASS = {
     Punctuation.PAPER: re.compile(r"([^0-9A-Za-z_])"),
