@@ -23,12 +23,10 @@ from softprompt.config.choices import (
     EnsembleName,
     ExportFormatName,
     LogLevelName,
-    PrecisionName,
     PunctuationName,
     RankModeName,
 )
 from softprompt.config.fields import (
-    AnswerTokens,
     Count,
     DataFile,
     GenerationBatch,
@@ -37,17 +35,20 @@ from softprompt.config.fields import (
     OutputDir,
     OutputFile,
 )
-from softprompt.config.groups import TaskFlags
+from softprompt.config.groups import BaseModelFlags, GenerationFlags, ModelFlags, PromptTextFlags, TaskFlags
 
 Repeated = tyro.conf.UseAppendAction
 
 
-@dataclass
-class EvalArgs(TaskFlags):
-    """Score a model, with or without prompts, on a task's dev data (SQuAD-shaped QA unless --task or the prompt says otherwise)."""
+@dataclass(kw_only=True)
+class _EvalFlags:
+    """eval's own flags; `EvalArgs` adds the shared groups after them."""
 
     model_name_or_path: Model
     """Hub id or directory of the T5 model (a fine-tuned run's best/ directory works too). Alias: --model_name_or_path."""
+    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
+    """Write the predictions as JSON: {id: answer} for the bare model or one prompt; with several prompts
+    {prompt name: {id: answer}} (plus "ensemble" with --ensemble majority). Not written when not given."""
     validation_file: DataFile | None = None
     """The data to evaluate on: SQuAD v1.1 JSON, MRQA .jsonl(.gz), a text task's JSONL/CSV/TSV, or hf:NAME."""
     dataset_name: str | None = None
@@ -64,38 +65,23 @@ class EvalArgs(TaskFlags):
     """Prompt checkpoint directory; repeat the flag for several prompts (scored each, and as an ensemble)."""
     ensemble: EnsembleName = "none"
     """With several prompts: also score their majority vote (ties go to the prompt with the best dev F1)."""
-    random_init: bool = False
-    """Build the model with random weights from its config (offline smoke tests)."""
-    seed: int = 42
-    """Seed for --random_init weights."""
     max_eval_samples: Count | None = None
     """Evaluate on only the first N questions."""
-    eval_batch_size: GenerationBatch = 64
-    """Questions per generation batch. Alias: --batch_size."""
-    max_source_length: Count | None = None
-    """Input text tokens kept; default: the prompt's own setting, else 512."""
-    max_target_length: AnswerTokens = 32
-    """Longest answer in tokens. Alias: --max_new_tokens."""
-    punctuation: PunctuationName | None = None
-    """Input text format: paper (T5's squad preprocessor as the paper ran it), current (T5 since 2022-04),
-    none (raw text); default: the prompt's own setting, else none."""
-    precision: PrecisionName = "fp32"
-    """fp32 or bf16 autocast."""
-    allow_other_base_model: bool = False
-    """Use prompts trained for another base model anyway (a warning instead of an error)."""
-    fast_path: bool = True
-    """Use softprompt's lean T5 kernels for frozen models (identical results; off = transformers' modules)."""
-    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
-    """Write the predictions as JSON: {id: answer} for the bare model or one prompt; with several prompts
-    {prompt name: {id: answer}} (plus "ensemble" with --ensemble majority). Not written when not given."""
 
 
-@dataclass
-class PredictArgs(TaskFlags):
-    """Answer questions with a model and an optional prompt."""
+@dataclass(kw_only=True)
+class EvalArgs(TaskFlags, BaseModelFlags, PromptTextFlags, GenerationFlags, ModelFlags, _EvalFlags):
+    """Score a model, with or without prompts, on a task's dev data (SQuAD-shaped QA unless --task or the prompt says otherwise)."""
+
+
+@dataclass(kw_only=True)
+class _PredictFlags:
+    """predict's own flags; `PredictArgs` adds the shared groups after them."""
 
     model_name_or_path: Model
     """Hub id or directory of the T5 model. Alias: --model_name_or_path."""
+    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
+    """Write answers here as JSONL instead of printing them."""
     prompt: InputPath | None = None
     """Prompt checkpoint directory."""
     question: str | None = None
@@ -106,27 +92,13 @@ class PredictArgs(TaskFlags):
     """One example of a text task as a JSON object of its fields, e.g. '{"premise": "...", "hypothesis": "..."}'."""
     input_file: InputPath | None = None
     """A JSONL file of {"question", "context"} lines (an "id" is kept if present); for a text task (--task, or the prompt's own) JSONL/CSV/TSV rows with the template's fields."""
-    output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
-    """Write answers here as JSONL instead of printing them."""
-    random_init: bool = False
-    """Build the model with random weights from its config (offline smoke tests)."""
-    seed: int = 42
-    """Seed for --random_init weights."""
+
+
+@dataclass(kw_only=True)
+class PredictArgs(TaskFlags, BaseModelFlags, PromptTextFlags, GenerationFlags, ModelFlags, _PredictFlags):
+    """Answer questions with a model and an optional prompt."""
+
     eval_batch_size: GenerationBatch = 32
-    """Questions per generation batch. Alias: --batch_size."""
-    max_source_length: Count | None = None
-    """Input text tokens kept; default: the prompt's own setting, else 512."""
-    max_target_length: AnswerTokens = 32
-    """Longest answer in tokens. Alias: --max_new_tokens."""
-    punctuation: PunctuationName | None = None
-    """Input text format: paper (T5's squad preprocessor as the paper ran it), current (T5 since 2022-04),
-    none (raw text); default: the prompt's own setting, else none."""
-    precision: PrecisionName = "fp32"
-    """fp32 or bf16 autocast."""
-    allow_other_base_model: bool = False
-    """Use a prompt trained for another base model anyway (a warning instead of an error)."""
-    fast_path: bool = True
-    """Use softprompt's lean T5 kernels for frozen models (identical results; off = transformers' modules)."""
 
 
 def predict_checks(args: PredictArgs) -> list[str]:
@@ -149,9 +121,9 @@ class ScoreArgs:
     """Predictions JSON: {question id: answer}."""
 
 
-@dataclass
-class FormatArgs(TaskFlags):
-    """Write {id, inputs, targets} per example: the exact text the model is trained and evaluated on."""
+@dataclass(kw_only=True)
+class _FormatFlags:
+    """format's own flags; `FormatArgs` adds the task's flags after them."""
 
     output: OutputFile
     """The .jsonl file to write, one question a line."""
@@ -169,6 +141,11 @@ class FormatArgs(TaskFlags):
     """Skip malformed questions (counted) instead of stopping at the first one."""
     max_samples: Count | None = None
     """Write only the first N questions."""
+
+
+@dataclass(kw_only=True)
+class FormatArgs(TaskFlags, _FormatFlags):
+    """Write {id, inputs, targets} per example: the exact text the model is trained and evaluated on."""
 
 
 def format_checks(args: FormatArgs) -> list[str]:
@@ -204,18 +181,14 @@ class ExportArgs:
     """Replace OUTPUT_DIR if it already exists."""
 
 
-@dataclass
-class ServeArgs:
-    """Serve many soft prompts on one frozen T5 over HTTP, micro-batching concurrent requests."""
+@dataclass(kw_only=True)
+class _ServeFlags:
+    """serve's own flags; `ServeArgs` adds the shared groups after them."""
 
     model: Annotated[str, tyro.conf.arg(aliases=("--model_name_or_path",))]
     """Hub id or directory of the frozen T5 model the prompts were trained on. Alias: --model_name_or_path."""
     prompt: Annotated[list[str], Repeated] = field(default_factory=list)
     """A prompt as NAME=DIR (DIR alone is named after the directory); repeat for several tasks."""
-    random_init: bool = False
-    """Build the model with random weights from its config (offline smoke tests)."""
-    seed: int = 42
-    """Seed for --random_init weights."""
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0 exposes the server to the network)."""
     port: int = 8000
@@ -232,18 +205,15 @@ class ServeArgs:
     """Longest question accepted, in characters."""
     max_inputs: Count = 256
     """Most questions in one request."""
-    max_target_length: AnswerTokens = 32
-    """Longest answer in tokens. Alias: --max_new_tokens."""
-    precision: PrecisionName = "fp32"
-    """fp32 or bf16 autocast."""
-    allow_other_base_model: bool = False
-    """Serve prompts trained for another base model anyway (a warning instead of an error)."""
-    fast_path: bool = True
-    """Use softprompt's lean T5 kernels for frozen models (identical results; off = transformers' modules)."""
     log_level: LogLevelName = "info"
     """uvicorn's log level."""
     access_log: bool = False
     """Log every request."""
+
+
+@dataclass(kw_only=True)
+class ServeArgs(BaseModelFlags, GenerationFlags, ModelFlags, _ServeFlags):
+    """Serve many soft prompts on one frozen T5 over HTTP, micro-batching concurrent requests."""
 
 
 def serve_checks(args: ServeArgs) -> list[str]:
@@ -259,24 +229,23 @@ def serve_checks(args: ServeArgs) -> list[str]:
     return problems
 
 
-@dataclass
-class InspectArgs:
-    """Nearest vocabulary tokens (cosine similarity) and L2 norm of each vector of a soft prompt."""
+@dataclass(kw_only=True)
+class _InspectFlags:
+    """inspect's own flags; `InspectArgs` adds the shared groups after them."""
 
     prompt_dir: tyro.conf.Positional[str]
     """Prompt checkpoint directory (prompt.safetensors + prompt_config.json)."""
     model: Annotated[str | None, tyro.conf.arg(aliases=("--model_name_or_path",))] = None
     """Hub id or directory of the model whose vocabulary to search; default: the prompt's base_model."""
-    random_init: bool = False
-    """Build the model with random weights from its config (offline smoke tests)."""
-    seed: int = 42
-    """Seed for --random_init weights."""
     top_k: Count = 5
     """Tokens shown per prompt position."""
-    allow_other_base_model: bool = False
-    """Inspect against another model's vocabulary anyway (a warning instead of an error)."""
     output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--json",))] = None
     """Also write the inspection as JSON to this file. Alias: --json."""
+
+
+@dataclass(kw_only=True)
+class InspectArgs(BaseModelFlags, ModelFlags, _InspectFlags):
+    """Nearest vocabulary tokens (cosine similarity) and L2 norm of each vector of a soft prompt."""
 
 
 @dataclass

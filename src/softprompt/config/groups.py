@@ -1,14 +1,62 @@
 """Flag groups that several subcommands share, each field and its `--help` text written once.
 
-A subcommand's dataclass inherits the groups it takes (`EvalArgs(ModelFlags, GenerationFlags, TaskFlags)`);
-where one command needs another default or wording, it overrides that one field.
+A subcommand's flags are one dataclass built from its own fields and the groups it takes, e.g.
+`class EvalArgs(TaskFlags, GenerationFlags, ModelFlags, _EvalFlags)`. A dataclass lists its bases'
+fields from the last base to the first, so the command's own fields (output and model among them)
+come first in `--help`, then the groups. Every class is keyword-only, so a command may give a group's
+field another default by naming it again (`eval_batch_size: GenerationBatch = 32`); the `--help`
+text is still the group's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from softprompt.config.choices import TaskMetricName
+from softprompt.config.choices import PrecisionName, PunctuationName, TaskMetricName
+from softprompt.config.fields import AnswerTokens, Count, GenerationBatch
+
+
+@dataclass(kw_only=True)
+class ModelFlags:
+    """How the model is built when there are no weights to load: train, eval, predict, serve, inspect."""
+
+    random_init: bool = False
+    """Build the model from its config with random weights instead of loading weights (tests, benchmarks, offline smoke runs)."""
+    seed: int = 42
+    """Seeds the random weights of --random_init; train's also seeds the prompt init, data order and dropout."""
+
+
+@dataclass(kw_only=True)
+class GenerationFlags:
+    """How the model runs and how long its answers get: train, eval, predict, serve."""
+
+    max_target_length: AnswerTokens = 32
+    """Longest answer in tokens: train keeps this much of each target, and generation stops there. Alias: --max_new_tokens."""
+    precision: PrecisionName = "fp32"
+    """fp32, or bf16 autocast (in train the prompt, master weights and optimizer state stay fp32)."""
+    fast_path: bool = True
+    """Use softprompt's lean T5 kernels for frozen models on CPU/CUDA; off = transformers' modules (the same results up to float rounding, slower)."""
+
+
+@dataclass(kw_only=True)
+class PromptTextFlags:
+    """How eval and predict write a prompt's input text: the prompt's own settings unless given."""
+
+    eval_batch_size: GenerationBatch = 64
+    """Questions per generation batch. Alias: --batch_size."""
+    max_source_length: Count | None = None
+    """Input text tokens kept; default: the prompt's own setting, else 512."""
+    punctuation: PunctuationName | None = None
+    """Input text format: paper (T5's squad preprocessor as the paper ran it), current (T5 since 2022-04),
+    none (raw text); default: the prompt's own setting, else none."""
+
+
+@dataclass(kw_only=True)
+class BaseModelFlags:
+    """Whether a prompt may meet a model it was not trained on: eval, predict, serve, inspect."""
+
+    allow_other_base_model: bool = False
+    """Use prompts trained for another base model anyway (a warning instead of an error)."""
 
 
 @dataclass(kw_only=True)

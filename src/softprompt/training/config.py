@@ -20,12 +20,10 @@ from softprompt.config.choices import (
     AttentionName,
     InitName,
     OptimizerName,
-    PrecisionName,
     PunctuationName,
     ReportToName,
 )
 from softprompt.config.fields import (
-    AnswerTokens,
     Bound,
     Count,
     DataFile,
@@ -35,23 +33,21 @@ from softprompt.config.fields import (
     OutputDir,
     check_numbers,
 )
-from softprompt.config.groups import TaskFlags
+from softprompt.config.groups import GenerationFlags, ModelFlags, TaskFlags
 from softprompt.config.parser import read_config_file
 from softprompt.errors import ConfigError
 from softprompt.io.rundir import CONFIG_FILE, LAST
 
 
-@dataclass
-class TrainConfig(TaskFlags):
-    """Everything a training run needs. Defaults follow the paper (Lester et al., 2021)."""
+@dataclass(kw_only=True)
+class _TrainFlags:
+    """train's own flags; `TrainConfig` adds the shared groups after them."""
 
     # --- where things are
     output_dir: OutputDir = "runs/softprompt"
     """Directory the run writes: config.yaml, metrics.jsonl, checkpoints, best/, last/, results.json."""
     model_name_or_path: Model = "google/t5-base-lm-adapt"
     """Hub id or local directory of the T5 model (config.json + tokenizer, and safetensors weights unless --random_init). Alias: --model_name_or_path."""
-    random_init: bool = False
-    """Build the model from its config with random weights instead of loading weights (tests, benchmarks, offline smoke runs)."""
     train_file: DataFile | None = None
     """Training data: SQuAD v1.1 JSON, MRQA .jsonl(.gz), or hf:NAME (a Hugging Face dataset). Ignored when --dataset_name is given."""
     validation_file: DataFile | None = None
@@ -82,8 +78,6 @@ class TrainConfig(TaskFlags):
     """Input/target text: paper (T5's squad preprocessor as the paper ran it: RE2 \\W padded, i.e. every char but ASCII [0-9A-Za-z_]), current (T5 since 2022-04: ASCII punctuation padded), none (raw text, as the seed replication fed it)."""
     max_source_length: Count = 512
     """Input text tokens kept (only the context is truncated); the prompt's P positions come on top."""
-    max_target_length: AnswerTokens = 32
-    """Answer tokens kept for training, and the most tokens generated at evaluation."""
 
     # --- optimisation
     optimizer: OptimizerName = "adafactor"
@@ -106,8 +100,6 @@ class TrainConfig(TaskFlags):
     """Train for this many passes over the training data (the seed used 40)."""
     max_steps: Count | None = None
     """Train for this many optimizer steps; overrides --epochs. Default 30,000 (the paper) when neither is set."""
-    seed: int = 42
-    """Seeds the prompt init, data order, dropout and random model weights."""
     dropout: Annotated[float, Bound(low=0, below=1)] | None = None
     """Override the model's dropout rate (T5 1.1 ships 0.1; 0 makes runs exactly comparable across device counts)."""
     max_train_samples: Count | None = None
@@ -136,16 +128,12 @@ class TrainConfig(TaskFlags):
     """Where to log besides metrics.jsonl: tensorboard, wandb, none."""
 
     # --- hardware
-    precision: PrecisionName = "fp32"
-    """fp32, or bf16 autocast (the prompt, master weights and optimizer state stay fp32)."""
     attn_implementation: AttentionName = "sdpa"
     """Attention kernel: PyTorch SDPA (T5's position bias as an additive mask) or transformers' eager code."""
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard) across devices: for models that do not fit one device."""
     compile: bool = False
     """torch.compile the model's forward."""
-    fast_path: bool = True
-    """Use softprompt's lean T5 kernels for frozen models on CPU/CUDA; off = transformers' modules (the same results up to float rounding, slower)."""
     bf16_weights: bool = True
     """With --precision bf16 in prompt mode (not FSDP), store the frozen matmul weights in bf16 once (the numbers autocast computes, half the weight memory); off = fp32 weights cast by autocast every step."""
     resume: bool = False
@@ -153,7 +141,13 @@ class TrainConfig(TaskFlags):
     overwrite_output_dir: bool = False
     """Start afresh even if --output_dir already holds a run (its checkpoints are replaced)."""
 
+
+@dataclass(kw_only=True)
+class TrainConfig(TaskFlags, GenerationFlags, ModelFlags, _TrainFlags):
+    """Everything a training run needs. Defaults follow the paper (Lester et al., 2021)."""
+
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain values by field name (what config.yaml holds)."""
         return dataclasses.asdict(self)
 
 
