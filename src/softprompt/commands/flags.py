@@ -1,12 +1,12 @@
-"""Every subcommand's flags, and the one parser that reads them.
+"""Every subcommand's flags (but train's: `softprompt.training.config.TrainConfig`).
 
 Every subcommand is a dataclass of flags (its field docstrings are the `--help` text); `softprompt.cli`
-maps subcommand names to them. All of them go through `parse`: `--config FILE` (YAML or JSON) fills
-the dataclass, flags override it, `--flag value` and `--flag=value` both work, and every problem
-(unknown flags with the closest valid spellings, unreadable values, numbers out of range) is reported
+maps subcommand names to them. Each is the command's own fields followed by the groups it shares with
+others (`softprompt.config.groups`), and all of them go through `softprompt.config.parser.parse`:
+`--config FILE` (YAML or JSON) fills the dataclass, flags override it, and every problem is reported
 together in one line. The same thing has the same flag everywhere (`--model`, `--output_dir` for
 directories a command writes, `--output` for files, `--eval_batch_size`, `--max_target_length`), with
-the other common spelling as an alias. (`train`'s flags are `config.TrainConfig`.)
+the other common spelling as an alias.
 
 Imports nothing heavy, so `--help` answers at once; the modules that run a subcommand import it
 (downwards) to parse their own `python -m` entry points.
@@ -102,6 +102,7 @@ class PredictArgs(TaskFlags, BaseModelFlags, PromptTextFlags, GenerationFlags, M
 
 
 def predict_checks(args: PredictArgs) -> list[str]:
+    """The combinations of predict's inputs that cannot go together, one phrase each."""
     if args.input_file is not None and (args.question is not None or args.context is not None):
         return ["give either --question/--context or --input_file, not both"]
     if args.fields is not None and (args.input_file is not None or args.question is not None):
@@ -149,6 +150,7 @@ class FormatArgs(TaskFlags, _FormatFlags):
 
 
 def format_checks(args: FormatArgs) -> list[str]:
+    """A phrase when format has no data to read, else nothing."""
     if not args.data and not args.dataset_name and not args.task:
         return ["give the data to format: a SQuAD JSON or MRQA jsonl file, hf:NAME, or --dataset_name"]
     return []
@@ -217,6 +219,7 @@ class ServeArgs(BaseModelFlags, GenerationFlags, ModelFlags, _ServeFlags):
 
 
 def serve_checks(args: ServeArgs) -> list[str]:
+    """serve's out-of-range port, batch and queue settings, one phrase each."""
     problems = []
     if not 0 <= args.port <= 65535:
         problems.append(f"--port must be in [0, 65535], got {args.port}")

@@ -1,7 +1,7 @@
 """Flag groups that several subcommands share, each field and its `--help` text written once.
 
 A subcommand's flags are one dataclass built from its own fields and the groups it takes, e.g.
-`class EvalArgs(TaskFlags, GenerationFlags, ModelFlags, _EvalFlags)`. A dataclass lists its bases'
+`class ServeArgs(BaseModelFlags, GenerationFlags, ModelFlags, _ServeFlags)`. A dataclass lists its bases'
 fields from the last base to the first, so the command's own fields (output and model among them)
 come first in `--help`, then the groups. Every class is keyword-only, so a command may give a group's
 field another default by naming it again (`eval_batch_size: GenerationBatch = 32`); the `--help`

@@ -696,7 +696,7 @@ def task_from_flags(flags: Any, saved: Mapping[str, Any] | None = None) -> TaskS
     """The text task that ``--task`` and the template flags name, or None for SQuAD-shaped QA.
 
     Args:
-        flags: An object with softprompt.training.config.TaskFlags' fields (TrainConfig, EvalArgs, ...).
+        flags: An object with softprompt.config.groups.TaskFlags' fields (TrainConfig, EvalArgs, ...).
         saved: A task recorded with a prompt (its ``to_dict``), used when ``--task`` is not given.
 
     Raises:
