@@ -5,7 +5,7 @@ all weights and uses no prompt.
 
 Speed (see docs/performance.md): when every model weight is frozen (prompt tuning, inference) and the
 model runs on a CPU or a CUDA GPU (`lean_t5.DEVICE_TYPES`), `PromptedT5.forward`, `.generate`, `.encode` and
-`.label_logits` run softprompt's lean T5 (`softprompt.modeling.lean_t5.logits`, `.greedy`, `.encode`, `.decode`)
+`.label_logits` run softprompt's lean T5 (`softprompt.modeling.lean_t5.logits`, `.encode`, `.decode`, `softprompt.modeling.lean_greedy.greedy`)
 instead of transformers' modules: the same weights, the same function (tests check it against transformers
 token for token and loss for loss), fewer and larger kernels. `PromptedT5(..., fast_path=False)`
 (`softprompt train --no_fast_path`) switches it off; anything it does not cover (fine-tuning, FSDP,
@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.errors import CheckpointError
 from softprompt.io.pretrained import is_hub_id, load_pretrained_t5, model_file, resolve_model_files
-from softprompt.modeling import lean_t5
+from softprompt.modeling import lean_greedy, lean_t5
 from softprompt.modeling.prompt import SoftPrompt
 
 # What transformers needs to turn a `spiece.model` into a tokenizer when no tokenizer.json comes with it.
@@ -417,8 +417,8 @@ class PromptedT5(nn.Module):
         """
         inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask, prompt, prompt_lengths)
         cd = None if synced_gpus else self.fast_path_dtype(inputs_embeds.device, for_training=False)
-        if cd is not None and lean_t5.plain_greedy(self.model.generation_config):
-            return lean_t5.greedy(self.model, inputs_embeds, mask, max_new_tokens, cd)
+        if cd is not None and lean_greedy.plain_greedy(self.model.generation_config):
+            return lean_greedy.greedy(self.model, inputs_embeds, mask, max_new_tokens, cd)
         with self._autocast(inputs_embeds.device):
             return self.model.generate(
                 inputs_embeds=inputs_embeds,
