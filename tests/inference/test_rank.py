@@ -15,10 +15,10 @@ from transformers import T5ForConditionalGeneration
 
 from conftest import REPO, TOKENIZER_DIR, cpu_env, tiny_config
 from softprompt.data.records import Features
-from softprompt.inference.bank import PromptTable
 from softprompt.inference.rank import label_log_likelihoods, label_targets, rank_labels
 from softprompt.modeling.model import PromptedT5
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
+from softprompt.modeling.prompt_table import PromptTable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -238,7 +238,7 @@ def test_bf16_scores_stay_close_to_fp32(tokenizer):
 _WORKER = """
 import json, os, sys
 import torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests!r} + "/inference"]  # conftest, test_rank
 from test_rank import LABELS, TEXTS, _features, _prompt, _t5
 from transformers import AutoTokenizer
 from softprompt.runtime.distributed import cleanup, init_distributed, shard_fsdp

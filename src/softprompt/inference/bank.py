@@ -28,6 +28,7 @@ from softprompt.inference.engine import EvalResult, RowPrompts, evaluate_example
 from softprompt.inference.task_eval import evaluate_texts
 from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model, same_model
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
+from softprompt.modeling.prompt_table import PromptTable
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.metrics.squad import normalize_answer, squad_scores, squad_scores_padded
 from softprompt.tasks.squad.text import raw_answer
@@ -37,7 +38,6 @@ __all__ = [
     "BankEntry",
     "PreparedRow",
     "PromptBank",
-    "PromptTable",
     "UnknownTaskError",
     "check_new_prompt",
     "context_spans",
@@ -192,46 +192,6 @@ class PreparedRow:
     task: int
     context: str | None
     length: int
-
-
-class PromptTable:
-    """K prompts of possibly different lengths in one zero-padded tensor, so a batch's prompts are one index.
-
-    Args:
-        d_model: the prompts' width H.
-        device: where the table lives.
-    """
-
-    def __init__(self, d_model: int, device: torch.device) -> None:
-        self.table = torch.zeros(0, 0, d_model, device=device)  # [K, Pmax, H]
-        self.lengths = torch.zeros(0, dtype=torch.long, device=device)  # [K]
-
-    def __len__(self) -> int:
-        return int(self.lengths.shape[0])
-
-    def append(self, weight: torch.Tensor) -> None:
-        """Add one prompt [P, H] (float32, on the table's device) as row K."""
-        k, p_max, d_model = self.table.shape
-        p = max(p_max, weight.shape[0])
-        table = torch.zeros(k + 1, p, d_model, device=self.table.device)
-        table[:k, :p_max] = self.table
-        table[k, : weight.shape[0]] = weight
-        self.table = table
-        self.lengths = torch.cat([self.lengths, self.lengths.new_tensor([weight.shape[0]])])
-
-    def stack(self, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-row prompts for rows using prompts `tasks` ([B] indices).
-
-        Returns:
-            prompt: [B, P, H] float32 with P the longest prompt of these rows (not of the table, so a
-            batch of short prompts pays for no padding), and lengths: [B], or None when every row's
-            prompt is P long.
-        """
-        tasks = tasks.to(self.table.device)
-        lengths = self.lengths[tasks]
-        p = int(lengths.max())
-        prompt = self.table[tasks, :p]
-        return prompt, None if bool((lengths == p).all()) else lengths
 
 
 def check_new_prompt(
