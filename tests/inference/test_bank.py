@@ -14,15 +14,9 @@ from conftest import save_tiny_t5, tiny_config
 from softprompt.commands.eval_predict import predict_answers
 from softprompt.data.records import QAExample, tokenize_examples
 from softprompt.errors import CheckpointError, UserError
-from softprompt.inference.bank import (
-    PromptBank,
-    UnknownTaskError,
-    ensemble_eval,
-    load_model_and_prompts,
-    majority_vote,
-    tie_break_order,
-)
+from softprompt.inference.bank import PromptBank, UnknownTaskError, load_model_and_prompts
 from softprompt.inference.engine import generate_answers
+from softprompt.inference.ensemble import ensemble_eval, majority_vote, tie_break_order
 from softprompt.io.checkpoint import PromptConfig, save_prompt
 from softprompt.modeling.model import PromptedT5
 from softprompt.modeling.prompt import SoftPrompt

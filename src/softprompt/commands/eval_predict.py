@@ -17,14 +17,10 @@ from softprompt.data.records import (
     tokenize_examples,
 )
 from softprompt.errors import UserError
-from softprompt.inference.bank import (
-    PromptBank,
-    context_spans,
-    ensemble_eval,
-    load_model_and_prompts,
-    tokenize_questions,
-)
+from softprompt.inference.bank import PromptBank, load_model_and_prompts
 from softprompt.inference.engine import EvalResult
+from softprompt.inference.ensemble import ensemble_eval
+from softprompt.inference.inputs import context_spans, tokenize_questions
 from softprompt.io.checkpoint import atomic_write_json, atomic_write_text, load_prompt_config
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.text.task import (
