@@ -25,6 +25,7 @@ from softprompt.data.records import Features, QAExample
 from softprompt.errors import CheckpointError, UserError
 from softprompt.inference.engine import EvalResult, RowPrompts, evaluate_examples, generate_answers
 from softprompt.inference.inputs import context_spans, tokenize_by_settings
+from softprompt.inference.options import GenerationOptions
 from softprompt.inference.task_eval import evaluate_texts
 from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model, same_model
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
@@ -45,6 +46,9 @@ __all__ = [
 
 # One task for every row (a name or a bank index), one per row, or None for the bare model.
 Tasks = str | int | Sequence[str | int] | torch.Tensor | None
+
+
+_DEFAULT = GenerationOptions()
 
 
 class UnknownTaskError(UserError):
@@ -343,7 +347,9 @@ class PromptBank:
     # ------------------------------------------------------------------------------------------------
     # Answers
 
-    def generate_answers(self, features: Sequence[Features], tasks: Tasks = None, **gen: Any) -> list[str]:
+    def generate_answers(
+        self, features: Sequence[Features], tasks: Tasks = None, options: GenerationOptions = _DEFAULT
+    ) -> list[str]:
         """Greedy answers for tokenized questions, every row driven by its task's prompt.
 
         Rows are sorted by length and cut into batches regardless of task, so a batch may mix prompts;
@@ -352,22 +358,22 @@ class PromptBank:
         Args:
             features: tokenized questions.
             tasks: one task (name or index) for every row, one per row, or None for the bare model.
-            **gen: `evaluate.generate_answers` options (batch_size, max_new_tokens, env, bf16, ...).
+            options: how `engine.generate_answers` runs (batch size, answer length, ranks, precision, ...).
 
         Returns:
             One answer per feature, in feature order, as generated.
         """
         row_prompts = self._row_prompts_for(features, tasks)
-        return generate_answers(self.model, self.tokenizer, features, row_prompts=row_prompts, **gen)
+        return generate_answers(self.model, self.tokenizer, features, options, row_prompts=row_prompts)
 
     def evaluate(
         self,
         examples: Sequence[QAExample],
         features: Sequence[Features],
         tasks: Tasks = None,
+        options: GenerationOptions = _DEFAULT,
         *,
         punctuation: str = "none",
-        **gen: Any,
     ) -> EvalResult:
         """Answer and score with the official SQuAD metric (`evaluate.evaluate_examples`).
 
@@ -375,8 +381,8 @@ class PromptBank:
             examples: the questions with gold answers.
             features: `features[i]` is the tokenized `examples[features[i].example_index]`.
             tasks: as in `generate_answers`.
+            options: how `engine.generate_answers` runs.
             punctuation: the text format of the features (padded answers are mapped back to raw spans).
-            **gen: `evaluate.generate_answers` options.
         """
         row_prompts = self._row_prompts_for(features, tasks)
         return evaluate_examples(
@@ -384,9 +390,9 @@ class PromptBank:
             self.tokenizer,
             examples,
             features,
+            options,
             punctuation=punctuation,
             row_prompts=row_prompts,
-            **gen,
         )
 
     def evaluate_task(
@@ -395,9 +401,9 @@ class PromptBank:
         examples: Sequence[TextExample],
         features: Sequence[Features],
         tasks: Tasks = None,
+        options: GenerationOptions = _DEFAULT,
         *,
         classify: str = "greedy",
-        **gen: Any,
     ) -> EvalResult:
         """Answer and score a text task with its metric (`evaluate.evaluate_texts`).
 
@@ -406,8 +412,8 @@ class PromptBank:
             examples: the examples with gold targets.
             features: `features[i]` is the tokenized `examples[features[i].example_index]`.
             tasks: as in `generate_answers`.
+            options: how generation (or rank classification) runs.
             classify: greedy generation, or rank classification over the task's labels.
-            **gen: `evaluate.generate_answers` options.
         """
         row_prompts = self._row_prompts_for(features, tasks)
         return evaluate_texts(
@@ -416,9 +422,9 @@ class PromptBank:
             task,
             examples,
             features,
+            options,
             classify=classify,
             row_prompts=row_prompts,
-            **gen,
         )
 
     def tokenize(self, rows: Sequence[tuple[str, str, str | None]]) -> tuple[list[Features], list[int]]:
@@ -469,10 +475,12 @@ class PromptBank:
         answers = self.generate_answers(
             [r.features for r in rows],
             [r.task for r in rows],
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            env=DistEnv(device=self.device),
-            bf16=bf16,
+            GenerationOptions(
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                env=DistEnv(device=self.device),
+                bf16=bf16,
+            ),
         )
         return [
             a

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from softprompt.data.records import Features, QAExample
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
+from softprompt.inference.options import GenerationOptions
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.metrics.squad import normalize_answer, squad_scores, squad_scores_padded
 
 __all__ = ["ensemble_answers", "ensemble_eval", "majority_vote", "tie_break_order"]
+
+_DEFAULT = GenerationOptions()
 
 
 def tie_break_order(f1: Sequence[float]) -> list[int]:
@@ -54,7 +58,7 @@ def ensemble_answers(
     bank: PromptBank,
     features: Sequence[Features],
     tasks: Sequence[str | int] | None = None,
-    **gen: Any,
+    options: GenerationOptions = _DEFAULT,
 ) -> dict[str, list[str]]:
     """Answer every feature with each of K prompts in one batched pass.
 
@@ -66,7 +70,7 @@ def ensemble_answers(
         bank: the prompts and the model.
         features: N tokenized questions (the same tokens for every prompt).
         tasks: the prompts to run (default: all of the bank's).
-        **gen: `evaluate.generate_answers` options (batch_size counts rows, not questions).
+        options: how `engine.generate_answers` runs (batch_size counts rows, not questions).
 
     Returns:
         Task name -> its N answers in feature order.
@@ -75,7 +79,7 @@ def ensemble_answers(
     n = len(features)
     rows = [f for _ in ks for f in features]
     row_tasks = [k for k in ks for _ in range(n)]
-    texts = bank.generate_answers(rows, row_tasks, **gen)
+    texts = bank.generate_answers(rows, row_tasks, options)
     return {bank.entry(k).name: texts[j * n : (j + 1) * n] for j, k in enumerate(ks)}
 
 
@@ -83,12 +87,8 @@ def ensemble_eval(
     bank: PromptBank,
     examples: Sequence[QAExample],
     features: Sequence[Features],
+    options: GenerationOptions = _DEFAULT,
     *,
-    batch_size: int = 64,
-    max_new_tokens: int = 32,
-    env: DistEnv | None = None,
-    bf16: bool = False,
-    show_progress: bool = False,
     punctuation: str = "none",
 ) -> dict[str, Any]:
     """Score every prompt of the bank and their majority vote, from one batched pass (Table 3 of the paper).
@@ -101,11 +101,8 @@ def ensemble_eval(
         bank: the frozen model and K >= 1 named prompts.
         examples: the questions with gold answers.
         features: `features[i]` is the tokenized `examples[features[i].example_index]`.
-        batch_size: rows per generation batch (K rows per question).
-        max_new_tokens: the longest answer in tokens.
-        env: the distributed environment (default: one process on the model's device).
-        bf16: run under bf16 autocast.
-        show_progress: draw a progress bar.
+        options: how generation runs; `batch_size` counts rows (K rows per question), and `env` defaults
+            to one process on the bank's device.
         punctuation: the text format the prompts were trained with; with padded text each answer is
             mapped back to its raw context span before scoring and voting (official scores only).
 
@@ -117,13 +114,7 @@ def ensemble_eval(
     if len(bank) == 0:
         raise UserError("an ensemble needs at least one --prompt")
     per_prompt = ensemble_answers(
-        bank,
-        features,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        env=env or DistEnv(device=bank.device),
-        bf16=bf16,
-        show_progress=show_progress,
+        bank, features, options=replace(options, env=options.env or DistEnv(device=bank.device))
     )
     ids = [examples[f.example_index].id for f in features]
     references = {ex.id: list(ex.answers) for ex in examples}
