@@ -1,4 +1,4 @@
-"""softprompt's lean T5: the forward pass and greedy loop of a frozen T5, written out for speed.
+"""softprompt's lean T5: the forward pass of a frozen T5 and its kernels, written out for speed.
 
 When every model weight is frozen (prompt tuning, inference) and the model runs on one of
 `DEVICE_TYPES`, `softprompt.modeling.model.PromptedT5` computes its loss through `logits` and decodes through
@@ -37,7 +37,7 @@ from torch import nn
 from transformers import T5ForConditionalGeneration
 
 # ------------------------------------------------------------------------------------------------
-# The lean path: T5's forward and greedy decoding written out for a frozen model (CPU or CUDA).
+# The lean path: T5's forward written out for a frozen model (CPU or CUDA); lean_greedy.py decodes with it.
 #
 # Every function below reads the weights of a transformers `T5ForConditionalGeneration` in place
 # and mirrors its computation step for step (pre-norm RMSNorm blocks, relative position bias shared
