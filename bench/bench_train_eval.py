@@ -271,6 +271,7 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
     """Train with `softprompt.training.loop.train` as `softprompt train` does, then answer with generate_answers."""
     from softprompt.data.records import load_examples, tokenize_examples
     from softprompt.inference.bank import load_model_and_prompts
+    from softprompt.inference.options import GenerationOptions
     from softprompt.training.config import TrainConfig
     from softprompt.training.loop import train
 
@@ -329,11 +330,13 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
         examples, bank.tokenizer, max_source_length=MAX_SOURCE, max_target_length=MAX_TARGET
     )
     if args.device == "cuda":  # one untimed batch: CUDA kernel loading and allocator growth are not speed
-        bank.generate_answers(features[: args.eval_batch], 0, batch_size=args.eval_batch, bf16=True)
+        bank.generate_answers(
+            features[: args.eval_batch], 0, GenerationOptions(batch_size=args.eval_batch, bf16=True)
+        )
     _reset_gpu_peak()
     t0 = time.perf_counter()
     answers = bank.generate_answers(
-        features, 0, batch_size=args.eval_batch, max_new_tokens=MAX_TARGET, bf16=True
+        features, 0, GenerationOptions(batch_size=args.eval_batch, max_new_tokens=MAX_TARGET, bf16=True)
     )
     eval_seconds = time.perf_counter() - t0
     if args.variant == "default":

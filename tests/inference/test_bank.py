@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,10 @@ from conftest import save_tiny_t5, tiny_config
 from softprompt.commands.eval_predict import predict_answers
 from softprompt.data.records import QAExample, tokenize_examples
 from softprompt.errors import CheckpointError, UserError
-from softprompt.inference.bank import (
-    PromptBank,
-    UnknownTaskError,
-    ensemble_eval,
-    load_model_and_prompts,
-    majority_vote,
-    tie_break_order,
-)
+from softprompt.inference.bank import PromptBank, UnknownTaskError, load_model_and_prompts
 from softprompt.inference.engine import generate_answers
+from softprompt.inference.ensemble import ensemble_eval, majority_vote, tie_break_order
+from softprompt.inference.options import GenerationOptions
 from softprompt.io.checkpoint import PromptConfig, save_prompt
 from softprompt.modeling.model import PromptedT5
 from softprompt.modeling.prompt import SoftPrompt
@@ -234,9 +230,11 @@ def test_ensemble_one_pass_equals_majority_of_separate_runs(
         for i, (q, c) in enumerate(zip(QUESTIONS, CONTEXTS, strict=True))
     ]
     features = tokenize_examples(blank, loaded.tokenizer)
-    gen = {"batch_size": 4, "max_new_tokens": MAX_NEW, "env": DistEnv(device=loaded.device), "bf16": False}
+    gen = GenerationOptions(
+        batch_size=4, max_new_tokens=MAX_NEW, env=DistEnv(device=loaded.device), bf16=False
+    )
     separate = {
-        n: generate_answers(_single_prompt_model(loaded, n), loaded.tokenizer, features, **gen) for n in names
+        n: generate_answers(_single_prompt_model(loaded, n), loaded.tokenizer, features, gen) for n in names
     }
     # Gold answers that make the last prompt the most accurate, so ties have a clear winner.
     last, first = names[-1], names[0]
@@ -264,7 +262,7 @@ def test_ensemble_one_pass_equals_majority_of_separate_runs(
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(loaded.model, "generate", spy)
-    report = ensemble_eval(loaded, examples, features, show_progress=False, **gen)
+    report = ensemble_eval(loaded, examples, features, replace(gen, show_progress=False))
 
     # One pass: K * N rows in ceil(K * N / batch) batches, with prompts of both lengths mixed in a batch.
     assert len(calls) == math.ceil(len(names) * len(examples) / 4)

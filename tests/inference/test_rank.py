@@ -15,10 +15,11 @@ from transformers import T5ForConditionalGeneration
 
 from conftest import REPO, TOKENIZER_DIR, cpu_env, tiny_config
 from softprompt.data.records import Features
-from softprompt.inference.bank import PromptTable
+from softprompt.inference.options import GenerationOptions
 from softprompt.inference.rank import label_log_likelihoods, label_targets, rank_labels
 from softprompt.modeling.model import PromptedT5
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
+from softprompt.modeling.prompt_table import PromptTable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,7 +158,9 @@ def test_per_row_prompts_score_each_row_as_alone_with_its_prompt(tokenizer, fast
     weights = [(a, b)[int(k)].weight.detach() for k in row_task]
     hand = _hand_scores(t5, tokenizer, features, LABELS, weights)
     torch.testing.assert_close(scores, hand.float(), atol=1e-4, rtol=0)
-    picks = rank_labels(model, tokenizer, features, LABELS, row_prompts=row_prompts, batch_size=2)
+    picks = rank_labels(
+        model, tokenizer, features, LABELS, GenerationOptions(batch_size=2), row_prompts=row_prompts
+    )
     assert picks == hand.argmax(dim=1).tolist()
     # each row equals its own prompt's model run on that row alone
     for n, k in enumerate(row_task.tolist()):
@@ -187,10 +190,13 @@ def test_small_batches_in_length_order_still_return_feature_order(tokenizer):
     assert lengths != sorted(lengths, reverse=True)  # the length-sorted batches reorder the features
     hand = _hand_scores(t5, tokenizer, features, LABELS, [model.prompt.weight.detach()] * len(features))
     for batch_size in (1, 2, 64):
-        scores = label_log_likelihoods(model, tokenizer, features, LABELS, batch_size=batch_size)
+        scores = label_log_likelihoods(
+            model, tokenizer, features, LABELS, GenerationOptions(batch_size=batch_size)
+        )
         torch.testing.assert_close(scores, hand.float(), atol=1e-4, rtol=0)
         assert (
-            rank_labels(model, tokenizer, features, LABELS, batch_size=batch_size) == hand.argmax(1).tolist()
+            rank_labels(model, tokenizer, features, LABELS, GenerationOptions(batch_size=batch_size))
+            == hand.argmax(1).tolist()
         )
     assert len(set(hand.argmax(1).tolist())) > 1  # the inputs do not all pick the same label
     assert label_log_likelihoods(model, tokenizer, [], LABELS).shape == (0, 3)
@@ -229,7 +235,7 @@ def test_bf16_scores_stay_close_to_fp32(tokenizer):
     model = PromptedT5(_t5(dtype=torch.float32), fast_path=False)
     features = _features(tokenizer, TEXTS)
     fp32 = label_log_likelihoods(model, tokenizer, features, LABELS)
-    bf16 = label_log_likelihoods(model, tokenizer, features, LABELS, bf16=True)
+    bf16 = label_log_likelihoods(model, tokenizer, features, LABELS, GenerationOptions(bf16=True))
     assert bf16.dtype == torch.float32
     assert not torch.equal(bf16, fp32)  # it really ran in bf16
     torch.testing.assert_close(bf16, fp32, atol=0.5, rtol=0.05)
@@ -238,11 +244,12 @@ def test_bf16_scores_stay_close_to_fp32(tokenizer):
 _WORKER = """
 import json, os, sys
 import torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {tests!r} + "/inference"]  # conftest, test_rank
 from test_rank import LABELS, TEXTS, _features, _prompt, _t5
 from transformers import AutoTokenizer
 from softprompt.runtime.distributed import cleanup, init_distributed, shard_fsdp
 from softprompt.modeling.model import PromptedT5
+from softprompt.inference.options import GenerationOptions
 from softprompt.inference.rank import label_log_likelihoods
 
 env = init_distributed()
@@ -250,9 +257,9 @@ tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})
 features = _features(tokenizer, TEXTS)  # 5 rows: rank 0 scores 3 (2 batches of 2), rank 1 scores 2 (1 batch)
 t5 = _t5()
 model = PromptedT5(t5, _prompt(t5, 4, seed=3))
-out = {{"sharded": label_log_likelihoods(model, tokenizer, features, LABELS, batch_size=2, env=env).tolist()}}
+out = {{"sharded": label_log_likelihoods(model, tokenizer, features, LABELS, GenerationOptions(batch_size=2, env=env)).tolist()}}
 fsdp = shard_fsdp(model, env, bf16=False)
-out["fsdp"] = label_log_likelihoods(fsdp, tokenizer, features, LABELS, batch_size=2, env=env, lockstep=True).tolist()
+out["fsdp"] = label_log_likelihoods(fsdp, tokenizer, features, LABELS, GenerationOptions(batch_size=2, env=env, lockstep=True)).tolist()
 with open({out!r} + f".rank{{env.rank}}", "w") as f:
     json.dump(out, f)
 cleanup()

@@ -19,7 +19,7 @@ from transformers import T5ForConditionalGeneration
 
 from conftest import tiny_config
 from softprompt.data.records import BucketBatchSampler, Collator, Features
-from softprompt.modeling import lean_t5
+from softprompt.modeling import lean_greedy, lean_t5
 from softprompt.modeling.lean_t5 import dropout_mask
 from softprompt.modeling.model import PromptedT5, join_prompt
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
@@ -213,33 +213,6 @@ def test_lean_dropout_sits_where_transformers_puts_it(monkeypatch: pytest.Monkey
     assert not torch.isclose(other, loss)
 
 
-def test_dropout_mask_drops_with_probability_p_and_follows_the_torch_seed() -> None:
-    torch.manual_seed(0)
-    a = dropout_mask((1000, 1000), 0.1, torch.device("cpu"))
-    b = dropout_mask((1000, 1000), 0.1, torch.device("cpu"))
-    torch.manual_seed(0)
-    a2 = dropout_mask((1000, 1000), 0.1, torch.device("cpu"))
-    assert a.dtype == torch.bool and a.shape == (1000, 1000)
-    assert abs(a.float().mean().item() - 0.1) < 0.002  # 1e6 draws: sd 3e-4
-    assert torch.equal(a, a2) and not torch.equal(a, b)
-    assert not dropout_mask((7, 9), 0.0, torch.device("cpu")).any()
-    assert dropout_mask((7, 9), 1.0, torch.device("cpu")).all()
-
-
-def test_dropout_mask_does_not_depend_on_the_thread_count() -> None:
-    threads = torch.get_num_threads()
-    masks = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            torch.manual_seed(1)
-            masks.append(dropout_mask((5, 1_000_000), 0.25, torch.device("cpu")))  # several RNG chunks
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(masks[0], masks[1])
-    assert abs(masks[0].float().mean().item() - 0.25) < 0.002
-
-
 # ---------------------------------------------------------------------------------------- greedy loop
 
 
@@ -253,7 +226,7 @@ def _hf_generate(model: PromptedT5, ids, mask, n: int, prompt=None, lengths=None
 
 def _lean_generate(model: PromptedT5, ids, mask, n: int, prompt=None, lengths=None, bf16: bool = False):
     assert model.fast_path_dtype(ids.device, for_training=False) is not None
-    assert lean_t5.plain_greedy(model.model.generation_config)
+    assert lean_greedy.plain_greedy(model.model.generation_config)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return model.generate(ids, mask, max_new_tokens=n, prompt=prompt, prompt_lengths=lengths)
 
@@ -264,11 +237,11 @@ def greedy_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
     key/value cache (small batches), and the encoder run row by row, cut to each row's length, with
     the key/value projections folded into the query (what large CPU batches get)."""
     if request.param.startswith("one row"):
-        monkeypatch.setattr(lean_t5, "ENCODE_CHUNK_TOKENS", {"cpu": 1})
-        monkeypatch.setattr(lean_t5, "CROSS_KV_CACHE_BYTES", {"cpu": 0})
+        monkeypatch.setattr(lean_greedy, "ENCODE_CHUNK_TOKENS", {"cpu": 1})
+        monkeypatch.setattr(lean_greedy, "CROSS_KV_CACHE_BYTES", {"cpu": 0})
     else:
-        monkeypatch.setattr(lean_t5, "ENCODE_CHUNK_TOKENS", {})
-        monkeypatch.setattr(lean_t5, "CROSS_KV_CACHE_BYTES", {})
+        monkeypatch.setattr(lean_greedy, "ENCODE_CHUNK_TOKENS", {})
+        monkeypatch.setattr(lean_greedy, "CROSS_KV_CACHE_BYTES", {})
     return request.param
 
 
@@ -326,7 +299,7 @@ def test_generation_settings_the_lean_loop_does_not_cover_go_through_transformer
     batch = _batch()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     model.model.generation_config.repetition_penalty = 1.5
-    assert not lean_t5.plain_greedy(model.model.generation_config)
+    assert not lean_greedy.plain_greedy(model.model.generation_config)
     assert torch.equal(model.generate(ids, mask, max_new_tokens=8), _hf_generate(model, ids, mask, 8))
 
 

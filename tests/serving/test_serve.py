@@ -19,7 +19,8 @@ from softprompt.commands.eval_predict import predict_answers
 from softprompt.errors import UserError
 from softprompt.inference.bank import load_model_and_prompts
 from softprompt.io.checkpoint import PromptConfig, save_prompt
-from softprompt.serving.server import MicroBatcher, create_app, parse_prompt_specs
+from softprompt.serving.batching import MicroBatcher
+from softprompt.serving.server import create_app, parse_prompt_specs
 
 MAX_NEW = 6
 TASKS = {"squad": 5, "trivia": 5, "news": 8}  # name -> prompt length

@@ -267,6 +267,7 @@ def score(
     """
     from softprompt.data.records import load_examples, tokenize_examples
     from softprompt.inference.bank import load_model_and_prompts
+    from softprompt.inference.options import GenerationOptions
 
     bank = load_model_and_prompts(str(model_dir), [prompt_dir] if prompt_dir is not None else [])
     examples = load_examples(data_file)
@@ -274,7 +275,9 @@ def score(
         examples, bank.tokenizer, max_source_length=MAX_SOURCE_LENGTH, max_target_length=MAX_TARGET_LENGTH
     )
     task = bank.names[0] if len(bank) else None
-    result = bank.evaluate(examples, features, task, batch_size=100, max_new_tokens=MAX_TARGET_LENGTH)
+    result = bank.evaluate(
+        examples, features, task, GenerationOptions(batch_size=100, max_new_tokens=MAX_TARGET_LENGTH)
+    )
     return {"exact_match": result.exact_match, "f1": result.f1}
 
 
@@ -306,6 +309,7 @@ def score_task(
 ) -> dict[str, float]:
     """The task's scores of a saved model (and prompt) on a task's data file, as ``softprompt eval`` gives."""
     from softprompt.inference.bank import load_model_and_prompts
+    from softprompt.inference.options import GenerationOptions
     from softprompt.tasks.text.task import load_task, load_task_examples, tokenize_texts
 
     task = load_task(task_file)
@@ -316,7 +320,12 @@ def score_task(
     )
     name = bank.names[0] if len(bank) else None
     result = bank.evaluate_task(
-        task, examples, features, name, classify=classify, batch_size=100, max_new_tokens=MAX_TARGET_LENGTH
+        task,
+        examples,
+        features,
+        name,
+        GenerationOptions(batch_size=100, max_new_tokens=MAX_TARGET_LENGTH),
+        classify=classify,
     )
     return result.scores()
 

@@ -17,14 +17,11 @@ from softprompt.data.records import (
     tokenize_examples,
 )
 from softprompt.errors import UserError
-from softprompt.inference.bank import (
-    PromptBank,
-    context_spans,
-    ensemble_eval,
-    load_model_and_prompts,
-    tokenize_questions,
-)
+from softprompt.inference.bank import PromptBank, load_model_and_prompts
 from softprompt.inference.engine import EvalResult
+from softprompt.inference.ensemble import ensemble_eval
+from softprompt.inference.inputs import context_spans, tokenize_questions
+from softprompt.inference.options import GenerationOptions
 from softprompt.io.checkpoint import atomic_write_json, atomic_write_text, load_prompt_config
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.text.task import (
@@ -88,11 +85,11 @@ def run_eval(args: Any) -> dict[str, Any]:
         report["skipped_examples"] = dict(skipped)
     predictions: dict[str, Any]
     if args.ensemble == "majority":
-        report.update(ensemble_eval(bank, examples, features, punctuation=punctuation, **gen))
+        report.update(ensemble_eval(bank, examples, features, gen, punctuation=punctuation))
         predictions = {"prompts": report.pop("prompt_predictions"), "ensemble": report.pop("predictions")}
     else:
         predictions = _score_each(
-            bank, report, lambda name: bank.evaluate(examples, features, name, punctuation=punctuation, **gen)
+            bank, report, lambda name: bank.evaluate(examples, features, name, gen, punctuation=punctuation)
         )
     return _write_predictions(args, report, predictions)
 
@@ -133,7 +130,7 @@ def _eval_texts(args: Any, task: TaskSpec) -> dict[str, Any]:
     predictions = _score_each(
         bank,
         report,
-        lambda name: bank.evaluate_task(task, examples, features, name, classify=args.classify, **gen),
+        lambda name: bank.evaluate_task(task, examples, features, name, gen, classify=args.classify),
     )
     return _write_predictions(args, report, predictions)
 
@@ -150,8 +147,8 @@ def _bank(args: Any, prompt_dirs: Sequence[str]) -> PromptBank:
     )
 
 
-def _gen(args: Any, bank: PromptBank) -> dict[str, Any]:
-    return dict(
+def _gen(args: Any, bank: PromptBank) -> GenerationOptions:
+    return GenerationOptions(
         batch_size=args.eval_batch_size,
         max_new_tokens=args.max_target_length,
         env=DistEnv(device=bank.device),
@@ -290,10 +287,9 @@ def predict_texts(
     return bank.generate_answers(
         features,
         prompt_name,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        env=DistEnv(device=bank.device),
-        bf16=bf16,
+        GenerationOptions(
+            batch_size=batch_size, max_new_tokens=max_new_tokens, env=DistEnv(device=bank.device), bf16=bf16
+        ),
     )
 
 
@@ -326,10 +322,9 @@ def predict_answers(
     answers = bank.generate_answers(
         features,
         prompt_name,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        env=DistEnv(device=bank.device),
-        bf16=bf16,
+        GenerationOptions(
+            batch_size=batch_size, max_new_tokens=max_new_tokens, env=DistEnv(device=bank.device), bf16=bf16
+        ),
     )
     return context_spans(answers, [r["context"] for r in rows], punctuation)
 

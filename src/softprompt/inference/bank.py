@@ -14,46 +14,41 @@ second model wrapper (and no second copy of its frozen-weight state) ever exists
 
 from __future__ import annotations
 
-import math
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from softprompt.data.records import Features, QAExample, tokenize_examples
+from softprompt.data.records import Features, QAExample
 from softprompt.errors import CheckpointError, UserError
 from softprompt.inference.engine import EvalResult, RowPrompts, evaluate_examples, generate_answers
+from softprompt.inference.inputs import context_spans, tokenize_by_settings
+from softprompt.inference.options import GenerationOptions
 from softprompt.inference.task_eval import evaluate_texts
 from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model, same_model
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
+from softprompt.modeling.prompt_table import PromptTable
 from softprompt.runtime.distributed import DistEnv
-from softprompt.tasks.metrics.squad import normalize_answer, squad_scores, squad_scores_padded
-from softprompt.tasks.squad.text import raw_answer
-from softprompt.tasks.text.task import TaskSpec, TextExample, tokenize_texts
+from softprompt.tasks.text.task import TaskSpec, TextExample
 
 __all__ = [
     "BankEntry",
     "PreparedRow",
     "PromptBank",
-    "PromptTable",
     "UnknownTaskError",
     "check_new_prompt",
-    "context_spans",
     "default_device",
-    "ensemble_answers",
-    "ensemble_eval",
     "load_model_and_prompts",
-    "majority_vote",
     "prompt_names",
-    "tie_break_order",
-    "tokenize_by_settings",
-    "tokenize_questions",
 ]
 
 # One task for every row (a name or a bank index), one per row, or None for the bare model.
 Tasks = str | int | Sequence[str | int] | torch.Tensor | None
+
+
+_DEFAULT = GenerationOptions()
 
 
 class UnknownTaskError(UserError):
@@ -192,46 +187,6 @@ class PreparedRow:
     task: int
     context: str | None
     length: int
-
-
-class PromptTable:
-    """K prompts of possibly different lengths in one zero-padded tensor, so a batch's prompts are one index.
-
-    Args:
-        d_model: the prompts' width H.
-        device: where the table lives.
-    """
-
-    def __init__(self, d_model: int, device: torch.device) -> None:
-        self.table = torch.zeros(0, 0, d_model, device=device)  # [K, Pmax, H]
-        self.lengths = torch.zeros(0, dtype=torch.long, device=device)  # [K]
-
-    def __len__(self) -> int:
-        return int(self.lengths.shape[0])
-
-    def append(self, weight: torch.Tensor) -> None:
-        """Add one prompt [P, H] (float32, on the table's device) as row K."""
-        k, p_max, d_model = self.table.shape
-        p = max(p_max, weight.shape[0])
-        table = torch.zeros(k + 1, p, d_model, device=self.table.device)
-        table[:k, :p_max] = self.table
-        table[k, : weight.shape[0]] = weight
-        self.table = table
-        self.lengths = torch.cat([self.lengths, self.lengths.new_tensor([weight.shape[0]])])
-
-    def stack(self, tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-row prompts for rows using prompts `tasks` ([B] indices).
-
-        Returns:
-            prompt: [B, P, H] float32 with P the longest prompt of these rows (not of the table, so a
-            batch of short prompts pays for no padding), and lengths: [B], or None when every row's
-            prompt is P long.
-        """
-        tasks = tasks.to(self.table.device)
-        lengths = self.lengths[tasks]
-        p = int(lengths.max())
-        prompt = self.table[tasks, :p]
-        return prompt, None if bool((lengths == p).all()) else lengths
 
 
 def check_new_prompt(
@@ -392,7 +347,9 @@ class PromptBank:
     # ------------------------------------------------------------------------------------------------
     # Answers
 
-    def generate_answers(self, features: Sequence[Features], tasks: Tasks = None, **gen: Any) -> list[str]:
+    def generate_answers(
+        self, features: Sequence[Features], tasks: Tasks = None, options: GenerationOptions = _DEFAULT
+    ) -> list[str]:
         """Greedy answers for tokenized questions, every row driven by its task's prompt.
 
         Rows are sorted by length and cut into batches regardless of task, so a batch may mix prompts;
@@ -401,22 +358,22 @@ class PromptBank:
         Args:
             features: tokenized questions.
             tasks: one task (name or index) for every row, one per row, or None for the bare model.
-            **gen: `evaluate.generate_answers` options (batch_size, max_new_tokens, env, bf16, ...).
+            options: how `engine.generate_answers` runs (batch size, answer length, ranks, precision, ...).
 
         Returns:
             One answer per feature, in feature order, as generated.
         """
         row_prompts = self._row_prompts_for(features, tasks)
-        return generate_answers(self.model, self.tokenizer, features, row_prompts=row_prompts, **gen)
+        return generate_answers(self.model, self.tokenizer, features, options, row_prompts=row_prompts)
 
     def evaluate(
         self,
         examples: Sequence[QAExample],
         features: Sequence[Features],
         tasks: Tasks = None,
+        options: GenerationOptions = _DEFAULT,
         *,
         punctuation: str = "none",
-        **gen: Any,
     ) -> EvalResult:
         """Answer and score with the official SQuAD metric (`evaluate.evaluate_examples`).
 
@@ -424,8 +381,8 @@ class PromptBank:
             examples: the questions with gold answers.
             features: `features[i]` is the tokenized `examples[features[i].example_index]`.
             tasks: as in `generate_answers`.
+            options: how `engine.generate_answers` runs.
             punctuation: the text format of the features (padded answers are mapped back to raw spans).
-            **gen: `evaluate.generate_answers` options.
         """
         row_prompts = self._row_prompts_for(features, tasks)
         return evaluate_examples(
@@ -433,9 +390,9 @@ class PromptBank:
             self.tokenizer,
             examples,
             features,
+            options,
             punctuation=punctuation,
             row_prompts=row_prompts,
-            **gen,
         )
 
     def evaluate_task(
@@ -444,9 +401,9 @@ class PromptBank:
         examples: Sequence[TextExample],
         features: Sequence[Features],
         tasks: Tasks = None,
+        options: GenerationOptions = _DEFAULT,
         *,
         classify: str = "greedy",
-        **gen: Any,
     ) -> EvalResult:
         """Answer and score a text task with its metric (`evaluate.evaluate_texts`).
 
@@ -455,8 +412,8 @@ class PromptBank:
             examples: the examples with gold targets.
             features: `features[i]` is the tokenized `examples[features[i].example_index]`.
             tasks: as in `generate_answers`.
+            options: how generation (or rank classification) runs.
             classify: greedy generation, or rank classification over the task's labels.
-            **gen: `evaluate.generate_answers` options.
         """
         row_prompts = self._row_prompts_for(features, tasks)
         return evaluate_texts(
@@ -465,9 +422,9 @@ class PromptBank:
             task,
             examples,
             features,
+            options,
             classify=classify,
             row_prompts=row_prompts,
-            **gen,
         )
 
     def tokenize(self, rows: Sequence[tuple[str, str, str | None]]) -> tuple[list[Features], list[int]]:
@@ -518,10 +475,12 @@ class PromptBank:
         answers = self.generate_answers(
             [r.features for r in rows],
             [r.task for r in rows],
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-            env=DistEnv(device=self.device),
-            bf16=bf16,
+            GenerationOptions(
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                env=DistEnv(device=self.device),
+                bf16=bf16,
+            ),
         )
         return [
             a
@@ -551,208 +510,3 @@ class PromptBank:
         return self.answer_prepared(
             self.prepare(rows), batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16
         )
-
-
-def tokenize_questions(
-    tokenizer: Any, questions: Sequence[tuple[str, str]], *, max_source_length: int, punctuation: str
-) -> list[Features]:
-    """Tokenize `(question, context)` pairs to answer (no gold answers); row i's `example_index` is i."""
-    examples = [
-        QAExample(id=str(i), question=q, context=c, answers=("",)) for i, (q, c) in enumerate(questions)
-    ]
-    # max_target_length=2: labels are not used to answer.
-    return tokenize_examples(
-        examples, tokenizer, max_source_length=max_source_length, max_target_length=2, punctuation=punctuation
-    )
-
-
-def tokenize_by_settings(
-    tokenizer: Any, questions: Sequence[tuple[str, str | None]], settings: Sequence[tuple[int, str]]
-) -> list[Features]:
-    """Tokenize `(question, context)` pairs, pair i with its own `(max_source_length, punctuation)`.
-
-    Pairs that share settings are tokenized together. A pair whose context is None holds a text task's
-    finished model input (its template filled in), tokenized as it is.
-
-    Returns:
-        One `Features` per pair, in order; `example_index` is the pair's position.
-    """
-    features: list[Features | None] = [None] * len(questions)
-    groups: dict[tuple[int, str, bool], list[int]] = {}
-    for i, (setting, (_, context)) in enumerate(zip(settings, questions, strict=True)):
-        groups.setdefault((*setting, context is None), []).append(i)
-    for (max_source, punctuation, is_text), members in groups.items():
-        if is_text:
-            texts = [TextExample(id=str(i), inputs=questions[i][0], targets=("",)) for i in members]
-            group = tokenize_texts(texts, tokenizer, max_source_length=max_source, max_target_length=2)
-        else:
-            group = tokenize_questions(
-                tokenizer,
-                [questions[i] for i in members],  # type: ignore[misc]
-                max_source_length=max_source,
-                punctuation=punctuation,
-            )
-        for i, f in zip(members, group, strict=True):
-            f.example_index = i
-            features[i] = f
-    return [f for f in features if f is not None]
-
-
-def context_spans(
-    answers: Sequence[str], contexts: Sequence[str | None], punctuation: str | Sequence[str]
-) -> list[str]:
-    """Answers as the contexts write them: a prompt trained on T5's padded text answers "U . S .";
-    this gives back the context's own "U.S." (an answer that maps to no span, or a text task's answer,
-    context None, is kept as generated)."""
-    styles = [punctuation] * len(answers) if isinstance(punctuation, str) else list(punctuation)
-    spans = [
-        None if c is None else raw_answer(a, c, s) for a, c, s in zip(answers, contexts, styles, strict=True)
-    ]
-    return [a if s is None else s for a, s in zip(answers, spans, strict=True)]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Ensembles
-
-
-def tie_break_order(f1: Sequence[float]) -> list[int]:
-    """Prompt indices from the best F1 to the worst; equal F1s keep their given order."""
-    return sorted(range(len(f1)), key=lambda k: -f1[k])
-
-
-def majority_vote(answers: Sequence[str], priority: Sequence[int]) -> str:
-    """The answer most prompts agree on.
-
-    Answers are compared after SQuAD normalisation, so "The Cat." and "cat" are one vote. When
-    several answers have the most votes, the one given by the prompt earliest in `priority` wins; the
-    returned text is that of the winning group's highest-priority prompt.
-
-    Args:
-        answers: [K] prompt k's answer to one question.
-        priority: the K prompt indices, most trusted first (see `tie_break_order`).
-
-    Returns:
-        The chosen answer, verbatim as one of the prompts gave it.
-    """
-    if not answers:
-        raise ValueError("majority_vote needs at least one answer")
-    rank = {k: r for r, k in enumerate(priority)}
-    if sorted(rank) != list(range(len(answers))):
-        raise ValueError(f"priority must order all {len(answers)} prompts, got {list(priority)}")
-    groups: dict[str, list[int]] = {}
-    for k, text in enumerate(answers):
-        groups.setdefault(normalize_answer(text), []).append(k)
-    voters = min(groups.values(), key=lambda ks: (-len(ks), min(rank[k] for k in ks)))
-    return answers[min(voters, key=rank.__getitem__)]
-
-
-def ensemble_answers(
-    bank: PromptBank,
-    features: Sequence[Features],
-    tasks: Sequence[str | int] | None = None,
-    **gen: Any,
-) -> dict[str, list[str]]:
-    """Answer every feature with each of K prompts in one batched pass.
-
-    The features are replicated K times (row k * N + i is feature i under prompt k) and the K * N
-    rows go through one length-sorted generation, so an example's K copies, having the same
-    length, mostly share a batch.
-
-    Args:
-        bank: the prompts and the model.
-        features: N tokenized questions (the same tokens for every prompt).
-        tasks: the prompts to run (default: all of the bank's).
-        **gen: `evaluate.generate_answers` options (batch_size counts rows, not questions).
-
-    Returns:
-        Task name -> its N answers in feature order.
-    """
-    ks = [bank.index(t) for t in (tasks if tasks is not None else bank.names)]
-    n = len(features)
-    rows = [f for _ in ks for f in features]
-    row_tasks = [k for k in ks for _ in range(n)]
-    texts = bank.generate_answers(rows, row_tasks, **gen)
-    return {bank.entry(k).name: texts[j * n : (j + 1) * n] for j, k in enumerate(ks)}
-
-
-def ensemble_eval(
-    bank: PromptBank,
-    examples: Sequence[QAExample],
-    features: Sequence[Features],
-    *,
-    batch_size: int = 64,
-    max_new_tokens: int = 32,
-    env: DistEnv | None = None,
-    bf16: bool = False,
-    show_progress: bool = False,
-    punctuation: str = "none",
-) -> dict[str, Any]:
-    """Score every prompt of the bank and their majority vote, from one batched pass (Table 3 of the paper).
-
-    Ties go to the prompt with the best F1 on this evaluation set (the paper's SQuAD numbers are on
-    the dev set, which is also where it picks prompts). This rank is always available, even for
-    prompts without recorded dev scores; equal F1s fall back to `--prompt` order.
-
-    Args:
-        bank: the frozen model and K >= 1 named prompts.
-        examples: the questions with gold answers.
-        features: `features[i]` is the tokenized `examples[features[i].example_index]`.
-        batch_size: rows per generation batch (K rows per question).
-        max_new_tokens: the longest answer in tokens.
-        env: the distributed environment (default: one process on the model's device).
-        bf16: run under bf16 autocast.
-        show_progress: draw a progress bar.
-        punctuation: the text format the prompts were trained with; with padded text each answer is
-            mapped back to its raw context span before scoring and voting (official scores only).
-
-    Returns:
-        `predictions` (the ensemble's {id: answer}), `prompts` ({name: {exact_match, f1}}),
-        `prompt_mean` (their mean), `ensemble` ({method, exact_match, f1, tie_break}) and the
-        ensemble's `exact_match` / `f1` at the top level, like a single prompt's report.
-    """
-    if len(bank) == 0:
-        raise UserError("an ensemble needs at least one --prompt")
-    per_prompt = ensemble_answers(
-        bank,
-        features,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        env=env or DistEnv(device=bank.device),
-        bf16=bf16,
-        show_progress=show_progress,
-    )
-    ids = [examples[f.example_index].id for f in features]
-    references = {ex.id: list(ex.answers) for ex in examples}
-    predictions = {name: dict(zip(ids, texts, strict=True)) for name, texts in per_prompt.items()}
-    if punctuation != "none":
-        contexts = {ex.id: ex.context for ex in examples}
-        predictions = {
-            name: squad_scores_padded(p, references, contexts, punctuation)[1]
-            for name, p in predictions.items()
-        }
-    scores = {name: squad_scores(p, references) for name, p in predictions.items()}
-    names = list(per_prompt)
-    priority = tie_break_order([scores[name]["f1"] for name in names])
-    voted = {
-        qid: majority_vote([predictions[name][qid] for name in names], priority) for qid in dict.fromkeys(ids)
-    }
-    ensemble = squad_scores(voted, references)
-    return {
-        "predictions": voted,
-        "prompt_predictions": predictions,
-        "prompts": scores,
-        "prompt_mean": _mean(scores),
-        "ensemble": {
-            "method": "majority",
-            "exact_match": ensemble["exact_match"],
-            "f1": ensemble["f1"],
-            "tie_break": [names[k] for k in priority],
-        },
-        "exact_match": ensemble["exact_match"],
-        "f1": ensemble["f1"],
-    }
-
-
-def _mean(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    values = list(scores.values())
-    return {key: math.fsum(s[key] for s in values) / len(values) for key in ("exact_match", "f1")}

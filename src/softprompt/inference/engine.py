@@ -10,12 +10,14 @@ from typing import TypeVar
 import torch
 
 from softprompt.data.records import Collator, Features, QAExample, length_sorted_indices, shard_indices
+from softprompt.inference.options import GenerationOptions
 from softprompt.modeling.model import PromptedT5
 from softprompt.runtime.distributed import DistEnv, gather_objects
 from softprompt.tasks.metrics.squad import squad_scores, squad_scores_padded
 from softprompt.training.tracking import Progress
 
 T = TypeVar("T")
+_DEFAULT = GenerationOptions()
 # (feature indices [B]) -> (prompts [B, P, H], lengths [B] or None): per-row prompts for mixed batches.
 RowPrompts = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -108,14 +110,9 @@ def generate_answers(
     model: PromptedT5,
     tokenizer,
     features: Sequence[Features],
+    options: GenerationOptions = _DEFAULT,
     *,
-    batch_size: int = 64,
-    max_new_tokens: int = 32,
-    env: DistEnv | None = None,
-    bf16: bool = False,
     row_prompts: RowPrompts | None = None,
-    lockstep: bool = False,
-    show_progress: bool = False,
 ) -> list[str]:
     """Greedy answers for every feature, in feature order, on every rank.
 
@@ -126,24 +123,20 @@ def generate_answers(
         model: the (unwrapped) model.
         tokenizer: decodes the generated ids.
         features: tokenized inputs.
-        batch_size: questions per generation batch on this rank.
-        max_new_tokens: the longest answer in tokens.
-        env: the distributed environment (default: one process on the model's device).
-        bf16: run under bf16 autocast.
+        options: batch size (questions per generation batch on this rank), answer length, ranks,
+            precision, lockstep, progress bar.
         row_prompts: per-row prompts for mixed-task or ensemble batches.
-        lockstep: every rank runs the same number of batches (needed when the model is FSDP-sharded).
-        show_progress: draw a progress bar (rank 0 only).
 
     Returns:
         One answer string per feature.
     """
-    synced = lockstep and env is not None and env.distributed
+    synced = options.lockstep and options.env is not None and options.env.distributed
 
     def answer(input_ids: torch.Tensor, mask: torch.Tensor, prompt, lengths) -> list[str]:
         out = model.generate(
             input_ids,
             mask,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=options.max_new_tokens,
             prompt=prompt,
             prompt_lengths=lengths,
             synced_gpus=synced,
@@ -155,12 +148,9 @@ def generate_answers(
         tokenizer,
         features,
         answer,
-        batch_size=batch_size,
-        env=env,
-        bf16=bf16,
+        options,
         row_prompts=row_prompts,
-        lockstep=lockstep,
-        progress="eval" if show_progress else None,
+        progress="eval",
     )
 
 
@@ -170,13 +160,10 @@ def map_batches(
     tokenizer,
     features: Sequence[Features],
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], list[T]],
+    options: GenerationOptions = _DEFAULT,
     *,
-    batch_size: int = 64,
-    env: DistEnv | None = None,
-    bf16: bool = False,
     row_prompts: RowPrompts | None = None,
-    lockstep: bool = False,
-    progress: str | None = None,
+    progress: str = "",
 ) -> list[T]:
     """One result per feature, in feature order, on every rank, from `run` over this rank's batches.
 
@@ -191,23 +178,22 @@ def map_batches(
         features: tokenized inputs.
         run: `(input_ids [B, S], mask [B, S], prompt [B, P, H] or None, prompt_lengths [B] or None)` ->
             one result per row, plain Python values (they travel through `gather_objects`).
-        batch_size: features per batch on this rank.
-        env: the distributed environment (default: one process on the model's device).
-        bf16: run under bf16 autocast.
+        options: batch size (features per batch on this rank), ranks, bf16, lockstep, and whether to
+            draw the progress bar (`max_new_tokens` is `run`'s business).
         row_prompts: per-row prompts for mixed-task or ensemble batches.
-        lockstep: every rank runs the same number of batches (an FSDP-sharded model).
-        progress: the progress bar's label (rank 0 only), or None for no bar.
+        progress: the progress bar's label (rank 0 only, when `options.show_progress`).
     """
-    env = env or DistEnv(device=next(model.parameters()).device)
+    env = options.env or DistEnv(device=next(model.parameters()).device)
+    bf16 = options.bf16
     was_training = model.training
     model.eval()
-    batches, own = eval_batches(features, batch_size, env, lockstep)
+    batches, own = eval_batches(features, options.batch_size, env, options.lockstep)
     collate = Collator(pad_token_id=tokenizer.pad_token_id)
     if hasattr(model, "unshard"):
         model.unshard()
     results: dict[int, T] = {}
     bar = Progress(
-        total=len(batches), desc=progress or "", enabled=progress is not None and env.is_main, unit="batch"
+        total=len(batches), desc=progress, enabled=options.show_progress and env.is_main, unit="batch"
     )
     with bar:
         for b, idx in enumerate(batches):
@@ -236,17 +222,18 @@ def evaluate_examples(
     tokenizer,
     examples: Sequence[QAExample],
     features: Sequence[Features],
+    options: GenerationOptions = _DEFAULT,
     *,
     punctuation: str = "none",
-    **kwargs,
+    row_prompts: RowPrompts | None = None,
 ) -> EvalResult:
     """Answer every example and score with the official SQuAD v1.1 EM/F1 (max over gold answers).
 
-    `features[i]` must be the tokenized `examples[features[i].example_index]`; kwargs go to
-    `generate_answers`. With padded text (`punctuation` paper or current), answers are mapped back to raw
+    `features[i]` must be the tokenized `examples[features[i].example_index]`; `options` and
+    `row_prompts` go to `generate_answers`. With padded text (`punctuation` paper or current), answers are mapped back to raw
     context spans for the official scores, and T5's own scores are added (see `squad_scores_padded`).
     """
-    texts = generate_answers(model, tokenizer, features, **kwargs)
+    texts = generate_answers(model, tokenizer, features, options, row_prompts=row_prompts)
     predictions = {examples[f.example_index].id: t for f, t in zip(features, texts, strict=True)}
     references = {ex.id: list(ex.answers) for ex in examples}
     if punctuation == "none":

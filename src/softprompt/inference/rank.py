@@ -14,13 +14,17 @@ repeated once per label, so all L labels of B inputs are one decoder pass of B *
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from softprompt.data.records import Features
 from softprompt.inference.engine import RowPrompts, map_batches
+from softprompt.inference.options import GenerationOptions
 from softprompt.modeling.model import PromptedT5
 from softprompt.runtime.distributed import DistEnv
+
+_DEFAULT = GenerationOptions()
 
 
 def label_targets(tokenizer, labels: Sequence[str]) -> torch.Tensor:
@@ -86,13 +90,9 @@ def label_log_likelihoods(
     tokenizer,
     features: Sequence[Features],
     labels: Sequence[str],
+    options: GenerationOptions = _DEFAULT,
     *,
-    batch_size: int = 64,
-    env: DistEnv | None = None,
-    bf16: bool = False,
     row_prompts: RowPrompts | None = None,
-    lockstep: bool = False,
-    show_progress: bool = False,
 ) -> torch.Tensor:
     """Every label's summed log-likelihood for every feature, in feature order, on every rank.
 
@@ -104,18 +104,15 @@ def label_log_likelihoods(
         tokenizer: tokenizes the labels (the model's tokenizer).
         features: tokenized inputs (their `labels` are not used).
         labels: the L label strings.
-        batch_size: inputs per batch on this rank. The decoder runs batch_size * L rows at once, with
-            [batch_size * L, T, vocab] logits: lower it for many or long labels.
-        env: the distributed environment (default: one process on the model's device).
-        bf16: run under bf16 autocast.
+        options: `batch_size` inputs per batch on this rank (the decoder runs batch_size * L rows at
+            once, with [batch_size * L, T, vocab] logits: lower it for many or long labels), ranks, bf16,
+            lockstep, progress bar; `max_new_tokens` is not used (whole labels are scored).
         row_prompts: per-row prompts for mixed-task or ensemble batches.
-        lockstep: every rank runs the same number of batches (needed when the model is FSDP-sharded).
-        show_progress: draw a progress bar (rank 0 only).
 
     Returns:
         [N, L] float32 on the CPU: `log p(label l | feature n)` summed over the label's tokens and EOS.
     """
-    env = env or DistEnv(device=next(model.parameters()).device)
+    env = options.env or DistEnv(device=next(model.parameters()).device)
     # Labels with the same tokens (a label given twice) are scored once, so they tie exactly.
     targets, label_row = torch.unique(label_targets(tokenizer, labels), dim=0, return_inverse=True)
     if not features:
@@ -131,12 +128,9 @@ def label_log_likelihoods(
         tokenizer,
         features,
         score,
-        batch_size=batch_size,
-        env=env,
-        bf16=bf16,
+        replace(options, env=env),
         row_prompts=row_prompts,
-        lockstep=lockstep,
-        progress="rank" if show_progress else None,
+        progress="rank",
     )
     return torch.tensor(scores, dtype=torch.float32)[:, label_row]
 
@@ -146,13 +140,9 @@ def rank_labels(
     tokenizer,
     features: Sequence[Features],
     labels: Sequence[str],
+    options: GenerationOptions = _DEFAULT,
     *,
-    batch_size: int = 64,
-    env: DistEnv | None = None,
-    bf16: bool = False,
     row_prompts: RowPrompts | None = None,
-    lockstep: bool = False,
-    show_progress: bool = False,
 ) -> list[int]:
     """Rank classification: for every feature, the index of its likeliest label (ties go to the lower index).
 
@@ -161,22 +151,11 @@ def rank_labels(
         tokenizer: the model's tokenizer.
         features: tokenized inputs.
         labels: the L label strings.
-        batch_size, env, bf16, row_prompts, lockstep, show_progress: as in `label_log_likelihoods`.
+        options, row_prompts: as in `label_log_likelihoods`.
 
     Returns:
         One label index per feature, in feature order, on every rank.
     """
-    scores = label_log_likelihoods(
-        model,
-        tokenizer,
-        features,
-        labels,
-        batch_size=batch_size,
-        env=env,
-        bf16=bf16,
-        row_prompts=row_prompts,
-        lockstep=lockstep,
-        show_progress=show_progress,
-    )
+    scores = label_log_likelihoods(model, tokenizer, features, labels, options, row_prompts=row_prompts)
     # torch.argmax returns the first maximal index, so equal scores pick the lower label index.
     return scores.argmax(dim=1).tolist()

@@ -7,13 +7,16 @@ from collections.abc import Sequence
 from softprompt.config.choices import RankMode
 from softprompt.data.records import Features
 from softprompt.errors import ConfigError
-from softprompt.inference.engine import EvalResult, generate_answers
+from softprompt.inference.engine import EvalResult, RowPrompts, generate_answers
+from softprompt.inference.options import GenerationOptions
 from softprompt.inference.rank import rank_labels
 from softprompt.modeling.model import PromptedT5
 from softprompt.tasks.metrics.text import score_texts
 from softprompt.tasks.text.task import TaskSpec, TextExample
 
 __all__ = ["evaluate_texts"]
+
+_DEFAULT = GenerationOptions()
 
 
 def evaluate_texts(
@@ -22,9 +25,10 @@ def evaluate_texts(
     task: TaskSpec,
     examples: Sequence[TextExample],
     features: Sequence[Features],
+    options: GenerationOptions = _DEFAULT,
     *,
     classify: str = "greedy",
-    **kwargs,
+    row_prompts: RowPrompts | None = None,
 ) -> EvalResult:
     """Answer every example of a text task and score it with the task's metric.
 
@@ -36,7 +40,8 @@ def evaluate_texts(
         features: one per example, `features[i].example_index` pointing into `examples`.
         classify: `greedy` generates freely; `rank` picks the label string with the highest summed
             log-likelihood (classification tasks only).
-        **kwargs: `generate_answers` options (batch_size, max_new_tokens, env, bf16, row_prompts, ...).
+        options: how `generate_answers` (or rank classification, which ignores `max_new_tokens`) runs.
+        row_prompts: per-row prompts for mixed-task or ensemble batches.
 
     Returns:
         The task's scores (`EvalResult.metrics`) and the answers by example id.
@@ -47,11 +52,10 @@ def evaluate_texts(
                 f"--classify rank scores label strings, but the {task.name} task's targets are not its labels; "
                 "use --classify greedy"
             )
-        kwargs.pop("max_new_tokens", None)
-        picks = rank_labels(model, tokenizer, features, task.classes, **kwargs)
+        picks = rank_labels(model, tokenizer, features, task.classes, options, row_prompts=row_prompts)
         texts = [task.classes[k] for k in picks]
     else:
-        texts = generate_answers(model, tokenizer, features, **kwargs)
+        texts = generate_answers(model, tokenizer, features, options, row_prompts=row_prompts)
     ordered = [examples[f.example_index] for f in features]
     scores = score_texts(task.metric, ordered, texts, task.classes)
     predictions = {ex.id: t for ex, t in zip(ordered, texts, strict=True)}

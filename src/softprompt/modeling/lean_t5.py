@@ -1,23 +1,25 @@
-"""softprompt's lean T5: the forward pass and greedy loop of a frozen T5, written out for speed.
+"""softprompt's lean T5: the forward pass of a frozen T5 and its kernels, written out for speed.
 
 When every model weight is frozen (prompt tuning, inference) and the model runs on one of
 `DEVICE_TYPES`, `softprompt.modeling.model.PromptedT5` computes its loss through `logits` and decodes through
-`greedy` instead of transformers' modules (docs/performance.md has the measurements): the position
+`softprompt.modeling.lean_greedy.greedy` instead of transformers' modules (docs/performance.md has the measurements): the position
 bias and padding mask are combined once per stack instead of once per layer, activations are cast to
 the compute dtype once per sublayer, attention keeps bf16 probabilities and a 1-byte dropout mask for
 backward, dropout scales are folded into the residual adds, and greedy decoding uses a preallocated KV
 cache and plain batched matmuls instead of `generate` + SDPA at query length 1.
 
 It reads the very same weights of a transformers `T5ForConditionalGeneration` in place and computes
-the same function (tests/test_perf_invariants.py checks it against transformers token for token and
+the same function (tests/modeling/test_perf_invariants.py and tests/modeling/test_lean_t5.py check it against transformers token for token and
 loss for loss). Because it reads T5's internals (`encoder.block[i].layer[j].SelfAttention.q`,
 `compute_bias`, ...), it runs only under the transformers versions it was checked against
 (`CHECKED_TRANSFORMERS`); under any other version `supported` says no, once, with a warning, and
 everything goes through transformers (the same results, slower). `PromptedT5(..., fast_path=False)`
 and `softprompt train --no_fast_path` switch it off.
 
-The public interface: `supported`, `logits`, `encode`, `decode`, `greedy`, `plain_greedy`, `dropout_mask`,
-`DEVICE_TYPES`, `CHECKED_TRANSFORMERS`. Everything else here is private to this module.
+The public interface: `supported`, `logits`, `encode`, `decode`, `dropout_mask`, `DEVICE_TYPES`,
+`CHECKED_TRANSFORMERS`; and, for the greedy loop in `softprompt.modeling.lean_greedy` only, the kernels
+`Weights`, `ACTIVATIONS`, `encode_stack`, `self_qkv`, `ffn`, `norm_to`, `rms_norm`, `split_heads`,
+`position_bias`, `key_mask`. Everything else here is private to this module.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 
 # ------------------------------------------------------------------------------------------------
-# The lean path: T5's forward and greedy decoding written out for a frozen model (CPU or CUDA).
+# The lean path: T5's forward written out for a frozen model (CPU or CUDA); lean_greedy.py decodes with it.
 #
 # Every function below reads the weights of a transformers `T5ForConditionalGeneration` in place
 # and mirrors its computation step for step (pre-norm RMSNorm blocks, relative position bias shared
@@ -46,46 +48,12 @@ from transformers import GenerationConfig, T5ForConditionalGeneration
 
 # Activations the lean path computes in one fused kernel; anything else falls back to transformers.
 # `gelu_new` is the tanh approximation, evaluated by PyTorch in fp32 for bf16 inputs.
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
     "relu": F.relu,
 }
-
-# Generation settings that would change greedy decoding (logits processors, other search modes); the
-# lean loop runs only when each is unset or neutral, otherwise `generate` goes through transformers.
-_NEUTRAL_GENERATION = {
-    "num_beams": (None, 1),
-    "do_sample": (None, False),
-    "num_return_sequences": (None, 1),
-    "min_length": (None, 0),
-    "min_new_tokens": (None, 0),
-    "repetition_penalty": (None, 1.0),
-    "encoder_repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,),
-    "force_words_ids": (None,),
-    "constraints": (None,),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-    "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,),
-    "sequence_bias": (None,),
-    "exponential_decay_length_penalty": (None,),
-    "guidance_scale": (None, 1.0),
-    "remove_invalid_values": (None, False),
-    "watermarking_config": (None,),
-    "stop_strings": (None,),
-    "max_time": (None,),
-    "penalty_alpha": (None,),
-    "dola_layers": (None,),
-    "prompt_lookup_num_tokens": (None,),
-    "num_beam_groups": (None, 1),
-    "diversity_penalty": (None, 0.0),
-}
-
 
 # The transformers versions (major.minor) whose T5 modules this file was checked against: it reads their
 # attribute layout and mirrors their computation, so any other version runs transformers' own modules.
@@ -114,7 +82,7 @@ def transformers_version() -> str:
 def supported(t5: nn.Module) -> bool:
     """Whether the lean path covers this model: its architecture and the installed transformers.
 
-    The architecture must be a T5 / T5 v1.1 / LM-adapted / mT5 shape with an activation in `_ACTIVATIONS`;
+    The architecture must be a T5 / T5 v1.1 / LM-adapted / mT5 shape with an activation in `ACTIVATIONS`;
     transformers (`transformers_version()`) must be one of `CHECKED_TRANSFORMERS`.
     Under any other version this prints one warning line (once per version) and returns False, so the
     model runs transformers' modules: the same results, slower.
@@ -128,7 +96,7 @@ def supported(t5: nn.Module) -> bool:
     cfg = getattr(t5, "config", None)
     if not isinstance(t5, T5ForConditionalGeneration) or cfg is None:
         return False
-    if getattr(cfg, "dense_act_fn", None) not in _ACTIVATIONS:
+    if getattr(cfg, "dense_act_fn", None) not in ACTIVATIONS:
         return False
     blocks = list(t5.encoder.block) + list(t5.decoder.block)
     if not blocks or not all(hasattr(b.layer[-1], "DenseReluDense") for b in blocks):
@@ -146,12 +114,6 @@ def supported(t5: nn.Module) -> bool:
             )
         return False
     return True
-
-
-def plain_greedy(generation_config: GenerationConfig) -> bool:
-    """Whether a generation config leaves greedy decoding untouched (no logits processors), so `greedy` may
-    stand in for `generate`."""
-    return all(getattr(generation_config, key, None) in ok for key, ok in _NEUTRAL_GENERATION.items())
 
 
 def logits(
@@ -180,8 +142,8 @@ def logits(
     """
     # The lean path casts explicitly; autocast would only add casts (e.g. of fp32 attention math).
     with torch.autocast(inputs_embeds.device.type, enabled=False):
-        weights = _Weights(dtype)
-        enc_out = _encode(t5, inputs_embeds, attention_mask, weights, training)
+        weights = Weights(dtype)
+        enc_out = encode_stack(t5, inputs_embeds, attention_mask, weights, training)
         return _decode(t5, decoder_input_ids, enc_out, attention_mask, weights, training)
 
 
@@ -204,7 +166,7 @@ def encode(
         encoder states: [B, L, d] in the residual stream's dtype (the embedding's).
     """
     with torch.autocast(inputs_embeds.device.type, enabled=False):
-        return _encode(t5, inputs_embeds, attention_mask, _Weights(dtype), training=False)
+        return encode_stack(t5, inputs_embeds, attention_mask, Weights(dtype), training=False)
 
 
 def decode(
@@ -227,33 +189,7 @@ def decode(
         logits: [B, T, V] in `dtype`.
     """
     with torch.autocast(encoder_states.device.type, enabled=False):
-        return _decode(t5, decoder_input_ids, encoder_states, attention_mask, _Weights(dtype), training=False)
-
-
-@torch.no_grad()
-def greedy(
-    t5: T5ForConditionalGeneration,
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Greedy decoding, token for token what `t5.generate(do_sample=False, num_beams=1)` returns.
-
-    Call it only where `supported(t5)` and `plain_greedy(t5.generation_config)` hold.
-
-    Args:
-        t5: the model.
-        inputs_embeds: [B, L, d] encoder input embeddings (the prompt already in front).
-        attention_mask: [B, L] 1 for real positions.
-        max_new_tokens: the most tokens generated.
-        dtype: the matmul compute dtype.
-
-    Returns:
-        token ids: [B, <= max_new_tokens + 1], starting with the decoder start token.
-    """
-    with torch.autocast(inputs_embeds.device.type, enabled=False):
-        return _greedy(t5, inputs_embeds, attention_mask, max_new_tokens, _Weights(dtype))
+        return _decode(t5, decoder_input_ids, encoder_states, attention_mask, Weights(dtype), training=False)
 
 
 _RNG_CHUNK = 1 << 21  # 64-bit words per independently seeded chunk of a dropout mask
@@ -418,7 +354,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
     return _Attention.apply(q, k, v, bias, p)
 
 
-class _Weights:
+class Weights:
     """The frozen model's linear weights in the compute dtype, cast at most once per use of this object.
 
     Under bf16 autocast with fp32 weights this does what autocast does (a cast per forward) without
@@ -473,15 +409,15 @@ class _RMSNormTo(torch.autograd.Function):
         return torch.addcmul(g, x, c, value=-1.0).mul_(rstd), None, None, None
 
 
-def _norm_to(layer_norm: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def norm_to(layer_norm: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """T5LayerNorm followed by a cast to the compute dtype (the input of the next matmuls)."""
     w = layer_norm.weight
     if x.dtype != torch.float32 or w.dtype != torch.float32 or w.requires_grad:
-        return _norm(layer_norm, x).to(dtype)
+        return rms_norm(layer_norm, x).to(dtype)
     return _RMSNormTo.apply(x, w, layer_norm.variance_epsilon, dtype)
 
 
-def _norm(layer_norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def rms_norm(layer_norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """T5LayerNorm (RMSNorm without mean subtraction), in fp32 like transformers' implementation."""
     w = layer_norm.weight
     out = F.rms_norm(
@@ -490,7 +426,7 @@ def _norm(layer_norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.to(w.dtype) if w.dtype in (torch.float16, torch.bfloat16) else out
 
 
-def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """[B, L, H * D] -> [B, H, L, D]."""
     b, length, inner = x.shape
     return x.view(b, length, n_heads, inner // n_heads).transpose(1, 2)
@@ -502,28 +438,31 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, length, h * d)
 
 
-def _self_qkv(attn: nn.Module, x: torch.Tensor, weights: _Weights) -> tuple[torch.Tensor, ...]:
+def self_qkv(attn: nn.Module, x: torch.Tensor, weights: Weights) -> tuple[torch.Tensor, ...]:
     """q, k, v [B, H, L, D] of a self-attention.
 
     (Three GEMMs: fusing them, or all decoder layers' cross-attention k/v, into one GEMM measured no
     faster on a CPU, and the all-layer fusion slower, because of the extra layout copies.)
     """
-    return tuple(_heads(F.linear(x, weights(lin)), attn.n_heads) for lin in (attn.q, attn.k, attn.v))
+    return tuple(split_heads(F.linear(x, weights(lin)), attn.n_heads) for lin in (attn.q, attn.k, attn.v))
 
 
 def _cross_kv(
-    dec: nn.Module, memory: torch.Tensor, weights: _Weights
+    dec: nn.Module, memory: torch.Tensor, weights: Weights
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every decoder layer's cross-attention k, v [B, H, L, D], projected from the encoder output."""
     cross = [block.layer[1].EncDecAttention for block in dec.block]
     return [
-        (_heads(F.linear(memory, weights(a.k)), a.n_heads), _heads(F.linear(memory, weights(a.v)), a.n_heads))
+        (
+            split_heads(F.linear(memory, weights(a.k)), a.n_heads),
+            split_heads(F.linear(memory, weights(a.v)), a.n_heads),
+        )
         for a in cross
     ]
 
 
-def _ffn(
-    ff: nn.Module, x: torch.Tensor, weights: _Weights, act: Callable, training: bool
+def ffn(
+    ff: nn.Module, x: torch.Tensor, weights: Weights, act: Callable, training: bool
 ) -> tuple[torch.Tensor, float]:
     """T5's feed-forward sublayer body (gated or not), input already normalised and in the compute dtype.
 
@@ -538,14 +477,14 @@ def _ffn(
 
 
 def _ffn_args(
-    ff_layer: nn.Module, x: torch.Tensor, weights: _Weights, act: Callable, training: bool
+    ff_layer: nn.Module, x: torch.Tensor, weights: Weights, act: Callable, training: bool
 ) -> tuple[torch.Tensor, float, bool, float]:
     """`_residual` arguments for a T5LayerFF: (branch, outer dropout p, training, inner dropout scale)."""
-    out, scale = _ffn(ff_layer.DenseReluDense, x, weights, act, training)
+    out, scale = ffn(ff_layer.DenseReluDense, x, weights, act, training)
     return out, ff_layer.dropout.p, training, scale
 
 
-def _position_bias(
+def position_bias(
     attn: nn.Module, q_len: int, k_len: int, device: torch.device, dtype: torch.dtype, causal: bool = False
 ) -> torch.Tensor:
     """The stack's relative position bias [1, H, q_len, k_len] in `dtype`, causally masked for the decoder.
@@ -559,40 +498,40 @@ def _position_bias(
     return bias
 
 
-def _key_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def key_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, L] 0/1 padding mask -> additive [B, 1, 1, L] bias (0 or the dtype's most negative value)."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
         mask == 0, torch.finfo(dtype).min
     )[:, None, None, :]
 
 
-def _encode(
+def encode_stack(
     t5: T5ForConditionalGeneration,
     embeds: torch.Tensor,
     mask: torch.Tensor,
-    weights: _Weights,
+    weights: Weights,
     training: bool,
 ) -> torch.Tensor:
     """T5Stack (encoder) forward from input embeddings: [B, L, d] -> [B, L, d]."""
     enc = t5.encoder
-    act = _ACTIVATIONS[t5.config.dense_act_fn]
+    act = ACTIVATIONS[t5.config.dense_act_fn]
     cd = weights.dtype
     length = embeds.shape[1]
     first = enc.block[0].layer[0].SelfAttention
     # Position bias and padding mask, combined once for the whole stack, in the compute dtype.
-    bias = _position_bias(first, length, length, embeds.device, cd)
+    bias = position_bias(first, length, length, embeds.device, cd)
     bias = bias.masked_fill(mask[:, None, None, :] == 0, torch.finfo(cd).min)
     h = _dropout(embeds, enc.dropout.p, training)
     for block in enc.block:
         sa, ff = block.layer[0], block.layer[-1]
         attn = sa.SelfAttention
-        x = _norm_to(sa.layer_norm, h, cd)
-        q, k, v = _self_qkv(attn, x, weights)
+        x = norm_to(sa.layer_norm, h, cd)
+        q, k, v = self_qkv(attn, x, weights)
         o = _merge(_attend(q, k, v, bias, attn.dropout if training else 0.0))
         h = _residual(h, F.linear(o, weights(attn.o)), sa.dropout.p, training)
-        x = _norm_to(ff.layer_norm, h, cd)
+        x = norm_to(ff.layer_norm, h, cd)
         h = _residual(h, *_ffn_args(ff, x, weights, act, training))
-    return _dropout(_norm(enc.final_layer_norm, h), enc.dropout.p, training)
+    return _dropout(rms_norm(enc.final_layer_norm, h), enc.dropout.p, training)
 
 
 def _decode(
@@ -600,231 +539,35 @@ def _decode(
     decoder_input_ids: torch.Tensor,
     enc_out: torch.Tensor,
     enc_mask: torch.Tensor,
-    weights: _Weights,
+    weights: Weights,
     training: bool,
 ) -> torch.Tensor:
     """Teacher-forced decoder + LM head: [B, T] ids -> logits [B, T, V] in the compute dtype."""
     dec = t5.decoder
-    act = _ACTIVATIONS[t5.config.dense_act_fn]
+    act = ACTIVATIONS[t5.config.dense_act_fn]
     cd = weights.dtype
     length = decoder_input_ids.shape[1]
-    self_bias = _position_bias(
+    self_bias = position_bias(
         dec.block[0].layer[0].SelfAttention, length, length, enc_out.device, cd, causal=True
     )
-    cross_bias = _key_mask(enc_mask, cd)
+    cross_bias = key_mask(enc_mask, cd)
     cross_kv = _cross_kv(dec, enc_out.to(cd), weights)
     h = _dropout(dec.embed_tokens(decoder_input_ids), dec.dropout.p, training)
     for block, (k_mem, v_mem) in zip(dec.block, cross_kv, strict=True):
         sa, ca, ff = block.layer[0], block.layer[1], block.layer[-1]
         attn = sa.SelfAttention
-        x = _norm_to(sa.layer_norm, h, cd)
-        q, k, v = _self_qkv(attn, x, weights)
+        x = norm_to(sa.layer_norm, h, cd)
+        q, k, v = self_qkv(attn, x, weights)
         o = _merge(_attend(q, k, v, self_bias, attn.dropout if training else 0.0))
         h = _residual(h, F.linear(o, weights(attn.o)), sa.dropout.p, training)
         cross = ca.EncDecAttention
-        x = _norm_to(ca.layer_norm, h, cd)
-        q = _heads(F.linear(x, weights(cross.q)), cross.n_heads)
+        x = norm_to(ca.layer_norm, h, cd)
+        q = split_heads(F.linear(x, weights(cross.q)), cross.n_heads)
         o = _merge(_attend(q, k_mem, v_mem, cross_bias, cross.dropout if training else 0.0))
         h = _residual(h, F.linear(o, weights(cross.o)), ca.dropout.p, training)
-        x = _norm_to(ff.layer_norm, h, cd)
+        x = norm_to(ff.layer_norm, h, cd)
         h = _residual(h, *_ffn_args(ff, x, weights, act, training))
-    h = _dropout(_norm(dec.final_layer_norm, h), dec.dropout.p, training)
+    h = _dropout(rms_norm(dec.final_layer_norm, h), dec.dropout.p, training)
     if getattr(t5.config, "scale_decoder_outputs", False):
         h = h * (t5.config.d_model**-0.5)
     return F.linear(h.to(cd), weights(t5.lm_head))
-
-
-# Most encoder positions (rows x padded length) `greedy` encodes at once on a CPU. The encoder's
-# activations (attention bias [b, H, l, l], feed-forward hidden [b, l, d_ff], ...) then stay those of
-# one chunk whatever the batch size, each chunk is padded only to its own longest row, and the chunk's
-# working set stays in cache: on a 2-core Zen 3, t5-small encoded a batch of 32 SQuAD questions 18% faster
-# in chunks of 1024 positions than at once, with 360 MiB less peak memory (docs/performance.md).
-# On a GPU a chunk that small would leave the device idle, so there the whole batch is one chunk.
-ENCODE_CHUNK_TOKENS = {"cpu": 1024}
-
-# Largest cross-attention key/value cache (all decoder layers, fp32) `greedy` builds. Above it, each
-# step attends over the encoder output itself, folding the key and value projections into the query
-# and the output, (q W_k) m^T instead of q (m W_k)^T, with the H heads as H queries of one fused
-# attention: the same function from one [B, L, d] tensor instead of 2 x layers x [B, L, H * D] (12x less
-# for t5-small, 24x for t5-base). Each step streams its cross-attention operands from memory either way;
-# for a batch of 32 SQuAD questions (t5-small, CPU) the folded form was 3% faster and 211 MiB smaller,
-# for one question the cache is 7% faster and small, so small caches are kept. Measured on a CPU only:
-# elsewhere (a GPU, with memory to spare) the cache is always built.
-CROSS_KV_CACHE_BYTES = {"cpu": 64 * 2**20}
-
-
-def _ends(mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] padding mask -> [B] one past each row's last real position."""
-    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-    return (mask.to(torch.long) * positions).amax(dim=1)
-
-
-def _encoder_output(
-    t5: T5ForConditionalGeneration,
-    embeds: torch.Tensor,
-    mask: torch.Tensor,
-    ends: torch.Tensor,
-    weights: _Weights,
-    max_tokens: int | None = None,
-) -> torch.Tensor:
-    """The encoder's output [B, L, d] in the compute dtype, encoding rows in chunks of similar length.
-
-    Rows must come longest first (`ends` non-increasing); L is the longest row. Consecutive rows are
-    encoded together, cut to the chunk's longest row, at most `max_tokens` positions at a time (one row at
-    least; default: `ENCODE_CHUNK_TOKENS` of the device, else the whole batch). This is the same
-    computation as encoding the batch at once: a real position never attends to padding (its weight is
-    exactly 0). Positions past a row's end are zero, and masked wherever the output is read.
-    """
-    batch, length = embeds.shape[0], int(ends[0])
-    budget = max_tokens or ENCODE_CHUNK_TOKENS.get(embeds.device.type) or batch * length
-    out = torch.zeros(batch, length, embeds.shape[-1], dtype=weights.dtype, device=embeds.device)
-    widths = ends.tolist()
-    start = 0
-    while start < batch:
-        width = widths[start]
-        stop = min(batch, start + max(1, budget // max(width, 1)))
-        chunk = _encode(t5, embeds[start:stop, :width], mask[start:stop, :width], weights, training=False)
-        out[start:stop, :width] = chunk
-        start = stop
-    return out
-
-
-def _token_ids(value: int | list[int] | None) -> list[int]:
-    if value is None:
-        return []
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
-
-
-@torch.no_grad()
-def _greedy(
-    t5: T5ForConditionalGeneration,
-    embeds: torch.Tensor,
-    mask: torch.Tensor,
-    max_new_tokens: int,
-    weights: _Weights,
-) -> torch.Tensor:
-    """Greedy decoding with a preallocated KV cache, as `generate(do_sample=False, num_beams=1)` does it.
-
-    The encoder runs once, in chunks of similar length (`_encoder_output`). Each step embeds the last
-    token, runs every decoder layer on that one position (self-attention over the cache, cross-attention
-    over keys/values projected once per batch, or over the encoder output with the projections folded
-    into the query when such a cache would exceed `CROSS_KV_CACHE_BYTES` on a CPU), takes the argmax of
-    the logits in fp32, writes `pad` for rows that already emitted EOS, and stops when every row has.
-    Attention at query length 1 is small batched matmuls in fp32 (keys/values are cached in fp32), which
-    is both cheaper on a CPU than the fused kernel and at least as precise.
-
-    Returns:
-        [B, 1 + steps] ids starting with the decoder start token, like `generate`.
-    """
-    cfg, gen = t5.config, t5.generation_config
-    dec = t5.decoder
-    act = _ACTIVATIONS[cfg.dense_act_fn]
-    cd = weights.dtype
-    device = embeds.device
-    batch = embeds.shape[0]
-    start = (
-        gen.decoder_start_token_id if gen.decoder_start_token_id is not None else cfg.decoder_start_token_id
-    )
-    eos = torch.tensor(
-        _token_ids(gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id), device=device
-    )
-    pad = gen.pad_token_id if gen.pad_token_id is not None else cfg.pad_token_id
-    if pad is None and len(eos):
-        pad = int(eos[0])
-
-    # Rows longest first (the answer rows are put back in the caller's order at the end), so that the
-    # encoder's chunks are runs of similar length.
-    ends = _ends(mask)
-    order = torch.argsort(ends, descending=True, stable=True)
-    embeds, mask, ends = embeds[order], mask[order], ends[order]
-    memory = _encoder_output(t5, embeds, mask, ends, weights)  # [B, L, d]
-    length = memory.shape[1]
-    first = dec.block[0].layer[0].SelfAttention
-    heads, d_kv = first.n_heads, first.key_value_proj_dim
-    rows = batch * heads
-    cross_bias = _key_mask(mask[:, :length], torch.float32).expand(batch, heads, 1, length)
-    cross_bias = cross_bias.reshape(rows, 1, length)
-    # Per layer: keys and values [B * H, L, D] fp32, contiguous, so that every step is two plain bmm
-    # calls; or, when those would take more than CROSS_KV_CACHE_BYTES, W_k [H, D, d] and W_v^T [H, d, D]
-    # to attend over the encoder output itself (kept as [B, L, d] fp32).
-    limit = CROSS_KV_CACHE_BYTES.get(device.type)
-    fold = limit is not None and len(dec.block) * 2 * rows * length * d_kv * 4 > limit
-    cross_kv = []
-    for block in dec.block:
-        k, v = (weights(lin) for lin in (block.layer[1].EncDecAttention.k, block.layer[1].EncDecAttention.v))
-        if fold:
-            cross_kv.append(
-                (k.float().view(heads, d_kv, -1), v.float().view(heads, d_kv, -1).transpose(1, 2))
-            )
-        else:
-            cross_kv.append(
-                tuple(_heads(F.linear(memory, w), heads).reshape(rows, length, d_kv).float() for w in (k, v))
-            )
-    memory = memory.float() if fold else None
-    if memory is not None:  # one fused attention reads the encoder output once per layer and step
-        kv, fold_bias = (
-            memory[:, None],
-            _key_mask(mask[:, :length], torch.float32),
-        )  # [B, 1, L, d], [B, 1, 1, L]
-    steps = max_new_tokens
-    self_bias = _position_bias(first, steps, steps, device, torch.float32)[0]  # [H, steps, steps]
-    cache_k = [torch.zeros(rows, steps, d_kv, device=device) for _ in dec.block]
-    cache_v = [torch.zeros(rows, steps, d_kv, device=device) for _ in dec.block]
-
-    tokens = torch.full((batch, 1), start, dtype=torch.long, device=device)
-    out = [tokens]
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    scale = cfg.d_model**-0.5 if getattr(cfg, "scale_decoder_outputs", False) else None
-
-    def one_query(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        """[B, 1, d] -> [B * H, 1, D] fp32."""
-        return F.linear(x, weights(lin)).float().view(rows, 1, d_kv)
-
-    def merged(o: torch.Tensor) -> torch.Tensor:
-        """[B * H, 1, D] -> [B, 1, H * D] in the compute dtype."""
-        return o.view(batch, 1, heads * d_kv).to(cd)
-
-    for t in range(steps):
-        h = dec.embed_tokens(tokens)  # [B, 1, d]
-        bias_t = self_bias[:, t : t + 1, : t + 1]  # [H, 1, t + 1]
-        for i, block in enumerate(dec.block):
-            sa, ca, ff = block.layer[0], block.layer[1], block.layer[-1]
-            attn = sa.SelfAttention
-            x = _norm_to(sa.layer_norm, h, cd)
-            q, k, v = _self_qkv(attn, x, weights)  # [B, H, 1, D] each
-            q = q.reshape(rows, 1, d_kv).float()
-            cache_k[i][:, t : t + 1] = k.reshape(rows, 1, d_kv)
-            cache_v[i][:, t : t + 1] = v.reshape(rows, 1, d_kv)
-            scores = (
-                torch.bmm(q, cache_k[i][:, : t + 1].transpose(1, 2)).view(batch, heads, 1, t + 1) + bias_t
-            )
-            o = torch.bmm(torch.softmax(scores, dim=-1).view(rows, 1, t + 1), cache_v[i][:, : t + 1])
-            h = h + F.linear(merged(o), weights(attn.o))
-            cross = ca.EncDecAttention
-            x = _norm_to(ca.layer_norm, h, cd)
-            ck, cv = cross_kv[i]
-            if memory is None:
-                scores = torch.bmm(one_query(x, cross.q), ck.transpose(1, 2)) + cross_bias
-                o = torch.bmm(torch.softmax(scores, dim=-1), cv)
-            else:  # ck = W_k [H, D, d], cv = W_v^T [H, d, D]; the heads are the queries of one attention
-                q = one_query(x, cross.q).view(batch, heads, d_kv).transpose(0, 1)  # [H, B, D]
-                q = torch.bmm(q, ck).transpose(0, 1)  # [B, H, d]
-                o = F.scaled_dot_product_attention(q[:, None], kv, kv, attn_mask=fold_bias, scale=1.0)
-                o = torch.bmm(o[:, 0].transpose(0, 1), cv).transpose(0, 1).reshape(rows, 1, d_kv)
-            h = h + F.linear(merged(o), weights(cross.o))
-            x = _norm_to(ff.layer_norm, h, cd)
-            h = h + _ffn(ff.DenseReluDense, x, weights, act, training=False)[0]
-        h = _norm(dec.final_layer_norm, h)
-        if scale is not None:
-            h = h * scale
-        logits = F.linear(h[:, -1].to(cd), weights(t5.lm_head)).float()
-        nxt = logits.argmax(dim=-1)
-        if pad is not None:
-            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
-        tokens = nxt[:, None]
-        out.append(tokens)
-        if len(eos):
-            unfinished &= ~torch.isin(nxt, eos)
-            if not bool(unfinished.any()):
-                break
-    return torch.cat(out, dim=1)[torch.argsort(order)]

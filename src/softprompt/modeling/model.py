@@ -5,7 +5,7 @@ all weights and uses no prompt.
 
 Speed (see docs/performance.md): when every model weight is frozen (prompt tuning, inference) and the
 model runs on a CPU or a CUDA GPU (`lean_t5.DEVICE_TYPES`), `PromptedT5.forward`, `.generate`, `.encode` and
-`.label_logits` run softprompt's lean T5 (`softprompt.modeling.lean_t5.logits`, `.greedy`, `.encode`, `.decode`)
+`.label_logits` run softprompt's lean T5 (`softprompt.modeling.lean_t5.logits`, `.encode`, `.decode`, `softprompt.modeling.lean_greedy.greedy`)
 instead of transformers' modules: the same weights, the same function (tests check it against transformers
 token for token and loss for loss), fewer and larger kernels. `PromptedT5(..., fast_path=False)`
 (`softprompt train --no_fast_path`) switches it off; anything it does not cover (fine-tuning, FSDP,
@@ -28,8 +28,9 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.errors import CheckpointError
 from softprompt.io.pretrained import is_hub_id, load_pretrained_t5, model_file, resolve_model_files
-from softprompt.modeling import lean_t5
+from softprompt.modeling import lean_greedy, lean_t5
 from softprompt.modeling.prompt import SoftPrompt
+from softprompt.modeling.prompt_table import PromptTable, select_prompts
 
 # What transformers needs to turn a `spiece.model` into a tokenizer when no tokenizer.json comes with it.
 _SPIECE_NEEDS = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}
@@ -275,22 +276,28 @@ class PromptedT5(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        prompt: torch.Tensor | None = None,
+        prompt: PromptTable | torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
+        *,
+        prompt_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed the input and put the prompt in front of it.
 
         Args:
             input_ids: [B, S].
             attention_mask: [B, S].
-            prompt: [B, P, H] per-row prompts to use instead of this model's own (a mixed-task batch).
-            prompt_lengths: [B] real lengths of `prompt` rows, when they differ.
+            prompt: per-row prompts to use instead of this model's own (a mixed-task batch): [B, P, H]; or,
+                with `prompt_rows`, a `PromptTable` or a [K, P, H] tensor (see `select_prompts`).
+            prompt_lengths: real lengths of `prompt` rows, when they differ ([B]; [K] with `prompt_rows`).
+            prompt_rows: [B] each row's index into `prompt`.
 
         Returns:
             inputs_embeds: [B, P + S, H] and attention_mask: [B, P + S] (P = 0 without a prompt).
         """
         embeds = self.model.get_input_embeddings()(input_ids)
-        if prompt is None and self.prompt is not None:
+        if prompt is not None:
+            prompt, prompt_lengths = select_prompts(prompt, prompt_rows, prompt_lengths)
+        elif self.prompt is not None:
             prompt = self.prompt(input_ids.shape[0])
         if prompt is None:
             return embeds, attention_mask
@@ -302,6 +309,10 @@ class PromptedT5(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         reduction: str = "mean",
+        *,
+        prompt: PromptTable | torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+        prompt_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Teacher-forced cross-entropy of the labels.
 
@@ -310,12 +321,19 @@ class PromptedT5(nn.Module):
             attention_mask: [B, S].
             labels: [B, T], -100 where padded.
             reduction: `mean` over target tokens, or `sum` (the trainer sums and divides by the
-                global batch's token count so accumulation does not change the gradient).
+                global batch's token count so accumulation does not change the gradient); `none` gives
+                the [B * T] token losses.
+            prompt: per-row prompts instead of this model's own (see `encoder_inputs`): [B, P, H], or a
+                `PromptTable` / [K, P, H] tensor with `prompt_rows`. Gradients reach the selected prompts.
+            prompt_lengths: real prompt lengths ([B]; [K] with `prompt_rows`), when they differ.
+            prompt_rows: [B] each row's index into `prompt`.
 
         Returns:
-            loss: a scalar.
+            loss: a scalar (or [B * T] for `none`).
         """
-        inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask)
+        inputs_embeds, mask = self.encoder_inputs(
+            input_ids, attention_mask, prompt, prompt_lengths, prompt_rows=prompt_rows
+        )
         decoder_input_ids = self.model._shift_right(labels)
         cd = self.fast_path_dtype(inputs_embeds.device)
         if cd is not None:
@@ -339,8 +357,10 @@ class PromptedT5(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        prompt: torch.Tensor | None = None,
+        prompt: PromptTable | torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
+        *,
+        prompt_rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the encoder once, for decoding against it several times (`label_logits`); for inference, in eval
         mode (the lean path never applies dropout, transformers' modules do in train mode).
@@ -348,13 +368,16 @@ class PromptedT5(nn.Module):
         Args:
             input_ids: [B, S].
             attention_mask: [B, S].
-            prompt: optional per-row prompts [B, P, H] (see `encoder_inputs`).
-            prompt_lengths: optional [B] real prompt lengths.
+            prompt: optional per-row prompts [B, P, H], or a table with `prompt_rows` (see `encoder_inputs`).
+            prompt_lengths: optional real prompt lengths.
+            prompt_rows: optional [B] row indices into `prompt`.
 
         Returns:
             encoder states: [B, P + S, H] and their attention mask: [B, P + S].
         """
-        inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask, prompt, prompt_lengths)
+        inputs_embeds, mask = self.encoder_inputs(
+            input_ids, attention_mask, prompt, prompt_lengths, prompt_rows=prompt_rows
+        )
         cd = self.fast_path_dtype(inputs_embeds.device, for_training=False)
         if cd is not None:
             return lean_t5.encode(self.model, inputs_embeds, mask, cd), mask
@@ -397,9 +420,11 @@ class PromptedT5(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         max_new_tokens: int = 32,
-        prompt: torch.Tensor | None = None,
+        prompt: PromptTable | torch.Tensor | None = None,
         prompt_lengths: torch.Tensor | None = None,
         synced_gpus: bool = False,
+        *,
+        prompt_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Greedy decoding, stopping when every row has produced EOS.
 
@@ -407,18 +432,21 @@ class PromptedT5(nn.Module):
             input_ids: [B, S].
             attention_mask: [B, S].
             max_new_tokens: the longest answer, in tokens.
-            prompt: optional per-row prompts [B, P, H] (see `encoder_inputs`).
-            prompt_lengths: optional [B] real prompt lengths.
+            prompt: optional per-row prompts [B, P, H], or a table with `prompt_rows` (see `encoder_inputs`).
+            prompt_lengths: optional real prompt lengths.
             synced_gpus: keep decoding until every rank is done (an FSDP-sharded model runs
                 collectives in each forward, so ranks must take the same number of steps).
+            prompt_rows: optional [B] row indices into `prompt`.
 
         Returns:
             token ids: [B, <= max_new_tokens + 1], starting with the decoder start token.
         """
-        inputs_embeds, mask = self.encoder_inputs(input_ids, attention_mask, prompt, prompt_lengths)
+        inputs_embeds, mask = self.encoder_inputs(
+            input_ids, attention_mask, prompt, prompt_lengths, prompt_rows=prompt_rows
+        )
         cd = None if synced_gpus else self.fast_path_dtype(inputs_embeds.device, for_training=False)
-        if cd is not None and lean_t5.plain_greedy(self.model.generation_config):
-            return lean_t5.greedy(self.model, inputs_embeds, mask, max_new_tokens, cd)
+        if cd is not None and lean_greedy.plain_greedy(self.model.generation_config):
+            return lean_greedy.greedy(self.model, inputs_embeds, mask, max_new_tokens, cd)
         with self._autocast(inputs_embeds.device):
             return self.model.generate(
                 inputs_embeds=inputs_embeds,

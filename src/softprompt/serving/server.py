@@ -17,467 +17,46 @@ limit is the server's capacity, not one client's request rate.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-import math
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Discriminator, Field, Tag
 
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank, load_model_and_prompts
+from softprompt.serving.batching import MicroBatcher, QueueFull
+from softprompt.serving.schemas import (
+    AnswerFn,
+    AnswerInput,
+    AnswerRequest,
+    AnswerResponse,
+    ApiError,
+    BatchAnswerRequest,
+    BatchAnswerResponse,
+    ErrorResponse,
+    HealthResponse,
+    Limits,
+    Row,
+    TaskInfo,
+    TasksResponse,
+    error_response,
+    validation_response,
+)
 from softprompt.tasks.text.task import TaskSpec
 
-Row = tuple[str, str, str | None]  # (task, question, context), or a text task's (task, model input, None)
 ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health"
-AnswerFn = Callable[[list[Row]], list[str]]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Request and response bodies
-
-
-class AnswerInput(BaseModel):
-    """One question (QA tasks) or one example (text tasks: `fields`) for one task."""
-
-    task: str = Field(min_length=1, description="Name of a loaded prompt (see GET /v1/tasks).")
-    question: str | None = Field(default=None, min_length=1, description="The question (QA tasks).")
-    context: str | None = Field(
-        default=None, min_length=1, description="The passage that holds the answer (QA tasks)."
-    )
-    fields: dict[str, Any] | None = Field(
-        default=None,
-        description="A text task's fields, filled into the template its prompt was trained with "
-        '(e.g. {"premise": "...", "hypothesis": "..."} for RTE).',
-    )
-
-
-class BatchAnswerRequest(BaseModel):
-    """Several questions, for any mix of tasks, answered in order."""
-
-    inputs: list[AnswerInput] = Field(min_length=1, description="The questions.")
-
-
-def _body_kind(value: Any) -> str:
-    # Choose the branch from the body's shape so that validation errors come from that branch only.
-    if isinstance(value, dict):
-        return "batch" if "inputs" in value else "single"
-    return "batch" if isinstance(value, BatchAnswerRequest) else "single"
-
-
-AnswerRequest = Annotated[
-    Annotated[AnswerInput, Tag("single")] | Annotated[BatchAnswerRequest, Tag("batch")],
-    Discriminator(_body_kind),
-]
-
-
-class AnswerResponse(BaseModel):
-    """The answer to one question."""
-
-    answer: str
-
-
-class BatchAnswerResponse(BaseModel):
-    """Answers in the order of the request's inputs."""
-
-    answers: list[str]
-
-
-class TaskInfo(BaseModel):
-    """A loaded prompt and what its checkpoint says about it."""
-
-    name: str
-    n_tokens: int
-    d_model: int
-    base_model: str
-    init: str
-    input_template: str | None = Field(
-        default=None, description="A text task's template: the fields a request's `fields` must hold."
-    )
-    labels: list[str] | None = Field(default=None, description="A classification task's label strings.")
-    max_source_length: int
-    punctuation: str = Field(description="Text format the prompt was trained with: paper, current or none.")
-    dev_f1: float | None = Field(default=None, description="Dev F1 recorded at training time, if any.")
-    dev_exact_match: float | None = Field(default=None, description="Dev EM recorded at training time.")
-    extra: dict[str, Any] = Field(default_factory=dict, description="Everything the checkpoint recorded.")
-
-
-class TasksResponse(BaseModel):
-    """Every prompt this server answers for."""
-
-    tasks: list[TaskInfo]
-
-
-class HealthResponse(BaseModel):
-    """Liveness plus the micro-batcher's counters."""
-
-    status: Literal["ok"] = "ok"
-    device: str
-    n_tasks: int
-    batches_run: int = Field(description="Merged batches handed to the model.")
-    max_batch_seen: int = Field(description="Most questions merged into one batch.")
-    requests_answered: int
-    rows_answered: int = Field(description="Questions answered (a request may hold several).")
-    queue_depth: int = Field(description="Requests waiting for the model.")
-    max_queue: int = Field(description="Most requests that may wait; more are refused with 503.")
-    requests_rejected: int = Field(description="Requests refused with 503 because the queue was full.")
-
-
-class ErrorResponse(BaseModel):
-    """What went wrong, in one sentence, plus field-level details for validation errors."""
-
-    error: str
-    errors: list[dict[str, Any]] | None = None
-
-
-class ApiError(Exception):
-    """An error answered as `ErrorResponse` with the given HTTP status."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-# ----------------------------------------------------------------------------------------------------
-# Micro-batching
-
-
-@dataclass
-class _Pending:
-    rows: list[Any]  # as given to `submit`, or as `prepare` made them
-    future: asyncio.Future[list[str]]
-    length: int = 0  # the longest row's `length`, when the batcher has one
-
-
-@dataclass
-class BatcherStats:
-    """Counters exposed on /health, so clients (and tests) can see that batching happens."""
-
-    batches_run: int = 0
-    max_batch_seen: int = 0
-    requests_answered: int = 0
-    rows_answered: int = 0
-    requests_rejected: int = 0
-    window_waits: int = 0
-    """Batches whose first request waited for company (not on /health)."""
-
-
-class QueueFull(Exception):
-    """The batcher's queue holds `max_queue` requests already; retry after `retry_after` seconds."""
-
-    def __init__(self, depth: int, retry_after: int) -> None:
-        super().__init__(f"{depth} requests are already waiting for the model")
-        self.depth = depth
-        self.retry_after = retry_after
-
-
-class MicroBatcher:
-    """Gathers concurrent requests into one batch for a single model worker thread.
-
-    A request is first prepared (`prepare`, e.g. tokenised, on a thread of its own, so that the model
-    thread only runs the model), then waits. When the model is free, the batch is formed from what waits:
-
-    * The window. A lone request does not wait: the batch runs at once unless company is on its way, that
-      is while requests are still being prepared, or while fewer rows wait than the last batch held (the
-      clients it answered are likely to send their next request now). Then it waits for them, at most
-      `max_wait_ms`, and no longer once `max_batch_size` rows wait.
-    * Batch formation. When everything waiting fits in `max_batch_size` rows, everything goes. Otherwise
-      the oldest request (so none waits forever) is joined by the requests of the most similar lengths
-      (`length`), growing the batch towards whichever neighbour in length adds the least padding; without
-      `length`, by the oldest that fit. A request is never split, and one bigger than the cap runs alone.
-
-    The batch runs in a one-thread executor, so the model is never entered twice at once and the event
-    loop stays free. At most `max_queue` requests wait or are being prepared (the batch on the model is
-    not counted); `submit` refuses more with `QueueFull` at once, holding nothing for them, so memory is
-    bounded by `max_queue` requests plus one batch whatever the load.
-
-    Args:
-        answer: rows (prepared, if `prepare` is given) -> answers, called on the worker thread (e.g.
-            `PromptBank.answer_prepared`).
-        prepare: rows -> prepared rows, one per row (e.g. `PromptBank.prepare`); None queues rows as given.
-        length: a prepared row's size for batch formation (e.g. `PreparedRow.length`); None: arrival order.
-        max_batch_size: most questions per merged batch.
-        max_wait_ms: the longest a batch's first request waits for company.
-        max_queue: most requests waiting for the model.
-    """
-
-    def __init__(
-        self,
-        answer: AnswerFn,
-        *,
-        prepare: Callable[[list[Row]], list[Any]] | None = None,
-        length: Callable[[Any], int] | None = None,
-        max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
-        max_queue: int = 1024,
-    ) -> None:
-        if max_batch_size < 1:
-            raise UserError(f"--max_batch_size must be >= 1, got {max_batch_size}")
-        if max_wait_ms < 0:
-            raise UserError(f"--max_wait_ms must be >= 0, got {max_wait_ms}")
-        if max_queue < 1:
-            raise UserError(f"--max_queue must be >= 1, got {max_queue}")
-        self._answer = answer
-        self._prepare = prepare
-        self._length = length
-        self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000.0
-        self.max_queue = max_queue
-        self.stats = BatcherStats()
-        self._batch_seconds = 1.0  # running mean of a batch's time on the model, for Retry-After
-        self._last_rows = 0  # rows of the last batch: how much company to expect
-        self._waiting: list[_Pending] = []  # in arrival order
-        self._preparing = 0  # accepted requests still being prepared
-        self._arrived: asyncio.Event | None = None
-        self._taken: list[_Pending] = []  # out of the queue, not answered yet
-        self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._prepare_executor: ThreadPoolExecutor | None = None
-
-    @property
-    def queue_depth(self) -> int:
-        """Requests accepted and not yet on the model (waiting, or being prepared)."""
-        return len(self._waiting) + self._preparing
-
-    def start(self) -> None:
-        """Start the gathering task on the running event loop (idempotent)."""
-        if self._task is not None and not self._task.done():
-            return
-        self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-model")
-        if self._prepare is not None:
-            self._prepare_executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="softprompt-prepare"
-            )
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-batcher")
-
-    async def stop(self) -> None:
-        """Stop gathering and fail whatever still waits (the server is shutting down)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        waiting, self._taken, self._waiting = [*self._taken, *self._waiting], [], []
-        for p in waiting:
-            if not p.future.done():
-                p.future.set_exception(RuntimeError("the server is shutting down"))
-        for executor in (self._executor, self._prepare_executor):
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = self._prepare_executor = None
-
-    def retry_after(self) -> int:
-        """Whole seconds until the waiting requests have likely been run (at least 1)."""
-        batches_ahead = self.queue_depth / self.max_batch_size + 1
-        return max(1, math.ceil(self._batch_seconds * batches_ahead))
-
-    async def submit(self, rows: list[Row]) -> list[str]:
-        """Prepare and queue rows, and wait for their answers (in row order).
-
-        Raises:
-            QueueFull: `max_queue` requests already wait; nothing was queued.
-        """
-        self.start()
-        assert self._arrived is not None
-        if self.queue_depth >= self.max_queue:
-            self.stats.requests_rejected += 1
-            raise QueueFull(self.queue_depth, self.retry_after())
-        items: list[Any] = rows
-        if self._prepare is not None:
-            self._preparing += 1
-            try:
-                loop = asyncio.get_running_loop()
-                items = await loop.run_in_executor(self._prepare_executor, self._prepare, rows)
-            finally:
-                self._preparing -= 1
-                self._arrived.set()  # the window may be waiting for this request
-        length = max(map(self._length, items)) if self._length is not None and items else 0
-        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Pending(rows=items, future=future, length=length))
-        self._arrived.set()
-        return await future
-
-    def _rows_waiting(self) -> int:
-        return sum(len(p.rows) for p in self._waiting)
-
-    async def _next_arrival(self, timeout: float | None = None) -> bool:
-        """Wait until a request arrives or finishes preparing; False on timeout."""
-        assert self._arrived is not None
-        self._arrived.clear()
-        try:
-            await asyncio.wait_for(self._arrived.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    async def _gather(self) -> list[_Pending]:
-        while not self._waiting:
-            await self._next_arrival()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
-        waited = False
-        while self._rows_waiting() < self.max_batch_size and (
-            self._preparing > 0 or self._rows_waiting() < self._last_rows
-        ):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            waited = True
-            if not await self._next_arrival(remaining):
-                break
-        self.stats.window_waits += waited
-        batch = self._select()
-        chosen = {id(p) for p in batch}
-        self._waiting = [p for p in self._waiting if id(p) not in chosen]
-        return batch
-
-    def _select(self) -> list[_Pending]:
-        """The next batch from the waiting requests (see the class docstring)."""
-        waiting, cap = self._waiting, self.max_batch_size
-        if self._rows_waiting() <= cap:
-            return list(waiting)
-        oldest = waiting[0]
-        if len(oldest.rows) >= cap:
-            return [oldest]
-        if self._length is None:
-            batch, size = [], 0
-            for p in waiting:
-                if size + len(p.rows) <= cap:
-                    batch.append(p)
-                    size += len(p.rows)
-            return batch
-        # Grow a run of the length-sorted requests around the oldest, towards the cheaper neighbour.
-        ranked = sorted(waiting, key=lambda p: p.length)
-        lo = hi = next(i for i, p in enumerate(ranked) if p is oldest)
-        size, longest, total = len(oldest.rows), oldest.length, len(oldest.rows) * oldest.length
-        while True:
-            options = []
-            for j in (lo - 1, hi + 1):
-                if 0 <= j < len(ranked) and size + len(ranked[j].rows) <= cap:
-                    p = ranked[j]
-                    rows, width = size + len(p.rows), max(longest, p.length)
-                    options.append((rows * width - total - len(p.rows) * p.length, j))
-            if not options:
-                break
-            _, j = min(options)
-            p = ranked[j]
-            lo, hi = min(lo, j), max(hi, j)
-            size, longest, total = size + len(p.rows), max(longest, p.length), total + len(p.rows) * p.length
-        chosen = {id(p) for p in ranked[lo : hi + 1]}
-        return [p for p in waiting if id(p) in chosen]
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            # A client that went away has a cancelled future; its rows are not worth decoding.
-            batch = [p for p in await self._gather() if not p.future.done()]
-            self._taken = batch
-            if not batch:
-                continue
-            rows = [r for p in batch for r in p.rows]
-            self._last_rows = len(rows)
-            started = loop.time()
-            try:
-                answers = await loop.run_in_executor(self._executor, self._answer, rows)
-            except Exception as e:
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                self._taken = []
-                continue
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (loop.time() - started)
-            self.stats.batches_run += 1
-            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
-            self.stats.rows_answered += len(rows)
-            start = 0
-            for p in batch:
-                part = answers[start : start + len(p.rows)]
-                start += len(p.rows)
-                if not p.future.done():
-                    self.stats.requests_answered += 1
-                    p.future.set_result(part)
-            self._taken = []
 
 
 # ----------------------------------------------------------------------------------------------------
 # The application
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for."""
-
-    max_context_chars: int = 20000
-    """Longest context accepted, in characters."""
-    max_question_chars: int = 2000
-    """Longest question accepted, in characters."""
-    max_inputs: int = 256
-    """Most questions in one request."""
-
-    @property
-    def max_body_bytes(self) -> int:
-        # UTF-8 needs at most 4 bytes a character; the slack covers JSON syntax and task names.
-        return self.max_inputs * (4 * (self.max_context_chars + self.max_question_chars) + 1024) + 65536
-
-
-def _error(
-    status: int,
-    message: str,
-    errors: list[dict[str, Any]] | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        status_code=status,
-        content=ErrorResponse(error=message, errors=errors).model_dump(exclude_none=True),
-        headers=headers,
-    )
-
-
-def _where(loc: Sequence[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "single", "batch")]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out or "body"
-
-
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
-    errors = list(exc.errors())
-    for e in errors:
-        if e.get("type") == "json_invalid":
-            reason = (e.get("ctx") or {}).get("error", "malformed JSON")
-            return _error(422, f"the request body is not valid JSON ({reason}); send a JSON object")
-    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
-        return _error(
-            422,
-            'the request has no body; send {"task", "question", "context"} or {"inputs": [...]} as JSON',
-        )
-    if any(e.get("type") == "model_attributes_type" and _where(e.get("loc", ())) == "body" for e in errors):
-        return _error(
-            422,
-            'the request body must be a JSON object, {"task", "question", "context"} or {"inputs": [...]}, '
-            "sent as Content-Type: application/json",
-        )
-    summary = "; ".join(f"{_where(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:5])
-    details = [
-        {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg"), "type": e.get("type")}
-        for e in errors
-    ]
-    return _error(422, f"invalid request: {summary}", details)
 
 
 def create_app(
@@ -522,7 +101,6 @@ def create_app(
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
         )
-    tasks = [TaskInfo(**info) for info in bank.describe()]
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -540,32 +118,46 @@ def create_app(
     app.state.bank = bank
     app.state.batcher = batcher
     app.state.limits = limits
+    _add_error_handlers(app)
+    _add_body_limit(app, limits)
+    _add_routes(app, bank, batcher, limits)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer validation errors, `ApiError`s, unknown paths and wrong methods as `ErrorResponse`s."""
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_response(exc)
+        return validation_response(exc)
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, headers=exc.headers)
+        return error_response(exc.status, exc.message, headers=exc.headers)
 
     # Unknown paths and wrong methods answer in the same {"error": ...} shape as everything else.
     @app.exception_handler(404)
     async def on_not_found(request: Request, _: Exception) -> JSONResponse:
-        return _error(404, f"no endpoint at {request.url.path}; this server has {ENDPOINTS} (and /docs)")
+        return error_response(
+            404, f"no endpoint at {request.url.path}; this server has {ENDPOINTS} (and /docs)"
+        )
 
     @app.exception_handler(405)
     async def on_bad_method(request: Request, _: Exception) -> JSONResponse:
-        return _error(
+        return error_response(
             405, f"{request.method} is not allowed on {request.url.path}; this server has {ENDPOINTS}"
         )
+
+
+def _add_body_limit(app: FastAPI, limits: Limits) -> None:
+    """Refuse bodies over `limits.max_body_bytes` (413) and read every POST body as JSON."""
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
         # Refuse an oversized body before reading it rather than after it is in memory.
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return _error(
+            return error_response(
                 413,
                 f"the request body is {length} bytes; this server accepts at most {limits.max_body_bytes}",
             )
@@ -575,13 +167,20 @@ def create_app(
             request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
         return await call_next(request)
 
-    errors = {code: {"model": ErrorResponse} for code in (413, 422, 500, 503)}
-    text_tasks = {
-        name: TaskSpec.from_dict(bank.entry(name).config.task, where=f"prompt {name}")
-        for name in bank.names
-        if bank.entry(name).config.task
-    }
 
+class _RowReader:
+    """Turns a request's inputs into the batcher's rows, refusing unknown tasks and oversized texts."""
+
+    def __init__(self, bank: PromptBank, limits: Limits) -> None:
+        self.bank = bank
+        self.limits = limits
+        self.text_tasks = {
+            name: TaskSpec.from_dict(bank.entry(name).config.task, where=f"prompt {name}")
+            for name in bank.names
+            if bank.entry(name).config.task
+        }
+
+    @staticmethod
     def _too_long(where: str, name: str, text: str, most: int, flag: str) -> None:
         if len(text) > most:
             raise ApiError(
@@ -589,13 +188,14 @@ def create_app(
                 f"{where}{name} is {len(text)} characters long; this server accepts at most {most} ({flag})",
             )
 
-    def _row(item: AnswerInput, where: str) -> Row:
+    def row(self, item: AnswerInput, where: str) -> Row:
         """One input as the batcher's row: QA as (task, question, context), a text task's fields filled in."""
+        bank, limits = self.bank, self.limits
         if item.task not in bank:
             raise ApiError(
                 422, f"{where}task: unknown task '{item.task}'; loaded tasks: {', '.join(bank.names)}"
             )
-        spec = text_tasks.get(item.task)
+        spec = self.text_tasks.get(item.task)
         if spec is None:
             missing = [n for n in ("question", "context") if getattr(item, n) is None]
             if missing:
@@ -604,9 +204,15 @@ def create_app(
                     f"invalid request: {where}{missing[0]}: Field required (task '{item.task}' answers "
                     "questions: send question and context)",
                 )
-            _too_long(where, "context", item.context, limits.max_context_chars, "--max_context_chars")
-            _too_long(where, "question", item.question, limits.max_question_chars, "--max_question_chars")
+            self._too_long(where, "context", item.context, limits.max_context_chars, "--max_context_chars")
+            self._too_long(
+                where, "question", item.question, limits.max_question_chars, "--max_question_chars"
+            )
             return (item.task, item.question, item.context)
+        return (item.task, self._filled_template(item, spec, where), None)
+
+    def _filled_template(self, item: AnswerInput, spec: TaskSpec, where: str) -> str:
+        """A text task's model input: its fields filled into the prompt's template."""
         if item.fields is None:
             raise ApiError(
                 422,
@@ -622,14 +228,21 @@ def create_app(
         if len(texts) != 1:
             raise ApiError(422, f"{where}fields: make {len(texts)} inputs; send one example per input")
         text = texts[0][1]
-        _too_long(
+        self._too_long(
             where,
             "the filled template",
             text,
-            limits.max_context_chars + limits.max_question_chars,
+            self.limits.max_context_chars + self.limits.max_question_chars,
             "--max_context_chars",
         )
-        return (item.task, text, None)
+        return text
+
+
+def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: Limits) -> None:
+    """POST /v1/answer, GET /v1/tasks and GET /health."""
+    errors = {code: {"model": ErrorResponse} for code in (413, 422, 500, 503)}
+    tasks = [TaskInfo(**info) for info in bank.describe()]
+    reader = _RowReader(bank, limits)
 
     @app.post("/v1/answer", responses=errors)
     async def answer_questions(body: AnswerRequest) -> AnswerResponse | BatchAnswerResponse:
@@ -641,7 +254,7 @@ def create_app(
                 413,
                 f"the request holds {len(inputs)} inputs; this server accepts at most {limits.max_inputs}",
             )
-        rows = [_row(item, f"inputs[{i}]." if batched else "") for i, item in enumerate(inputs)]
+        rows = [reader.row(item, f"inputs[{i}]." if batched else "") for i, item in enumerate(inputs)]
         try:
             answers = await batcher.submit(rows)
         except QueueFull as e:
@@ -675,8 +288,6 @@ def create_app(
             max_queue=batcher.max_queue,
             requests_rejected=s.requests_rejected,
         )
-
-    return app
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from softprompt.data.records import (
 )
 from softprompt.errors import CheckpointError, ConfigError, UserError
 from softprompt.inference.engine import EvalResult, autocast, evaluate_examples
+from softprompt.inference.options import GenerationOptions
 from softprompt.inference.task_eval import evaluate_texts
 from softprompt.io import checkpoint as ckpt
 from softprompt.io import rundir
@@ -693,7 +694,7 @@ def _evaluate(run: Run) -> float:
     """Score the dev set; keep best/ when the selection score (F1 for QA, a text task's first metric)
     improves. Returns that score (on every rank)."""
     cfg, st = run.cfg, run.state
-    gen = dict(
+    gen = GenerationOptions(
         batch_size=cfg.eval_batch_size,
         max_new_tokens=cfg.max_target_length,
         env=run.env,
@@ -702,12 +703,10 @@ def _evaluate(run: Run) -> float:
     )
     result: EvalResult
     if run.task is not None:
-        result = evaluate_texts(
-            run.model, run.tokenizer, run.task, run.eval_examples, run.eval_features, **gen
-        )
+        result = evaluate_texts(run.model, run.tokenizer, run.task, run.eval_examples, run.eval_features, gen)
     else:
         result = evaluate_examples(
-            run.model, run.tokenizer, run.eval_examples, run.eval_features, punctuation=cfg.punctuation, **gen
+            run.model, run.tokenizer, run.eval_examples, run.eval_features, gen, punctuation=cfg.punctuation
         )
     st.last_eval_step = st.step
     run.logger.log("eval", st.step, **result.scores())
