@@ -12,8 +12,8 @@ import torch
 from softprompt.data.records import Collator, Features, QAExample, length_sorted_indices, shard_indices
 from softprompt.modeling.model import PromptedT5
 from softprompt.runtime.distributed import DistEnv, gather_objects
+from softprompt.runtime.progress import Progress
 from softprompt.tasks.metrics.squad import squad_scores, squad_scores_padded
-from softprompt.training.tracking import Progress
 
 T = TypeVar("T")
 # (feature indices [B]) -> (prompts [B, P, H], lengths [B] or None): per-row prompts for mixed batches.
