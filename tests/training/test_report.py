@@ -14,7 +14,8 @@ import yaml
 from matplotlib.image import imread
 
 from softprompt.errors import UserError
-from softprompt.training.report import load_run, make_report, model_size
+from softprompt.training.report import make_report
+from softprompt.training.report_runs import load_run, model_size
 
 # One fixture run has a cut-off metrics line on purpose; its warning is asserted where it matters.
 pytestmark = pytest.mark.filterwarnings("ignore:.*unreadable line:UserWarning")
@@ -338,7 +339,7 @@ def test_finished_run_without_dev_set_is_reported_without_scores(tmp_path: Path)
 
 
 def test_short_runs_get_integer_step_ticks_and_zero_scores_a_non_negative_axis(tmp_path: Path) -> None:
-    from softprompt.training.report import draw_figure
+    from softprompt.training.report_plots import draw_figure
 
     run = make_run(tmp_path, "short", em=0.0, f1=0.0, max_steps=3)
     evals = [{"event": "eval", "step": s, "exact_match": 0.0, "f1": 0.0} for s in (1, 2, 3)]

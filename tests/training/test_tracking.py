@@ -12,9 +12,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import softprompt.training.tracking as tracking
+import softprompt.runtime.progress as progress_display
 from softprompt.errors import ConfigError
-from softprompt.training.tracking import MetricsLogger, Progress, progress
+from softprompt.runtime.progress import Progress, progress
+from softprompt.training.tracking import MetricsLogger
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -185,7 +186,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(tracking.time, "monotonic", fake)
+    monkeypatch.setattr(progress_display.time, "monotonic", fake)
     return fake
 
 
@@ -193,7 +194,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
 def test_disabled_progress_prints_nothing(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tty: bool
 ) -> None:
-    monkeypatch.setattr(tracking, "is_tty", lambda stream=None: tty)
+    monkeypatch.setattr(progress_display, "is_tty", lambda stream=None: tty)
     with progress(10, desc="train", enabled=False, log_interval_s=0) as bar:
         for _ in range(10):
             bar.update(1, loss=1.5)
@@ -262,7 +263,7 @@ def test_wrapping_an_iterable(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_tty_draws_a_tqdm_bar(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracking, "is_tty", lambda stream=None: True)
+    monkeypatch.setattr(progress_display, "is_tty", lambda stream=None: True)
     with progress(5, desc="train", enabled=True) as bar:
         for _ in range(5):
             bar.update(1, loss=1.5, examples_per_second=32.0)
@@ -275,6 +276,6 @@ def test_tty_draws_a_tqdm_bar(capsys: pytest.CaptureFixture[str], monkeypatch: p
 
 def test_is_tty_on_non_terminal_streams(tmp_path: Path) -> None:
     with open(tmp_path / "log.txt", "w") as f:
-        assert tracking.is_tty(f) is False
+        assert progress_display.is_tty(f) is False
     f.close()
-    assert tracking.is_tty(f) is False  # closed stream: isatty() raises, we answer False
+    assert progress_display.is_tty(f) is False  # closed stream: isatty() raises, we answer False

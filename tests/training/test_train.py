@@ -172,7 +172,7 @@ def test_bf16_prompt_tuning_keeps_frozen_weights_in_bf16_and_matches_fp32(
     tmp_path, tiny_model_dir, squad_small
 ):
     from softprompt.runtime.distributed import DistEnv
-    from softprompt.training.loop import setup
+    from softprompt.training.setup import setup
 
     train_file, _ = squad_small
     kw = {"global_batch_size": 8, "logging_steps": 1}
@@ -295,7 +295,7 @@ def test_initial_step_default_follows_the_checkpoint_and_is_refused_for_adamw(tm
 
 def test_fast_path_and_bf16_weights_switches_reach_the_model(tmp_path, tiny_model_dir, squad_small):
     from softprompt.runtime.distributed import DistEnv
-    from softprompt.training.loop import setup
+    from softprompt.training.setup import setup
 
     def model(**over):
         cfg = TrainConfig(

@@ -13,8 +13,8 @@ from softprompt.data.records import Collator, Features, QAExample, length_sorted
 from softprompt.inference.options import GenerationOptions
 from softprompt.modeling.model import PromptedT5
 from softprompt.runtime.distributed import DistEnv, gather_objects
+from softprompt.runtime.progress import Progress
 from softprompt.tasks.metrics.squad import squad_scores, squad_scores_padded
-from softprompt.training.tracking import Progress
 
 T = TypeVar("T")
 _DEFAULT = GenerationOptions()

@@ -33,12 +33,6 @@ from softprompt import __version__
 from softprompt.errors import CheckpointError
 from softprompt.io import peft_format
 from softprompt.io.rundir import BEST, fsync_dir, install_dir, is_run_dir
-from softprompt.runtime.distributed import (
-    DistEnv,
-    fsdp_full_state_dict,
-    fsdp_train_tensors,
-    load_fsdp_train_tensors,
-)
 
 PROMPT_WEIGHTS = "prompt.safetensors"
 PROMPT_CONFIG = "prompt_config.json"
@@ -435,80 +429,6 @@ def torch_load_safe(path: Path, *, mmap: bool = False) -> Any:
         ) from None
 
 
-# ------------------------------------------------------------------------------------- resumable state
-# The tensors of a resumable checkpoint. softprompt.io.rundir owns the checkpoint directory around them
-# (trainer_state.json, the manifest, publication); these functions fill it and read it back.
-
-OPTIMIZER_STATE = "optimizer.pt"
-MODEL_WEIGHTS = "model.safetensors"
-FSDP_OPTIMIZER_GROUPS = "optimizer_groups.json"
-FSDP_SCHEDULER = "scheduler.json"
-
-
-def rng_file(rank: int) -> str:
-    """Each rank's torch RNG state (dropout differs per rank)."""
-    return f"rng_rank{rank}.safetensors"
-
-
-def fsdp_model_file(rank: int) -> str:
-    """A rank's shards of the trainable weights under FSDP."""
-    return f"model_rank{rank}.safetensors"
-
-
-def fsdp_optimizer_file(rank: int) -> str:
-    """A rank's shards of the optimizer state under FSDP."""
-    return f"optimizer_rank{rank}.safetensors"
-
-
-def save_train_state(
-    directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    env: DistEnv,
-    *,
-    fsdp: bool,
-    prompt_config: PromptConfig | None,
-) -> None:
-    """Write this rank's part of a resumable checkpoint into `directory` (every rank calls it).
-
-    Every rank writes its RNG state. Unsharded, rank 0 writes the trainable weights (in prompt mode a
-    usable prompt checkpoint, else a Hugging Face model directory) and `optimizer.pt`, which holds
-    only tensors and numbers and is read back with `weights_only=True`. Under FSDP each rank writes
-    its own shards (resuming needs the same number of ranks) and rank 0 the gathered prompt.
-    """
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["torch_cuda"] = torch.cuda.get_rng_state(env.device)
-    save_tensors(directory / rng_file(env.rank), rng)
-    prompt = getattr(model, "prompt", None)
-    if fsdp:
-        shards, optim_flat, groups = fsdp_train_tensors(model, optimizer)
-        save_tensors(directory / fsdp_model_file(env.rank), shards)
-        save_tensors(directory / fsdp_optimizer_file(env.rank), optim_flat)
-        # Every rank takes part in gathering the prompt; rank 0 keeps the checkpoint usable as a prompt.
-        weight = (
-            fsdp_full_state_dict(model, trainable_only=True)["prompt.weight"] if prompt is not None else None
-        )
-        if env.is_main:
-            atomic_write_text(directory / FSDP_OPTIMIZER_GROUPS, json.dumps(groups))
-            atomic_write_text(directory / FSDP_SCHEDULER, json.dumps(scheduler.state_dict()))
-            if weight is not None:
-                assert prompt_config is not None
-                write_prompt_files(directory, weight, prompt_config)
-        return
-    if not env.is_main:
-        return
-    if prompt is not None:
-        assert prompt_config is not None
-        write_prompt_files(directory, prompt.weight, prompt_config)
-    else:
-        save_t5(directory, model.model)
-    # Through a file object: torch.save to a path reports a full disk as an opaque RuntimeError.
-    with open(directory / OPTIMIZER_STATE, "wb") as f:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, f)
-
-
 def save_t5(directory: Path, t5: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a T5 as a Hugging Face model directory with safetensors weights.
 
@@ -522,74 +442,3 @@ def save_t5(directory: Path, t5: torch.nn.Module, state_dict: dict[str, torch.Te
         config = json.loads(path.read_text(encoding="utf-8"))
         config["tie_word_embeddings"] = False
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def load_train_state(
-    directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    env: DistEnv,
-    *,
-    fsdp: bool,
-) -> None:
-    """Load what `save_train_state` wrote back into live objects; a damaged file is one `CheckpointError`."""
-    prompt = getattr(model, "prompt", None)
-    if fsdp:
-        groups_file, scheduler_file = directory / FSDP_OPTIMIZER_GROUPS, directory / FSDP_SCHEDULER
-        try:
-            groups = json.loads(groups_file.read_text(encoding="utf-8"))
-            scheduler_state = json.loads(scheduler_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{groups_file} or {scheduler_file} is damaged ({e})") from None
-        shards = load_tensors(directory / fsdp_model_file(env.rank))
-        optim_flat = load_tensors(directory / fsdp_optimizer_file(env.rank))
-        load_fsdp_train_tensors(model, optimizer, shards, optim_flat, groups, where=directory)
-        _load_into(scheduler, scheduler_state, scheduler_file)
-    else:
-        if prompt is not None:
-            weight, _ = load_prompt(directory, expect_d_model=prompt.d_model)
-            if weight.shape != prompt.weight.shape:
-                raise CheckpointError(
-                    f"the prompt in {directory} has {weight.shape[0]} vectors, the run trains {prompt.weight.shape[0]}"
-                )
-            with torch.no_grad():
-                prompt.weight.copy_(weight)
-        else:
-            refuse_pickles(directory, MODEL_WEIGHTS)
-            state = load_tensors(directory / MODEL_WEIGHTS)
-            missing, unexpected = model.model.load_state_dict(state, strict=False)
-            tied = {"lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
-            if unexpected or set(missing) - tied:
-                raise CheckpointError(
-                    f"{directory / MODEL_WEIGHTS} does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
-                    f"unexpected {sorted(unexpected)[:3]})"
-                )
-        refuse_pickles(directory, OPTIMIZER_STATE)
-        saved = torch_load_safe(directory / OPTIMIZER_STATE)
-        if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= set(saved):
-            raise CheckpointError(
-                f"{directory / OPTIMIZER_STATE} is damaged (no optimizer and scheduler state)"
-            )
-        _load_into(optimizer, saved["optimizer"], directory / OPTIMIZER_STATE)
-        _load_into(scheduler, saved["scheduler"], directory / OPTIMIZER_STATE)
-    path = directory / rng_file(env.rank)
-    rng = load_tensors(path)
-    if "torch_cpu" not in rng:
-        raise CheckpointError(f"{path} is damaged (no torch_cpu state)")
-    try:
-        torch.set_rng_state(rng["torch_cpu"])
-        if "torch_cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["torch_cuda"], env.device)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} is damaged ({e})") from None
-
-
-def _load_into(obj: Any, state: Any, path: Path) -> None:
-    """`obj.load_state_dict(state)`, with a state that does not fit reported as a damaged `path`."""
-    try:
-        obj.load_state_dict(state)
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-        raise CheckpointError(
-            f"{path} is damaged or belongs to another run ({type(e).__name__}: {e})"
-        ) from None
