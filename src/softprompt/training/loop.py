@@ -38,8 +38,8 @@ from softprompt.data.records import (
 from softprompt.errors import CheckpointError, ConfigError, UserError
 from softprompt.inference.engine import EvalResult, autocast, evaluate_examples
 from softprompt.inference.task_eval import evaluate_texts
+from softprompt.io import atomic, rundir
 from softprompt.io import checkpoint as ckpt
-from softprompt.io import rundir
 from softprompt.io.rundir import TrainerState
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.modeling.optim import build_optimizer
@@ -712,7 +712,7 @@ def _evaluate(run: Run) -> float:
     st.last_eval_step = st.step
     run.logger.log("eval", st.step, **result.scores())
     if run.env.is_main:
-        ckpt.atomic_write_json(run.out / rundir.predictions_file(st.step), result.predictions)
+        atomic.atomic_write_json(run.out / rundir.predictions_file(st.step), result.predictions)
     if result.score > st.best_score:
         st.best_step = st.step
         if run.task is None:
@@ -722,7 +722,7 @@ def _evaluate(run: Run) -> float:
             st.best_scores = result.scores()
         save_best(run)
         if run.env.is_main:
-            ckpt.atomic_write_json(run.out / rundir.PREDICTIONS_BEST, result.predictions)
+            atomic.atomic_write_json(run.out / rundir.PREDICTIONS_BEST, result.predictions)
     return result.score
 
 
@@ -790,7 +790,7 @@ def save_best(run: Run) -> None:
         fsdp_full_state_dict(run.model, trainable_only=run.model.prompt is not None) if run.cfg.fsdp else None
     )
     if run.env.is_main:
-        with ckpt.atomic_dir(directory) as tmp:
+        with atomic.atomic_dir(directory) as tmp:
             if run.model.prompt is not None:
                 weight = state["prompt.weight"] if state is not None else run.model.prompt.weight
                 ckpt.write_prompt_files(tmp, weight, _prompt_config(run))
@@ -940,7 +940,7 @@ def _results(run: Run) -> dict[str, Any]:
         )
         results.update(best, task=run.task.name, metric=run.task.metric.value, scores=best or None)
     if run.env.is_main:
-        ckpt.atomic_write_json(run.out / rundir.RESULTS_FILE, results)
+        atomic.atomic_write_json(run.out / rundir.RESULTS_FILE, results)
     run.logger.log("end", st.step, **{k: v for k, v in results.items() if isinstance(v, int | float)})
     return results
 

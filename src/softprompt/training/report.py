@@ -25,7 +25,7 @@ import yaml
 
 import softprompt
 from softprompt.errors import UserError
-from softprompt.io.checkpoint import atomic_write_bytes, atomic_write_text
+from softprompt.io.atomic import atomic_write_bytes, atomic_write_text
 from softprompt.io.rundir import BEST, CHECKPOINT_PREFIX, CONFIG_FILE, LAST, METRICS_FILE, RESULTS_FILE
 
 __all__ = [

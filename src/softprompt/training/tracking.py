@@ -21,7 +21,7 @@ from typing import IO, Any
 from softprompt.config.choices import ReportTo
 from softprompt.config.choices import values as choice_values
 from softprompt.errors import ConfigError
-from softprompt.io.checkpoint import atomic_write_text
+from softprompt.io.atomic import atomic_write_text
 from softprompt.io.rundir import METRICS_FILE, TENSORBOARD_DIR
 
 __all__ = ["METRICS_FILE", "REPORT_TO_CHOICES", "MetricsLogger", "Progress", "is_tty", "progress"]
