@@ -181,7 +181,8 @@ def cmd_export(argv: Sequence[str]) -> int:
     args = parse(ExportArgs, argv, "softprompt export")
     from dataclasses import asdict
 
-    from softprompt.io.checkpoint import atomic_dir, load_prompt
+    from softprompt.io.atomic import atomic_dir
+    from softprompt.io.checkpoint import load_prompt
     from softprompt.io.peft_format import write_adapter
 
     out = Path(args.output_dir)
@@ -239,7 +240,7 @@ def cmd_verify(argv: Sequence[str]) -> int:
     rows = rundir.verify_run(out)
     print(rundir.verify_table(out, rows))
     if args.output:
-        from softprompt.io.checkpoint import atomic_write_json
+        from softprompt.io.atomic import atomic_write_json
 
         atomic_write_json(args.output, {name: {"status": v.status, "detail": v.detail} for name, v in rows})
     damaged = [name for name, v in rows if not v.usable]

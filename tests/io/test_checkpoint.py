@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from softprompt import __version__
 from softprompt.errors import CheckpointError
+from softprompt.io.atomic import atomic_dir
 from softprompt.io.checkpoint import (
     PromptConfig,
-    atomic_dir,
     load_prompt,
     save_prompt,
     torch_load_safe,

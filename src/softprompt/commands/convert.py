@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 
 from softprompt.errors import UserError
-from softprompt.io.checkpoint import CONVERTED_FROM, atomic_dir, model_fingerprint, save_t5
+from softprompt.io.atomic import atomic_dir
+from softprompt.io.checkpoint import CONVERTED_FROM, model_fingerprint, save_t5
 from softprompt.io.pretrained import model_file
 from softprompt.modeling.model import load_t5, load_tokenizer
 

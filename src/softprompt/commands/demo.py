@@ -561,7 +561,7 @@ def _run_phases(out: Path, *, seed: int, quick: bool, echo: bool) -> dict[str, A
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "torch_threads": _torch_threads(),
     }
-    from softprompt.io.checkpoint import atomic_write_json, atomic_write_text
+    from softprompt.io.atomic import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / SUMMARY_JSON, summary)
     table = summary_markdown(summary)

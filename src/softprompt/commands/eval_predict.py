@@ -22,7 +22,8 @@ from softprompt.inference.engine import EvalResult
 from softprompt.inference.ensemble import ensemble_eval
 from softprompt.inference.inputs import context_spans, tokenize_questions
 from softprompt.inference.options import GenerationOptions
-from softprompt.io.checkpoint import atomic_write_json, atomic_write_text, load_prompt_config
+from softprompt.io.atomic import atomic_write_json, atomic_write_text
+from softprompt.io.checkpoint import load_prompt_config
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.text.task import (
     TaskSpec,

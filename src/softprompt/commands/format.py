@@ -66,7 +66,7 @@ def write_formatted(
     Returns:
         The number of lines written, and the dropped questions by kind.
     """
-    from softprompt.io.checkpoint import atomic_write_text
+    from softprompt.io.atomic import atomic_write_text
 
     stats: Counter[str] = Counter()
     if task is not None:

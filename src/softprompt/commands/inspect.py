@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from softprompt.errors import CheckpointError
-from softprompt.io.checkpoint import PromptConfig, atomic_write_json, load_prompt
+from softprompt.io.atomic import atomic_write_json
+from softprompt.io.checkpoint import PromptConfig, load_prompt
 from softprompt.modeling.model import load_t5, load_tokenizer
 
 # Rows of the embedding table compared at once: bounds the extra memory of normalising a large table

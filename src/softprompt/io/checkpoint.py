@@ -17,10 +17,8 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import textwrap
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from softprompt import __version__
 from softprompt.errors import CheckpointError
 from softprompt.io import peft_format
-from softprompt.io.rundir import BEST, fsync_dir, install_dir, is_run_dir
+from softprompt.io.atomic import atomic_dir, atomic_write_text
+from softprompt.io.rundir import BEST, is_run_dir
 
 PROMPT_WEIGHTS = "prompt.safetensors"
 PROMPT_CONFIG = "prompt_config.json"
@@ -67,59 +66,6 @@ class PromptConfig:
     task: dict[str, Any] | None = None
     """The text task the prompt was trained on (softprompt.tasks.text.task.TaskSpec.to_dict(): templates, labels,
     metric); None for SQuAD-shaped QA. eval, predict and serve write inputs with it."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that readers see either the old one or the whole new one: a temporary
-    sibling, flushed and fsynced, then renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with 0o666 lets the umask decide the mode, as for any ordinary file (mkstemp is 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from e  # name the file, not its temporary
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a UTF-8 text file atomically (see `atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON via a temporary file and a rename."""
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `target` only once the block completes.
-
-    The old `target`, if any, is swapped out and deleted after the new one is in place
-    (`rundir.install_dir`), so a crash leaves a complete directory at `target` (old or new) plus, at
-    worst, a stale `.tmp-*` sibling; on failure the temporary directory is removed.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    install_dir(tmp, target)
 
 
 def save_prompt(directory: str | os.PathLike, weight: torch.Tensor, config: PromptConfig) -> Path:

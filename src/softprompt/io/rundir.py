@@ -164,7 +164,7 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> None:
                 os.replace(p, original)
                 fsync_dir(directory)
                 continue
-        # `.NAME.*.tmp` files are softprompt.io.checkpoint.atomic_write_bytes's temporaries.
+        # `.NAME.*.tmp` files are softprompt.io.atomic.atomic_write_bytes's temporaries.
         if p.name.startswith((".tmp-", ".old-")) or (p.name.startswith(".") and p.name.endswith(".tmp")):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
                 missing_ok=True

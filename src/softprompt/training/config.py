@@ -193,7 +193,7 @@ def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> Any:
 def save_yaml_config(cfg: Any, path: str | os.PathLike, header: str = "") -> None:
     """Write the fully resolved config (what `--config` reads back)."""
     # Deferred: the checkpoint module imports torch, and `softprompt train --help` loads this one.
-    from softprompt.io.checkpoint import atomic_write_text
+    from softprompt.io.atomic import atomic_write_text
 
     atomic_write_text(path, header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from softprompt.inference.engine import EvalResult, evaluate_examples
 from softprompt.inference.task_eval import evaluate_texts
-from softprompt.io import checkpoint as ckpt
-from softprompt.io import rundir
+from softprompt.io import atomic, rundir
 from softprompt.training.saving import save_best
 from softprompt.training.setup import Run
 
@@ -33,7 +32,7 @@ def evaluate_dev(run: Run) -> float:
     st.last_eval_step = st.step
     run.logger.log("eval", st.step, **result.scores())
     if run.env.is_main:
-        ckpt.atomic_write_json(run.out / rundir.predictions_file(st.step), result.predictions)
+        atomic.atomic_write_json(run.out / rundir.predictions_file(st.step), result.predictions)
     if result.score > st.best_score:
         st.best_step = st.step
         if run.task is None:
@@ -43,5 +42,5 @@ def evaluate_dev(run: Run) -> float:
             st.best_scores = result.scores()
         save_best(run)
         if run.env.is_main:
-            ckpt.atomic_write_json(run.out / rundir.PREDICTIONS_BEST, result.predictions)
+            atomic.atomic_write_json(run.out / rundir.PREDICTIONS_BEST, result.predictions)
     return result.score

@@ -18,7 +18,7 @@ import yaml
 
 import softprompt
 from softprompt.errors import CheckpointError
-from softprompt.training.report import atomic_write_text
+from softprompt.io.atomic import atomic_write_text
 
 __all__ = ["CARD_FILE", "render_model_card", "write_model_card"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import softprompt
 from softprompt.errors import UserError
-from softprompt.io.checkpoint import atomic_write_bytes, atomic_write_text
+from softprompt.io.atomic import atomic_write_bytes, atomic_write_text
 from softprompt.training.report_plots import FIGURES, render_figure
 from softprompt.training.report_runs import (
     RunSummary,

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from softprompt import __version__
+from softprompt.io import atomic, rundir
 from softprompt.io import checkpoint as ckpt
-from softprompt.io import rundir
 from softprompt.runtime.distributed import barrier, broadcast_object, fsdp_full_state_dict
 from softprompt.training.setup import Run, init_labels
 from softprompt.training.state import save_train_state
@@ -58,7 +58,7 @@ def save_best(run: Run) -> None:
         fsdp_full_state_dict(run.model, trainable_only=run.model.prompt is not None) if run.cfg.fsdp else None
     )
     if run.env.is_main:
-        with ckpt.atomic_dir(directory) as tmp:
+        with atomic.atomic_dir(directory) as tmp:
             if run.model.prompt is not None:
                 weight = state["prompt.weight"] if state is not None else run.model.prompt.weight
                 ckpt.write_prompt_files(tmp, weight, _prompt_config(run))
@@ -208,6 +208,6 @@ def write_results(run: Run) -> dict[str, Any]:
         )
         results.update(best, task=run.task.name, metric=run.task.metric.value, scores=best or None)
     if run.env.is_main:
-        ckpt.atomic_write_json(run.out / rundir.RESULTS_FILE, results)
+        atomic.atomic_write_json(run.out / rundir.RESULTS_FILE, results)
     run.logger.log("end", st.step, **{k: v for k, v in results.items() if isinstance(v, int | float)})
     return results

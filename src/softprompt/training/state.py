@@ -15,9 +15,9 @@ import torch
 
 from softprompt.errors import CheckpointError
 from softprompt.io import rundir
+from softprompt.io.atomic import atomic_write_text
 from softprompt.io.checkpoint import (
     PromptConfig,
-    atomic_write_text,
     load_prompt,
     load_tensors,
     refuse_pickles,

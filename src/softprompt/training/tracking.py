@@ -20,7 +20,7 @@ from typing import IO, Any
 from softprompt.config.choices import ReportTo
 from softprompt.config.choices import values as choice_values
 from softprompt.errors import ConfigError
-from softprompt.io.checkpoint import atomic_write_text
+from softprompt.io.atomic import atomic_write_text
 from softprompt.io.rundir import METRICS_FILE, TENSORBOARD_DIR
 from softprompt.runtime.progress import plain_value
 
