@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from softprompt.inference.engine import EvalResult, evaluate_examples
+from softprompt.inference.options import GenerationOptions
 from softprompt.inference.task_eval import evaluate_texts
 from softprompt.io import atomic, rundir
 from softprompt.training.saving import save_best
@@ -13,7 +14,7 @@ def evaluate_dev(run: Run) -> float:
     """Score the dev set; keep best/ when the selection score (F1 for QA, a text task's first metric)
     improves. Returns that score (on every rank)."""
     cfg, st = run.cfg, run.state
-    gen = dict(
+    gen = GenerationOptions(
         batch_size=cfg.eval_batch_size,
         max_new_tokens=cfg.max_target_length,
         env=run.env,
@@ -23,11 +24,11 @@ def evaluate_dev(run: Run) -> float:
     result: EvalResult
     if run.task is not None:
         result = evaluate_texts(
-            run.model, run.tokenizer, run.task, run.eval_examples, run.eval_features, **gen
+            run.model, run.tokenizer, run.task, run.eval_examples, run.eval_features, gen
         )
     else:
         result = evaluate_examples(
-            run.model, run.tokenizer, run.eval_examples, run.eval_features, punctuation=cfg.punctuation, **gen
+            run.model, run.tokenizer, run.eval_examples, run.eval_features, gen, punctuation=cfg.punctuation
         )
     st.last_eval_step = st.step
     run.logger.log("eval", st.step, **result.scores())
