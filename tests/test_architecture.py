@@ -50,8 +50,6 @@ LAYERS: dict[str, int] = {
 # `test_every_layer_allowance_is_still_needed`, so the list only shrinks.
 ALLOWED_LAYER_IMPORTS: dict[str, str] = {
     "data.records -> tasks.squad.text": "the SQuAD text format moves below data (tasks helper)",
-    "io.checkpoint -> tasks.squad.text": "LEGACY_PAD_PUNCTUATION moves below io (tasks helper)",
-    "inference.engine -> training.tracking": "the progress display moves below inference (inference helper)",
     "serving.server -> commands.flags": "serve's `python -m` entry point moves to commands (serving helper)",
     "tasks.metrics.squad -> commands.flags": "the metrics script's entry point moves to commands (tasks helper)",
 }
@@ -63,23 +61,15 @@ MAX_FUNCTION_LINES = 120
 # integrator deletes an entry when its module is split, and an entry whose module is no longer too
 # long fails `test_every_size_allowance_is_still_needed`, so the list only shrinks.
 ALLOWED_LONG_MODULES: dict[str, str] = {
-    "commands.demo": "being split by the house helper",
+    "commands.demo": "not yet split (issue 22)",
     "data.records": "being split by the data helper",
-    "inference.bank": "being split by the inference helper",
-    "modeling.lean_t5": "being split by the modeling helper",
-    "serving.server": "being split by the serving helper",
     "tasks.text.task": "being split by the tasks helper",
-    "training.config": "being split by the training helper",
-    "training.loop": "being split by the training helper",
-    "training.report": "being split by the training helper",
 }
 
 # Functions over MAX_FUNCTION_LINES today (`module:qualified.name`), with why, shrinking like the above.
 ALLOWED_LONG_FUNCTIONS: dict[str, str] = {
-    "commands.demo:_run_phases": "being split by the house helper",
-    "modeling.lean_t5:_greedy": "being split by the modeling helper",
-    "serving.server:create_app": "being split by the serving helper",
-    "training.modelcard:render_model_card": "being split by the training helper",
+    "commands.demo:_run_phases": "not yet split (issue 22)",
+    "training.modelcard:render_model_card": "not yet split (issue 22)",
 }
 
 
@@ -475,7 +465,7 @@ def test_only_the_bank_and_the_trainer_build_a_prompted_model() -> None:
         for node in ast.walk(tree)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "PromptedT5"
     }
-    assert builders == {"inference.bank", "training.loop"}
+    assert builders == {"inference.bank", "training.setup"}
 
 
 def _literal_values(annotation: object) -> tuple[str, ...]:

@@ -23,9 +23,7 @@ def evaluate_dev(run: Run) -> float:
     )
     result: EvalResult
     if run.task is not None:
-        result = evaluate_texts(
-            run.model, run.tokenizer, run.task, run.eval_examples, run.eval_features, gen
-        )
+        result = evaluate_texts(run.model, run.tokenizer, run.task, run.eval_examples, run.eval_features, gen)
     else:
         result = evaluate_examples(
             run.model, run.tokenizer, run.eval_examples, run.eval_features, gen, punctuation=cfg.punctuation
