@@ -132,3 +132,12 @@ def test_the_readme_installs_what_the_tests_import(extra):
         if not _distributions(module) & available:
             missing.append(f"{module} ({where})")
     assert missing == []
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject.toml lists the packages by hand (the presets map configs/ in): a layer missing there
+    would be missing from a wheel while an editable install still finds it."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert len(found) > 10
+    assert found - listed == set()

@@ -1,1 +1,1 @@
-"""data"""
+"""Layer 4: generic record reading with one-line errors, and batching (features, collator, samplers)."""

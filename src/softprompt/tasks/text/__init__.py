@@ -1,1 +1,1 @@
-"""tasks/text"""
+"""Text-to-text tasks from templates: TaskSpec, row readers and presets."""
