@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import SHARED, SQUAD_DEV, need
-from softprompt.data.records import load_squad_json
+from softprompt.tasks.squad.reader import load_squad_json
 from softprompt.tasks.squad.text import (
     PUNCTUATION_CHOICES,
     Punctuation,

@@ -22,7 +22,15 @@ from torch import nn
 
 from softprompt import __version__
 from softprompt.config.parser import read_yaml_mapping
-from softprompt.data.records import (
+from softprompt.errors import CheckpointError, ConfigError, UserError
+from softprompt.io import checkpoint as ckpt
+from softprompt.io import rundir
+from softprompt.io.rundir import TrainerState
+from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
+from softprompt.modeling.optim import build_optimizer
+from softprompt.modeling.prompt import SoftPrompt, initial_prompt
+from softprompt.runtime.distributed import DistEnv, barrier, broadcast_object, shard_fsdp, wrap_ddp
+from softprompt.tasks.squad.reader import (
     HF_PREFIX,
     BucketBatchSampler,
     Collator,
@@ -32,14 +40,6 @@ from softprompt.data.records import (
     load_hf_dataset,
     tokenize_examples,
 )
-from softprompt.errors import CheckpointError, ConfigError, UserError
-from softprompt.io import checkpoint as ckpt
-from softprompt.io import rundir
-from softprompt.io.rundir import TrainerState
-from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
-from softprompt.modeling.optim import build_optimizer
-from softprompt.modeling.prompt import SoftPrompt, initial_prompt
-from softprompt.runtime.distributed import DistEnv, barrier, broadcast_object, shard_fsdp, wrap_ddp
 from softprompt.tasks.text.task import (
     TaskSpec,
     TextExample,

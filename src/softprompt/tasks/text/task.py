@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.config.choices import TaskMetric
-from softprompt.data.records import (
+from softprompt.errors import ConfigError, DataError
+from softprompt.tasks.squad.reader import (
     HF_PREFIX,
     BadRecord,
     Collector,
@@ -43,7 +44,6 @@ from softprompt.data.records import (
     quote,
     read_bytes,
 )
-from softprompt.errors import ConfigError, DataError
 
 __all__ = [
     "PRESETS_DIR",

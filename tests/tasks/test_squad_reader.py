@@ -1,4 +1,4 @@
-"""Tests for softprompt.data.records: loaders and their validation, formatting, tokenization and batching."""
+"""Tests for softprompt.tasks.squad.reader: loaders and their validation, formatting, tokenization and batching."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import MRQA_RE, SQUAD_DEV, SQUAD_TRAIN, need
-from softprompt.data.records import (
+from softprompt.errors import DataError, UserError
+from softprompt.tasks.squad.reader import (
     BAD_KINDS,
     BucketBatchSampler,
     Collator,
@@ -34,7 +35,6 @@ from softprompt.data.records import (
     shard_indices,
     tokenize_examples,
 )
-from softprompt.errors import DataError, UserError
 
 # --------------------------------------------------------------------------------------------------------
 # Helpers
