@@ -293,9 +293,9 @@ def direct_caller(
     """
     import torch
 
+    from softprompt.data.batching import Collator
     from softprompt.inference.bank import load_model_and_prompts
     from softprompt.inference.engine import autocast
-    from softprompt.tasks.squad.reader import Collator
 
     bf16 = args.precision == "bf16"
     bank = load_model_and_prompts(str(model_dir), [str(d) for d in sp_dirs], names=tasks, bf16=bf16)

@@ -14,12 +14,12 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from conftest import REPO, TOKENIZER_DIR, cpu_env, tiny_config
+from softprompt.data.batching import Features
 from softprompt.inference.options import GenerationOptions
 from softprompt.inference.rank import label_log_likelihoods, label_targets, rank_labels
 from softprompt.modeling.model import PromptedT5
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
 from softprompt.modeling.prompt_table import PromptTable
-from softprompt.tasks.squad.reader import Features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

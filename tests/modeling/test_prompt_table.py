@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
 
 from conftest import tiny_config
+from softprompt.data.batching import Collator, Features
 from softprompt.modeling.model import PromptedT5
 from softprompt.modeling.prompt import SoftPrompt
 from softprompt.modeling.prompt_table import PromptTable, select_prompts
-from softprompt.tasks.squad.reader import Collator, Features
 
 
 def _t5() -> T5ForConditionalGeneration:

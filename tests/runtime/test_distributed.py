@@ -274,10 +274,10 @@ def test_backward_runs_outside_autocast_and_the_token_count_is_exact(monkeypatch
     from transformers import T5ForConditionalGeneration
 
     from conftest import tiny_config
+    from softprompt.data.batching import Collator, Features
     from softprompt.modeling.model import PromptedT5
     from softprompt.modeling.prompt import SoftPrompt
     from softprompt.runtime.distributed import DistEnv
-    from softprompt.tasks.squad.reader import Collator, Features
     from softprompt.training.loop import accumulate_gradients
 
     torch.manual_seed(0)

@@ -38,6 +38,15 @@ def test_choices_are_the_three_named_formats() -> None:
 # ------------------------------------------------------------------------------------------------ the text
 
 
+def test_format_input_and_target_exact() -> None:
+    # none: the seed's raw text, unchanged. T5's own formats are tested below.
+    assert format_input("Who?", "Ada wrote it.") == "question: Who? context: Ada wrote it."
+    assert format_input("Who?", "Ada, 1843.", "paper") == "question: Who ? context: Ada , 1843 . "
+    assert format_target("Ada Lovelace") == "Ada Lovelace"
+    assert format_target("St. Mary's", "current") == "St . Mary ' s"
+    assert format_target("St. Mary's", Punctuation.PAPER) == pad_punctuation("St. Mary's", "paper")
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize("style", ["paper", "current"])
 def test_every_dev_line_equals_t5s_own_preprocessor(dev, style: str) -> None:

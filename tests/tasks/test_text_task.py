@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from softprompt.config.choices import TaskMetric
+from softprompt.data.records import BadRecord
 from softprompt.errors import ConfigError, DataError
-from softprompt.tasks.squad.reader import BadRecord
 from softprompt.tasks.text.task import (
     TaskSpec,
     TextExample,

@@ -130,10 +130,10 @@ def test_accumulated_gradient_equals_the_global_token_mean():
     from transformers import T5ForConditionalGeneration
 
     from conftest import tiny_config
+    from softprompt.data.batching import Collator, Features
     from softprompt.modeling.model import PromptedT5
     from softprompt.modeling.prompt import SoftPrompt
     from softprompt.runtime.distributed import DistEnv
-    from softprompt.tasks.squad.reader import Collator, Features
     from softprompt.training.loop import accumulate_gradients
 
     torch.manual_seed(0)

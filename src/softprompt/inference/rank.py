@@ -18,11 +18,11 @@ from dataclasses import replace
 
 import torch
 
+from softprompt.data.batching import Features
 from softprompt.inference.engine import RowPrompts, map_batches
 from softprompt.inference.options import GenerationOptions
 from softprompt.modeling.model import PromptedT5
 from softprompt.runtime.distributed import DistEnv
-from softprompt.tasks.squad.reader import Features
 
 _DEFAULT = GenerationOptions()
 

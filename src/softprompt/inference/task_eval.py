@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from softprompt.config.choices import RankMode
+from softprompt.data.batching import Features
 from softprompt.errors import ConfigError
 from softprompt.inference.engine import EvalResult, RowPrompts, generate_answers
 from softprompt.inference.options import GenerationOptions
 from softprompt.inference.rank import rank_labels
 from softprompt.modeling.model import PromptedT5
 from softprompt.tasks.metrics.text import score_texts
-from softprompt.tasks.squad.reader import Features
 from softprompt.tasks.text.task import TaskSpec, TextExample
 
 __all__ = ["evaluate_texts"]

@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank, load_model_and_prompts
 from softprompt.serving.batching import MicroBatcher, QueueFull
@@ -49,7 +50,6 @@ from softprompt.serving.schemas import (
     error_response,
     validation_response,
 )
-from softprompt.tasks.squad.reader import BadRecord
 from softprompt.tasks.text.task import TaskSpec
 
 ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health"

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.config.choices import TaskMetric
-from softprompt.errors import ConfigError, DataError
-from softprompt.tasks.squad.reader import (
+from softprompt.data.batching import Features
+from softprompt.data.records import (
     HF_PREFIX,
     BadRecord,
     Collector,
-    Features,
     check_file,
     decode,
     file_error,
@@ -44,6 +43,7 @@ from softprompt.tasks.squad.reader import (
     quote,
     read_bytes,
 )
+from softprompt.errors import ConfigError, DataError
 
 __all__ = [
     "PRESETS_DIR",
