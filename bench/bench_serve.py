@@ -293,7 +293,7 @@ def direct_caller(
     """
     import torch
 
-    from softprompt.data.records import Collator
+    from softprompt.data.batching import Collator
     from softprompt.inference.bank import load_model_and_prompts
     from softprompt.inference.engine import autocast
 

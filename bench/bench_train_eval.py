@@ -269,9 +269,9 @@ def _first_questions(path: Path, n: int) -> list[dict[str, Any]]:
 
 def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
     """Train with `softprompt.training.loop.train` as `softprompt train` does, then answer with generate_answers."""
-    from softprompt.data.records import load_examples, tokenize_examples
     from softprompt.inference.bank import load_model_and_prompts
     from softprompt.inference.options import GenerationOptions
+    from softprompt.tasks.squad.reader import load_examples, tokenize_examples
     from softprompt.training.config import TrainConfig
     from softprompt.training.loop import train
 
@@ -637,8 +637,8 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _token_counts(model_dir: Path, n_train: int, path: Path = SQUAD_TRAIN) -> list[tuple[int, int]]:
     """(P + source tokens, target tokens) of each of the first questions, from softprompt's tokenization."""
-    from softprompt.data.records import load_examples, tokenize_examples
     from softprompt.modeling.model import load_tokenizer
+    from softprompt.tasks.squad.reader import load_examples, tokenize_examples
 
     tokenizer = load_tokenizer(model_dir)
     feats = tokenize_examples(

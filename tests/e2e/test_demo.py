@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from softprompt.data.records import load_squad_json
 from softprompt.data.synthetic import (
     ATTRIBUTES,
     DEFAULT_ATTRIBUTE,
@@ -25,6 +24,7 @@ from softprompt.data.synthetic import (
     generate_split,
     write_squad_json,
 )
+from softprompt.tasks.squad.reader import load_squad_json
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json")
 

@@ -13,7 +13,6 @@ import torch
 
 from conftest import save_tiny_t5, tiny_config
 from softprompt.commands.eval_predict import predict_answers
-from softprompt.data.records import QAExample, tokenize_examples
 from softprompt.errors import CheckpointError, UserError
 from softprompt.inference.bank import PromptBank, UnknownTaskError, load_model_and_prompts
 from softprompt.inference.engine import generate_answers
@@ -24,6 +23,7 @@ from softprompt.modeling.model import PromptedT5
 from softprompt.modeling.prompt import SoftPrompt
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.metrics.squad import normalize_answer, squad_scores
+from softprompt.tasks.squad.reader import QAExample, tokenize_examples
 
 D_MODEL = tiny_config().d_model
 MAX_NEW = 6

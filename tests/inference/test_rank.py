@@ -14,7 +14,7 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from conftest import REPO, TOKENIZER_DIR, cpu_env, tiny_config
-from softprompt.data.records import Features
+from softprompt.data.batching import Features
 from softprompt.inference.options import GenerationOptions
 from softprompt.inference.rank import label_log_likelihoods, label_targets, rank_labels
 from softprompt.modeling.model import PromptedT5

@@ -12,10 +12,10 @@ import torch
 
 from conftest import SQUAD_DEV, save_tiny_t5, squad_subset, tiny_config
 from softprompt.cli import main
-from softprompt.data.records import load_squad_json, tokenize_examples
 from softprompt.errors import CheckpointError
 from softprompt.io.checkpoint import PromptConfig, load_prompt, save_prompt
 from softprompt.io.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SETTINGS, WEIGHT_KEY
+from softprompt.tasks.squad.reader import load_squad_json, tokenize_examples
 
 peft = pytest.importorskip("peft", reason="peft (the dev extra) is needed to check interchange with PEFT")
 

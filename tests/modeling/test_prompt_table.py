@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import T5ForConditionalGeneration
 
 from conftest import tiny_config
-from softprompt.data.records import Collator, Features
+from softprompt.data.batching import Collator, Features
 from softprompt.modeling.model import PromptedT5
 from softprompt.modeling.prompt import SoftPrompt
 from softprompt.modeling.prompt_table import PromptTable, select_prompts

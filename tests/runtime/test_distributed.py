@@ -274,7 +274,7 @@ def test_backward_runs_outside_autocast_and_the_token_count_is_exact(monkeypatch
     from transformers import T5ForConditionalGeneration
 
     from conftest import tiny_config
-    from softprompt.data.records import Collator, Features
+    from softprompt.data.batching import Collator, Features
     from softprompt.modeling.model import PromptedT5
     from softprompt.modeling.prompt import SoftPrompt
     from softprompt.runtime.distributed import DistEnv

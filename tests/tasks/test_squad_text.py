@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import SHARED, SQUAD_DEV, need
-from softprompt.data.records import load_squad_json
+from softprompt.tasks.squad.reader import load_squad_json
 from softprompt.tasks.squad.text import (
     PUNCTUATION_CHOICES,
     Punctuation,
@@ -36,6 +36,15 @@ def test_choices_are_the_three_named_formats() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the text
+
+
+def test_format_input_and_target_exact() -> None:
+    # none: the seed's raw text, unchanged. T5's own formats are tested below.
+    assert format_input("Who?", "Ada wrote it.") == "question: Who? context: Ada wrote it."
+    assert format_input("Who?", "Ada, 1843.", "paper") == "question: Who ? context: Ada , 1843 . "
+    assert format_target("Ada Lovelace") == "Ada Lovelace"
+    assert format_target("St. Mary's", "current") == "St . Mary ' s"
+    assert format_target("St. Mary's", Punctuation.PAPER) == pad_punctuation("St. Mary's", "paper")
 
 
 @pytest.mark.shared

@@ -130,7 +130,7 @@ def test_accumulated_gradient_equals_the_global_token_mean():
     from transformers import T5ForConditionalGeneration
 
     from conftest import tiny_config
-    from softprompt.data.records import Collator, Features
+    from softprompt.data.batching import Collator, Features
     from softprompt.modeling.model import PromptedT5
     from softprompt.modeling.prompt import SoftPrompt
     from softprompt.runtime.distributed import DistEnv

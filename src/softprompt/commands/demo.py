@@ -265,9 +265,9 @@ def score(
     Returns:
         ``{"exact_match": ..., "f1": ...}`` in percent.
     """
-    from softprompt.data.records import load_examples, tokenize_examples
     from softprompt.inference.bank import load_model_and_prompts
     from softprompt.inference.options import GenerationOptions
+    from softprompt.tasks.squad.reader import load_examples, tokenize_examples
 
     bank = load_model_and_prompts(str(model_dir), [prompt_dir] if prompt_dir is not None else [])
     examples = load_examples(data_file)

@@ -8,14 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from softprompt.data.records import (
-    HF_PREFIX,
-    BadRecord,
-    QAExample,
-    load_examples,
-    load_hf_dataset,
-    tokenize_examples,
-)
+from softprompt.data.records import HF_PREFIX, BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank, load_model_and_prompts
 from softprompt.inference.engine import EvalResult
@@ -25,6 +18,7 @@ from softprompt.inference.options import GenerationOptions
 from softprompt.io.atomic import atomic_write_json, atomic_write_text
 from softprompt.io.checkpoint import load_prompt_config
 from softprompt.runtime.distributed import DistEnv
+from softprompt.tasks.squad.reader import QAExample, load_examples, load_hf_dataset, tokenize_examples
 from softprompt.tasks.text.task import (
     TaskSpec,
     TextExample,

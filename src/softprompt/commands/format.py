@@ -11,7 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from softprompt.data.records import HF_PREFIX, QAExample, load_examples, load_hf_dataset
+from softprompt.data.records import HF_PREFIX
+from softprompt.tasks.squad.reader import QAExample, load_examples, load_hf_dataset
 from softprompt.tasks.squad.text import Punctuation, format_input, format_target
 from softprompt.tasks.text.task import TaskSpec, load_task_examples
 

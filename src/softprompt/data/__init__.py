@@ -1,1 +1,2 @@
-"""Layer 4: generic record reading with one-line errors, and batching (features, collator, samplers)."""
+"""Layer 4: generic record reading with one-line errors (`records`), tokenized features and their batching
+(`batching`: collator, samplers, sharding), and the seeded synthetic corpus (`synthetic`)."""

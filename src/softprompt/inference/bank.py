@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from softprompt.data.records import Features, QAExample
+from softprompt.data.batching import Features
 from softprompt.errors import CheckpointError, UserError
 from softprompt.inference.engine import EvalResult, RowPrompts, evaluate_examples, generate_answers
 from softprompt.inference.inputs import context_spans, tokenize_by_settings
@@ -31,6 +31,7 @@ from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.modeling.prompt_table import PromptTable
 from softprompt.runtime.distributed import DistEnv
+from softprompt.tasks.squad.reader import QAExample
 from softprompt.tasks.text.task import TaskSpec, TextExample
 
 __all__ = [

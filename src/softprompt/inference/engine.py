@@ -9,12 +9,13 @@ from typing import TypeVar
 
 import torch
 
-from softprompt.data.records import Collator, Features, QAExample, length_sorted_indices, shard_indices
+from softprompt.data.batching import Collator, Features, length_sorted_indices, shard_indices
 from softprompt.inference.options import GenerationOptions
 from softprompt.modeling.model import PromptedT5
 from softprompt.runtime.distributed import DistEnv, gather_objects
 from softprompt.runtime.progress import Progress
 from softprompt.tasks.metrics.squad import squad_scores, squad_scores_padded
+from softprompt.tasks.squad.reader import QAExample
 
 T = TypeVar("T")
 _DEFAULT = GenerationOptions()

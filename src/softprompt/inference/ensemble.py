@@ -11,12 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from softprompt.data.records import Features, QAExample
+from softprompt.data.batching import Features
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
 from softprompt.inference.options import GenerationOptions
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.metrics.squad import normalize_answer, squad_scores, squad_scores_padded
+from softprompt.tasks.squad.reader import QAExample
 
 __all__ = ["ensemble_answers", "ensemble_eval", "majority_vote", "tie_break_order"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from softprompt.data.records import Features, QAExample, tokenize_examples
+from softprompt.data.batching import Features
+from softprompt.tasks.squad.reader import QAExample, tokenize_examples
 from softprompt.tasks.squad.text import raw_answer
 from softprompt.tasks.text.task import TextExample, tokenize_texts
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from softprompt.data.records import Features
+from softprompt.data.batching import Features
 from softprompt.inference.engine import RowPrompts, map_batches
 from softprompt.inference.options import GenerationOptions
 from softprompt.modeling.model import PromptedT5

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from softprompt.config.choices import RankMode
-from softprompt.data.records import Features
+from softprompt.data.batching import Features
 from softprompt.errors import ConfigError
 from softprompt.inference.engine import EvalResult, RowPrompts, generate_answers
 from softprompt.inference.options import GenerationOptions

@@ -22,16 +22,8 @@ from torch import nn
 
 from softprompt import __version__
 from softprompt.config.parser import read_yaml_mapping
-from softprompt.data.records import (
-    HF_PREFIX,
-    BucketBatchSampler,
-    Collator,
-    Features,
-    QAExample,
-    load_examples,
-    load_hf_dataset,
-    tokenize_examples,
-)
+from softprompt.data.batching import BucketBatchSampler, Collator, Features
+from softprompt.data.records import HF_PREFIX
 from softprompt.errors import CheckpointError, ConfigError, UserError
 from softprompt.io import checkpoint as ckpt
 from softprompt.io import rundir
@@ -40,6 +32,7 @@ from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.modeling.optim import build_optimizer
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
 from softprompt.runtime.distributed import DistEnv, barrier, broadcast_object, shard_fsdp, wrap_ddp
+from softprompt.tasks.squad.reader import QAExample, load_examples, load_hf_dataset, tokenize_examples
 from softprompt.tasks.text.task import (
     TaskSpec,
     TextExample,

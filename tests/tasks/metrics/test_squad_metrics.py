@@ -363,8 +363,8 @@ def test_a_perfect_padded_model_scores_like_a_perfect_raw_one(style: str, tokeni
     """Each dev question's T5 target, tokenized and decoded as a model's answer would be, mapped back to raw
     spans scores exactly what the raw-text target scores (EM 99.33: the vocabulary lacks a few letters
     such as 'ł'); scored officially as generated it would lose about 11 EM points."""
-    from softprompt.data.records import load_squad_json
     from softprompt.tasks.metrics.squad import squad_scores_padded
+    from softprompt.tasks.squad.reader import load_squad_json
     from softprompt.tasks.squad.text import format_target
 
     dev = load_squad_json(need(SQUAD_DEV))

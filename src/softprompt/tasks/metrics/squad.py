@@ -421,7 +421,7 @@ def evaluate_file(
     name = str(dataset_path).lower()
     if not name.endswith((".jsonl", ".jsonl.gz")):
         return evaluate_squad_file(dataset_path, predictions_path, stderr=stderr)
-    from softprompt.data.records import load_examples
+    from softprompt.tasks.squad.reader import load_examples
 
     err = sys.stderr if stderr is None else stderr
     examples = load_examples(dataset_path)

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from softprompt.config.choices import TaskMetric
+from softprompt.data.batching import Features
 from softprompt.data.records import (
     HF_PREFIX,
     BadRecord,
     Collector,
-    Features,
     check_file,
     decode,
     file_error,
