@@ -31,7 +31,7 @@ from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.modeling.prompt_table import PromptTable
 from softprompt.runtime.distributed import DistEnv
-from softprompt.tasks.text.task import TaskSpec, TextExample
+from softprompt.tasks.text.spec import TaskSpec, TextExample
 
 __all__ = [
     "BankEntry",

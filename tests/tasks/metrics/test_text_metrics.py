@@ -18,7 +18,7 @@ from softprompt.tasks.metrics.text import (
     score_texts,
     wsc_predicts_referent,
 )
-from softprompt.tasks.text.task import TextExample
+from softprompt.tasks.text.spec import TextExample
 
 CB = ("entailment", "contradiction", "neutral")
 

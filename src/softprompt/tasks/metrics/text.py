@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from softprompt.config.choices import TaskMetric
 from softprompt.tasks.metrics.squad import exact_match_score, f1_score, metric_max_over_ground_truths
-from softprompt.tasks.text.task import TextExample
+from softprompt.tasks.text.spec import TextExample
 
 __all__ = [
     "MULTIRC_CLASSES",
