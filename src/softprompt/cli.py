@@ -143,7 +143,7 @@ def cmd_predict(argv: Sequence[str]) -> int:
 def cmd_format(argv: Sequence[str]) -> int:
     args = parse(FormatArgs, argv, "softprompt format", checks=format_checks)
     from softprompt.commands.format import write_formatted
-    from softprompt.tasks.text.task import task_from_flags
+    from softprompt.tasks.text.presets import task_from_flags
 
     task = task_from_flags(args)
     n, skipped = write_formatted(

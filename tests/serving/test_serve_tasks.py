@@ -14,7 +14,7 @@ from softprompt.commands.eval_predict import predict_answers, predict_texts
 from softprompt.inference.bank import load_model_and_prompts
 from softprompt.io.checkpoint import PromptConfig, save_prompt
 from softprompt.serving.server import create_app
-from softprompt.tasks.text.task import TaskSpec
+from softprompt.tasks.text.spec import TaskSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

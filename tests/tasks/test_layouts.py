@@ -24,7 +24,7 @@ from softprompt.tasks.layouts import (
     record_passage,
     wsc_marked_text,
 )
-from softprompt.tasks.text.task import load_task, preset_names
+from softprompt.tasks.text.presets import load_task, preset_names
 
 TASKS = Path(__file__).resolve().parents[2] / "configs" / "tasks"
 

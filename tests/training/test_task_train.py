@@ -10,7 +10,8 @@ import pytest
 
 from softprompt.cli import main
 from softprompt.tasks.metrics.text import score_texts
-from softprompt.tasks.text.task import TaskSpec, TextExample, load_task
+from softprompt.tasks.text.presets import load_task
+from softprompt.tasks.text.spec import TaskSpec, TextExample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

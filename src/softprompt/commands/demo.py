@@ -310,7 +310,9 @@ def score_task(
     """The task's scores of a saved model (and prompt) on a task's data file, as ``softprompt eval`` gives."""
     from softprompt.inference.bank import load_model_and_prompts
     from softprompt.inference.options import GenerationOptions
-    from softprompt.tasks.text.task import load_task, load_task_examples, tokenize_texts
+    from softprompt.tasks.text.features import tokenize_texts
+    from softprompt.tasks.text.presets import load_task
+    from softprompt.tasks.text.reader import load_task_examples
 
     task = load_task(task_file)
     bank = load_model_and_prompts(str(model_dir), [prompt_dir] if prompt_dir is not None else [])

@@ -19,14 +19,10 @@ from softprompt.io.atomic import atomic_write_json, atomic_write_text
 from softprompt.io.checkpoint import load_prompt_config
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.squad.reader import QAExample, load_examples, load_hf_dataset, tokenize_examples
-from softprompt.tasks.text.task import (
-    TaskSpec,
-    TextExample,
-    load_task_examples,
-    read_records,
-    task_from_flags,
-    tokenize_texts,
-)
+from softprompt.tasks.text.features import tokenize_texts
+from softprompt.tasks.text.presets import task_from_flags
+from softprompt.tasks.text.reader import load_task_examples, read_records
+from softprompt.tasks.text.spec import TaskSpec, TextExample
 
 
 def _data(args: Any, stats: Counter | None = None) -> list[QAExample]:

@@ -14,7 +14,8 @@ from pathlib import Path
 from softprompt.data.records import HF_PREFIX
 from softprompt.tasks.squad.reader import QAExample, load_examples, load_hf_dataset
 from softprompt.tasks.squad.text import Punctuation, format_input, format_target
-from softprompt.tasks.text.task import TaskSpec, load_task_examples
+from softprompt.tasks.text.reader import load_task_examples
+from softprompt.tasks.text.spec import TaskSpec
 
 __all__ = ["format_lines", "write_formatted"]
 

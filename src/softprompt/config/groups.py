@@ -61,7 +61,7 @@ class BaseModelFlags:
 
 @dataclass(kw_only=True)
 class TaskFlags:
-    """The task's flags, shared by train, eval, predict and format (softprompt.tasks.text.task reads them)."""
+    """The task's flags, shared by train, eval, predict and format (softprompt.tasks.text.presets reads them)."""
 
     task: str | None = None
     """The task: a preset of configs/tasks (boolq, cb, copa, multirc, record, rte, wic, wsc; squad, the default, is QA on SQuAD JSON / MRQA jsonl) or a task YAML file. The flags below override its fields."""

@@ -1,7 +1,7 @@
 """Reading data files with one-line errors: the helpers every record reader shares.
 
 A reader (the SQuAD/MRQA loaders in :mod:`softprompt.tasks.squad.reader`, the text-task rows in
-:mod:`softprompt.tasks.text.task`) opens a file with :func:`read_bytes` or :func:`open_binary` (gzip is
+:mod:`softprompt.tasks.text.reader`) opens a file with :func:`read_bytes` or :func:`open_binary` (gzip is
 sniffed, not trusted from the suffix), decodes it with :func:`decode`, parses JSON with :func:`parse_json`
 and checks each record's fields with :func:`expect` and :func:`field`. A record it cannot use raises
 :class:`BadRecord`; a :class:`Collector` either turns that into a one-line

@@ -32,7 +32,7 @@ from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.modeling.prompt_table import PromptTable
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.squad.reader import QAExample
-from softprompt.tasks.text.task import TaskSpec, TextExample
+from softprompt.tasks.text.spec import TaskSpec, TextExample
 
 __all__ = [
     "BankEntry",

@@ -13,7 +13,8 @@ from typing import Any
 from softprompt.data.batching import Features
 from softprompt.tasks.squad.reader import QAExample, tokenize_examples
 from softprompt.tasks.squad.text import raw_answer
-from softprompt.tasks.text.task import TextExample, tokenize_texts
+from softprompt.tasks.text.features import tokenize_texts
+from softprompt.tasks.text.spec import TextExample
 
 __all__ = ["context_spans", "tokenize_by_settings", "tokenize_questions"]
 

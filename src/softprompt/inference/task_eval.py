@@ -12,7 +12,7 @@ from softprompt.inference.options import GenerationOptions
 from softprompt.inference.rank import rank_labels
 from softprompt.modeling.model import PromptedT5
 from softprompt.tasks.metrics.text import score_texts
-from softprompt.tasks.text.task import TaskSpec, TextExample
+from softprompt.tasks.text.spec import TaskSpec, TextExample
 
 __all__ = ["evaluate_texts"]
 

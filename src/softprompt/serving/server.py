@@ -50,7 +50,7 @@ from softprompt.serving.schemas import (
     error_response,
     validation_response,
 )
-from softprompt.tasks.text.task import TaskSpec
+from softprompt.tasks.text.spec import TaskSpec
 
 ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health"
 

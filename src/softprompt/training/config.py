@@ -274,7 +274,7 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
     problems: list[str] = check_numbers(cfg)
     task = None
     try:
-        from softprompt.tasks.text.task import (
+        from softprompt.tasks.text.presets import (
             task_from_flags,  # deferred: reads YAML presets, imports the data stack
         )
 

@@ -135,7 +135,7 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
     if not prompt_mode:
         predict = ["softprompt", "predict", "--model", ckpt]
     if task:
-        from softprompt.tasks.text.task import template_fields  # deferred: imports the data stack
+        from softprompt.tasks.text.spec import template_fields  # deferred: imports the data stack
 
         names = template_fields(str(info.get("input_template") or "")) or ["text"]
         example = json.dumps({name: "..." for name in names})

@@ -33,13 +33,10 @@ from softprompt.modeling.optim import build_optimizer
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
 from softprompt.runtime.distributed import DistEnv, barrier, broadcast_object, shard_fsdp, wrap_ddp
 from softprompt.tasks.squad.reader import QAExample, load_examples, load_hf_dataset, tokenize_examples
-from softprompt.tasks.text.task import (
-    TaskSpec,
-    TextExample,
-    load_task_examples,
-    task_from_flags,
-    tokenize_texts,
-)
+from softprompt.tasks.text.features import tokenize_texts
+from softprompt.tasks.text.presets import task_from_flags
+from softprompt.tasks.text.reader import load_task_examples
+from softprompt.tasks.text.spec import TaskSpec, TextExample
 from softprompt.training.config import (
     BatchPlan,
     TrainConfig,

@@ -10,6 +10,7 @@ import pytest
 
 from softprompt.config.choices import TaskMetric
 from softprompt.tasks.metrics.text import (
+    SCORERS,
     accuracy,
     invalid_predictions,
     macro_f1,
@@ -18,7 +19,7 @@ from softprompt.tasks.metrics.text import (
     score_texts,
     wsc_predicts_referent,
 )
-from softprompt.tasks.text.task import TextExample
+from softprompt.tasks.text.spec import TextExample
 
 CB = ("entailment", "contradiction", "neutral")
 
@@ -302,3 +303,28 @@ def test_the_first_key_is_the_documented_selection_metric_for_every_task_metric(
 def test_bad_input_is_one_clear_value_error(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ------------------------------------------------------------------------------------ the scorer registry
+
+
+def test_every_text_metric_has_a_scorer_and_squad_is_scored_elsewhere() -> None:
+    assert set(SCORERS) == set(TaskMetric) - {TaskMetric.SQUAD}
+    assert all(callable(scorer) for scorer in SCORERS.values())
+    with pytest.raises(ValueError) as err:
+        score_texts(TaskMetric.SQUAD, examples(["a"]), ["a"])
+    assert str(err.value) == (
+        "the squad metric is scored by softprompt.tasks.metrics.squad.squad_scores, not score_texts."
+    )
+
+
+def test_an_unknown_metric_names_the_known_ones() -> None:
+    with pytest.raises(ValueError) as err:
+        score_texts("bleu", examples(["a"]), ["a"])
+    assert str(err.value) == f"unknown metric 'bleu'; choose one of {[m.value for m in TaskMetric]}."
+
+
+def test_a_metric_without_a_registered_scorer_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(SCORERS, TaskMetric.RECORD)
+    with pytest.raises(ValueError, match=r"the record metric has no scorer in .*SCORERS"):
+        score_texts("record", examples(["a"]), ["a"])

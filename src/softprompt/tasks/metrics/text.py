@@ -11,18 +11,23 @@ checkpoint. The rule: the first key is SuperGLUE's score of the task. Where Supe
 two metrics it takes their unweighted mean, so ``macro_f1`` (CB: macro-F1 and accuracy), ``multirc``
 (F1a and exact match) and ``record`` (F1 and exact match) lead with ``"score"``, that mean, followed by
 the two metrics; every other metric leads with its one metric. SQuAD is scored by softprompt.tasks.metrics.squad.
+
+:data:`SCORERS` holds one scoring function per metric; :func:`score_texts` checks what every metric
+needs (a known metric, as many answers as examples, at least one) and calls the metric's scorer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from softprompt.config.choices import TaskMetric
 from softprompt.tasks.metrics.squad import exact_match_score, f1_score, metric_max_over_ground_truths
-from softprompt.tasks.text.task import TextExample
+from softprompt.tasks.text.spec import TextExample
 
 __all__ = [
     "MULTIRC_CLASSES",
+    "SCORERS",
+    "TextScorer",
     "accuracy",
     "invalid_predictions",
     "macro_f1",
@@ -209,6 +214,128 @@ def wsc_predicts_referent(prediction: str, referent: str) -> bool:
     return answer_words <= ref_words or ref_words <= answer_words
 
 
+TextScorer = Callable[[Sequence[TextExample], Sequence[str], Sequence[str] | None], dict[str, float]]
+"""A metric's scorer: ``(examples, predictions, classes) -> scores``, the selection score first.
+
+:func:`score_texts` has checked that there are as many predictions as examples, and at least one.
+"""
+
+
+def _labels(examples: Sequence[TextExample]) -> list[str]:
+    # An example's label where it has one, else its first target (a generation task scored by class).
+    return [ex.targets[0] if ex.label is None else ex.label for ex in examples]
+
+
+def _with_invalid(
+    scores: dict[str, float], predictions: Sequence[str], classes: Sequence[str] | None
+) -> dict[str, float]:
+    # Where the task has class strings, how many answers are none of them closes the scores.
+    if classes:
+        scores["invalid_predictions"] = float(invalid_predictions(predictions, classes))
+    return scores
+
+
+def _needs_classes(metric: TaskMetric, classes: Sequence[str] | None) -> Sequence[str]:
+    if not classes:
+        raise ValueError(f"the {metric.value} metric needs the task's class label strings.")
+    return classes
+
+
+def _score_exact_match(
+    examples: Sequence[TextExample], predictions: Sequence[str], classes: Sequence[str] | None
+) -> dict[str, float]:
+    """``exact_match``: {exact_match[, invalid_predictions]}, an answer equal to any target (both stripped)."""
+    hits = sum(
+        p.strip() in {t.strip() for t in ex.targets} for ex, p in zip(examples, predictions, strict=True)
+    )
+    return _with_invalid({"exact_match": 100.0 * hits / len(examples)}, predictions, classes)
+
+
+def _score_accuracy(
+    examples: Sequence[TextExample], predictions: Sequence[str], classes: Sequence[str] | None
+) -> dict[str, float]:
+    """``accuracy``: {accuracy, invalid_predictions} against ``label``, else ``targets[0]``."""
+    classes = _needs_classes(TaskMetric.ACCURACY, classes)
+    labels = _labels(examples)
+    _check_labels(labels, classes)
+    return _with_invalid({"accuracy": accuracy(predictions, labels)}, predictions, classes)
+
+
+def _score_macro_f1(
+    examples: Sequence[TextExample], predictions: Sequence[str], classes: Sequence[str] | None
+) -> dict[str, float]:
+    """``macro_f1``: {score, macro_f1, accuracy, invalid_predictions}; score is the mean of the two."""
+    classes = _needs_classes(TaskMetric.MACRO_F1, classes)
+    labels = _labels(examples)
+    f1, acc = macro_f1(predictions, labels, classes), accuracy(predictions, labels)
+    return _with_invalid({"score": (f1 + acc) / 2, "macro_f1": f1, "accuracy": acc}, predictions, classes)
+
+
+def _score_multirc(
+    examples: Sequence[TextExample], predictions: Sequence[str], classes: Sequence[str] | None
+) -> dict[str, float]:
+    """``multirc``: {score, f1a, exact_match, invalid_predictions} over ``label`` and ``group``.
+
+    An example without a group is its own question; the classes are always "False" and "True".
+    """
+    if classes is not None and set(classes) != set(MULTIRC_CLASSES):
+        raise ValueError(f"MultiRC's classes are {list(MULTIRC_CLASSES)}, not {list(classes)}.")
+    groups = [ex.id if ex.group is None else ex.group for ex in examples]
+    m = multirc_scores(predictions, _labels(examples), groups)
+    return _with_invalid({"score": (m["f1a"] + m["exact_match"]) / 2, **m}, predictions, MULTIRC_CLASSES)
+
+
+def _score_record(
+    examples: Sequence[TextExample], predictions: Sequence[str], classes: Sequence[str] | None
+) -> dict[str, float]:
+    """``record``: {score, f1, exact_match[, invalid_predictions]} over all ``targets``.
+
+    Each ``group`` counts once (T5's ``deduplicate_metric``: the first example of a query stands for it).
+    """
+    kept: dict[object, tuple[str, Sequence[str]]] = {}  # the first example of a query stands for it
+    for i, (ex, p) in enumerate(zip(examples, predictions, strict=True)):
+        kept.setdefault(i if ex.group is None else ex.group, (p, ex.targets))
+    r = record_scores([p for p, _ in kept.values()], [golds for _, golds in kept.values()])
+    scores = {"score": (r["f1"] + r["exact_match"]) / 2, "f1": r["f1"], "exact_match": r["exact_match"]}
+    return _with_invalid(scores, predictions, classes)
+
+
+def _score_wsc(
+    examples: Sequence[TextExample], predictions: Sequence[str], classes: Sequence[str] | None
+) -> dict[str, float]:
+    """``wsc``: {accuracy, invalid_predictions}, over labels "False" and "True".
+
+    An answer is right when :func:`wsc_predicts_referent` against ``targets[0]`` equals
+    ``label == "True"`` and the answer is not empty.
+    """
+    labels = _labels(examples)
+    _check_labels(labels, ("False", "True"))
+    right = sum(
+        bool(_wsc_clean(p)) and wsc_predicts_referent(p, ex.targets[0]) == (y == "True")
+        for ex, p, y in zip(examples, predictions, labels, strict=True)
+    )
+    # A WSC answer is a referent, not one of the class strings "False"/"True": the only answer that
+    # cannot name a referent is an empty one, which T5's rule scores wrong (commit 9bad27b). So
+    # invalid_predictions counts empty answers, whatever classes are given.
+    return {
+        "accuracy": 100.0 * right / len(examples),
+        "invalid_predictions": float(sum(not _wsc_clean(p) for p in predictions)),
+    }
+
+
+SCORERS: dict[TaskMetric, TextScorer] = {
+    TaskMetric.EXACT_MATCH: _score_exact_match,
+    TaskMetric.ACCURACY: _score_accuracy,
+    TaskMetric.MACRO_F1: _score_macro_f1,
+    TaskMetric.MULTIRC: _score_multirc,
+    TaskMetric.RECORD: _score_record,
+    TaskMetric.WSC: _score_wsc,
+}
+"""The scorer of each text metric. A new metric: its member in softprompt.config.choices.TaskMetric, one
+scorer function here, and its entry in this dict. ``squad`` has none: softprompt.tasks.metrics.squad
+scores QA."""
+
+
 def score_texts(
     metric: TaskMetric | str,
     examples: Sequence[TextExample],
@@ -255,48 +382,8 @@ def score_texts(
         raise ValueError(
             "the squad metric is scored by softprompt.tasks.metrics.squad.squad_scores, not score_texts."
         )
+    scorer = SCORERS.get(metric)
+    if scorer is None:
+        raise ValueError(f"the {metric.value} metric has no scorer in softprompt.tasks.metrics.text.SCORERS.")
     _check_lengths(f"the {metric.value} metric", examples, predictions)
-    if metric is TaskMetric.MULTIRC:
-        if classes is not None and set(classes) != set(MULTIRC_CLASSES):
-            raise ValueError(f"MultiRC's classes are {list(MULTIRC_CLASSES)}, not {list(classes)}.")
-        classes = MULTIRC_CLASSES
-    if metric in (TaskMetric.ACCURACY, TaskMetric.MACRO_F1) and not classes:
-        raise ValueError(f"the {metric.value} metric needs the task's class label strings.")
-    labels = [ex.targets[0] if ex.label is None else ex.label for ex in examples]
-
-    scores: dict[str, float]
-    if metric is TaskMetric.EXACT_MATCH:
-        hits = sum(
-            p.strip() in {t.strip() for t in ex.targets} for ex, p in zip(examples, predictions, strict=True)
-        )
-        scores = {"exact_match": 100.0 * hits / len(examples)}
-    elif metric is TaskMetric.ACCURACY:
-        _check_labels(labels, classes or ())
-        scores = {"accuracy": accuracy(predictions, labels)}
-    elif metric is TaskMetric.MACRO_F1:
-        f1, acc = macro_f1(predictions, labels, classes or ()), accuracy(predictions, labels)
-        scores = {"score": (f1 + acc) / 2, "macro_f1": f1, "accuracy": acc}
-    elif metric is TaskMetric.MULTIRC:
-        groups = [ex.id if ex.group is None else ex.group for ex in examples]
-        m = multirc_scores(predictions, labels, groups)
-        scores = {"score": (m["f1a"] + m["exact_match"]) / 2, **m}
-    elif metric is TaskMetric.RECORD:
-        kept: dict[object, tuple[str, Sequence[str]]] = {}  # the first example of a query stands for it
-        for i, (ex, p) in enumerate(zip(examples, predictions, strict=True)):
-            kept.setdefault(i if ex.group is None else ex.group, (p, ex.targets))
-        r = record_scores([p for p, _ in kept.values()], [golds for _, golds in kept.values()])
-        scores = {"score": (r["f1"] + r["exact_match"]) / 2, "f1": r["f1"], "exact_match": r["exact_match"]}
-    else:  # WSC
-        _check_labels(labels, ("False", "True"))
-        right = sum(
-            bool(_wsc_clean(p)) and wsc_predicts_referent(p, ex.targets[0]) == (y == "True")
-            for ex, p, y in zip(examples, predictions, labels, strict=True)
-        )
-        scores = {"accuracy": 100.0 * right / len(examples)}
-        # A WSC answer is a referent, not one of the class strings "False"/"True": the only answer
-        # that cannot name a referent is an empty one, which T5's rule scores wrong (commit 9bad27b).
-        scores["invalid_predictions"] = float(sum(not _wsc_clean(p) for p in predictions))
-        return scores
-    if classes:
-        scores["invalid_predictions"] = float(invalid_predictions(predictions, classes))
-    return scores
+    return scorer(examples, predictions, classes)

@@ -1,80 +1,33 @@
-"""Tasks beyond SQuAD: a task is data + templates + a metric.
+"""What a text-to-text task is: :class:`TaskSpec`, its templates, and the examples it makes.
 
 A :class:`TaskSpec` says how one record of a data set (a JSONL/CSV/TSV row, a Hugging Face dataset row,
 or an official SuperGLUE record expanded by a layout) becomes :class:`TextExample` records: an input
 template over the row's fields, a target template or field, for classification the label strings, and
-the metric. Named presets live in ``configs/tasks/`` (``--task rte``); a task YAML file of one's own or
-the flags ``--input_template`` / ``--target_template`` / ``--label_field`` / ``--labels`` / ``--metric``
-define others. QA data (SQuAD JSON, MRQA JSONL) keeps its own path (softprompt.data.records): the ``squad`` task.
+the metric. Where a spec comes from (presets, task YAML files, flags) is softprompt.tasks.text.presets;
+reading the rows is softprompt.tasks.text.reader. QA data (SQuAD JSON, MRQA JSONL) keeps its own path
+(softprompt.tasks.squad.reader): the ``squad`` task.
 
 Templates are ``{field}`` (``{a.b}`` reaches into a nested object; ``{{`` and ``}}`` are literal braces).
 A field's text is used as it is; booleans are written ``True`` / ``False`` as T5 writes them.
 
-Errors name the file, the row and the field, in one line; ``skip_bad`` drops the row instead and counts
-it in ``stats`` under one of ``TEXT_BAD_KINDS``.
+A row that does not fit raises :class:`BadRecord` with its kind (one of
+softprompt.tasks.text.reader.TEXT_BAD_KINDS), which :meth:`TaskSpec.examples_from_records` turns into a
+one-line error naming the source, the row and the field, or with ``skip_bad`` drops and counts.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
 import re
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from softprompt.config.choices import TaskMetric
-from softprompt.data.batching import Features
-from softprompt.data.records import (
-    HF_PREFIX,
-    BadRecord,
-    Collector,
-    check_file,
-    decode,
-    file_error,
-    gzip_error,
-    one_line,
-    open_binary,
-    quote,
-    read_bytes,
-)
-from softprompt.errors import ConfigError, DataError
+from softprompt.data.records import BadRecord, Collector, quote
+from softprompt.errors import ConfigError
 
-__all__ = [
-    "PRESETS_DIR",
-    "TEXT_BAD_KINDS",
-    "TaskSpec",
-    "TextExample",
-    "fill",
-    "load_task",
-    "load_task_examples",
-    "preset_names",
-    "read_records",
-    "task_from_flags",
-    "template_fields",
-    "tokenize_texts",
-]
-
-#: Keys that ``stats`` counts when ``skip_bad=True`` drops a row of a text task.
-TEXT_BAD_KINDS = (
-    "bad_json",  # a JSONL line that is not JSON
-    "bad_encoding",  # a JSONL line that is not UTF-8
-    "bad_row",  # a row that is not an object, or a CSV row with the wrong number of values
-    "missing_field",  # a template or the label names a field the row lacks
-    "empty_input",
-    "empty_target",
-    "unknown_label",  # a label value outside the task's labels
-    "duplicate_id",
-)
-
-#: Where ``--task NAME`` finds NAME.yaml: the repository's configs/tasks, installed with the package.
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets" / "tasks"
-_SOURCE_PRESETS = Path(__file__).resolve().parents[4] / "configs" / "tasks"
+__all__ = ["TaskSpec", "TextExample", "fill", "template_fields"]
 
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _QA_LAYOUT = "squad"
@@ -212,7 +165,7 @@ class TaskSpec:
 
     @property
     def is_qa(self) -> bool:
-        """Whether this is the SQuAD-shaped QA path (softprompt.data.records), not a text task."""
+        """Whether this is the SQuAD-shaped QA path (softprompt.tasks.squad.reader), not a text task."""
         return self.layout == _QA_LAYOUT or self.metric == TaskMetric.SQUAD
 
     @property
@@ -397,7 +350,7 @@ class TaskSpec:
         skip_bad: bool = False,
         stats: Counter[str] | None = None,
     ) -> list[TextExample]:
-        """Examples from ``(place, record)`` pairs, e.g. from :func:`read_records`.
+        """Examples from ``(place, record)`` pairs, e.g. from softprompt.tasks.text.reader.read_records.
 
         A record that could not be read arrives as a :class:`BadRecord` instead of a mapping.
 
@@ -406,7 +359,7 @@ class TaskSpec:
             source: The file or dataset, for messages.
             for_training: Layouts may keep only training rows (WSC keeps the true referents).
             skip_bad: Drop bad rows (counted in ``stats``) instead of raising.
-            stats: Counts dropped rows by kind (``TEXT_BAD_KINDS``).
+            stats: Counts dropped rows by kind (softprompt.tasks.text.reader.TEXT_BAD_KINDS).
 
         Raises:
             DataError: One line naming the source, the row and the problem (unless ``skip_bad``), or
@@ -440,276 +393,3 @@ def _layouts() -> dict[str, Callable[[Mapping[str, Any], bool], list[dict[str, A
     from softprompt.tasks.layouts import LAYOUTS  # deferred: a plain rows task never needs the layouts
 
     return LAYOUTS
-
-
-# --------------------------------------------------------------------------------------------------------
-# Presets
-
-
-def _presets_dir() -> Path:
-    return PRESETS_DIR if PRESETS_DIR.is_dir() else _SOURCE_PRESETS
-
-
-def preset_names() -> list[str]:
-    """The task presets shipped with softprompt (``configs/tasks/*.yaml``), sorted."""
-    return sorted(p.stem for p in _presets_dir().glob("*.yaml"))
-
-
-def _header(text: str) -> str:
-    lines = []
-    for line in text.splitlines():
-        if not line.startswith("#"):
-            break
-        lines.append(line.lstrip("#").strip())
-    return " ".join(x for x in lines if x and not x.lower().startswith("launch:"))
-
-
-def load_task(name_or_path: str | Path) -> TaskSpec:
-    """The task a preset name (``rte``) or a task YAML file names.
-
-    Raises:
-        ConfigError: No such preset or file, or the YAML is not a valid task (every problem listed).
-    """
-    import yaml  # deferred: --help need not pay for it
-
-    text_path = Path(name_or_path)
-    if text_path.suffix in (".yaml", ".yml") or text_path.exists():
-        path = text_path
-        if not path.is_file():
-            raise ConfigError(
-                f"task file {path} not found; give a task YAML file or one of {', '.join(preset_names())}"
-            )
-    else:
-        path = _presets_dir() / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ConfigError(
-                f"--task {name_or_path!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file"
-            )
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: is not valid YAML ({one_line(str(err))[:120]})") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: a task file holds a map of task fields (name, input_template, ...)")
-    data = dict(data)
-    data.setdefault("name", path.stem)
-    data.setdefault("description", _header(text))
-    spec = TaskSpec.from_dict(data, where=str(path))
-    spec.source = str(path)
-    return spec
-
-
-# --------------------------------------------------------------------------------------------------------
-# Reading rows
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        with open_binary(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                place = f"line {lineno}"
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError:
-                    yield place, BadRecord("bad_encoding", "is not UTF-8")
-                    continue
-                try:
-                    yield place, json.loads(line)
-                except (json.JSONDecodeError, RecursionError, ValueError) as err:
-                    reason = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
-                    yield place, BadRecord("bad_json", f"is not valid JSON ({reason})")
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise gzip_error(path, err) from None
-
-
-def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[str, Any]]:
-    text = decode(path, read_bytes(path))
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        if not reader.fieldnames:
-            raise file_error(path, "has no header row", "put the column names on the first line")
-        for row in reader:
-            place = f"line {reader.line_num}"
-            if None in row:
-                yield (
-                    place,
-                    BadRecord(
-                        "bad_row", f"has more values than the header's {len(reader.fieldnames)} columns"
-                    ),
-                )
-            elif any(v is None for v in row.values()):
-                missing = [k for k, v in row.items() if v is None]
-                yield place, BadRecord("missing_field", f"has no value for column {quote(missing[0])}")
-            else:
-                yield place, row
-    except csv.Error as err:
-        raise file_error(path, f"line {reader.line_num}: is not valid CSV ({err})", "fix the file") from None
-
-
-def read_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """The records of a JSONL, CSV or TSV file (``.gz`` too), each with its place, in file order.
-
-    A line that cannot be read is yielded as a :class:`BadRecord` so that ``skip_bad`` can drop it.
-
-    Raises:
-        DataError: The file is missing, of an unknown kind, damaged as a whole, or empty.
-    """
-    path = Path(path)
-    check_file(path)
-    lower = path.name.lower().removesuffix(".gz")
-    if lower.endswith(".jsonl"):
-        records = _jsonl_records(path)
-    elif lower.endswith(".csv"):
-        records = _csv_records(path, ",")
-    elif lower.endswith((".tsv", ".tab")):
-        records = _csv_records(path, "\t")
-    else:
-        raise file_error(
-            path, "has an unknown suffix", "use .jsonl, .csv or .tsv (or hf:NAME for a Hugging Face dataset)"
-        )
-    empty = True
-    for item in records:
-        empty = False
-        yield item
-    if empty:
-        raise file_error(path, "is empty", "give a file with at least one row")
-
-
-def _hf_records(name: str, config: str | None, split: str) -> tuple[str, Iterator[tuple[str, Any]]]:
-    import datasets  # deferred: importing datasets costs about a second and most runs read local files
-
-    source = f"{name}{'/' + config if config else ''} [{split}]"
-    try:
-        dataset = datasets.load_dataset(name, config, split=split)
-    except (datasets.exceptions.DatasetsError, OSError, ValueError) as err:
-        reason = one_line(str(err))[:80]
-        raise file_error(
-            source,
-            f"cannot load this Hugging Face dataset ({type(err).__name__}: {reason})",
-            "check the name, the config, the split and the network, or give a local file",
-        ) from None
-    return source, ((f"row {i}", row) for i, row in enumerate(dataset))
-
-
-def load_task_examples(
-    task: TaskSpec,
-    source: str | Path | None,
-    *,
-    split: str = "train",
-    config: str | None = None,
-    for_training: bool = False,
-    skip_bad: bool = False,
-    stats: Counter[str] | None = None,
-) -> list[TextExample]:
-    """Load a text task's examples from a file, ``hf:NAME[/CONFIG]``, or the task's own dataset.
-
-    Args:
-        task: The task (not a QA task: those load through softprompt.data.records).
-        source: A JSONL/CSV/TSV file, ``"hf:NAME"``, or None for the task's ``dataset``.
-        split: The split of a Hugging Face dataset.
-        config: The configuration of a Hugging Face dataset (default: the task's, for its own dataset).
-        for_training: Whether the examples train (layouts may keep only training rows).
-        skip_bad: Drop bad rows instead of raising.
-        stats: Counts dropped rows by kind.
-
-    Raises:
-        DataError: The data cannot be read, or (unless ``skip_bad``) a row is bad.
-    """
-    if source is None or (isinstance(source, str) and source.startswith(HF_PREFIX)):
-        own = task.dataset or {}
-        name = own.get("name") if source is None else source[len(HF_PREFIX) :]
-        if not name:
-            raise DataError(f"task {task.name!r} names no dataset; give a data file or hf:NAME")
-        if config is None and name == own.get("name"):
-            config = own.get("config")
-        where, records = _hf_records(name, config, split)
-        return task.examples_from_records(
-            records, source=where, for_training=for_training, skip_bad=skip_bad, stats=stats
-        )
-    return task.examples_from_records(
-        read_records(source), source=Path(source), for_training=for_training, skip_bad=skip_bad, stats=stats
-    )
-
-
-# --------------------------------------------------------------------------------------------------------
-# Tokenization
-
-
-def tokenize_texts(
-    examples: Sequence[TextExample],
-    tokenizer: Any,
-    *,
-    max_source_length: int = 512,
-    max_target_length: int = 32,
-    for_training: bool = False,
-) -> list[Features]:
-    """Tokenize text examples for T5: the input cut at its end to fit, EOS appended to both sides.
-
-    Args:
-        examples: The examples.
-        tokenizer: A fast T5 tokenizer.
-        max_source_length: Maximum input length including EOS.
-        max_target_length: Maximum target length including EOS.
-        for_training: One feature per target (ReCoRD's several answers each train, as T5 does); else one
-            per example, with the first target.
-
-    Returns:
-        Features whose ``example_index`` points into ``examples``.
-    """
-    if max_source_length < 2 or max_target_length < 2:
-        raise ValueError("max_source_length and max_target_length must be at least 2")
-    if not examples:
-        return []
-    eos = tokenizer.eos_token_id
-    pairs = [
-        (i, target)
-        for i, ex in enumerate(examples)
-        for target in (ex.targets if for_training else ex.targets[:1])
-    ]
-    input_ids = tokenizer([ex.inputs for ex in examples], add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
-    features = []
-    for (i, _), t_ids in zip(pairs, target_ids, strict=True):
-        ids = input_ids[i]
-        truncated = len(ids) > max_source_length - 1
-        features.append(
-            Features(
-                input_ids=[*ids[: max_source_length - 1], eos],
-                labels=[*t_ids[: max_target_length - 1], eos],
-                example_index=i,
-                truncated=truncated,
-            )
-        )
-    return features
-
-
-# --------------------------------------------------------------------------------------------------------
-# From flags
-
-_OVERRIDES = ("input_template", "target_template", "label_field", "id_field", "metric")
-
-
-def task_from_flags(flags: Any, saved: Mapping[str, Any] | None = None) -> TaskSpec | None:
-    """The text task that ``--task`` and the template flags name, or None for SQuAD-shaped QA.
-
-    Args:
-        flags: An object with softprompt.config.groups.TaskFlags' fields (TrainConfig, EvalArgs, ...).
-        saved: A task recorded with a prompt (its ``to_dict``), used when ``--task`` is not given.
-
-    Raises:
-        ConfigError: The preset or file is unknown, or the resulting task is invalid (every problem).
-    """
-    name = getattr(flags, "task", None)
-    base: dict[str, Any] = load_task(name).to_dict() if name else dict(saved or {})
-    overrides = {k: getattr(flags, k) for k in _OVERRIDES if getattr(flags, k, None) is not None}
-    if getattr(flags, "labels", None):
-        overrides["labels"] = list(flags.labels)
-    if not base and not overrides:
-        return None
-    data = {**base, **overrides}
-    where = f"--task {name}" if name else "the task flags"
-    spec = TaskSpec.from_dict(data, where=where)
-    return None if spec.is_qa else spec

@@ -1,4 +1,4 @@
-"""softprompt.tasks.text.task: task specs, templates, row readers, label strings, errors and tokenization."""
+"""softprompt.tasks.text.reader: JSONL/CSV/TSV and Hugging Face rows, bad rows named or skipped."""
 
 from __future__ import annotations
 
@@ -9,20 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from softprompt.config.choices import TaskMetric
-from softprompt.data.records import BadRecord
-from softprompt.errors import ConfigError, DataError
-from softprompt.tasks.text.task import (
-    TaskSpec,
-    TextExample,
-    fill,
-    load_task,
-    load_task_examples,
-    preset_names,
-    read_records,
-    template_fields,
-    tokenize_texts,
-)
+from softprompt.errors import DataError
+from softprompt.tasks.text.presets import load_task
+from softprompt.tasks.text.reader import load_task_examples, read_records
+from softprompt.tasks.text.spec import TaskSpec, TextExample
 
 SENTIMENT = TaskSpec.from_dict(
     {
@@ -38,59 +28,6 @@ SENTIMENT = TaskSpec.from_dict(
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def test_fill_fields_nested_bools_and_literal_braces():
-    row = {"a": "x y", "t": {"s": 3}, "b": True, "c": False}
-    assert fill("A {a} | {t.s} | {b}/{c} | {{lit}}", row) == "A x y | 3 | True/False | {lit}"
-    assert template_fields("q: {question} {{no}} c: {ctx.text}") == ["question", "ctx.text"]
-    with pytest.raises(BadRecord) as err:
-        fill("{missing}", row)
-    assert err.value.kind == "missing_field" and "'missing'" in err.value.reason
-    with pytest.raises(BadRecord) as err:
-        fill("{t}", row)
-    assert err.value.kind == "bad_row"
-    with pytest.raises(ValueError):
-        template_fields("open {brace")
-
-
-def test_label_strings_from_index_string_bool_and_map():
-    listed = TaskSpec.from_dict({"input_template": "{x}", "label_field": "l", "labels": ["False", "True"]})
-    assert listed.metric is TaskMetric.ACCURACY  # labels without a metric: accuracy
-    assert [listed.label_string(v) for v in (0, 1, False, True, "True")] == [
-        "False",
-        "True",
-        "False",
-        "True",
-        "True",
-    ]
-    for bad in (2, -1, "true", None):
-        with pytest.raises(BadRecord) as err:
-            listed.label_string(bad)
-        assert err.value.kind == "unknown_label"
-    mapped = TaskSpec.from_dict(
-        {"input_template": "{x}", "label_field": "l", "labels": {True: "yes", 0: "no", "maybe": "unsure"}}
-    )
-    assert mapped.classes == ("yes", "no", "unsure")
-    assert [mapped.label_string(v) for v in (True, 0, "0", "maybe")] == ["yes", "no", "no", "unsure"]
-
-
-def test_spec_validation_lists_every_problem_in_one_line():
-    with pytest.raises(ConfigError) as err:
-        TaskSpec.from_dict(
-            {"input_template": "x {a", "labels": "q", "metric": "zz", "colour": 1}, where="t.yaml"
-        )
-    message = str(err.value)
-    assert "\n" not in message and message.startswith("t.yaml: ")
-    for clause in ("unknown key 'colour'", "metric 'zz'", "labels must be a list", "unbalanced brace"):
-        assert clause in message
-    with pytest.raises(ConfigError, match="needs labels"):
-        TaskSpec.from_dict({"input_template": "{x}", "target_template": "{y}", "metric": "accuracy"})
-    with pytest.raises(ConfigError, match="not both"):
-        TaskSpec.from_dict({"input_template": "{x}", "target_template": "{y}", "target_field": "y"})
-    spec = TaskSpec.from_dict({"input_template": "{x}", "target_field": "y"})
-    assert spec.metric is TaskMetric.EXACT_MATCH and spec.classes is None
-    assert TaskSpec.from_dict(spec.to_dict()) == spec  # round trip through prompt_config.json
 
 
 def test_csv_tsv_jsonl_give_the_same_examples(tmp_path):
@@ -191,48 +128,9 @@ def test_read_records_keeps_places_and_drops_bom(tmp_path):
     assert list(read_records(path)) == [("line 2", {"id": "1", "text": "a"})]
 
 
-def test_tokenize_texts_truncates_the_input_end_and_trains_every_target(tokenizer):
-    examples = [
-        TextExample("0", "one two three four five six seven eight", ("yes",)),
-        TextExample("1", "short", ("first answer", "second")),
-    ]
-    eos = tokenizer.eos_token_id
-    full = tokenizer(examples[0].inputs, add_special_tokens=False)["input_ids"]
-    feats = tokenize_texts(examples, tokenizer, max_source_length=5, max_target_length=8)
-    assert [f.example_index for f in feats] == [0, 1]
-    assert feats[0].input_ids == [*full[:4], eos] and feats[0].truncated
-    assert not feats[1].truncated
-    assert feats[1].labels == [*tokenizer("first answer", add_special_tokens=False)["input_ids"], eos]
-    train = tokenize_texts(examples, tokenizer, max_source_length=5, max_target_length=2, for_training=True)
-    assert [f.example_index for f in train] == [0, 1, 1]
-    assert all(len(f.labels) == 2 and f.labels[-1] == eos for f in train)
-
-
-def test_task_files_and_presets(tmp_path):
-    path = write(
-        tmp_path / "mine.yaml",
-        "# My task: reviews.\n# Launch: softprompt train --task mine.yaml\ninput_template: 'r: {text}'\n"
-        "label_field: label\nlabels: [bad, good]\n",
-    )
-    spec = load_task(path)
-    assert spec.name == "mine" and spec.description == "My task: reviews." and spec.classes == ("bad", "good")
-    with pytest.raises(ConfigError, match="neither a preset"):
-        load_task("no_such_task")
-    with pytest.raises(ConfigError, match="not found"):
-        load_task(tmp_path / "absent.yaml")
-    broken = write(tmp_path / "broken.yaml", "input_template: [\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_task(broken)
-    names = preset_names()
-    assert "squad" in names
-    assert load_task("squad").is_qa
-
-
 def test_hugging_face_rows_load_offline_from_a_local_dataset_directory(tmp_path):
     """`hf:NAME` goes through datasets.load_dataset; a local directory of split files needs no network."""
     pytest.importorskip("datasets")
-    from softprompt.tasks.text.task import load_task
-
     data = tmp_path / "rte_flat"
     data.mkdir()
     rows = [  # the Hub's super_glue/rte layout: the label is the class index
@@ -247,11 +145,3 @@ def test_hugging_face_rows_load_offline_from_a_local_dataset_directory(tmp_path)
     ]
     with pytest.raises(DataError, match="cannot load this Hugging Face dataset"):
         load_task_examples(load_task("rte"), f"hf:{data}", split="no_such_split")
-
-
-def test_rank_classification_is_refused_where_targets_are_not_labels():
-    from softprompt.inference.task_eval import evaluate_texts
-
-    for name in ("wsc", "record"):  # WSC generates the referent; ReCoRD has no label strings
-        with pytest.raises(ConfigError, match="use --classify greedy"):
-            evaluate_texts(None, None, load_task(name), [], [], classify="rank")
