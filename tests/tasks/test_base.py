@@ -125,7 +125,7 @@ def test_text_task_requests_fill_the_template(tmp_path: Path) -> None:
     stats: Counter[str] = Counter()
     (loaded,) = task.load(rows, stats=stats)
     assert task.format_row(loaded) == {
-        "id": "0",
+        "id": "3",
         "inputs": "hypothesis: h premise: p",
         "targets": "not_entailment",
     }
