@@ -14,7 +14,7 @@ second model wrapper (and no second copy of its frozen-weight state) ever exists
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +22,17 @@ from typing import Any
 import torch
 
 from softprompt.data.batching import Features
+from softprompt.data.records import BadRecord
 from softprompt.errors import CheckpointError, UserError
-from softprompt.inference.engine import EvalResult, RowPrompts, evaluate_examples, generate_answers
-from softprompt.inference.inputs import context_spans, tokenize_by_settings
+from softprompt.inference.engine import RowPrompts, generate_answers
 from softprompt.inference.options import GenerationOptions
-from softprompt.inference.task_eval import evaluate_texts
+from softprompt.inference.scoring import evaluate
 from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model, same_model
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.modeling.prompt_table import PromptTable
 from softprompt.runtime.distributed import DistEnv
-from softprompt.tasks.squad.reader import QAExample
-from softprompt.tasks.text.spec import TaskSpec, TextExample
+from softprompt.tasks.base import EvalResult, Task
+from softprompt.tasks.resolve import task_from_saved
 
 __all__ = [
     "BankEntry",
@@ -47,6 +47,9 @@ __all__ = [
 
 # One task for every row (a name or a bank index), one per row, or None for the bare model.
 Tasks = str | int | Sequence[str | int] | torch.Tensor | None
+# One request: the prompt it asks for (name or index) and its fields: `{question, context}` for a QA
+# prompt, the template's fields for a text task's (`Task.request_examples`).
+Request = tuple[str | int, Mapping[str, Any]]
 
 
 _DEFAULT = GenerationOptions()
@@ -141,11 +144,13 @@ class BankEntry:
         name: the task name rows refer to.
         weight: [P, H] float32, on the bank's device.
         config: how the prompt was trained (tokenization settings, base model, dev scores).
+        task: the task the prompt was trained on (its saved `task`, else SQuAD in its punctuation).
     """
 
     name: str
     weight: torch.Tensor
     config: PromptConfig
+    task: Task
 
     def describe(self) -> dict[str, Any]:
         """The prompt's metadata (one item of `GET /v1/tasks`)."""
@@ -160,8 +165,8 @@ class BankEntry:
             "punctuation": c.punctuation,
             "dev_f1": _number(c.extra.get("dev_f1")),
             "dev_exact_match": _number(c.extra.get("dev_exact_match")),
-            "input_template": c.task.get("input_template") if c.task else None,
-            "labels": list(TaskSpec.from_dict(c.task).classes or ()) or None if c.task else None,
+            "input_template": (c.task or {}).get("input_template"),
+            "labels": list(self.task.classes) or None,
             "extra": dict(c.extra),
         }
 
@@ -180,13 +185,14 @@ class PreparedRow:
     Attributes:
         features: the tokenised input.
         task: the task's position in the bank.
-        context: the raw context, kept only where answers are mapped back to it (padded text formats).
+        example: the request as its task's example (`Task.answer_text` reads it: SQuAD's padded-text
+            answers map back to its context).
         length: the encoder positions the row takes: its prompt's vectors plus its input tokens.
     """
 
     features: Features
     task: int
-    context: str | None
+    example: Any
     length: int
 
 
@@ -296,8 +302,9 @@ class PromptBank:
         check_new_prompt(
             name, weight, config, taken=self._index, d_model=self.d_model, base_model=self.base_model
         )
+        task = task_from_saved(config.task, punctuation=config.punctuation, where=f"prompt {name}")
         weight = weight.detach().to(self.device, torch.float32)
-        self._entries.append(BankEntry(name=name, weight=weight, config=config))
+        self._entries.append(BankEntry(name=name, weight=weight, config=config, task=task))
         self._index[name] = len(self._entries) - 1
         self._prompts.append(weight)
 
@@ -369,55 +376,26 @@ class PromptBank:
 
     def evaluate(
         self,
-        examples: Sequence[QAExample],
-        features: Sequence[Features],
-        tasks: Tasks = None,
-        options: GenerationOptions = _DEFAULT,
-        *,
-        punctuation: str = "none",
-    ) -> EvalResult:
-        """Answer and score with the official SQuAD metric (`evaluate.evaluate_examples`).
-
-        Args:
-            examples: the questions with gold answers.
-            features: `features[i]` is the tokenized `examples[features[i].example_index]`.
-            tasks: as in `generate_answers`.
-            options: how `engine.generate_answers` runs.
-            punctuation: the text format of the features (padded answers are mapped back to raw spans).
-        """
-        row_prompts = self._row_prompts_for(features, tasks)
-        return evaluate_examples(
-            self.model,
-            self.tokenizer,
-            examples,
-            features,
-            options,
-            punctuation=punctuation,
-            row_prompts=row_prompts,
-        )
-
-    def evaluate_task(
-        self,
-        task: TaskSpec,
-        examples: Sequence[TextExample],
+        task: Task,
+        examples: Sequence[Any],
         features: Sequence[Features],
         tasks: Tasks = None,
         options: GenerationOptions = _DEFAULT,
         *,
         classify: str = "greedy",
     ) -> EvalResult:
-        """Answer and score a text task with its metric (`evaluate.evaluate_texts`).
+        """Answer and score with the task's metric (`scoring.evaluate`).
 
         Args:
-            task: the task (metric, label strings).
-            examples: the examples with gold targets.
+            task: the task whose metric scores the answers.
+            examples: the examples with gold answers.
             features: `features[i]` is the tokenized `examples[features[i].example_index]`.
-            tasks: as in `generate_answers`.
+            tasks: the prompt(s), as in `generate_answers`.
             options: how generation (or rank classification) runs.
             classify: greedy generation, or rank classification over the task's labels.
         """
         row_prompts = self._row_prompts_for(features, tasks)
-        return evaluate_texts(
+        return evaluate(
             self.model,
             self.tokenizer,
             task,
@@ -428,39 +406,66 @@ class PromptBank:
             row_prompts=row_prompts,
         )
 
-    def tokenize(self, rows: Sequence[tuple[str, str, str | None]]) -> tuple[list[Features], list[int]]:
-        """Tokenize `(task, question, context)` rows, each with its own prompt's settings; a row of a text
-        task is `(task, model input, None)`.
+    def request_example(self, task: str | int, record: Mapping[str, Any]) -> Any:
+        """A request's fields as the example of its prompt's task (`Task.request_examples`).
+
+        Raises:
+            UnknownTaskError: no prompt has that name.
+            BadRecord: the fields do not make exactly one model input (the reason says why).
+        """
+        examples = self.entry(task).task.request_examples(record)
+        if len(examples) != 1:
+            raise BadRecord("bad_row", f"make {len(examples)} inputs; send one example per input")
+        return examples[0]
+
+    def tokenize(self, rows: Sequence[Request]) -> tuple[list[Features], list[int]]:
+        """Tokenize requests, each with its own prompt's task and settings.
 
         Returns:
-            One `Features` per row, in row order, and each row's task index.
+            One `Features` per row, in row order (`example_index` is the row's position), and each row's
+            task index.
 
         Raises:
             UnknownTaskError: a row names a task the bank does not hold.
+            BadRecord: a row's fields do not fit its task.
         """
-        tasks = [self.index(task) for task, _, _ in rows]
-        configs = [self._entries[k].config for k in tasks]
-        features = tokenize_by_settings(
-            self.tokenizer,
-            [(question, context) for _, question, context in rows],
-            [(c.max_source_length, c.punctuation) for c in configs],
-        )
+        features, tasks, _ = self._tokenize([(self.index(t), self.request_example(t, r)) for t, r in rows])
         return features, tasks
 
-    def prepare(self, rows: Sequence[tuple[str, str, str | None]]) -> list[PreparedRow]:
-        """Tokenise `(task, question, context)` rows for `answer_prepared`, each with its prompt's settings
-        (the context of a row without one, or of a prompt trained on unpadded text, is not kept).
+    def _tokenize(self, rows: Sequence[tuple[int, Any]]) -> tuple[list[Features], list[int], list[Any]]:
+        """Tokenize `(task index, example)` rows, those of one prompt together."""
+        features: list[Features | None] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        for i, (k, _) in enumerate(rows):
+            groups.setdefault(k, []).append(i)
+        for k, members in groups.items():
+            entry = self._entries[k]
+            # max_target_length=2: labels are not used to answer.
+            group = entry.task.tokenize(
+                [rows[i][1] for i in members],
+                self.tokenizer,
+                max_source_length=entry.config.max_source_length,
+                max_target_length=2,
+            )
+            for i, f in zip(members, group, strict=True):
+                f.example_index = i
+                features[i] = f
+        return [f for f in features if f is not None], [k for k, _ in rows], [ex for _, ex in rows]
+
+    def prepare(self, rows: Sequence[Request]) -> list[PreparedRow]:
+        """Tokenise requests for `answer_prepared`, each with its prompt's task and settings.
 
         Raises:
             UnknownTaskError: a row names a task the bank does not hold.
+            BadRecord: a row's fields do not fit its task.
         """
-        features, tasks = self.tokenize(rows)
-        out = []
-        for f, k, (_, _, context) in zip(features, tasks, rows, strict=True):
-            entry = self._entries[k]
-            keep = context if entry.config.punctuation != "none" else None
-            out.append(PreparedRow(f, k, keep, int(entry.weight.shape[0]) + len(f.input_ids)))
-        return out
+        features, tasks, examples = self._tokenize(
+            [(self.index(t), self.request_example(t, r)) for t, r in rows]
+        )
+        return [
+            PreparedRow(f, k, ex, int(self._entries[k].weight.shape[0]) + len(f.input_ids))
+            for f, k, ex in zip(features, tasks, examples, strict=True)
+        ]
 
     def answer_prepared(
         self,
@@ -484,22 +489,18 @@ class PromptBank:
             ),
         )
         return [
-            a
-            if r.context is None
-            else context_spans([a], [r.context], self._entries[r.task].config.punctuation)[0]
-            for a, r in zip(answers, rows, strict=True)
+            self._entries[r.task].task.answer_text(r.example, a) for a, r in zip(answers, rows, strict=True)
         ]
 
     def answer(
         self,
-        rows: Sequence[tuple[str, str, str | None]],
+        rows: Sequence[Request],
         *,
         batch_size: int = 32,
         max_new_tokens: int = 32,
         bf16: bool = False,
     ) -> list[str]:
-        """Answer `(task, question, context)` rows (a text task's: `(task, model input, None)`) of any mix
-        of tasks.
+        """Answer `(task, fields)` requests of any mix of tasks (QA fields: question and context).
 
         Rows are sorted by length and cut into batches of `batch_size` regardless of task, so a
         batch usually mixes prompts; each answer equals `inference.predict_answers` with that row's

@@ -1,10 +1,9 @@
-"""Greedy answers for a data set, sharded over ranks, scored with the official SQuAD metric."""
+"""Greedy answers for a data set: length-sorted batches, sharded over ranks, gathered in order."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -14,59 +13,11 @@ from softprompt.inference.options import GenerationOptions
 from softprompt.modeling.model import PromptedT5
 from softprompt.runtime.distributed import DistEnv, gather_objects
 from softprompt.runtime.progress import Progress
-from softprompt.tasks.metrics.squad import squad_scores, squad_scores_padded
-from softprompt.tasks.squad.reader import QAExample
 
 T = TypeVar("T")
 _DEFAULT = GenerationOptions()
 # (feature indices [B]) -> (prompts [B, P, H], lengths [B] or None): per-row prompts for mixed batches.
 RowPrompts = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
-
-
-@dataclass
-class EvalResult:
-    """Scores and the answers behind them.
-
-    Attributes:
-        exact_match: Official SQuAD v1.1 EM of ``predictions`` against the raw gold answers (a text task:
-            its exact match if its metric has one, else None).
-        f1: Official SQuAD v1.1 F1, likewise.
-        predictions: Question id to the answer scored officially: with padded text, the raw context span
-            the generated answer maps back to (the answer as generated when it maps nowhere).
-        t5_exact_match: EM the way T5's squad task scores: generated text against padded gold answers
-            (None when the text was not padded).
-        t5_f1: F1 likewise.
-        generated: Question id to the answer as generated, when it differs in kind from ``predictions``
-            (padded text); None otherwise.
-    """
-
-    exact_match: float | None
-    f1: float | None
-    predictions: dict[str, str]
-    t5_exact_match: float | None = None
-    t5_f1: float | None = None
-    generated: dict[str, str] | None = None
-    metrics: dict[str, float] | None = None
-    """A text task's scores (softprompt.tasks.metrics.text.score_texts), the selection metric first."""
-
-    @property
-    def score(self) -> float:
-        """The score that chooses the best checkpoint: F1 for QA, a text task's first metric."""
-        if self.metrics is not None:
-            return next(iter(self.metrics.values()))
-        assert self.f1 is not None
-        return self.f1
-
-    def scores(self) -> dict[str, float]:
-        """The scores to report: a text task's metrics; for QA exact_match, f1, and with padded text
-        t5_exact_match, t5_f1."""
-        if self.metrics is not None:
-            return dict(self.metrics)
-        assert self.exact_match is not None and self.f1 is not None
-        out = {"exact_match": self.exact_match, "f1": self.f1}
-        if self.t5_exact_match is not None and self.t5_f1 is not None:
-            out.update(t5_exact_match=self.t5_exact_match, t5_f1=self.t5_f1)
-        return out
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -216,37 +167,3 @@ def map_batches(
     for part in gather_objects(results, env):
         merged.update(part)
     return [merged[i] for i in range(len(features))]
-
-
-def evaluate_examples(
-    model: PromptedT5,
-    tokenizer,
-    examples: Sequence[QAExample],
-    features: Sequence[Features],
-    options: GenerationOptions = _DEFAULT,
-    *,
-    punctuation: str = "none",
-    row_prompts: RowPrompts | None = None,
-) -> EvalResult:
-    """Answer every example and score with the official SQuAD v1.1 EM/F1 (max over gold answers).
-
-    `features[i]` must be the tokenized `examples[features[i].example_index]`; `options` and
-    `row_prompts` go to `generate_answers`. With padded text (`punctuation` paper or current), answers are mapped back to raw
-    context spans for the official scores, and T5's own scores are added (see `squad_scores_padded`).
-    """
-    texts = generate_answers(model, tokenizer, features, options, row_prompts=row_prompts)
-    predictions = {examples[f.example_index].id: t for f, t in zip(features, texts, strict=True)}
-    references = {ex.id: list(ex.answers) for ex in examples}
-    if punctuation == "none":
-        scores = squad_scores(predictions, references)
-        return EvalResult(exact_match=scores["exact_match"], f1=scores["f1"], predictions=predictions)
-    contexts = {ex.id: ex.context for ex in examples}
-    scores, raw = squad_scores_padded(predictions, references, contexts, punctuation)
-    return EvalResult(
-        exact_match=scores["exact_match"],
-        f1=scores["f1"],
-        predictions=raw,
-        t5_exact_match=scores["t5_exact_match"],
-        t5_f1=scores["t5_f1"],
-        generated=predictions,
-    )

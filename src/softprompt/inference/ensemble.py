@@ -16,17 +16,18 @@ from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
 from softprompt.inference.options import GenerationOptions
 from softprompt.runtime.distributed import DistEnv
-from softprompt.tasks.metrics.squad import normalize_answer, squad_scores, squad_scores_padded
-from softprompt.tasks.squad.reader import QAExample
+from softprompt.tasks.base import Task
+from softprompt.tasks.metrics.squad import normalize_answer
 
 __all__ = ["ensemble_answers", "ensemble_eval", "majority_vote", "tie_break_order"]
 
 _DEFAULT = GenerationOptions()
 
 
-def tie_break_order(f1: Sequence[float]) -> list[int]:
-    """Prompt indices from the best F1 to the worst; equal F1s keep their given order."""
-    return sorted(range(len(f1)), key=lambda k: -f1[k])
+def tie_break_order(score: Sequence[float]) -> list[int]:
+    """Prompt indices from the best selection score (SQuAD: F1) to the worst; equal scores keep their
+    given order."""
+    return sorted(range(len(score)), key=lambda k: -score[k])
 
 
 def majority_vote(answers: Sequence[str], priority: Sequence[int]) -> str:
@@ -86,69 +87,60 @@ def ensemble_answers(
 
 def ensemble_eval(
     bank: PromptBank,
-    examples: Sequence[QAExample],
+    task: Task,
+    examples: Sequence[Any],
     features: Sequence[Features],
     options: GenerationOptions = _DEFAULT,
-    *,
-    punctuation: str = "none",
 ) -> dict[str, Any]:
     """Score every prompt of the bank and their majority vote, from one batched pass (Table 3 of the paper).
 
-    Ties go to the prompt with the best F1 on this evaluation set (the paper's SQuAD numbers are on
-    the dev set, which is also where it picks prompts). This rank is always available, even for
-    prompts without recorded dev scores; equal F1s fall back to `--prompt` order.
+    Each prompt's answers are scored by the task (`Task.score`); the vote is over the answers as shown
+    (SQuAD on padded text: the raw context spans), and the voted answers are scored as shown
+    (`Task.score_shown`). Ties go to the prompt with the best selection score (F1 for SQuAD) on this
+    evaluation set (the paper's SQuAD numbers are on the dev set, which is also where it picks prompts).
+    This rank is always available, even for prompts without recorded dev scores; equal scores fall back
+    to `--prompt` order.
 
     Args:
         bank: the frozen model and K >= 1 named prompts.
-        examples: the questions with gold answers.
+        task: the task all the prompts answer (its metric scores them and the vote).
+        examples: the examples with gold answers.
         features: `features[i]` is the tokenized `examples[features[i].example_index]`.
-        options: how generation runs; `batch_size` counts rows (K rows per question), and `env` defaults
+        options: how generation runs; `batch_size` counts rows (K rows per example), and `env` defaults
             to one process on the bank's device.
-        punctuation: the text format the prompts were trained with; with padded text each answer is
-            mapped back to its raw context span before scoring and voting (official scores only).
 
     Returns:
-        `predictions` (the ensemble's {id: answer}), `prompts` ({name: {exact_match, f1}}),
-        `prompt_mean` (their mean), `ensemble` ({method, exact_match, f1, tie_break}) and the
-        ensemble's `exact_match` / `f1` at the top level, like a single prompt's report.
+        `predictions` (the ensemble's {id: answer}), `prompt_predictions` ({name: {id: answer}}),
+        `prompts` ({name: scores}), `prompt_mean` (their mean), `ensemble` ({method, scores...,
+        tie_break}) and the ensemble's scores at the top level, like a single prompt's report.
     """
     if len(bank) == 0:
         raise UserError("an ensemble needs at least one --prompt")
     per_prompt = ensemble_answers(
         bank, features, options=replace(options, env=options.env or DistEnv(device=bank.device))
     )
-    ids = [examples[f.example_index].id for f in features]
-    references = {ex.id: list(ex.answers) for ex in examples}
-    predictions = {name: dict(zip(ids, texts, strict=True)) for name, texts in per_prompt.items()}
-    if punctuation != "none":
-        contexts = {ex.id: ex.context for ex in examples}
-        predictions = {
-            name: squad_scores_padded(p, references, contexts, punctuation)[1]
-            for name, p in predictions.items()
-        }
-    scores = {name: squad_scores(p, references) for name, p in predictions.items()}
+    ordered = [examples[f.example_index] for f in features]
+    results = {name: task.score(ordered, texts) for name, texts in per_prompt.items()}
+    predictions = {name: r.predictions for name, r in results.items()}
+    scores = {name: r.scores() for name, r in results.items()}
     names = list(per_prompt)
-    priority = tie_break_order([scores[name]["f1"] for name in names])
+    priority = tie_break_order([results[name].score for name in names])
+    ids = [ex.id for ex in ordered]
     voted = {
         qid: majority_vote([predictions[name][qid] for name in names], priority) for qid in dict.fromkeys(ids)
     }
-    ensemble = squad_scores(voted, references)
+    first = {ex.id: ex for ex in ordered}
+    ensemble = task.score_shown(list(first.values()), [voted[qid] for qid in first])
     return {
         "predictions": voted,
         "prompt_predictions": predictions,
         "prompts": scores,
         "prompt_mean": _mean(scores),
-        "ensemble": {
-            "method": "majority",
-            "exact_match": ensemble["exact_match"],
-            "f1": ensemble["f1"],
-            "tie_break": [names[k] for k in priority],
-        },
-        "exact_match": ensemble["exact_match"],
-        "f1": ensemble["f1"],
+        "ensemble": {"method": "majority", **ensemble, "tie_break": [names[k] for k in priority]},
+        **ensemble,
     }
 
 
 def _mean(scores: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     values = list(scores.values())
-    return {key: math.fsum(s[key] for s in values) / len(values) for key in ("exact_match", "f1")}
+    return {key: math.fsum(s[key] for s in values) / len(values) for key in values[0]}

@@ -1,7 +1,7 @@
 """How an inference pass runs: batch size, answer length, devices and ranks, precision, progress.
 
 One `GenerationOptions` travels from the callers (`eval`, `predict`, `serve`, the trainer's evaluation, the
-demo and the bench) through `softprompt.inference.bank.PromptBank` and `softprompt.inference.task_eval` to
+demo and the bench) through `softprompt.inference.bank.PromptBank` and `softprompt.inference.scoring` to
 the engine (`softprompt.inference.engine.generate_answers`) and rank classification
 (`softprompt.inference.rank`), instead of untyped keyword arguments passed along.
 """

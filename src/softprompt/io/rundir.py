@@ -265,11 +265,14 @@ class TrainerState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    # The QA scores at best_step under their own names, where the task's metric has them (checkpoints
+    # written before best_scores held every task's scores carry only these).
     best_f1: float = -1.0
     best_em: float = -1.0
     best_step: int = -1
-    best_scores: dict[str, float] = field(default_factory=dict)  # a text task's scores at best_step
-    best_t5_em: float | None = None  # T5's own scores at best_step (padded text only)
+    # Every score at best_step, the selection score first (F1 for SQuAD, a text task's first metric).
+    best_scores: dict[str, float] = field(default_factory=dict)
+    best_t5_em: float | None = None  # T5's own scores at best_step (padded SQuAD text only)
     best_t5_f1: float | None = None
     train_seconds: float = 0.0
     examples_seen: int = 0
@@ -279,8 +282,15 @@ class TrainerState:
 
     @property
     def best_score(self) -> float:
-        """The selection score at best_step: a text task's first score, F1 for QA (-1 before any)."""
+        """The selection score at best_step (-1 before any; F1 in an older SQuAD checkpoint)."""
         return next(iter(self.best_scores.values())) if self.best_scores else self.best_f1
+
+    def record_best(self, step: int, scores: dict[str, float], selection: str) -> None:
+        """Make `step` the best so far, with its scores; `selection` names the one that chose it."""
+        self.best_step = step
+        self.best_scores = {selection: scores[selection], **scores}
+        self.best_f1, self.best_em = scores.get("f1", -1.0), scores.get("exact_match", -1.0)
+        self.best_t5_em, self.best_t5_f1 = scores.get("t5_exact_match"), scores.get("t5_f1")
 
 
 def write_trainer_state(directory: Path, state: TrainerState) -> None:
@@ -312,6 +322,10 @@ def read_trainer_state(directory: Path) -> TrainerState:
         for name, default in asdict(TrainerState()).items():
             if not _same_kind(getattr(state, name), default):
                 raise TypeError(f"{name} is {getattr(state, name)!r}")
+        if state.best_step >= 0 and not state.best_scores:  # written before best_scores held SQuAD's too
+            t5 = {"t5_exact_match": state.best_t5_em, "t5_f1": state.best_t5_f1}
+            legacy = {"f1": state.best_f1, "exact_match": state.best_em, **t5}
+            state.best_scores = {k: v for k, v in legacy.items() if v is not None}
         return state
     except FileNotFoundError:
         raise CheckpointError(

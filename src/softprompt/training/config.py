@@ -272,16 +272,16 @@ def _exists(value: str) -> bool:
 def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | None, list[str]]:
     """Every problem `validate` would refuse, without raising: the batch plan (None if impossible) and them."""
     problems: list[str] = check_numbers(cfg)
-    task = None
+    task_labels: list[str] = []  # the task's label strings, and whether it names its own data set
+    has_own_data = False
     try:
-        from softprompt.tasks.text.presets import (
-            task_from_flags,  # deferred: reads YAML presets, imports the data stack
-        )
+        # deferred: reads YAML presets, imports the data stack
+        from softprompt.tasks.resolve import resolve_task
 
-        task = task_from_flags(cfg)
+        task = resolve_task(cfg, punctuation=cfg.punctuation)
+        task_labels, has_own_data = list(task.classes), task.has_own_dataset
     except ConfigError as err:
         problems.append(str(err))
-    has_own_data = task is not None and bool(task.dataset)
     if cfg.dataset_name is None and cfg.train_file is None and not has_own_data:
         problems.append(
             "give --train_file (SQuAD JSON, MRQA jsonl, a task's JSONL/CSV/TSV, or hf:NAME) or --dataset_name"
@@ -299,7 +299,6 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
             problems.append("--prompt_init text needs --prompt_init_text")
         if cfg.prompt_init == "from_file" and not cfg.prompt_init_file:
             problems.append("--prompt_init from_file needs --prompt_init_file")
-        task_labels = list(task.classes or ()) if task is not None else []
         if cfg.prompt_init == "class_label" and not cfg.prompt_init_labels and not task_labels:
             problems.append(
                 "--prompt_init class_label needs --prompt_init_labels (e.g. --prompt_init_labels yes no) "

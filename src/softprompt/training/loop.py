@@ -142,9 +142,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                 shown = {"loss": step_loss, "ex_s": plan.global_batch / max(dt, 1e-9)}
                 due = cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
                 if due and run.eval_examples:
-                    shown["dev_f1" if run.task is None else f"dev_{run.task.metric.value}"] = evaluate_dev(
-                        run
-                    )
+                    shown[f"dev_{run.task.metric}"] = evaluate_dev(run)
                     if saved:
                         refresh_last(run)  # the checkpoint just written learns this evaluation's best
                 bar.update(1, **shown)  # after the evaluation, so the line shows this step's dev F1

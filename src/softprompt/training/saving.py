@@ -122,16 +122,22 @@ def _prompt_config(run: Run) -> ckpt.PromptConfig:
         max_target_length=cfg.max_target_length,
         extra={
             "step": run.state.step,
-            **(
-                {"dev_f1": run.state.best_f1, "dev_exact_match": run.state.best_em}
-                if run.task is None
-                else {f"dev_{k}": v for k, v in run.state.best_scores.items()}
-            ),
+            **{f"dev_{k}": v for k, v in run.task.dev_scores(run.state.best_scores).items()},
             "base_model_fingerprint": run.base_fingerprint,
             **({"prompt_init_labels": labels} if (labels := init_labels(cfg, run.task)) else {}),
         },
-        task=run.task.to_dict() if run.task is not None else None,
+        task=run.task.to_dict(),
     )
+
+
+def _best(run: Run) -> dict[str, float]:
+    """The scores at the best step ({} before any evaluation)."""
+    return run.state.best_scores if run.state.best_step >= 0 else {}
+
+
+def _qa_scores(best: dict[str, float]) -> dict[str, float | None]:
+    """The QA scores every results.json and card names, None where the task's metric has no such score."""
+    return {k: best.get(k) for k in ("exact_match", "f1", "t5_exact_match", "t5_f1")}
 
 
 def _model_card_info(run: Run) -> dict[str, Any]:
@@ -155,33 +161,17 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         else round(st.examples_seen / max(1, len(run.train_features)), 2),
         "seed": cfg.seed,
         "precision": cfg.precision,
-        "exact_match": st.best_em if st.best_step >= 0 else None,
-        "f1": st.best_f1 if st.best_step >= 0 else None,
-        "t5_exact_match": st.best_t5_em if st.best_step >= 0 else None,
-        "t5_f1": st.best_t5_f1 if st.best_step >= 0 else None,
+        **_qa_scores(_best(run)),
         "best_step": st.best_step if st.best_step >= 0 else None,
-        **(
-            {
-                "task": run.task.name,
-                "task_description": run.task.description,
-                "input_template": run.task.input_template,
-                "metric": run.task.metric.value,
-                "scores": st.best_scores if st.best_step >= 0 else None,
-            }
-            if run.task is not None
-            else {}
-        ),
+        **run.task.card_fields(_best(run)),
     }
 
 
 def write_results(run: Run) -> dict[str, Any]:
     cfg, st = run.cfg, run.state
     results = {
-        "exact_match": st.best_em if st.best_step >= 0 else None,
-        "f1": st.best_f1 if st.best_step >= 0 else None,
-        # T5's own way (generated text vs padded gold answers); None when the text was not padded.
-        "t5_exact_match": st.best_t5_em if st.best_step >= 0 else None,
-        "t5_f1": st.best_t5_f1 if st.best_step >= 0 else None,
+        # t5_*: T5's own way (generated text vs padded gold answers); None when the text was not padded.
+        **_qa_scores(_best(run)),
         "best_step": st.best_step if st.best_step >= 0 else None,
         "steps": st.step,
         "train_seconds": st.train_seconds,
@@ -200,13 +190,7 @@ def write_results(run: Run) -> dict[str, Any]:
         "skipped_nonfinite": st.skipped_nonfinite,
         "softprompt_version": __version__,
     }
-    if run.task is not None:
-        # A text task's own scores at the best step (exact_match/f1 are its own when its metric has them).
-        best = st.best_scores if st.best_step >= 0 else {}
-        results.update(
-            exact_match=best.get("exact_match"), f1=best.get("f1"), t5_exact_match=None, t5_f1=None
-        )
-        results.update(best, task=run.task.name, metric=run.task.metric.value, scores=best or None)
+    results.update(run.task.results_fields(_best(run)))
     if run.env.is_main:
         atomic.atomic_write_json(run.out / rundir.RESULTS_FILE, results)
     run.logger.log("end", st.step, **{k: v for k, v in results.items() if isinstance(v, int | float)})

@@ -3,8 +3,8 @@
 `setup` validates the config, claims the run directory, loads and tokenizes the data, builds the
 model, its sampler and optimizer, restores the newest checkpoint on --resume, and announces the run;
 it returns a `Run`, which the other phases (`softprompt.training.loop`, `.evaluation`, `.saving`) share.
-The SQuAD-or-text-task choice is made here by `Run.task` (None for SQuAD-shaped QA): see `_load_split`,
-`_tokenize` and `init_labels`.
+`Run.task` is the run's `softprompt.tasks.base.Task` (SQuAD or a text task): it loads, tokenizes and
+later scores the data, and no phase asks which kind it is.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import math
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +32,9 @@ from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.modeling.optim import build_optimizer
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
 from softprompt.runtime.distributed import DistEnv, barrier, broadcast_object, shard_fsdp, wrap_ddp
-from softprompt.tasks.squad.reader import QAExample, load_examples, load_hf_dataset, tokenize_examples
-from softprompt.tasks.text.features import tokenize_texts
-from softprompt.tasks.text.presets import task_from_flags
-from softprompt.tasks.text.reader import load_task_examples
-from softprompt.tasks.text.spec import TaskSpec, TextExample
+from softprompt.tasks.base import Task
+from softprompt.tasks.resolve import resolve_task
+from softprompt.tasks.squad.qa_task import SquadTask
 from softprompt.training.config import (
     BatchPlan,
     TrainConfig,
@@ -67,7 +65,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_features: list[Features]
     sampler: BucketBatchSampler
-    eval_examples: list[QAExample] | list[TextExample]
+    eval_examples: list[Any]  # the task's examples (`Task.load`)
     eval_features: list[Features]
     collate: Collator
     max_steps: int
@@ -78,7 +76,7 @@ class Run:
     bf16: bool
     base_fingerprint: str | None = None  # what identifies the base model (`ckpt.model_fingerprint`)
     lock: rundir.RunLock | None = None  # rank 0's lock on `out`, held for the run's whole life
-    task: TaskSpec | None = None  # a text task; None for SQuAD-shaped QA
+    task: Task = field(default_factory=SquadTask)  # what the data is and how it is scored
 
 
 def setup(cfg: TrainConfig, env: DistEnv) -> Run:
@@ -107,7 +105,7 @@ def _build(
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     stats: Counter = Counter()
-    task = task_from_flags(cfg)
+    task = resolve_task(cfg, punctuation=cfg.punctuation)
     train_examples, eval_examples = _load_data(cfg, task, stats)
     train_features, eval_features = _tokenize(cfg, task, tokenizer, train_examples, eval_examples)
     model = _build_model(cfg, env, tokenizer, task)
@@ -234,35 +232,24 @@ def _claim_output_dir(cfg: TrainConfig, env: DistEnv) -> rundir.RunLock | None:
     return lock
 
 
-def _load_split(
-    cfg: TrainConfig, task: TaskSpec | None, which: str, stats: Counter
-) -> list[QAExample] | list[TextExample]:
-    if task is not None:
-        split = cfg.train_split if which == "train" else cfg.validation_split
-        path = cfg.train_file if which == "train" else cfg.validation_file
-        if cfg.dataset_name is not None:
-            path = HF_PREFIX + cfg.dataset_name
-        elif path is None and (cfg.train_file is not None or not task.dataset):
-            return []  # files without a dev file: no dev set (no files at all: the task's own dataset)
-        return load_task_examples(
-            task,
-            path,
-            split=split,
-            config=cfg.dataset_config,
-            for_training=which == "train",
-            skip_bad=cfg.skip_bad_examples,
-            stats=stats,
-        )
-    if cfg.dataset_name is not None:
-        split = cfg.train_split if which == "train" else cfg.validation_split
-        return load_hf_dataset(cfg.dataset_name, split, skip_bad=cfg.skip_bad_examples, stats=stats)
+def _load_split(cfg: TrainConfig, task: Task, which: str, stats: Counter) -> list[Any]:
+    split = cfg.train_split if which == "train" else cfg.validation_split
     path = cfg.train_file if which == "train" else cfg.validation_file
-    if path is None:
-        return []
-    return load_examples(path, skip_bad=cfg.skip_bad_examples, stats=stats)
+    if cfg.dataset_name is not None:
+        path = HF_PREFIX + cfg.dataset_name
+    elif path is None and (cfg.train_file is not None or not task.has_own_dataset):
+        return []  # files without a dev file: no dev set (no files at all: the task's own dataset)
+    return task.load(
+        path,
+        split=split,
+        config=cfg.dataset_config,
+        for_training=which == "train",
+        skip_bad=cfg.skip_bad_examples,
+        stats=stats,
+    )
 
 
-def _load_data(cfg: TrainConfig, task: TaskSpec | None, stats: Counter) -> tuple[list[Any], list[Any]]:
+def _load_data(cfg: TrainConfig, task: Task, stats: Counter) -> tuple[list[Any], list[Any]]:
     """The train and dev examples, cut to --max_train_samples / --max_eval_samples."""
     train_examples = _load_split(cfg, task, "train", stats)
     if cfg.max_train_samples is not None:
@@ -276,24 +263,11 @@ def _load_data(cfg: TrainConfig, task: TaskSpec | None, stats: Counter) -> tuple
 
 
 def _tokenize(
-    cfg: TrainConfig,
-    task: TaskSpec | None,
-    tokenizer: Any,
-    train_examples: list[Any],
-    eval_examples: list[Any],
+    cfg: TrainConfig, task: Task, tokenizer: Any, train_examples: list[Any], eval_examples: list[Any]
 ) -> tuple[list[Features], list[Features]]:
-    if task is not None:
-        lengths = dict(max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length)
-        train_features = tokenize_texts(train_examples, tokenizer, for_training=True, **lengths)
-        return train_features, tokenize_texts(eval_examples, tokenizer, **lengths)
-    kwargs = dict(
-        max_source_length=cfg.max_source_length,
-        max_target_length=cfg.max_target_length,
-        punctuation=cfg.punctuation,
-    )
-    train_features = tokenize_examples(train_examples, tokenizer, **kwargs)
-    eval_features = tokenize_examples(eval_examples, tokenizer, **kwargs) if eval_examples else []
-    return train_features, eval_features
+    lengths = dict(max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length)
+    train_features = task.tokenize(train_examples, tokenizer, for_training=True, **lengths)
+    return train_features, task.tokenize(eval_examples, tokenizer, **lengths)
 
 
 def _set_dropout(model: nn.Module, rate: float) -> None:
@@ -305,7 +279,7 @@ def _set_dropout(model: nn.Module, rate: float) -> None:
             m.dropout = rate
 
 
-def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any, task: TaskSpec | None = None) -> PromptedT5:
+def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any, task: Task) -> PromptedT5:
     """The T5 (with --dropout applied) and, in prompt mode, its initialised prompt, on this rank's device."""
     t5 = load_t5(
         cfg.model_name_or_path,
@@ -325,12 +299,12 @@ def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any, task: TaskSpec 
     return model
 
 
-def init_labels(cfg: TrainConfig, task: TaskSpec | None) -> list[str]:
+def init_labels(cfg: TrainConfig, task: Task) -> list[str]:
     """The class labels that start the prompt under --prompt_init class_label: --prompt_init_labels, else
     the task's label strings."""
     if cfg.prompt_init != "class_label" or cfg.prompt_init_labels:
         return list(cfg.prompt_init_labels)
-    return list(task.classes or ()) if task is not None else []
+    return list(task.classes)
 
 
 def _build_prompt(

@@ -1,0 +1,160 @@
+"""A text-to-text task as a `Task`: a `TaskSpec`'s templates, labels and layouts, scored by its metric."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from softprompt.data.batching import Features
+from softprompt.data.records import BadRecord
+from softprompt.errors import ConfigError
+from softprompt.tasks.base import EvalResult, Task
+from softprompt.tasks.metrics.text import score_texts
+from softprompt.tasks.text.features import tokenize_texts
+from softprompt.tasks.text.reader import load_task_examples
+from softprompt.tasks.text.spec import TaskSpec, TextExample
+
+__all__ = ["TextTask"]
+
+
+@dataclass(frozen=True)
+class TextTask(Task):
+    """A text-to-text task defined by a `TaskSpec` (a preset such as ``rte``, or a task file).
+
+    Attributes:
+        spec: The task's definition: input/target templates, label strings, layout, metric, dataset.
+    """
+
+    spec: TaskSpec
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """The spec's name (a preset's file name, or ``custom``)."""
+        return self.spec.name
+
+    @property
+    def metric(self) -> str:
+        """The spec's metric (``accuracy``, ``macro_f1``, ``multirc``, ...)."""
+        return self.spec.metric.value
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """The spec's label strings; () for a generation task."""
+        return tuple(self.spec.classes or ())
+
+    @property
+    def has_own_dataset(self) -> bool:
+        """Whether the spec names a Hugging Face dataset of its own."""
+        return bool(self.spec.dataset)
+
+    @property
+    def file_kinds(self) -> str:
+        """The row files a text task reads."""
+        return f"the {self.name} task's JSONL/CSV/TSV"
+
+    @property
+    def example_noun(self) -> str:
+        """A text task's unit is an example."""
+        return "examples"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec, as a prompt's config saves it (`TaskSpec.to_dict`)."""
+        return self.spec.to_dict()
+
+    def dev_scores(self, best: Mapping[str, float]) -> dict[str, float]:
+        """Every score of the task's metric at the best step."""
+        return dict(best)
+
+    def results_fields(self, best: Mapping[str, float]) -> dict[str, Any]:
+        """Every score at the best step under its own name, and the task, metric and scores."""
+        return {**best, "task": self.name, "metric": self.metric, "scores": dict(best) or None}
+
+    def card_fields(self, best: Mapping[str, float]) -> dict[str, Any]:
+        """The task, where its format comes from, its input template, metric and scores."""
+        return {
+            "task": self.name,
+            "task_description": self.spec.description,
+            "input_template": self.spec.input_template,
+            "metric": self.metric,
+            "scores": dict(best) or None,
+        }
+
+    def load(
+        self,
+        source: str | Path | None,
+        *,
+        split: str = "train",
+        config: str | None = None,
+        for_training: bool = False,
+        skip_bad: bool = False,
+        stats: Counter[str] | None = None,
+    ) -> list[TextExample]:
+        """Rows of a JSONL/CSV/TSV file, ``hf:NAME``, or the spec's own dataset (`load_task_examples`)."""
+        return load_task_examples(
+            self.spec,
+            source,
+            split=split,
+            config=config,
+            for_training=for_training,
+            skip_bad=skip_bad,
+            stats=stats,
+        )
+
+    def tokenize(
+        self,
+        examples: Sequence[TextExample],
+        tokenizer: Any,
+        *,
+        max_source_length: int,
+        max_target_length: int,
+        for_training: bool = False,
+    ) -> list[Features]:
+        """`tokenize_texts`: training keeps every target of an example (ReCoRD), as T5 does."""
+        return tokenize_texts(
+            examples,
+            tokenizer,
+            max_source_length=max_source_length,
+            max_target_length=max_target_length,
+            for_training=for_training,
+        )
+
+    def format_row(self, example: TextExample) -> dict[str, str]:
+        """The filled input template and the first target."""
+        return {"id": example.id, "inputs": example.inputs, "targets": example.targets[0]}
+
+    def score(self, examples: Sequence[TextExample], answers: Sequence[str]) -> EvalResult:
+        """The spec's metric (`score_texts`); its first score chooses the best checkpoint."""
+        scores = score_texts(self.spec.metric, examples, answers, self.spec.classes)
+        predictions = {ex.id: a for ex, a in zip(examples, answers, strict=True)}
+        return EvalResult(scores, next(iter(scores)), predictions)
+
+    def rank_classes(self) -> tuple[str, ...]:
+        """The label strings, when they are the targets.
+
+        Raises:
+            ConfigError: The task has no labels, or its targets come from a template or field.
+        """
+        spec = self.spec
+        if not spec.classes or spec.target_template or spec.target_field:
+            raise ConfigError(
+                f"--classify rank scores label strings, but the {spec.name} task's targets are not its labels; "
+                "use --classify greedy"
+            )
+        return tuple(spec.classes)
+
+    def request_examples(self, record: Mapping[str, Any]) -> list[TextExample]:
+        """The model inputs of one unlabelled record, each an example without targets
+        (`TaskSpec.input_texts`; a layout may expand one record to several).
+
+        Raises:
+            BadRecord: The record does not fit the layout or lacks a field of the input template.
+        """
+        if isinstance(record, BadRecord):
+            raise record
+        return [
+            TextExample(id="" if qid is None else qid, inputs=text, targets=("",))
+            for qid, text in self.spec.input_texts(record)
+        ]
