@@ -92,15 +92,77 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         raise ValueError("model card info must name the base model (model_name_or_path)")
     base_model = str(model)
     task = info.get("task")
+    prompt_mode = info.get("mode", "prompt") == "prompt" and info.get("prompt_tuning", True) is not False
+    lines = ["---", _front_matter(base_model, task).rstrip("\n"), "---", ""]
+    lines += _title_and_intro(base_model, task, prompt_mode)
+    lines += [
+        "",
+        "## Base model",
+        "",
+        f"`{base_model}`",
+        "",
+        "## Data",
+        "",
+        "| split | file |",
+        "|---|---|",
+        f"| train | {_md(_fmt(info.get('train_file')))} |",
+        f"| validation | {_md(_fmt(info.get('validation_file')))} |",
+        "",
+        "## Hyperparameters",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {_md(value)} |" for key, value in _hyperparameter_rows(info, prompt_mode)]
+    if task:
+        lines += _task_rows(info)
+    lines += [
+        "",
+        "## Dev results",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += _task_score_rows(info) if task else _squad_rows(info)
+    lines += _how_to_load(str(checkpoint_dir), base_model, info, prompt_mode)
+    lines += ["", f"Written by softprompt {softprompt.__version__}."]
+    return "\n".join(lines) + "\n"
+
+
+def _front_matter(base_model: str, task: Any) -> str:
+    """The card's YAML front matter (without the ``---`` fences), ending in a newline."""
     front = {
         "library_name": "softprompt",
         "base_model": base_model,
         "tags": ["prompt-tuning", "t5", str(task) if task else "squad"],
     }
     # safe_dump quotes whatever needs quoting (a path with ':' or a leading '*').
-    front_matter = yaml.safe_dump(front, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    return yaml.safe_dump(front, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
-    prompt_mode = info.get("mode", "prompt") == "prompt" and info.get("prompt_tuning", True) is not False
+
+def _title_and_intro(base_model: str, task: Any, prompt_mode: bool) -> list[str]:
+    """The card's heading and its first paragraph: what was trained, for what."""
+    what = f"the text-to-text task {task}" if task else "extractive question answering"
+    on = f"`{_md(str(task))}`" if task else "SQuAD"
+    if prompt_mode:
+        title = f"# Soft prompt for `{_md(base_model)}` on {on}"
+        intro = (
+            "A soft prompt trained with softprompt, an implementation of prompt tuning "
+            f"([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for {what}. "
+            "It is a small matrix of embeddings prepended to the input of a frozen T5; "
+            "it only works with the base model below."
+        )
+    else:
+        title = f"# `{_md(base_model)}` fine-tuned on {on}"
+        intro = (
+            f"All weights of the base model below fine-tuned with softprompt for {what}, "
+            "the baseline that prompt tuning is compared with."
+        )
+    return [title, "", intro]
+
+
+def _hyperparameter_rows(info: Mapping[str, Any], prompt_mode: bool) -> list[tuple[str, str]]:
+    """The (setting, value) rows of the hyperparameter table, unescaped; rows of unset optional keys left out."""
     steps = _first(info, ("steps", "max_steps"))
     # (label, value) rows; optional rows are None and dropped, so the order stays readable here.
     optional: list[tuple[str, str] | None] = [
@@ -125,9 +187,29 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         ("Precision", _fmt(info.get("precision"))),
         ("Seed", _fmt(info.get("seed"))),
     ]
-    hyper = [row for row in optional if row is not None]
+    return [row for row in optional if row is not None]
 
-    ckpt = str(checkpoint_dir)
+
+def _task_score_rows(info: Mapping[str, Any]) -> list[str]:
+    """A text task's dev-result rows (its metric's scores and the best step) and the note under them."""
+    scores = info.get("scores") or {}
+    lines = [
+        f"| {_md(str(k))} | {int(v) if k == 'invalid_predictions' else _fmt_score(v)} |"
+        for k, v in scores.items()
+    ] or ["| — | — |"]
+    return [
+        *lines,
+        f"| best step | {_fmt(info.get('best_step'))} |",
+        "",
+        f"Scores are the task's metric ({_md(_fmt(info.get('metric')))}; percentages, "
+        "`invalid_predictions` a count of answers that are no label string) on the validation file, at "
+        "the step with the best first score.",
+    ]
+
+
+def _how_to_load(ckpt: str, base_model: str, info: Mapping[str, Any], prompt_mode: bool) -> list[str]:
+    """The "How to load" section: Python that loads the checkpoint and a runnable `softprompt predict` line."""
+    task = info.get("task")
     question = "Who wrote Hamlet?"
     context = "Hamlet is a tragedy written by William Shakespeare."
     # A prompt is used together with its frozen base model; a fine-tuned checkpoint is the model.
@@ -142,17 +224,7 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         cli = " ".join(shlex.quote(arg) for arg in [*predict, "--fields", example])
     else:
         cli = " ".join(shlex.quote(arg) for arg in [*predict, "--question", question, "--context", context])
-    what = f"the text-to-text task {task}" if task else "extractive question answering"
-    on = f"`{_md(str(task))}`" if task else "SQuAD"
-
     if prompt_mode:
-        title = f"# Soft prompt for `{_md(base_model)}` on {on}"
-        intro = (
-            "A soft prompt trained with softprompt, an implementation of prompt tuning "
-            f"([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for {what}. "
-            "It is a small matrix of embeddings prepended to the input of a frozen T5; "
-            "it only works with the base model below."
-        )
         load = [
             "from softprompt.io.checkpoint import load_prompt",
             "",
@@ -160,63 +232,12 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
             f"prompt, prompt_config = load_prompt({ckpt!r})",
         ]
     else:
-        title = f"# `{_md(base_model)}` fine-tuned on {on}"
-        intro = (
-            f"All weights of the base model below fine-tuned with softprompt for {what}, "
-            "the baseline that prompt tuning is compared with."
-        )
         load = [
             "from transformers import T5ForConditionalGeneration",
             "",
             f"model = T5ForConditionalGeneration.from_pretrained({ckpt!r})",
         ]
-
-    lines = ["---", front_matter.rstrip("\n"), "---", ""]
-    lines += [title, "", intro]
-    lines += [
-        "",
-        "## Base model",
-        "",
-        f"`{base_model}`",
-        "",
-        "## Data",
-        "",
-        "| split | file |",
-        "|---|---|",
-        f"| train | {_md(_fmt(info.get('train_file')))} |",
-        f"| validation | {_md(_fmt(info.get('validation_file')))} |",
-        "",
-        "## Hyperparameters",
-        "",
-        "| setting | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {key} | {_md(value)} |" for key, value in hyper]
-    if task:
-        lines += _task_rows(info)
-    lines += [
-        "",
-        "## Dev results",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    if task:
-        scores = info.get("scores") or {}
-        lines += [
-            f"| {_md(str(k))} | {int(v) if k == 'invalid_predictions' else _fmt_score(v)} |"
-            for k, v in scores.items()
-        ] or ["| — | — |"]
-        lines += [
-            f"| best step | {_fmt(info.get('best_step'))} |",
-            "",
-            f"Scores are the task's metric ({_md(_fmt(info.get('metric')))}; percentages, "
-            "`invalid_predictions` a count of answers that are no label string) on the validation file, at "
-            "the step with the best first score.",
-        ]
-    else:
-        lines += _squad_rows(info)
-    lines += [
+    return [
         "",
         "## How to load",
         "",
@@ -229,10 +250,7 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         "```bash",
         cli,
         "```",
-        "",
-        f"Written by softprompt {softprompt.__version__}.",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _task_rows(info: Mapping[str, Any]) -> list[str]:
