@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_t5, tiny_config
-from softprompt.commands.eval_predict import predict_answers
+from softprompt.commands.predict import predict_answers
 from softprompt.data.records import QAExample, tokenize_examples
 from softprompt.errors import CheckpointError, UserError
 from softprompt.inference.bank import PromptBank, UnknownTaskError, load_model_and_prompts
@@ -354,8 +354,8 @@ def test_fast_path_switch_reaches_the_model_and_changes_no_answer(setup: dict) -
 def test_no_fast_path_flag_is_passed_to_the_loader(
     setup: dict, command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import softprompt.commands.eval_predict
-    import softprompt.serving.server
+    import softprompt.commands.loading
+    import softprompt.commands.serve
     from softprompt.cli import main
 
     seen: list[bool] = []
@@ -364,8 +364,8 @@ def test_no_fast_path_flag_is_passed_to_the_loader(
         seen.append(kwargs["fast_path"])
         raise UserError("stop after loading")  # the flag is what this test is about
 
-    monkeypatch.setattr(softprompt.commands.eval_predict, "load_model_and_prompts", loader)
-    monkeypatch.setattr(softprompt.serving.server, "load_model_and_prompts", loader)
+    monkeypatch.setattr(softprompt.commands.loading, "load_model_and_prompts", loader)
+    monkeypatch.setattr(softprompt.commands.serve, "load_model_and_prompts", loader)
     qa = {
         "id": "q0",
         "question": QUESTIONS[0],

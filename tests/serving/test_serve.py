@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import cpu_env, save_tiny_t5, tiny_config
-from softprompt.commands.eval_predict import predict_answers
+from softprompt.commands.predict import predict_answers
 from softprompt.errors import UserError
 from softprompt.inference.bank import load_model_and_prompts
 from softprompt.io.checkpoint import PromptConfig, save_prompt

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_t5, tiny_config
-from softprompt.commands.eval_predict import predict_answers, predict_texts
+from softprompt.commands.predict import predict_answers, predict_texts
 from softprompt.inference.bank import load_model_and_prompts
 from softprompt.io.checkpoint import PromptConfig, save_prompt
 from softprompt.serving.server import create_app

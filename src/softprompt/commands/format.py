@@ -11,11 +11,31 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from softprompt.commands.flags import FormatArgs
 from softprompt.data.records import HF_PREFIX, QAExample, load_examples, load_hf_dataset
 from softprompt.tasks.squad.text import Punctuation, format_input, format_target
-from softprompt.tasks.text.task import TaskSpec, load_task_examples
+from softprompt.tasks.text.task import TaskSpec, load_task_examples, task_from_flags
 
-__all__ = ["format_lines", "write_formatted"]
+__all__ = ["format_lines", "run", "write_formatted"]
+
+
+def run(args: FormatArgs) -> int:
+    """Write the formatted lines of the data the flags name and say how many; return 0."""
+    task = task_from_flags(args)
+    n, skipped = write_formatted(
+        args.data,
+        args.output,
+        punctuation=args.punctuation,
+        dataset_name=args.dataset_name,
+        split=args.split,
+        skip_bad_examples=args.skip_bad_examples,
+        max_samples=args.max_samples,
+        task=task,
+        dataset_config=args.dataset_config,
+    )
+    noun = "questions" if task is None else "examples"
+    print(f"wrote {n:,} {noun} to {args.output}" + (f"; skipped {dict(skipped)}" if skipped else ""))
+    return 0
 
 
 def format_lines(examples: Iterable[QAExample], punctuation: Punctuation | str) -> Iterator[str]:

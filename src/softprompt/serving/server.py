@@ -1,4 +1,5 @@
-"""`softprompt serve`: one frozen T5 answering for many soft prompts over HTTP.
+"""The HTTP app of `softprompt serve`: one frozen T5 answering for many soft prompts (the command that
+loads the model and runs this app under uvicorn is `softprompt.commands.serve`).
 
 Requests for different tasks that arrive within a few milliseconds of each other are gathered into
 one mixed-prompt batch (`bank.PromptBank`), which is what makes prompt tuning cheap to serve: one
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import socket
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse
 
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
-from softprompt.inference.bank import PromptBank, load_model_and_prompts
+from softprompt.inference.bank import PromptBank
 from softprompt.serving.batching import MicroBatcher, QueueFull
 from softprompt.serving.schemas import (
     AnswerFn,
@@ -329,63 +329,3 @@ def bind_socket(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host/--port"
         ) from None
     return sock
-
-
-def main(argv: Sequence[str]) -> int:
-    """`softprompt serve`: parse the flags, load the model and prompts, then serve until interrupted."""
-    from softprompt.commands.flags import ServeArgs, serve_checks
-    from softprompt.config.parser import parse
-
-    return serve(parse(ServeArgs, argv, "softprompt serve", checks=serve_checks))
-
-
-def serve(args: Any) -> int:
-    """Load the model and prompts named by parsed `ServeArgs`, then serve until interrupted."""
-    import uvicorn
-
-    specs = parse_prompt_specs(args.prompt)
-    if not specs:
-        raise UserError("give at least one --prompt NAME=DIR to serve")
-    bank = load_model_and_prompts(
-        args.model,
-        [d for _, d in specs],
-        random_init=args.random_init,
-        seed=args.seed,
-        names=[n for n, _ in specs],
-        bf16=args.precision == "bf16",
-        allow_other=args.allow_other_base_model,
-        fast_path=args.fast_path,
-    )
-    app = create_app(
-        bank,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        max_new_tokens=args.max_target_length,
-        bf16=args.precision == "bf16",
-        limits=Limits(
-            max_context_chars=args.max_context_chars,
-            max_question_chars=args.max_question_chars,
-            max_inputs=args.max_inputs,
-        ),
-    )
-    sock = bind_socket(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(
-        f"softprompt serve: {len(bank)} prompt(s) ({', '.join(bank.names)}) on {bank.device}; "
-        f"listening on http://{shown}:{port}",
-        flush=True,
-    )
-    config = uvicorn.Config(
-        app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5
-    )
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
