@@ -300,7 +300,7 @@ def direct_caller(
     bf16 = args.precision == "bf16"
     bank = load_model_and_prompts(str(model_dir), [str(d) for d in sp_dirs], names=tasks, bf16=bf16)
     collate = Collator(pad_token_id=bank.tokenizer.pad_token_id)
-    features, task_ids = bank.tokenize([(r["task"], r["question"], r["context"]) for r in rows])
+    features, task_ids = bank.tokenize([(r["task"], r) for r in rows])
 
     def call(i: int) -> float:
         batch = collate([features[i]])

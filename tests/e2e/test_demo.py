@@ -1,4 +1,4 @@
-"""The offline demo: the synthetic corpus, its tokenizer, and a whole (quick) demo run.
+"""The offline demo: the synthetic corpus and a whole (quick) demo run (the tokenizer: tests/commands/test_demo_setup.py).
 
 The full demo (`softprompt demo`, about 2 minutes on 2 CPU cores) is documented to give, on task B's
 held-out test set: zero-shot EM < 20, prompt-tuned EM >= 60, with the frozen task-A model unchanged.
@@ -20,7 +20,6 @@ from softprompt.data.synthetic import (
     TASK_B_ATTRIBUTE,
     TOWNS,
     TRADES,
-    corpus_texts,
     generate_split,
     write_squad_json,
 )
@@ -95,24 +94,6 @@ def test_generator_rejects_bad_arguments() -> None:
         generate_split("a", "train", 0)
     with pytest.raises(ValueError, match="task_b_attribute"):
         generate_split("b", "train", 10, task_b_attribute=DEFAULT_ATTRIBUTE)
-
-
-def test_tokenizer_covers_the_corpus_exactly(tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
-
-    from softprompt.commands.demo import build_tokenizer
-
-    build_tokenizer(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))  # loads back like any model's tokenizer
-    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
-    assert len(tokenizer) < 400
-    texts = [t for task in ("a", "b") for t in corpus_texts(generate_split(task, "train", 400, seed=5))]
-    texts += ["question:", "context:"]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    assert all(tokenizer.unk_token_id not in row for row in ids)
-    answers = [qa["answers"][0]["text"] for _, qa in _questions(generate_split("a", "dev", 200, seed=5))]
-    decoded = tokenizer.batch_decode(tokenizer(answers, add_special_tokens=False)["input_ids"])
-    assert decoded == answers
 
 
 # ------------------------------------------------------------------------------------------ the demo

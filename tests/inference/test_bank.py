@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_t5, tiny_config
-from softprompt.commands.eval_predict import predict_answers
+from softprompt.commands.predict import predict_answers
 from softprompt.errors import CheckpointError, UserError
 from softprompt.inference.bank import PromptBank, UnknownTaskError, load_model_and_prompts
 from softprompt.inference.engine import generate_answers
@@ -23,6 +23,7 @@ from softprompt.modeling.model import PromptedT5
 from softprompt.modeling.prompt import SoftPrompt
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.metrics.squad import normalize_answer, squad_scores
+from softprompt.tasks.squad.qa_task import SquadTask
 from softprompt.tasks.squad.reader import QAExample, tokenize_examples
 
 D_MODEL = tiny_config().d_model
@@ -158,21 +159,24 @@ def test_mixed_batch_rows_equal_single_prompt_batches(setup: dict) -> None:
 def test_answer_equals_predict_for_each_prompt(setup: dict) -> None:
     loaded = bank = setup["loaded"]
     assert bank.base_model == str(setup["model_dir"])
-    rows = [(t, q, c) for t in ("a", "b", "c") for q, c in zip(QUESTIONS, CONTEXTS, strict=True)]
+    rows = [
+        (t, {"question": q, "context": c})
+        for t in ("a", "b", "c")
+        for q, c in zip(QUESTIONS, CONTEXTS, strict=True)
+    ]
     rows = rows[::2] + rows[1::2]  # interleave tasks so batches mix them
     answers = bank.answer(rows, batch_size=5, max_new_tokens=MAX_NEW)
     for name in ("a", "b", "c"):
         mine = [(r, a) for r, a in zip(rows, answers, strict=True) if r[0] == name]
-        expected = predict_answers(
-            loaded, name, [{"question": q, "context": c} for (_, q, c), _ in mine], max_new_tokens=MAX_NEW
-        )
+        expected = predict_answers(loaded, name, [fields for (_, fields), _ in mine], max_new_tokens=MAX_NEW)
         assert [a for _, a in mine] == expected
     # "c" truncates its inputs to 24 tokens, so its features differ from the others'.
-    features, tasks = bank.tokenize([("c", QUESTIONS[1], CONTEXTS[1]), ("a", QUESTIONS[1], CONTEXTS[1])])
+    pair = {"question": QUESTIONS[1], "context": CONTEXTS[1]}
+    features, tasks = bank.tokenize([("c", pair), ("a", pair)])
     assert len(features[0].input_ids) == 24 < len(features[1].input_ids)
     assert tasks == [bank.index("c"), bank.index("a")]
     with pytest.raises(UnknownTaskError, match=r"unknown task 'nope'; loaded tasks: a, b, c, a2"):
-        bank.answer([("nope", "q", "c")])
+        bank.answer([("nope", {"question": "q", "context": "c"})])
 
 
 def test_bank_refuses_prompt_of_wrong_width_or_model(setup: dict, tmp_path: Path) -> None:
@@ -262,7 +266,7 @@ def test_ensemble_one_pass_equals_majority_of_separate_runs(
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(loaded.model, "generate", spy)
-    report = ensemble_eval(loaded, examples, features, replace(gen, show_progress=False))
+    report = ensemble_eval(loaded, SquadTask(), examples, features, replace(gen, show_progress=False))
 
     # One pass: K * N rows in ceil(K * N / batch) batches, with prompts of both lengths mixed in a batch.
     assert len(calls) == math.ceil(len(names) * len(examples) / 4)
@@ -346,7 +350,11 @@ def test_fast_path_switch_reaches_the_model_and_changes_no_answer(setup: dict) -
         fast_path=False,
     )
     assert fast.model.fast_path and not slow.model.fast_path  # the lean T5 covers this CPU model
-    rows = [(t, q, c) for t in ("a", "c") for q, c in zip(QUESTIONS[:4], CONTEXTS[:4], strict=True)]
+    rows = [
+        (t, {"question": q, "context": c})
+        for t in ("a", "c")
+        for q, c in zip(QUESTIONS[:4], CONTEXTS[:4], strict=True)
+    ]
     assert slow.answer(rows, max_new_tokens=MAX_NEW) == fast.answer(rows, max_new_tokens=MAX_NEW)
 
 
@@ -354,8 +362,8 @@ def test_fast_path_switch_reaches_the_model_and_changes_no_answer(setup: dict) -
 def test_no_fast_path_flag_is_passed_to_the_loader(
     setup: dict, command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import softprompt.commands.eval_predict
-    import softprompt.serving.server
+    import softprompt.commands.loading
+    import softprompt.commands.serve
     from softprompt.cli import main
 
     seen: list[bool] = []
@@ -364,8 +372,8 @@ def test_no_fast_path_flag_is_passed_to_the_loader(
         seen.append(kwargs["fast_path"])
         raise UserError("stop after loading")  # the flag is what this test is about
 
-    monkeypatch.setattr(softprompt.commands.eval_predict, "load_model_and_prompts", loader)
-    monkeypatch.setattr(softprompt.serving.server, "load_model_and_prompts", loader)
+    monkeypatch.setattr(softprompt.commands.loading, "load_model_and_prompts", loader)
+    monkeypatch.setattr(softprompt.commands.serve, "load_model_and_prompts", loader)
     qa = {
         "id": "q0",
         "question": QUESTIONS[0],

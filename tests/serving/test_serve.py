@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import cpu_env, save_tiny_t5, tiny_config
-from softprompt.commands.eval_predict import predict_answers
+from softprompt.commands.predict import predict_answers
 from softprompt.errors import UserError
 from softprompt.inference.bank import load_model_and_prompts
 from softprompt.io.checkpoint import PromptConfig, save_prompt
@@ -234,10 +234,10 @@ def test_length_bucketed_batches_group_similar_lengths_and_answer_like_predict(s
     batcher = MicroBatcher(gated, prepare=bank.prepare, length=lambda r: r.length, max_batch_size=cap)
 
     async def scenario() -> list[list[str]]:
-        first = asyncio.ensure_future(batcher.submit([tuple(rows[0].values())]))
+        first = asyncio.ensure_future(batcher.submit([(rows[0]["task"], rows[0])]))
         while not entered.is_set():  # the first request is on the (blocked) model
             await asyncio.sleep(0.01)
-        rest = [asyncio.ensure_future(batcher.submit([tuple(rows[i].values())])) for i in range(1, n)]
+        rest = [asyncio.ensure_future(batcher.submit([(rows[i]["task"], rows[i])])) for i in range(1, n)]
         while len(batcher._waiting) < n - 1:
             await asyncio.sleep(0.01)
         gate.set()
@@ -248,8 +248,12 @@ def test_length_bucketed_batches_group_similar_lengths_and_answer_like_predict(s
 
     answers = asyncio.run(scenario())
     assert [a[0] for a in answers] == expected[:n]
-    prepared = bank.prepare([tuple(r.values()) for r in rows[:n]])
-    assert [p.context is not None for p in prepared] == [r["task"] == "trivia" for r in rows[:n]]
+    prepared = bank.prepare([(r["task"], r) for r in rows[:n]])
+    # Each row keeps its example, whose context maps a padded-text prompt's answers back (`trivia`).
+    assert [p.example.context for p in prepared] == [r["context"] for r in rows[:n]]
+    assert [bank.entry(p.task).task.punctuation != "none" for p in prepared] == [
+        r["task"] == "trivia" for r in rows[:n]
+    ]
     length_of = {id(p.features.input_ids): p.length for p in prepared}
     assert len({p.length for p in prepared}) > 8, "the rows should have many different lengths"
     # Which request each batch row came from, by its tokens (rows of this set are all distinct).

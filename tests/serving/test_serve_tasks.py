@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import save_tiny_t5, tiny_config
-from softprompt.commands.eval_predict import predict_answers, predict_texts
+from softprompt.commands.predict import predict_answers
 from softprompt.inference.bank import load_model_and_prompts
 from softprompt.io.checkpoint import PromptConfig, save_prompt
 from softprompt.serving.server import create_app
@@ -57,7 +57,7 @@ def bank_and_expected(tmp_path_factory) -> dict:
         "questions": questions,
         "fields": fields,
         "qa_expected": predict_answers(bank, "squad", questions, max_new_tokens=MAX_NEW),
-        "cls_expected": predict_texts(bank, "sentiment", texts, max_new_tokens=MAX_NEW),
+        "cls_expected": predict_answers(bank, "sentiment", fields, max_new_tokens=MAX_NEW),
         "texts": texts,
     }
 

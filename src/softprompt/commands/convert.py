@@ -14,11 +14,18 @@ import os
 import shutil
 from pathlib import Path
 
+from softprompt.commands.flags import ConvertArgs
 from softprompt.errors import UserError
 from softprompt.io.atomic import atomic_dir
 from softprompt.io.checkpoint import CONVERTED_FROM, model_fingerprint, save_t5
 from softprompt.io.pretrained import model_file
 from softprompt.modeling.model import load_t5, load_tokenizer
+
+
+def run(args: ConvertArgs) -> int:
+    """Convert MODEL into OUT_DIR and say where; return 0."""
+    print(f"wrote {convert(args.model, args.out_dir, overwrite=args.overwrite)}")
+    return 0
 
 
 def convert(model: str, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from softprompt.commands.flags import InspectArgs
 from softprompt.errors import CheckpointError
 from softprompt.io.atomic import atomic_write_json
 from softprompt.io.checkpoint import PromptConfig, load_prompt
@@ -175,13 +176,12 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`softprompt inspect`: print the table (and write JSON), return the exit code."""
-    from softprompt.commands.flags import InspectArgs
     from softprompt.config.parser import parse
 
-    return inspect_prompt(parse(InspectArgs, argv, "softprompt inspect"))
+    return run(parse(InspectArgs, argv, "softprompt inspect"))
 
 
-def inspect_prompt(args: Any) -> int:
+def run(args: InspectArgs) -> int:
     """Print the table for parsed `InspectArgs` (and write JSON); return the exit code."""
     weight, config = load_prompt(args.prompt_dir)
     model = args.model or config.base_model

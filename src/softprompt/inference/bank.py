@@ -47,9 +47,10 @@ __all__ = [
 
 # One task for every row (a name or a bank index), one per row, or None for the bare model.
 Tasks = str | int | Sequence[str | int] | torch.Tensor | None
-# One request: the prompt it asks for (name or index) and its fields: `{question, context}` for a QA
-# prompt, the template's fields for a text task's (`Task.request_examples`).
-Request = tuple[str | int, Mapping[str, Any]]
+# One request: the prompt it asks for (name or index) and its input: an example of the prompt's task, or
+# a record of it (`{question, context}` for a QA prompt, the template's fields for a text task's; see
+# `Task.request_examples`).
+Request = tuple[str | int, Any]
 
 
 _DEFAULT = GenerationOptions()
@@ -406,14 +407,17 @@ class PromptBank:
             row_prompts=row_prompts,
         )
 
-    def request_example(self, task: str | int, record: Mapping[str, Any]) -> Any:
-        """A request's fields as the example of its prompt's task (`Task.request_examples`).
+    def request_example(self, task: str | int, request: Any) -> Any:
+        """A request's input as one example of its prompt's task: an example as it is, a record through
+        `Task.request_examples`.
 
         Raises:
             UnknownTaskError: no prompt has that name.
-            BadRecord: the fields do not make exactly one model input (the reason says why).
+            BadRecord: the record does not make exactly one model input (the reason says why).
         """
-        examples = self.entry(task).task.request_examples(record)
+        if not isinstance(request, Mapping):
+            return request
+        examples = self.entry(task).task.request_examples(request)
         if len(examples) != 1:
             raise BadRecord("bad_row", f"make {len(examples)} inputs; send one example per input")
         return examples[0]

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Discriminator, Field, Tag
 
-Row = tuple[str, str, str | None]  # (task, question, context), or a text task's (task, model input, None)
+Row = tuple[str, Any]  # (task, the example its prompt's task made of the input: `Task.request_parts`)
 AnswerFn = Callable[[list[Row]], list[str]]
 
 

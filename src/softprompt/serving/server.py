@@ -1,4 +1,5 @@
-"""`softprompt serve`: one frozen T5 answering for many soft prompts over HTTP.
+"""The HTTP app of `softprompt serve`: one frozen T5 answering for many soft prompts (the command that
+loads the model and runs this app under uvicorn is `softprompt.commands.serve`).
 
 Requests for different tasks that arrive within a few milliseconds of each other are gathered into
 one mixed-prompt batch (`bank.PromptBank`), which is what makes prompt tuning cheap to serve: one
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import socket
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from fastapi.responses import JSONResponse
 
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
-from softprompt.inference.bank import PromptBank, load_model_and_prompts
+from softprompt.inference.bank import PromptBank
 from softprompt.serving.batching import MicroBatcher, QueueFull
 from softprompt.serving.schemas import (
     AnswerFn,
@@ -50,7 +51,6 @@ from softprompt.serving.schemas import (
     error_response,
     validation_response,
 )
-from softprompt.tasks.text.spec import TaskSpec
 
 ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health"
 
@@ -174,11 +174,6 @@ class _RowReader:
     def __init__(self, bank: PromptBank, limits: Limits) -> None:
         self.bank = bank
         self.limits = limits
-        self.text_tasks = {
-            name: TaskSpec.from_dict(bank.entry(name).config.task, where=f"prompt {name}")
-            for name in bank.names
-            if bank.entry(name).config.task
-        }
 
     @staticmethod
     def _too_long(where: str, name: str, text: str, most: int, flag: str) -> None:
@@ -189,53 +184,29 @@ class _RowReader:
             )
 
     def row(self, item: AnswerInput, where: str) -> Row:
-        """One input as the batcher's row: QA as (task, question, context), a text task's fields filled in."""
+        """One input as the batcher's row: its task and the example its prompt's task reads from it (a
+        question and context, or a text task's fields: `Task.request_parts`)."""
         bank, limits = self.bank, self.limits
         if item.task not in bank:
             raise ApiError(
                 422, f"{where}task: unknown task '{item.task}'; loaded tasks: {', '.join(bank.names)}"
             )
-        spec = self.text_tasks.get(item.task)
-        if spec is None:
-            missing = [n for n in ("question", "context") if getattr(item, n) is None]
-            if missing:
-                raise ApiError(
-                    422,
-                    f"invalid request: {where}{missing[0]}: Field required (task '{item.task}' answers "
-                    "questions: send question and context)",
-                )
+        if item.context is not None:
             self._too_long(where, "context", item.context, limits.max_context_chars, "--max_context_chars")
+        if item.question is not None:
             self._too_long(
                 where, "question", item.question, limits.max_question_chars, "--max_question_chars"
             )
-            return (item.task, item.question, item.context)
-        return (item.task, self._filled_template(item, spec, where), None)
-
-    def _filled_template(self, item: AnswerInput, spec: TaskSpec, where: str) -> str:
-        """A text task's model input: its fields filled into the prompt's template."""
-        if item.fields is None:
-            raise ApiError(
-                422,
-                f"{where}task '{item.task}' reads its fields: send fields for its template "
-                f"{spec.input_template!r}",
-            )
+        if item.fields is not None:
+            most = limits.max_context_chars + limits.max_question_chars
+            self._too_long(where, "fields", json.dumps(item.fields), most, "--max_context_chars")
         try:
-            texts = spec.input_texts(item.fields)
+            examples = bank.entry(item.task).task.request_parts(item.question, item.context, item.fields)
         except BadRecord as err:
-            raise ApiError(
-                422, f"{where}fields: {err.reason} (the template is {spec.input_template!r})"
-            ) from None
-        if len(texts) != 1:
-            raise ApiError(422, f"{where}fields: make {len(texts)} inputs; send one example per input")
-        text = texts[0][1]
-        self._too_long(
-            where,
-            "the filled template",
-            text,
-            self.limits.max_context_chars + self.limits.max_question_chars,
-            "--max_context_chars",
-        )
-        return text
+            raise ApiError(422, f"{where}{err.reason}") from None
+        if len(examples) != 1:
+            raise ApiError(422, f"{where}fields: make {len(examples)} inputs; send one example per input")
+        return (item.task, examples[0])
 
 
 def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: Limits) -> None:
@@ -329,63 +300,3 @@ def bind_socket(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --host/--port"
         ) from None
     return sock
-
-
-def main(argv: Sequence[str]) -> int:
-    """`softprompt serve`: parse the flags, load the model and prompts, then serve until interrupted."""
-    from softprompt.commands.flags import ServeArgs, serve_checks
-    from softprompt.config.parser import parse
-
-    return serve(parse(ServeArgs, argv, "softprompt serve", checks=serve_checks))
-
-
-def serve(args: Any) -> int:
-    """Load the model and prompts named by parsed `ServeArgs`, then serve until interrupted."""
-    import uvicorn
-
-    specs = parse_prompt_specs(args.prompt)
-    if not specs:
-        raise UserError("give at least one --prompt NAME=DIR to serve")
-    bank = load_model_and_prompts(
-        args.model,
-        [d for _, d in specs],
-        random_init=args.random_init,
-        seed=args.seed,
-        names=[n for n, _ in specs],
-        bf16=args.precision == "bf16",
-        allow_other=args.allow_other_base_model,
-        fast_path=args.fast_path,
-    )
-    app = create_app(
-        bank,
-        max_batch_size=args.max_batch_size,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        max_new_tokens=args.max_target_length,
-        bf16=args.precision == "bf16",
-        limits=Limits(
-            max_context_chars=args.max_context_chars,
-            max_question_chars=args.max_question_chars,
-            max_inputs=args.max_inputs,
-        ),
-    )
-    sock = bind_socket(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(
-        f"softprompt serve: {len(bank)} prompt(s) ({', '.join(bank.names)}) on {bank.device}; "
-        f"listening on http://{shown}:{port}",
-        flush=True,
-    )
-    config = uvicorn.Config(
-        app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5
-    )
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

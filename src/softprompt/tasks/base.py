@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from softprompt.data.batching import Features
 
-__all__ = ["EvalResult", "Example", "Task"]
+__all__ = ["EvalResult", "Example", "Task", "TaskCard"]
 
 
 class Example(Protocol):
@@ -81,6 +81,30 @@ class EvalResult:
         return self.metrics.get("t5_f1")
 
 
+@dataclass(frozen=True)
+class TaskCard:
+    r"""What a prompt's model card says about its task, as plain text (the card escapes it for Markdown).
+
+    Attributes:
+        tag: The task's tag in the card's front matter.
+        subject: What the model was trained for, in a sentence ("extractive question answering").
+        title_on: What the title names as the task (``SQuAD``, ``\`rte\```).
+        about: The paragraphs of the card's "Task" section; none, no section.
+        scores: The dev-result rows before the best step: (label, value); a float is shown as a
+            percentage with two decimals, an int as it is, None as a dash.
+        score_note: The sentence under the dev results saying what they are.
+        predict_args: The input flags of a runnable `softprompt predict` example.
+    """
+
+    tag: str
+    subject: str
+    title_on: str
+    about: tuple[str, ...] = ()
+    scores: tuple[tuple[str, float | int | None], ...] = ()
+    score_note: str = ""
+    predict_args: tuple[str, ...] = ()
+
+
 class Task(ABC):
     """One task: its data, its model text, its metric, and what a prompt trained on it records.
 
@@ -126,6 +150,16 @@ class Task(ABC):
     def dev_scores(self, best: Mapping[str, float]) -> dict[str, float]:
         """The dev scores a prompt's config records (each as ``dev_<name>``), given the scores at the best
         step (``{}`` before any evaluation)."""
+
+    @abstractmethod
+    def eval_fields(self) -> dict[str, Any]:
+        """What an evaluation report (`softprompt eval`) says about the task: its text format or its name
+        and metric."""
+
+    @abstractmethod
+    def card(self, facts: Mapping[str, Any]) -> TaskCard:
+        """What a model card says about the task, from a run's recorded facts (its config merged with
+        results.json: the scores under their names, ``best_step``, ...)."""
 
     def results_fields(self, best: Mapping[str, float]) -> dict[str, Any]:
         """What a run's results.json records about the task beside the QA scores (``exact_match``,
@@ -221,6 +255,18 @@ class Task(ABC):
 
         Raises:
             BadRecord: The record lacks a field the task reads (its ``reason`` names it).
+        """
+
+    @abstractmethod
+    def request_parts(
+        self, question: str | None, context: str | None, fields: Mapping[str, Any] | None
+    ) -> list[Any]:
+        """The examples of one request given in parts (a served request's body, `predict`'s flags): a
+        question and a context for QA, a text task's template fields.
+
+        Raises:
+            BadRecord: A part the task reads is missing or unusable; the reason starts with the part's
+                name (``question: Field required ...``, ``fields: has no field 'x' ...``).
         """
 
     def answer_text(self, example: Any, generated: str) -> str:

@@ -7,7 +7,6 @@ prompt directory copied on its own still says what it is.
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +18,8 @@ import yaml
 import softprompt
 from softprompt.errors import CheckpointError
 from softprompt.io.atomic import atomic_write_text
+from softprompt.tasks.base import TaskCard
+from softprompt.tasks.resolve import task_from_facts
 
 __all__ = ["CARD_FILE", "render_model_card", "write_model_card"]
 
@@ -91,16 +92,76 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         # A prompt is useless without its frozen model, so a card that omits it is a bug.
         raise ValueError("model card info must name the base model (model_name_or_path)")
     base_model = str(model)
-    task = info.get("task")
+    card = task_from_facts(info).card(info)
+    prompt_mode = info.get("mode", "prompt") == "prompt" and info.get("prompt_tuning", True) is not False
+    lines = ["---", _front_matter(base_model, card).rstrip("\n"), "---", ""]
+    lines += _title_and_intro(base_model, card, prompt_mode)
+    lines += [
+        "",
+        "## Base model",
+        "",
+        f"`{base_model}`",
+        "",
+        "## Data",
+        "",
+        "| split | file |",
+        "|---|---|",
+        f"| train | {_md(_fmt(info.get('train_file')))} |",
+        f"| validation | {_md(_fmt(info.get('validation_file')))} |",
+        "",
+        "## Hyperparameters",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {_md(value)} |" for key, value in _hyperparameter_rows(info, prompt_mode)]
+    lines += _task_section(card)
+    lines += [
+        "",
+        "## Dev results",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += _score_rows(card, info)
+    lines += _how_to_load(str(checkpoint_dir), base_model, card, prompt_mode)
+    lines += ["", f"Written by softprompt {softprompt.__version__}."]
+    return "\n".join(lines) + "\n"
+
+
+def _front_matter(base_model: str, card: TaskCard) -> str:
+    """The card's YAML front matter (without the ``---`` fences), ending in a newline."""
     front = {
         "library_name": "softprompt",
         "base_model": base_model,
-        "tags": ["prompt-tuning", "t5", str(task) if task else "squad"],
+        "tags": ["prompt-tuning", "t5", card.tag],
     }
     # safe_dump quotes whatever needs quoting (a path with ':' or a leading '*').
-    front_matter = yaml.safe_dump(front, sort_keys=False, default_flow_style=None, allow_unicode=True)
+    return yaml.safe_dump(front, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
-    prompt_mode = info.get("mode", "prompt") == "prompt" and info.get("prompt_tuning", True) is not False
+
+def _title_and_intro(base_model: str, card: TaskCard, prompt_mode: bool) -> list[str]:
+    """The card's heading and its first paragraph: what was trained, for what."""
+    what, on = card.subject, _md(card.title_on)
+    if prompt_mode:
+        title = f"# Soft prompt for `{_md(base_model)}` on {on}"
+        intro = (
+            "A soft prompt trained with softprompt, an implementation of prompt tuning "
+            f"([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for {what}. "
+            "It is a small matrix of embeddings prepended to the input of a frozen T5; "
+            "it only works with the base model below."
+        )
+    else:
+        title = f"# `{_md(base_model)}` fine-tuned on {on}"
+        intro = (
+            f"All weights of the base model below fine-tuned with softprompt for {what}, "
+            "the baseline that prompt tuning is compared with."
+        )
+    return [title, "", intro]
+
+
+def _hyperparameter_rows(info: Mapping[str, Any], prompt_mode: bool) -> list[tuple[str, str]]:
+    """The (setting, value) rows of the hyperparameter table, unescaped; rows of unset optional keys left out."""
     steps = _first(info, ("steps", "max_steps"))
     # (label, value) rows; optional rows are None and dropped, so the order stays readable here.
     optional: list[tuple[str, str] | None] = [
@@ -125,34 +186,26 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         ("Precision", _fmt(info.get("precision"))),
         ("Seed", _fmt(info.get("seed"))),
     ]
-    hyper = [row for row in optional if row is not None]
+    return [row for row in optional if row is not None]
 
-    ckpt = str(checkpoint_dir)
-    question = "Who wrote Hamlet?"
-    context = "Hamlet is a tragedy written by William Shakespeare."
+
+def _score_rows(card: TaskCard, info: Mapping[str, Any]) -> list[str]:
+    """The dev-result rows (the task's scores and the best step) and the note under them."""
+    rows = [
+        f"| {_md(label)} | {value if isinstance(value, int) else _fmt_score(value)} |"
+        for label, value in card.scores
+    ] or ["| — | — |"]
+    return [*rows, f"| best step | {_fmt(info.get('best_step'))} |", "", _md(card.score_note)]
+
+
+def _how_to_load(ckpt: str, base_model: str, card: TaskCard, prompt_mode: bool) -> list[str]:
+    """The "How to load" section: Python that loads the checkpoint and a runnable `softprompt predict` line."""
     # A prompt is used together with its frozen base model; a fine-tuned checkpoint is the model.
     predict = ["softprompt", "predict", "--model", base_model, "--prompt", ckpt]
     if not prompt_mode:
         predict = ["softprompt", "predict", "--model", ckpt]
-    if task:
-        from softprompt.tasks.text.spec import template_fields  # deferred: imports the data stack
-
-        names = template_fields(str(info.get("input_template") or "")) or ["text"]
-        example = json.dumps({name: "..." for name in names})
-        cli = " ".join(shlex.quote(arg) for arg in [*predict, "--fields", example])
-    else:
-        cli = " ".join(shlex.quote(arg) for arg in [*predict, "--question", question, "--context", context])
-    what = f"the text-to-text task {task}" if task else "extractive question answering"
-    on = f"`{_md(str(task))}`" if task else "SQuAD"
-
+    cli = " ".join(shlex.quote(arg) for arg in [*predict, *card.predict_args])
     if prompt_mode:
-        title = f"# Soft prompt for `{_md(base_model)}` on {on}"
-        intro = (
-            "A soft prompt trained with softprompt, an implementation of prompt tuning "
-            f"([Lester et al., 2021](https://arxiv.org/abs/2104.08691)), for {what}. "
-            "It is a small matrix of embeddings prepended to the input of a frozen T5; "
-            "it only works with the base model below."
-        )
         load = [
             "from softprompt.io.checkpoint import load_prompt",
             "",
@@ -160,63 +213,12 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
             f"prompt, prompt_config = load_prompt({ckpt!r})",
         ]
     else:
-        title = f"# `{_md(base_model)}` fine-tuned on {on}"
-        intro = (
-            f"All weights of the base model below fine-tuned with softprompt for {what}, "
-            "the baseline that prompt tuning is compared with."
-        )
         load = [
             "from transformers import T5ForConditionalGeneration",
             "",
             f"model = T5ForConditionalGeneration.from_pretrained({ckpt!r})",
         ]
-
-    lines = ["---", front_matter.rstrip("\n"), "---", ""]
-    lines += [title, "", intro]
-    lines += [
-        "",
-        "## Base model",
-        "",
-        f"`{base_model}`",
-        "",
-        "## Data",
-        "",
-        "| split | file |",
-        "|---|---|",
-        f"| train | {_md(_fmt(info.get('train_file')))} |",
-        f"| validation | {_md(_fmt(info.get('validation_file')))} |",
-        "",
-        "## Hyperparameters",
-        "",
-        "| setting | value |",
-        "|---|---|",
-    ]
-    lines += [f"| {key} | {_md(value)} |" for key, value in hyper]
-    if task:
-        lines += _task_rows(info)
-    lines += [
-        "",
-        "## Dev results",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    if task:
-        scores = info.get("scores") or {}
-        lines += [
-            f"| {_md(str(k))} | {int(v) if k == 'invalid_predictions' else _fmt_score(v)} |"
-            for k, v in scores.items()
-        ] or ["| — | — |"]
-        lines += [
-            f"| best step | {_fmt(info.get('best_step'))} |",
-            "",
-            f"Scores are the task's metric ({_md(_fmt(info.get('metric')))}; percentages, "
-            "`invalid_predictions` a count of answers that are no label string) on the validation file, at "
-            "the step with the best first score.",
-        ]
-    else:
-        lines += _squad_rows(info)
-    lines += [
+    return [
         "",
         "## How to load",
         "",
@@ -229,39 +231,14 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         "```bash",
         cli,
         "```",
-        "",
-        f"Written by softprompt {softprompt.__version__}.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _task_rows(info: Mapping[str, Any]) -> list[str]:
-    return [
-        "",
-        "## Task",
-        "",
-        f"`{_md(str(info.get('task')))}`: {_md(str(info.get('task_description') or 'a text-to-text task'))}",
-        "",
-        f"Input template: `{_md(_fmt(info.get('input_template')))}`; metric: {_md(_fmt(info.get('metric')))}.",
     ]
 
 
-def _squad_rows(info: Mapping[str, Any]) -> list[str]:
-    return [
-        f"| exact match | {_fmt_score(info.get('exact_match'))} |",
-        f"| F1 | {_fmt_score(info.get('f1'))} |",
-        *(
-            f"| {label} | {_fmt_score(info.get(key))} |"
-            for key, label in (("t5_exact_match", "exact match, T5's scoring"), ("t5_f1", "F1, T5's scoring"))
-            if info.get(key) is not None
-        ),
-        f"| best step | {_fmt(info.get('best_step'))} |",
-        "",
-        "Scores are SQuAD v1.1 exact match and F1 (0–100) on the validation file, "
-        "at the step with the best dev F1. With T5's padded input text (paper or current), answers are "
-        "mapped back to the context span they came from before the official metric; T5's scoring "
-        "compares the generated text with padded gold answers instead.",
-    ]
+def _task_section(card: TaskCard) -> list[str]:
+    """The card's "Task" section, when the task says more than its name (a text task's format)."""
+    if not card.about:
+        return []
+    return ["", "## Task", *(line for paragraph in card.about for line in ("", _md(paragraph)))]
 
 
 def write_model_card(checkpoint_dir: Path, info: Mapping[str, Any], *, location: Path | None = None) -> Path:

@@ -15,7 +15,6 @@ from softprompt.tasks.metrics.squad import (
     exact_match_score,
     f1_score,
     load_squad_references,
-    main,
     metric_max_over_ground_truths,
     normalize_answer,
     per_example_scores,
@@ -185,15 +184,6 @@ def test_evaluate_squad_file_missing_ids_score_zero(vectors: list[dict], tmp_pat
     assert err_lines == [f"Unanswered question {qid} will receive score 0." for qid in dropped]
 
 
-@pytest.mark.shared
-def test_main_prints_official_json(vectors: list[dict], tmp_path: Path, capsys) -> None:
-    pred_path = tmp_path / "p.json"
-    pred_path.write_text(json.dumps({row["id"]: row["prediction"] for row in vectors}), encoding="utf-8")
-    assert main([str(need(SQUAD_DEV)), str(pred_path)]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["f1"] == pytest.approx(_official_means(vectors)["f1"], abs=1e-9, rel=0)
-
-
 # ---------------------------------------------------------------- small files and bad input
 
 
@@ -306,14 +296,6 @@ def test_bom_is_accepted(tmp_path: Path) -> None:
     preds = tmp_path / "bom.json"
     preds.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a": "the cat", "b": "dog"}).encode())
     assert evaluate_squad_file(ds, preds) == {"exact_match": 100.0, "f1": 100.0}
-
-
-def test_main_reports_bad_input_on_one_line(tmp_path: Path, capsys) -> None:
-    ds = _write(tmp_path / "ds.json", _dataset())
-    assert main([str(ds), str(tmp_path / "missing.json")]) == DataError.exit_code
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "missing.json" in err
-    assert err.count("\n") == 1
 
 
 # ---------------------------------------------------------------- answers generated in T5's padded text

@@ -27,7 +27,6 @@ __all__ = [
     "exact_match_score",
     "f1_score",
     "load_squad_references",
-    "main",
     "metric_max_over_ground_truths",
     "normalize_answer",
     "per_example_scores",
@@ -431,33 +430,3 @@ def evaluate_file(
     for qid in missing:
         print(f"Unanswered question {qid} will receive score 0.", file=err)
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line twin of the official script: ``python -m softprompt.tasks.metrics.squad DATASET PREDICTIONS``.
-
-    The flags are `softprompt score`'s, parsed the same way.
-
-    Args:
-        argv: The arguments after the program name; ``sys.argv[1:]`` when None.
-
-    Returns:
-        The process exit status: 0 on success, the DataError exit code on bad input.
-    """
-    from softprompt.commands.flags import ScoreArgs
-    from softprompt.config.parser import parse
-
-    args = parse(
-        ScoreArgs, list(sys.argv[1:] if argv is None else argv), "python -m softprompt.tasks.metrics.squad"
-    )
-    try:
-        result = evaluate_file(args.dataset_file, args.prediction_file)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,7 @@ from typing import Any
 
 from softprompt.data.batching import Features
 from softprompt.data.records import BadRecord
-from softprompt.tasks.base import EvalResult, Task
+from softprompt.tasks.base import EvalResult, Task, TaskCard
 from softprompt.tasks.metrics.squad import squad_scores, squad_scores_padded
 from softprompt.tasks.squad.reader import QAExample, load_examples, tokenize_examples
 from softprompt.tasks.squad.text import Punctuation, format_input, format_target, raw_answer
@@ -45,6 +45,36 @@ class SquadTask(Task):
     def example_noun(self) -> str:
         """A QA example is a question."""
         return "questions"
+
+    def eval_fields(self) -> dict[str, Any]:
+        """The text format the questions were given in."""
+        return {"punctuation": self.punctuation}
+
+    def card(self, facts: Mapping[str, Any]) -> TaskCard:
+        """Official EM/F1 (and T5's own scores where the run recorded them) and a question to answer."""
+        t5 = (("t5_exact_match", "exact match, T5's scoring"), ("t5_f1", "F1, T5's scoring"))
+        return TaskCard(
+            tag="squad",
+            subject="extractive question answering",
+            title_on="SQuAD",
+            scores=(
+                ("exact match", facts.get("exact_match")),
+                ("F1", facts.get("f1")),
+                *((label, facts[key]) for key, label in t5 if facts.get(key) is not None),
+            ),
+            score_note=(
+                "Scores are SQuAD v1.1 exact match and F1 (0–100) on the validation file, "
+                "at the step with the best dev F1. With T5's padded input text (paper or current), answers "
+                "are mapped back to the context span they came from before the official metric; T5's "
+                "scoring compares the generated text with padded gold answers instead."
+            ),
+            predict_args=(
+                "--question",
+                "Who wrote Hamlet?",
+                "--context",
+                "Hamlet is a tragedy written by William Shakespeare.",
+            ),
+        )
 
     def dev_scores(self, best: Mapping[str, float]) -> dict[str, float]:
         """Dev F1 and EM (official), -1 before any evaluation."""
@@ -129,6 +159,22 @@ class SquadTask(Task):
                 id="" if qid is None else str(qid), question=fields[0], context=fields[1], answers=("",)
             )
         ]
+
+    def request_parts(
+        self, question: str | None, context: str | None, fields: Mapping[str, Any] | None
+    ) -> list[QAExample]:
+        """One question from a request's question and context (its fields are not read).
+
+        Raises:
+            BadRecord: The question or the context is missing.
+        """
+        for name, value in (("question", question), ("context", context)):
+            if value is None:
+                raise BadRecord(
+                    "missing_field",
+                    f"{name}: Field required (this task answers questions: send question and context)",
+                )
+        return self.request_examples({"question": question, "context": context})
 
     def answer_text(self, example: QAExample, generated: str) -> str:
         """On padded text, the context's own span the answer was read from ("U.S.", not "U . S ."); the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,11 +12,11 @@ from typing import Any
 from softprompt.data.batching import Features
 from softprompt.data.records import BadRecord
 from softprompt.errors import ConfigError
-from softprompt.tasks.base import EvalResult, Task
+from softprompt.tasks.base import EvalResult, Task, TaskCard
 from softprompt.tasks.metrics.text import score_texts
 from softprompt.tasks.text.features import tokenize_texts
 from softprompt.tasks.text.reader import load_task_examples
-from softprompt.tasks.text.spec import TaskSpec, TextExample
+from softprompt.tasks.text.spec import TaskSpec, TextExample, template_fields
 
 __all__ = ["TextTask"]
 
@@ -63,6 +64,35 @@ class TextTask(Task):
     def to_dict(self) -> dict[str, Any]:
         """The spec, as a prompt's config saves it (`TaskSpec.to_dict`)."""
         return self.spec.to_dict()
+
+    def eval_fields(self) -> dict[str, Any]:
+        """The task's name and metric."""
+        return {"task": self.name, "metric": self.metric}
+
+    def card(self, facts: Mapping[str, Any]) -> TaskCard:
+        """The task (its description, template and metric), its metric's scores, and a ``--fields`` example
+        of its template's fields; the recorded facts first, the spec where they say nothing."""
+        template = facts.get("input_template") or self.spec.input_template
+        metric = facts.get("metric") or self.metric
+        scores = facts.get("scores") or {}
+        return TaskCard(
+            tag=self.name,
+            subject=f"the text-to-text task {self.name}",
+            title_on=f"`{self.name}`",
+            about=(
+                f"`{self.name}`: {facts.get('task_description') or self.spec.description or 'a text-to-text task'}",
+                f"Input template: `{template or '—'}`; metric: {metric}.",
+            ),
+            scores=tuple((k, int(v) if k == "invalid_predictions" else v) for k, v in scores.items()),
+            score_note=(
+                f"Scores are the task's metric ({metric}; percentages, `invalid_predictions` a count of "
+                "answers that are no label string) on the validation file, at the step with the best first score."
+            ),
+            predict_args=(
+                "--fields",
+                json.dumps(dict.fromkeys(template_fields(template or "") or ["text"], "...")),
+            ),
+        )
 
     def dev_scores(self, best: Mapping[str, float]) -> dict[str, float]:
         """Every score of the task's metric at the best step."""
@@ -158,3 +188,22 @@ class TextTask(Task):
             TextExample(id="" if qid is None else qid, inputs=text, targets=("",))
             for qid, text in self.spec.input_texts(record)
         ]
+
+    def request_parts(
+        self, question: str | None, context: str | None, fields: Mapping[str, Any] | None
+    ) -> list[TextExample]:
+        """The model inputs of a request's fields (its question and context are not read).
+
+        Raises:
+            BadRecord: No fields, or fields that do not fill the template (the reason names the template).
+        """
+        template = self.spec.input_template
+        if fields is None:
+            raise BadRecord(
+                "missing_field",
+                f"the {self.name} task reads its fields: send fields for its template {template!r}",
+            )
+        try:
+            return self.request_examples(fields)
+        except BadRecord as err:
+            raise BadRecord(err.kind, f"fields: {err.reason} (the template is {template!r})") from None

@@ -1,0 +1,69 @@
+"""`softprompt train`: parse the flags (a resumed run's saved settings first), train, print the results.
+
+Imports nothing heavy at module level: `cli` parses train's flags through `parse_args` before the
+trainer (torch, transformers) is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from softprompt.config.parser import config_values, parse, read_yaml_mapping
+from softprompt.errors import ConfigError
+from softprompt.io.rundir import CONFIG_FILE
+from softprompt.training.config import TrainConfig, check_config
+
+
+def _train_checks(cfg: TrainConfig) -> list[str]:
+    return check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))[1]
+
+
+def parse_args(argv: Sequence[str]) -> TrainConfig:
+    """train's flags over the config file, over a resumed run's saved settings.
+
+    Args:
+        argv: The arguments after `softprompt train`.
+
+    Returns:
+        The checked config.
+
+    Raises:
+        ConfigError: A resumed run's saved config.yaml holds unknown keys or bad values, or the
+            settings do not go together.
+    """
+    # First pass: where the run lives. A resume's settings come from its saved config, so the
+    # combinations are checked once those are in (second pass).
+    cfg = parse(TrainConfig, argv, "softprompt train", checks=lambda c: [] if c.resume else _train_checks(c))
+    saved_file = Path(cfg.output_dir) / CONFIG_FILE
+    if cfg.resume:
+        saved = None
+        if saved_file.is_file():
+            # A resumed run starts from its own saved settings; the config file and the flags given now
+            # override them, and the trainer refuses the changes a resume cannot honour.
+            saved, problems = config_values(read_yaml_mapping(saved_file), TrainConfig)
+            if problems:
+                raise ConfigError(f"{saved_file}: " + "; ".join(problems))
+            saved.update(resume=True, overwrite_output_dir=False, output_dir=cfg.output_dir)
+        cfg = parse(TrainConfig, argv, "softprompt train", defaults=saved, checks=_train_checks)
+    return cfg
+
+
+def run(cfg: TrainConfig) -> int:
+    """Train and print the headline results as one JSON line.
+
+    Returns:
+        0, or the exit code of a preemption (the run saved its state and can be resumed).
+    """
+    from softprompt.training.loop import Preempted, train
+
+    try:
+        results = train(cfg)
+    except Preempted as e:
+        print(f"softprompt: {e}", file=sys.stderr)
+        return e.exit_code
+    print(json.dumps({k: results[k] for k in ("exact_match", "f1", "best_step", "steps", "train_seconds")}))
+    return 0
