@@ -6,7 +6,7 @@ independent, so row i of a mixed batch gives the answer it gives in a batch of i
 same machinery runs a K-prompt ensemble over a data set in one batched pass (the paper's Table 3).
 
 Everything that answers questions goes through here: `eval`, `predict` and ensembles
-(`softprompt.commands.eval_predict`), `serve`, the demo's scoring and the bench. `load_model_and_prompts` is the one
+(`softprompt.commands.eval`, `softprompt.commands.predict`), `serve`, the demo's scoring and the bench. `load_model_and_prompts` is the one
 place that loads a model with its prompts; `PromptBank.generate_answers` is the one place that runs
 generation with a prompt. Every prompt drives the one loaded model through per-row prompts, so no
 second model wrapper (and no second copy of its frozen-weight state) ever exists.
