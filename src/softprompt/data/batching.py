@@ -1,8 +1,8 @@
 """Tokenized examples and how they are batched: :class:`Features`, the padding :class:`Collator`, the
 length-bucketed training :class:`BucketBatchSampler` and the evaluation order and sharding helpers.
 
-Task-agnostic: the tasks tokenize their examples into :class:`Features` (SQuAD's ``tokenize_examples``,
-the text tasks' ``tokenize_texts``), and everything here sees only token ids.
+Task-agnostic: each task tokenizes its examples into :class:`Features` (``Task.tokenize`` in
+softprompt.tasks), and everything here sees only token ids.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class PromptConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else worth keeping (dev scores, step)."""
     task: dict[str, Any] | None = None
-    """The text task the prompt was trained on (softprompt.tasks.text.spec.TaskSpec.to_dict(): templates, labels,
+    """The text task the prompt was trained on (``Task.to_dict()`` in softprompt.tasks: templates, labels,
     metric); None for SQuAD-shaped QA. eval, predict and serve write inputs with it."""
 
 
