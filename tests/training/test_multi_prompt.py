@@ -220,3 +220,58 @@ def test_bad_prompt_lists_get_one_line_naming_the_entry(tmp_path, saved_model, s
     with pytest.raises(ConfigError, match="prompts\\[1\\] 'a'"):
         train_multi(dataclasses.replace(base, prompts=[ok, dict(ok)]))
     assert not (tmp_path / "bad").exists()  # refused before anything loaded or was written
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_crash_after_a_checkpoint_resumes_bit_identically_for_every_prompt(
+    tmp_path, saved_model, squad_small, monkeypatch
+):
+    from softprompt.io import rundir
+    from softprompt.training import multi_loop
+
+    sentiment = _jsonl(tmp_path / "sentiment.jsonl", _rows(10, seed=5))
+    cfg = _three(tmp_path, saved_model, squad_small, sentiment, "whole")
+    # Epochs roll over inside the run (10 sentiment rows, batch 4), so each stream's position matters.
+    cfg = dataclasses.replace(cfg, max_steps=6, save_steps=2, eval_steps=2, save_total_limit=5)
+    train_multi(cfg)
+    crashed = dataclasses.replace(cfg, output_dir=str(tmp_path / "crashed"))
+    real_step = multi_loop._step
+
+    def dying_step(run, streams):
+        if run.state.step == 3:  # step 3 is trained but not saved: the process dies as under kill -9
+            raise _Crash
+        return real_step(run, streams)
+
+    monkeypatch.setattr(multi_loop, "_step", dying_step)
+    with pytest.raises(_Crash):
+        train_multi(crashed)
+    assert rundir.last_checkpoint(tmp_path / "crashed") == "checkpoint-0000002"
+    monkeypatch.setattr(multi_loop, "_step", real_step)
+    train_multi(dataclasses.replace(crashed, resume=True))
+    for name in ("qa", "sentiment", "qa_long"):
+        sub = Path("prompts") / name / "prompt.safetensors"
+        a = (tmp_path / "whole" / "checkpoint-0000006" / sub).read_bytes()
+        assert a == (tmp_path / "crashed" / "checkpoint-0000006" / sub).read_bytes()
+        state = [
+            json.loads((tmp_path / d / "last" / "prompts" / name / "trainer_state.json").read_text())
+            for d in ("whole", "crashed")
+        ]
+        for key in ("epoch", "batch_in_epoch", "best_step", "best_scores", "examples_seen"):
+            assert state[0][key] == state[1][key]
+    opt = [
+        torch.load(tmp_path / d / "last" / "optimizer.pt", weights_only=True) for d in ("whole", "crashed")
+    ]
+    for sa, sb in zip(
+        opt[0]["optimizer"]["state"].values(), opt[1]["optimizer"]["state"].values(), strict=True
+    ):
+        for key, value in sa.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(sb[key])), key
+    # `softprompt verify` checks the run like a single one: every checkpoint and every best/<name>/.
+    rows = dict(rundir.verify_run(tmp_path / "crashed"))
+    assert {"best/qa", "best/sentiment"} <= set(rows) and "best/qa_long" not in rows
+    assert all(v.status == "ok" for v in rows.values())
+    (tmp_path / "crashed" / "best" / "sentiment" / "prompt.safetensors").write_bytes(b"x")
+    assert dict(rundir.verify_run(tmp_path / "crashed"))["best/sentiment"].status == "damaged"
