@@ -15,11 +15,13 @@ from pathlib import Path
 from softprompt.config.parser import config_values, parse, read_yaml_mapping
 from softprompt.errors import ConfigError
 from softprompt.io.rundir import CONFIG_FILE
-from softprompt.training.config import TrainConfig, check_config
+from softprompt.training.config import TrainConfig
+from softprompt.training.prompts import check_run, is_multi
 
 
 def _train_checks(cfg: TrainConfig) -> list[str]:
-    return check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))[1]
+    # A multi-prompt run checks each prompt as its own single-prompt run, naming the entry.
+    return check_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))[1]
 
 
 def parse_args(argv: Sequence[str]) -> TrainConfig:
@@ -59,11 +61,19 @@ def run(cfg: TrainConfig) -> int:
         0, or the exit code of a preemption (the run saved its state and can be resumed).
     """
     from softprompt.training.loop import Preempted, train
+    from softprompt.training.multi_loop import train_multi
 
+    multi = is_multi(cfg)
     try:
-        results = train(cfg)
+        results = train_multi(cfg) if multi else train(cfg)
     except Preempted as e:
         print(f"softprompt: {e}", file=sys.stderr)
         return e.exit_code
+    if multi:
+        # One line per prompt: its best scores and where its best prompt directory is.
+        for name, r in results["prompts"].items():
+            shown = {k: r.get(k) for k in ("exact_match", "f1", "best_step")}
+            print(json.dumps({"prompt": name, **shown, "best_dir": r["best_dir"]}))
+        return 0
     print(json.dumps({k: results[k] for k in ("exact_match", "f1", "best_step", "steps", "train_seconds")}))
     return 0

@@ -89,6 +89,7 @@ GenerationBatch = Annotated[int, tyro.conf.arg(aliases=("--batch_size",)), Bound
 
 
 _POSITIONAL = typing.get_args(tyro.conf.Positional[int])[1:]
+_SUPPRESSED = typing.get_args(tyro.conf.Suppress[int])[1:]
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class FieldSpec:
     bound: Bound | None
     path: PathKind | None
     positional: bool
+    config_only: bool = False  # a config file's key with no flag (tyro.conf.Suppress), e.g. train's prompts:
 
 
 def _unwrap(annotation: Any) -> tuple[Any, list[Any], bool]:
@@ -141,6 +143,7 @@ def field_specs(cls: type) -> dict[str, FieldSpec]:
             bound=next((m for m in meta if isinstance(m, Bound)), None),
             path=next((m for m in meta if isinstance(m, PathKind)), None),
             positional=any(m in _POSITIONAL for m in meta),
+            config_only=any(m in _SUPPRESSED for m in meta),
         )
     return specs
 

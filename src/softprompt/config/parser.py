@@ -122,7 +122,7 @@ def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str], 
         The values that could be read, by field name, one phrase per problem, and the positional words.
     """
     specs = field_specs(cls)
-    names = {n: s for n, s in spellings(specs).items() if not s.positional}
+    names = {n: s for n, s in spellings(specs).items() if not s.positional and not s.config_only}
     switches = {f"no_{n}": s for n, s in names.items() if s.kind is bool}
     values: dict[str, Any] = {}
     problems: list[str] = []

@@ -440,8 +440,13 @@ def verify_run(out: Path) -> list[tuple[str, Verdict]]:
     rows = [(p.name, verify_checkpoint(p)) for p in checkpoints(out)]
     # A live run prunes old checkpoints: one that vanished while being read is no finding.
     rows = [(name, verdict) for name, verdict in rows if (out / name).is_dir()]
-    if (out / BEST).is_dir():
-        rows.append((BEST, verify_checkpoint(out / BEST)))
+    best = out / BEST
+    if best.is_dir():
+        named = [] if (best / MANIFEST).is_file() else sorted(p for p in best.iterdir() if p.is_dir())
+        # A multi-prompt run keeps one best prompt per name, best/<name>/, each with its own manifest.
+        rows += [(f"{BEST}/{p.name}", verify_checkpoint(p)) for p in named] or [
+            (BEST, verify_checkpoint(best))
+        ]
     if not rows and not is_run_dir(out):
         raise UserError(
             f"{out} holds no checkpoints and no {CONFIG_FILE}: it is not a softprompt run directory"

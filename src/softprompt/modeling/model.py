@@ -184,6 +184,15 @@ class PromptedT5(nn.Module):
         self.frozen_dtype: torch.dtype | None = None
         self.fast_path = fast_path
 
+    def with_prompt(self, prompt: SoftPrompt) -> PromptedT5:
+        """The same frozen model driven by `prompt`: shares this model's weights and carries its frozen-weight
+        state (`frozen_dtype`, `fast_path`), so a run training several prompts on one model can evaluate
+        and save each as a single-prompt model without a second copy of anything.
+        """
+        view = type(self)(self.model, prompt, fast_path=self._fast_path)
+        view.frozen_dtype = self.frozen_dtype
+        return view.train(self.training)
+
     @property
     def prompt_tuning(self) -> bool:
         return self.prompt is not None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import tyro
 import yaml
 
 from softprompt.config.choices import (
@@ -140,6 +141,12 @@ class _TrainFlags:
     """Continue the run in --output_dir from its last checkpoint with its saved config; only the settings in RESUMABLE (max_steps, epochs, eval/save/logging steps, report_to, ...) may change."""
     overwrite_output_dir: bool = False
     """Start afresh even if --output_dir already holds a run (its checkpoints are replaced)."""
+
+    # --- many prompts in one run (softprompt.training.prompts)
+    num_prompts: Count | None = None
+    """Train this many prompts of the one task in one run on one frozen model, prompt i from seed + i (the paper's ensemble); each gets best/promptI/. Not with a config file's prompts: list."""
+    prompts: Annotated[list[dict[str, Any]], tyro.conf.Suppress] = field(default_factory=list)
+    """Config file only: a list of prompts trained together, each a mapping with its name and what differs (task, data files, template, labels, init, n_tokens, seed, lr)."""
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,7 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,14 @@ class Preempted(Exception):
 # ---------------------------------------------------------------------------------------------- train
 
 
-class _StopFlag:
+class StopFlag:
     """Turns SIGTERM/SIGINT into a request to checkpoint and stop after the current step."""
 
     def __init__(self) -> None:
         self.signum = 0
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopFlag:
         for s in (signal.SIGTERM, signal.SIGINT):
             # signal() refuses outside the main thread (e.g. a test runner's worker); then no handler.
             with contextlib.suppress(ValueError):
@@ -89,7 +90,7 @@ def train_loop(run: Run) -> dict[str, Any]:
         evaluate_dev(run)
         refresh_last(run)
     with (
-        _StopFlag() as stop,
+        StopFlag() as stop,
         Progress(total=run.max_steps, desc="train", enabled=env.is_main, unit="step", initial=st.step) as bar,
     ):
         while st.step < run.max_steps:
@@ -209,14 +210,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Raises:
         StorageError: writing into the run directory failed (disk full, I/O error): exit code 74.
     """
+    return run_job(cfg, setup, train_loop)
+
+
+def run_job(
+    cfg: TrainConfig, build: Callable[[TrainConfig, DistEnv], Any], body: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """The frame of every training job: the process group, `build` (setup), `body` (the loop and the save),
+    and the cleanup: a failed write as one line (exit 74), a directory that trained nothing removed, the
+    log closed, the lock released. `build`'s result must have `logger` and `lock` (a `Run` or `MultiRun`).
+
+    Returns:
+        What `body` returns (results.json's content).
+    """
     cfg = with_mode_defaults(cfg)
     env = init_distributed()
     out = Path(cfg.output_dir)
     fresh = not out.exists()
     run = None
     try:
-        run = setup(cfg, env)
-        return train_loop(run)
+        run = build(cfg, env)
+        return body(run)
     except BaseException as e:
         if isinstance(e, OSError) and (run is not None or e.errno in rundir.STORAGE_ERRNOS):
             # Disk full, quota, EIO, a read-only filesystem: the writer has removed its temporary files.

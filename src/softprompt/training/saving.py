@@ -35,11 +35,11 @@ def save_checkpoint(run: Run) -> Path:
             run.scheduler,
             env,
             fsdp=run.cfg.fsdp,
-            prompt_config=_prompt_config(run) if run.model.prompt is not None else None,
+            prompt_config=prompt_config(run) if run.model.prompt is not None else None,
         )
         barrier(env)
         if env.is_main:
-            _write_state_and_card(tmp, run, location=out / rundir.checkpoint_name(st.step))
+            write_state_and_card(tmp, run, location=out / rundir.checkpoint_name(st.step))
             rundir.publish_checkpoint(tmp, out, st.step, keep=run.cfg.save_total_limit)
     except BaseException:
         if env.is_main:
@@ -49,10 +49,15 @@ def save_checkpoint(run: Run) -> Path:
     return out / rundir.checkpoint_name(st.step)
 
 
-def save_best(run: Run) -> None:
+def save_best(run: Run, directory: Path | None = None) -> None:
     """Write best/: the trained weights as a usable artefact (a prompt checkpoint or an HF model
-    directory) with its model card and manifest, replacing the previous best/ atomically."""
-    directory = run.out / rundir.BEST
+    directory) with its model card and manifest, replacing the previous best/ atomically.
+
+    Args:
+        run: the run (or one prompt of a multi-prompt run).
+        directory: where instead of `best/` (a multi-prompt run's `best/<name>/`).
+    """
+    directory = directory if directory is not None else run.out / rundir.BEST
     # Under FSDP every rank takes part in gathering the full weights; rank 0 writes them.
     state = (
         fsdp_full_state_dict(run.model, trainable_only=run.model.prompt is not None) if run.cfg.fsdp else None
@@ -61,7 +66,7 @@ def save_best(run: Run) -> None:
         with atomic.atomic_dir(directory) as tmp:
             if run.model.prompt is not None:
                 weight = state["prompt.weight"] if state is not None else run.model.prompt.weight
-                ckpt.write_prompt_files(tmp, weight, _prompt_config(run))
+                ckpt.write_prompt_files(tmp, weight, prompt_config(run))
             else:
                 t5_state = (
                     {k.removeprefix("model."): v for k, v in state.items()} if state is not None else None
@@ -78,19 +83,20 @@ def refresh_last(run: Run) -> None:
     if run.env.is_main:
         last = (run.out / rundir.LAST).resolve()
         with rundir.amend(last) as tmp:
-            _write_state_and_card(tmp, run, location=run.out / last.name)
+            write_state_and_card(tmp, run, location=run.out / last.name)
 
 
-def refresh_best_card(run: Run) -> None:
-    """At the end, best/'s card states the whole run (its steps and epochs), not the run up to the best step."""
-    best = run.out / rundir.BEST
+def refresh_best_card(run: Run, directory: Path | None = None) -> None:
+    """At the end, best/'s card (or `directory`'s) states the whole run (its steps and epochs), not the run
+    up to the best step."""
+    best = directory if directory is not None else run.out / rundir.BEST
     if run.env.is_main and (best / "README.md").is_file():
         with rundir.amend(best) as tmp:
             _write_card(tmp, run, location=best)
 
 
-def _write_state_and_card(directory: Path, run: Run, location: Path) -> None:
-    """trainer_state.json and, for a prompt, its model card naming `location`, the checkpoint's own folder."""
+def write_state_and_card(directory: Path, run: Run, location: Path) -> None:
+    """Write trainer_state.json and, for a prompt, its model card naming `location`, the checkpoint's own folder."""
     if run.model.prompt is not None:
         _write_card(directory, run, location=location)
     rundir.write_trainer_state(directory, run.state)
@@ -109,7 +115,8 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _prompt_config(run: Run) -> ckpt.PromptConfig:
+def prompt_config(run: Run) -> ckpt.PromptConfig:
+    """The `prompt_config.json` of the run's prompt at its current step (its task, scores, base model)."""
     cfg = run.cfg
     assert run.model.prompt is not None
     return ckpt.PromptConfig(
@@ -168,6 +175,16 @@ def _model_card_info(run: Run) -> dict[str, Any]:
 
 
 def write_results(run: Run) -> dict[str, Any]:
+    """Write results.json (`results_of`) and log the run's end. Returns what it wrote."""
+    results = results_of(run)
+    if run.env.is_main:
+        atomic.atomic_write_json(run.out / rundir.RESULTS_FILE, results)
+    run.logger.log("end", run.state.step, **{k: v for k, v in results.items() if isinstance(v, int | float)})
+    return results
+
+
+def results_of(run: Run) -> dict[str, Any]:
+    """The run's summary: best scores and step, timing, and the settings that produced them."""
     cfg, st = run.cfg, run.state
     results = {
         # t5_*: T5's own way (generated text vs padded gold answers); None when the text was not padded.
@@ -191,7 +208,4 @@ def write_results(run: Run) -> dict[str, Any]:
         "softprompt_version": __version__,
     }
     results.update(run.task.results_fields(_best(run)))
-    if run.env.is_main:
-        atomic.atomic_write_json(run.out / rundir.RESULTS_FILE, results)
-    run.logger.log("end", st.step, **{k: v for k, v in results.items() if isinstance(v, int | float)})
     return results

@@ -84,7 +84,7 @@ def setup(cfg: TrainConfig, env: DistEnv) -> Run:
     restore state on --resume. The returned run holds the directory's lock (`Run.lock`) until
     `train` releases it; a setup that fails releases it itself."""
     cfg, plan, resumed_changes = _check(cfg, env)
-    lock = _claim_output_dir(cfg, env)
+    lock = claim_output_dir(cfg, env)
     try:
         return _build(cfg, env, plan, lock, resumed_changes)
     except BaseException:
@@ -106,13 +106,13 @@ def _build(
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     stats: Counter = Counter()
     task = resolve_task(cfg, punctuation=cfg.punctuation)
-    train_examples, eval_examples = _load_data(cfg, task, stats)
-    train_features, eval_features = _tokenize(cfg, task, tokenizer, train_examples, eval_examples)
+    train_examples, eval_examples = load_data(cfg, task, stats)
+    train_features, eval_features = tokenize_data(cfg, task, tokenizer, train_examples, eval_examples)
     model = _build_model(cfg, env, tokenizer, task)
     engine = shard_fsdp(model, env, bf16=cfg.precision == "bf16") if cfg.fsdp else wrap_ddp(model, env)
     if cfg.compile:
         engine = torch.compile(engine)
-    sampler, steps_per_epoch, max_steps = _build_sampler(cfg, plan, env, train_features)
+    sampler, steps_per_epoch, max_steps = build_sampler(cfg, plan, env, train_features)
     # Adafactor continues the starting checkpoint's step count, as T5X does (see TrainConfig.initial_step).
     initial_step = resolve_initial_step(cfg)
     optimizer, scheduler = build_optimizer(
@@ -176,12 +176,12 @@ def _check(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, BatchPlan, dict
             "--fsdp shards the model over the ranks of a torchrun job; launch with torchrun "
             "(`torchrun --nproc_per_node N -m softprompt train ...`, N = 1 works too) or drop --fsdp"
         )
-    cfg, resumed_changes = _check_resume_settings(cfg)
+    cfg, resumed_changes = check_resume_settings(cfg)
     ckpt.refuse_non_model(cfg.model_name_or_path)
     return cfg, plan, resumed_changes
 
 
-def _check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+def check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
     """On --resume: the config with its unset (None) settings taken from the run's config.yaml, and the
     settings changed against it; refuse those a resume cannot honour."""
     saved_file = Path(cfg.output_dir) / rundir.CONFIG_FILE
@@ -206,7 +206,7 @@ def _check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tup
     return cfg, allowed
 
 
-def _claim_output_dir(cfg: TrainConfig, env: DistEnv) -> rundir.RunLock | None:
+def claim_output_dir(cfg: TrainConfig, env: DistEnv) -> rundir.RunLock | None:
     """Rank 0 takes the run directory's lock for the run's whole life, then tidies the directory;
     every rank learns whether it could (one writer per run directory, see softprompt.io.rundir).
 
@@ -249,7 +249,7 @@ def _load_split(cfg: TrainConfig, task: Task, which: str, stats: Counter) -> lis
     )
 
 
-def _load_data(cfg: TrainConfig, task: Task, stats: Counter) -> tuple[list[Any], list[Any]]:
+def load_data(cfg: TrainConfig, task: Task, stats: Counter) -> tuple[list[Any], list[Any]]:
     """The train and dev examples, cut to --max_train_samples / --max_eval_samples."""
     train_examples = _load_split(cfg, task, "train", stats)
     if cfg.max_train_samples is not None:
@@ -262,7 +262,7 @@ def _load_data(cfg: TrainConfig, task: Task, stats: Counter) -> tuple[list[Any],
     return train_examples, eval_examples
 
 
-def _tokenize(
+def tokenize_data(
     cfg: TrainConfig, task: Task, tokenizer: Any, train_examples: list[Any], eval_examples: list[Any]
 ) -> tuple[list[Features], list[Features]]:
     lengths = dict(max_source_length=cfg.max_source_length, max_target_length=cfg.max_target_length)
@@ -270,7 +270,7 @@ def _tokenize(
     return train_features, task.tokenize(eval_examples, tokenizer, **lengths)
 
 
-def _set_dropout(model: nn.Module, rate: float) -> None:
+def set_dropout(model: nn.Module, rate: float) -> None:
     model.config.dropout_rate = rate
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -288,14 +288,25 @@ def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any, task: Task) -> 
         attn_implementation=cfg.attn_implementation,
     )
     if cfg.dropout is not None:
-        _set_dropout(t5, cfg.dropout)
-    prompt = _build_prompt(cfg, env, t5, tokenizer, init_labels(cfg, task)) if cfg.prompt_tuning else None
+        set_dropout(t5, cfg.dropout)
+    prompt = build_prompt(cfg, env, t5, tokenizer, init_labels(cfg, task)) if cfg.prompt_tuning else None
     model = PromptedT5(t5, prompt, fast_path=cfg.fast_path).to(env.device)
     if cfg.precision == "bf16" and cfg.prompt_tuning and not cfg.fsdp and cfg.bf16_weights:
         # No model weight trains, so keep the matmul weights in bf16 once instead of casting them every
         # step: the same numbers as autocast (tested), half the weight memory, 0.7x peak GPU memory.
         model.freeze_to(torch.bfloat16)
     model.train()
+    return model
+
+
+def frozen_model(cfg: TrainConfig, env: DistEnv, t5: nn.Module) -> PromptedT5:
+    """The frozen T5 of a multi-prompt run, with no prompt of its own (`PromptedT5.with_prompt` gives each
+    prompt's view of it), on this rank's device, its weights in bf16 as `_build_model` keeps them."""
+    model = PromptedT5(t5, None, fast_path=cfg.fast_path)
+    model.model.requires_grad_(False)
+    model = model.to(env.device)
+    if cfg.precision == "bf16" and cfg.bf16_weights:
+        model.freeze_to(torch.bfloat16)
     return model
 
 
@@ -307,7 +318,7 @@ def init_labels(cfg: TrainConfig, task: Task) -> list[str]:
     return list(task.classes)
 
 
-def _build_prompt(
+def build_prompt(
     cfg: TrainConfig, env: DistEnv, t5: nn.Module, tokenizer: Any, labels: list[str]
 ) -> SoftPrompt:
     prompt = SoftPrompt(cfg.n_tokens, t5.config.d_model)
@@ -339,7 +350,7 @@ def _build_prompt(
     return prompt
 
 
-def _build_sampler(
+def build_sampler(
     cfg: TrainConfig, plan: BatchPlan, env: DistEnv, train_features: list[Features]
 ) -> tuple[BucketBatchSampler, int, int]:
     """The sampler, the steps in an epoch, and the steps of the run."""
@@ -379,7 +390,7 @@ def _resume_or_start(
         The trainer state to continue from, and the Adafactor step counter the run began with.
     """
     state = TrainerState()
-    resume_from = _resume_point(out, env) if cfg.resume else None
+    resume_from = find_resume_point(out, env) if cfg.resume else None
     if resume_from is not None:
         state = restore_checkpoint(resume_from, model, optimizer, scheduler, env, cfg.fsdp)
         # The counter the run began with travels in the optimizer state (0 for checkpoints older than it).
@@ -394,7 +405,7 @@ def _resume_or_start(
     return state, initial_step
 
 
-def _resume_point(out: Path, env: DistEnv) -> Path | None:
+def find_resume_point(out: Path, env: DistEnv) -> Path | None:
     """Rank 0 picks the newest checkpoint that verifies (saying which it skipped); every rank learns it."""
     answer: tuple[str | None, str | None] = (None, None)
     if env.is_main:
