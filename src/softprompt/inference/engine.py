@@ -57,6 +57,29 @@ def eval_batches(
     return batches, own
 
 
+def decode_answers(tokenizer, ids: torch.Tensor | Sequence[Sequence[int]]) -> list[str]:
+    """The text of generated ids as T5 decodes them: SentencePiece's ``DecodeIds``, spaces kept.
+
+    T5 evaluates the string that ``seqio.SentencePieceVocabulary.decode`` returns (the ids up to the first
+    EOS, through SentencePiece's ``DecodeIds``) and compares it as it is: ``[10998, 3]`` ("▁True", "▁")
+    is ``"True "``, which T5's ``string_label_to_class_id`` finds in no label class. transformers' decoder
+    gives the same text except at the start: it drops the "▁" of the first token only, while SentencePiece
+    drops each piece's leading "▁" for as long as the text is still empty, so ``[3, 10998]`` is
+    ``" True"`` in transformers and ``"True"`` in SentencePiece. Removing the leading spaces, and only
+    those, gives SentencePiece's text (no T5 piece decodes to anything else SentencePiece would write at
+    the start). One difference is kept: an ``<unk>`` or sentinel id is dropped here, where SentencePiece
+    writes " ⁇ ".
+
+    Args:
+        tokenizer: the T5 tokenizer (transformers).
+        ids: [B, T] generated ids; pad and EOS are skipped.
+
+    Returns:
+        One answer string per row, with any trailing space the model generated.
+    """
+    return [text.lstrip(" ") for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
 @torch.no_grad()
 def generate_answers(
     model: PromptedT5,
@@ -93,7 +116,7 @@ def generate_answers(
             prompt_lengths=lengths,
             synced_gpus=synced,
         )
-        return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return decode_answers(tokenizer, out)
 
     return map_batches(
         model,

@@ -36,13 +36,14 @@ def examples(labels: list[str], groups: list[str] | None = None) -> list[TextExa
 # ------------------------------------------------------------------------------------ accuracy, invalid
 
 
-def test_accuracy_strips_the_prediction_and_counts_invalid_answers_wrong() -> None:
-    # right: " yes " (stripped) and "no"; wrong: "No" (case counts) and "maybe" (no label): 2/4.
-    predictions = [" yes ", "no", "No", "maybe"]
-    labels = ["yes", "no", "no", "yes"]
-    assert accuracy(predictions, labels) == 50.0
-    # "No" and "maybe" are no class string; " yes " is, once stripped.
-    assert invalid_predictions(predictions, ["yes", "no"]) == 2
+def test_accuracy_compares_the_prediction_as_it_is_and_counts_invalid_answers_wrong() -> None:
+    # right: "yes" and "no"; wrong: "yes " (T5's string_label_to_class_id does not strip), "No" (case
+    # counts) and "maybe" (no label): 2/5.
+    predictions = ["yes", "yes ", "no", "No", "maybe"]
+    labels = ["yes", "yes", "no", "no", "yes"]
+    assert accuracy(predictions, labels) == 40.0
+    # "yes ", "No" and "maybe" are no class string.
+    assert invalid_predictions(predictions, ["yes", "no"]) == 3
     assert accuracy(["a", "b", "c"], ["a", "b", "c"]) == 100.0
 
 
@@ -242,14 +243,15 @@ def test_exact_match_accepts_any_target_and_classes_add_the_invalid_count() -> N
         TextExample("0", "x", ("Paris", "paris")),
         TextExample("1", "x", ("Rome",)),
         TextExample("2", "x", ("a",)),
+        TextExample("3", "x", ("Paris",)),
     ]
-    # "paris " stripped equals the second target; "rome" is not "Rome"; "a" right: 2/3.
-    assert score_texts("exact_match", rows, ["paris ", "rome", "a"]) == pytest.approx(
-        {"exact_match": 200 / 3}
-    )
-    with_classes = score_texts("exact_match", rows, ["paris ", "rome", "a"], classes=["paris", "Rome"])
+    # "paris" equals the second target; "rome" is not "Rome"; "a" right; "Paris " is not "Paris" (compared
+    # as it is, as T5's sequence_accuracy does): 2/4.
+    predictions = ["paris", "rome", "a", "Paris "]
+    assert score_texts("exact_match", rows, predictions) == pytest.approx({"exact_match": 50.0})
+    with_classes = score_texts("exact_match", rows, predictions, classes=["paris", "Rome"])
     assert list(with_classes) == ["exact_match", "invalid_predictions"]
-    assert with_classes["invalid_predictions"] == 2.0  # "rome" and "a"
+    assert with_classes["invalid_predictions"] == 3.0  # "rome", "a" and "Paris "
 
 
 def test_accuracy_uses_the_label_else_the_first_target() -> None:

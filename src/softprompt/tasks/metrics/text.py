@@ -6,6 +6,10 @@ transformer, ``t5/data/glue_utils.py`` SUPERGLUE_METRICS, ``t5/evaluation/metric
 T5's ``string_label_to_class_id`` maps it to -1; how many there were is reported as
 ``invalid_predictions``, a count stored as a float so that every score is one ``dict[str, float]``.
 
+Answers are compared as they are, never stripped: T5 compares the decoded string as it is, so an answer
+decoded from a trailing bare "▁" (``"True "``) is no class. Only WSC's rule strips (T5's
+``wsc_simple`` does), and ReCoRD's SQuAD normalisation ignores whitespace.
+
 :func:`score_texts` returns the scores to report, and its FIRST key is the one that picks the best
 checkpoint. The rule: the first key is SuperGLUE's score of the task. Where SuperGLUE scores a task by
 two metrics it takes their unweighted mean, so ``macro_f1`` (CB: macro-F1 and accuracy), ``multirc``
@@ -58,20 +62,20 @@ def accuracy(predictions: Sequence[str], labels: Sequence[str]) -> float:
     """The share of predictions equal to their label, in percent (T5's ``metrics.accuracy``).
 
     Args:
-        predictions: Generated answers; surrounding whitespace is stripped.
+        predictions: Generated answers, compared as they are (``"True "`` is not ``"True"``).
         labels: The gold label strings, compared as given.
 
     Returns:
         The accuracy in [0, 100].
     """
     _check_lengths("accuracy", predictions, labels)
-    return 100.0 * sum(p.strip() == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
+    return 100.0 * sum(p == y for p, y in zip(predictions, labels, strict=True)) / len(labels)
 
 
 def invalid_predictions(predictions: Sequence[str], classes: Sequence[str]) -> int:
-    """How many predictions, stripped, are none of the class strings."""
+    """How many predictions, compared as they are, are none of the class strings (T5's -1 class id)."""
     valid = set(classes)
-    return sum(p.strip() not in valid for p in predictions)
+    return sum(p not in valid for p in predictions)
 
 
 def macro_f1(predictions: Sequence[str], labels: Sequence[str], classes: Sequence[str]) -> float:
@@ -85,7 +89,7 @@ def macro_f1(predictions: Sequence[str], labels: Sequence[str], classes: Sequenc
     still averages that class in.
 
     Args:
-        predictions: Generated answers; surrounding whitespace is stripped.
+        predictions: Generated answers, compared as they are.
         labels: The gold label strings, each one of ``classes``.
         classes: The label strings, each class once.
 
@@ -101,9 +105,9 @@ def macro_f1(predictions: Sequence[str], labels: Sequence[str], classes: Sequenc
     _check_labels(labels, classes)
     f1s = []
     for c in classes:
-        tp = sum(p.strip() == c and y == c for p, y in zip(predictions, labels, strict=True))
-        fp = sum(p.strip() == c and y != c for p, y in zip(predictions, labels, strict=True))
-        fn = sum(p.strip() != c and y == c for p, y in zip(predictions, labels, strict=True))
+        tp = sum(p == c and y == c for p, y in zip(predictions, labels, strict=True))
+        fp = sum(p == c and y != c for p, y in zip(predictions, labels, strict=True))
+        fn = sum(p != c and y == c for p, y in zip(predictions, labels, strict=True))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return 100.0 * sum(f1s) / len(f1s)
 
@@ -129,7 +133,7 @@ def multirc_scores(
     matches nothing), and the mean is over groups, not options.
 
     Args:
-        predictions: Generated answers; surrounding whitespace is stripped.
+        predictions: Generated answers, compared as they are (T5's ``postprocessors.multirc``).
         labels: Each option's gold label, "True" or "False".
         groups: Each option's question, unique across the data set.
 
@@ -141,7 +145,7 @@ def multirc_scores(
     """
     _check_lengths("multirc_scores", predictions, labels, groups)
     _check_labels(labels, MULTIRC_CLASSES)
-    answers = [p.strip() for p in predictions]
+    answers = list(predictions)
     # f1_score_with_invalid: an invalid answer becomes the opposite of its label before binary F1.
     positive = [
         a == "True" if a in MULTIRC_CLASSES else y != "True" for a, y in zip(answers, labels, strict=True)
@@ -244,10 +248,9 @@ def _needs_classes(metric: TaskMetric, classes: Sequence[str] | None) -> Sequenc
 def _score_exact_match(
     examples: Sequence[TextExample], predictions: Sequence[str], classes: Sequence[str] | None
 ) -> dict[str, float]:
-    """``exact_match``: {exact_match[, invalid_predictions]}, an answer equal to any target (both stripped)."""
-    hits = sum(
-        p.strip() in {t.strip() for t in ex.targets} for ex, p in zip(examples, predictions, strict=True)
-    )
+    """``exact_match``: {exact_match[, invalid_predictions]}, an answer equal to any target, both as they
+    are (T5's ``sequence_accuracy`` compares ``p == t``)."""
+    hits = sum(p in ex.targets for ex, p in zip(examples, predictions, strict=True))
     return _with_invalid({"exact_match": 100.0 * hits / len(examples)}, predictions, classes)
 
 
@@ -344,7 +347,7 @@ def score_texts(
 ) -> dict[str, float]:
     """The scores to report for a task's answers; the first key picks the best checkpoint.
 
-    - ``exact_match``: {exact_match}, an answer equal to any target (both stripped).
+    - ``exact_match``: {exact_match}, an answer equal to any target (both as they are, unstripped).
     - ``accuracy``: {accuracy, invalid_predictions} against ``label``, else ``targets[0]``.
     - ``macro_f1``: {score, macro_f1, accuracy, invalid_predictions}.
     - ``multirc``: {score, f1a, exact_match, invalid_predictions} over ``label`` and ``group`` (an

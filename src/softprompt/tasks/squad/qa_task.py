@@ -129,8 +129,12 @@ class SquadTask(Task):
     def score(self, examples: Sequence[QAExample], answers: Sequence[str]) -> EvalResult:
         """The official SQuAD v1.1 EM/F1 (max over gold answers); on padded text, of the answers mapped
         back to raw context spans, with T5's own scores of the padded text beside them
-        (`squad_scores_padded`)."""
-        predictions = {ex.id: a for ex, a in zip(examples, answers, strict=True)}
+        (`squad_scores_padded`).
+
+        Answers are stripped first: the decoded text keeps a space the model generated at its end, which
+        neither the official normalisation nor T5's ``squad`` metric sees, so the scores are the same and
+        the predictions (and an ensemble's vote over them) stay the answers softprompt always wrote."""
+        predictions = {ex.id: a.strip() for ex, a in zip(examples, answers, strict=True)}
         references = _references(examples)
         if self.punctuation == Punctuation.NONE:
             return EvalResult(squad_scores(predictions, references), "f1", predictions)
@@ -178,7 +182,9 @@ class SquadTask(Task):
 
     def answer_text(self, example: QAExample, generated: str) -> str:
         """On padded text, the context's own span the answer was read from ("U.S.", not "U . S ."); the
-        answer as generated where it maps to no span, and always on raw text."""
+        answer as generated where it maps to no span, and always on raw text; stripped, as `score`
+        strips it."""
+        generated = generated.strip()
         if self.punctuation == Punctuation.NONE:
             return generated
         span = raw_answer(generated, example.context, self.punctuation)
