@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 
 from softprompt.data.records import (
+    GZIP_FLOOR,
     HF_PREFIX,
     SNIP,
     BadRecord,
     Collector,
-    GZIP_FLOOR,
     check_file,
     decode,
     expect,
