@@ -148,3 +148,36 @@ def test_a_peft_tensor_is_checked_the_same_way(tmp_path) -> None:
     save_file({WEIGHT_KEY: torch.zeros(4096, 8)}, str(weights))
     with pytest.raises(CheckpointError, match=r"must hold one tensor 'prompt_embeddings' of shape \(4, 8\)"):
         load_prompt(tmp_path / "peft")
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_a_directory_holding_the_input(tmp_path, capsys) -> None:
+    run = tmp_path / "runs" / "x"
+    prompt = _prompt(run, "best")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _tree(tmp_path)
+    for out in (run, tmp_path / "runs", prompt, prompt / "peft"):
+        err = _one_line(capsys, ["export", str(prompt), str(out), "--overwrite"])
+        assert str(out) in err and str(prompt) in err and "OUTPUT_DIR" in err
+        assert _tree(tmp_path) == before
+    # convert: OUT_DIR a parent of the model's folder (the model would be deleted), or inside it.
+    model = tmp_path / "parent" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    for out in (tmp_path / "parent", model / "copy"):
+        err = _one_line(capsys, ["convert", str(model), str(out), "--overwrite"])
+        assert "OUT_DIR" in err and str(model) in err
+    assert (model / "config.json").read_text() == "{}"
+    assert not (model / "copy").exists()
+
+
+def test_export_overwrite_onto_a_file_leaves_no_old_copy(tmp_path) -> None:
+    prompt = _prompt(tmp_path)
+    target = tmp_path / "adapter"
+    target.write_text("a file in the way")
+    assert main(["export", str(prompt), str(target), "--overwrite"]) == 0
+    assert target.is_dir() and (target / ADAPTER_WEIGHTS).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "p"]

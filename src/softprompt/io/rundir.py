@@ -130,7 +130,11 @@ def replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     fsync_dir(target.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        # `target` may have been a file (`export --overwrite` onto one): rmtree would leave it behind.
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def install_dir(tmp: Path, target: Path, *, manifest: bool = False) -> None:
