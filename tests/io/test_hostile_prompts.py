@@ -181,3 +181,21 @@ def test_export_overwrite_onto_a_file_leaves_no_old_copy(tmp_path) -> None:
     assert main(["export", str(prompt), str(target), "--overwrite"]) == 0
     assert target.is_dir() and (target / ADAPTER_WEIGHTS).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "p"]
+
+
+def test_convert_with_broken_safetensors_beside_a_good_bin_is_one_line(tmp_path, capsys) -> None:
+    from transformers import T5ForConditionalGeneration
+
+    from conftest import tiny_config
+
+    model = tmp_path / "m"
+    T5ForConditionalGeneration(tiny_config()).save_pretrained(model, safe_serialization=False)
+    (model / "model.safetensors").write_bytes(b"garbage" * 10)
+    capsys.readouterr()  # save_pretrained's progress bar
+    err = _one_line(capsys, ["convert", str(model), str(tmp_path / "out")])
+    assert (
+        f"could not load a T5 model from {model}: its safetensors weights (model.safetensors) are damaged"
+        in err
+    )
+    assert "delete them to use a pytorch_model.bin beside them" in err
+    assert not (tmp_path / "out").exists()

@@ -301,3 +301,12 @@ def test_a_bad_value_is_quoted_briefly_however_large_it_is(tmp_path):
     p.write_text(f"n_tokens: {'9' * 5000}\n")
     with pytest.raises(ConfigError, match=r"big\.yaml is refused: it holds an integer too long to read"):
         load_yaml_config(p)
+
+
+def test_a_number_field_given_a_list_or_a_huge_integer_is_one_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: [1]\nweight_decay: " + "9" * 400 + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_yaml_config(p)
+    assert "'lr' must be a number, got [1]" in str(e.value)
+    assert "'weight_decay' must be a number, got <an integer of 1,329 bits>" in str(e.value)

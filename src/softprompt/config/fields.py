@@ -237,7 +237,13 @@ def coerce(value: Any, kind: Any, optional: bool = False) -> tuple[Any, bool]:
                 return float(value.strip()), True
             except ValueError:
                 return None, False
-        return float(value), isinstance(value, int | float)
+        # Check before converting: float() of a list or a mapping raises instead of answering "not ok".
+        if not isinstance(value, int | float):
+            return None, False
+        try:
+            return float(value), True
+        except OverflowError:  # an integer past a float's range
+            return None, False
     if kind is str:
         return (str(value), True) if isinstance(value, str | int | float) else (None, False)
     return value, True

@@ -439,20 +439,6 @@ def _verify(directory: Path) -> Verdict:
     return Verdict("ok", f"{len(recorded)} files")
 
 
-def resume_point(out: Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint `--resume` continues from: the newest that verifies.
-
-    Returns:
-        That checkpoint (None when the run has none yet), and one phrase per newer checkpoint skipped
-        because it is damaged.
-
-    Raises:
-        CheckpointError: checkpoints exist but none verifies.
-    """
-    found, skipped = resume_candidates(out)
-    return (found[0][0] if found else None), skipped
-
-
 def resume_candidates(out: Path) -> tuple[list[tuple[Path, Verdict]], list[str]]:
     """Every checkpoint `--resume` may continue from, newest first: the newest that verifies, then the
     older usable ones down to the first that verifies (an `unverified` one, having no manifest, can
