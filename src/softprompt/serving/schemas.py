@@ -126,6 +126,12 @@ class HealthResponse(BaseModel):
     queue_depth: int = Field(description="Requests waiting for the model.")
     max_queue: int = Field(description="Most requests that may wait; more are refused with 503.")
     requests_rejected: int = Field(description="Requests refused with 503 because the queue was full.")
+    requests_abandoned: int = Field(
+        default=0, description="Requests whose client left before the answer; their rows were not decoded."
+    )
+    rows_dropped: int = Field(
+        default=0, description="Rows of a running oversized request dropped when its client left."
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -262,6 +262,8 @@ def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: L
             queue_depth=batcher.queue_depth,
             max_queue=batcher.max_queue,
             requests_rejected=s.requests_rejected,
+            requests_abandoned=s.requests_abandoned,
+            rows_dropped=s.rows_dropped,
         )
 
 
