@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from softprompt.data.records import (
+    GZIP_FLOOR,
     HF_PREFIX,
     SNIP,
     BadRecord,
@@ -110,6 +111,40 @@ def test_gzip_is_sniffed_not_taken_from_the_suffix(tmp_path: Path) -> None:
     damaged.write_bytes(gzip.compress(payload)[:-6])
     with pytest.raises(DataError, match="is a damaged or truncated gzip file"):
         read_bytes(damaged)
+
+
+def test_a_gzip_bomb_stops_at_the_bound_with_one_line(tmp_path: Path) -> None:
+    import zlib
+
+    from softprompt.tasks.metrics.squad import evaluate_file
+    from softprompt.tasks.squad.reader import load_squad_json
+    from softprompt.tasks.text.reader import read_records
+
+    # ~80 KB that inflates to 80 MiB (1000x): refused once the floor (64 MiB, > 100x) is passed.
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunks = [packer.compress(b"a,b\n")]
+    chunks += [packer.compress(bytes(1 << 20)) for _ in range(80)]
+    bomb = b"".join([*chunks, packer.flush()])
+    assert len(bomb) * 100 < GZIP_FLOOR < 80 << 20
+    for name in ("bomb.csv.gz", "bomb.jsonl.gz", "bomb.json"):
+        (tmp_path / name).write_bytes(bomb)
+    readers = [
+        lambda: read_bytes(tmp_path / "bomb.json"),
+        lambda: list(read_records(tmp_path / "bomb.csv.gz")),
+        lambda: list(read_records(tmp_path / "bomb.jsonl.gz")),
+        lambda: load_squad_json(tmp_path / "bomb.json"),
+        lambda: evaluate_file(tmp_path / "bomb.json", tmp_path / "bomb.json"),
+    ]
+    for read in readers:
+        with pytest.raises(DataError) as excinfo:
+            read()
+        message = str(excinfo.value)
+        assert "bomb." in message and f"decompresses to more than {GZIP_FLOOR:,} bytes" in message
+        assert "\n" not in message
+    # A file under the bound still reads whole.
+    ok = tmp_path / "ok.gz"
+    ok.write_bytes(gzip.compress(bytes(1 << 20)))
+    assert read_bytes(ok) == bytes(1 << 20)
 
 
 def test_decode_drops_the_bom_and_places_a_bad_byte() -> None:

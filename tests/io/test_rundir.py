@@ -221,17 +221,21 @@ def test_resume_with_no_checkpoint_that_verifies_is_one_line(reference, tmp_path
     ],
 )
 def test_a_garbled_file_in_an_unverified_checkpoint_is_one_line_naming_it(reference, tmp_path, capsys, name):
-    """Checkpoints without a manifest (an older softprompt) load unverified; damage is still one line."""
+    """Checkpoints without a manifest (an older softprompt) load unverified; one that does not load is
+    skipped for the one before it (issue 28 item 9), and when none loads, the damage is one line."""
     run = tmp_path / "run"
     shutil.copytree(reference, run, symlinks=True)
     for directory in rundir.checkpoints(run):
         (directory / rundir.MANIFEST).unlink()
-    newest = run / rundir.checkpoint_name(6)
+    newest, older = run / rundir.checkpoint_name(6), run / rundir.checkpoint_name(4)
     assert rundir.verify_checkpoint(newest).status == "unverified"
     _damage(newest / name, "truncate")
+    _damage(older / name, "truncate")
     capsys.readouterr()
     assert _exit(["train", "--output_dir", str(run), "--resume"]) == 2
-    assert str(newest / name) in _error_line(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert f"skipped {newest.name} (no manifest, and it does not load: " in err and str(newest / name) in err
+    assert str(older / name) in _error_line(err)
 
 
 def test_a_garbled_config_yaml_is_one_line_naming_it(reference, tmp_path, capsys):

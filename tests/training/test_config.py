@@ -259,3 +259,54 @@ def test_resume_may_change_only_how_long_and_how_visibly_a_run_goes_on():
     assert allowed == {} and refused == ["n_tokens (100 -> 5)", "lr (0.3 -> 0.01)"]
     assert {"max_steps", "eval_steps", "save_steps", "logging_steps", "report_to"} <= RESUMABLE
     assert not {"lr", "n_tokens", "optimizer", "seed", "model_name_or_path"} & RESUMABLE
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 10**levels strings."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + f"\nlr: *a{levels - 1}\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line_and_at_once(tmp_path):
+    import time
+
+    p = tmp_path / "bomb.yaml"
+    p.write_text(_alias_bomb())
+    assert p.stat().st_size < 600
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        load_yaml_config(p)
+    assert time.monotonic() - start < 10
+    assert str(e.value).startswith(f"{p} is refused: it expands to more than 1,000,000 values")
+    assert "\n" not in str(e.value)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("lr: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.yaml is refused: it nests deeper than 100 levels"):
+        load_yaml_config(deep)
+
+
+def test_a_bad_value_is_quoted_briefly_however_large_it_is(tmp_path):
+    from softprompt.config.fields import short_repr
+
+    # 10**30 items through shared lists, and a 5,000-digit integer: the full repr of the first would
+    # never finish and the second raises ValueError; a message quotes the start of each.
+    value: list = ["x"] * 10
+    for _ in range(29):
+        value = [value] * 10
+    assert short_repr(value).startswith("[[[[...], [...],") and len(short_repr(value)) <= 63
+    assert short_repr(10**5000) == "<an integer of 16,610 bits>"
+    p = tmp_path / "big.yaml"
+    p.write_text(f"n_tokens: {'9' * 5000}\n")
+    with pytest.raises(ConfigError, match=r"big\.yaml is refused: it holds an integer too long to read"):
+        load_yaml_config(p)
+
+
+def test_a_number_field_given_a_list_or_a_huge_integer_is_one_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lr: [1]\nweight_decay: " + "9" * 400 + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_yaml_config(p)
+    assert "'lr' must be a number, got [1]" in str(e.value)
+    assert "'weight_decay' must be a number, got <an integer of 1,329 bits>" in str(e.value)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from softprompt.commands.flags import ConvertArgs
 from softprompt.errors import UserError
-from softprompt.io.atomic import atomic_dir
+from softprompt.io.atomic import atomic_dir, refuse_overlap
 from softprompt.io.checkpoint import CONVERTED_FROM, model_fingerprint, save_t5
 from softprompt.io.pretrained import model_file
 from softprompt.modeling.model import load_t5, load_tokenizer
@@ -44,11 +44,11 @@ def convert(model: str, out_dir: str | os.PathLike, *, overwrite: bool = False) 
         `out_dir`.
 
     Raises:
-        UserError: `out_dir` exists (without `overwrite`) or is the model's own directory.
+        UserError: `out_dir` exists (without `overwrite`), or is, contains or lies inside the model's directory.
     """
     out = Path(out_dir)
-    if Path(model).is_dir() and out.resolve() == Path(model).resolve():
-        raise UserError(f"{out} is the model's own directory; give another OUT_DIR")
+    if Path(model).is_dir():
+        refuse_overlap(model, out, "OUT_DIR")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; choose a new OUT_DIR or pass --overwrite to replace it")
     if out.exists() and not out.is_dir():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from softprompt.commands.flags import ExportArgs
 from softprompt.errors import UserError
-from softprompt.io.atomic import atomic_dir
+from softprompt.io.atomic import atomic_dir, refuse_overlap
 from softprompt.io.checkpoint import load_prompt
 from softprompt.io.peft_format import write_adapter
 
@@ -19,9 +19,11 @@ def run(args: ExportArgs) -> int:
         0.
 
     Raises:
-        UserError: OUTPUT_DIR exists and --overwrite was not given (or the prompt cannot be read).
+        UserError: OUTPUT_DIR exists and --overwrite was not given, OUTPUT_DIR contains PROMPT_DIR or
+            lies inside it, or the prompt cannot be read.
     """
     out = Path(args.output_dir)
+    refuse_overlap(args.prompt_dir, out, "OUTPUT_DIR")
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another OUTPUT_DIR")
     weight, config = load_prompt(args.prompt_dir)

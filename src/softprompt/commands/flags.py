@@ -211,6 +211,10 @@ class _ServeFlags:
     """uvicorn's log level."""
     access_log: bool = False
     """Log every request."""
+    read_timeout: float = 10.0
+    """Seconds a client has to send a whole request (headers and body) from its first byte; slower connections are closed."""
+    max_connections: Count = 1000
+    """Most open connections; more are closed at once (kept below the open-file limit, ulimit -n, too)."""
 
 
 @dataclass(kw_only=True)
@@ -229,6 +233,8 @@ def serve_checks(args: ServeArgs) -> list[str]:
         problems.append(f"--max_wait_ms must be >= 0, got {args.max_wait_ms}")
     if args.max_queue < 1:
         problems.append(f"--max_queue must be >= 1, got {args.max_queue}")
+    if not args.read_timeout > 0:
+        problems.append(f"--read_timeout must be > 0 seconds, got {args.read_timeout}")
     return problems
 
 

@@ -10,8 +10,20 @@ from __future__ import annotations
 from softprompt.commands.flags import ServeArgs
 from softprompt.errors import UserError
 from softprompt.inference.bank import load_model_and_prompts
+from softprompt.serving.guard import quiet_repeats, timed_protocol
 from softprompt.serving.schemas import Limits
 from softprompt.serving.server import bind_socket, create_app, parse_prompt_specs
+
+
+def connection_limit(most: int) -> int:
+    """`--max_connections`, lowered to leave 64 file descriptors of the open-file limit (`ulimit -n`) free
+    for the model's files and the server's own, so a flood of connections never meets EMFILE."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return most
+    return max(1, min(most, soft - 64))
 
 
 def run(args: ServeArgs) -> int:
@@ -53,8 +65,13 @@ def run(args: ServeArgs) -> int:
         flush=True,
     )
     config = uvicorn.Config(
-        app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5
+        app,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=5,
+        http=timed_protocol(args.read_timeout, connection_limit(args.max_connections)),
     )
+    quiet_repeats()  # after uvicorn's logging setup: an error repeated in a loop logs once per 10 s
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

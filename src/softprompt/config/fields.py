@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -165,9 +166,27 @@ def closest(word: str, options: typing.Iterable[str], shown: str = "--{}") -> st
     return " (did you mean " + " or ".join(shown.format(m) for m in matches) + "?)"
 
 
+class _ShortRepr(reprlib.Repr):
+    """`reprlib.Repr` that also never writes out a huge integer (Python refuses past 4,300 digits)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 200:
+            return f"<an integer of {x.bit_length():,} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxlevel = 3
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+
+
 def short_repr(value: Any) -> str:
-    """`repr(value)`, cut after 60 characters: a value may be anything a user pasted, and a message quotes only its start."""
-    text = repr(value)
+    """`repr(value)`, cut after 60 characters: a value may be anything a user pasted, and a message quotes only its start.
+
+    The repr is bounded as it is built (`reprlib`: a few items per level, three levels), so a value
+    that expands to billions of items (a YAML alias bomb) or a huge integer costs nothing to quote.
+    """
+    text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:60] + "..."
 
 
@@ -221,7 +240,13 @@ def coerce(value: Any, kind: Any, optional: bool = False) -> tuple[Any, bool]:
                 return float(value.strip()), True
             except ValueError:
                 return None, False
-        return float(value), isinstance(value, int | float)
+        # Check before converting: float() of a list or a mapping raises instead of answering "not ok".
+        if not isinstance(value, int | float):
+            return None, False
+        try:
+            return float(value), True
+        except OverflowError:  # an integer past a float's range
+            return None, False
     if kind is str:
         return (str(value), True) if isinstance(value, str | int | float) else (None, False)
     return value, True

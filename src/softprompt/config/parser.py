@@ -33,6 +33,7 @@ from softprompt.config.fields import (
     short_repr,
     spellings,
 )
+from softprompt.config.safe_yaml import YamlTooLarge, load_yaml
 from softprompt.errors import ConfigError
 
 T = TypeVar("T")
@@ -55,7 +56,7 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML (or JSON) config file's mapping of keys to values, with one clear error if it is not one."""
     path = Path(os.path.expanduser(str(path)))
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # a SafeLoader subclass
+        raw = load_yaml(path.read_text(encoding="utf-8"), _Loader)  # a SafeLoader subclass, bounded
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -64,6 +65,8 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise ConfigError(f"{path} is not valid YAML{at}; fix the syntax") from None
+    except YamlTooLarge as e:
+        raise ConfigError(f"{path} is refused: {e}; write the values out plainly") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -12,7 +12,9 @@ record and counts it by kind. Damage to the file as a whole is a :func:`file_err
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import os
 import zlib
 from collections import Counter
 from collections.abc import Mapping
@@ -31,6 +33,8 @@ __all__ = [
     "expect",
     "field",
     "file_error",
+    "gunzip_bytes",
+    "gunzip_limit",
     "gzip_error",
     "one_line",
     "open_binary",
@@ -47,6 +51,11 @@ HF_PREFIX = "hf:"
 # Longest piece of user data quoted in an error message: enough to recognise, never a 50 MB line.
 SNIP = 80
 _GZIP_MAGIC = b"\x1f\x8b"
+#: A gzip file may decompress to at most GZIP_RATIO times its own size, or GZIP_FLOOR bytes if that is more.
+#: Text compresses 3-10x (a repetitive CSV perhaps 30x); a gzip bomb compresses ~1000x. The bound is
+#: checked as the bytes stream out, so a bomb costs at most the bound in memory and never a MemoryError.
+GZIP_RATIO = 100
+GZIP_FLOOR = 64 << 20
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -242,9 +251,66 @@ def _is_gzip(path: Path) -> bool:
         return f.read(2) == _GZIP_MAGIC
 
 
+def gunzip_limit(compressed_size: int) -> int:
+    """The most bytes a gzip file of ``compressed_size`` bytes may decompress to (see ``GZIP_RATIO``)."""
+    return max(GZIP_FLOOR, GZIP_RATIO * compressed_size)
+
+
+def too_large(path: Path, limit: int) -> DataError:
+    """The one-line error for a gzip file that decompresses past ``gunzip_limit``."""
+    return file_error(
+        path,
+        f"decompresses to more than {limit:,} bytes, the most softprompt reads from a gzip file of its "
+        f"size ({GZIP_RATIO}x, at least {GZIP_FLOOR >> 20} MiB; a gzip bomb?)",
+        "decompress it yourself and give the plain file if it really is that large",
+    )
+
+
+class _CappedGzip(io.RawIOBase):
+    """A gzip file's decompressed bytes that raise `too_large` once more than ``limit`` have come out."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.limit = gunzip_limit(os.path.getsize(path))
+        self.inner = gzip.open(path, "rb")  # noqa: SIM115 - closed by close(), as the reader's own file
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.inner.readinto(buffer)
+        self.total += n
+        if self.total > self.limit:
+            raise too_large(self.path, self.limit)
+        return n
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
 def open_binary(path: Path) -> IO[bytes]:
-    """Open ``path`` for reading bytes, decompressing it if it is gzip (by its magic number)."""
-    return gzip.open(path, "rb") if _is_gzip(path) else path.open("rb")
+    """Open ``path`` for reading bytes, decompressing it if it is gzip (by its magic number).
+
+    A gzip file's output is bounded by ``gunzip_limit``: past it, reading raises a one-line DataError.
+    """
+    return io.BufferedReader(_CappedGzip(path), 1 << 20) if _is_gzip(path) else path.open("rb")
+
+
+def gunzip_bytes(path: Path, raw: bytes) -> bytes:
+    """Decompress the gzip bytes ``raw`` read from ``path``, bounded by ``gunzip_limit`` as `open_binary` is.
+
+    Raises:
+        DataError: past the bound (damage is left to the caller: zlib.error, EOFError, BadGzipFile).
+    """
+    limit = gunzip_limit(len(raw))
+    with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+        out = f.read(limit + 1)
+    if len(out) > limit:
+        raise too_large(path, limit)
+    return out
 
 
 def gzip_error(path: Path, err: BaseException) -> DataError:

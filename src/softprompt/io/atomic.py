@@ -17,7 +17,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from softprompt.errors import UserError
 from softprompt.io.rundir import fsync_dir, install_dir
+
+
+def refuse_overlap(source: str | os.PathLike, out: str | os.PathLike, flag: str) -> None:
+    """Refuse an output directory that is, contains or lies inside the input it is made from.
+
+    Replacing `out` (`--overwrite`, `atomic_dir`) deletes everything under it: with `out` a parent of the
+    input (`export runs/x/best runs/x --overwrite`) that is the input itself and the run around it.
+
+    Raises:
+        UserError: one line naming both paths and `flag`.
+    """
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src == dst or dst in src.parents:
+        raise UserError(
+            f"{flag} {out} contains {source}, which it is made from; replacing it would delete the input, "
+            f"so choose a {flag} outside it"
+        )
+    if src in dst.parents:
+        raise UserError(f"{flag} {out} is inside {source}, which it is made from; choose a {flag} outside it")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

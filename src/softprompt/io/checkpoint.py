@@ -110,37 +110,79 @@ def refuse_pickles(directory: Path, wanted: str) -> None:
     raise CheckpointError(f"{directory} is not a softprompt checkpoint: {wanted} is missing")
 
 
+#: The largest number a prompt config may hold in a size field: far past any T5 (d_model 4,096, P 100s).
+MAX_PROMPT_SIZE = 1 << 20
+_SIZE_FIELDS = ("n_tokens", "d_model", "max_source_length", "max_target_length")
+_TEXT_FIELDS = ("base_model", "init", "input_template", "softprompt_version")
+
+
+def prompt_config_problems(raw: Mapping[str, Any]) -> list[str]:
+    """Every field of a prompt config (as read from JSON) with the wrong type or out of range, one phrase each."""
+    from softprompt.config.choices import Punctuation, values
+
+    problems = []
+    for name in _SIZE_FIELDS:
+        if name in raw:
+            v = raw[name]
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_PROMPT_SIZE:
+                shown = repr(v)[:40] if not isinstance(v, int) or v.bit_length() < 64 else "a huge integer"
+                problems.append(f"{name} must be an integer from 1 to {MAX_PROMPT_SIZE:,}, got {shown}")
+    for name in _TEXT_FIELDS:
+        if name in raw and not (isinstance(raw[name], str) and (raw[name] or name != "base_model")):
+            problems.append(f"{name} must be a non-empty string, got {type(raw[name]).__name__}")
+    if "punctuation" in raw and raw["punctuation"] not in values(Punctuation):
+        shown = repr(raw["punctuation"])[:40]
+        problems.append(f"punctuation must be one of {', '.join(values(Punctuation))}, got {shown}")
+    if "extra" in raw and not isinstance(raw["extra"], dict):
+        problems.append(f"extra must be a JSON object, got {type(raw['extra']).__name__}")
+    if raw.get("task") is not None and not isinstance(raw["task"], dict):
+        problems.append(
+            f"task must be a JSON object (a text task's fields) or null, got {type(raw['task']).__name__}"
+        )
+    missing = [n for n in ("base_model", "n_tokens", "d_model") if n not in raw]
+    if missing:
+        problems.append(f"{', '.join(missing)} missing")
+    return problems
+
+
+def prompt_config_from(raw: Mapping[str, Any], where: Path) -> PromptConfig:
+    """A `PromptConfig` from a JSON mapping, every field checked (`prompt_config_problems`).
+
+    Raises:
+        CheckpointError: one line naming `where` and every problem.
+    """
+    problems = prompt_config_problems(raw)
+    if problems:
+        raise CheckpointError(
+            f"{where} is not a valid prompt config: {'; '.join(problems)}; re-save the prompt"
+        )
+    return PromptConfig(**{k: raw[k] for k in PromptConfig.__dataclass_fields__ if k in raw})
+
+
 def load_prompt_config(directory: str | os.PathLike) -> PromptConfig:
     """Read `prompt_config.json` from a prompt checkpoint directory (or a PEFT prompt-tuning adapter's
-    config, `softprompt.io.peft_format`)."""
+    config, `softprompt.io.peft_format`), every field checked for its type and range.
+
+    Raises:
+        CheckpointError: one line naming the file and every bad field (deep nesting, huge numbers too).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"prompt checkpoint {directory} does not exist or is not a directory")
     if peft_format.is_peft_adapter(directory):
         fields = peft_format.read_config(directory)
-        try:
-            return PromptConfig(**{k: fields[k] for k in PromptConfig.__dataclass_fields__ if k in fields})
-        except TypeError as e:
-            raise CheckpointError(
-                f"{directory / peft_format.SETTINGS} is not a valid prompt config ({e})"
-            ) from None
+        settings = directory / peft_format.SETTINGS
+        where = settings if settings.is_file() else directory / peft_format.ADAPTER_CONFIG
+        return prompt_config_from(fields, where)
     refuse_pickles(directory, PROMPT_CONFIG)
     path = directory / PROMPT_CONFIG
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if (
-            isinstance(raw, dict)
-            and "punctuation" not in raw
-            and isinstance(raw.get("pad_punctuation"), bool)
-        ):
-            from softprompt.config.choices import LEGACY_PAD_PUNCTUATION
+    raw = peft_format.read_json_object(path, "prompt config", "re-save the prompt")
+    if "punctuation" not in raw and isinstance(raw.get("pad_punctuation"), bool):
+        from softprompt.config.choices import LEGACY_PAD_PUNCTUATION
 
-            # A prompt saved before the named formats: its boolean, read as the nearer T5 format.
-            raw["punctuation"] = LEGACY_PAD_PUNCTUATION[raw["pad_punctuation"]]
-        known = {k: raw[k] for k in PromptConfig.__dataclass_fields__ if k in raw}
-        return PromptConfig(**known)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a valid prompt config ({e}); re-save the prompt") from None
+        # A prompt saved before the named formats: its boolean, read as the nearer T5 format.
+        raw["punctuation"] = LEGACY_PAD_PUNCTUATION[raw["pad_punctuation"]]
+    return prompt_config_from(raw, path)
 
 
 def load_prompt(
@@ -169,15 +211,9 @@ def load_prompt(
         weight = peft_format.read_weight(directory, config.n_tokens, config.d_model, submodules)
     else:
         refuse_pickles(directory, PROMPT_WEIGHTS)
-        try:
-            tensors = load_file(str(directory / PROMPT_WEIGHTS))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(
-                f"{directory / PROMPT_WEIGHTS} is not a readable safetensors file ({e})"
-            ) from None
-        if set(tensors) != {"prompt"} or tensors["prompt"].dim() != 2:
-            raise CheckpointError(f"{directory / PROMPT_WEIGHTS} must hold one 2-D tensor named 'prompt'")
-        weight = tensors["prompt"].float()
+        weight = peft_format.read_prompt_tensor(
+            directory / PROMPT_WEIGHTS, "prompt", (config.n_tokens, config.d_model), "re-save the prompt"
+        )
     if expect_d_model is not None and weight.shape[1] != expect_d_model:
         raise CheckpointError(
             f"the prompt in {directory} is {weight.shape[1]} wide but the model's d_model is {expect_d_model}; "

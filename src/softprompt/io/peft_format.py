@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from softprompt.errors import CheckpointError
@@ -39,6 +39,71 @@ SETTINGS = "softprompt_prompt_config.json"
 WEIGHT_KEY = "prompt_embeddings"
 TASK_TYPE = "SEQ_2_SEQ_LM"
 PEFT_TYPE = "PROMPT_TUNING"
+
+
+#: safetensors dtype names of floating-point tensors: a prompt holds vectors, never integers.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def read_prompt_tensor(path: Path, key: str, shape: tuple[int, int], advice: str) -> torch.Tensor:
+    """The one tensor `key` of the safetensors file `path`, checked before and after it is read.
+
+    The header is read first, so a tensor of the wrong shape (a 4,096-row table next to a config of 5
+    tokens) is refused without loading it; then its values must be finite, since NaN or inf in a prompt
+    makes every answer empty.
+
+    Args:
+        path: the safetensors file.
+        key: the one tensor it must hold.
+        shape: the shape its config promises.
+        advice: what to do, for the error message.
+
+    Returns:
+        The tensor as float32.
+
+    Raises:
+        CheckpointError: unreadable, other or more tensors, another shape, an integer dtype, NaN or inf.
+    """
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in keys}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); {advice}") from None
+    found = ", ".join(f"{k!r} {s} {d}" for k, (s, d) in header.items()) or "nothing"
+    if keys != [key] or header[key][0] != shape:
+        raise CheckpointError(
+            f"{path} must hold one tensor {key!r} of shape {shape} as its config says, found {found}; {advice}"
+        )
+    if header[key][1] not in FLOAT_DTYPES:
+        raise CheckpointError(f"{path}: the tensor {key!r} is {header[key][1]}, not floating point; {advice}")
+    try:
+        tensor = load_file(str(path))[key]
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); {advice}") from None
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise CheckpointError(f"{path}: {bad} values of {key!r} are NaN or infinite; {advice}")
+    return tensor.float()
+
+
+def read_json_object(path: Path, what: str, advice: str) -> dict[str, Any]:
+    """A JSON file that must hold an object, with every failure (deep nesting and huge integers too) one line.
+
+    Raises:
+        CheckpointError: names `path` and says `advice`.
+    """
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable {what} ({e}); {advice}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is not a readable {what} (it nests too deeply); {advice}") from None
+    except ValueError:  # an integer literal past Python's 4,300-digit limit
+        raise CheckpointError(f"{path} is not a readable {what} (an integer is too long); {advice}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} is not a readable {what} (not a JSON object); {advice}")
+    return raw
 
 
 def is_peft_adapter(directory: str | os.PathLike) -> bool:
@@ -66,12 +131,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     """
     directory = Path(directory)
     path = directory / ADAPTER_CONFIG
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not a readable PEFT adapter config ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} is not a readable PEFT adapter config (not a JSON object)")
+    raw = read_json_object(path, "PEFT adapter config", "save the adapter again")
     peft_type, task_type = raw.get("peft_type"), raw.get("task_type")
     if peft_type != PEFT_TYPE:
         what = {
@@ -96,14 +156,13 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     settings = directory / SETTINGS
     if settings.is_file():
-        try:
-            saved = json.loads(settings.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(
-                f"{settings} is not valid JSON ({e}); delete it to use the defaults"
-            ) from None
-        fields.update(saved if isinstance(saved, dict) else {})
-    extra = dict(fields.get("extra") or {})
+        fields.update(read_json_object(settings, "softprompt prompt config", "delete it to use the defaults"))
+    extra = fields.get("extra") if isinstance(fields.get("extra"), dict) else {}
+    if "extra" in fields and not isinstance(fields["extra"], dict):
+        raise CheckpointError(
+            f"{settings}: extra must be a JSON object, got {type(fields['extra']).__name__}"
+        )
+    extra = dict(extra)
     extra["peft_num_transformer_submodules"] = submodules
     base = raw.get("base_model_name_or_path") or fields.get("base_model") or "unknown"
     fields.update(base_model=base, n_tokens=n_tokens, d_model=d_model, extra=extra)
@@ -127,19 +186,10 @@ def read_weight(directory: str | os.PathLike, n_tokens: int, d_model: int, submo
                 "can run code, so re-save the adapter with save_pretrained(..., safe_serialization=True)"
             )
         raise CheckpointError(f"{directory} is a PEFT adapter without {ADAPTER_WEIGHTS}")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    weight = tensors.get(WEIGHT_KEY)
     expected = (n_tokens * submodules, d_model)
-    if set(tensors) != {WEIGHT_KEY} or weight is None or tuple(weight.shape) != expected:
-        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        raise CheckpointError(
-            f"{path} must hold one tensor {WEIGHT_KEY!r} of shape {expected} (num_virtual_tokens x "
-            f"num_transformer_submodules, token_dim), found {shapes}"
-        )
-    return weight[:n_tokens].float().contiguous()
+    advice = "its rows are num_virtual_tokens x num_transformer_submodules, its width token_dim"
+    weight = read_prompt_tensor(path, WEIGHT_KEY, expected, advice)
+    return weight[:n_tokens].contiguous()
 
 
 def write_adapter(directory: str | os.PathLike, weight: torch.Tensor, settings: Mapping[str, Any]) -> None:

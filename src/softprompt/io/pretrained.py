@@ -29,6 +29,7 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+from safetensors import SafetensorError
 from transformers import AutoConfig, GenerationConfig, T5ForConditionalGeneration
 
 from softprompt.errors import CheckpointError
@@ -268,6 +269,14 @@ def load_pretrained_t5(
             )
             if (files.directory / GENERATION_CONFIG).is_file():
                 model.generation_config = GenerationConfig.from_pretrained(str(files.directory))
+    except SafetensorError as e:
+        # Safetensors are preferred over a pickle beside them, so a broken one is never skipped silently.
+        names = ", ".join(p.name for p in files.weights)
+        raise CheckpointError(
+            f"could not load a T5 model from {files.name}: its safetensors weights ({names}) are damaged "
+            f"({str(e).strip().splitlines()[0][:160]}); download them again, or delete them to use a "
+            "pytorch_model.bin beside them"
+        ) from None
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"could not load a T5 model from {files.name} ({str(e).strip().splitlines()[0][:160]})"

@@ -130,7 +130,11 @@ def replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     fsync_dir(target.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        # `target` may have been a file (`export --overwrite` onto one): rmtree would leave it behind.
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def install_dir(tmp: Path, target: Path, *, manifest: bool = False) -> None:
@@ -278,6 +282,12 @@ class TrainerState:
     examples_seen: int = 0
     skipped_nonfinite: int = 0
     last_eval_step: int = -1  # a checkpoint is written before its step's evaluation; resume finishes it
+    # The loss window since the last `train` record: a resume continues it, so the next record is the
+    # one an uninterrupted run writes (checkpoints older than these fields restart the window).
+    window_loss: float = 0.0
+    window_tokens: float = 0.0
+    window_examples: int = 0
+    window_time: float = 0.0
     python_rng: list[Any] = field(default_factory=list)
 
     @property
@@ -321,7 +331,12 @@ def read_trainer_state(directory: Path) -> TrainerState:
         state = TrainerState(**{k: v for k, v in raw.items() if k in TrainerState.__dataclass_fields__})
         for name, default in asdict(TrainerState()).items():
             if not _same_kind(getattr(state, name), default):
-                raise TypeError(f"{name} is {getattr(state, name)!r}")
+                raise TypeError(f"{name} is {short(getattr(state, name))}")
+        named = _CHECKPOINT_RE.fullmatch(directory.name)
+        if named and state.step != int(named.group(1)):
+            raise ValueError(f"step is {short(state.step)} in {directory.name}")
+        if min(state.step, state.epoch, state.batch_in_epoch, state.examples_seen) < 0:
+            raise ValueError("a step or count is negative")
         if state.best_step >= 0 and not state.best_scores:  # written before best_scores held SQuAD's too
             t5 = {"t5_exact_match": state.best_t5_em, "t5_f1": state.best_t5_f1}
             legacy = {"f1": state.best_f1, "exact_match": state.best_em, **t5}
@@ -331,8 +346,16 @@ def read_trainer_state(directory: Path) -> TrainerState:
         raise CheckpointError(
             f"{directory} is not a complete checkpoint ({TRAINER_STATE} is missing)"
         ) from None
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} is damaged ({e}); resume from another checkpoint") from None
+    except (OSError, ValueError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{path} is damaged ({short(e)}); resume from another checkpoint") from None
+
+
+def short(value: object) -> str:
+    """A value or error as a message quotes it: at most 80 characters, never a 5,000-digit integer."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return "a huge integer"
+    text = repr(value) if not isinstance(value, BaseException) else str(value) or type(value).__name__
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 # ------------------------------------------------------------------------------------- verification
@@ -392,8 +415,15 @@ def _verify(directory: Path) -> Verdict:
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
         recorded = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in files.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         return Verdict("damaged", f"{MANIFEST} is unreadable ({type(e).__name__})")
+    # A manifest names files inside its checkpoint: `../x`, `/etc/passwd` or a link out would make
+    # `verify` read (and report the size of) files outside the run.
+    root = directory.resolve()
+    for name in recorded:
+        inside = not Path(name).is_absolute() and ".." not in Path(name).parts
+        if not inside or root not in (root / name).resolve().parents:
+            return Verdict("damaged", f"{MANIFEST} names a file outside the checkpoint")
     extra = [n for n in _files(directory) if n not in recorded and not Path(n).name.startswith(".")]
     if extra:
         return Verdict("damaged", f"{extra[0]} is not in the manifest")
@@ -409,28 +439,36 @@ def _verify(directory: Path) -> Verdict:
     return Verdict("ok", f"{len(recorded)} files")
 
 
-def resume_point(out: Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint `--resume` continues from: the newest that verifies.
+def resume_candidates(out: Path) -> tuple[list[tuple[Path, Verdict]], list[str]]:
+    """Every checkpoint `--resume` may continue from, newest first: the newest that verifies, then the
+    older usable ones down to the first that verifies (an `unverified` one, having no manifest, can
+    still fail to load, and the trainer then falls back to the next).
 
     Returns:
-        That checkpoint (None when the run has none yet), and one phrase per newer checkpoint skipped
-        because it is damaged.
+        The usable checkpoints with their verdicts, and one phrase per newer checkpoint skipped because
+        it is damaged.
 
     Raises:
         CheckpointError: checkpoints exist but none verifies.
     """
-    skipped = []
+    skipped: list[str] = []
+    usable: list[tuple[Path, Verdict]] = []
     for directory in reversed(checkpoints(out)):
         verdict = verify_checkpoint(directory)
         if verdict.usable:
-            return directory, skipped
-        skipped.append(f"{directory.name} ({verdict.detail})")
+            usable.append((directory, verdict))
+            if verdict.status == "ok":
+                break  # one that verifies loads; older ones are never needed (and hashing them costs)
+        elif not usable:
+            skipped.append(f"{directory.name} ({verdict.detail})")
+    if usable:
+        return usable, skipped
     if skipped:
         raise CheckpointError(
             f"--resume: no checkpoint in {out} verifies, and softprompt is refusing to load a damaged one: "
             f"{'; '.join(skipped)}; restore a copy, or start again with --overwrite_output_dir"
         )
-    return None, []
+    return [], []
 
 
 def verify_run(out: Path) -> list[tuple[str, Verdict]]:

@@ -35,6 +35,10 @@ class BatcherStats:
     requests_answered: int = 0
     rows_answered: int = 0
     requests_rejected: int = 0
+    requests_abandoned: int = 0
+    """Requests whose client left before their answer; their rows were dropped, not decoded."""
+    rows_dropped: int = 0
+    """Rows of abandoned requests dropped from a batch that was already running (oversized requests)."""
     window_waits: int = 0
     """Batches whose first request waited for company (not on /health)."""
 
@@ -171,9 +175,17 @@ class MicroBatcher:
                 self._arrived.set()  # the window may be waiting for this request
         length = max(map(self._length, items)) if self._length is not None and items else 0
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Pending(rows=items, future=future, length=length))
+        pending = _Pending(rows=items, future=future, length=length)
+        self._waiting.append(pending)
         self._arrived.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller gave up (its client left): its rows leave the queue now, not after decoding.
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(pending)
+            self.stats.requests_abandoned += 1
+            raise
 
     def _rows_waiting(self) -> int:
         return sum(len(p.rows) for p in self._waiting)
@@ -244,34 +256,75 @@ class MicroBatcher:
         chosen = {id(p) for p in ranked[lo : hi + 1]}
         return [p for p in waiting if id(p) in chosen]
 
-    async def _run(self) -> None:
+    async def _answer_in_parts(self, batch: list[_Pending], rows: list[Any]) -> list[str]:
+        """The batch's answers, run `max_batch_size` rows at a time on the model thread.
+
+        Only a request bigger than the cap makes more than one part (`_select`). Between its parts, the
+        requests that arrived meanwhile and fit in one batch run first (one big request must not hold
+        the model for all its parts while a one-row request waits), and once its client has left, its
+        remaining rows are dropped (answered "" for nobody): where dropping rows of a running batch pays.
+        """
         loop = asyncio.get_running_loop()
+        if len(rows) <= self.max_batch_size:
+            return await loop.run_in_executor(self._executor, self._answer, rows)
+        answers: list[str] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            if all(p.future.done() for p in batch):
+                self.stats.rows_dropped += len(rows) - start
+                return answers + [""] * (len(rows) - start)
+            if start:
+                others = self._take_small()
+                if others:
+                    await self._run_batch(others)
+            part = rows[start : start + self.max_batch_size]
+            answers += await loop.run_in_executor(self._executor, self._answer, part)
+        return answers
+
+    def _take_small(self) -> list[_Pending]:
+        """The waiting requests, oldest first, that fit in one batch together (none bigger than the cap)."""
+        batch, size = [], 0
+        for p in self._waiting:
+            if not p.future.done() and size + len(p.rows) <= self.max_batch_size:
+                batch.append(p)
+                size += len(p.rows)
+        chosen = {id(p) for p in batch}
+        self._waiting = [p for p in self._waiting if id(p) not in chosen]
+        return batch
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        """Run one batch on the model and resolve its requests' futures (an exception fails them all)."""
+        loop = asyncio.get_running_loop()
+        self._taken = [*self._taken, *batch]
+        rows = [r for p in batch for r in p.rows]
+        self._last_rows = len(rows)
+        started = loop.time()
+        dropped_before = self.stats.rows_dropped
+        try:
+            answers = await self._answer_in_parts(batch, rows)
+        except Exception as e:
+            answers = e
+        # Not on cancellation: `stop` fails what is still taken.
+        self._taken = [p for p in self._taken if all(p is not q for q in batch)]
+        if isinstance(answers, Exception):
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(answers)
+            return
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (loop.time() - started)
+        self.stats.batches_run += 1
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
+        self.stats.rows_answered += len(rows) - (self.stats.rows_dropped - dropped_before)
+        start = 0
+        for p in batch:
+            part = answers[start : start + len(p.rows)]
+            start += len(p.rows)
+            if not p.future.done():
+                self.stats.requests_answered += 1
+                p.future.set_result(part)
+
+    async def _run(self) -> None:
         while True:
             # A client that went away has a cancelled future; its rows are not worth decoding.
             batch = [p for p in await self._gather() if not p.future.done()]
-            self._taken = batch
-            if not batch:
-                continue
-            rows = [r for p in batch for r in p.rows]
-            self._last_rows = len(rows)
-            started = loop.time()
-            try:
-                answers = await loop.run_in_executor(self._executor, self._answer, rows)
-            except Exception as e:
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(e)
-                self._taken = []
-                continue
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (loop.time() - started)
-            self.stats.batches_run += 1
-            self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(rows))
-            self.stats.rows_answered += len(rows)
-            start = 0
-            for p in batch:
-                part = answers[start : start + len(p.rows)]
-                start += len(p.rows)
-                if not p.future.done():
-                    self.stats.requests_answered += 1
-                    p.future.set_result(part)
-            self._taken = []
+            if batch:
+                await self._run_batch(batch)

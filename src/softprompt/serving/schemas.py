@@ -6,13 +6,14 @@ written by `error_response`); `ApiError` raised in a route becomes such an answe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, Discriminator, Field, Tag, field_validator
 
 Row = tuple[str, Any]  # (task, the example its prompt's task made of the input: `Task.request_parts`)
 AnswerFn = Callable[[list[Row]], list[str]]
@@ -31,6 +32,29 @@ class AnswerInput(BaseModel):
         description="A text task's fields, filled into the template its prompt was trained with "
         '(e.g. {"premise": "...", "hypothesis": "..."} for RTE).',
     )
+
+    @field_validator("question", "context")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        # A blank question is no question: answering it spends the model on nothing.
+        if value is not None and not value.strip():
+            raise ValueError("must hold some text, not only whitespace")
+        return value
+
+    @field_validator("fields")
+    @classmethod
+    def _finite(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # JSON's NaN/Infinity (Python's json reads them) would reach the model as the text "nan".
+        stack: list[Any] = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError("must not hold NaN or Infinity; send numbers as finite values or text")
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        return value
 
 
 class BatchAnswerRequest(BaseModel):
@@ -102,6 +126,12 @@ class HealthResponse(BaseModel):
     queue_depth: int = Field(description="Requests waiting for the model.")
     max_queue: int = Field(description="Most requests that may wait; more are refused with 503.")
     requests_rejected: int = Field(description="Requests refused with 503 because the queue was full.")
+    requests_abandoned: int = Field(
+        default=0, description="Requests whose client left before the answer; their rows were not decoded."
+    )
+    rows_dropped: int = Field(
+        default=0, description="Rows of a running oversized request dropped when its client left."
+    )
 
 
 class ErrorResponse(BaseModel):

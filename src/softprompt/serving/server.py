@@ -22,11 +22,10 @@ import contextlib
 import functools
 import json
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -34,6 +33,7 @@ from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
 from softprompt.serving.batching import MicroBatcher, QueueFull
+from softprompt.serving.guard import BodyLimit, ClientGone, until_disconnected
 from softprompt.serving.schemas import (
     AnswerFn,
     AnswerInput,
@@ -119,7 +119,7 @@ def create_app(
     app.state.batcher = batcher
     app.state.limits = limits
     _add_error_handlers(app)
-    _add_body_limit(app, limits)
+    app.add_middleware(BodyLimit, max_body_bytes=limits.max_body_bytes)
     _add_routes(app, bank, batcher, limits)
     return app
 
@@ -130,6 +130,25 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return validation_response(exc)
+
+    @app.exception_handler(413)
+    async def on_too_large(_: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(413, str(exc.detail))
+
+    # FastAPI answers a body its JSON reader fails on other than by syntax (nesting past Python's
+    # recursion limit, an integer past 4,300 digits, bytes that are not UTF-8) with 400 {"detail"};
+    # it is malformed JSON like any other, so it gets the same 422 {"error"}.
+    @app.exception_handler(400)
+    async def on_unreadable_body(_: Request, exc: HTTPException) -> JSONResponse:
+        cause = {
+            RecursionError: "it nests too deeply",
+            UnicodeDecodeError: "it is not UTF-8",
+        }.get(
+            type(exc.__cause__),
+            "an integer in it is too long" if isinstance(exc.__cause__, ValueError) else "",
+        )
+        reason = f" ({cause})" if cause else ""
+        return error_response(422, f"the request body is not valid JSON{reason}; send a JSON object")
 
     @app.exception_handler(ApiError)
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -147,25 +166,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(
             405, f"{request.method} is not allowed on {request.url.path}; this server has {ENDPOINTS}"
         )
-
-
-def _add_body_limit(app: FastAPI, limits: Limits) -> None:
-    """Refuse bodies over `limits.max_body_bytes` (413) and read every POST body as JSON."""
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        # Refuse an oversized body before reading it rather than after it is in memory.
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return error_response(
-                413,
-                f"the request body is {length} bytes; this server accepts at most {limits.max_body_bytes}",
-            )
-        # The body is JSON whatever the client called it: `curl -d '{...}'` sends a form content type.
-        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
-            headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
-            request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
-        return await call_next(request)
 
 
 class _RowReader:
@@ -212,11 +212,11 @@ class _RowReader:
 def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: Limits) -> None:
     """POST /v1/answer, GET /v1/tasks and GET /health."""
     errors = {code: {"model": ErrorResponse} for code in (413, 422, 500, 503)}
-    tasks = [TaskInfo(**info) for info in bank.describe()]
+    tasks = [TaskInfo(**{**info, "base_model": shown_model(info["base_model"])}) for info in bank.describe()]
     reader = _RowReader(bank, limits)
 
     @app.post("/v1/answer", responses=errors)
-    async def answer_questions(body: AnswerRequest) -> AnswerResponse | BatchAnswerResponse:
+    async def answer_questions(body: AnswerRequest, request: Request) -> AnswerResponse | BatchAnswerResponse:
         """Answer `{"task", "question", "context"}`, or `{"inputs": [...]}` of such objects in order."""
         batched = isinstance(body, BatchAnswerRequest)
         inputs = body.inputs if isinstance(body, BatchAnswerRequest) else [body]
@@ -227,7 +227,11 @@ def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: L
             )
         rows = [reader.row(item, f"inputs[{i}]." if batched else "") for i, item in enumerate(inputs)]
         try:
-            answers = await batcher.submit(rows)
+            # A client that leaves cancels its rows: queued ones are dropped, never decoded for nobody.
+            answers = await until_disconnected(request, batcher.submit(rows))
+        except ClientGone:
+            # Nginx's 499: nobody reads this answer; it only closes the request without a logged error.
+            raise ApiError(499, "the client closed the request before its answer was ready") from None
         except QueueFull as e:
             raise ApiError(
                 503,
@@ -258,11 +262,22 @@ def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: L
             queue_depth=batcher.queue_depth,
             max_queue=batcher.max_queue,
             requests_rejected=s.requests_rejected,
+            requests_abandoned=s.requests_abandoned,
+            rows_dropped=s.rows_dropped,
         )
 
 
 # ----------------------------------------------------------------------------------------------------
 # The command
+
+
+def shown_model(base_model: str) -> str:
+    """A prompt's base model as `/v1/tasks` shows it: a Hub id as it is, a local directory by its folder
+    name only (its absolute path says how the server's disk is laid out, which no client needs)."""
+    path = Path(base_model)
+    if path.is_absolute() or base_model.startswith((".", "~")) or path.exists():
+        return path.name or base_model
+    return base_model
 
 
 def parse_prompt_specs(specs: Sequence[str]) -> list[tuple[str, str]]:

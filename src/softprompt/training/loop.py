@@ -82,8 +82,6 @@ class StopFlag:
 def train_loop(run: Run) -> dict[str, Any]:
     """Optimise until max_steps, evaluating and checkpointing on schedule. Returns results.json's content."""
     cfg, env, st, plan = run.cfg, run.env, run.state, run.plan
-    window_loss = window_tokens = 0.0
-    window_examples, window_time = 0, 0.0
     due = cfg.eval_steps and st.step and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
     if due and run.eval_examples and st.last_eval_step != st.step:
         # Stopped between this step's checkpoint and its evaluation: evaluate now, as the run would have.
@@ -119,24 +117,25 @@ def train_loop(run: Run) -> dict[str, Any]:
                 st.examples_seen += plan.global_batch
                 dt = time.perf_counter() - t0
                 st.train_seconds += dt
-                window_time += dt
-                window_examples += plan.global_batch
+                # The window lives in the trainer state so that a checkpoint carries it (see TrainerState).
+                st.window_time += dt
+                st.window_examples += plan.global_batch
                 if math.isfinite(step_loss):
-                    window_loss += step_loss * global_tokens
-                    window_tokens += global_tokens
+                    st.window_loss += step_loss * global_tokens
+                    st.window_tokens += global_tokens
 
                 if (cfg.logging_steps and st.step % cfg.logging_steps == 0) or st.step == run.max_steps:
                     run.logger.log(
                         "train",
                         st.step,
                         epoch=st.epoch + st.batch_in_epoch / run.steps_per_epoch,
-                        loss=window_loss / max(window_tokens, 1.0),
+                        loss=st.window_loss / max(st.window_tokens, 1.0),
                         lr=run.scheduler.get_last_lr()[0],
-                        examples_per_second=window_examples / max(window_time, 1e-9),
+                        examples_per_second=st.window_examples / max(st.window_time, 1e-9),
                         skipped_nonfinite=st.skipped_nonfinite,
                     )
-                    window_loss = window_tokens = 0.0
-                    window_examples, window_time = 0, 0.0
+                    st.window_loss = st.window_tokens = st.window_time = 0.0
+                    st.window_examples = 0
                 saved = bool(cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < run.max_steps)
                 if saved:  # before evaluating: an evaluation that fails must not cost this step's checkpoint
                     save_checkpoint(run)

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from softprompt.config.safe_yaml import YamlTooLarge, load_yaml
 from softprompt.errors import UserError
 from softprompt.io.rundir import BEST, CHECKPOINT_PREFIX, CONFIG_FILE, LAST, METRICS_FILE, RESULTS_FILE
 
@@ -196,9 +197,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from None
+    except YamlTooLarge as exc:
+        raise UserError(f"{path} is refused: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

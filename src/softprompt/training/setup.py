@@ -31,7 +31,14 @@ from softprompt.io.rundir import TrainerState
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.modeling.optim import build_optimizer
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
-from softprompt.runtime.distributed import DistEnv, barrier, broadcast_object, shard_fsdp, wrap_ddp
+from softprompt.runtime.distributed import (
+    DistEnv,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    shard_fsdp,
+    wrap_ddp,
+)
 from softprompt.tasks.base import Task
 from softprompt.tasks.resolve import resolve_task
 from softprompt.tasks.squad.qa_task import SquadTask
@@ -156,6 +163,7 @@ def _build(
             is_main_process=env.is_main,
             run_config=cfg.to_dict(),
             resume_step=state.step if cfg.resume else None,  # a resume without a checkpoint restarts at 0
+            redo=_logged_again(state, max_steps),
         ),
         state=state,
         bf16=cfg.precision == "bf16",
@@ -390,9 +398,29 @@ def _resume_or_start(
         The trainer state to continue from, and the Adafactor step counter the run began with.
     """
     state = TrainerState()
-    resume_from = find_resume_point(out, env) if cfg.resume else None
+    candidates = _resume_candidates(out, env) if cfg.resume else []
+    resume_from = None
+    for i, (directory, verified) in enumerate(candidates):
+        # Every rank tries; all fall back together when any rank's files of an unverified one are bad.
+        error = None
+        try:
+            state = restore_checkpoint(directory, model, optimizer, scheduler, env, cfg.fsdp)
+        except CheckpointError as e:
+            error = str(e)
+        failed = next((e for e in gather_objects(error, env) if e), None)
+        if failed is None:
+            resume_from = directory
+            break
+        if verified or i == len(candidates) - 1:
+            raise CheckpointError(failed)
+        if env.is_main:
+            print(
+                f"softprompt: skipped {directory.name} (no manifest, and it does not load: {failed}); "
+                f"resuming from {candidates[i + 1][0].name}",
+                file=sys.stderr,
+                flush=True,
+            )
     if resume_from is not None:
-        state = restore_checkpoint(resume_from, model, optimizer, scheduler, env, cfg.fsdp)
         # The counter the run began with travels in the optimizer state (0 for checkpoints older than it).
         initial_step = int(optimizer.param_groups[0].get("initial_step", initial_step))
     if env.is_main and (resume_from is None or resumed_changes):
@@ -406,24 +434,38 @@ def _resume_or_start(
 
 
 def find_resume_point(out: Path, env: DistEnv) -> Path | None:
-    """Rank 0 picks the newest checkpoint that verifies (saying which it skipped); every rank learns it."""
-    answer: tuple[str | None, str | None] = (None, None)
+    """The newest checkpoint that verifies, for a multi-prompt run (every rank learns it)."""
+    return next((directory for directory, verified in _resume_candidates(out, env) if verified), None)
+
+
+def _logged_again(state: TrainerState, max_steps: int) -> tuple[str, ...]:
+    """The events a run resumed at `state.step` logs again at that step (`train_loop`): the evaluation
+    its checkpoint was written before, and at the end the final evaluation and `end`."""
+    if state.step >= max_steps:
+        return ("eval", "end")
+    return ("end",) if state.last_eval_step == state.step else ("eval", "end")
+
+
+def _resume_candidates(out: Path, env: DistEnv) -> list[tuple[Path, bool]]:
+    """Rank 0 lists the checkpoints to try, newest first, with whether each verified (saying which damaged
+    ones it skipped); every rank learns them."""
+    answer: tuple[list[tuple[str, bool]], str | None] = ([], None)
     if env.is_main:
         try:
-            found, skipped = rundir.resume_point(out)
-            answer = (str(found) if found is not None else None, None)
+            found, skipped = rundir.resume_candidates(out)
+            answer = ([(str(p), v.status == "ok") for p, v in found], None)
             if skipped:
                 print(
-                    f"softprompt: skipped damaged {'; '.join(skipped)}; resuming from {found.name}",
+                    f"softprompt: skipped damaged {'; '.join(skipped)}; resuming from {found[0][0].name}",
                     file=sys.stderr,
                     flush=True,
                 )
         except CheckpointError as e:
-            answer = (None, str(e))
+            answer = ([], str(e))
     found, refusal = broadcast_object(answer, env)
     if refusal is not None:
         raise CheckpointError(refusal)
-    return Path(found) if found is not None else None
+    return [(Path(p), verified) for p, verified in found]
 
 
 def _plural(n: int, word: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -36,15 +36,22 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _drop_records_after(path: Path, step: int) -> None:
-    """Rewrite a metrics file without the records logged after `step` (and any torn line), atomically."""
+def _drop_records_after(path: Path, step: int, redo: Collection[str] = ()) -> None:
+    """Rewrite a metrics file without the records logged after `step` (and any torn line), atomically.
+
+    A line that is not a JSON object with an integer step (torn by a kill, or edited) is dropped too:
+    no reader could place it, and the resumed run logs its step again.
+    """
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    redo = frozenset(redo)
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue  # a line torn by a kill in mid-write
-        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+        at = record.get("step", 0) if isinstance(record, dict) else None
+        placed = isinstance(at, int) and not isinstance(at, bool)
+        if placed and (at < step or (at == step and record.get("event") not in redo)):
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
 
@@ -67,7 +74,9 @@ class MetricsLogger:
     Each call to :meth:`log` writes one JSON line and flushes it, so a run that is killed keeps
     everything logged so far; the file is opened in append mode so a resumed run continues it. A run
     resumed from step N first drops the records after step N: the interrupted run logged them after
-    its last checkpoint, and the resumed run logs those steps again (TensorBoard likewise purges them).
+    its last checkpoint, and the resumed run logs those steps again (TensorBoard likewise purges them),
+    and the records at step N of the events it logs again there (`redo`: an evaluation the checkpoint
+    was written before, a finished run's final evaluation and end), so no record appears twice.
 
     Args:
         output_dir: The run directory; ``metrics.jsonl`` and ``tensorboard/`` go inside it.
@@ -77,6 +86,7 @@ class MetricsLogger:
         run_config: The resolved run configuration, recorded in TensorBoard as text and as the
             wandb run config.
         resume_step: The step a resumed run restarts from; records after it are dropped first.
+        redo: The events the resumed run logs again at ``resume_step``; their records there are dropped.
 
     Raises:
         ConfigError: ``report_to`` names an unknown destination, or asks for wandb when the
@@ -90,6 +100,7 @@ class MetricsLogger:
         is_main_process: bool = True,
         run_config: Mapping[str, Any] | None = None,
         resume_step: int | None = None,
+        redo: Collection[str] = (),
     ) -> None:
         self.output_dir = Path(output_dir)
         self.report_to = _validate_report_to(report_to)
@@ -115,7 +126,7 @@ class MetricsLogger:
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.metrics_path.exists():
-            _drop_records_after(self.metrics_path, resume_step)
+            _drop_records_after(self.metrics_path, resume_step, redo)
         needs_newline = self.metrics_path.exists() and _ends_without_newline(self.metrics_path)
         self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - lives until close()
         if needs_newline:

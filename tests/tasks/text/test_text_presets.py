@@ -58,3 +58,16 @@ def test_task_flags_override_a_preset_or_a_saved_task() -> None:
         task_from_flags(TaskFlags(task="rte", input_template="x {a"))
     with pytest.raises(ConfigError, match=r"^the task flags: metric accuracy needs labels"):
         task_from_flags(TaskFlags(input_template="{x}", target_template="{y}", metric="accuracy"))
+
+
+def test_a_task_file_with_an_alias_bomb_is_refused_in_one_line(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    path = write(tmp_path / "bomb.yaml", "\n".join(lines) + "\ninput_template: *a8\nlabels: *a8\n")
+    assert path.stat().st_size < 600
+    with pytest.raises(ConfigError) as e:
+        load_task(path)
+    assert str(e.value) == (
+        f"{path}: is refused: it expands to more than 1,000,000 values (YAML aliases repeated inside "
+        "aliases?); write the task's fields out plainly"
+    )

@@ -7,7 +7,6 @@ unanswered questions count as 0 in the mean rather than being dropped.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import string
@@ -18,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+from softprompt.data.records import gunzip_bytes
 from softprompt.errors import DataError
 
 __all__ = [
@@ -256,7 +256,7 @@ def _read_json(path: Path, what: str) -> Any:
         ) from None
     if raw[:2] == b"\x1f\x8b":  # gzip's magic number: read a compressed file rather than call it non-UTF-8
         try:
-            raw = gzip.decompress(raw)
+            raw = gunzip_bytes(path, raw)
         except (EOFError, OSError, zlib.error) as e:
             raise DataError(
                 f"{path}: is a damaged or truncated gzip file ({type(e).__name__}); "

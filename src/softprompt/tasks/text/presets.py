@@ -49,6 +49,8 @@ def load_task(name_or_path: str | Path) -> TaskSpec:
     """
     import yaml  # deferred: --help need not pay for it
 
+    from softprompt.config.safe_yaml import YamlTooLarge, load_yaml
+
     text_path = Path(name_or_path)
     if text_path.suffix in (".yaml", ".yml") or text_path.exists():
         path = text_path
@@ -64,9 +66,11 @@ def load_task(name_or_path: str | Path) -> TaskSpec:
             )
     text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: is not valid YAML ({one_line(str(err))[:120]})") from None
+    except YamlTooLarge as err:
+        raise ConfigError(f"{path}: is refused: {err}; write the task's fields out plainly") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: a task file holds a map of task fields (name, input_template, ...)")
     data = dict(data)
