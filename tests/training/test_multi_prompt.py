@@ -275,3 +275,62 @@ def test_a_crash_after_a_checkpoint_resumes_bit_identically_for_every_prompt(
     assert all(v.status == "ok" for v in rows.values())
     (tmp_path / "crashed" / "best" / "sentiment" / "prompt.safetensors").write_bytes(b"x")
     assert dict(rundir.verify_run(tmp_path / "crashed"))["best/sentiment"].status == "damaged"
+
+
+def test_every_prompts_dev_set_is_answered_in_one_mixed_pass_equal_to_its_own_evaluation(
+    tmp_path, saved_model, squad_small, monkeypatch
+):
+    from softprompt.inference import scoring
+    from softprompt.inference.options import GenerationOptions
+    from softprompt.runtime.distributed import DistEnv
+    from softprompt.training import multi_loop
+    from softprompt.training.multi_setup import setup_multi
+
+    sentiment = _jsonl(tmp_path / "sentiment.jsonl", _rows(12, seed=5))
+    cfg = _three(tmp_path, saved_model, squad_small, sentiment, "mixed-eval")
+    prompts = [dict(p) for p in cfg.prompts]
+    prompts[1]["max_target_length"] = 3  # another answer length: a pass of its own
+    prompts[2]["validation_file"] = str(squad_small[1])  # qa and qa_long share the length-8 pass
+    cfg = dataclasses.replace(cfg, prompts=prompts, eval_batch_size=4)
+    run = setup_multi(cfg, DistEnv())
+    try:
+        passes: list[tuple[int, int, set[int]]] = []
+        real = scoring.generate_answers
+
+        def spy(model, tokenizer, features, options, *, row_prompts=None):
+            owners: set[int] = set()
+
+            def seen(idx):
+                prompt, lengths = row_prompts(idx)
+                # A batch holding rows of several prompts carries each row's own prompt length.
+                owners.add(len({int(n) for n in lengths}) if lengths is not None else 1)
+                return prompt, lengths
+
+            passes.append((len(features), options.max_new_tokens, owners))
+            wrapped = seen if row_prompts is not None else None  # one prompt's own model: nothing per row
+            return real(model, tokenizer, features, options, row_prompts=wrapped)
+
+        monkeypatch.setattr(scoring, "generate_answers", spy)
+        multi_loop.evaluate_prompts(run)
+        monkeypatch.setattr(scoring, "generate_answers", real)
+        n = {name: len(slot.eval_features) for name, slot in zip(run.names, run.slots, strict=True)}
+        # One pass per answer length, each over every prompt of that length; some batch mixes prompts.
+        assert [(f, t) for f, t, _ in passes] == [(n["sentiment"], 3), (n["qa"] + n["qa_long"], 8)]
+        assert max(passes[1][2]) == 2
+        # Each prompt's answers are those of its own evaluation, alone on the model.
+        for name, slot in zip(run.names, run.slots, strict=True):
+            gen = GenerationOptions(batch_size=4, max_new_tokens=slot.cfg.max_target_length)
+            alone = scoring.evaluate(
+                slot.model, slot.tokenizer, slot.task, slot.eval_examples, slot.eval_features, gen
+            )
+            mixed = json.loads((run.out / multi_loop.predictions_file(name, 0)).read_text())
+            assert mixed == alone.predictions, name
+            assert slot.state.best_scores == alone.scores() and slot.state.best_step == 0
+        # The prompts answer differently (else equal answers would prove nothing about per-row prompts).
+        qa = json.loads((run.out / multi_loop.predictions_file("qa", 0)).read_text())
+        qa_long = json.loads((run.out / multi_loop.predictions_file("qa_long", 0)).read_text())
+        assert qa != qa_long
+    finally:
+        run.logger.close()
+        if run.lock is not None:
+            run.lock.release()

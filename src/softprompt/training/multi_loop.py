@@ -22,7 +22,7 @@ from softprompt import __version__
 from softprompt.data.batching import Features
 from softprompt.inference.engine import autocast
 from softprompt.inference.options import GenerationOptions
-from softprompt.inference.scoring import evaluate
+from softprompt.inference.scoring import PromptEval, evaluate_mixed
 from softprompt.io import atomic, rundir
 from softprompt.runtime.distributed import DistEnv, all_reduce_max, all_reduce_sum, no_grad_sync
 from softprompt.runtime.progress import Progress
@@ -127,19 +127,26 @@ def accumulate_mixed(
 
 
 def evaluate_prompts(run: MultiRun) -> dict[str, float]:
-    """Score every prompt on its own dev set with its own task's metric; keep best/<name>/ when its
-    selection score improves. Returns each prompt's selection score by name."""
+    """Score every prompt on its own dev set with its own task's metric, all prompts' dev examples in
+    shared mixed batches (`inference.scoring.evaluate_mixed`); keep best/<name>/ when a prompt's selection
+    score improves. Returns each prompt's selection score by name."""
     st, scores = run.state, {}
-    for name, slot in zip(run.names, run.slots, strict=True):
-        if not slot.eval_examples:
-            continue
-        gen = GenerationOptions(
-            batch_size=run.cfg.eval_batch_size,
-            max_new_tokens=slot.cfg.max_target_length,
-            env=run.env,
-            bf16=run.bf16,
+    evaluated = [(name, slot) for name, slot in zip(run.names, run.slots, strict=True) if slot.eval_examples]
+    parts = []
+    for _, slot in evaluated:
+        assert slot.model.prompt is not None
+        parts.append(
+            PromptEval(
+                prompt=slot.model.prompt.weight,
+                task=slot.task,
+                examples=slot.eval_examples,
+                features=slot.eval_features,
+                max_new_tokens=slot.cfg.max_target_length,
+            )
         )
-        result = evaluate(slot.model, slot.tokenizer, slot.task, slot.eval_examples, slot.eval_features, gen)
+    gen = GenerationOptions(batch_size=run.cfg.eval_batch_size, env=run.env, bf16=run.bf16)
+    results = evaluate_mixed(run.stack.model, run.slots[0].tokenizer, parts, gen)
+    for (name, slot), result in zip(evaluated, results, strict=True):
         slot.state.last_eval_step = st.step
         run.logger.log("eval", st.step, prompt=name, **result.scores())
         if run.env.is_main:
