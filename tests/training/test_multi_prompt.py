@@ -334,3 +334,81 @@ def test_every_prompts_dev_set_is_answered_in_one_mixed_pass_equal_to_its_own_ev
         run.logger.close()
         if run.lock is not None:
             run.lock.release()
+
+
+# Wall-clock values, which no two runs share.
+TIMINGS = {"time", "examples_per_second", "train_seconds", "train_examples_per_second"}
+
+
+def _records(run: Path) -> list[dict]:
+    """metrics.jsonl without the `start` records (a resume adds one) and the timings."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records if r["event"] != "start"]
+
+
+@pytest.fixture(scope="module")
+def logged_reference(tmp_path_factory, saved_model) -> tuple[TrainConfig, Path]:
+    """An uninterrupted 2-prompt run whose loss windows (3 steps) straddle its checkpoints (every 2)."""
+    from conftest import SQUAD_DEV, SQUAD_TRAIN, squad_subset
+
+    root = tmp_path_factory.mktemp("multi-log")
+    train_file = squad_subset(SQUAD_TRAIN, root / "train.json", 12)
+    dev_file = squad_subset(SQUAD_DEV, root / "dev.json", 3)
+    cfg = _base(
+        root,
+        saved_model,
+        "reference",
+        train_file=str(train_file),
+        validation_file=str(dev_file),
+        num_prompts=2,
+        max_steps=8,
+        save_steps=2,
+        eval_steps=4,
+        logging_steps=3,
+        save_total_limit=10,
+        dropout=0.1,
+    )
+    train_multi(cfg)
+    return cfg, root / "reference"
+
+
+@pytest.mark.parametrize(
+    ("step", "before_eval"),
+    [(4, False), (4, True), (8, False)],
+    ids=["mid-window", "between-eval-and-last", "finished"],
+)
+def test_the_multi_prompt_log_after_resume_is_the_uninterrupted_runs(
+    logged_reference, tmp_path, step, before_eval
+):
+    import shutil
+
+    from softprompt.io import rundir
+
+    cfg, reference = logged_reference
+    out = tmp_path / "run"
+    # What a kill right after checkpoint `step` leaves (with `before_eval`: after the evaluation at `step`
+    # was logged, before the checkpoint learned of it): the log runs on past the checkpoint.
+    shutil.copytree(reference, out, symlinks=True)
+    for d in rundir.checkpoints(out):
+        if int(d.name.removeprefix("checkpoint-")) > step:
+            shutil.rmtree(d)
+    (out / "results.json").unlink()
+    (out / "last").unlink()
+    (out / "last").symlink_to(rundir.checkpoint_name(step))
+    if before_eval:
+        checkpoint = out / rundir.checkpoint_name(step)
+        state = json.loads((checkpoint / rundir.TRAINER_STATE).read_text())
+        assert state["last_eval_step"] == step
+        state["last_eval_step"] = 0
+        (checkpoint / rundir.TRAINER_STATE).write_text(json.dumps(state))
+        (checkpoint / rundir.MANIFEST).unlink()
+        rundir.write_manifest(checkpoint)
+    train_multi(dataclasses.replace(cfg, output_dir=str(out), resume=True))
+    got, want = _records(out), _records(reference)
+    # Step 6's loss window began before checkpoint 4: the resumed run continues the saved one.
+    assert [(r["step"], r["prompt"]) for r in got if r["event"] == "train"] == [
+        (s, p) for s in (3, 6, 8) for p in ("prompt0", "prompt1")
+    ]
+    assert got == want
+    events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("start") == 2 and events.count("end") == 2  # one `end` per prompt

@@ -185,20 +185,25 @@ def _has_dev(run: MultiRun) -> bool:
     return any(slot.eval_examples for slot in run.slots)
 
 
-def _log_train(run: MultiRun, loss: torch.Tensor, tokens: torch.Tensor, examples_per_second: float) -> None:
-    """One `train` record per prompt, under its name (loss: its token mean over the logging window)."""
+def _log_train(run: MultiRun) -> None:
+    """One `train` record per prompt, under its name (loss: its token mean over the logging window), and
+    a fresh window. The window lives in the trainer states (each prompt's loss in its own), so a
+    checkpoint carries it and a resumed run logs what an uninterrupted one does."""
     st = run.state
+    examples_per_second = st.window_examples / max(st.window_time, 1e-9)
     for k, (name, slot) in enumerate(zip(run.names, run.slots, strict=True)):
         run.logger.log(
             "train",
             st.step,
             prompt=name,
             epoch=slot.state.epoch + slot.state.batch_in_epoch / max(slot.steps_per_epoch, 1),
-            loss=float(loss[k] / max(float(tokens[k]), 1.0)),
+            loss=slot.state.window_loss / max(slot.state.window_tokens, 1.0),
             lr=run.scheduler.get_last_lr()[k],
             examples_per_second=examples_per_second,
             skipped_nonfinite=st.skipped_nonfinite,
         )
+        slot.state.window_loss = slot.state.window_tokens = 0.0
+    st.window_time, st.window_examples = 0.0, 0
 
 
 def _step(run: MultiRun, streams: list[Iterator[list[int]]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -237,8 +242,6 @@ def multi_train_loop(run: MultiRun) -> dict[str, Any]:
     """
     cfg, env, st = run.cfg, run.env, run.state
     k = len(run.slots)
-    window_loss, window_tokens = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
-    window_examples, window_time = 0, 0.0
     due = cfg.eval_steps and st.step and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
     if due and _has_dev(run) and st.last_eval_step != st.step:
         evaluate_prompts(run)  # stopped between this step's checkpoint and its evaluation
@@ -253,16 +256,14 @@ def multi_train_loop(run: MultiRun) -> dict[str, Any]:
             loss, tokens, finite = _step(run, streams)
             dt = time.perf_counter() - t0
             st.train_seconds += dt
-            window_time += dt
-            window_examples += run.plan.global_batch * k
+            st.window_time += dt
+            st.window_examples += run.plan.global_batch * k
             if finite:
-                window_loss += (loss * tokens).double()
-                window_tokens += tokens.double()
+                for slot, n, t in zip(run.slots, loss.tolist(), tokens.tolist(), strict=True):
+                    slot.state.window_loss += n * t
+                    slot.state.window_tokens += t
             if (cfg.logging_steps and st.step % cfg.logging_steps == 0) or st.step == run.max_steps:
-                _log_train(run, window_loss, window_tokens, window_examples / max(window_time, 1e-9))
-                window_loss.zero_()
-                window_tokens.zero_()
-                window_examples, window_time = 0, 0.0
+                _log_train(run)
             saved = bool(cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < run.max_steps)
             if saved:
                 _save(run)

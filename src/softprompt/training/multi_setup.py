@@ -50,6 +50,7 @@ from softprompt.training.setup import (
     frozen_model,
     init_labels,
     load_data,
+    logged_again,
     set_dropout,
     tokenize_data,
 )
@@ -243,6 +244,7 @@ def _build(
         is_main_process=env.is_main,
         run_config=cfg.to_dict(),
         resume_step=state.step if cfg.resume else None,
+        redo=logged_again(state, max_steps),  # what the loop logs again at the resume step
     )
     fingerprint = None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path)
     collate = Collator(pad_token_id=tokenizer.pad_token_id)

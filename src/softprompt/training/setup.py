@@ -163,7 +163,7 @@ def _build(
             is_main_process=env.is_main,
             run_config=cfg.to_dict(),
             resume_step=state.step if cfg.resume else None,  # a resume without a checkpoint restarts at 0
-            redo=_logged_again(state, max_steps),
+            redo=logged_again(state, max_steps),
         ),
         state=state,
         bf16=cfg.precision == "bf16",
@@ -438,9 +438,9 @@ def find_resume_point(out: Path, env: DistEnv) -> Path | None:
     return next((directory for directory, verified in _resume_candidates(out, env) if verified), None)
 
 
-def _logged_again(state: TrainerState, max_steps: int) -> tuple[str, ...]:
-    """The events a run resumed at `state.step` logs again at that step (`train_loop`): the evaluation
-    its checkpoint was written before, and at the end the final evaluation and `end`."""
+def logged_again(state: TrainerState, max_steps: int) -> tuple[str, ...]:
+    """The events a run resumed at `state.step` logs again at that step (`train_loop`, `multi_train_loop`):
+    the evaluation its checkpoint was written before, and at the end the final evaluation and `end`."""
     if state.step >= max_steps:
         return ("eval", "end")
     return ("end",) if state.last_eval_step == state.step else ("eval", "end")
