@@ -6,7 +6,9 @@ with its own prompt (`multi_setup.PromptStack`). Each prompt's loss is normalise
 tokens and the step minimises the sum, so prompt i's gradient is exactly its own loss's, and with one
 parameter group per prompt its Adafactor update is the one a single-prompt run would make. In fp32
 with dropout 0 each prompt therefore follows its single-prompt run up to float summation order
-(tests/training/test_multi_prompt.py). Evaluation, best/<name>/ and results are each prompt's own.
+(tests/training/test_multi_prompt.py). Evaluation runs every prompt's dev set in shared mixed batches and
+scores each with its own task; best/<name>/ and results are each prompt's own. The loss windows live in
+the trainer states, so a resumed run logs what the uninterrupted one does.
 """
 
 from __future__ import annotations
