@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
+import os
 import re
 import socket
 import statistics
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -249,11 +252,11 @@ def test_tasks_show_no_absolute_path(server) -> None:
     assert str(server["model_dir"].parent) not in json.dumps(tasks)
 
 
-def test_soak_chunked_abandoned_and_slow_clients_at_once(server) -> None:
-    base, port, pid = server["base"], server["port"], server["pid"]
-    quiet = _latency(base)
-    peak_before = _peak_rss_mb(pid)
-    stop = threading.Event()
+def _attack(base: str, port: int, stop: Any) -> None:
+    """The soak's hostile clients: chunked bodies, abandoned 64-row requests, slow sockets. They run in a
+    process of their own at the lowest CPU priority, so that building and sending their traffic (this
+    machine has 2 cores) is not counted as the server's load; the server's work for them is."""
+    os.nice(19)
     body = {"inputs": [{**GOOD, "question": f"Case {i}?"} for i in range(64)]}
 
     def chunked() -> None:
@@ -286,18 +289,29 @@ def test_soak_chunked_abandoned_and_slow_clients_at_once(server) -> None:
     attackers = [threading.Thread(target=f) for f in (chunked, chunked, abandoned, abandoned, slow)]
     for t in attackers:
         t.start()
+    for t in attackers:
+        t.join(timeout=30)
+    sys.exit(1 if any(t.is_alive() for t in attackers) else 0)
+
+
+def test_soak_chunked_abandoned_and_slow_clients_at_once(server) -> None:
+    base, port, pid = server["base"], server["port"], server["pid"]
+    quiet = _latency(base)
+    peak_before = _peak_rss_mb(pid)
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    attack = context.Process(target=_attack, args=(base, port, stop))
+    attack.start()
     try:
         time.sleep(0.5)  # the attack is under way
         loaded = _latency(base)
     finally:
         stop.set()
-        for t in attackers:
-            t.join(timeout=30)
-    assert not any(t.is_alive() for t in attackers)
+        attack.join(timeout=60)
+    assert attack.exitcode == 0  # every attacker ended by itself
     assert _peak_rss_mb(pid) - peak_before < 60  # 360 MB of chunked bodies were sent
-    # Under attack a normal request is answered within 2x its quiet latency (0.1 s of slack for the
-    # attackers' own threads on the same 2 cores, which the server does not control).
-    assert loaded <= 2 * quiet + 0.1, (quiet, loaded)
+    # Under attack a normal request is answered within 2x its quiet latency.
+    assert loaded <= 2 * quiet, (quiet, loaded)
 
 
 def test_a_repeated_log_message_passes_once_per_interval(monkeypatch) -> None:
