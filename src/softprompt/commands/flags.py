@@ -15,6 +15,7 @@ Imports nothing heavy, so `--help` answers at once; the modules that run a subco
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated
 
 import tyro
@@ -215,6 +216,10 @@ class _ServeFlags:
     """Seconds a client has to send a whole request (headers and body) from its first byte; slower connections are closed."""
     max_connections: Count = 1000
     """Most open connections; more are closed at once (kept below the open-file limit, ulimit -n, too)."""
+    prompt_root: InputPath | None = None
+    """Directory that POST /v1/prompts may load prompts from (paths resolve only inside it); without it, loading and unloading at run time answer 404."""
+    max_resident_prompts: Count | None = None
+    """Most prompts in memory at once; the least recently used is evicted and read again from disk when asked for (default: no bound)."""
 
 
 @dataclass(kw_only=True)
@@ -235,6 +240,8 @@ def serve_checks(args: ServeArgs) -> list[str]:
         problems.append(f"--max_queue must be >= 1, got {args.max_queue}")
     if not args.read_timeout > 0:
         problems.append(f"--read_timeout must be > 0 seconds, got {args.read_timeout}")
+    if args.prompt_root is not None and not Path(args.prompt_root).is_dir():
+        problems.append(f"--prompt_root {args.prompt_root} is not a directory; create it or name another")
     return problems
 
 

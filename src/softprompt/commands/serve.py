@@ -11,6 +11,7 @@ from softprompt.commands.flags import ServeArgs
 from softprompt.errors import UserError
 from softprompt.inference.bank import load_model_and_prompts
 from softprompt.serving.guard import quiet_repeats, timed_protocol
+from softprompt.serving.prompts import PromptStore
 from softprompt.serving.schemas import Limits
 from softprompt.serving.server import bind_socket, create_app, parse_prompt_specs
 
@@ -31,8 +32,8 @@ def run(args: ServeArgs) -> int:
     import uvicorn
 
     specs = parse_prompt_specs(args.prompt)
-    if not specs:
-        raise UserError("give at least one --prompt NAME=DIR to serve")
+    if not specs and args.prompt_root is None:
+        raise UserError("give at least one --prompt NAME=DIR to serve, or a --prompt_root to load them from")
     bank = load_model_and_prompts(
         args.model,
         [d for _, d in specs],
@@ -43,8 +44,10 @@ def run(args: ServeArgs) -> int:
         allow_other=args.allow_other_base_model,
         fast_path=args.fast_path,
     )
+    store = PromptStore(bank, dict(specs), root=args.prompt_root, max_resident=args.max_resident_prompts)
     app = create_app(
         bank,
+        store=store,
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,

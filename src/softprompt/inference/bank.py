@@ -246,7 +246,10 @@ class PromptBank:
         self.base_model = base_model
         self.d_model: int = model.model.config.d_model
         self.device: torch.device = next(model.parameters()).device
-        self._entries: list[BankEntry] = []
+        # A removed prompt leaves an empty slot (None) that a later `add` reuses: indices never shift, so
+        # rows that hold an index keep meaning the same prompt while they wait or run.
+        self._entries: list[BankEntry | None] = []
+        self._free: list[int] = []
         self._index: dict[str, int] = {}
         self._prompts = PromptTable(self.d_model, self.device)
 
@@ -255,18 +258,20 @@ class PromptBank:
 
     @property
     def names(self) -> list[str]:
-        """Task names, in the order they were added (a row's task index is its position here)."""
-        return [e.name for e in self._entries]
+        """Task names, in slot order (the order they were added, while nothing was removed)."""
+        return [e.name for e in self._entries if e is not None]
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._index)
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
 
     def entry(self, task: str | int) -> BankEntry:
         """The prompt named `task` (or at position `task`)."""
-        return self._entries[self.index(task)]
+        found = self._entries[self.index(task)]
+        assert found is not None  # `index` refuses empty slots
+        return found
 
     def index(self, task: str | int) -> int:
         """The position of a task in the bank.
@@ -275,8 +280,8 @@ class PromptBank:
             UnknownTaskError: no prompt has that name; the message lists the loaded ones.
         """
         if isinstance(task, int):
-            if not 0 <= task < len(self._entries):
-                raise UnknownTaskError(f"task index {task} is out of range: the bank holds {len(self)}")
+            if not 0 <= task < len(self._entries) or self._entries[task] is None:
+                raise UnknownTaskError(f"task index {task} holds no prompt: the bank holds {len(self)}")
             return task
         found = self._index.get(task)
         if found is None:
@@ -286,10 +291,13 @@ class PromptBank:
 
     def describe(self) -> list[dict[str, Any]]:
         """Metadata of every prompt, in bank order (what `GET /v1/tasks` serves)."""
-        return [e.describe() for e in self._entries]
+        return [e.describe() for e in self._entries if e is not None]
 
-    def add(self, name: str, weight: torch.Tensor, config: PromptConfig) -> None:
-        """Add a prompt under `name`.
+    def add(self, name: str, weight: torch.Tensor, config: PromptConfig) -> int:
+        """Add a prompt under `name`, in the oldest empty slot a `remove` left, else in a new one.
+
+        The padded table is replaced, never written in place (copy-on-write), and the name is published
+        last, so a batch being stacked on another thread sees either table, both right for its rows.
 
         Args:
             name: the task name rows will use; must be new.
@@ -299,15 +307,46 @@ class PromptBank:
         Raises:
             CheckpointError: the prompt is not [P, d_model], or was trained for another base model.
             UserError: `name` is taken.
+
+        Returns:
+            The prompt's index (its slot), which rows use until it is removed.
         """
         check_new_prompt(
             name, weight, config, taken=self._index, d_model=self.d_model, base_model=self.base_model
         )
         task = task_from_saved(config.task, punctuation=config.punctuation, where=f"prompt {name}")
         weight = weight.detach().to(self.device, torch.float32)
-        self._entries.append(BankEntry(name=name, weight=weight, config=config, task=task))
-        self._index[name] = len(self._entries) - 1
-        self._prompts.append(weight)
+        entry = BankEntry(name=name, weight=weight, config=config, task=task)
+        if self._free:
+            k = self._free.pop(0)
+            self._prompts = _with_row(self._prompts, k, weight)
+            self._entries[k] = entry
+        else:
+            k = len(self._entries)
+            prompts = _with_row(self._prompts, k, weight)
+            self._entries.append(entry)
+            self._prompts = prompts
+        self._index[name] = k
+        return k
+
+    def remove(self, name: str) -> int:
+        """Unload the prompt `name`: the name is free at once, its slot empty until an `add` reuses it.
+
+        Other prompts keep their indices. The caller makes sure no row waiting or running still holds
+        this prompt's index (`serve` pins the prompts of every request in flight); its vectors stay in the
+        table until the slot is reused, so a batch already stacked is unaffected either way.
+
+        Returns:
+            The freed slot.
+
+        Raises:
+            UnknownTaskError: no prompt has that name.
+        """
+        k = self.index(name)
+        del self._index[name]
+        self._entries[k] = None
+        self._free.append(k)
+        return k
 
     def add_dir(self, name: str, directory: str | Path) -> None:
         """Load a prompt checkpoint directory (safetensors only) and add it under `name`."""
@@ -443,7 +482,7 @@ class PromptBank:
         for i, (k, _) in enumerate(rows):
             groups.setdefault(k, []).append(i)
         for k, members in groups.items():
-            entry = self._entries[k]
+            entry = self.entry(k)
             # max_target_length=2: labels are not used to answer.
             group = entry.task.tokenize(
                 [rows[i][1] for i in members],
@@ -467,7 +506,7 @@ class PromptBank:
             [(self.index(t), self.request_example(t, r)) for t, r in rows]
         )
         return [
-            PreparedRow(f, k, ex, int(self._entries[k].weight.shape[0]) + len(f.input_ids))
+            PreparedRow(f, k, ex, int(self.entry(k).weight.shape[0]) + len(f.input_ids))
             for f, k, ex in zip(features, tasks, examples, strict=True)
         ]
 
@@ -492,9 +531,7 @@ class PromptBank:
                 bf16=bf16,
             ),
         )
-        return [
-            self._entries[r.task].task.answer_text(r.example, a) for a, r in zip(answers, rows, strict=True)
-        ]
+        return [self.entry(r.task).task.answer_text(r.example, a) for a, r in zip(answers, rows, strict=True)]
 
     def answer(
         self,
@@ -516,3 +553,18 @@ class PromptBank:
         return self.answer_prepared(
             self.prepare(rows), batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16
         )
+
+
+def _with_row(prompts: PromptTable, k: int, weight: torch.Tensor) -> PromptTable:
+    """A new table: `prompts` with row `k` (an empty slot, or the next one) set to `weight` [P, H]."""
+    old, lengths = prompts.table, prompts.lengths
+    rows, width = max(len(prompts), k + 1), max(old.shape[1], weight.shape[0])
+    table = old.new_zeros(rows, width, old.shape[2])
+    table[: old.shape[0], : old.shape[1]] = old
+    table[k] = 0
+    table[k, : weight.shape[0]] = weight
+    out = PromptTable(old.shape[2], old.device)
+    out.table = table
+    out.lengths = torch.cat([lengths, lengths.new_zeros(rows - len(lengths))])
+    out.lengths[k] = weight.shape[0]
+    return out

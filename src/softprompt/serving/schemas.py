@@ -105,12 +105,29 @@ class TaskInfo(BaseModel):
     dev_f1: float | None = Field(default=None, description="Dev F1 recorded at training time, if any.")
     dev_exact_match: float | None = Field(default=None, description="Dev EM recorded at training time.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Everything the checkpoint recorded.")
+    resident: bool = Field(
+        default=True,
+        description="In memory now; an evicted prompt (--max_resident_prompts) is read again when asked for.",
+    )
 
 
 class TasksResponse(BaseModel):
     """Every prompt this server answers for."""
 
     tasks: list[TaskInfo]
+
+
+class LoadPromptRequest(BaseModel):
+    """`POST /v1/prompts`: serve the prompt directory (or PEFT adapter) at `path` as task `name`."""
+
+    name: str = Field(min_length=1, max_length=64, description="The task name requests will use.")
+    path: str = Field(min_length=1, max_length=4096, description="A directory inside --prompt_root.")
+
+
+class UnloadPromptResponse(BaseModel):
+    """`DELETE /v1/prompts/{name}`: the prompt is no longer served."""
+
+    unloaded: str
 
 
 class HealthResponse(BaseModel):

@@ -6,8 +6,9 @@ one mixed-prompt batch (`bank.PromptBank`), which is what makes prompt tuning ch
 copy of the model, one forward pass, many tasks. The model runs on a single worker thread so the
 event loop keeps accepting requests (and answering /health) while a batch is being decoded.
 
-Endpoints: `POST /v1/answer`, `GET /v1/tasks`, `GET /health`, and FastAPI's `/openapi.json` and
-`/docs`. Every error answers `{"error": "one sentence", "errors": [...field details, if any]}` with one
+Endpoints: `POST /v1/answer`, `GET /v1/tasks`, `GET /health`, `GET /metrics` (Prometheus,
+`serving.metrics`), `POST /v1/prompts` and `DELETE /v1/prompts/{name}` (with `--prompt_root`,
+`serving.prompts`), and FastAPI's `/openapi.json` and `/docs`. Every error answers `{"error": "one sentence", "errors": [...field details, if any]}` with one
 status scheme: 413 for a request too large, 422 for any other request body the server cannot answer
 (malformed JSON, missing or invalid fields, an unknown task), 404 and 405 for an unknown path or
 method, 500 when the model fails, and 503 with a `Retry-After` header when the queue of requests waiting
@@ -27,13 +28,15 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
 from softprompt.serving.batching import MicroBatcher, QueueFull
 from softprompt.serving.guard import BodyLimit, ClientGone, until_disconnected
+from softprompt.serving.metrics import CONTENT_TYPE_LATEST, CountRequests, RequestClock, ServeMetrics, Timed
+from softprompt.serving.prompts import PromptStore
 from softprompt.serving.schemas import (
     AnswerFn,
     AnswerInput,
@@ -45,14 +48,16 @@ from softprompt.serving.schemas import (
     ErrorResponse,
     HealthResponse,
     Limits,
+    LoadPromptRequest,
     Row,
     TaskInfo,
     TasksResponse,
+    UnloadPromptResponse,
     error_response,
     validation_response,
 )
 
-ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health"
+ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health, GET /metrics, POST /v1/prompts"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,6 +74,7 @@ def create_app(
     bf16: bool = False,
     limits: Limits | None = None,
     answer: AnswerFn | None = None,
+    store: PromptStore | None = None,
 ) -> FastAPI:
     """The HTTP application over a prompt bank.
 
@@ -81,22 +87,31 @@ def create_app(
         bf16: run the model under bf16 autocast.
         limits: request size limits.
         answer: replaces `bank.answer` (rows -> answers, rows queued as given), e.g. to instrument it.
+        store: the prompts known and resident, and where more may be loaded from (default: the bank's
+            prompts, all resident, and no loading at run time).
 
     Returns:
         A FastAPI app; the micro-batcher starts with it and stops on shutdown.
     """
     limits = limits or Limits()
+    store = store or PromptStore(bank)
+    metrics = ServeMetrics()
     if answer is not None:
         batcher = MicroBatcher(
-            answer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue
+            metrics.timed_answer(answer),
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
         )
     else:
         batcher = MicroBatcher(
-            functools.partial(
-                bank.answer_prepared, batch_size=max_batch_size, max_new_tokens=max_new_tokens, bf16=bf16
+            metrics.timed_answer(
+                functools.partial(
+                    bank.answer_prepared, batch_size=max_batch_size, max_new_tokens=max_new_tokens, bf16=bf16
+                )
             ),
-            prepare=bank.prepare,
-            length=lambda row: row.length,
+            prepare=metrics.timed_prepare(bank.prepare),
+            length=lambda timed: timed.row.length,
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
@@ -109,6 +124,7 @@ def create_app(
             yield
         finally:
             await batcher.stop()
+            await store.close()
 
     app = FastAPI(
         title="softprompt",
@@ -118,9 +134,14 @@ def create_app(
     app.state.bank = bank
     app.state.batcher = batcher
     app.state.limits = limits
+    app.state.store = store
+    app.state.metrics = metrics
+    metrics.watch(lambda: batcher.queue_depth, lambda: len(store.resident))
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_body_bytes=limits.max_body_bytes)
-    _add_routes(app, bank, batcher, limits)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: it sees BodyLimit's 413 too
+    _add_routes(app, bank, batcher, limits, store)
+    _add_prompt_routes(app, store)
     return app
 
 
@@ -171,9 +192,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 class _RowReader:
     """Turns a request's inputs into the batcher's rows, refusing unknown tasks and oversized texts."""
 
-    def __init__(self, bank: PromptBank, limits: Limits) -> None:
+    def __init__(self, bank: PromptBank, limits: Limits, store: PromptStore) -> None:
         self.bank = bank
         self.limits = limits
+        self.store = store
 
     @staticmethod
     def _too_long(where: str, name: str, text: str, most: int, flag: str) -> None:
@@ -187,9 +209,10 @@ class _RowReader:
         """One input as the batcher's row: its task and the example its prompt's task reads from it (a
         question and context, or a text task's fields: `Task.request_parts`)."""
         bank, limits = self.bank, self.limits
-        if item.task not in bank:
+        if item.task not in self.store:
             raise ApiError(
-                422, f"{where}task: unknown task '{item.task}'; loaded tasks: {', '.join(bank.names)}"
+                422,
+                f"{where}task: unknown task '{item.task}'; loaded tasks: {', '.join(self.store.names())}",
             )
         if item.context is not None:
             self._too_long(where, "context", item.context, limits.max_context_chars, "--max_context_chars")
@@ -209,11 +232,12 @@ class _RowReader:
         return (item.task, examples[0])
 
 
-def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: Limits) -> None:
-    """POST /v1/answer, GET /v1/tasks and GET /health."""
+def _add_routes(
+    app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: Limits, store: PromptStore
+) -> None:
+    """POST /v1/answer, GET /v1/tasks, GET /health and GET /metrics."""
     errors = {code: {"model": ErrorResponse} for code in (413, 422, 500, 503)}
-    tasks = [TaskInfo(**{**info, "base_model": shown_model(info["base_model"])}) for info in bank.describe()]
-    reader = _RowReader(bank, limits)
+    reader = _RowReader(bank, limits, store)
 
     @app.post("/v1/answer", responses=errors)
     async def answer_questions(body: AnswerRequest, request: Request) -> AnswerResponse | BatchAnswerResponse:
@@ -225,8 +249,17 @@ def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: L
                 413,
                 f"the request holds {len(inputs)} inputs; this server accepts at most {limits.max_inputs}",
             )
-        rows = [reader.row(item, f"inputs[{i}]." if batched else "") for i, item in enumerate(inputs)]
+        clock = RequestClock()
+        for i, item in enumerate(inputs):  # unknown tasks first: nothing is loaded for a request refused
+            if item.task not in store:
+                reader.row(item, f"inputs[{i}]." if batched else "")
+        # Its prompts stay resident (and their bank slots theirs) until the request is answered.
+        pinned = await store.acquire([item.task for item in inputs])
         try:
+            rows = [
+                Timed(clock, reader.row(item, f"inputs[{i}]." if batched else ""))
+                for i, item in enumerate(inputs)
+            ]
             # A client that leaves cancels its rows: queued ones are dropped, never decoded for nobody.
             answers = await until_disconnected(request, batcher.submit(rows))
         except ClientGone:
@@ -239,14 +272,25 @@ def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: L
                 f"{batcher.max_queue}); retry after {e.retry_after} s",
                 headers={"Retry-After": str(e.retry_after)},
             ) from None
+        except ApiError:
+            raise
         except Exception as e:
             raise ApiError(500, f"the model failed on this batch ({type(e).__name__}: {e})") from e
+        finally:
+            store.release(pinned)
         return BatchAnswerResponse(answers=answers) if batched else AnswerResponse(answer=answers[0])
 
     @app.get("/v1/tasks")
     async def list_tasks() -> TasksResponse:
-        """Every loaded prompt with its checkpoint's metadata."""
-        return TasksResponse(tasks=tasks)
+        """Every prompt served (loaded at start or since), with its checkpoint's metadata."""
+        return TasksResponse(
+            tasks=[TaskInfo(**{**i, "base_model": shown_model(i["base_model"])}) for i in store.describe()]
+        )
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        """The server's metrics in Prometheus's text format (`serving.metrics`)."""
+        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> HealthResponse:
@@ -254,7 +298,7 @@ def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: L
         s = batcher.stats
         return HealthResponse(
             device=str(bank.device),
-            n_tasks=len(bank),
+            n_tasks=len(store.names()),
             batches_run=s.batches_run,
             max_batch_seen=s.max_batch_seen,
             requests_answered=s.requests_answered,
@@ -265,6 +309,29 @@ def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: L
             requests_abandoned=s.requests_abandoned,
             rows_dropped=s.rows_dropped,
         )
+
+
+def _add_prompt_routes(app: FastAPI, store: PromptStore) -> None:
+    """POST /v1/prompts and DELETE /v1/prompts/{name}: 404 unless the server has a --prompt_root."""
+    errors = {code: {"model": ErrorResponse} for code in (403, 404, 409, 422)}
+
+    def enabled() -> None:
+        if not store.enabled:
+            raise ApiError(404, "loading prompts at run time is off; start the server with --prompt_root DIR")
+
+    @app.post("/v1/prompts", status_code=201, responses=errors)
+    async def load_prompt(body: LoadPromptRequest) -> TaskInfo:
+        """Read the prompt directory (or PEFT adapter) at `path`, inside --prompt_root, and serve it as `name`."""
+        enabled()
+        info = await store.load(body.name, body.path)
+        return TaskInfo(**{**info, "base_model": shown_model(info["base_model"])})
+
+    @app.delete("/v1/prompts/{name}", responses=errors)
+    async def unload_prompt(name: str) -> UnloadPromptResponse:
+        """Stop serving `name`; requests already holding it are answered first."""
+        enabled()
+        store.unload(name)
+        return UnloadPromptResponse(unloaded=name)
 
 
 # ----------------------------------------------------------------------------------------------------
