@@ -32,7 +32,9 @@ from fastapi.responses import JSONResponse
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
+from softprompt.inference.continuous import ContinuousDecoder
 from softprompt.serving.batching import MicroBatcher, QueueFull
+from softprompt.serving.continuous import ContinuousBatcher
 from softprompt.serving.guard import BodyLimit, ClientGone, until_disconnected
 from softprompt.serving.schemas import (
     AnswerFn,
@@ -69,6 +71,8 @@ def create_app(
     bf16: bool = False,
     limits: Limits | None = None,
     answer: AnswerFn | None = None,
+    batching: str = "continuous",
+    max_batch_tokens: int = 65536,
 ) -> FastAPI:
     """The HTTP application over a prompt bank.
 
@@ -80,13 +84,32 @@ def create_app(
         max_new_tokens: the longest answer in tokens (32, like `softprompt predict`).
         bf16: run the model under bf16 autocast.
         limits: request size limits.
-        answer: replaces `bank.answer` (rows -> answers, rows queued as given), e.g. to instrument it.
+        answer: replaces `bank.answer` (rows -> answers, rows queued as given), e.g. to instrument it;
+            implies static batching.
+        batching: `continuous` (rows join and leave the running batch at every decoder step,
+            `ContinuousBatcher`) or `static` (`MicroBatcher`); continuous falls back to static where the
+            model does not decode with the lean T5 (`ContinuousDecoder.supported`).
+        max_batch_tokens: continuous batching's bound on encoder positions decoding at once.
 
     Returns:
         A FastAPI app; the micro-batcher starts with it and stops on shutdown.
     """
     limits = limits or Limits()
-    if answer is not None:
+    decoder = None
+    if answer is None and batching == "continuous":
+        decoder = ContinuousDecoder(bank, max_new_tokens=max_new_tokens, bf16=bf16)
+    batcher: MicroBatcher | ContinuousBatcher
+    if decoder is not None and decoder.supported:
+        batcher = ContinuousBatcher(
+            decoder,
+            prepare=bank.prepare,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            max_new_tokens=max_new_tokens,
+        )
+    elif answer is not None:
         batcher = MicroBatcher(
             answer, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue
         )
@@ -209,7 +232,9 @@ class _RowReader:
         return (item.task, examples[0])
 
 
-def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: Limits) -> None:
+def _add_routes(
+    app: FastAPI, bank: PromptBank, batcher: MicroBatcher | ContinuousBatcher, limits: Limits
+) -> None:
     """POST /v1/answer, GET /v1/tasks and GET /health."""
     errors = {code: {"model": ErrorResponse} for code in (413, 422, 500, 503)}
     tasks = [TaskInfo(**{**info, "base_model": shown_model(info["base_model"])}) for info in bank.describe()]
