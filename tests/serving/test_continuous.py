@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Collection, Hashable, Sequence
 from typing import Any
@@ -83,6 +84,9 @@ class _Gated:
 
     def clear(self) -> None:
         self.inner.clear()
+
+    def drop(self, leaving: Collection[Hashable]) -> None:
+        self.inner.drop(leaving)
 
     def advance(
         self, joining: Sequence[tuple[Hashable, Any]] = (), leaving: Collection[Hashable] = ()
@@ -181,3 +185,34 @@ def test_the_app_serves_continuous_by_default_and_static_on_request(steered: dic
     assert not isinstance(
         create_app(bank, answer=lambda rows: [""] * len(rows)).state.batcher, ContinuousBatcher
     )
+
+
+def test_rows_of_a_client_that_left_are_dropped_from_the_running_batch(steered: dict) -> None:
+    bank, rows, expected = steered["bank"], steered["rows"], steered["expected"]
+    gated = _Gated(ContinuousDecoder(bank, max_new_tokens=MAX_NEW))
+    batcher = ContinuousBatcher(gated, prepare=bank.prepare, max_batch_size=8, max_new_tokens=MAX_NEW)
+
+    async def scenario() -> list[str]:
+        try:
+            big = asyncio.ensure_future(batcher.submit([(rows[i]["task"], rows[i]) for i in range(1, 7)]))
+            await _until(lambda: gated.entered == 1, "the first step")
+            small = asyncio.ensure_future(batcher.submit([(rows[0]["task"], rows[0])]))
+            await _until(lambda: len(batcher._waiting) == 1 and batcher._preparing == 0, "queued")
+            gated.go.release()
+            await _until(lambda: gated.entered == 2, "the second step")
+            assert gated.log[-1][3] == 6 - gated.log[-1][2]  # none of the big request's rows left yet
+            big.cancel()  # its client leaves while its rows decode
+            with contextlib.suppress(asyncio.CancelledError):
+                await big
+            for _ in range(MAX_NEW + 2):
+                gated.go.release()
+            return await asyncio.wait_for(small, 60)
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == [expected[0]]
+    # The second step admitted the small request beside the big one; the step after it ran without the
+    # big request's rows.
+    assert gated.log[1][0] > 0 and gated.log[1][1] == 1
+    assert gated.log[2][0] == 1
+    assert batcher.stats.requests_abandoned == 1 and batcher.stats.rows_dropped == gated.log[1][3] - 1

@@ -64,11 +64,7 @@ class ContinuousDecoder:
             joining: new rows with their keys (keys must be new).
             leaving: keys of rows to drop undecoded (their client left).
         """
-        if leaving:
-            gone = [i for i, key in enumerate(self._stream.keys) if key in leaving]
-            self._stream.drop(gone)
-            for key in leaving:
-                self._rows.pop(key, None)
+        self.drop(leaving)
         if joining:
             self._admit(joining)
         finished = self._stream.step()
@@ -80,6 +76,14 @@ class ContinuousDecoder:
             row = self._rows.pop(f.key)
             out.append((f.key, self.bank.entry(row.task).task.answer_text(row.example, text)))
         return out
+
+    def drop(self, leaving: Collection[Hashable]) -> None:
+        """Drop the rows of these keys from the batch undecoded (their client left)."""
+        if not leaving:
+            return
+        self._stream.drop([i for i, key in enumerate(self._stream.keys) if key in leaving])
+        for key in leaving:
+            self._rows.pop(key, None)
 
     def _admit(self, joining: Sequence[tuple[Hashable, PreparedRow]]) -> None:
         """Encode the joining rows with their prompts in front and add them to the stream."""

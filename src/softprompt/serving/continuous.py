@@ -42,6 +42,10 @@ class StepDecoder(Protocol):
         """Drop `leaving`, admit `joining`, run one decoder step; the (key, answer) of rows that ended."""
         ...
 
+    def drop(self, leaving: Collection[Hashable]) -> None:
+        """Drop the rows of these keys undecoded."""
+        ...
+
     def clear(self) -> None:
         """Drop every row."""
         ...
@@ -280,13 +284,16 @@ class ContinuousBatcher:
                 continue
             if not self._running:
                 await self._window()
-            leaving = self._abandoned()
-            joining = self._admit()
-            if not joining and not self._running:
-                continue  # everything that waited was abandoned
             started = loop.time()
             try:
-                finished = await loop.run_in_executor(self._executor, self.decoder.advance, joining, leaving)
+                # Rows of clients that left go first, so that admission sees the room they leave.
+                leaving = self._abandoned()
+                if leaving:
+                    await loop.run_in_executor(self._executor, self.decoder.drop, leaving)
+                joining = self._admit()
+                if not joining and not self._running:
+                    continue  # everything that waited was abandoned
+                finished = await loop.run_in_executor(self._executor, self.decoder.advance, joining)
             except Exception as e:
                 self._fail(e)
                 await loop.run_in_executor(self._executor, self.decoder.clear)
