@@ -208,13 +208,17 @@ class ContinuousBatcher:
         """Before the first step of an empty batch: wait for requests still being prepared, briefly."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
+        waited = False
         while (
             self._preparing > 0 and sum(len(p.rows) - p.admitted for p in self._waiting) < self.max_batch_size
         ):
             remaining = deadline - loop.time()
-            if remaining <= 0 or not await self._next_arrival(remaining):
+            if remaining <= 0:
                 break
-        self.stats.window_waits += 1
+            waited = True
+            if not await self._next_arrival(remaining):
+                break
+        self.stats.window_waits += waited
 
     def _admit(self) -> list[tuple[Hashable, Any]]:
         """The waiting rows that join before the next step (see the class docstring)."""
