@@ -21,6 +21,7 @@ from typing import Annotated
 import tyro
 
 from softprompt.config.choices import (
+    BatchingName,
     EnsembleName,
     ExportFormatName,
     LogLevelName,
@@ -202,6 +203,12 @@ class _ServeFlags:
     """Longest a batch's first request waits for others on their way (a lone request does not wait)."""
     max_queue: int = 1024
     """Most requests waiting for the model; more are answered 503 with Retry-After at once (bounds memory)."""
+    batching: BatchingName = "continuous"
+    """continuous: requests join and leave the running batch at every decoder step; static: a batch runs until its
+    longest answer ends (a model off the lean T5 path, --no-fast_path, always runs static)."""
+    max_batch_tokens: Count = 65536
+    """Continuous batching: most encoder positions decoding at once (rows x longest input, prompt included);
+    bounds the cross-attention caches' memory."""
     max_context_chars: Count = 20000
     """Longest context accepted, in characters (longer ones get 413)."""
     max_question_chars: Count = 2000
@@ -238,6 +245,8 @@ def serve_checks(args: ServeArgs) -> list[str]:
         problems.append(f"--max_wait_ms must be >= 0, got {args.max_wait_ms}")
     if args.max_queue < 1:
         problems.append(f"--max_queue must be >= 1, got {args.max_queue}")
+    if args.max_batch_tokens < 1:
+        problems.append(f"--max_batch_tokens must be >= 1, got {args.max_batch_tokens}")
     if not args.read_timeout > 0:
         problems.append(f"--read_timeout must be > 0 seconds, got {args.read_timeout}")
     if args.prompt_root is not None and not Path(args.prompt_root).is_dir():

@@ -53,6 +53,8 @@ def run(args: ServeArgs) -> int:
         max_queue=args.max_queue,
         max_new_tokens=args.max_target_length,
         bf16=args.precision == "bf16",
+        batching=args.batching,
+        max_batch_tokens=args.max_batch_tokens,
         limits=Limits(
             max_context_chars=args.max_context_chars,
             max_question_chars=args.max_question_chars,

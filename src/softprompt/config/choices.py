@@ -122,6 +122,15 @@ class RankMode(str, Enum):
     """Rank classification: the label string with the highest summed log-likelihood."""
 
 
+class Batching(str, Enum):
+    """How `softprompt serve` batches generation requests."""
+
+    CONTINUOUS = "continuous"
+    """Rows join and leave the running batch at every decoder step (iteration-level scheduling)."""
+    STATIC = "static"
+    """A batch runs until its longest answer ends; requests arriving meanwhile wait for the next one."""
+
+
 class LogLevel(str, Enum):
     """uvicorn's log levels."""
 
@@ -143,6 +152,7 @@ ExportFormatName = literal(ExportFormat)
 PunctuationName = literal(Punctuation)
 TaskMetricName = literal(TaskMetric)
 RankModeName = literal(RankMode)
+BatchingName = literal(Batching)
 
 
 #: What the old boolean ``pad_punctuation`` of saved configs and prompts means now. softprompt's old class

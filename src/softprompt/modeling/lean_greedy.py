@@ -6,12 +6,15 @@ logits processors (tests/modeling/test_perf_invariants.py checks it). It reuses 
 (`softprompt.modeling.lean_t5`): the encoder runs once, in chunks of similar length, and each step runs
 every decoder layer on one position.
 
-The public interface: `greedy`, `plain_greedy`, `ENCODE_CHUNK_TOKENS`, `CROSS_KV_CACHE_BYTES`.
+The public interface: `greedy`, `plain_greedy`, `ENCODE_CHUNK_TOKENS`, `CROSS_KV_CACHE_BYTES`, and the pieces
+`softprompt.modeling.lean_stream` decodes a changing batch with (`Heads`, `step_logits`, `special_tokens`,
+`encoder_output`, `row_ends`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +119,13 @@ ENCODE_CHUNK_TOKENS = {"cpu": 1024}
 CROSS_KV_CACHE_BYTES = {"cpu": 64 * 2**20}
 
 
-def _ends(mask: torch.Tensor) -> torch.Tensor:
+def row_ends(mask: torch.Tensor) -> torch.Tensor:
     """[B, L] padding mask -> [B] one past each row's last real position."""
     positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
     return (mask.to(torch.long) * positions).amax(dim=1)
 
 
-def _encoder_output(
+def encoder_output(
     t5: T5ForConditionalGeneration,
     embeds: torch.Tensor,
     mask: torch.Tensor,
@@ -161,7 +164,7 @@ def _token_ids(value: int | list[int] | None) -> list[int]:
 
 
 @dataclass(frozen=True)
-class _Heads:
+class Heads:
     """The decoder's attention layout at query length 1: B rows of H heads of width D."""
 
     batch: int
@@ -182,12 +185,28 @@ class _Heads:
         return o.view(self.batch, 1, self.heads * self.d_kv).to(dtype)
 
 
+class SelfAttention(Protocol):
+    """What `step_logits` asks of a decoder self-attention cache."""
+
+    shape: Heads
+
+    def attend(self, i: int, t: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Layer i's self-attention of q, k, v [B, H, 1, D] -> [B * H, 1, D] fp32."""
+        ...
+
+
+class CrossAttention(Protocol):
+    """What `step_logits` asks of a cross-attention cache."""
+
+    def attend(self, i: int, q: torch.Tensor) -> torch.Tensor:
+        """Layer i's cross-attention: q [B * H, 1, D] fp32 -> [B * H, 1, D] fp32."""
+        ...
+
+
 class _SelfAttentionCache:
     """Every decoder layer's self-attention keys and values [B * H, steps, D] fp32, preallocated."""
 
-    def __init__(
-        self, first: nn.Module, layers: int, steps: int, shape: _Heads, device: torch.device
-    ) -> None:
+    def __init__(self, first: nn.Module, layers: int, steps: int, shape: Heads, device: torch.device) -> None:
         self.shape = shape
         self.bias = position_bias(first, steps, steps, device, torch.float32)[0]  # [H, steps, steps]
         self.k = [torch.zeros(shape.rows, steps, shape.d_kv, device=device) for _ in range(layers)]
@@ -217,7 +236,7 @@ class _CrossAttention:
     """
 
     def __init__(
-        self, dec: nn.Module, memory: torch.Tensor, mask: torch.Tensor, shape: _Heads, weights: Weights
+        self, dec: nn.Module, memory: torch.Tensor, mask: torch.Tensor, shape: Heads, weights: Weights
     ) -> None:
         self.shape = shape
         length = memory.shape[1]
@@ -261,7 +280,7 @@ class _CrossAttention:
         return torch.bmm(o[:, 0].transpose(0, 1), cv).transpose(0, 1).reshape(s.rows, 1, s.d_kv)
 
 
-def _special_tokens(t5: T5ForConditionalGeneration) -> tuple[int, list[int], int | None]:
+def special_tokens(t5: T5ForConditionalGeneration) -> tuple[int, list[int], int | None]:
     """(decoder start, EOS ids, pad) from the generation config, else the model config, as `generate` reads them.
 
     Without a pad token the first EOS pads finished rows.
@@ -277,15 +296,19 @@ def _special_tokens(t5: T5ForConditionalGeneration) -> tuple[int, list[int], int
     return start, eos, pad
 
 
-def _step_logits(
+def step_logits(
     t5: T5ForConditionalGeneration,
     tokens: torch.Tensor,
     t: int,
-    self_attn: _SelfAttentionCache,
-    cross_attn: _CrossAttention,
+    self_attn: SelfAttention,
+    cross_attn: CrossAttention,
     weights: Weights,
 ) -> torch.Tensor:
-    """One decoding step: the last tokens [B, 1] at position t -> next-token logits [B, V] fp32."""
+    """One decoding step: the last tokens [B, 1] at position t -> next-token logits [B, V] fp32.
+
+    The caches say how each row attends: this module's own (every row at step t), or
+    `softprompt.modeling.lean_stream`'s (each row at its own step; t unused).
+    """
     cfg, dec = t5.config, t5.decoder
     act = ACTIVATIONS[cfg.dense_act_fn]
     cd = weights.dtype
@@ -319,7 +342,7 @@ def _greedy(
 ) -> torch.Tensor:
     """Greedy decoding with a preallocated KV cache, as `generate(do_sample=False, num_beams=1)` does it.
 
-    The encoder runs once, in chunks of similar length (`_encoder_output`). Each step embeds the last
+    The encoder runs once, in chunks of similar length (`encoder_output`). Each step embeds the last
     token, runs every decoder layer on that one position (self-attention over the cache, cross-attention
     over keys/values projected once per batch, or over the encoder output with the projections folded
     into the query when such a cache would exceed `CROSS_KV_CACHE_BYTES` on a CPU), takes the argmax of
@@ -333,17 +356,17 @@ def _greedy(
     dec = t5.decoder
     device = embeds.device
     batch = embeds.shape[0]
-    start, eos_ids, pad = _special_tokens(t5)
+    start, eos_ids, pad = special_tokens(t5)
     eos = torch.tensor(eos_ids, device=device)
 
     # Rows longest first (the answer rows are put back in the caller's order at the end), so that the
     # encoder's chunks are runs of similar length.
-    ends = _ends(mask)
+    ends = row_ends(mask)
     order = torch.argsort(ends, descending=True, stable=True)
     embeds, mask, ends = embeds[order], mask[order], ends[order]
-    memory = _encoder_output(t5, embeds, mask, ends, weights)  # [B, L, d]
+    memory = encoder_output(t5, embeds, mask, ends, weights)  # [B, L, d]
     first = dec.block[0].layer[0].SelfAttention
-    shape = _Heads(batch, first.n_heads, first.key_value_proj_dim)
+    shape = Heads(batch, first.n_heads, first.key_value_proj_dim)
     cross_attn = _CrossAttention(dec, memory, mask, shape, weights)
     del memory  # the cross-attention keeps what it reads (its cache, or an fp32 copy)
     self_attn = _SelfAttentionCache(first, len(dec.block), max_new_tokens, shape, device)
@@ -352,7 +375,7 @@ def _greedy(
     out = [tokens]
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        nxt = _step_logits(t5, tokens, t, self_attn, cross_attn, weights).argmax(dim=-1)
+        nxt = step_logits(t5, tokens, t, self_attn, cross_attn, weights).argmax(dim=-1)
         if pad is not None:
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
         tokens = nxt[:, None]

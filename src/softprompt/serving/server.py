@@ -33,7 +33,9 @@ from fastapi.responses import JSONResponse, Response
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
+from softprompt.inference.continuous import ContinuousDecoder
 from softprompt.serving.batching import MicroBatcher, QueueFull
+from softprompt.serving.continuous import ContinuousBatcher
 from softprompt.serving.guard import BodyLimit, ClientGone, until_disconnected
 from softprompt.serving.metrics import CONTENT_TYPE_LATEST, CountRequests, RequestClock, ServeMetrics, Timed
 from softprompt.serving.prompts import PromptStore
@@ -75,6 +77,8 @@ def create_app(
     limits: Limits | None = None,
     answer: AnswerFn | None = None,
     store: PromptStore | None = None,
+    batching: str = "continuous",
+    max_batch_tokens: int = 65536,
 ) -> FastAPI:
     """The HTTP application over a prompt bank.
 
@@ -86,7 +90,12 @@ def create_app(
         max_new_tokens: the longest answer in tokens (32, like `softprompt predict`).
         bf16: run the model under bf16 autocast.
         limits: request size limits.
-        answer: replaces `bank.answer` (rows -> answers, rows queued as given), e.g. to instrument it.
+        answer: replaces `bank.answer` (rows -> answers, rows queued as given), e.g. to instrument it;
+            implies static batching.
+        batching: `continuous` (rows join and leave the running batch at every decoder step,
+            `ContinuousBatcher`) or `static` (`MicroBatcher`); continuous falls back to static where the
+            model does not decode with the lean T5 (`ContinuousDecoder.supported`).
+        max_batch_tokens: continuous batching's bound on encoder positions decoding at once.
         store: the prompts known and resident, and where more may be loaded from (default: the bank's
             prompts, all resident, and no loading at run time).
 
@@ -96,7 +105,22 @@ def create_app(
     limits = limits or Limits()
     store = store or PromptStore(bank)
     metrics = ServeMetrics()
-    if answer is not None:
+    decoder = None
+    if answer is None and batching == "continuous":
+        decoder = ContinuousDecoder(bank, max_new_tokens=max_new_tokens, bf16=bf16)
+    batcher: MicroBatcher | ContinuousBatcher
+    if decoder is not None and decoder.supported:
+        batcher = ContinuousBatcher(
+            decoder,
+            prepare=bank.prepare,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+            max_wait_ms=max_wait_ms,
+            max_queue=max_queue,
+            max_new_tokens=max_new_tokens,
+            metrics=metrics,
+        )
+    elif answer is not None:
         batcher = MicroBatcher(
             metrics.timed_answer(answer),
             max_batch_size=max_batch_size,
@@ -233,7 +257,11 @@ class _RowReader:
 
 
 def _add_routes(
-    app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: Limits, store: PromptStore
+    app: FastAPI,
+    bank: PromptBank,
+    batcher: MicroBatcher | ContinuousBatcher,
+    limits: Limits,
+    store: PromptStore,
 ) -> None:
     """POST /v1/answer, GET /v1/tasks, GET /health and GET /metrics."""
     errors = {code: {"model": ErrorResponse} for code in (413, 422, 500, 503)}

@@ -1,0 +1,338 @@
+"""Continuous batching for `softprompt serve`: requests join and leave the running batch at every decoder step.
+
+`MicroBatcher` (`serving.batching`) runs a batch until its longest answer ends: a row that emitted EOS
+keeps its slot, and a request that arrives meanwhile waits for the whole batch. `ContinuousBatcher`
+schedules per decoder step instead (Orca's iteration-level scheduling): before each step it admits
+waiting rows (one encoder pass, then they join the running decoder batch), and after it answers every
+request whose rows have all finished, at once. Same queue bound (`QueueFull`, 503 + Retry-After), same
+counters (`BatcherStats`), same interface to the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import Callable, Collection, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from softprompt.errors import UserError
+from softprompt.serving.batching import BatcherStats, QueueFull
+from softprompt.serving.metrics import RequestClock, ServeMetrics, Timed
+from softprompt.serving.schemas import Row
+
+
+class StepDecoder(Protocol):
+    """What the batcher drives on its model thread (`inference.continuous.ContinuousDecoder`)."""
+
+    @property
+    def rows(self) -> int:
+        """Rows decoding now."""
+        ...
+
+    def tokens_with(self, joining: Sequence[Any]) -> int:
+        """Encoder positions (rows x padded length) the running batch would hold with `joining` added."""
+        ...
+
+    def advance(
+        self, joining: Sequence[tuple[Hashable, Any]] = (), leaving: Collection[Hashable] = ()
+    ) -> list[tuple[Hashable, str]]:
+        """Drop `leaving`, admit `joining`, run one decoder step; the (key, answer) of rows that ended."""
+        ...
+
+    def drop(self, leaving: Collection[Hashable]) -> None:
+        """Drop the rows of these keys undecoded."""
+        ...
+
+    def clear(self) -> None:
+        """Drop every row."""
+        ...
+
+
+@dataclass(eq=False)
+class _Request:
+    rows: list[Any]  # prepared rows
+    future: asyncio.Future[list[str]]
+    answers: list[str | None] = field(default_factory=list)
+    admitted: int = 0  # rows handed to the decoder so far (a big request joins over several steps)
+    running: set[Hashable] = field(default_factory=set)  # keys of its rows decoding now
+    done: int = 0
+    clock: RequestClock | None = None  # its times, for /metrics (rows submitted as `Timed`)
+
+
+class ContinuousBatcher:
+    """Admits and retires requests' rows at every decoder step of one running batch.
+
+    * Admission, before each step: waiting rows in arrival order (a request's rows may join over several
+      steps), as long as the batch stays within `max_batch_size` rows and `max_batch_tokens` encoder
+      positions (rows x padded encoder length: what the cross-attention caches hold); a row that does not
+      fit stops admission, so nobody is overtaken. One row always fits an empty batch.
+    * Retirement, after each step: a row that emitted EOS or reached the token limit leaves the batch, and
+      its request is answered as soon as its last row has.
+    * The window: when the batch is empty and requests are still being prepared, the first step waits
+      for them, at most `max_wait_ms`; a running batch never waits (newcomers join at the next step).
+    * Abandoned requests: queued rows leave the queue at once; running rows are dropped before the next
+      step (`rows_dropped`).
+    * Bounded queue: at most `max_queue` requests wait or are being prepared (rows decoding are not
+      counted); `submit` refuses more with `QueueFull`, holding nothing for them.
+
+    Args:
+        decoder: the running batch, driven on one model thread.
+        prepare: rows -> prepared rows (e.g. `PromptBank.prepare`), run on a thread of its own.
+        length: a prepared row's encoder positions (e.g. `PreparedRow.length`).
+        max_batch_size: most rows decoding at once.
+        max_batch_tokens: most encoder positions (rows x padded length) decoding at once.
+        max_wait_ms: the longest an empty batch waits for requests still being prepared.
+        max_queue: most requests waiting for the model.
+        max_new_tokens: the longest answer, for Retry-After.
+        metrics: where queue wait, time to first answer, admitted rows and running rows are observed
+            (rows then arrive as `Timed`, each with its request's clock; `prepare` gets the bare rows).
+    """
+
+    def __init__(
+        self,
+        decoder: StepDecoder,
+        *,
+        prepare: Callable[[list[Row]], list[Any]],
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 65536,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 1024,
+        max_new_tokens: int = 32,
+        metrics: ServeMetrics | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise UserError(f"--max_batch_size must be >= 1, got {max_batch_size}")
+        if max_batch_tokens < 1:
+            raise UserError(f"--max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if max_wait_ms < 0:
+            raise UserError(f"--max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue < 1:
+            raise UserError(f"--max_queue must be >= 1, got {max_queue}")
+        self.decoder = decoder
+        self._prepare = prepare
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.max_new_tokens = max_new_tokens
+        self.stats = BatcherStats()
+        self._step_seconds = 0.01  # running mean of one decoder step, for Retry-After
+        self._waiting: list[_Request] = []  # with rows not yet admitted, in arrival order
+        self._running: list[_Request] = []  # with rows in the decoder
+        self._preparing = 0
+        self._serial = itertools.count()
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._prepare_executor: ThreadPoolExecutor | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests accepted whose rows are not all decoding yet (waiting, or being prepared)."""
+        return len(self._waiting) + self._preparing
+
+    def start(self) -> None:
+        """Start the scheduling task on the running event loop (idempotent)."""
+        if self._task is not None and not self._task.done():
+            return
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-model")
+        self._prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-prepare")
+        # Rows a stopped batcher left in the decoder have no request any more: the first job drops them.
+        self._executor.submit(self.decoder.clear)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-batcher")
+
+    async def stop(self) -> None:
+        """Stop scheduling and fail whatever still waits or decodes (the server is shutting down)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        pending, self._waiting, self._running = [*self._running, *self._waiting], [], []
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("the server is shutting down"))
+        for executor in (self._executor, self._prepare_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._prepare_executor = None
+
+    def retry_after(self) -> int:
+        """Whole seconds until the waiting requests have likely been answered (at least 1)."""
+        rounds = self.queue_depth / self.max_batch_size + 1
+        return max(1, math.ceil(self._step_seconds * self.max_new_tokens * rounds))
+
+    async def submit(self, rows: list[Row]) -> list[str]:
+        """Prepare and queue rows, and wait for their answers (in row order).
+
+        Raises:
+            QueueFull: `max_queue` requests already wait; nothing was queued.
+        """
+        self.start()
+        assert self._arrived is not None
+        if self.queue_depth >= self.max_queue:
+            self.stats.requests_rejected += 1
+            raise QueueFull(self.queue_depth, self.retry_after())
+        clock = rows[0].clock if rows and isinstance(rows[0], Timed) else None
+        rows = [r.row if isinstance(r, Timed) else r for r in rows]
+        self._preparing += 1
+        try:
+            loop = asyncio.get_running_loop()
+            items = await loop.run_in_executor(self._prepare_executor, self._prepare, rows)
+        finally:
+            self._preparing -= 1
+            self._arrived.set()  # the window may be waiting for this request
+        request = _Request(rows=items, future=asyncio.get_running_loop().create_future(), clock=clock)
+        request.answers = [None] * len(items)
+        if not items:
+            return []
+        self._waiting.append(request)
+        self._arrived.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The client left: its queued rows leave now; its running rows before the next step.
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(request)
+            self.stats.requests_abandoned += 1
+            raise
+
+    async def _next_arrival(self, timeout: float | None = None) -> bool:
+        assert self._arrived is not None
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _window(self) -> None:
+        """Before the first step of an empty batch: wait for requests still being prepared, briefly."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        waited = False
+        while (
+            self._preparing > 0 and sum(len(p.rows) - p.admitted for p in self._waiting) < self.max_batch_size
+        ):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            waited = True
+            if not await self._next_arrival(remaining):
+                break
+        self.stats.window_waits += waited
+
+    def _admit(self) -> list[tuple[Hashable, Any]]:
+        """The waiting rows that join before the next step (see the class docstring)."""
+        joining: list[tuple[Hashable, Any]] = []
+        rows: list[Any] = []
+        for request in list(self._waiting):
+            if request.future.done():
+                self._waiting.remove(request)
+                continue
+            while request.admitted < len(request.rows):
+                row = request.rows[request.admitted]
+                fits = self.decoder.rows + len(rows) < self.max_batch_size and (
+                    self.decoder.tokens_with([*rows, row]) <= self.max_batch_tokens
+                )
+                if not fits and (self.decoder.rows or rows):
+                    return joining
+                if request.admitted == 0:
+                    self._observe_start(request)
+                key = (next(self._serial), request.admitted)
+                joining.append((key, row))
+                rows.append(row)
+                request.running.add(key)
+                if request not in self._running:
+                    self._running.append(request)
+                request.admitted += 1
+            self._waiting.remove(request)
+        return joining
+
+    def _observe_start(self, request: _Request) -> None:
+        """A request's first row joins the batch: its queue wait ends."""
+        if self.metrics is not None and request.clock is not None and request.clock.started is None:
+            request.clock.started = time.monotonic()
+            self.metrics.queue_wait.observe(request.clock.started - request.clock.arrived)
+
+    def _observe_first_answer(self, request: _Request) -> None:
+        """A request's first row finished."""
+        if self.metrics is not None and request.clock is not None and request.clock.first_answer is None:
+            request.clock.first_answer = time.monotonic()
+            self.metrics.first_answer.observe(request.clock.first_answer - request.clock.arrived)
+
+    def _abandoned(self) -> set[Hashable]:
+        """Keys of running rows whose request's client left; those requests leave the running list."""
+        leaving: set[Hashable] = set()
+        for request in [r for r in self._running if r.future.done()]:
+            leaving |= request.running
+            self.stats.rows_dropped += len(request.running)
+            self._running.remove(request)
+        return leaving
+
+    def _finish(self, finished: list[tuple[Hashable, str]]) -> None:
+        """Record finished rows and answer every request whose rows have all finished."""
+        owner = {key: r for r in self._running for key in r.running}
+        for key, answer in finished:
+            request = owner.get(key)
+            if request is None:  # a row dropped in the same step it ended
+                continue
+            request.running.discard(key)
+            request.answers[key[1]] = answer
+            if request.done == 0:
+                self._observe_first_answer(request)
+            request.done += 1
+            self.stats.rows_answered += 1
+        for request in [r for r in self._running if r.done == len(r.rows)]:
+            self._running.remove(request)
+            if not request.future.done():
+                self.stats.requests_answered += 1
+                request.future.set_result([a or "" for a in request.answers])
+
+    def _fail(self, error: Exception) -> None:
+        """The model failed: every request with rows in the batch fails, and the batch starts over."""
+        for request in self._running:
+            if not request.future.done():
+                request.future.set_exception(error)
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(request)
+        self._running = []
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._running and not self._waiting:
+                await self._next_arrival()
+                continue
+            if not self._running:
+                await self._window()
+            started = loop.time()
+            try:
+                # Rows of clients that left go first, so that admission sees the room they leave.
+                leaving = self._abandoned()
+                if leaving:
+                    await loop.run_in_executor(self._executor, self.decoder.drop, leaving)
+                joining = self._admit()
+                if not joining and not self._running:
+                    continue  # everything that waited was abandoned
+                finished = await loop.run_in_executor(self._executor, self.decoder.advance, joining)
+            except Exception as e:
+                self._fail(e)
+                await loop.run_in_executor(self._executor, self.decoder.clear)
+                continue
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * (loop.time() - started)
+            if joining:
+                self.stats.batches_run += 1
+                if self.metrics is not None:
+                    self.metrics.batch_size.observe(len(joining))
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, self.decoder.rows + len(finished))
+            self._finish(finished)
+            if self.metrics is not None:
+                self.metrics.running_rows.set(self.decoder.rows)

@@ -1,0 +1,218 @@
+"""Continuous batching in `softprompt serve`: requests that join and leave a running batch, at gated steps
+(no timing), get exactly `predict`'s answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Collection, Hashable, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import save_tiny_t5, tiny_config
+from softprompt.commands.predict import predict_answers
+from softprompt.inference.bank import load_model_and_prompts
+from softprompt.inference.continuous import ContinuousDecoder
+from softprompt.io.checkpoint import PromptConfig, save_prompt
+from softprompt.serving.continuous import ContinuousBatcher
+from softprompt.serving.server import create_app
+
+MAX_NEW = 8
+TASKS = {"squad": 5, "trivia": 3, "news": 8}  # name -> prompt length
+EOS = 1
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rows(n: int) -> list[dict[str, str]]:
+    names = list(TASKS)
+    rows = []
+    for j in range(n):
+        context = f"In {1800 + 7 * j}, item {j} was seen in the records. " + "It rained that day. " * (j % 5)
+        rows.append({"task": names[j % 3], "question": f"When was item {j} seen?", "context": context})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def steered(tmp_path_factory) -> dict:
+    """A tiny T5 whose EOS logit is steered up (answers end after 1 to 8 tokens), three prompts, and
+    `predict`'s answers."""
+    root = tmp_path_factory.mktemp("continuous")
+    model_dir = save_tiny_t5(root / "tiny-t5")
+    gen = torch.Generator().manual_seed(7)
+    dirs = {}
+    for name, p in TASKS.items():
+        config = PromptConfig(
+            base_model=str(model_dir),
+            n_tokens=p,
+            d_model=tiny_config().d_model,
+            punctuation="paper" if name == "trivia" else "none",
+            max_source_length=32 if name == "news" else 512,
+        )
+        dirs[name] = save_prompt(root / name, torch.randn(p, config.d_model, generator=gen), config)
+    bank = load_model_and_prompts(str(model_dir), [str(d) for d in dirs.values()], names=list(dirs))
+    with torch.no_grad():
+        bank.model.model.lm_head.weight[EOS] *= 3.0
+    rows = _rows(24)
+    expected: list[str] = [""] * len(rows)
+    for name in TASKS:
+        mine = [i for i, r in enumerate(rows) if r["task"] == name]
+        answers = predict_answers(bank, name, [rows[i] for i in mine], max_new_tokens=MAX_NEW)
+        for i, a in zip(mine, answers, strict=True):
+            expected[i] = a
+    return {"bank": bank, "rows": rows, "expected": expected}
+
+
+class _Gated:
+    """A `ContinuousDecoder` whose every step waits for the test's go, and which logs what each step saw."""
+
+    def __init__(self, inner: ContinuousDecoder) -> None:
+        self.inner = inner
+        self.go = threading.Semaphore(0)
+        self.entered = 0
+        self.log: list[tuple[int, int, int, int]] = []  # (rows before, joining, finished, rows after)
+
+    @property
+    def rows(self) -> int:
+        return self.inner.rows
+
+    def tokens_with(self, joining: Sequence[Any]) -> int:
+        return self.inner.tokens_with(joining)
+
+    def clear(self) -> None:
+        self.inner.clear()
+
+    def drop(self, leaving: Collection[Hashable]) -> None:
+        self.inner.drop(leaving)
+
+    def advance(
+        self, joining: Sequence[tuple[Hashable, Any]] = (), leaving: Collection[Hashable] = ()
+    ) -> list[tuple[Hashable, str]]:
+        self.entered += 1
+        assert self.go.acquire(timeout=60), "the test never let this step run"
+        before = self.inner.rows
+        out = self.inner.advance(joining, leaving)
+        self.log.append((before, len(joining), len(out), self.inner.rows))
+        return out
+
+
+async def _until(condition, what: str) -> None:
+    for _ in range(12000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_requests_joining_and_leaving_at_gated_steps_get_predicts_answers(steered: dict) -> None:
+    bank, rows, expected = steered["bank"], steered["rows"], steered["expected"]
+    gated = _Gated(ContinuousDecoder(bank, max_new_tokens=MAX_NEW))
+    assert gated.inner.supported
+    # Six rows at most, and a token budget of about four long rows: a request of 7 rows joins over several
+    # steps, and admission stops at the budget as well as at the row cap.
+    longest = max(p.length for p in bank.prepare([(r["task"], r) for r in rows]))
+    batcher = ContinuousBatcher(
+        gated, prepare=bank.prepare, max_batch_size=6, max_batch_tokens=4 * longest, max_new_tokens=MAX_NEW
+    )
+    # Requests (row index lists) arriving before the given step; none waits on timing.
+    arrivals = {
+        0: [[0]],
+        1: [[1, 2, 3]],
+        2: [[4], [5]],
+        4: [[6, 7, 8, 9, 10, 11, 12]],
+        6: [[13], [14, 15]],
+        9: [[16], [17], [18]],
+        11: [[19, 20, 21, 22, 23]],
+    }
+
+    async def scenario() -> list[tuple[list[int], list[str]]]:
+        submitted: list[tuple[list[int], asyncio.Future]] = []
+        try:
+            for k in range(200):
+                for idx in arrivals.get(k, []):
+                    fut = asyncio.ensure_future(batcher.submit([(rows[i]["task"], rows[i]) for i in idx]))
+                    submitted.append((idx, fut))
+                    await _until(lambda: batcher.queue_depth == 0 or len(batcher._waiting) > 0, "queued")
+                    await _until(lambda: batcher._preparing == 0, "prepared")
+                if k == 0:
+                    await _until(lambda: gated.entered == 1, "the first step")
+                if all(f.done() for _, f in submitted) and k > max(arrivals):
+                    break
+                gated.go.release()  # step k runs
+                await _until(
+                    lambda k=k: (
+                        len(gated.log) == k + 1
+                        and (gated.entered == k + 2 or (not batcher._running and not batcher._waiting))
+                    ),
+                    f"step {k}",
+                )
+            return [(idx, await f) for idx, f in submitted]
+        finally:
+            await batcher.stop()
+
+    answered = asyncio.run(scenario())
+    for idx, answers in answered:
+        assert answers == [expected[i] for i in idx], idx
+    assert sorted(i for idx, _ in answered for i in idx) == list(range(len(rows)))
+    # Rows joined a batch that was already decoding, and rows left one that went on decoding.
+    assert any(before > 0 and joining > 0 for before, joining, _, _ in gated.log)
+    assert any(done > 0 and after > 0 for _, _, done, after in gated.log)
+    assert max(before + joining for before, joining, _, _ in gated.log) <= 6
+    assert batcher.stats.requests_answered == len(answered)
+    assert batcher.stats.rows_answered == len(rows)
+
+
+def test_answers_end_at_eos_at_many_lengths(steered: dict) -> None:
+    """The steered model is a fair test: its answers end after very different numbers of tokens."""
+    bank, rows = steered["bank"], steered["rows"]
+    decoder = ContinuousDecoder(bank, max_new_tokens=MAX_NEW)
+    decoder.advance(list(enumerate(bank.prepare([(r["task"], r) for r in rows]))))
+    ended_at: list[int] = []
+    step = 1
+    while decoder.rows:
+        step += 1
+        ended_at += [step] * len(decoder.advance())
+    assert len(set(ended_at)) >= 4 and min(ended_at) < MAX_NEW
+
+
+def test_the_app_serves_continuous_by_default_and_static_on_request(steered: dict) -> None:
+    bank = steered["bank"]
+    assert isinstance(create_app(bank).state.batcher, ContinuousBatcher)
+    assert not isinstance(create_app(bank, batching="static").state.batcher, ContinuousBatcher)
+    assert not isinstance(
+        create_app(bank, answer=lambda rows: [""] * len(rows)).state.batcher, ContinuousBatcher
+    )
+
+
+def test_rows_of_a_client_that_left_are_dropped_from_the_running_batch(steered: dict) -> None:
+    bank, rows, expected = steered["bank"], steered["rows"], steered["expected"]
+    gated = _Gated(ContinuousDecoder(bank, max_new_tokens=MAX_NEW))
+    batcher = ContinuousBatcher(gated, prepare=bank.prepare, max_batch_size=8, max_new_tokens=MAX_NEW)
+
+    async def scenario() -> list[str]:
+        try:
+            big = asyncio.ensure_future(batcher.submit([(rows[i]["task"], rows[i]) for i in range(1, 7)]))
+            await _until(lambda: gated.entered == 1, "the first step")
+            small = asyncio.ensure_future(batcher.submit([(rows[0]["task"], rows[0])]))
+            await _until(lambda: len(batcher._waiting) == 1 and batcher._preparing == 0, "queued")
+            gated.go.release()
+            await _until(lambda: gated.entered == 2, "the second step")
+            assert gated.log[-1][3] == 6 - gated.log[-1][2]  # none of the big request's rows left yet
+            big.cancel()  # its client leaves while its rows decode
+            with contextlib.suppress(asyncio.CancelledError):
+                await big
+            for _ in range(MAX_NEW + 2):
+                gated.go.release()
+            return await asyncio.wait_for(small, 60)
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == [expected[0]]
+    # The second step admitted the small request beside the big one; the step after it ran without the
+    # big request's rows.
+    assert gated.log[1][0] > 0 and gated.log[1][1] == 1
+    assert gated.log[2][0] == 1
+    assert batcher.stats.requests_abandoned == 1 and batcher.stats.rows_dropped == gated.log[1][3] - 1
