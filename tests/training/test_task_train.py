@@ -175,3 +175,78 @@ def test_superglue_presets_train_and_score_through_the_cli(tmp_path, tiny_model_
     predictions = json.loads((out / "predictions_best.json").read_text())
     ids = [e.id for e in load_task(preset).examples_from_records([("line 1", record)], source="val.jsonl")]
     assert sorted(predictions) == sorted(ids)
+
+
+def test_final_summary_and_progress_line_show_the_text_task_own_final_score(tmp_path, tiny_model_dir, capsys):
+    """`train` sums a text task up by its own metric (not SQuAD's null EM/F1), and the progress line of
+    the last step shows that step's dev score, the final evaluation's, not the one before it."""
+    rows = sentiment_rows(8, seed=3)
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "run"
+    argv = ["train", "--input_template", "sentiment review: {text}", "--label_field", "label"]
+    argv += [
+        "--labels",
+        "neg",
+        "pos",
+        "--id_field",
+        "id",
+        "--train_file",
+        str(data),
+        "--validation_file",
+        str(data),
+    ]
+    argv += ["--model", str(tiny_model_dir), "--random_init", "--output_dir", str(out), "--prompt_tuning"]
+    argv += [
+        "--n_tokens",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "3",
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "2",
+    ]
+    argv += ["--max_source_length", "32", "--max_target_length", "4", "--report_to", "none"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    results = json.loads((out / "results.json").read_text())
+    assert summary["task"] == "custom" and summary["metric"] == "accuracy"
+    assert summary["accuracy"] == results["accuracy"] and "invalid_predictions" in summary
+    assert "exact_match" not in summary and "f1" not in summary
+    assert summary["best_step"] == results["best_step"] and summary["steps"] == 3
+    evals = {
+        e["step"]: e
+        for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if e["event"] == "eval"
+    }
+    assert sorted(evals) == [3]  # no scheduled evaluation: the final one only
+    lines = [line for line in captured.err.splitlines() if line.startswith("train: step 3/3 ")]
+    assert len(lines) == 1 and f"dev_accuracy {evals[3]['accuracy']:.4g} " in lines[0], lines
+
+
+def test_multirc_summary_names_its_own_scores(tmp_path, tiny_model_dir, capsys):
+    """MultiRC's summary line carries f1a and its exact match, not SQuAD's F1 (null)."""
+    from test_layouts import MULTIRC
+
+    data = write_jsonl(tmp_path / "val.jsonl", [MULTIRC])
+    argv = ["train", "--task", "multirc", "--train_file", str(data), "--validation_file", str(data)]
+    argv += [
+        "--model",
+        str(tiny_model_dir),
+        "--random_init",
+        "--output_dir",
+        str(tmp_path / "m"),
+        "--prompt_tuning",
+    ]
+    argv += ["--n_tokens", "2", "--batch_size", "2", "--max_steps", "1", "--max_source_length", "64"]
+    argv += ["--max_target_length", "3", "--report_to", "none"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    results = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert summary["metric"] == "multirc" and "f1" not in summary
+    assert {k: summary[k] for k in results["scores"]} == results["scores"] and "f1a" in summary

@@ -58,6 +58,7 @@ def run(cfg: TrainConfig) -> int:
     Returns:
         0, or the exit code of a preemption (the run saved its state and can be resumed).
     """
+    from softprompt.tasks.resolve import task_from_facts
     from softprompt.training.loop import Preempted, train
 
     try:
@@ -65,5 +66,7 @@ def run(cfg: TrainConfig) -> int:
     except Preempted as e:
         print(f"softprompt: {e}", file=sys.stderr)
         return e.exit_code
-    print(json.dumps({k: results[k] for k in ("exact_match", "f1", "best_step", "steps", "train_seconds")}))
+    # The run's own task says which scores sum it up (SQuAD's EM/F1, a text task's metric).
+    headline = task_from_facts(results).headline(results)
+    print(json.dumps({**headline, **{k: results[k] for k in ("best_step", "steps", "train_seconds")}}))
     return 0

@@ -166,6 +166,12 @@ class Task(ABC):
         ``f1``, ``t5_*``), given the scores at the best step (``{}`` before any)."""
         return {}
 
+    def headline(self, facts: Mapping[str, Any]) -> dict[str, Any]:
+        """The scores a finished run is summed up by (`softprompt train`'s last line), from its recorded
+        facts (results.json, perhaps merged over its config): the task's own metric's scores, None
+        where the run was not evaluated."""
+        return {k: facts.get(k) for k in ("exact_match", "f1")}
+
     def card_fields(self, best: Mapping[str, float]) -> dict[str, Any]:
         """What a run's model card is told about the task beside the QA scores, likewise."""
         return {}

@@ -102,6 +102,12 @@ class TextTask(Task):
         """Every score at the best step under its own name, and the task, metric and scores."""
         return {**best, "task": self.name, "metric": self.metric, "scores": dict(best) or None}
 
+    def headline(self, facts: Mapping[str, Any]) -> dict[str, Any]:
+        """The task, its metric, and every score of the metric at the best step (none before any
+        evaluation), under their own names (MultiRC: ``score``, ``f1a``, ``exact_match``, ...)."""
+        scores = facts.get("scores")
+        return {"task": self.name, "metric": self.metric, **(scores if isinstance(scores, Mapping) else {})}
+
     def card_fields(self, best: Mapping[str, float]) -> dict[str, Any]:
         """The task, where its format comes from, its input template, metric and scores."""
         return {
