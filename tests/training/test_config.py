@@ -259,3 +259,37 @@ def test_resume_may_change_only_how_long_and_how_visibly_a_run_goes_on():
     assert allowed == {} and refused == ["n_tokens (100 -> 5)", "lr (0.3 -> 0.01)"]
     assert {"max_steps", "eval_steps", "save_steps", "logging_steps", "report_to"} <= RESUMABLE
     assert not {"lr", "n_tokens", "optimizer", "seed", "model_name_or_path"} & RESUMABLE
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_data_files_given_as_flags_replace_a_preset_data_source(path, tmp_path):
+    """`--config PRESET --train_file F --validation_file F` trains on F: the flags' files replace the
+    preset's dataset_name (which would otherwise win and go to the Hub)."""
+    from softprompt.commands.train import parse_args
+
+    data = tmp_path / "small.json"
+    data.write_text('{"data": []}')
+    argv = ["--config", str(path), "--train_file", str(data), "--validation_file", str(data)]
+    cfg = parse_args([*argv, "--output_dir", str(tmp_path / "run")])
+    assert cfg.dataset_name is None and cfg.train_file == str(data) and cfg.validation_file == str(data)
+    assert cfg.lr == load_yaml_config(path).lr  # the rest of the preset still holds
+
+
+def test_an_empty_value_unsets_an_optional_field(tmp_path):
+    """`--dataset_name ""` (or `dataset_name:` left empty in a file) unsets it, instead of reaching
+    `datasets` as the name ""."""
+    from softprompt.commands.train import parse_args
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("dataset_name: squad\nvalidation_file: ''\n")
+    data = tmp_path / "small.json"
+    data.write_text('{"data": []}')
+    out = ["--output_dir", str(tmp_path / "run"), "--train_file", str(data)]
+    cfg = parse_args(["--config", str(preset), "--dataset_name", "", *out])
+    assert cfg.dataset_name is None and cfg.validation_file is None and cfg.train_file == str(data)
+    # A dataset named by a flag likewise replaces a file's data files.
+    preset.write_text(f"train_file: {data}\nvalidation_file: {data}\n")
+    cfg = parse_args(
+        ["--config", str(preset), "--dataset_name", "squad", "--output_dir", str(tmp_path / "r")]
+    )
+    assert cfg.dataset_name == "squad" and cfg.train_file is None and cfg.validation_file is None

@@ -108,6 +108,39 @@ def read_config_file(path: str | os.PathLike, cls: type) -> tuple[dict[str, Any]
     return config_values(read_yaml_mapping(path), cls, base=path.parent)
 
 
+# Where the data comes from: a flag naming one source replaces the other source a config file (a
+# preset) or a resumed run's saved settings named, instead of losing to it (`--config preset.yaml
+# --train_file F` trains on F, not on the preset's dataset_name).
+DATA_SOURCES: dict[str, tuple[str, ...]] = {
+    "train_file": ("dataset_name", "dataset_config"),
+    "validation_file": ("dataset_name", "dataset_config"),
+    "dataset_name": ("train_file", "validation_file"),
+}
+
+
+def replaced_sources(values: dict[str, Any], flag_values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (from a file or saved settings) without the data sources that the flags' data sources
+    replace (`DATA_SOURCES`)."""
+    dropped = {
+        other
+        for name, value in flag_values.items()
+        if value is not None
+        for other in DATA_SOURCES.get(name, ())
+        if other not in flag_values
+    }
+    return {k: v for k, v in values.items() if k not in dropped}
+
+
+def _unset_empty(obj: T) -> T:
+    """The dataclass with an empty string in an optional field read as unset (tyro keeps `""`)."""
+    changes = {
+        spec.name: None
+        for spec in field_specs(type(obj)).values()
+        if spec.optional and getattr(obj, spec.name) == ""
+    }
+    return dataclasses.replace(obj, **changes) if changes else obj  # type: ignore[type-var]
+
+
 # ---------------------------------------------------------------------------------------------- flags
 
 
@@ -240,6 +273,7 @@ def parse(
     }
     if not {"-h", "--help"} & set(argv):
         flag_values, flag_problems, words = check_flags(argv, cls)
+        values = replaced_sources(values, flag_values)
         problems += flag_problems
         specs = field_specs(cls)
         given = {**values, **flag_values}
@@ -256,7 +290,7 @@ def parse(
             _refuse(prog, list(dict.fromkeys(problems)))
     default = cls(**{**required, **values}) if values else None
     args = tyro.cli(cls, args=argv, prog=prog, default=default, use_underscores=True, description=cls.__doc__)
-    args = expand_paths(args)
+    args = expand_paths(_unset_empty(args))
     problems = check_numbers(args) + (checks(args) if checks else [])
     if problems:
         # Well-formed flags whose values cannot work together: a UserError, reported by `main` in the
