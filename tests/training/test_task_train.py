@@ -177,7 +177,7 @@ def test_superglue_presets_train_and_score_through_the_cli(tmp_path, tiny_model_
     assert sorted(predictions) == sorted(ids)
 
 
-def test_final_summary_and_progress_line_show_the_text_task_own_final_score(tmp_path, tiny_model_dir, capsys):
+def test_summary_progress_line_and_prompt_config_are_the_text_task_own(tmp_path, tiny_model_dir, capsys):
     """`train` sums a text task up by its own metric (not SQuAD's null EM/F1), and the progress line of
     the last step shows that step's dev score, the final evaluation's, not the one before it."""
     rows = sentiment_rows(8, seed=3)
@@ -224,6 +224,10 @@ def test_final_summary_and_progress_line_show_the_text_task_own_final_score(tmp_
         if e["event"] == "eval"
     }
     assert sorted(evals) == [3]  # no scheduled evaluation: the final one only
+    # A text task's prompt records its own template, not SQuAD's template and punctuation (item 7).
+    config = json.loads((out / "best" / "prompt_config.json").read_text())
+    assert config["input_template"] == "sentiment review: {text}" and config["punctuation"] == "none"
+    assert results["punctuation"] == "none"
     lines = [line for line in captured.err.splitlines() if line.startswith("train: step 3/3 ")]
     assert len(lines) == 1 and f"dev_accuracy {evals[3]['accuracy']:.4g} " in lines[0], lines
 

@@ -146,6 +146,11 @@ class Task(ABC):
         settings, such as its punctuation, say everything)."""
         return None
 
+    def text_format(self) -> dict[str, str]:
+        """How a prompt trained on the task records its model text (`PromptConfig`'s ``punctuation`` and,
+        where the task has its own, ``input_template``); the report and ``/v1/tasks`` show them."""
+        return {"punctuation": "none"}
+
     @abstractmethod
     def dev_scores(self, best: Mapping[str, float]) -> dict[str, float]:
         """The dev scores a prompt's config records (each as ``dev_<name>``), given the scores at the best

@@ -117,7 +117,7 @@ def _prompt_config(run: Run) -> ckpt.PromptConfig:
         n_tokens=cfg.n_tokens,
         d_model=run.model.prompt.d_model,
         init=cfg.prompt_init,
-        punctuation=cfg.punctuation,
+        **run.task.text_format(),  # a text task records its own template, not SQuAD's text format
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
         extra={
@@ -151,7 +151,7 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
         "initial_step": run.initial_step if cfg.optimizer == "adafactor" else None,
-        "punctuation": cfg.punctuation,
+        "punctuation": run.task.text_format()["punctuation"],
         "n_tokens": cfg.n_tokens,
         "prompt_init": cfg.prompt_init,
         "global_batch_size": run.plan.global_batch,
@@ -181,7 +181,7 @@ def write_results(run: Run) -> dict[str, Any]:
         "optimizer": cfg.optimizer,
         "lr": cfg.lr,
         "initial_step": run.initial_step if cfg.optimizer == "adafactor" else None,
-        "punctuation": cfg.punctuation,
+        "punctuation": run.task.text_format()["punctuation"],
         "n_tokens": cfg.n_tokens if cfg.prompt_tuning else 0,
         "global_batch_size": run.plan.global_batch,
         "world_size": run.env.world_size,

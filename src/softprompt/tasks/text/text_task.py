@@ -65,6 +65,11 @@ class TextTask(Task):
         """The spec, as a prompt's config saves it (`TaskSpec.to_dict`)."""
         return self.spec.to_dict()
 
+    def text_format(self) -> dict[str, str]:
+        """The task's own input template; no SQuAD punctuation padding (a text task's text is its
+        template's, as written)."""
+        return {"input_template": self.spec.input_template or "", "punctuation": "none"}
+
     def eval_fields(self) -> dict[str, Any]:
         """The task's name and metric."""
         return {"task": self.name, "metric": self.metric}
