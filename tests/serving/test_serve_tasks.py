@@ -131,3 +131,25 @@ def test_prompt_config_round_trips_the_task(tmp_path: Path) -> None:
     config = PromptConfig(base_model="m", n_tokens=2, d_model=4, task=dict(SENTIMENT))
     save_prompt(tmp_path / "p", torch.zeros(2, 4), config)
     assert TaskSpec.from_dict(load_prompt_config(tmp_path / "p").task) == TaskSpec.from_dict(SENTIMENT)
+
+
+def test_bare_prompt_dirs_are_named_after_their_task_or_run(tmp_path: Path) -> None:
+    """`serve --prompt runs/x/best --prompt runs/y/best`: no two prompts called `best`; each is named
+    after the task it recorded, QA prompts (both `squad`) after their runs."""
+    from softprompt.serving.server import parse_prompt_specs
+
+    d_model = tiny_config().d_model
+    weight = torch.zeros(2, d_model)
+    qa = PromptConfig(base_model="m", n_tokens=2, d_model=d_model)
+    cls = PromptConfig(base_model="m", n_tokens=2, d_model=d_model, task=dict(SENTIMENT))
+    dirs = {
+        "sent": save_prompt(tmp_path / "runs" / "sent_run" / "best", weight, cls),
+        "qa1": save_prompt(tmp_path / "runs" / "qa_one" / "best", weight, qa),
+        "qa2": save_prompt(tmp_path / "runs" / "qa_two" / "best", weight, qa),
+    }
+    names = [n for n, _ in parse_prompt_specs([str(d) for d in dirs.values()])]
+    assert names == ["sent_run", "qa_one", "qa_two"]  # the QA prompts share "squad": runs for all
+    assert [n for n, _ in parse_prompt_specs([str(dirs["sent"]), str(dirs["qa1"])])] == ["sentiment", "squad"]
+    # A name given explicitly keeps its place; a bare prompt that would take it is named after its run.
+    specs = parse_prompt_specs([f"sentiment={dirs['qa2']}", str(dirs["sent"])])
+    assert specs == [("sentiment", str(dirs["qa2"])), ("sent_run", str(dirs["sent"]))]

@@ -190,7 +190,7 @@ class _ServeFlags:
     model: Annotated[str, tyro.conf.arg(aliases=("--model_name_or_path",))]
     """Hub id or directory of the frozen T5 model the prompts were trained on. Alias: --model_name_or_path."""
     prompt: Annotated[list[str], Repeated] = field(default_factory=list)
-    """A prompt as NAME=DIR (DIR alone is named after the directory); repeat for several tasks."""
+    """A prompt as NAME=DIR (DIR alone is named after the task it recorded, else its run); repeat for several tasks."""
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0 exposes the server to the network)."""
     port: int = 8000

@@ -32,7 +32,9 @@ from fastapi.responses import JSONResponse
 
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
-from softprompt.inference.bank import PromptBank
+from softprompt.inference.bank import PromptBank, prompt_names
+from softprompt.io.checkpoint import load_prompt_config
+from softprompt.io.rundir import BEST, CHECKPOINT_PREFIX, LAST
 from softprompt.serving.batching import MicroBatcher, QueueFull
 from softprompt.serving.schemas import (
     AnswerFn,
@@ -51,6 +53,7 @@ from softprompt.serving.schemas import (
     error_response,
     validation_response,
 )
+from softprompt.tasks.resolve import task_from_saved
 
 ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health"
 
@@ -266,24 +269,71 @@ def _add_routes(app: FastAPI, bank: PromptBank, batcher: MicroBatcher, limits: L
 
 
 def parse_prompt_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """`NAME=DIR` (or a bare `DIR`, named after its folder) -> (name, dir) pairs.
+    """`NAME=DIR` (or a bare `DIR`) -> (name, dir) pairs.
+
+    A bare `DIR` is named as `eval` tells prompts apart: after the task its prompt recorded (``rte``),
+    else after its run (``runs/rte/best`` -> ``rte``), and only where bare prompts still share a name
+    after more of their paths (`bare_prompt_names`).
 
     Raises:
         UserError: a spec has an empty name or directory, or two prompts share a name.
     """
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str | None, str]] = []
     for spec in specs:
         if "=" in spec and not Path(spec).is_dir():
             name, directory = spec.split("=", 1)
+            if not name.strip() or not directory.strip():
+                raise UserError(f"--prompt {spec!r}: write NAME=DIR, e.g. --prompt squad=runs/squad/best")
+            if any(name == n for n, _ in out):
+                raise UserError(f"two prompts are named '{name}'; give each --prompt NAME=DIR its own name")
+            out.append((name, directory))
         else:
-            directory = spec
-            name = Path(spec.rstrip("/")).name
-        if not name.strip() or not directory.strip():
-            raise UserError(f"--prompt {spec!r}: write NAME=DIR, e.g. --prompt squad=runs/squad/best")
-        if any(name == n for n, _ in out):
-            raise UserError(f"two prompts are named '{name}'; give each --prompt NAME=DIR its own name")
-        out.append((name, directory))
-    return out
+            if not spec.strip():
+                raise UserError(f"--prompt {spec!r}: write NAME=DIR, e.g. --prompt squad=runs/squad/best")
+            out.append((None, spec))
+    given = [n for n, _ in out if n is not None]
+    bare = iter(bare_prompt_names([d for n, d in out if n is None], taken=given))
+    return [(n if n is not None else next(bare), d) for n, d in out]
+
+
+def _run_name(directory: str) -> str:
+    """The run a prompt directory belongs to (``runs/rte/best`` -> ``rte``), else its own folder's name."""
+    path = Path(directory.rstrip("/") or directory).resolve()
+    if path.name in (BEST, LAST) or path.name.startswith(CHECKPOINT_PREFIX):
+        return path.parent.name or path.name
+    return path.name
+
+
+def _task_name(directory: str) -> str | None:
+    """The name of the task a prompt recorded (``squad`` for QA); None when its config cannot be read
+    (loading it reports why)."""
+    try:
+        config = load_prompt_config(directory)
+        return task_from_saved(config.task, punctuation=config.punctuation).name
+    except UserError:
+        return None
+
+
+def bare_prompt_names(directories: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
+    """Distinct names for prompts given without one: each one's recorded task, else (task names shared)
+    its run's name, else (still shared) as much of its path as tells them apart.
+
+    Raises:
+        UserError: no such naming tells them apart from each other and from the names in `taken`.
+    """
+    if not directories:
+        return []
+    tasks = [_task_name(d) for d in directories]
+    levels = [
+        [t or _run_name(d) for t, d in zip(tasks, directories, strict=True)],
+        [_run_name(d) for d in directories],
+        prompt_names([str(d) for d in directories]),
+    ]
+    for names in levels:
+        if len(set(names)) == len(names) and not set(names) & set(taken):
+            return names
+    clash = next(n for n in levels[-1] if levels[-1].count(n) > 1 or n in taken)
+    raise UserError(f"two prompts are named '{clash}'; give each --prompt NAME=DIR its own name")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
