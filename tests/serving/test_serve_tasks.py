@@ -153,3 +153,35 @@ def test_bare_prompt_dirs_are_named_after_their_task_or_run(tmp_path: Path) -> N
     # A name given explicitly keeps its place; a bare prompt that would take it is named after its run.
     specs = parse_prompt_specs([f"sentiment={dirs['qa2']}", str(dirs["sent"])])
     assert specs == [("sentiment", str(dirs["qa2"])), ("sent_run", str(dirs["sent"]))]
+
+
+def test_serve_classify_rank_answers_classifiers_with_their_likeliest_label(bank_and_expected: dict) -> None:
+    """`serve --classify rank`: the classification prompt's rows get the label of highest log-likelihood
+    (as `inference.rank` computes it for that prompt alone), the QA prompt's rows in the same batch are
+    still generated, equal to their offline answers."""
+    from fastapi.testclient import TestClient
+
+    from softprompt.inference.rank import label_log_likelihoods
+
+    b = bank_and_expected
+    bank = b["bank"]
+    labels = SENTIMENT["labels"]
+    features, _ = bank.tokenize([("sentiment", f) for f in b["fields"]])
+    scores = label_log_likelihoods(
+        bank.model,
+        bank.tokenizer,
+        features,
+        labels,
+        row_prompts=bank.row_prompts(["sentiment"] * len(features)),
+    )
+    ranked = [labels[int(k)] for k in scores.argmax(dim=1)]
+    qa = [{"task": "squad", **q} for q in b["questions"]]
+    cls = [{"task": "sentiment", "fields": f} for f in b["fields"]]
+    mixed = [x for pair in zip(qa, cls, strict=True) for x in pair]
+    expected = [x for pair in zip(b["qa_expected"], ranked, strict=True) for x in pair]
+    app = create_app(bank, max_batch_size=16, max_wait_ms=200, max_new_tokens=MAX_NEW, classify="rank")
+    with TestClient(app) as client:
+        r = client.post("/v1/answer", json={"inputs": mixed})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"answers": expected}
+    assert predict_answers(bank, "sentiment", b["fields"], classify="rank") == ranked

@@ -144,6 +144,15 @@ def test_a_prompt_keeps_its_task_for_eval_and_predict(tmp_path, tiny_model_dir, 
     assert main([*predict, "--input_file", str(inputs)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert {x["id"]: x["answer"] for x in lines} == predictions
+    # predict --classify rank: the unlabelled rows get the labels eval's rank classification chose.
+    assert main([*predict, "--input_file", str(inputs), "--classify", "rank"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert {x["id"]: x["answer"] for x in lines} == ranked_answers
+    # ... and it refuses a task without label strings (SQuAD) in one line, before loading the model.
+    qa_argv = ["predict", "--model", str(tiny_model_dir), "--random_init", "--classify", "rank"]
+    assert main([*qa_argv, "--question", "q?", "--context", "c"]) != 0
+    err = capsys.readouterr().err
+    assert "--classify rank is for classification tasks" in err and "Traceback" not in err
     # A row without the template's field: one line naming the file, the row and the field.
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "txt": "typo"}])
     assert main([*predict, "--input_file", str(bad)]) != 0

@@ -92,6 +92,8 @@ class _PredictFlags:
     """One example of a text task as a JSON object of its fields, e.g. '{"premise": "...", "hypothesis": "..."}'."""
     input_file: InputPath | None = None
     """A JSONL file of {"question", "context"} lines (an "id" is kept if present); for a text task (--task, or the prompt's own) JSONL/CSV/TSV rows with the template's fields."""
+    classify: RankModeName = "greedy"
+    """Classification tasks: greedy (generate) or rank (the label with the highest log-likelihood; no labels needed in the input, e.g. a test split)."""
 
 
 @dataclass(kw_only=True)
@@ -207,6 +209,9 @@ class _ServeFlags:
     """Longest question accepted, in characters."""
     max_inputs: Count = 256
     """Most questions in one request."""
+    classify: RankModeName = "greedy"
+    """rank: each prompt whose task has label strings as targets answers with its likeliest label (rank
+    classification); the others (QA) still generate. greedy: every prompt generates."""
     log_level: LogLevelName = "info"
     """uvicorn's log level."""
     access_log: bool = False

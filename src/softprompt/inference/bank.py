@@ -21,11 +21,13 @@ from typing import Any
 
 import torch
 
+from softprompt.config.choices import RankMode
 from softprompt.data.batching import Features
 from softprompt.data.records import BadRecord
-from softprompt.errors import CheckpointError, UserError
+from softprompt.errors import CheckpointError, ConfigError, UserError
 from softprompt.inference.engine import RowPrompts, generate_answers
 from softprompt.inference.options import GenerationOptions
+from softprompt.inference.rank import rank_labels
 from softprompt.inference.scoring import evaluate
 from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model, same_model
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
@@ -375,6 +377,36 @@ class PromptBank:
         row_prompts = self._row_prompts_for(features, tasks)
         return generate_answers(self.model, self.tokenizer, features, options, row_prompts=row_prompts)
 
+    def rank_answers(
+        self,
+        features: Sequence[Features],
+        classes: Sequence[str],
+        tasks: Tasks = None,
+        options: GenerationOptions = _DEFAULT,
+    ) -> list[str]:
+        """Rank classification of tokenized inputs: each row's likeliest label string
+        (`inference.rank.rank_labels`), every row driven by its task's prompt as in `generate_answers`."""
+        picks = rank_labels(
+            self.model,
+            self.tokenizer,
+            features,
+            classes,
+            options,
+            row_prompts=self._row_prompts_for(features, tasks),
+        )
+        return [classes[k] for k in picks]
+
+    def ranked_classes(self, task: str | int, classify: str) -> tuple[str, ...] | None:
+        """The label strings a prompt's rows are ranked among under `classify` (`Task.rank_classes`);
+        None where they are generated: ``greedy``, or a prompt whose task has no label targets (a QA
+        prompt served beside classifiers answers greedily)."""
+        if classify != RankMode.RANK:
+            return None
+        try:
+            return self.entry(task).task.rank_classes()
+        except ConfigError:
+            return None
+
     def evaluate(
         self,
         task: Task,
@@ -478,20 +510,27 @@ class PromptBank:
         batch_size: int = 32,
         max_new_tokens: int = 32,
         bf16: bool = False,
+        classify: str = "greedy",
     ) -> list[str]:
-        """Answer prepared rows of any mix of tasks (see `answer`)."""
+        """Answer prepared rows of any mix of tasks (see `answer`); with ``classify="rank"``, the rows of
+        each prompt whose task has label targets are rank-classified among them (`ranked_classes`)."""
         if not rows:
             return []
-        answers = self.generate_answers(
-            [r.features for r in rows],
-            [r.task for r in rows],
-            GenerationOptions(
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                env=DistEnv(device=self.device),
-                bf16=bf16,
-            ),
+        options = GenerationOptions(
+            batch_size=batch_size, max_new_tokens=max_new_tokens, env=DistEnv(device=self.device), bf16=bf16
         )
+        answers: list[str] = [""] * len(rows)
+        groups: dict[tuple[str, ...] | None, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(self.ranked_classes(r.task, classify), []).append(i)
+        for classes, members in groups.items():
+            features, tasks = [rows[i].features for i in members], [rows[i].task for i in members]
+            if classes is None:
+                got = self.generate_answers(features, tasks, options)
+            else:
+                got = self.rank_answers(features, classes, tasks, options)
+            for i, a in zip(members, got, strict=True):
+                answers[i] = a
         return [
             self._entries[r.task].task.answer_text(r.example, a) for a, r in zip(answers, rows, strict=True)
         ]
@@ -503,6 +542,7 @@ class PromptBank:
         batch_size: int = 32,
         max_new_tokens: int = 32,
         bf16: bool = False,
+        classify: str = "greedy",
     ) -> list[str]:
         """Answer `(task, fields)` requests of any mix of tasks (QA fields: question and context).
 
@@ -514,5 +554,9 @@ class PromptBank:
             One answer per row, in row order.
         """
         return self.answer_prepared(
-            self.prepare(rows), batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16
+            self.prepare(rows),
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            bf16=bf16,
+            classify=classify,
         )

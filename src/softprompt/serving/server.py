@@ -72,6 +72,7 @@ def create_app(
     bf16: bool = False,
     limits: Limits | None = None,
     answer: AnswerFn | None = None,
+    classify: str = "greedy",
 ) -> FastAPI:
     """The HTTP application over a prompt bank.
 
@@ -84,6 +85,8 @@ def create_app(
         bf16: run the model under bf16 autocast.
         limits: request size limits.
         answer: replaces `bank.answer` (rows -> answers, rows queued as given), e.g. to instrument it.
+        classify: ``rank``: the prompts whose task has label targets answer by rank classification
+            (`PromptBank.ranked_classes`), the others greedily; ``greedy``: every prompt generates.
 
     Returns:
         A FastAPI app; the micro-batcher starts with it and stops on shutdown.
@@ -96,7 +99,11 @@ def create_app(
     else:
         batcher = MicroBatcher(
             functools.partial(
-                bank.answer_prepared, batch_size=max_batch_size, max_new_tokens=max_new_tokens, bf16=bf16
+                bank.answer_prepared,
+                batch_size=max_batch_size,
+                max_new_tokens=max_new_tokens,
+                bf16=bf16,
+                classify=classify,
             ),
             prepare=bank.prepare,
             length=lambda row: row.length,
