@@ -293,3 +293,33 @@ def test_an_empty_value_unsets_an_optional_field(tmp_path):
         ["--config", str(preset), "--dataset_name", "squad", "--output_dir", str(tmp_path / "r")]
     )
     assert cfg.dataset_name == "squad" and cfg.train_file is None and cfg.validation_file is None
+
+
+def test_hugging_face_trainer_spellings_are_aliases_or_get_the_right_suggestion(tmp_path, capsys):
+    """HF Trainer's flags that mean the same as softprompt's are aliases of them; its precision switches
+    are suggested as --precision's values, not as the nearest spelling of another flag."""
+    from softprompt.commands.train import parse_args
+
+    data = tmp_path / "small.json"
+    data.write_text('{"data": []}')
+    base = ["--train_file", str(data), "--output_dir", str(tmp_path / "run")]
+    argv = [
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--learning_rate",
+        "0.1",
+    ]
+    argv += ["--num_train_epochs", "2", "--gradient_accumulation_steps", "2", "--prompt_length", "7"]
+    cfg = parse_args([*base, *argv])
+    assert (cfg.batch_size, cfg.eval_batch_size, cfg.lr, cfg.epochs) == (4, 8, 0.1, 2.0)
+    assert (cfg.grad_accum_steps, cfg.n_tokens) == (2, 7)
+    for flag, hint in (
+        ("--bf16", "--precision bf16?"),
+        ("--fp16", "--precision bf16? fp16 is not supported"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse_args([*base, flag])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"unknown flag {flag} (did you mean {hint})" in err, err

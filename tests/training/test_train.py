@@ -69,9 +69,9 @@ def test_adam_alias_and_unknown_flag(tmp_path, tiny_model_dir, squad_small, caps
     assert rc == 0
     assert json.loads((tmp_path / "a" / "results.json").read_text())["optimizer"] == "adam"
     with pytest.raises(SystemExit) as e:
-        _run([*base, "--output_dir", str(tmp_path / "b"), "--learning_rate", "3"])
+        _run([*base, "--output_dir", str(tmp_path / "b"), "--learning_rat", "3"])
     assert e.value.code == 2
-    assert "learning_rate" in capsys.readouterr().err
+    assert "learning_rat" in capsys.readouterr().err
 
 
 def _prompt_after(tmp_path, tiny_model_dir, train_file, name, **kw) -> torch.Tensor:

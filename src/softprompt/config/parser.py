@@ -141,6 +141,25 @@ def _unset_empty(obj: T) -> T:
     return dataclasses.replace(obj, **changes) if changes else obj  # type: ignore[type-var]
 
 
+# Other tools' switches whose meaning softprompt spells as a value of one of its flags (not an alias:
+# the shape differs), and what to write instead; offered when the command has that flag.
+FLAG_HINTS: dict[str, tuple[str, str]] = {
+    "bf16": ("precision", "--precision bf16?"),
+    "fp16": ("precision", "--precision bf16? fp16 is not supported"),
+    "tf32": ("precision", "--precision fp32?"),
+    "do_eval": ("validation_file", "--validation_file FILE? a dev set is evaluated whenever one is given"),
+}
+
+
+def _suggest(key: str, names: dict[str, Any]) -> str:
+    """' (did you mean ...?)' for an unknown flag: another tool's switch's own spelling here, else the
+    closest valid spellings."""
+    hint = FLAG_HINTS.get(key)
+    if hint is not None and hint[0] in names:
+        return f" (did you mean {hint[1]})"
+    return closest(key, names)
+
+
 # ---------------------------------------------------------------------------------------------- flags
 
 
@@ -183,7 +202,7 @@ def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str], 
             args.append(argv[i])
             i += 1
         if spec is None:
-            problems.append(f"unknown flag --{name}" + closest(key, [*names, *switches]))
+            problems.append(f"unknown flag --{name}" + _suggest(key, {**names, **switches}))
         elif spec.kind is bool:
             if args:
                 problems.append(f"--{name} is a switch and takes no value, got {short_repr(' '.join(args))}")
