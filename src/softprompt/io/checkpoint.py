@@ -282,12 +282,49 @@ def same_model(a: str, b: str, fingerprint_a: str | None = None) -> bool:
     return fa is not None and fa == fb
 
 
+T5_MODEL_TYPES = ("t5", "mt5")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a model name can only be a path: a Hub id is ``name`` or ``org/name``."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _config_model_type(path: Path) -> str | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None  # unreadable: loading it says why
+    return value if isinstance(value, str) else None
+
+
+def refuse_non_t5(model_type: str | None, where: str | os.PathLike) -> None:
+    """Refuse a model config of another architecture (BERT, GPT-2, ...) in one line.
+
+    Raises:
+        CheckpointError: `model_type` is set and is not a T5 type.
+    """
+    if model_type is not None and model_type not in T5_MODEL_TYPES:
+        raise CheckpointError(
+            f"{where} describes a {model_type} model, not T5; softprompt tunes T5 encoder-decoder models "
+            "(e.g. google/t5-base-lm-adapt)"
+        )
+
+
 def refuse_non_model(name_or_path: str | os.PathLike, flag: str = "--model") -> None:
     """Refuse, with what to pass instead, a prompt checkpoint or a run directory given as the model.
 
     A Hub id, or a directory with config.json, passes; loading it may still fail later for other reasons.
     """
     path = Path(os.path.expanduser(str(name_or_path)))
+    if not path.exists() and _looks_like_path(str(name_or_path)):
+        # Not a Hub id either (org/name): a mistyped directory, which the Hub client would call a bad repo id.
+        raise CheckpointError(
+            f"{path}: no such directory; give a local model directory (config.json, tokenizer, weights) "
+            "or a Hub id such as google/t5-base-lm-adapt"
+        )
+    if path.is_dir() and (path / "config.json").is_file():
+        refuse_non_t5(_config_model_type(path / "config.json"), path / "config.json")
     if not path.is_dir() or (path / "config.json").is_file():
         return
     if (path / PROMPT_CONFIG).is_file():
