@@ -263,3 +263,43 @@ def test_multirc_summary_names_its_own_scores(tmp_path, tiny_model_dir, capsys):
     results = json.loads((tmp_path / "m" / "results.json").read_text())
     assert summary["metric"] == "multirc" and "f1" not in summary
     assert {k: summary[k] for k in results["scores"]} == results["scores"] and "f1a" in summary
+
+
+def test_a_prompt_on_random_weights_records_their_seed_and_is_checked_against_it(
+    tmp_path, tiny_model_dir, capsys
+):
+    """A prompt trained with --random_init --seed 7 records the seed; its card's predict command carries
+    --random_init --seed 7 and runs; another seed is refused in one line, like another base model."""
+    import shlex
+
+    rows = sentiment_rows(8, seed=4)
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "run"
+    argv = ["train", "--input_template", "sentiment review: {text}", "--label_field", "label"]
+    argv += ["--labels", "neg", "pos", "--train_file", str(data), "--validation_file", str(data)]
+    argv += ["--model", str(tiny_model_dir), "--random_init", "--seed", "7", "--output_dir", str(out)]
+    argv += ["--prompt_tuning", "--n_tokens", "2", "--batch_size", "4", "--max_steps", "1"]
+    argv += ["--max_source_length", "32", "--max_target_length", "4", "--report_to", "none"]
+    assert main(argv) == 0
+    config = json.loads((out / "best" / "prompt_config.json").read_text())
+    assert config["extra"]["random_init_seed"] == 7
+    card = (out / "best" / "README.md").read_text()
+    command = next(line for line in card.splitlines() if line.startswith("softprompt predict "))
+    words = shlex.split(command)
+    assert words[words.index("--random_init") + 1 : words.index("--random_init") + 3] == ["--seed", "7"]
+    capsys.readouterr()
+    assert main(words[1:]) == 0  # the card's own command, as written (an untrained answer may be empty)
+    capsys.readouterr()
+    other = [
+        "predict",
+        "--model",
+        str(tiny_model_dir),
+        "--random_init",
+        "--seed",
+        "8",
+        "--prompt",
+        str(out / "best"),
+    ]
+    assert main([*other, "--fields", json.dumps({"text": "a film"})]) != 0
+    err = capsys.readouterr().err
+    assert "was trained on random weights seeded 7, not 8 (pass --seed 7)" in err and "Traceback" not in err

@@ -130,6 +130,7 @@ def load_model_and_prompts(
             expect_d_model=bank.d_model,
             expect_base_model=None if random_init else model_name_or_path,
             allow_other=allow_other,
+            random_init_seed=seed if random_init else None,
         )
         bank.add(name, weight, config)
     return bank

@@ -37,6 +37,9 @@ PROMPT_WEIGHTS = "prompt.safetensors"
 PROMPT_CONFIG = "prompt_config.json"
 DEFAULT_TEMPLATE = "question: {question} context: {context}"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: The `PromptConfig.extra` key of a prompt trained on random weights (--random_init): the seed that built
+#: them, which identifies that base model as a fingerprint identifies real weights.
+RANDOM_INIT_SEED = "random_init_seed"
 
 
 @dataclass
@@ -149,6 +152,7 @@ def load_prompt(
     expect_d_model: int | None = None,
     expect_base_model: str | None = None,
     allow_other: bool = False,
+    random_init_seed: int | None = None,
 ) -> tuple[torch.Tensor, PromptConfig]:
     """Load a prompt checkpoint, refusing anything but safetensors.
 
@@ -158,6 +162,8 @@ def load_prompt(
         expect_d_model: the width of the model it will drive; a mismatch is refused.
         expect_base_model: the model it will drive; a different model (by `same_model`) is refused.
         allow_other: warn instead of refusing a different base model.
+        random_init_seed: the seed of the model's random weights (--random_init), None for real weights;
+            checked against what the prompt recorded (`random_weights_problem`).
 
     Returns:
         prompt: [P, H] float32, and its `PromptConfig`.
@@ -183,10 +189,15 @@ def load_prompt(
             f"the prompt in {directory} is {weight.shape[1]} wide but the model's d_model is {expect_d_model}; "
             f"it was trained for {config.base_model}"
         )
-    if expect_base_model is not None and not same_model(
-        config.base_model, expect_base_model, config.extra.get("base_model_fingerprint")
+    problem = random_weights_problem(config, random_init_seed)
+    if (
+        problem is None
+        and expect_base_model is not None
+        and not same_model(config.base_model, expect_base_model, config.extra.get("base_model_fingerprint"))
     ):
-        message = f"the prompt in {directory} was trained for {config.base_model}, not {expect_base_model}"
+        problem = f"was trained for {config.base_model}, not {expect_base_model}"
+    if problem is not None:
+        message = f"the prompt in {directory} {problem}"
         if not allow_other:
             raise CheckpointError(
                 f"{message} (their config or weights differ); load it with the model it was trained on, "
@@ -194,6 +205,20 @@ def load_prompt(
             )
         warn_other_model(message)
     return weight, config
+
+
+def random_weights_problem(config: PromptConfig, random_init_seed: int | None) -> str | None:
+    """Why a prompt does not fit a model's weights as random or real (None: it fits, or the prompt recorded
+    nothing to tell): a prompt trained on random weights records their seed (`RANDOM_INIT_SEED`), one
+    trained on real weights their fingerprint."""
+    recorded = config.extra.get(RANDOM_INIT_SEED)
+    if recorded is not None and random_init_seed is None:
+        return f"was trained on random weights (--random_init --seed {recorded}), not on {config.base_model}'s own"
+    if recorded is not None and recorded != random_init_seed:
+        return f"was trained on random weights seeded {recorded}, not {random_init_seed} (pass --seed {recorded})"
+    if recorded is None and random_init_seed is not None and config.extra.get("base_model_fingerprint"):
+        return f"was trained on {config.base_model}'s own weights, not on random ones (drop --random_init)"
+    return None
 
 
 #: Written by `softprompt convert`: the model a directory was converted from and its fingerprint.
