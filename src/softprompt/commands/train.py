@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from softprompt.config.parser import config_values, parse, read_yaml_mapping
+from softprompt.config.parser import config_values, parse, read_yaml_mapping, reports
 from softprompt.errors import ConfigError
 from softprompt.io.rundir import CONFIG_FILE
 from softprompt.training.config import TrainConfig, check_config
@@ -64,8 +64,11 @@ def run(cfg: TrainConfig) -> int:
     try:
         results = train(cfg)
     except Preempted as e:
-        print(f"softprompt: {e}", file=sys.stderr)
+        if reports():
+            print(f"softprompt: {e}", file=sys.stderr)
         return e.exit_code
+    if not reports():
+        return 0  # every rank of a torchrun job returns the same results; rank 0 prints them
     # The run's own task says which scores sum it up (SQuAD's EM/F1, a text task's metric).
     headline = task_from_facts(results).headline(results)
     print(json.dumps({**headline, **{k: results[k] for k in ("best_step", "steps", "train_seconds")}}))

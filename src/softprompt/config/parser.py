@@ -245,10 +245,17 @@ def pop_config_flag(argv: list[str]) -> tuple[list[str], str | None]:
     return rest, path
 
 
+def reports(environ: typing.Mapping[str, str] | None = None) -> bool:
+    """Whether this process tells the user: a lone process, or rank 0 of a torchrun job (every rank
+    meets the same bad flag or file, and one line says it once)."""
+    return (os.environ if environ is None else environ).get("RANK", "0") == "0"
+
+
 def _refuse(prog: str, problems: list[str]) -> None:
     # The same exit as the parser's own refusals: one line, status 2.
     error = ConfigError("invalid configuration: " + "; ".join(problems))
-    print(f"{prog}: error: {error}", file=sys.stderr)
+    if reports():
+        print(f"{prog}: error: {error}", file=sys.stderr)
     raise SystemExit(error.exit_code)
 
 
