@@ -48,7 +48,7 @@ class _EvalFlags:
     """Hub id or directory of the T5 model (a fine-tuned run's best/ directory works too). Alias: --model_name_or_path."""
     output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
     """Write the predictions as JSON: {id: answer} for the bare model or one prompt; with several prompts
-    {prompt name: {id: answer}} (plus "ensemble" with --ensemble majority). Not written when not given."""
+    {prompt name: {id: answer}} (plus "ensemble" with --ensemble majority); - for stdout. Not written when not given."""
     validation_file: DataFile | None = None
     """The data to evaluate on: SQuAD v1.1 JSON, MRQA .jsonl(.gz), a text task's JSONL/CSV/TSV, or hf:NAME."""
     dataset_name: str | None = None
@@ -81,7 +81,7 @@ class _PredictFlags:
     model_name_or_path: Model
     """Hub id or directory of the T5 model. Alias: --model_name_or_path."""
     output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
-    """Write answers here as JSONL instead of printing them."""
+    """Write answers here as JSONL instead of printing them (- for stdout)."""
     prompt: InputPath | None = None
     """Prompt checkpoint directory."""
     question: str | None = None
@@ -129,7 +129,7 @@ class _FormatFlags:
     """format's own flags; `FormatArgs` adds the task's flags after them."""
 
     output: OutputFile
-    """The .jsonl file to write, one question a line."""
+    """The .jsonl file to write, one question a line; - writes to stdout."""
     data: Annotated[tyro.conf.Positional[str | None], tyro.conf.arg(metavar="DATA")] = None
     """SQuAD v1.1 JSON, MRQA .jsonl(.gz), or hf:NAME (or give --dataset_name instead)."""
     punctuation: PunctuationName = "paper"

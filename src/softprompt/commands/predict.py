@@ -14,7 +14,7 @@ from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
 from softprompt.inference.options import GenerationOptions
-from softprompt.io.atomic import atomic_write_text
+from softprompt.io.atomic import write_output_text
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.base import Task
 from softprompt.tasks.resolve import task_from_saved
@@ -55,7 +55,7 @@ def run_predict(args: PredictArgs) -> list[str]:
         for ex, a in zip(examples, answers, strict=True)
     ]
     if args.output:
-        atomic_write_text(args.output, "\n".join(lines) + "\n")
+        write_output_text(args.output, "\n".join(lines) + "\n")
     elif args.input_file:
         for line in lines:
             print(line)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from softprompt.commands.flags import VerifyArgs
 from softprompt.io import rundir
-from softprompt.io.atomic import atomic_write_json
+from softprompt.io.atomic import write_output_json
 
 
 def run(args: VerifyArgs) -> int:
@@ -19,7 +19,7 @@ def run(args: VerifyArgs) -> int:
     rows = rundir.verify_run(out)
     print(rundir.verify_table(out, rows))
     if args.output:
-        atomic_write_json(args.output, {name: {"status": v.status, "detail": v.detail} for name, v in rows})
+        write_output_json(args.output, {name: {"status": v.status, "detail": v.detail} for name, v in rows})
     damaged = [name for name, v in rows if not v.usable]
     if damaged:
         print(
