@@ -162,8 +162,9 @@ def load_prompt(
         expect_d_model: the width of the model it will drive; a mismatch is refused.
         expect_base_model: the model it will drive; a different model (by `same_model`) is refused.
         allow_other: warn instead of refusing a different base model.
-        random_init_seed: the seed of the model's random weights (--random_init), None for real weights;
-            checked against what the prompt recorded (`random_weights_problem`).
+        random_init_seed: the seed of the model's random weights (--random_init), None for real weights
+            (those of `expect_base_model`); checked against what the prompt recorded
+            (`random_weights_problem`) when either is given.
 
     Returns:
         prompt: [P, H] float32, and its `PromptConfig`.
@@ -189,7 +190,9 @@ def load_prompt(
             f"the prompt in {directory} is {weight.shape[1]} wide but the model's d_model is {expect_d_model}; "
             f"it was trained for {config.base_model}"
         )
-    problem = random_weights_problem(config, random_init_seed)
+    # Checked only where the caller names the model the prompt will drive (resume, export: nothing to check).
+    checked = random_init_seed is not None or expect_base_model is not None
+    problem = random_weights_problem(config, random_init_seed) if checked else None
     if (
         problem is None
         and expect_base_model is not None
