@@ -157,6 +157,8 @@ def train_loop(run: Run) -> dict[str, Any]:
                 if stop.signum:
                     if not saved:  # else this very step's checkpoint was just written; nothing changed since
                         save_checkpoint(run)
+                    # The log says why it ends here: a stopped run, not a crashed one.
+                    run.logger.log("stop", st.step, signal=signal.Signals(stop.signum).name)
                     raise Preempted(stop.signum, st.step)
                 if st.step >= run.max_steps:
                     break
