@@ -316,7 +316,9 @@ def test_fast_path_and_bf16_weights_switches_reach_the_model(tmp_path, tiny_mode
     assert {m.weight.dtype for m in off.model.modules() if isinstance(m, torch.nn.Linear)} == {torch.float32}
 
 
-def test_a_preset_trains_offline_on_the_data_files_given_as_flags(tmp_path, tiny_model_dir, squad_small):
+def test_a_preset_trains_offline_on_the_data_files_given_as_flags(
+    tmp_path, tiny_model_dir, squad_small, capsys
+):
     """The seed's headline preset names the Hub's squad; --train_file/--validation_file replace it, so
     the run trains on those files without the network (HF_DATASETS_OFFLINE would refuse the Hub)."""
     from pathlib import Path
@@ -335,4 +337,9 @@ def test_a_preset_trains_offline_on_the_data_files_given_as_flags(tmp_path, tiny
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 2 and results["lr"] == 0.3 and results["initial_step"] == 1100000
+    # The start line names Adafactor's initial step, which sets its decay.
+    start = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("softprompt: prompt tuning")
+    )
+    assert "with adafactor at lr 0.3, weight decay 1e-05, initial step 1,100,000;" in start
     assert len(json.loads((out / "predictions_best.json").read_text())) == 4
