@@ -122,6 +122,8 @@ class ScoreArgs:
     """The gold answers: SQuAD v1.1 data JSON, or an MRQA .jsonl(.gz) file (as `eval` reads)."""
     prediction_file: tyro.conf.Positional[str]
     """Predictions JSON: {question id: answer}."""
+    only_predicted: bool = False
+    """Score only the questions the predictions file answers (a partial file), instead of counting every other one as 0."""
 
 
 @dataclass(kw_only=True)
