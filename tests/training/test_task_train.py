@@ -303,3 +303,34 @@ def test_a_prompt_on_random_weights_records_their_seed_and_is_checked_against_it
     assert main([*other, "--fields", json.dumps({"text": "a film"})]) != 0
     err = capsys.readouterr().err
     assert "was trained on random weights seeded 7, not 8 (pass --seed 7)" in err and "Traceback" not in err
+
+
+def test_a_task_flag_other_than_the_prompt_own_is_warned_about(tmp_path, tiny_model_dir, capsys):
+    """`--task boolq` on an RTE prompt is allowed, with a warning naming both; `--task rte` says nothing."""
+    import torch
+
+    from conftest import tiny_config
+    from softprompt.io.checkpoint import PromptConfig, save_prompt
+
+    d_model = tiny_config().d_model
+    config = PromptConfig(
+        base_model=str(tiny_model_dir), n_tokens=2, d_model=d_model, task=load_task("rte").to_dict()
+    )
+    prompt = save_prompt(tmp_path / "rte_prompt", torch.zeros(2, d_model), config)
+    argv = [
+        "predict",
+        "--model",
+        str(tiny_model_dir),
+        "--random_init",
+        "--prompt",
+        str(prompt),
+        "--max_target_length",
+        "2",
+    ]
+    boolq = ["--task", "boolq", "--fields", json.dumps({"passage": "p", "question": "q"})]
+    capsys.readouterr()
+    assert main([*argv, *boolq]) == 0
+    warning = f"softprompt: warning: the prompt in {prompt} was trained on rte, but the flags name boolq"
+    assert warning in capsys.readouterr().err
+    assert main([*argv, "--task", "rte", "--fields", json.dumps({"premise": "p", "hypothesis": "h"})]) == 0
+    assert "warning" not in capsys.readouterr().err
