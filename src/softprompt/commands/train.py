@@ -64,8 +64,8 @@ def run(cfg: TrainConfig) -> int:
     try:
         results = train(cfg)
     except Preempted as e:
-        if reports():
-            print(f"softprompt: {e}", file=sys.stderr)
+        # Every rank says where it stopped: that they agree is what a preempted multi-rank job needs to see.
+        print(f"softprompt: {e}", file=sys.stderr)
         return e.exit_code
     if not reports():
         return 0  # every rank of a torchrun job returns the same results; rank 0 prints them
