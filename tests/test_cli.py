@@ -114,3 +114,12 @@ def test_output_dash_is_stdout_and_one_example_is_singular(tmp_path, monkeypatch
     assert [r["id"] for r in rows] == ["q1"] and rows[0]["targets"] == "France"
     assert err.strip() == "wrote 1 question to stdout"
     assert not (tmp_path / "-").exists()
+
+
+def test_train_help_names_the_config_file(capsys):
+    """`softprompt train --help` says that --config FILE exists and how it meets the flags."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--config FILE (YAML or JSON" in out and "the flags given override it" in out

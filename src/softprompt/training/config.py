@@ -149,7 +149,9 @@ class _TrainFlags:
 
 @dataclass(kw_only=True)
 class TrainConfig(TaskFlags, GenerationFlags, ModelFlags, _TrainFlags):
-    """Everything a training run needs. Defaults follow the paper (Lester et al., 2021)."""
+    """Everything a training run needs. Defaults follow the paper (Lester et al., 2021). --config FILE
+    (YAML or JSON, e.g. configs/prompt_base_adafactor_lr0.3.yaml) sets any of these flags; the flags given
+    override it, and an empty value ("") unsets an optional one."""
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain values by field name (what config.yaml holds)."""
