@@ -79,3 +79,47 @@ def test_eval_and_predict_with_a_prompt_offline(tmp_path, tiny_model_dir, capsys
     # the same question through --question/--context gives the same answer as the file path
     assert main(["predict", *base, "--question", "Who?", "--context", "Ann met Bob 0 times."]) == 0
     assert capsys.readouterr().out.strip() == answers[0]["answer"]
+
+
+def test_output_dash_is_stdout_and_one_example_is_singular(tmp_path, monkeypatch, capsys):
+    """`--output -` writes to stdout (no file named `-`), the tally to stderr, in the singular for one."""
+    import json
+
+    squad = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "t",
+                "paragraphs": [
+                    {
+                        "context": "Paris is in France.",
+                        "qas": [
+                            {
+                                "id": "q1",
+                                "question": "Where is Paris?",
+                                "answers": [{"text": "France", "answer_start": 12}],
+                            }
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps(squad))
+    monkeypatch.chdir(tmp_path)
+    assert main(["format", str(data), "--output", "-", "--punctuation", "none"]) == 0
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["id"] for r in rows] == ["q1"] and rows[0]["targets"] == "France"
+    assert err.strip() == "wrote 1 question to stdout"
+    assert not (tmp_path / "-").exists()
+
+
+def test_train_help_names_the_config_file(capsys):
+    """`softprompt train --help` says that --config FILE exists and how it meets the flags."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--config FILE (YAML or JSON" in out and "the flags given override it" in out

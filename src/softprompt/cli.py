@@ -36,7 +36,7 @@ from softprompt.commands.flags import (
     predict_checks,
     serve_checks,
 )
-from softprompt.config.parser import parse
+from softprompt.config.parser import parse, reports
 from softprompt.errors import UserError
 from softprompt.training.config import TrainConfig
 
@@ -115,6 +115,20 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     return importlib.import_module(f"softprompt.commands.{name}").run(args)
 
 
+def check_command(name: str, argv: Sequence[str]) -> int:
+    """Parse and check `softprompt NAME ARGV`'s flags without running the command (what
+    `scripts/dist_train.sh` does once before it starts the ranks); 0, or the refusal's exit code after
+    its one line."""
+    try:
+        COMMANDS[name].parse_args(name, argv)
+    except UserError as e:
+        print(f"softprompt {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    return 0
+
+
 def _silence_closed_stdout() -> None:
     # `softprompt train --help | head -1`: the reader went away. Point stdout at /dev/null so that
     # Python's final flush does not print a BrokenPipeError of its own.
@@ -170,7 +184,8 @@ def _dispatch(argv: list[str]) -> int:
     except UserError as e:
         # One line whatever the message quotes (a library's multi-line text, a path with a newline).
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        print(f"softprompt {argv[0]}: error: {message}", file=sys.stderr)
+        if reports():  # under torchrun, rank 0 says it for every rank
+            print(f"softprompt {argv[0]}: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"softprompt {argv[0]}: interrupted", file=sys.stderr)

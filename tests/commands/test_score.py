@@ -50,3 +50,33 @@ def test_main_reports_bad_input_on_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "missing.json" in err
     assert err.count("\n") == 1
+
+
+def test_score_summarises_a_partial_prediction_file_and_can_score_only_its_questions(
+    tmp_path: Path, capsys
+) -> None:
+    """`softprompt score` lists ten unanswered questions and counts the rest; --only_predicted scores the
+    answered ones alone. The script twin keeps the official line per question."""
+    from softprompt.cli import main as cli_main
+
+    qas = [
+        {"id": f"q{i}", "question": "?", "answers": [{"text": "cat", "answer_start": 0}]} for i in range(30)
+    ]
+    dataset = _write(
+        tmp_path / "d.json",
+        {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "cat", "qas": qas}]}]},
+    )
+    preds = _write(tmp_path / "p.json", {"q0": "cat", "q1": "dog"})
+    assert cli_main(["score", str(dataset), str(preds)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"exact_match": 100 / 30, "f1": 100 / 30}
+    lines = err.splitlines()
+    assert lines[:10] == [f"Unanswered question q{i} will receive score 0." for i in range(2, 12)]
+    assert lines[10:] == [
+        "28 of 30 questions have no prediction and score 0 (18 not listed); --only_predicted scores the predicted questions only"
+    ]
+    assert cli_main(["score", str(dataset), str(preds), "--only_predicted"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"exact_match": 50.0, "f1": 50.0} and err == ""
+    assert main([str(dataset), str(preds)]) == 0
+    assert len(capsys.readouterr().err.splitlines()) == 28

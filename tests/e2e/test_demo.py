@@ -171,6 +171,24 @@ def test_quick_demo_prompt_tuning_beats_zero_shot(tmp_path: Path, monkeypatch: p
     assert b["fine_tuning"]["test"]["exact_match"] >= 60
     # Same seed, same place: the demo replaces its own earlier run instead of refusing.
     assert (out / ".softprompt-demo").is_file()
+    # The report of the demo's prompt runs: task C is scored by its accuracy curve, not "without a dev set".
+    from softprompt.cli import main
+    from softprompt.training.report_plots import draw_figure
+    from softprompt.training.report_runs import load_run
+
+    report = tmp_path / "report"
+    assert (
+        main(["report", str(out / "task_c_prompt"), str(out / "task_b_prompt"), "--output_dir", str(report)])
+        == 0
+    )
+    assert "Trained without a dev set" not in (report / "report.md").read_text()
+    evals = [json.loads(line) for line in (out / "task_c_prompt" / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [e["accuracy"] for e in evals if e["event"] == "eval"]
+    lines = {
+        line.get_label(): list(line.get_ydata())
+        for line in draw_figure("dev_score", [load_run(out / "task_c_prompt")]).axes[0].get_lines()
+    }
+    assert accuracy and lines == {"task_c_prompt (task_c accuracy)": accuracy}
 
 
 @pytest.mark.slow

@@ -273,6 +273,9 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_is_bit_identical(tiny_r
     assert stopped, text[-2000:]
     step = int(stopped.group(1))
     assert 3 <= step < MAX_STEPS and _last_step(out) == step and not (out / "results.json").exists()
+    # metrics.jsonl says the run was stopped, by which signal, at which step.
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["signal"]) for e in events if e["event"] == "stop"] == [(step, "SIGTERM")]
     _assert_consistent(out)
 
     _run_to_end(_resume_argv(out), tmp_path / "resume.log")
@@ -803,13 +806,13 @@ def test_config_errors_are_all_listed_at_once_before_any_work(tiny_model_dir, sq
     before = _snapshot(taken)
 
     # Bad flags, and impossible combinations of the good ones, in one message.
-    argv = ["train", "--output_dir", str(taken), "--train_file", train_file, "--learning_rate", "3",
+    argv = ["train", "--output_dir", str(taken), "--train_file", train_file, "--learning_rat", "3",
             "--lr", "fast", "--n_tokens", "1.5", "--optimizer", "sgd", "--prompt_init_file", str(tmp_path),
             "--global_batch_size", "10", "--batch_size", "4"]  # fmt: skip
     assert _exit_code(argv) == 2
     line = _one_error_line(capsys.readouterr().err, "train")
     for part in (
-        "unknown flag --learning_rate",
+        "unknown flag --learning_rat",
         "--lr must be a number, got 'fast'",
         "--n_tokens must be an integer, got '1.5'",
         "--optimizer must be one of",

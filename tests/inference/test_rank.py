@@ -290,3 +290,16 @@ def test_two_ranks_and_fsdp_in_lockstep_equal_one_process(tokenizer, tmp_path):
         got = json.loads((tmp_path / f"scores.rank{rank}").read_text())
         torch.testing.assert_close(torch.tensor(got["sharded"]), one, atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(got["fsdp"]), one, atol=1e-4, rtol=0)
+
+
+def test_labels_that_tokenize_identically_are_warned_about_once(tokenizer, capsys):
+    """Two label strings that both become `<unk>` score alike: rank accuracy would mean nothing."""
+    from softprompt.inference.rank import same_token_labels, warn_same_token_labels
+
+    labels = ["\u4e00", "\u4e8c", "yes"]  # two CJK characters outside T5's vocabulary, and a real word
+    assert same_token_labels(tokenizer, labels) == [("\u4e00", "\u4e8c")]
+    assert same_token_labels(tokenizer, ["yes", "no", "yes"]) == []  # a label given twice is no clash
+    warn_same_token_labels(tokenizer, labels)
+    warn_same_token_labels(tokenizer, labels)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "the labels '\u4e00', '\u4e8c' tokenize identically" in err[0], err

@@ -483,3 +483,30 @@ def test_index_shards_must_stay_inside_the_model_directory(tmp_path: Path) -> No
     )
     with pytest.raises(CheckpointError, match="shard files inside its directory"):
         load_t5(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["predict", "train"])
+def test_a_bert_config_or_a_mistyped_path_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys, command
+) -> None:
+    """A BERT config.json with --random_init names the architecture; a local path that does not exist
+    says so, instead of the Hub client's "Repo id must be in the form"."""
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    shutil.copy(need(TOKENIZER_DIR) / "tokenizer.json", bert / "tokenizer.json")
+    (bert / "config.json").write_text(
+        json.dumps({"model_type": "bert", "hidden_size": 64, "vocab_size": 100})
+    )
+    missing = tmp_path / "models" / "t5-smal"
+    extra = (
+        ["--question", "q?", "--context", "c"]
+        if command == "predict"
+        else ["--output_dir", str(tmp_path / "run"), "--train_file", str(need(SQUAD_DEV)), "--max_steps", "1"]
+    )
+    for model, message in (
+        (bert, f"{bert / 'config.json'} describes a bert model, not T5"),
+        (missing, f"{missing}: no such directory"),
+    ):
+        assert main([command, "--model", str(model), "--random_init", *extra]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "Repo id" not in err, err

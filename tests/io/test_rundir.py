@@ -434,3 +434,20 @@ def test_amend_replaces_files_as_one_step_and_never_writes_through_the_links(tmp
     assert rundir.read_trainer_state(out / rundir.LAST).best_f1 == 9.0
     assert rundir.verify_checkpoint(ckpt).status == "ok"
     assert (ckpt / "weights.bin").read_bytes() == b"w" * 100
+
+
+def test_verify_does_not_send_a_damaged_best_to_resume(reference, tmp_path, capsys):
+    """A finished run whose best/ is damaged: --resume would not rewrite it, so verify says what will."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, symlinks=True)
+    # The reference run has no dev set; a best/ is a verified checkpoint like the others.
+    shutil.copytree(run / rundir.checkpoint_name(4), run / rundir.BEST)
+    _damage(run / rundir.BEST / "prompt.safetensors", "garble")
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 1
+    out, err = capsys.readouterr()
+    assert "damaged" in next(line for line in out.splitlines() if line.startswith(rundir.BEST))
+    assert err.strip() == (
+        f"softprompt verify: damaged: {rundir.BEST}; --resume does not rewrite it: restore {run / rundir.BEST} "
+        f"from a copy, or use {run / rundir.LAST} (the newest checkpoint) instead"
+    )

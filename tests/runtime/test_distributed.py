@@ -79,6 +79,8 @@ def test_two_ranks_equal_one_rank_with_accumulation_in_prompt_mode(tmp_path, tin
     )
     _single(["--output_dir", str(tmp_path / "acc"), "--prompt_tuning", "--batch_size", "2", "--grad_accum_steps", "2", "--max_steps", "5", *common])  # fmt: skip
     assert "global batch 4 = 2 per device x 2 device(s) x 1 accumulation" in two.stdout
+    # The results line comes once, from rank 0, not once per rank.
+    assert sum(line.startswith('{"exact_match"') for line in two.stdout.splitlines()) == 1, two.stdout
     a = load_file(str(tmp_path / "ddp" / "last" / "prompt.safetensors"))["prompt"]
     b = load_file(str(tmp_path / "acc" / "last" / "prompt.safetensors"))["prompt"]
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
@@ -506,3 +508,44 @@ def test_two_ranks_preempted_through_torchrun_stop_together_and_resume(
     final = json.loads((out / f"predictions_step{MAX_STEPS}.json").read_text())
     assert len(final) == 5
     assert os.readlink(out / "last") == f"checkpoint-{MAX_STEPS:07d}"
+
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "dist_train.sh"
+
+
+def test_dist_train_header_example_is_complete_and_bad_flags_are_one_line_before_any_rank(tmp_path):
+    """The launch line in dist_train.sh's header parses as written (it names its data); a launch without
+    data is refused once, in one line, with exit 2 and no torchrun traceback."""
+    import shlex
+
+    from softprompt.commands.train import parse_args
+
+    header = [line[1:].strip() for line in SCRIPT.read_text().splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(header) if line.startswith("scripts/dist_train.sh"))
+    command = header[start]
+    while command.endswith("\\"):
+        start += 1
+        command = command[:-1] + " " + header[start]
+    words = shlex.split(command)[1:]
+    words[words.index("--output_dir") + 1] = str(tmp_path / "run")
+    cfg = parse_args(words)
+    assert cfg.dataset_name == "squad" and cfg.lr == 0.3 and cfg.prompt_tuning
+    env = {**_env(), "NPROC": "2"}
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--output_dir", str(tmp_path / "run"), "--prompt_tuning"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "give --train_file" in lines[0] and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_errors_and_results_are_told_by_rank_zero_only(monkeypatch, tmp_path, capsys):
+    """Every torchrun rank meets the same bad input: rank 0 says it, the others only exit non-zero."""
+    from softprompt.cli import main
+
+    argv = ["verify", str(tmp_path / "nowhere")]
+    for rank, told in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) != 0
+        assert bool(capsys.readouterr().err.strip()) is told

@@ -391,9 +391,10 @@ def test_every_error_has_one_shape_and_status_scheme(served: dict) -> None:
 
 
 def test_prompt_specs() -> None:
+    # A bare DIR that is a run's best/ is named after the run (no prompt config to name a task here).
     assert parse_prompt_specs(["qa=runs/a/best", "runs/b/best/"]) == [
         ("qa", "runs/a/best"),
-        ("best", "runs/b/best/"),
+        ("b", "runs/b/best/"),
     ]
     with pytest.raises(UserError, match="NAME=DIR"):
         parse_prompt_specs(["=runs/a"])

@@ -131,3 +131,57 @@ def test_prompt_config_round_trips_the_task(tmp_path: Path) -> None:
     config = PromptConfig(base_model="m", n_tokens=2, d_model=4, task=dict(SENTIMENT))
     save_prompt(tmp_path / "p", torch.zeros(2, 4), config)
     assert TaskSpec.from_dict(load_prompt_config(tmp_path / "p").task) == TaskSpec.from_dict(SENTIMENT)
+
+
+def test_bare_prompt_dirs_are_named_after_their_task_or_run(tmp_path: Path) -> None:
+    """`serve --prompt runs/x/best --prompt runs/y/best`: no two prompts called `best`; each is named
+    after the task it recorded, QA prompts (both `squad`) after their runs."""
+    from softprompt.serving.server import parse_prompt_specs
+
+    d_model = tiny_config().d_model
+    weight = torch.zeros(2, d_model)
+    qa = PromptConfig(base_model="m", n_tokens=2, d_model=d_model)
+    cls = PromptConfig(base_model="m", n_tokens=2, d_model=d_model, task=dict(SENTIMENT))
+    dirs = {
+        "sent": save_prompt(tmp_path / "runs" / "sent_run" / "best", weight, cls),
+        "qa1": save_prompt(tmp_path / "runs" / "qa_one" / "best", weight, qa),
+        "qa2": save_prompt(tmp_path / "runs" / "qa_two" / "best", weight, qa),
+    }
+    names = [n for n, _ in parse_prompt_specs([str(d) for d in dirs.values()])]
+    assert names == ["sent_run", "qa_one", "qa_two"]  # the QA prompts share "squad": runs for all
+    assert [n for n, _ in parse_prompt_specs([str(dirs["sent"]), str(dirs["qa1"])])] == ["sentiment", "squad"]
+    # A name given explicitly keeps its place; a bare prompt that would take it is named after its run.
+    specs = parse_prompt_specs([f"sentiment={dirs['qa2']}", str(dirs["sent"])])
+    assert specs == [("sentiment", str(dirs["qa2"])), ("sent_run", str(dirs["sent"]))]
+
+
+def test_serve_classify_rank_answers_classifiers_with_their_likeliest_label(bank_and_expected: dict) -> None:
+    """`serve --classify rank`: the classification prompt's rows get the label of highest log-likelihood
+    (as `inference.rank` computes it for that prompt alone), the QA prompt's rows in the same batch are
+    still generated, equal to their offline answers."""
+    from fastapi.testclient import TestClient
+
+    from softprompt.inference.rank import label_log_likelihoods
+
+    b = bank_and_expected
+    bank = b["bank"]
+    labels = SENTIMENT["labels"]
+    features, _ = bank.tokenize([("sentiment", f) for f in b["fields"]])
+    scores = label_log_likelihoods(
+        bank.model,
+        bank.tokenizer,
+        features,
+        labels,
+        row_prompts=bank.row_prompts(["sentiment"] * len(features)),
+    )
+    ranked = [labels[int(k)] for k in scores.argmax(dim=1)]
+    qa = [{"task": "squad", **q} for q in b["questions"]]
+    cls = [{"task": "sentiment", "fields": f} for f in b["fields"]]
+    mixed = [x for pair in zip(qa, cls, strict=True) for x in pair]
+    expected = [x for pair in zip(b["qa_expected"], ranked, strict=True) for x in pair]
+    app = create_app(bank, max_batch_size=16, max_wait_ms=200, max_new_tokens=MAX_NEW, classify="rank")
+    with TestClient(app) as client:
+        r = client.post("/v1/answer", json={"inputs": mixed})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"answers": expected}
+    assert predict_answers(bank, "sentiment", b["fields"], classify="rank") == ranked

@@ -310,3 +310,67 @@ def test_a_number_field_given_a_list_or_a_huge_integer_is_one_line(tmp_path):
         load_yaml_config(p)
     assert "'lr' must be a number, got [1]" in str(e.value)
     assert "'weight_decay' must be a number, got <an integer of 1,329 bits>" in str(e.value)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_data_files_given_as_flags_replace_a_preset_data_source(path, tmp_path):
+    """`--config PRESET --train_file F --validation_file F` trains on F: the flags' files replace the
+    preset's dataset_name (which would otherwise win and go to the Hub)."""
+    from softprompt.commands.train import parse_args
+
+    data = tmp_path / "small.json"
+    data.write_text('{"data": []}')
+    argv = ["--config", str(path), "--train_file", str(data), "--validation_file", str(data)]
+    cfg = parse_args([*argv, "--output_dir", str(tmp_path / "run")])
+    assert cfg.dataset_name is None and cfg.train_file == str(data) and cfg.validation_file == str(data)
+    assert cfg.lr == load_yaml_config(path).lr  # the rest of the preset still holds
+
+
+def test_an_empty_value_unsets_an_optional_field(tmp_path):
+    """`--dataset_name ""` (or `dataset_name:` left empty in a file) unsets it, instead of reaching
+    `datasets` as the name ""."""
+    from softprompt.commands.train import parse_args
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("dataset_name: squad\nvalidation_file: ''\n")
+    data = tmp_path / "small.json"
+    data.write_text('{"data": []}')
+    out = ["--output_dir", str(tmp_path / "run"), "--train_file", str(data)]
+    cfg = parse_args(["--config", str(preset), "--dataset_name", "", *out])
+    assert cfg.dataset_name is None and cfg.validation_file is None and cfg.train_file == str(data)
+    # A dataset named by a flag likewise replaces a file's data files.
+    preset.write_text(f"train_file: {data}\nvalidation_file: {data}\n")
+    cfg = parse_args(
+        ["--config", str(preset), "--dataset_name", "squad", "--output_dir", str(tmp_path / "r")]
+    )
+    assert cfg.dataset_name == "squad" and cfg.train_file is None and cfg.validation_file is None
+
+
+def test_hugging_face_trainer_spellings_are_aliases_or_get_the_right_suggestion(tmp_path, capsys):
+    """HF Trainer's flags that mean the same as softprompt's are aliases of them; its precision switches
+    are suggested as --precision's values, not as the nearest spelling of another flag."""
+    from softprompt.commands.train import parse_args
+
+    data = tmp_path / "small.json"
+    data.write_text('{"data": []}')
+    base = ["--train_file", str(data), "--output_dir", str(tmp_path / "run")]
+    argv = [
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--learning_rate",
+        "0.1",
+    ]
+    argv += ["--num_train_epochs", "2", "--gradient_accumulation_steps", "2", "--prompt_length", "7"]
+    cfg = parse_args([*base, *argv])
+    assert (cfg.batch_size, cfg.eval_batch_size, cfg.lr, cfg.epochs) == (4, 8, 0.1, 2.0)
+    assert (cfg.grad_accum_steps, cfg.n_tokens) == (2, 7)
+    for flag, hint in (
+        ("--bf16", "--precision bf16?"),
+        ("--fp16", "--precision bf16? fp16 is not supported"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            parse_args([*base, flag])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"unknown flag {flag} (did you mean {hint})" in err, err

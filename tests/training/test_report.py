@@ -377,3 +377,55 @@ def test_a_text_task_run_shows_its_own_score(tmp_path: Path) -> None:
     rows = section(make_report([run, qa], tmp_path / "out").read_text(encoding="utf-8"), "Runs")
     assert "| rte accuracy 71.50 |" in rows[0] and "| — | — |" in rows[0]  # no EM/F1 of its own
     assert "| 10.00 | 20.00 |" in rows[1] and "accuracy" not in rows[1]
+
+
+def _as_text_task_run(run: Path, task: str, metric: str, accuracies: list[float]) -> None:
+    """Rewrite a fixture run as a text-task run: accuracy evaluations and no EM/F1, as the trainer writes."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = iter(accuracies)
+    lines = []
+    for r in records:
+        if r.get("event") == "eval":
+            r = {"event": "eval", "step": r["step"], metric: next(evals), "invalid_predictions": 0.0}
+        lines.append(json.dumps(r))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    results = json.loads((run / "results.json").read_text())
+    scores = {metric: max(accuracies), "invalid_predictions": 0.0}
+    results.update(exact_match=None, f1=None, task=task, metric=metric, scores=scores, **scores)
+    (run / "results.json").write_text(json.dumps(results))
+
+
+def test_text_task_runs_have_their_own_curves_and_comparisons(tmp_path: Path) -> None:
+    """A text-task run is scored (not "trained without a dev set"): its accuracy evaluations make its
+    curve in dev_score, and runs differing only in optimizer compare on that accuracy."""
+    from softprompt.training.report_plots import draw_figure
+
+    curves = {"a": [50.0, 60.0, 70.0, 75.0, 80.0, 81.0], "b": [40.0, 45.0, 55.0, 60.0, 62.0, 64.5]}
+    af = make_run(tmp_path, "task_c_af", em=0.0, f1=0.0, task="rte")
+    aw = make_run(tmp_path, "task_c_aw", em=0.0, f1=0.0, task="rte", optimizer="adamw")
+    _as_text_task_run(af, "rte", "accuracy", curves["a"])
+    _as_text_task_run(aw, "rte", "accuracy", curves["b"])
+    qa = make_run(tmp_path, "qa", em=10.0, f1=20.0)
+    out = tmp_path / "out"
+    md = make_report([af, aw, qa], out).read_text(encoding="utf-8")
+    assert "Trained without a dev set" not in md
+    rows = section(md, "Optimizer comparison")
+    assert "| Optimizer | Run | Dev rte accuracy | Δ |" in md
+    assert rows == ["| adafactor | task_c_af | 81.00 | — |", "| adamw | task_c_aw | 64.50 | -16.50 |"]
+    assert (out / "dev_score.png").is_file() and "](dev_score.png)" in md
+    runs = [load_run(af), load_run(aw), load_run(qa)]
+    ax = draw_figure("dev_score", runs).axes[0]
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert (
+        lines["task_c_af (rte accuracy)"] == curves["a"] and lines["task_c_aw (rte accuracy)"] == curves["b"]
+    )
+    assert lines["qa (f1)"] == [p[2] for p in runs[2].evals] and len(lines["qa (f1)"]) == 6
+
+
+def test_a_one_step_loss_curve_is_drawn_with_a_marker(tmp_path: Path) -> None:
+    from softprompt.training.report_plots import draw_figure
+
+    run = make_run(tmp_path, "one", em=1.0, f1=2.0, max_steps=10)
+    (run / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 10, "loss": 2.0}) + "\n")
+    (line,) = draw_figure("loss", [load_run(run)]).axes[0].get_lines()
+    assert line.get_marker() == "o" and list(line.get_ydata()) == [2.0]

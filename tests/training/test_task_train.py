@@ -144,6 +144,15 @@ def test_a_prompt_keeps_its_task_for_eval_and_predict(tmp_path, tiny_model_dir, 
     assert main([*predict, "--input_file", str(inputs)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert {x["id"]: x["answer"] for x in lines} == predictions
+    # predict --classify rank: the unlabelled rows get the labels eval's rank classification chose.
+    assert main([*predict, "--input_file", str(inputs), "--classify", "rank"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert {x["id"]: x["answer"] for x in lines} == ranked_answers
+    # ... and it refuses a task without label strings (SQuAD) in one line, before loading the model.
+    qa_argv = ["predict", "--model", str(tiny_model_dir), "--random_init", "--classify", "rank"]
+    assert main([*qa_argv, "--question", "q?", "--context", "c"]) != 0
+    err = capsys.readouterr().err
+    assert "--classify rank is for classification tasks" in err and "Traceback" not in err
     # A row without the template's field: one line naming the file, the row and the field.
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "txt": "typo"}])
     assert main([*predict, "--input_file", str(bad)]) != 0
@@ -175,3 +184,153 @@ def test_superglue_presets_train_and_score_through_the_cli(tmp_path, tiny_model_
     predictions = json.loads((out / "predictions_best.json").read_text())
     ids = [e.id for e in load_task(preset).examples_from_records([("line 1", record)], source="val.jsonl")]
     assert sorted(predictions) == sorted(ids)
+
+
+def test_summary_progress_line_and_prompt_config_are_the_text_task_own(tmp_path, tiny_model_dir, capsys):
+    """`train` sums a text task up by its own metric (not SQuAD's null EM/F1), and the progress line of
+    the last step shows that step's dev score, the final evaluation's, not the one before it."""
+    rows = sentiment_rows(8, seed=3)
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "run"
+    argv = ["train", "--input_template", "sentiment review: {text}", "--label_field", "label"]
+    argv += [
+        "--labels",
+        "neg",
+        "pos",
+        "--id_field",
+        "id",
+        "--train_file",
+        str(data),
+        "--validation_file",
+        str(data),
+    ]
+    argv += ["--model", str(tiny_model_dir), "--random_init", "--output_dir", str(out), "--prompt_tuning"]
+    argv += [
+        "--n_tokens",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "3",
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "2",
+    ]
+    argv += ["--max_source_length", "32", "--max_target_length", "4", "--report_to", "none"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    results = json.loads((out / "results.json").read_text())
+    assert summary["task"] == "custom" and summary["metric"] == "accuracy"
+    assert summary["accuracy"] == results["accuracy"] and "invalid_predictions" in summary
+    assert "exact_match" not in summary and "f1" not in summary
+    assert summary["best_step"] == results["best_step"] and summary["steps"] == 3
+    evals = {
+        e["step"]: e
+        for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if e["event"] == "eval"
+    }
+    assert sorted(evals) == [3]  # no scheduled evaluation: the final one only
+    # A text task's prompt records its own template, not SQuAD's template and punctuation (item 7).
+    config = json.loads((out / "best" / "prompt_config.json").read_text())
+    assert config["input_template"] == "sentiment review: {text}" and config["punctuation"] == "none"
+    assert results["punctuation"] == "none"
+    lines = [line for line in captured.err.splitlines() if line.startswith("train: step 3/3 ")]
+    assert len(lines) == 1 and f"dev_accuracy {evals[3]['accuracy']:.4g} " in lines[0], lines
+
+
+def test_multirc_summary_names_its_own_scores(tmp_path, tiny_model_dir, capsys):
+    """MultiRC's summary line carries f1a and its exact match, not SQuAD's F1 (null)."""
+    from test_layouts import MULTIRC
+
+    data = write_jsonl(tmp_path / "val.jsonl", [MULTIRC])
+    argv = ["train", "--task", "multirc", "--train_file", str(data), "--validation_file", str(data)]
+    argv += [
+        "--model",
+        str(tiny_model_dir),
+        "--random_init",
+        "--output_dir",
+        str(tmp_path / "m"),
+        "--prompt_tuning",
+    ]
+    argv += ["--n_tokens", "2", "--batch_size", "2", "--max_steps", "1", "--max_source_length", "64"]
+    argv += ["--max_target_length", "3", "--report_to", "none"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    results = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert summary["metric"] == "multirc" and "f1" not in summary
+    assert {k: summary[k] for k in results["scores"]} == results["scores"] and "f1a" in summary
+
+
+def test_a_prompt_on_random_weights_records_their_seed_and_is_checked_against_it(
+    tmp_path, tiny_model_dir, capsys
+):
+    """A prompt trained with --random_init --seed 7 records the seed; its card's predict command carries
+    --random_init --seed 7 and runs; another seed is refused in one line, like another base model."""
+    import shlex
+
+    rows = sentiment_rows(8, seed=4)
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "run"
+    argv = ["train", "--input_template", "sentiment review: {text}", "--label_field", "label"]
+    argv += ["--labels", "neg", "pos", "--train_file", str(data), "--validation_file", str(data)]
+    argv += ["--model", str(tiny_model_dir), "--random_init", "--seed", "7", "--output_dir", str(out)]
+    argv += ["--prompt_tuning", "--n_tokens", "2", "--batch_size", "4", "--max_steps", "1"]
+    argv += ["--max_source_length", "32", "--max_target_length", "4", "--report_to", "none"]
+    assert main(argv) == 0
+    config = json.loads((out / "best" / "prompt_config.json").read_text())
+    assert config["extra"]["random_init_seed"] == 7
+    card = (out / "best" / "README.md").read_text()
+    command = next(line for line in card.splitlines() if line.startswith("softprompt predict "))
+    words = shlex.split(command)
+    assert words[words.index("--random_init") + 1 : words.index("--random_init") + 3] == ["--seed", "7"]
+    capsys.readouterr()
+    assert main(words[1:]) == 0  # the card's own command, as written (an untrained answer may be empty)
+    capsys.readouterr()
+    other = [
+        "predict",
+        "--model",
+        str(tiny_model_dir),
+        "--random_init",
+        "--seed",
+        "8",
+        "--prompt",
+        str(out / "best"),
+    ]
+    assert main([*other, "--fields", json.dumps({"text": "a film"})]) != 0
+    err = capsys.readouterr().err
+    assert "was trained on random weights seeded 7, not 8 (pass --seed 7)" in err and "Traceback" not in err
+
+
+def test_a_task_flag_other_than_the_prompt_own_is_warned_about(tmp_path, tiny_model_dir, capsys):
+    """`--task boolq` on an RTE prompt is allowed, with a warning naming both; `--task rte` says nothing."""
+    import torch
+
+    from conftest import tiny_config
+    from softprompt.io.checkpoint import PromptConfig, save_prompt
+
+    d_model = tiny_config().d_model
+    config = PromptConfig(
+        base_model=str(tiny_model_dir), n_tokens=2, d_model=d_model, task=load_task("rte").to_dict()
+    )
+    prompt = save_prompt(tmp_path / "rte_prompt", torch.zeros(2, d_model), config)
+    argv = [
+        "predict",
+        "--model",
+        str(tiny_model_dir),
+        "--random_init",
+        "--prompt",
+        str(prompt),
+        "--max_target_length",
+        "2",
+    ]
+    boolq = ["--task", "boolq", "--fields", json.dumps({"passage": "p", "question": "q"})]
+    capsys.readouterr()
+    assert main([*argv, *boolq]) == 0
+    warning = f"softprompt: warning: the prompt in {prompt} was trained on rte, but the flags name boolq"
+    assert warning in capsys.readouterr().err
+    assert main([*argv, "--task", "rte", "--fields", json.dumps({"premise": "p", "hypothesis": "h"})]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -69,9 +69,9 @@ def test_adam_alias_and_unknown_flag(tmp_path, tiny_model_dir, squad_small, caps
     assert rc == 0
     assert json.loads((tmp_path / "a" / "results.json").read_text())["optimizer"] == "adam"
     with pytest.raises(SystemExit) as e:
-        _run([*base, "--output_dir", str(tmp_path / "b"), "--learning_rate", "3"])
+        _run([*base, "--output_dir", str(tmp_path / "b"), "--learning_rat", "3"])
     assert e.value.code == 2
-    assert "learning_rate" in capsys.readouterr().err
+    assert "learning_rat" in capsys.readouterr().err
 
 
 def _prompt_after(tmp_path, tiny_model_dir, train_file, name, **kw) -> torch.Tensor:
@@ -314,3 +314,32 @@ def test_fast_path_and_bf16_weights_switches_reach_the_model(tmp_path, tiny_mode
     off = model(fast_path=False, bf16_weights=False)  # --no_fast_path --no_bf16_weights
     assert not off.fast_path and off.fast_path_dtype(cpu) is None
     assert {m.weight.dtype for m in off.model.modules() if isinstance(m, torch.nn.Linear)} == {torch.float32}
+
+
+def test_a_preset_trains_offline_on_the_data_files_given_as_flags(
+    tmp_path, tiny_model_dir, squad_small, capsys
+):
+    """The seed's headline preset names the Hub's squad; --train_file/--validation_file replace it, so
+    the run trains on those files without the network (HF_DATASETS_OFFLINE would refuse the Hub)."""
+    from pathlib import Path
+
+    train_file, dev_file = squad_small
+    preset = Path(__file__).resolve().parents[2] / "configs" / "prompt_base_adafactor_lr0.3.yaml"
+    out = tmp_path / "run"
+    rc = _run(
+        [
+            "--config", str(preset), "--train_file", str(train_file), "--validation_file", str(dev_file),
+            "--model", str(tiny_model_dir), "--random_init", "--output_dir", str(out), "--max_steps", "2",
+            "--global_batch_size", "4", "--n_tokens", "4", "--max_eval_samples", "4", "--eval_steps", "2",
+            "--max_source_length", "64", "--precision", "fp32", "--report_to", "none",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 2 and results["lr"] == 0.3 and results["initial_step"] == 1100000
+    # The start line names Adafactor's initial step, which sets its decay.
+    start = next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("softprompt: prompt tuning")
+    )
+    assert "with adafactor at lr 0.3, weight decay 1e-05, initial step 1,100,000;" in start
+    assert len(json.loads((out / "predictions_best.json").read_text())) == 4

@@ -14,7 +14,7 @@ from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
 from softprompt.inference.ensemble import ensemble_eval
 from softprompt.inference.options import GenerationOptions
-from softprompt.io.atomic import atomic_write_json
+from softprompt.io.atomic import write_output_json
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.base import EvalResult, Task
 
@@ -115,6 +115,6 @@ def _score_each(
 
 def _write_predictions(args: EvalArgs, report: dict[str, Any], predictions: dict[str, Any]) -> dict[str, Any]:
     if args.output:
-        atomic_write_json(args.output, predictions)
+        write_output_json(args.output, predictions)
         report["predictions_file"] = args.output
     return report

@@ -50,7 +50,7 @@ class _EvalFlags:
     """Hub id or directory of the T5 model (a fine-tuned run's best/ directory works too). Alias: --model_name_or_path."""
     output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
     """Write the predictions as JSON: {id: answer} for the bare model or one prompt; with several prompts
-    {prompt name: {id: answer}} (plus "ensemble" with --ensemble majority). Not written when not given."""
+    {prompt name: {id: answer}} (plus "ensemble" with --ensemble majority); - for stdout. Not written when not given."""
     validation_file: DataFile | None = None
     """The data to evaluate on: SQuAD v1.1 JSON, MRQA .jsonl(.gz), a text task's JSONL/CSV/TSV, or hf:NAME."""
     dataset_name: str | None = None
@@ -83,7 +83,7 @@ class _PredictFlags:
     model_name_or_path: Model
     """Hub id or directory of the T5 model. Alias: --model_name_or_path."""
     output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--out",))] = None
-    """Write answers here as JSONL instead of printing them."""
+    """Write answers here as JSONL instead of printing them (- for stdout)."""
     prompt: InputPath | None = None
     """Prompt checkpoint directory."""
     question: str | None = None
@@ -94,6 +94,8 @@ class _PredictFlags:
     """One example of a text task as a JSON object of its fields, e.g. '{"premise": "...", "hypothesis": "..."}'."""
     input_file: InputPath | None = None
     """A JSONL file of {"question", "context"} lines (an "id" is kept if present); for a text task (--task, or the prompt's own) JSONL/CSV/TSV rows with the template's fields."""
+    classify: RankModeName = "greedy"
+    """Classification tasks: greedy (generate) or rank (the label with the highest log-likelihood; no labels needed in the input, e.g. a test split)."""
 
 
 @dataclass(kw_only=True)
@@ -122,6 +124,8 @@ class ScoreArgs:
     """The gold answers: SQuAD v1.1 data JSON, or an MRQA .jsonl(.gz) file (as `eval` reads)."""
     prediction_file: tyro.conf.Positional[str]
     """Predictions JSON: {question id: answer}."""
+    only_predicted: bool = False
+    """Score only the questions the predictions file answers (a partial file), instead of counting every other one as 0."""
 
 
 @dataclass(kw_only=True)
@@ -129,7 +133,7 @@ class _FormatFlags:
     """format's own flags; `FormatArgs` adds the task's flags after them."""
 
     output: OutputFile
-    """The .jsonl file to write, one question a line."""
+    """The .jsonl file to write, one question a line; - writes to stdout."""
     data: Annotated[tyro.conf.Positional[str | None], tyro.conf.arg(metavar="DATA")] = None
     """SQuAD v1.1 JSON, MRQA .jsonl(.gz), or hf:NAME (or give --dataset_name instead)."""
     punctuation: PunctuationName = "paper"
@@ -192,7 +196,7 @@ class _ServeFlags:
     model: Annotated[str, tyro.conf.arg(aliases=("--model_name_or_path",))]
     """Hub id or directory of the frozen T5 model the prompts were trained on. Alias: --model_name_or_path."""
     prompt: Annotated[list[str], Repeated] = field(default_factory=list)
-    """A prompt as NAME=DIR (DIR alone is named after the directory); repeat for several tasks."""
+    """A prompt as NAME=DIR (DIR alone is named after the task it recorded, else its run); repeat for several tasks."""
     host: str = "127.0.0.1"
     """Interface to listen on (0.0.0.0 exposes the server to the network)."""
     port: int = 8000
@@ -215,6 +219,9 @@ class _ServeFlags:
     """Longest question accepted, in characters."""
     max_inputs: Count = 256
     """Most questions in one request."""
+    classify: RankModeName = "greedy"
+    """rank: each prompt whose task has label strings as targets answers with its likeliest label (rank
+    classification); the others (QA) still generate. greedy: every prompt generates."""
     log_level: LogLevelName = "info"
     """uvicorn's log level."""
     access_log: bool = False

@@ -8,12 +8,13 @@ compared with T5's line by line; for a text task its filled input template and f
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 from softprompt.commands.flags import FormatArgs
 from softprompt.data.records import HF_PREFIX
-from softprompt.io.atomic import atomic_write_text
+from softprompt.io.atomic import STDOUT, write_output_text
 from softprompt.tasks.base import Task
 from softprompt.tasks.resolve import resolve_task
 
@@ -34,7 +35,13 @@ def run(args: FormatArgs) -> int:
         dataset_config=args.dataset_config,
     )
     noun = task.example_noun
-    print(f"wrote {n:,} {noun} to {args.output}" + (f"; skipped {dict(skipped)}" if skipped else ""))
+    noun = noun[:-1] if n == 1 and noun.endswith("s") else noun  # "wrote 1 example"
+    where = "stdout" if args.output == STDOUT else args.output
+    # With --output -, stdout holds the lines themselves: the tally goes to stderr.
+    print(
+        f"wrote {n:,} {noun} to {where}" + (f"; skipped {dict(skipped)}" if skipped else ""),
+        file=sys.stderr if args.output == STDOUT else sys.stdout,
+    )
     return 0
 
 
@@ -55,7 +62,7 @@ def write_formatted(
         task: The task (SQuAD in its punctuation, or a text task): it reads the data and writes the text.
         data: A data file of the task, or ``hf:NAME``; ignored with ``dataset_name``; None: the task's own
             data set.
-        output: The ``.jsonl`` file to write; non-ASCII characters are written as themselves, as T5's
+        output: The ``.jsonl`` file to write (``-``: stdout); non-ASCII characters are written as themselves, as T5's
             files hold them.
         dataset_name: A Hugging Face dataset, instead of ``data``.
         split: The split of a Hugging Face dataset.
@@ -72,5 +79,5 @@ def write_formatted(
     stats: Counter[str] = Counter()
     examples = task.load(source, split=split, config=dataset_config, skip_bad=skip_bad_examples, stats=stats)
     lines = [json.dumps(task.format_row(ex), ensure_ascii=False) for ex in examples[:max_samples]]
-    atomic_write_text(output, "".join(line + "\n" for line in lines))
+    write_output_text(output, "".join(line + "\n" for line in lines))
     return len(lines), stats

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from softprompt.commands.flags import InspectArgs
 from softprompt.errors import CheckpointError
-from softprompt.io.atomic import atomic_write_json
+from softprompt.io.atomic import STDOUT, write_output_json
 from softprompt.io.checkpoint import PromptConfig, load_prompt
 from softprompt.modeling.model import load_t5, load_tokenizer
 
@@ -200,6 +200,7 @@ def run(args: InspectArgs) -> int:
     print(f"{args.prompt_dir} against {model}")
     print(format_table(report))
     if args.output:
-        atomic_write_json(args.output, report)
-        print(f"wrote {args.output}", file=sys.stderr)
+        write_output_json(args.output, report)
+        if args.output != STDOUT:
+            print(f"wrote {args.output}", file=sys.stderr)
     return 0

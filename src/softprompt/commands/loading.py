@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from softprompt.commands.flags import EvalArgs, PredictArgs
 from softprompt.inference.bank import PromptBank, load_model_and_prompts
 from softprompt.io.checkpoint import load_prompt_config
 from softprompt.tasks.base import Task
-from softprompt.tasks.resolve import resolve_task
+from softprompt.tasks.resolve import resolve_task, task_from_saved
 
 
 def task_of(args: EvalArgs | PredictArgs, prompt_dirs: Sequence[str]) -> Task:
     """The task of --task and the template flags, else the first prompt's own, else SQuAD in --punctuation
-    (default: the first prompt's, else raw text)."""
+    (default: the first prompt's, else raw text); a warning on stderr when the flags name another task than
+    the prompt recorded."""
     config = load_prompt_config(prompt_dirs[0]) if prompt_dirs else None
     punctuation = args.punctuation or (config.punctuation if config else "none")
-    return resolve_task(args, config.task if config else None, punctuation=punctuation)
+    task = resolve_task(args, config.task if config else None, punctuation=punctuation)
+    if config is not None:
+        recorded = task_from_saved(config.task, punctuation=config.punctuation)
+        if (task.name, task.to_dict()) != (recorded.name, recorded.to_dict()):
+            # Allowed (a prompt tried on a related task), but never silently: the scores are not its task's.
+            print(
+                f"softprompt: warning: the prompt in {prompt_dirs[0]} was trained on {recorded.name}, but the "
+                f"flags name {task.name}; its inputs are written and scored as {task.name}'s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return task
 
 
 def load_bank(args: EvalArgs | PredictArgs, prompt_dirs: Sequence[str]) -> PromptBank:

@@ -9,11 +9,12 @@ from typing import Any
 
 from softprompt.commands.flags import PredictArgs
 from softprompt.commands.loading import load_bank, task_of
+from softprompt.config.choices import RankMode
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank
 from softprompt.inference.options import GenerationOptions
-from softprompt.io.atomic import atomic_write_text
+from softprompt.io.atomic import write_output_text
 from softprompt.runtime.distributed import DistEnv
 from softprompt.tasks.base import Task
 from softprompt.tasks.resolve import task_from_saved
@@ -34,6 +35,8 @@ def run_predict(args: PredictArgs) -> list[str]:
     """
     prompts = [args.prompt] if args.prompt else []
     task = task_of(args, prompts)
+    if args.classify == RankMode.RANK:
+        task.rank_classes()  # refuses a task without label strings before the model loads
     examples = _file_examples(task, args.input_file) if args.input_file else _flag_examples(task, args)
     bank = load_bank(args, prompts)
     answers = predict_answers(
@@ -45,13 +48,14 @@ def run_predict(args: PredictArgs) -> list[str]:
         max_new_tokens=args.max_target_length,
         bf16=args.precision == "bf16",
         max_source_length=args.max_source_length,
+        classify=args.classify,
     )
     lines = [
         json.dumps({**({"id": ex.id} if ex.id else {}), "answer": a})
         for ex, a in zip(examples, answers, strict=True)
     ]
     if args.output:
-        atomic_write_text(args.output, "\n".join(lines) + "\n")
+        write_output_text(args.output, "\n".join(lines) + "\n")
     elif args.input_file:
         for line in lines:
             print(line)
@@ -111,6 +115,7 @@ def predict_answers(
     max_new_tokens: int = 32,
     bf16: bool = False,
     max_source_length: int | None = None,
+    classify: str = "greedy",
 ) -> list[str]:
     """Answer requests with the named prompt of the bank (or the bare model), as the user is shown them.
 
@@ -124,6 +129,8 @@ def predict_answers(
         max_new_tokens: the longest answer.
         bf16: generate under bf16 autocast.
         max_source_length: the input budget (default: the prompt's own setting, else 512).
+        classify: ``greedy`` generates; ``rank`` answers with the likeliest of the task's label strings
+            (`Task.rank_classes`), no gold label needed.
 
     Returns:
         One answer per example, mapped back as the task shows it (SQuAD on padded text: the context's
@@ -137,11 +144,11 @@ def predict_answers(
     features = task.tokenize(
         examples, bank.tokenizer, max_source_length=max_source_length, max_target_length=2
     )
-    answers = bank.generate_answers(
-        features,
-        prompt_name,
-        GenerationOptions(
-            batch_size=batch_size, max_new_tokens=max_new_tokens, env=DistEnv(device=bank.device), bf16=bf16
-        ),
+    options = GenerationOptions(
+        batch_size=batch_size, max_new_tokens=max_new_tokens, env=DistEnv(device=bank.device), bf16=bf16
     )
+    if classify == RankMode.RANK:
+        answers = bank.rank_answers(features, task.rank_classes(), prompt_name, options)
+    else:
+        answers = bank.generate_answers(features, prompt_name, options)
     return [task.answer_text(ex, a) for ex, a in zip(examples, answers, strict=True)]

@@ -15,10 +15,17 @@ from softprompt.config.parser import parse
 from softprompt.errors import DataError
 from softprompt.tasks.metrics.squad import evaluate_file
 
+MAX_LISTED = 10
+
 
 def run(args: ScoreArgs) -> int:
     """Print `{"exact_match": ..., "f1": ...}` of the predictions against the gold answers; return 0."""
-    print(json.dumps(evaluate_file(args.dataset_file, args.prediction_file)))
+    # softprompt's own command lists a few unanswered questions and counts the rest; the script twin
+    # (`main`) lists every one, as the official script does.
+    result = evaluate_file(
+        args.dataset_file, args.prediction_file, only_predicted=args.only_predicted, max_listed=MAX_LISTED
+    )
+    print(json.dumps(result))
     return 0
 
 
@@ -37,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ScoreArgs, list(sys.argv[1:] if argv is None else argv), "python -m softprompt.commands.score"
     )
     try:
-        result = evaluate_file(args.dataset_file, args.prediction_file)
+        result = evaluate_file(args.dataset_file, args.prediction_file, only_predicted=args.only_predicted)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

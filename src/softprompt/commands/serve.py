@@ -60,6 +60,7 @@ def run(args: ServeArgs) -> int:
             max_question_chars=args.max_question_chars,
             max_inputs=args.max_inputs,
         ),
+        classify=args.classify,
     )
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from softprompt.config.parser import config_values, parse, read_yaml_mapping
+from softprompt.config.parser import config_values, parse, read_yaml_mapping, reports
 from softprompt.errors import ConfigError
 from softprompt.io.rundir import CONFIG_FILE
 from softprompt.training.config import TrainConfig
@@ -60,6 +60,7 @@ def run(cfg: TrainConfig) -> int:
     Returns:
         0, or the exit code of a preemption (the run saved its state and can be resumed).
     """
+    from softprompt.tasks.resolve import task_from_facts
     from softprompt.training.loop import Preempted, train
     from softprompt.training.multi_loop import train_multi
 
@@ -67,13 +68,18 @@ def run(cfg: TrainConfig) -> int:
     try:
         results = train_multi(cfg) if multi else train(cfg)
     except Preempted as e:
+        # Every rank says where it stopped: that they agree is what a preempted multi-rank job needs to see.
         print(f"softprompt: {e}", file=sys.stderr)
         return e.exit_code
+    if not reports():
+        return 0  # every rank of a torchrun job returns the same results; rank 0 prints them
     if multi:
         # One line per prompt: its best scores and where its best prompt directory is.
         for name, r in results["prompts"].items():
             shown = {k: r.get(k) for k in ("exact_match", "f1", "best_step")}
             print(json.dumps({"prompt": name, **shown, "best_dir": r["best_dir"]}))
         return 0
-    print(json.dumps({k: results[k] for k in ("exact_match", "f1", "best_step", "steps", "train_seconds")}))
+    # The run's own task says which scores sum it up (SQuAD's EM/F1, a text task's metric).
+    headline = task_from_facts(results).headline(results)
+    print(json.dumps({**headline, **{k: results[k] for k in ("best_step", "steps", "train_seconds")}}))
     return 0

@@ -204,7 +204,9 @@ def coerce(value: Any, kind: Any, optional: bool = False) -> tuple[Any, bool]:
     Numbers may be written any way users write them (`1e-3`, `3e-1`, `1_000`, `.5`, `10.0` for an
     integer); a scalar fills a list field as its one item. Returns (value, ok).
     """
-    if value is None or (optional and value in ("None", "null")):
+    # An optional field is unset by an empty value (`--dataset_name ""`, `dataset_name:` in a file) or
+    # None/null, e.g. to drop a preset's value.
+    if value is None or (optional and value in ("None", "null", "")):
         return None, optional
     if isinstance(value, Enum):
         value = value.value

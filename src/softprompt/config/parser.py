@@ -111,6 +111,58 @@ def read_config_file(path: str | os.PathLike, cls: type) -> tuple[dict[str, Any]
     return config_values(read_yaml_mapping(path), cls, base=path.parent)
 
 
+# Where the data comes from: a flag naming one source replaces the other source a config file (a
+# preset) or a resumed run's saved settings named, instead of losing to it (`--config preset.yaml
+# --train_file F` trains on F, not on the preset's dataset_name).
+DATA_SOURCES: dict[str, tuple[str, ...]] = {
+    "train_file": ("dataset_name", "dataset_config"),
+    "validation_file": ("dataset_name", "dataset_config"),
+    "dataset_name": ("train_file", "validation_file"),
+}
+
+
+def replaced_sources(values: dict[str, Any], flag_values: dict[str, Any]) -> dict[str, Any]:
+    """`values` (from a file or saved settings) without the data sources that the flags' data sources
+    replace (`DATA_SOURCES`)."""
+    dropped = {
+        other
+        for name, value in flag_values.items()
+        if value is not None
+        for other in DATA_SOURCES.get(name, ())
+        if other not in flag_values
+    }
+    return {k: v for k, v in values.items() if k not in dropped}
+
+
+def _unset_empty(obj: T) -> T:
+    """The dataclass with an empty string in an optional field read as unset (tyro keeps `""`)."""
+    changes = {
+        spec.name: None
+        for spec in field_specs(type(obj)).values()
+        if spec.optional and getattr(obj, spec.name) == ""
+    }
+    return dataclasses.replace(obj, **changes) if changes else obj  # type: ignore[type-var]
+
+
+# Other tools' switches whose meaning softprompt spells as a value of one of its flags (not an alias:
+# the shape differs), and what to write instead; offered when the command has that flag.
+FLAG_HINTS: dict[str, tuple[str, str]] = {
+    "bf16": ("precision", "--precision bf16?"),
+    "fp16": ("precision", "--precision bf16? fp16 is not supported"),
+    "tf32": ("precision", "--precision fp32?"),
+    "do_eval": ("validation_file", "--validation_file FILE? a dev set is evaluated whenever one is given"),
+}
+
+
+def _suggest(key: str, names: dict[str, Any]) -> str:
+    """' (did you mean ...?)' for an unknown flag: another tool's switch's own spelling here, else the
+    closest valid spellings."""
+    hint = FLAG_HINTS.get(key)
+    if hint is not None and hint[0] in names:
+        return f" (did you mean {hint[1]})"
+    return closest(key, names)
+
+
 # ---------------------------------------------------------------------------------------------- flags
 
 
@@ -153,7 +205,7 @@ def check_flags(argv: list[str], cls: type) -> tuple[dict[str, Any], list[str], 
             args.append(argv[i])
             i += 1
         if spec is None:
-            problems.append(f"unknown flag --{name}" + closest(key, [*names, *switches]))
+            problems.append(f"unknown flag --{name}" + _suggest(key, {**names, **switches}))
         elif spec.kind is bool:
             if args:
                 problems.append(f"--{name} is a switch and takes no value, got {short_repr(' '.join(args))}")
@@ -196,10 +248,17 @@ def pop_config_flag(argv: list[str]) -> tuple[list[str], str | None]:
     return rest, path
 
 
+def reports(environ: typing.Mapping[str, str] | None = None) -> bool:
+    """Whether this process tells the user: a lone process, or rank 0 of a torchrun job (every rank
+    meets the same bad flag or file, and one line says it once)."""
+    return (os.environ if environ is None else environ).get("RANK", "0") == "0"
+
+
 def _refuse(prog: str, problems: list[str]) -> None:
     # The same exit as the parser's own refusals: one line, status 2.
     error = ConfigError("invalid configuration: " + "; ".join(problems))
-    print(f"{prog}: error: {error}", file=sys.stderr)
+    if reports():
+        print(f"{prog}: error: {error}", file=sys.stderr)
     raise SystemExit(error.exit_code)
 
 
@@ -243,6 +302,7 @@ def parse(
     }
     if not {"-h", "--help"} & set(argv):
         flag_values, flag_problems, words = check_flags(argv, cls)
+        values = replaced_sources(values, flag_values)
         problems += flag_problems
         specs = field_specs(cls)
         given = {**values, **flag_values}
@@ -259,7 +319,7 @@ def parse(
             _refuse(prog, list(dict.fromkeys(problems)))
     default = cls(**{**required, **values}) if values else None
     args = tyro.cli(cls, args=argv, prog=prog, default=default, use_underscores=True, description=cls.__doc__)
-    args = expand_paths(args)
+    args = expand_paths(_unset_empty(args))
     problems = check_numbers(args) + (checks(args) if checks else [])
     if problems:
         # Well-formed flags whose values cannot work together: a UserError, reported by `main` in the

@@ -14,20 +14,22 @@ second model wrapper (and no second copy of its frozen-weight state) ever exists
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from softprompt.config.choices import RankMode
 from softprompt.data.batching import Features
 from softprompt.data.records import BadRecord
-from softprompt.errors import CheckpointError, UserError
+from softprompt.errors import ConfigError, UserError
 from softprompt.inference.engine import RowPrompts, generate_answers
+from softprompt.inference.entries import BankEntry, PreparedRow, check_new_prompt
 from softprompt.inference.options import GenerationOptions
+from softprompt.inference.rank import rank_labels
 from softprompt.inference.scoring import evaluate
-from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model, same_model
+from softprompt.io.checkpoint import PromptConfig, load_prompt, refuse_non_model
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
 from softprompt.modeling.prompt_table import PromptTable
 from softprompt.runtime.distributed import DistEnv
@@ -35,11 +37,8 @@ from softprompt.tasks.base import EvalResult, Task
 from softprompt.tasks.resolve import task_from_saved
 
 __all__ = [
-    "BankEntry",
-    "PreparedRow",
     "PromptBank",
     "UnknownTaskError",
-    "check_new_prompt",
     "default_device",
     "load_model_and_prompts",
     "prompt_names",
@@ -128,6 +127,7 @@ def load_model_and_prompts(
             expect_d_model=bank.d_model,
             expect_base_model=None if random_init else model_name_or_path,
             allow_other=allow_other,
+            random_init_seed=seed if random_init else None,
         )
         bank.add(name, weight, config)
     return bank
@@ -135,99 +135,6 @@ def load_model_and_prompts(
 
 # ----------------------------------------------------------------------------------------------------
 # The bank
-
-
-@dataclass(frozen=True)
-class BankEntry:
-    """One prompt of the bank.
-
-    Attributes:
-        name: the task name rows refer to.
-        weight: [P, H] float32, on the bank's device.
-        config: how the prompt was trained (tokenization settings, base model, dev scores).
-        task: the task the prompt was trained on (its saved `task`, else SQuAD in its punctuation).
-    """
-
-    name: str
-    weight: torch.Tensor
-    config: PromptConfig
-    task: Task
-
-    def describe(self) -> dict[str, Any]:
-        """The prompt's metadata (one item of `GET /v1/tasks`)."""
-        c = self.config
-        return {
-            "name": self.name,
-            "n_tokens": int(self.weight.shape[0]),
-            "d_model": int(self.weight.shape[1]),
-            "base_model": c.base_model,
-            "init": c.init,
-            "max_source_length": c.max_source_length,
-            "punctuation": c.punctuation,
-            "dev_f1": _number(c.extra.get("dev_f1")),
-            "dev_exact_match": _number(c.extra.get("dev_exact_match")),
-            "input_template": (c.task or {}).get("input_template"),
-            "labels": list(self.task.classes) or None,
-            "extra": dict(c.extra),
-        }
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-@dataclass(frozen=True)
-class PreparedRow:
-    """One question tokenised for its task (`PromptBank.prepare`), ready to join any batch.
-
-    `serve` prepares requests before they queue, so that the model thread only runs the model and the
-    batcher knows each row's length.
-
-    Attributes:
-        features: the tokenised input.
-        task: the task's position in the bank.
-        example: the request as its task's example (`Task.answer_text` reads it: SQuAD's padded-text
-            answers map back to its context).
-        length: the encoder positions the row takes: its prompt's vectors plus its input tokens.
-    """
-
-    features: Features
-    task: int
-    example: Any
-    length: int
-
-
-def check_new_prompt(
-    name: str,
-    weight: torch.Tensor,
-    config: PromptConfig,
-    *,
-    taken: Container[str],
-    d_model: int,
-    base_model: str | None,
-) -> None:
-    """Refuse a prompt a bank cannot hold: a taken name, a shape other than [P, d_model], another base model.
-
-    Raises:
-        UserError: `name` is in `taken`.
-        CheckpointError: the weight's shape, or the base model (when `base_model` is given).
-    """
-    if name in taken:
-        raise UserError(f"a prompt named '{name}' is already loaded; give each prompt its own name")
-    if weight.dim() != 2 or weight.shape[0] < 1:
-        raise CheckpointError(f"prompt '{name}' must be a [P, H] tensor, got shape {tuple(weight.shape)}")
-    if weight.shape[1] != d_model:
-        raise CheckpointError(
-            f"prompt '{name}' is {weight.shape[1]} wide but the model's d_model is {d_model}; "
-            f"it was trained for {config.base_model}"
-        )
-    # The recorded fingerprint counts as load_prompt counts it: a renamed copy of the model is the model.
-    fingerprint = config.extra.get("base_model_fingerprint")
-    if base_model is not None and not same_model(config.base_model, base_model, fingerprint):
-        raise CheckpointError(
-            f"prompt '{name}' was trained for {config.base_model}, but this bank's model is "
-            f"{base_model}; load it with the model it was trained on"
-        )
 
 
 class PromptBank:
@@ -414,6 +321,36 @@ class PromptBank:
         row_prompts = self._row_prompts_for(features, tasks)
         return generate_answers(self.model, self.tokenizer, features, options, row_prompts=row_prompts)
 
+    def rank_answers(
+        self,
+        features: Sequence[Features],
+        classes: Sequence[str],
+        tasks: Tasks = None,
+        options: GenerationOptions = _DEFAULT,
+    ) -> list[str]:
+        """Rank classification of tokenized inputs: each row's likeliest label string
+        (`inference.rank.rank_labels`), every row driven by its task's prompt as in `generate_answers`."""
+        picks = rank_labels(
+            self.model,
+            self.tokenizer,
+            features,
+            classes,
+            options,
+            row_prompts=self._row_prompts_for(features, tasks),
+        )
+        return [classes[k] for k in picks]
+
+    def ranked_classes(self, task: str | int, classify: str) -> tuple[str, ...] | None:
+        """The label strings a prompt's rows are ranked among under `classify` (`Task.rank_classes`);
+        None where they are generated: ``greedy``, or a prompt whose task has no label targets (a QA
+        prompt served beside classifiers answers greedily)."""
+        if classify != RankMode.RANK:
+            return None
+        try:
+            return self.entry(task).task.rank_classes()
+        except ConfigError:
+            return None
+
     def evaluate(
         self,
         task: Task,
@@ -517,21 +454,30 @@ class PromptBank:
         batch_size: int = 32,
         max_new_tokens: int = 32,
         bf16: bool = False,
+        classify: str = "greedy",
     ) -> list[str]:
-        """Answer prepared rows of any mix of tasks (see `answer`)."""
+        """Answer prepared rows of any mix of tasks (see `answer`); with ``classify="rank"``, the rows of
+        each prompt whose task has label targets are rank-classified among them (`ranked_classes`)."""
         if not rows:
             return []
-        answers = self.generate_answers(
-            [r.features for r in rows],
-            [r.task for r in rows],
-            GenerationOptions(
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                env=DistEnv(device=self.device),
-                bf16=bf16,
-            ),
+        options = GenerationOptions(
+            batch_size=batch_size, max_new_tokens=max_new_tokens, env=DistEnv(device=self.device), bf16=bf16
         )
-        return [self.entry(r.task).task.answer_text(r.example, a) for a, r in zip(answers, rows, strict=True)]
+        answers: list[str] = [""] * len(rows)
+        groups: dict[tuple[str, ...] | None, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(self.ranked_classes(r.task, classify), []).append(i)
+        for classes, members in groups.items():
+            features, tasks = [rows[i].features for i in members], [rows[i].task for i in members]
+            if classes is None:
+                got = self.generate_answers(features, tasks, options)
+            else:
+                got = self.rank_answers(features, classes, tasks, options)
+            for i, a in zip(members, got, strict=True):
+                answers[i] = a
+        return [
+            self._entries[r.task].task.answer_text(r.example, a) for a, r in zip(answers, rows, strict=True)
+        ]
 
     def answer(
         self,
@@ -540,6 +486,7 @@ class PromptBank:
         batch_size: int = 32,
         max_new_tokens: int = 32,
         bf16: bool = False,
+        classify: str = "greedy",
     ) -> list[str]:
         """Answer `(task, fields)` requests of any mix of tasks (QA fields: question and context).
 
@@ -551,7 +498,11 @@ class PromptBank:
             One answer per row, in row order.
         """
         return self.answer_prepared(
-            self.prepare(rows), batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16
+            self.prepare(rows),
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            bf16=bf16,
+            classify=classify,
         )
 
 

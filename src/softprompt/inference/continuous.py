@@ -16,8 +16,9 @@ from collections.abc import Collection, Hashable, Sequence
 import torch
 
 from softprompt.data.batching import Collator
-from softprompt.inference.bank import PreparedRow, PromptBank
+from softprompt.inference.bank import PromptBank
 from softprompt.inference.engine import autocast, decode_answers
+from softprompt.inference.entries import PreparedRow
 from softprompt.modeling.lean_greedy import plain_greedy
 from softprompt.modeling.lean_stream import DecodeStream
 

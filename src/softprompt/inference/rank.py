@@ -85,6 +85,39 @@ def score_batch(
 
 
 @torch.no_grad()
+def same_token_labels(tokenizer, labels: Sequence[str]) -> list[tuple[str, ...]]:
+    """Groups of distinct label strings that tokenize to the same ids (e.g. each to `<unk>`): rank
+    classification scores them alike, so it cannot tell them apart."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for label, row in zip(labels, label_targets(tokenizer, labels).tolist(), strict=True):
+        group = groups.setdefault(tuple(row), [])
+        if label not in group:
+            group.append(label)
+    return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+_WARNED: set[tuple[str, ...]] = set()  # a server ranks the same labels on every request: say it once
+
+
+def warn_same_token_labels(tokenizer, labels: Sequence[str]) -> None:
+    """One stderr line per group of `same_token_labels` (once per process): rank accuracy would be
+    meaningless."""
+    import sys
+
+    for group in same_token_labels(tokenizer, labels):
+        if group in _WARNED:
+            continue
+        _WARNED.add(group)
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(group[0], add_special_tokens=False)["input_ids"])
+        print(
+            f"softprompt: warning: the labels {', '.join(repr(g) for g in group)} tokenize identically "
+            f"({' '.join(tokens)}), so rank classification cannot tell them apart; choose label strings "
+            "the tokenizer spells differently",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def label_log_likelihoods(
     model: PromptedT5,
     tokenizer,
@@ -113,6 +146,8 @@ def label_log_likelihoods(
         [N, L] float32 on the CPU: `log p(label l | feature n)` summed over the label's tokens and EOS.
     """
     env = options.env or DistEnv(device=next(model.parameters()).device)
+    if env.is_main:
+        warn_same_token_labels(tokenizer, labels)
     # Labels with the same tokens (a label given twice) are scored once, so they tie exactly.
     targets, label_row = torch.unique(label_targets(tokenizer, labels), dim=0, return_inverse=True)
     if not features:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON via a temporary file and a rename."""
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+#: The output path that means standard output (`--output -`), as in most command-line tools.
+STDOUT = "-"
+
+
+def write_output_text(path: str | os.PathLike, text: str) -> None:
+    """A command's output file, written atomically (`atomic_write_text`), or to stdout for ``-``."""
+    if str(path) == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        atomic_write_text(path, text)
+
+
+def write_output_json(path: str | os.PathLike, obj: Any) -> None:
+    """`write_output_text` of JSON, as `atomic_write_json` writes it."""
+    write_output_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 @contextlib.contextmanager

@@ -37,6 +37,9 @@ PROMPT_WEIGHTS = "prompt.safetensors"
 PROMPT_CONFIG = "prompt_config.json"
 DEFAULT_TEMPLATE = "question: {question} context: {context}"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: The `PromptConfig.extra` key of a prompt trained on random weights (--random_init): the seed that built
+#: them, which identifies that base model as a fingerprint identifies real weights.
+RANDOM_INIT_SEED = "random_init_seed"
 
 
 @dataclass
@@ -191,6 +194,7 @@ def load_prompt(
     expect_d_model: int | None = None,
     expect_base_model: str | None = None,
     allow_other: bool = False,
+    random_init_seed: int | None = None,
 ) -> tuple[torch.Tensor, PromptConfig]:
     """Load a prompt checkpoint, refusing anything but safetensors.
 
@@ -200,6 +204,9 @@ def load_prompt(
         expect_d_model: the width of the model it will drive; a mismatch is refused.
         expect_base_model: the model it will drive; a different model (by `same_model`) is refused.
         allow_other: warn instead of refusing a different base model.
+        random_init_seed: the seed of the model's random weights (--random_init), None for real weights
+            (those of `expect_base_model`); checked against what the prompt recorded
+            (`random_weights_problem`) when either is given.
 
     Returns:
         prompt: [P, H] float32, and its `PromptConfig`.
@@ -219,10 +226,17 @@ def load_prompt(
             f"the prompt in {directory} is {weight.shape[1]} wide but the model's d_model is {expect_d_model}; "
             f"it was trained for {config.base_model}"
         )
-    if expect_base_model is not None and not same_model(
-        config.base_model, expect_base_model, config.extra.get("base_model_fingerprint")
+    # Checked only where the caller names the model the prompt will drive (resume, export: nothing to check).
+    checked = random_init_seed is not None or expect_base_model is not None
+    problem = random_weights_problem(config, random_init_seed) if checked else None
+    if (
+        problem is None
+        and expect_base_model is not None
+        and not same_model(config.base_model, expect_base_model, config.extra.get("base_model_fingerprint"))
     ):
-        message = f"the prompt in {directory} was trained for {config.base_model}, not {expect_base_model}"
+        problem = f"was trained for {config.base_model}, not {expect_base_model}"
+    if problem is not None:
+        message = f"the prompt in {directory} {problem}"
         if not allow_other:
             raise CheckpointError(
                 f"{message} (their config or weights differ); load it with the model it was trained on, "
@@ -230,6 +244,20 @@ def load_prompt(
             )
         warn_other_model(message)
     return weight, config
+
+
+def random_weights_problem(config: PromptConfig, random_init_seed: int | None) -> str | None:
+    """Why a prompt does not fit a model's weights as random or real (None: it fits, or the prompt recorded
+    nothing to tell): a prompt trained on random weights records their seed (`RANDOM_INIT_SEED`), one
+    trained on real weights their fingerprint."""
+    recorded = config.extra.get(RANDOM_INIT_SEED)
+    if recorded is not None and random_init_seed is None:
+        return f"was trained on random weights (--random_init --seed {recorded}), not on {config.base_model}'s own"
+    if recorded is not None and recorded != random_init_seed:
+        return f"was trained on random weights seeded {recorded}, not {random_init_seed} (pass --seed {recorded})"
+    if recorded is None and random_init_seed is not None and config.extra.get("base_model_fingerprint"):
+        return f"was trained on {config.base_model}'s own weights, not on random ones (drop --random_init)"
+    return None
 
 
 #: Written by `softprompt convert`: the model a directory was converted from and its fingerprint.
@@ -318,12 +346,49 @@ def same_model(a: str, b: str, fingerprint_a: str | None = None) -> bool:
     return fa is not None and fa == fb
 
 
+T5_MODEL_TYPES = ("t5", "mt5")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a model name can only be a path: a Hub id is ``name`` or ``org/name``."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _config_model_type(path: Path) -> str | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None  # unreadable: loading it says why
+    return value if isinstance(value, str) else None
+
+
+def refuse_non_t5(model_type: str | None, where: str | os.PathLike) -> None:
+    """Refuse a model config of another architecture (BERT, GPT-2, ...) in one line.
+
+    Raises:
+        CheckpointError: `model_type` is set and is not a T5 type.
+    """
+    if model_type is not None and model_type not in T5_MODEL_TYPES:
+        raise CheckpointError(
+            f"{where} describes a {model_type} model, not T5; softprompt tunes T5 encoder-decoder models "
+            "(e.g. google/t5-base-lm-adapt)"
+        )
+
+
 def refuse_non_model(name_or_path: str | os.PathLike, flag: str = "--model") -> None:
     """Refuse, with what to pass instead, a prompt checkpoint or a run directory given as the model.
 
     A Hub id, or a directory with config.json, passes; loading it may still fail later for other reasons.
     """
     path = Path(os.path.expanduser(str(name_or_path)))
+    if not path.exists() and _looks_like_path(str(name_or_path)):
+        # Not a Hub id either (org/name): a mistyped directory, which the Hub client would call a bad repo id.
+        raise CheckpointError(
+            f"{path}: no such directory; give a local model directory (config.json, tokenizer, weights) "
+            "or a Hub id such as google/t5-base-lm-adapt"
+        )
+    if path.is_dir() and (path / "config.json").is_file():
+        refuse_non_t5(_config_model_type(path / "config.json"), path / "config.json")
     if not path.is_dir() or (path / "config.json").is_file():
         return
     if (path / PROMPT_CONFIG).is_file():

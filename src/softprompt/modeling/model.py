@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, T5F
 from transformers.modeling_outputs import BaseModelOutput
 
 from softprompt.errors import CheckpointError
+from softprompt.io.checkpoint import refuse_non_t5
 from softprompt.io.pretrained import is_hub_id, load_pretrained_t5, model_file, resolve_model_files
 from softprompt.modeling import lean_greedy, lean_t5
 from softprompt.modeling.prompt import SoftPrompt
@@ -106,6 +107,7 @@ def load_t5(
             f"could not read the config.json of {name_or_path}: check the Hub id or path "
             f"({str(e).strip().splitlines()[0][:160]})"
         ) from None
+    refuse_non_t5(getattr(config, "model_type", None), f"the config.json of {name_or_path}")
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -32,8 +32,10 @@ from fastapi.responses import JSONResponse, Response
 
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
-from softprompt.inference.bank import PromptBank
+from softprompt.inference.bank import PromptBank, prompt_names
 from softprompt.inference.continuous import ContinuousDecoder
+from softprompt.io.checkpoint import load_prompt_config
+from softprompt.io.rundir import BEST, CHECKPOINT_PREFIX, LAST
 from softprompt.serving.batching import MicroBatcher, QueueFull
 from softprompt.serving.continuous import ContinuousBatcher
 from softprompt.serving.guard import BodyLimit, ClientGone, until_disconnected
@@ -58,6 +60,7 @@ from softprompt.serving.schemas import (
     error_response,
     validation_response,
 )
+from softprompt.tasks.resolve import task_from_saved
 
 ENDPOINTS = "POST /v1/answer, GET /v1/tasks, GET /health, GET /metrics, POST /v1/prompts"
 
@@ -79,6 +82,7 @@ def create_app(
     store: PromptStore | None = None,
     batching: str = "continuous",
     max_batch_tokens: int = 65536,
+    classify: str = "greedy",
 ) -> FastAPI:
     """The HTTP application over a prompt bank.
 
@@ -98,6 +102,8 @@ def create_app(
         max_batch_tokens: continuous batching's bound on encoder positions decoding at once.
         store: the prompts known and resident, and where more may be loaded from (default: the bank's
             prompts, all resident, and no loading at run time).
+        classify: ``rank``: the prompts whose task has label targets answer by rank classification
+            (`PromptBank.ranked_classes`), the others greedily, in static batches; ``greedy``: every prompt generates.
 
     Returns:
         A FastAPI app; the micro-batcher starts with it and stops on shutdown.
@@ -106,7 +112,7 @@ def create_app(
     store = store or PromptStore(bank)
     metrics = ServeMetrics()
     decoder = None
-    if answer is None and batching == "continuous":
+    if answer is None and batching == "continuous" and classify != "rank":  # ranking has no decoder steps
         decoder = ContinuousDecoder(bank, max_new_tokens=max_new_tokens, bf16=bf16)
     batcher: MicroBatcher | ContinuousBatcher
     if decoder is not None and decoder.supported:
@@ -131,7 +137,11 @@ def create_app(
         batcher = MicroBatcher(
             metrics.timed_answer(
                 functools.partial(
-                    bank.answer_prepared, batch_size=max_batch_size, max_new_tokens=max_new_tokens, bf16=bf16
+                    bank.answer_prepared,
+                    batch_size=max_batch_size,
+                    max_new_tokens=max_new_tokens,
+                    bf16=bf16,
+                    classify=classify,
                 )
             ),
             prepare=metrics.timed_prepare(bank.prepare),
@@ -376,24 +386,71 @@ def shown_model(base_model: str) -> str:
 
 
 def parse_prompt_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
-    """`NAME=DIR` (or a bare `DIR`, named after its folder) -> (name, dir) pairs.
+    """`NAME=DIR` (or a bare `DIR`) -> (name, dir) pairs.
+
+    A bare `DIR` is named as `eval` tells prompts apart: after the task its prompt recorded (``rte``),
+    else after its run (``runs/rte/best`` -> ``rte``), and only where bare prompts still share a name
+    after more of their paths (`bare_prompt_names`).
 
     Raises:
         UserError: a spec has an empty name or directory, or two prompts share a name.
     """
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str | None, str]] = []
     for spec in specs:
         if "=" in spec and not Path(spec).is_dir():
             name, directory = spec.split("=", 1)
+            if not name.strip() or not directory.strip():
+                raise UserError(f"--prompt {spec!r}: write NAME=DIR, e.g. --prompt squad=runs/squad/best")
+            if any(name == n for n, _ in out):
+                raise UserError(f"two prompts are named '{name}'; give each --prompt NAME=DIR its own name")
+            out.append((name, directory))
         else:
-            directory = spec
-            name = Path(spec.rstrip("/")).name
-        if not name.strip() or not directory.strip():
-            raise UserError(f"--prompt {spec!r}: write NAME=DIR, e.g. --prompt squad=runs/squad/best")
-        if any(name == n for n, _ in out):
-            raise UserError(f"two prompts are named '{name}'; give each --prompt NAME=DIR its own name")
-        out.append((name, directory))
-    return out
+            if not spec.strip():
+                raise UserError(f"--prompt {spec!r}: write NAME=DIR, e.g. --prompt squad=runs/squad/best")
+            out.append((None, spec))
+    given = [n for n, _ in out if n is not None]
+    bare = iter(bare_prompt_names([d for n, d in out if n is None], taken=given))
+    return [(n if n is not None else next(bare), d) for n, d in out]
+
+
+def _run_name(directory: str) -> str:
+    """The run a prompt directory belongs to (``runs/rte/best`` -> ``rte``), else its own folder's name."""
+    path = Path(directory.rstrip("/") or directory).resolve()
+    if path.name in (BEST, LAST) or path.name.startswith(CHECKPOINT_PREFIX):
+        return path.parent.name or path.name
+    return path.name
+
+
+def _task_name(directory: str) -> str | None:
+    """The name of the task a prompt recorded (``squad`` for QA); None when its config cannot be read
+    (loading it reports why)."""
+    try:
+        config = load_prompt_config(directory)
+        return task_from_saved(config.task, punctuation=config.punctuation).name
+    except UserError:
+        return None
+
+
+def bare_prompt_names(directories: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
+    """Distinct names for prompts given without one: each one's recorded task, else (task names shared)
+    its run's name, else (still shared) as much of its path as tells them apart.
+
+    Raises:
+        UserError: no such naming tells them apart from each other and from the names in `taken`.
+    """
+    if not directories:
+        return []
+    tasks = [_task_name(d) for d in directories]
+    levels = [
+        [t or _run_name(d) for t, d in zip(tasks, directories, strict=True)],
+        [_run_name(d) for d in directories],
+        prompt_names([str(d) for d in directories]),
+    ]
+    for names in levels:
+        if len(set(names)) == len(names) and not set(names) & set(taken):
+            return names
+    clash = next(n for n in levels[-1] if levels[-1].count(n) > 1 or n in taken)
+    raise UserError(f"two prompts are named '{clash}'; give each --prompt NAME=DIR its own name")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -146,6 +146,11 @@ class Task(ABC):
         settings, such as its punctuation, say everything)."""
         return None
 
+    def text_format(self) -> dict[str, str]:
+        """How a prompt trained on the task records its model text (`PromptConfig`'s ``punctuation`` and,
+        where the task has its own, ``input_template``); the report and ``/v1/tasks`` show them."""
+        return {"punctuation": "none"}
+
     @abstractmethod
     def dev_scores(self, best: Mapping[str, float]) -> dict[str, float]:
         """The dev scores a prompt's config records (each as ``dev_<name>``), given the scores at the best
@@ -165,6 +170,12 @@ class Task(ABC):
         """What a run's results.json records about the task beside the QA scores (``exact_match``,
         ``f1``, ``t5_*``), given the scores at the best step (``{}`` before any)."""
         return {}
+
+    def headline(self, facts: Mapping[str, Any]) -> dict[str, Any]:
+        """The scores a finished run is summed up by (`softprompt train`'s last line), from its recorded
+        facts (results.json, perhaps merged over its config): the task's own metric's scores, None
+        where the run was not evaluated."""
+        return {k: facts.get(k) for k in ("exact_match", "f1")}
 
     def card_fields(self, best: Mapping[str, float]) -> dict[str, Any]:
         """What a run's model card is told about the task beside the QA scores, likewise."""

@@ -65,8 +65,8 @@ class _TrainFlags:
     # --- method
     prompt_tuning: bool = False
     """Freeze the model and train only a soft prompt (the paper's method). Without it, every weight is fine-tuned (at a fine-tuning --lr: see there)."""
-    n_tokens: Count = 100
-    """P, the number of prompt vectors (the paper uses 100)."""
+    n_tokens: Annotated[Count, tyro.conf.arg(aliases=("--prompt_length",))] = 100
+    """P, the number of prompt vectors (the paper uses 100). Alias: --prompt_length."""
     prompt_init: InitName = "sampled_vocab"
     """Prompt init: sampled_vocab (first 5,000 vocabulary rows, the paper's best), uniform (U[0, 0.5), the official default: flax uniform(0.5)), text, from_file, class_label (one label per vector, then sampled_vocab)."""
     prompt_init_labels: list[str] = field(default_factory=list)
@@ -83,8 +83,8 @@ class _TrainFlags:
     # --- optimisation
     optimizer: OptimizerName = "adafactor"
     """adafactor (T5X semantics, weight decay not scaled by lr), adafactor_hf (transformers' Adafactor), adamw (alias: adam)."""
-    lr: Annotated[float, Bound(above=0)] | None = None
-    """Learning rate, constant for Adafactor. Default: 0.3 with --prompt_tuning (the paper), 5e-5 for full fine-tuning (the paper's best baseline; 1e-3 also reported)."""
+    lr: Annotated[Annotated[float, Bound(above=0)] | None, tyro.conf.arg(aliases=("--learning_rate",))] = None
+    """Learning rate (alias: --learning_rate), constant for Adafactor. Default: 0.3 with --prompt_tuning (the paper), 5e-5 for full fine-tuning (the paper's best baseline; 1e-3 also reported)."""
     weight_decay: Annotated[float, Bound(low=0, below=1)] = 1e-5
     """Weight decay; our Adafactor applies p <- (1 - wd) p, unscaled by lr, as the paper's code did."""
     initial_step: NonNegative | None = None
@@ -93,12 +93,16 @@ class _TrainFlags:
     """Linear warmup steps (adamw only; Adafactor runs at a constant lr)."""
     global_batch_size: Count | None = None
     """Examples per optimizer step over all devices and accumulation steps (the paper: 32). Default: derived, else 32."""
-    batch_size: Count | None = None
-    """Examples per device per forward pass. Default: global_batch_size / (devices x grad_accum_steps)."""
-    grad_accum_steps: Count | None = None
-    """Forward passes accumulated per optimizer step. Default: global_batch_size / (devices x batch_size), else 1."""
-    epochs: Annotated[float, Bound(above=0)] | None = None
-    """Train for this many passes over the training data (the seed used 40)."""
+    batch_size: Annotated[Count | None, tyro.conf.arg(aliases=("--per_device_train_batch_size",))] = None
+    """Examples per device per forward pass (alias: --per_device_train_batch_size). Default: global_batch_size / (devices x grad_accum_steps)."""
+    grad_accum_steps: Annotated[Count | None, tyro.conf.arg(aliases=("--gradient_accumulation_steps",))] = (
+        None
+    )
+    """Forward passes accumulated per optimizer step (alias: --gradient_accumulation_steps). Default: global_batch_size / (devices x batch_size), else 1."""
+    epochs: Annotated[
+        Annotated[float, Bound(above=0)] | None, tyro.conf.arg(aliases=("--num_train_epochs",))
+    ] = None
+    """Train for this many passes over the training data (the seed used 40). Alias: --num_train_epochs."""
     max_steps: Count | None = None
     """Train for this many optimizer steps; overrides --epochs. Default 30,000 (the paper) when neither is set."""
     dropout: Annotated[float, Bound(low=0, below=1)] | None = None
@@ -117,8 +121,8 @@ class _TrainFlags:
     """Evaluate on the dev set every N optimizer steps (and at the end); 0 evaluates only at the end."""
     max_eval_samples: Count | None = None
     """Evaluate on only the first N dev questions."""
-    eval_batch_size: Count = 64
-    """Questions per device per generation batch."""
+    eval_batch_size: Annotated[Count, tyro.conf.arg(aliases=("--per_device_eval_batch_size",))] = 64
+    """Questions per device per generation batch. Alias: --per_device_eval_batch_size."""
     save_steps: NonNegative = 1000
     """Write a resumable checkpoint every N optimizer steps (and at the end)."""
     save_total_limit: Count = 2
@@ -151,7 +155,9 @@ class _TrainFlags:
 
 @dataclass(kw_only=True)
 class TrainConfig(TaskFlags, GenerationFlags, ModelFlags, _TrainFlags):
-    """Everything a training run needs. Defaults follow the paper (Lester et al., 2021)."""
+    """Everything a training run needs. Defaults follow the paper (Lester et al., 2021). --config FILE
+    (YAML or JSON, e.g. configs/prompt_base_adafactor_lr0.3.yaml) sets any of these flags; the flags given
+    override it, and an empty value ("") unsets an optional one."""
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain values by field name (what config.yaml holds)."""

@@ -87,6 +87,7 @@ def train_loop(run: Run) -> dict[str, Any]:
         # Stopped between this step's checkpoint and its evaluation: evaluate now, as the run would have.
         evaluate_dev(run)
         refresh_last(run)
+    stepped = False
     with (
         StopFlag() as stop,
         Progress(total=run.max_steps, desc="train", enabled=env.is_main, unit="step", initial=st.step) as bar,
@@ -113,6 +114,7 @@ def train_loop(run: Run) -> dict[str, Any]:
                     run.scheduler.step()
                     run.optimizer.zero_grad(set_to_none=True)
                 st.step += 1
+                stepped = True
                 st.batch_in_epoch += 1
                 st.examples_seen += plan.global_batch
                 dt = time.perf_counter() - t0
@@ -136,33 +138,40 @@ def train_loop(run: Run) -> dict[str, Any]:
                     )
                     st.window_loss = st.window_tokens = st.window_time = 0.0
                     st.window_examples = 0
-                saved = bool(cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < run.max_steps)
+                final = st.step >= run.max_steps
+                # The last step is always checkpointed: a job stopped during a long final evaluation (full
+                # SQuAD dev) then loses no training, and --resume only evaluates again.
+                saved = final or bool(cfg.save_steps and st.step % cfg.save_steps == 0)
                 if saved:  # before evaluating: an evaluation that fails must not cost this step's checkpoint
                     save_checkpoint(run)
                 shown = {"loss": step_loss, "ex_s": plan.global_batch / max(dt, 1e-9)}
-                due = cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
+                due = final or (cfg.eval_steps and st.step % cfg.eval_steps == 0)
                 if due and run.eval_examples:
                     shown[f"dev_{run.task.metric}"] = evaluate_dev(run)
                     if saved:
                         refresh_last(run)  # the checkpoint just written learns this evaluation's best
-                bar.update(1, **shown)  # after the evaluation, so the line shows this step's dev F1
+                # After the evaluation, the final one included, so the line shows this step's dev score.
+                bar.update(1, **shown)
                 # A signal seen by any rank stops every rank at the same step.
                 stop.signum = int(all_reduce_max(torch.tensor([stop.signum]), env).item())
                 if stop.signum:
                     if not saved:  # else this very step's checkpoint was just written; nothing changed since
                         save_checkpoint(run)
+                    # The log says why it ends here: a stopped run, not a crashed one.
+                    run.logger.log("stop", st.step, signal=signal.Signals(stop.signum).name)
                     raise Preempted(stop.signum, st.step)
                 if st.step >= run.max_steps:
                     break
             else:
                 st.epoch += 1
                 st.batch_in_epoch = 0
-    # -- the end: checkpoint, evaluate, report. Checkpointing first means a job stopped during a long
-    # final evaluation (full SQuAD dev) loses no training: --resume only evaluates again.
-    save_checkpoint(run)
-    if run.eval_examples:
-        evaluate_dev(run)
-        refresh_last(run)
+    # -- the end. A run resumed after its last step (stopped during the final evaluation) did no step
+    # above: checkpoint and evaluate here, as the last step would have.
+    if not stepped:
+        save_checkpoint(run)
+        if run.eval_examples:
+            evaluate_dev(run)
+            refresh_last(run)
     refresh_best_card(run)
     return write_results(run)
 

@@ -76,7 +76,7 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
             ``weight_decay``, ``initial_step``, ``punctuation``, ``n_tokens``, ``prompt_init`` (or
             ``init``), ``prompt_init_text``,
             ``global_batch_size``, ``batch_size``, ``steps``/``max_steps``, ``epochs``,
-            ``precision``, ``seed``, ``trainable_parameters``, ``exact_match``, ``f1``,
+            ``precision``, ``seed``, ``random_init``, ``trainable_parameters``, ``exact_match``, ``f1``,
             ``t5_exact_match``, ``t5_f1``, ``best_step``; for a text task ``task``, ``task_description``,
             ``input_template``, ``metric`` and ``scores`` (its dev scores). A key that is absent or None
             shows as "—" (the T5 score rows and the Adafactor initial step appear only when given).
@@ -124,7 +124,11 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
         "|---|---|",
     ]
     lines += _score_rows(card, info)
-    lines += _how_to_load(str(checkpoint_dir), base_model, card, prompt_mode)
+    # A base model built with random weights is only that model again with the same flags and seed.
+    random = (
+        ["--random_init", "--seed", str(info.get("seed"))] if info.get("random_init") and prompt_mode else []
+    )
+    lines += _how_to_load(str(checkpoint_dir), base_model, card, prompt_mode, random)
     lines += ["", f"Written by softprompt {softprompt.__version__}."]
     return "\n".join(lines) + "\n"
 
@@ -198,10 +202,13 @@ def _score_rows(card: TaskCard, info: Mapping[str, Any]) -> list[str]:
     return [*rows, f"| best step | {_fmt(info.get('best_step'))} |", "", _md(card.score_note)]
 
 
-def _how_to_load(ckpt: str, base_model: str, card: TaskCard, prompt_mode: bool) -> list[str]:
-    """The "How to load" section: Python that loads the checkpoint and a runnable `softprompt predict` line."""
+def _how_to_load(
+    ckpt: str, base_model: str, card: TaskCard, prompt_mode: bool, model_flags: Sequence[str] = ()
+) -> list[str]:
+    """The "How to load" section: Python that loads the checkpoint and a runnable `softprompt predict`
+    line (`model_flags`: how the base model was built, e.g. ``--random_init --seed 7``)."""
     # A prompt is used together with its frozen base model; a fine-tuned checkpoint is the model.
-    predict = ["softprompt", "predict", "--model", base_model, "--prompt", ckpt]
+    predict = ["softprompt", "predict", "--model", base_model, *model_flags, "--prompt", ckpt]
     if not prompt_mode:
         predict = ["softprompt", "predict", "--model", ckpt]
     cli = " ".join(shlex.quote(arg) for arg in [*predict, *card.predict_args])

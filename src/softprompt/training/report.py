@@ -3,7 +3,8 @@
 ``make_report`` reads each run directory's ``config.yaml``, ``metrics.jsonl`` and
 ``results.json`` and writes, into one output folder:
 
-* ``loss.png/.svg``, ``dev_f1.png/.svg``, ``dev_em.png/.svg``: one line per run;
+* ``loss.png/.svg``, ``dev_f1.png/.svg``, ``dev_em.png/.svg``, ``dev_score.png/.svg`` (each run's own
+  metric: SQuAD's F1, a text task's accuracy, ...): one line per run;
 * ``report.md``: a table of all runs, then comparison tables for runs that pair up: the same
   configuration but a different optimizer, a different learning rate, or prompt tuning vs
   full fine-tuning of the same model size (the tables the seed replication reported by hand).
@@ -191,11 +192,18 @@ def _comparison_section(
         lines.append(f"Same {_describe(base, varied)}; Δ is relative to the first row.")
         lines.append("")
         rows = []
-        for i, run in enumerate(group):
-            d_f1 = "—" if i == 0 else _fmt_delta(run.f1 - base.f1)
-            d_em = "—" if i == 0 else _fmt_delta(run.exact_match - base.exact_match)
-            rows.append([show(run), run.label, fmt_score(run.f1), fmt_score(run.exact_match), d_f1, d_em])
-        lines += _table([column, "Run", "F1", "Exact Match", "Δ F1", "Δ EM"], rows)
+        if any(run.score_name != "f1" or run.results.get("task") for run in group):
+            # Text-task runs: their own selection score (the group shares its config, so its task).
+            for i, run in enumerate(group):
+                delta = "—" if i == 0 else _fmt_delta(run.score - base.score)
+                rows.append([show(run), run.label, fmt_score(run.score), delta])
+            lines += _table([column, "Run", f"Dev {base.score_label}", "Δ"], rows)
+        else:
+            for i, run in enumerate(group):
+                d_f1 = "—" if i == 0 else _fmt_delta(run.f1 - base.f1)
+                d_em = "—" if i == 0 else _fmt_delta(run.exact_match - base.exact_match)
+                rows.append([show(run), run.label, fmt_score(run.f1), fmt_score(run.exact_match), d_f1, d_em])
+            lines += _table([column, "Run", "F1", "Exact Match", "Δ F1", "Δ EM"], rows)
         lines.append("")
     return lines
 
@@ -205,27 +213,29 @@ def _size_order(size: str) -> tuple[int, str]:
 
 
 def _prompt_vs_finetune_section(runs: Sequence[RunSummary]) -> list[str]:
-    by_size: dict[str, dict[str, list[RunSummary]]] = {}
+    # Runs compare within one model size and one scored metric (SQuAD's F1, a text task's own score).
+    by_size: dict[tuple[str, str], dict[str, list[RunSummary]]] = {}
     for run in runs:
         size = model_size(str(run._get("model_name_or_path", run.model)))
-        by_size.setdefault(size, {}).setdefault(run.mode, []).append(run)
+        by_size.setdefault((size, run.score_label), {}).setdefault(run.mode, []).append(run)
     rows = []
-    for size in sorted(by_size, key=_size_order):
-        modes = by_size[size]
+    for size, label in sorted(by_size, key=lambda k: (_size_order(k[0]), k[1] != "f1", k[1])):
+        modes = by_size[size, label]
         if "prompt" not in modes or "finetune" not in modes:
             continue
         # Several runs of one mode (an lr sweep, seeds): compare the best of each, as a paper would.
-        ft = max(modes["finetune"], key=lambda r: (r.f1, r.exact_match))
-        pt = max(modes["prompt"], key=lambda r: (r.f1, r.exact_match))
+        ft = max(modes["finetune"], key=lambda r: (r.score, r.exact_match))
+        pt = max(modes["prompt"], key=lambda r: (r.score, r.exact_match))
+        shown = size.capitalize() if size in _SIZES else size
         rows.append(
             [
-                size.capitalize() if size in _SIZES else size,
+                shown if label == "f1" else f"{shown} ({label})",
                 ft.label,
-                fmt_score(ft.f1),
+                fmt_score(ft.score),
                 pt.label,
-                fmt_score(pt.f1),
-                _fmt_delta(pt.f1 - ft.f1),
-                _fmt_delta(pt.exact_match - ft.exact_match),
+                fmt_score(pt.score),
+                _fmt_delta(pt.score - ft.score),
+                "—" if label != "f1" else _fmt_delta(pt.exact_match - ft.exact_match),
             ]
         )
     if not rows:
@@ -240,7 +250,10 @@ def _prompt_vs_finetune_section(runs: Sequence[RunSummary]) -> list[str]:
         "Delta EM",
     ]
     lines = ["## Prompt tuning vs fine-tuning", ""]
-    lines.append("Best dev score of each mode per model size; Delta = prompt F1 − fine-tune F1.")
+    lines.append(
+        "Best dev score of each mode per model size; Delta = prompt score − fine-tune score "
+        "(F1 for SQuAD, a text task's own score)."
+    )
     lines.append("")
     lines += _table(header, rows)
     lines.append("")

@@ -1,4 +1,5 @@
-"""The learning-curve figures of `softprompt report`: train loss, dev F1 and dev exact match per run.
+"""The learning-curve figures of `softprompt report`: train loss, dev F1, dev exact match and each run's
+own dev score per run.
 
 matplotlib is imported only when a figure is drawn, and never through pyplot.
 """
@@ -18,6 +19,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     "loss": ("train loss", "Training loss"),
     "dev_f1": ("dev F1", "Dev F1"),
     "dev_em": ("dev exact match", "Dev exact match"),
+    # Every run's own selection metric (SQuAD's F1, a text task's accuracy, MultiRC's f1a, ...).
+    "dev_score": ("dev score (each run's own metric)", "Dev score"),
 }
 
 
@@ -70,19 +73,25 @@ def draw_figure(stem: str, runs: Sequence[RunSummary]) -> Any:
                 ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
                 ax.plot(steps, _ema(losses, 0.9), color=color, linewidth=1.6, label=run.label)
             else:
-                ax.plot(steps, losses, color=color, linewidth=1.6, label=run.label)
+                # A marker, so a run with a single logged step is a dot rather than a blank chart.
+                marker = "o" if len(losses) == 1 else None
+                ax.plot(steps, losses, color=color, linewidth=1.6, marker=marker, label=run.label)
         else:
-            if not run.evals:
+            if stem == "dev_score":
+                points, label = run.score_curve(), f"{run.label} ({run.score_label})"
+            else:
+                col = 2 if stem == "dev_f1" else 1
+                points, label = [(p[0], p[col]) for p in run.evals], run.label
+            if not points:
                 continue
-            col = 2 if stem == "dev_f1" else 1
             ax.plot(
-                [p[0] for p in run.evals],
-                [p[col] for p in run.evals],
+                [p[0] for p in points],
+                [p[1] for p in points],
                 color=color,
                 marker="o",
                 markersize=3,
                 linewidth=1.6,
-                label=run.label,
+                label=label,
             )
         plotted += 1
     from matplotlib.ticker import MaxNLocator

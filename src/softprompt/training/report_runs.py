@@ -40,8 +40,10 @@ class RunSummary:
         config: ``config.yaml`` (empty when the file is absent).
         results: ``results.json``.
         train: ``(step, loss)`` points from ``metrics.jsonl``.
-        evals: ``(step, exact_match, f1)`` points from ``metrics.jsonl``.
+        evals: ``(step, exact_match, f1)`` points from ``metrics.jsonl`` (QA runs).
         skipped_lines: ``metrics.jsonl`` lines that could not be parsed.
+        eval_scores: ``(step, scores)`` of every evaluation in ``metrics.jsonl``: each numeric score
+            under its own name, whatever the task's metric (``accuracy``, ``f1a``, ``f1``, ...).
     """
 
     path: Path
@@ -51,6 +53,7 @@ class RunSummary:
     train: list[tuple[int, float]] = field(default_factory=list)
     evals: list[tuple[int, float, float]] = field(default_factory=list)
     skipped_lines: int = 0
+    eval_scores: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
     def _get(self, key: str, default: Any = None) -> Any:
         value = self.results.get(key)
@@ -86,19 +89,44 @@ class RunSummary:
         return int(value) if self.mode == "prompt" and value is not None else None
 
     @property
+    def score_name(self) -> str:
+        """The name of the score that chose the run's best step: a text task's first score (results.json's
+        ``scores``, in its metric's order), else SQuAD's ``f1``."""
+        scores = self.results.get("scores")
+        return str(next(iter(scores))) if isinstance(scores, dict) and scores else "f1"
+
+    @property
+    def score(self) -> float:
+        """The best dev value of `score_name` (0..100); NaN for a run without a dev set."""
+        scores = self.results.get("scores")
+        value = scores.get(self.score_name) if isinstance(scores, dict) else self.results.get("f1")
+        return float(value) if is_number(value) else math.nan
+
+    @property
+    def score_label(self) -> str:
+        """What `score` is, for tables and legends: ``f1`` for SQuAD, ``rte accuracy`` for a text task."""
+        task = self.results.get("task")
+        return f"{task} {self.score_name}" if task else self.score_name
+
+    def score_curve(self) -> list[tuple[int, float]]:
+        """``(step, value)`` of `score_name` at each evaluation in ``metrics.jsonl``."""
+        name = self.score_name
+        return [(step, scores[name]) for step, scores in self.eval_scores if name in scores]
+
+    @property
     def scored(self) -> bool:
         """Whether the run was evaluated (a run trained without a dev set has no scores)."""
-        return is_number(self.results.get("f1"))
+        return not math.isnan(self.score)
 
     @property
     def exact_match(self) -> float:
-        """Best dev exact match (0..100); NaN for a run without a dev set."""
-        return float(self.results["exact_match"]) if self.scored else math.nan
+        """Best dev exact match (0..100); NaN for a run without a dev set or a metric without one."""
+        return as_float(self.results.get("exact_match"))
 
     @property
     def f1(self) -> float:
-        """Best dev F1 (0..100); NaN for a run without a dev set."""
-        return float(self.results["f1"]) if self.scored else math.nan
+        """Best dev F1 (0..100); NaN for a run without a dev set or a metric without one."""
+        return as_float(self.results.get("f1"))
 
     @property
     def punctuation(self) -> str | None:
@@ -223,12 +251,15 @@ def _drop_superseded(points: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return kept
 
 
-def _read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float, float]], int]:
+def _read_metrics(
+    path: Path,
+) -> tuple[list[tuple[int, float]], list[tuple[int, float, float]], list[tuple[int, dict[str, float]]], int]:
     train: list[tuple[int, float]] = []
     evals: list[tuple[int, float, float]] = []
+    scores: list[tuple[int, dict[str, float]]] = []
     skipped = 0
     if not path.exists():
-        return train, evals, skipped
+        return train, evals, scores, skipped
     with open(path, encoding="utf-8") as f:
         for line in f:
             if not line.strip():
@@ -246,11 +277,17 @@ def _read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, 
             event, step = record.get("event"), record["step"]
             if event == "train" and is_number(record.get("loss")):
                 train.append((step, float(record["loss"])))
-            elif event == "eval" and is_number(record.get("exact_match")) and is_number(record.get("f1")):
-                evals.append((step, float(record["exact_match"]), float(record["f1"])))
+            elif event == "eval":
+                numbers = {
+                    k: float(v) for k, v in record.items() if k not in ("step", "time") and is_number(v)
+                }
+                if numbers:
+                    scores.append((step, numbers))
+                if is_number(record.get("exact_match")) and is_number(record.get("f1")):
+                    evals.append((step, float(record["exact_match"]), float(record["f1"])))
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} unreadable line(s)", stacklevel=3)
-    return _drop_superseded(train), _drop_superseded(evals), skipped  # type: ignore[return-value]
+    return _drop_superseded(train), _drop_superseded(evals), _drop_superseded(scores), skipped  # type: ignore[return-value]
 
 
 def is_number(value: Any) -> bool:
@@ -286,7 +323,7 @@ def load_run(run_dir: Path, label: str | None = None) -> RunSummary:
                 f"{results_path} has no numeric {key!r}; was the run finished by softprompt train?"
             )
     config = _read_config(run_dir / CONFIG_FILE)
-    train, evals, skipped = _read_metrics(run_dir / METRICS_FILE)
+    train, evals, eval_scores, skipped = _read_metrics(run_dir / METRICS_FILE)
     return RunSummary(
         path=run_dir,
         label=label or run_dir.resolve().name,
@@ -295,4 +332,5 @@ def load_run(run_dir: Path, label: str | None = None) -> RunSummary:
         train=train,
         evals=evals,
         skipped_lines=skipped,
+        eval_scores=eval_scores,
     )

@@ -124,13 +124,15 @@ def prompt_config(run: Run) -> ckpt.PromptConfig:
         n_tokens=cfg.n_tokens,
         d_model=run.model.prompt.d_model,
         init=cfg.prompt_init,
-        punctuation=cfg.punctuation,
+        **run.task.text_format(),  # a text task records its own template, not SQuAD's text format
         max_source_length=cfg.max_source_length,
         max_target_length=cfg.max_target_length,
         extra={
             "step": run.state.step,
             **{f"dev_{k}": v for k, v in run.task.dev_scores(run.state.best_scores).items()},
             "base_model_fingerprint": run.base_fingerprint,
+            # Random weights have no fingerprint: the seed that built them is their identity.
+            **({ckpt.RANDOM_INIT_SEED: cfg.seed} if cfg.random_init else {}),
             **({"prompt_init_labels": labels} if (labels := init_labels(cfg, run.task)) else {}),
         },
         task=run.task.to_dict(),
@@ -158,7 +160,7 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
         "initial_step": run.initial_step if cfg.optimizer == "adafactor" else None,
-        "punctuation": cfg.punctuation,
+        "punctuation": run.task.text_format()["punctuation"],
         "n_tokens": cfg.n_tokens,
         "prompt_init": cfg.prompt_init,
         "global_batch_size": run.plan.global_batch,
@@ -167,6 +169,7 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         if cfg.epochs is not None
         else round(st.examples_seen / max(1, len(run.train_features)), 2),
         "seed": cfg.seed,
+        "random_init": cfg.random_init,
         "precision": cfg.precision,
         **_qa_scores(_best(run)),
         "best_step": st.best_step if st.best_step >= 0 else None,
@@ -198,7 +201,7 @@ def results_of(run: Run) -> dict[str, Any]:
         "optimizer": cfg.optimizer,
         "lr": cfg.lr,
         "initial_step": run.initial_step if cfg.optimizer == "adafactor" else None,
-        "punctuation": cfg.punctuation,
+        "punctuation": run.task.text_format()["punctuation"],
         "n_tokens": cfg.n_tokens if cfg.prompt_tuning else 0,
         "global_batch_size": run.plan.global_batch,
         "world_size": run.env.world_size,

@@ -508,7 +508,10 @@ def _announce(run: Run, n_examples: int, stats: Counter, resumed_changes: dict[s
             if cfg.prompt_tuning
             else ", every weight; pass --prompt_tuning to train a prompt"
         )
-        + f") with {cfg.optimizer} at lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}; "
+        + f") with {cfg.optimizer} at lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}"
+        # T5X's Adafactor continues the checkpoint's step count: its decay depends on it.
+        + (f", initial step {run.initial_step:,}" if cfg.optimizer == "adafactor" else "")
+        + "; "
     )
     print(
         what

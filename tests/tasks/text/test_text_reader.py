@@ -145,3 +145,12 @@ def test_hugging_face_rows_load_offline_from_a_local_dataset_directory(tmp_path)
     ]
     with pytest.raises(DataError, match="cannot load this Hugging Face dataset"):
         load_task_examples(load_task("rte"), f"hf:{data}", split="no_such_split")
+
+
+def test_a_missing_template_field_lists_the_rows_fields(tmp_path):
+    """A CSV whose header lacks the template's field: the error lists the header's columns, so the typo
+    shows (not only "line 2")."""
+    path = write(tmp_path / "typo.csv", "id,txt,label\n1,ok,pos\n")
+    with pytest.raises(DataError) as err:
+        load_task_examples(SENTIMENT, path)
+    assert "line 2: has no field 'text' (its fields: id, txt, label)" in str(err.value)

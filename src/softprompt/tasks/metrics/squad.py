@@ -376,8 +376,44 @@ def _load_predictions(path: Path) -> dict[str, str]:
     return predictions
 
 
+def _score_and_warn(
+    items: Sequence[tuple[str, Sequence[str]]],
+    predictions: Mapping[str, str],
+    err: TextIO,
+    *,
+    only_predicted: bool,
+    max_listed: int | None,
+    where: Path,
+) -> dict[str, float]:
+    """The mean scores, with the official warning per unanswered question (at most `max_listed` of them,
+    then a count), or over the predicted questions only."""
+    if only_predicted:
+        items = [(qid, golds) for qid, golds in items if qid in predictions]
+        if not items:
+            raise DataError(
+                f"{where}: none of its questions has a prediction; check that the files belong together"
+            )
+    missing: list[str] = []
+    result = _mean_scores(items, predictions, missing)
+    for qid in missing if max_listed is None else missing[:max_listed]:
+        print(f"Unanswered question {qid} will receive score 0.", file=err)
+    if max_listed is not None and missing:
+        print(
+            f"{len(missing):,} of {len(items):,} questions have no prediction and score 0"
+            + (f" ({len(missing) - max_listed:,} not listed)" if len(missing) > max_listed else "")
+            + "; --only_predicted scores the predicted questions only",
+            file=err,
+        )
+    return result
+
+
 def evaluate_squad_file(
-    dataset_path: str | Path, predictions_path: str | Path, *, stderr: TextIO | None = None
+    dataset_path: str | Path,
+    predictions_path: str | Path,
+    *,
+    stderr: TextIO | None = None,
+    only_predicted: bool = False,
+    max_listed: int | None = None,
 ) -> dict[str, float]:
     """Score a predictions file against a SQuAD v1.1 dataset file, like the official evaluate-v1.1.py.
 
@@ -389,6 +425,9 @@ def evaluate_squad_file(
         dataset_path: The dataset JSON (``data[*].paragraphs[*].qas[*]`` with ``id`` and ``answers[*].text``).
         predictions_path: A JSON object mapping question id to predicted answer string.
         stderr: Where the warnings go; ``sys.stderr`` when None (looked up at call time so capture works).
+        only_predicted: Score only the questions that have a prediction (a partial predictions file).
+        max_listed: List at most this many unanswered questions, then how many there are (None: list
+            every one, as the official script does).
 
     Returns:
         ``{"exact_match": ..., "f1": ...}``, each in [0, 100].
@@ -402,31 +441,45 @@ def evaluate_squad_file(
     if version != EXPECTED_VERSION:
         print(f"Evaluation expects v-{EXPECTED_VERSION}, but got dataset with v-{version}", file=err)
     predictions = _load_predictions(ppath)
-    missing: list[str] = []
-    result = _mean_scores(items, predictions, missing)
-    for qid in missing:
-        print(f"Unanswered question {qid} will receive score 0.", file=err)
-    return result
+    return _score_and_warn(
+        items, predictions, err, only_predicted=only_predicted, max_listed=max_listed, where=ppath
+    )
 
 
 def evaluate_file(
-    dataset_path: str | Path, predictions_path: str | Path, *, stderr: TextIO | None = None
+    dataset_path: str | Path,
+    predictions_path: str | Path,
+    *,
+    stderr: TextIO | None = None,
+    only_predicted: bool = False,
+    max_listed: int | None = None,
 ) -> dict[str, float]:
-    """`evaluate_squad_file`, or the same metric over an MRQA .jsonl(.gz) file's questions.
+    """`evaluate_squad_file`, or the same metric over an MRQA .jsonl(.gz) file's questions (the options
+    as there).
 
     `softprompt eval` scores MRQA files and writes their predictions keyed by MRQA `qid`; this reads
     them back the same way, so `score` agrees with `eval` on every file `eval` accepts.
     """
     name = str(dataset_path).lower()
     if not name.endswith((".jsonl", ".jsonl.gz")):
-        return evaluate_squad_file(dataset_path, predictions_path, stderr=stderr)
+        return evaluate_squad_file(
+            dataset_path,
+            predictions_path,
+            stderr=stderr,
+            only_predicted=only_predicted,
+            max_listed=max_listed,
+        )
     from softprompt.tasks.squad.reader import load_examples
 
     err = sys.stderr if stderr is None else stderr
     examples = load_examples(dataset_path)
     predictions = _load_predictions(Path(predictions_path))
-    missing: list[str] = []
-    result = _mean_scores([(e.id, list(e.answers)) for e in examples], predictions, missing)
-    for qid in missing:
-        print(f"Unanswered question {qid} will receive score 0.", file=err)
-    return result
+    items = [(e.id, list(e.answers)) for e in examples]
+    return _score_and_warn(
+        items,
+        predictions,
+        err,
+        only_predicted=only_predicted,
+        max_listed=max_listed,
+        where=Path(predictions_path),
+    )

@@ -46,6 +46,10 @@ class SquadTask(Task):
         """A QA example is a question."""
         return "questions"
 
+    def text_format(self) -> dict[str, str]:
+        """SQuAD's text format (its input template is the prompt config's default)."""
+        return {"punctuation": self.punctuation}
+
     def eval_fields(self) -> dict[str, Any]:
         """The text format the questions were given in."""
         return {"punctuation": self.punctuation}

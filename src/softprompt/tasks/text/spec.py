@@ -63,7 +63,12 @@ def _lookup(row: Mapping[str, Any], name: str) -> Any:
     value: Any = row
     for part in name.split("."):
         if not isinstance(value, Mapping) or part not in value:
-            raise BadRecord("missing_field", f"has no field {quote(name)}")
+            # Name what is there (a CSV file's header columns): a typo in the template or the header shows.
+            keys = [str(k) for k in value] if isinstance(value, Mapping) else []
+            shown = (
+                f" (its fields: {', '.join(keys[:12])}{', ...' if len(keys) > 12 else ''})" if keys else ""
+            )
+            raise BadRecord("missing_field", f"has no field {quote(name)}{shown}")
         value = value[part]
     return value
 

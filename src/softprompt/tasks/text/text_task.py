@@ -65,6 +65,11 @@ class TextTask(Task):
         """The spec, as a prompt's config saves it (`TaskSpec.to_dict`)."""
         return self.spec.to_dict()
 
+    def text_format(self) -> dict[str, str]:
+        """The task's own input template; no SQuAD punctuation padding (a text task's text is its
+        template's, as written)."""
+        return {"input_template": self.spec.input_template or "", "punctuation": "none"}
+
     def eval_fields(self) -> dict[str, Any]:
         """The task's name and metric."""
         return {"task": self.name, "metric": self.metric}
@@ -101,6 +106,12 @@ class TextTask(Task):
     def results_fields(self, best: Mapping[str, float]) -> dict[str, Any]:
         """Every score at the best step under its own name, and the task, metric and scores."""
         return {**best, "task": self.name, "metric": self.metric, "scores": dict(best) or None}
+
+    def headline(self, facts: Mapping[str, Any]) -> dict[str, Any]:
+        """The task, its metric, and every score of the metric at the best step (none before any
+        evaluation), under their own names (MultiRC: ``score``, ``f1a``, ``exact_match``, ...)."""
+        scores = facts.get("scores")
+        return {"task": self.name, "metric": self.metric, **(scores if isinstance(scores, Mapping) else {})}
 
     def card_fields(self, best: Mapping[str, float]) -> dict[str, Any]:
         """The task, where its format comes from, its input template, metric and scores."""
