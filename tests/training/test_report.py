@@ -429,3 +429,36 @@ def test_a_one_step_loss_curve_is_drawn_with_a_marker(tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_text(json.dumps({"event": "train", "step": 10, "loss": 2.0}) + "\n")
     (line,) = draw_figure("loss", [load_run(run)]).axes[0].get_lines()
     assert line.get_marker() == "o" and list(line.get_ydata()) == [2.0]
+
+
+def test_a_multi_prompt_run_is_one_row_and_one_curve_per_prompt(tmp_path: Path) -> None:
+    """A `--num_prompts` run's results.json holds each prompt's results under its name, and its
+    metrics.jsonl each prompt's records under `prompt`: the report shows every prompt as a run of its own."""
+    run = tmp_path / "multi"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({**BASE_CONFIG, "num_prompts": 2}), encoding="utf-8")
+    scores = {"prompt0": (61.25, 70.5), "prompt1": (55.0, 66.75)}
+    records: list[dict[str, Any]] = [{"event": "start", "step": 0, "time": 0.0}]
+    for step in (10, 20):
+        for k, (name, (em, f1)) in enumerate(scores.items()):
+            records.append({"event": "train", "step": step, "prompt": name, "loss": 3.0 - step / 10 - k})
+            records.append({"event": "eval", "step": step, "prompt": name, "exact_match": em, "f1": f1})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    prompts = {
+        name: {"exact_match": em, "f1": f1, "best_step": 20, "steps": 20, "mode": "prompt", "lr": 0.3}
+        for name, (em, f1) in scores.items()
+    }
+    results = {"steps": 20, "train_seconds": 12.0, "num_prompts": 2, "prompts": prompts}
+    (run / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    md = make_report([run], tmp_path / "out").read_text(encoding="utf-8")
+    rows = section(md, "Runs")
+    assert len(rows) == 2
+    for name, (em, f1) in scores.items():
+        row = next(r for r in rows if r.startswith(f"| multi/{name} |"))
+        assert f"| {em:.2f} | {f1:.2f} |" in row
+    # Each prompt's own curve: prompt1's losses, not both prompts' interleaved.
+    from softprompt.training.report_runs import load_runs
+
+    one = load_runs(run)[1]
+    assert one.label == "multi/prompt1" and one.train == [(10, 1.0), (20, 0.0)]
+    assert one.evals == [(10, 55.0, 66.75), (20, 55.0, 66.75)]

@@ -29,7 +29,7 @@ from softprompt.training.report_runs import (
     as_float,
     fmt_score,
     is_number,
-    load_run,
+    load_runs,
     model_basename,
     model_size,
 )
@@ -402,7 +402,7 @@ def make_report(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     run_dirs = unique
     labels = _unique_labels(run_dirs)
     # Read everything before writing anything, so a bad run leaves no half-updated report.
-    runs = [load_run(Path(d), label) for d, label in zip(run_dirs, labels, strict=True)]
+    runs = [run for d, label in zip(run_dirs, labels, strict=True) for run in load_runs(Path(d), label)]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -253,6 +253,7 @@ def _drop_superseded(points: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 
 def _read_metrics(
     path: Path,
+    prompt: str | None = None,
 ) -> tuple[list[tuple[int, float]], list[tuple[int, float, float]], list[tuple[int, dict[str, float]]], int]:
     train: list[tuple[int, float]] = []
     evals: list[tuple[int, float, float]] = []
@@ -274,12 +275,16 @@ def _read_metrics(
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 skipped += 1
                 continue
+            if record.get("prompt") != prompt:  # a multi-prompt run logs each prompt under its name
+                continue
             event, step = record.get("event"), record["step"]
             if event == "train" and is_number(record.get("loss")):
                 train.append((step, float(record["loss"])))
             elif event == "eval":
                 numbers = {
-                    k: float(v) for k, v in record.items() if k not in ("step", "time") and is_number(v)
+                    k: float(v)
+                    for k, v in record.items()
+                    if k not in ("step", "time", "prompt") and is_number(v)
                 }
                 if numbers:
                     scores.append((step, numbers))
@@ -295,7 +300,23 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def load_run(run_dir: Path, label: str | None = None) -> RunSummary:
+def load_runs(run_dir: Path, label: str | None = None) -> list[RunSummary]:
+    """Read one run directory: one summary, or for a multi-prompt run (`--num_prompts`, `prompts:`) one
+    per prompt, labelled ``<run>/<prompt>``, each with its own results, curves and scores.
+
+    Raises:
+        UserError: As `load_run`.
+    """
+    run_dir = Path(run_dir)
+    results = _read_json_object(run_dir / RESULTS_FILE) if run_dir.is_dir() else {}
+    prompts = results.get("prompts")
+    if not isinstance(prompts, dict) or not prompts:
+        return [load_run(run_dir, label)]
+    label = label or run_dir.resolve().name
+    return [load_run(run_dir, f"{label}/{name}", prompt=str(name)) for name in prompts]
+
+
+def load_run(run_dir: Path, label: str | None = None, prompt: str | None = None) -> RunSummary:
     """Read one run directory.
 
     ``results.json`` is required; ``config.yaml`` and ``metrics.jsonl`` are used when present.
@@ -303,6 +324,8 @@ def load_run(run_dir: Path, label: str | None = None) -> RunSummary:
     Args:
         run_dir: The training run's output directory.
         label: Name for tables and legends; the directory name when None.
+        prompt: In a multi-prompt run, the prompt to read: its entry of results.json's ``prompts`` and
+            its records of ``metrics.jsonl``.
 
     Returns:
         The parsed run.
@@ -316,6 +339,11 @@ def load_run(run_dir: Path, label: str | None = None) -> RunSummary:
         raise UserError(f"{run_dir} is not a directory; pass the output_dir of a training run")
     results_path = run_dir / RESULTS_FILE
     results = _read_json_object(results_path)
+    if prompt is not None:
+        entry = (results.get("prompts") or {}).get(prompt)
+        if not isinstance(entry, dict):
+            raise UserError(f"{results_path} has no results for prompt {prompt!r}")
+        results = {**{k: v for k, v in results.items() if k != "prompts"}, **entry}
     for key in ("exact_match", "f1"):
         # null: a finished run that had no dev set (reported without scores); absent or text: not a run.
         if key not in results or not (results[key] is None or is_number(results[key])):
@@ -323,7 +351,7 @@ def load_run(run_dir: Path, label: str | None = None) -> RunSummary:
                 f"{results_path} has no numeric {key!r}; was the run finished by softprompt train?"
             )
     config = _read_config(run_dir / CONFIG_FILE)
-    train, evals, eval_scores, skipped = _read_metrics(run_dir / METRICS_FILE)
+    train, evals, eval_scores, skipped = _read_metrics(run_dir / METRICS_FILE, prompt)
     return RunSummary(
         path=run_dir,
         label=label or run_dir.resolve().name,
