@@ -39,6 +39,8 @@ def test_num_prompts_5_ends_with_five_prompt_dirs_that_eval_ensembles(
     # Every prompt's seed is the run's seed + i, recorded in its card and in the start record.
     start = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert [p["seed"] for p in start["prompts"].values()] == [42, 43, 44, 45, 46]
+    # The random weights were built once with the run's seed: each card's command rebuilds those.
+    assert all("--random_init --seed 42" in (d / "README.md").read_text() for d in dirs)
     prompts = [w for d in dirs for w in ("--prompt", str(d))]
     evaluate = ["eval", "--model", str(tiny_model_dir), "--random_init", f"--validation_file={dev_file}",
                 "--max_eval_samples=6", "--max_new_tokens=4", "--ensemble", "majority", *prompts]  # fmt: skip

@@ -76,7 +76,7 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
             ``weight_decay``, ``initial_step``, ``punctuation``, ``n_tokens``, ``prompt_init`` (or
             ``init``), ``prompt_init_text``,
             ``global_batch_size``, ``batch_size``, ``steps``/``max_steps``, ``epochs``,
-            ``precision``, ``seed``, ``random_init``, ``trainable_parameters``, ``exact_match``, ``f1``,
+            ``precision``, ``seed``, ``random_init`` (and ``random_init_seed``, the weights' seed when it differs), ``trainable_parameters``, ``exact_match``, ``f1``,
             ``t5_exact_match``, ``t5_f1``, ``best_step``; for a text task ``task``, ``task_description``,
             ``input_template``, ``metric`` and ``scores`` (its dev scores). A key that is absent or None
             shows as "—" (the T5 score rows and the Adafactor initial step appear only when given).
@@ -126,7 +126,9 @@ def render_model_card(checkpoint_dir: Path, info: Mapping[str, Any]) -> str:
     lines += _score_rows(card, info)
     # A base model built with random weights is only that model again with the same flags and seed.
     random = (
-        ["--random_init", "--seed", str(info.get("seed"))] if info.get("random_init") and prompt_mode else []
+        ["--random_init", "--seed", str(_first(info, ("random_init_seed", "seed")))]
+        if info.get("random_init") and prompt_mode
+        else []
     )
     lines += _how_to_load(str(checkpoint_dir), base_model, card, prompt_mode, random)
     lines += ["", f"Written by softprompt {softprompt.__version__}."]

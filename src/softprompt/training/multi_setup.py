@@ -275,6 +275,8 @@ def _build(
                 state=slot_state,
                 bf16=cfg.precision == "bf16",
                 base_fingerprint=fingerprint,
+                # The model was built once with the run's seed; a prompt's own seed only seeds its init.
+                random_init_seed=cfg.seed if cfg.random_init else None,
                 task=task,
             )
         )

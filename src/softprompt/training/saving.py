@@ -132,7 +132,7 @@ def prompt_config(run: Run) -> ckpt.PromptConfig:
             **{f"dev_{k}": v for k, v in run.task.dev_scores(run.state.best_scores).items()},
             "base_model_fingerprint": run.base_fingerprint,
             # Random weights have no fingerprint: the seed that built them is their identity.
-            **({ckpt.RANDOM_INIT_SEED: cfg.seed} if cfg.random_init else {}),
+            **({ckpt.RANDOM_INIT_SEED: run.random_init_seed} if run.random_init_seed is not None else {}),
             **({"prompt_init_labels": labels} if (labels := init_labels(cfg, run.task)) else {}),
         },
         task=run.task.to_dict(),
@@ -170,6 +170,7 @@ def _model_card_info(run: Run) -> dict[str, Any]:
         else round(st.examples_seen / max(1, len(run.train_features)), 2),
         "seed": cfg.seed,
         "random_init": cfg.random_init,
+        "random_init_seed": run.random_init_seed,
         "precision": cfg.precision,
         **_qa_scores(_best(run)),
         "best_step": st.best_step if st.best_step >= 0 else None,

@@ -82,6 +82,7 @@ class Run:
     state: TrainerState
     bf16: bool
     base_fingerprint: str | None = None  # what identifies the base model (`ckpt.model_fingerprint`)
+    random_init_seed: int | None = None  # the seed of the base model's random weights (--random_init)
     lock: rundir.RunLock | None = None  # rank 0's lock on `out`, held for the run's whole life
     task: Task = field(default_factory=SquadTask)  # what the data is and how it is scored
 
@@ -168,6 +169,7 @@ def _build(
         state=state,
         bf16=cfg.precision == "bf16",
         base_fingerprint=None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path),
+        random_init_seed=cfg.seed if cfg.random_init else None,
         lock=lock,
         task=task,
     )
