@@ -37,10 +37,19 @@ Key = tuple[str, str]
 
 
 def read_lengths(path: Path) -> tuple[dict[Key, int], dict[Key, int]]:
-    """``[{"question", "context", "tokens"}, ...]`` -> ((question, context) -> tokens, -> index)."""
+    """``[{"question", "context", "tokens"}, ...]`` -> ((question, context) -> tokens, -> index).
+
+    A (question, context) pair that occurs twice is one question: its first occurrence gives its
+    length and index (bench_serve writes the same length for both).
+    """
     rows = json.loads(Path(path).read_text(encoding="utf-8"))
-    keys = [(r["question"], r["context"]) for r in rows]
-    return dict(zip(keys, (int(r["tokens"]) for r in rows), strict=True)), {k: i for i, k in enumerate(keys)}
+    tokens: dict[Key, int] = {}
+    index_of: dict[Key, int] = {}
+    for i, r in enumerate(rows):
+        key = (r["question"], r["context"])
+        tokens.setdefault(key, int(r["tokens"]))
+        index_of.setdefault(key, i)
+    return tokens, index_of
 
 
 def steer(logits: torch.Tensor, generated: torch.Tensor, targets: torch.Tensor, eos: int) -> torch.Tensor:
@@ -103,7 +112,7 @@ def install(lengths: Path, log: Path) -> None:
     by_key, index_of = read_lengths(lengths)
     out = Log(log)
     by_ids: dict[tuple[int, ...], int] = {}  # tokenised input -> question index
-    targets = [by_key[k] for k in sorted(index_of, key=index_of.__getitem__)]
+    targets = {i: by_key[k] for k, i in index_of.items()}  # question index -> its length
     state: dict[str, Any] = {"pending": None, "greedy": None, "stream": {}}
 
     prepare = PromptBank.prepare

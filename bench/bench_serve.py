@@ -617,8 +617,16 @@ def run_servers(
 
 
 def squad_lengths(rows: list[dict[str, Any]], tok: Any, cap: int) -> list[int]:
-    """Each question's answer length: the token count of its first gold answer, at most `cap`."""
-    return [min(cap, max(1, len(tok(r["answer"], add_special_tokens=False).input_ids))) for r in rows]
+    """Each question's answer length: the token count of its first gold answer, at most `cap`.
+
+    A (question, context) pair asked twice in the file is one question to a server, so it keeps the
+    length of its first occurrence.
+    """
+    first: dict[tuple[str, str], int] = {}
+    for r in rows:
+        n = min(cap, max(1, len(tok(r["answer"], add_special_tokens=False).input_ids)))
+        first.setdefault((r["question"], r["context"]), n)
+    return [first[(r["question"], r["context"])] for r in rows]
 
 
 def check_lengths(logs: dict[str, Path], want: list[int]) -> dict[str, dict[str, int]]:
