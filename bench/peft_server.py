@@ -13,21 +13,27 @@ Two ways PEFT users serve K prompt-tuned tasks, one `generate` call per request 
   threads. What the straightforward "one model per task" deployment does; it holds K copies of the weights.
 
 The input is written exactly as softprompt writes it (`textformat.format_input`, no punctuation padding)
-so both servers see the same tokens and their answers can be compared.
+so both servers see the same tokens and their answers can be compared. With ``--lengths F --log L``
+(bench_serve's realistic-length mode) each bench question's answer is forced to its target length by
+`answer_lengths.EosAfter`, as softprompt serve's are (see bench/answer_lengths.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
+from pathlib import Path
 
 import torch
 import uvicorn
 from fastapi import FastAPI
 from peft import PeftModel
 from pydantic import BaseModel
-from transformers import AutoTokenizer, T5ForConditionalGeneration
+from transformers import AutoTokenizer, LogitsProcessorList, T5ForConditionalGeneration
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from answer_lengths import EosAfter, Log, answer_tokens, read_lengths
 from softprompt.serving.server import bind_socket
 from softprompt.tasks.squad.text import format_input
 
@@ -39,9 +45,21 @@ class AnswerInput(BaseModel):
 
 
 def build_app(
-    model_dir: str, adapters: list[tuple[str, str]], bf16: bool, max_new_tokens: int, mode: str = "shared"
+    model_dir: str,
+    adapters: list[tuple[str, str]],
+    bf16: bool,
+    max_new_tokens: int,
+    mode: str = "shared",
+    lengths: Path | None = None,
+    log: Path | None = None,
 ) -> FastAPI:
-    """The app: one base model with every adapter (`shared`), or one base copy per adapter (`per-task`)."""
+    """The app: one base model with every adapter (`shared`), or one base copy per adapter (`per-task`).
+
+    With `lengths` (and `log`), bench questions end at their target lengths and each answer's token count
+    is logged (bench/answer_lengths.py).
+    """
+    targets, index_of = read_lengths(lengths) if lengths is not None else ({}, {})
+    out = Log(log) if log is not None else None
     dtype = torch.bfloat16 if bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # task -> (model, lock, adapter to switch to, or None when the model holds only that task's adapter)
@@ -69,11 +87,18 @@ def build_app(
         enc = tokenizer(
             format_input(body.question, body.context), max_length=512, truncation=True, return_tensors="pt"
         )
+        key = (body.question, body.context)
+        eos = tokenizer.eos_token_id
+        steer = LogitsProcessorList([EosAfter(targets[key], eos)] if key in targets else [])
         with lock, torch.inference_mode():
             if adapter is not None:
                 model.set_adapter(adapter)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        return {"answer": tokenizer.decode(out[0], skip_special_tokens=True)}
+            ids = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, logits_processor=steer
+            )
+        if out is not None and key in index_of:
+            out.write(index_of[key], answer_tokens(ids[0].tolist(), eos))
+        return {"answer": tokenizer.decode(ids[0], skip_special_tokens=True)}
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -93,10 +118,20 @@ def main() -> None:
     parser.add_argument(
         "--mode", choices=["shared", "per-task"], default="shared", help="see the module docstring"
     )
+    parser.add_argument("--lengths", type=Path, help="bench answer lengths (bench/answer_lengths.py)")
+    parser.add_argument("--log", type=Path, help="index<TAB>tokens per answered bench question")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     adapters = [tuple(a.split("=", 1)) for a in args.adapter]
-    app = build_app(args.model, adapters, args.bf16, args.max_new_tokens, args.mode)  # type: ignore[arg-type]
+    app = build_app(
+        args.model,
+        adapters,  # type: ignore[arg-type]
+        args.bf16,
+        args.max_new_tokens,
+        args.mode,
+        args.lengths,
+        args.log,
+    )
     sock = bind_socket("127.0.0.1", args.port)
     print(
         f"peft server ({args.mode}, {len(adapters)} tasks): listening on http://127.0.0.1:{sock.getsockname()[1]}",
