@@ -178,10 +178,10 @@ def test_answers_end_at_eos_at_many_lengths(steered: dict) -> None:
     assert len(set(ended_at)) >= 4 and min(ended_at) < MAX_NEW
 
 
-def test_the_app_serves_continuous_by_default_and_static_on_request(steered: dict) -> None:
+def test_the_app_serves_static_by_default_and_continuous_on_request(steered: dict) -> None:
     bank = steered["bank"]
-    assert isinstance(create_app(bank).state.batcher, ContinuousBatcher)
-    assert not isinstance(create_app(bank, batching="static").state.batcher, ContinuousBatcher)
+    assert isinstance(create_app(bank, batching="continuous").state.batcher, ContinuousBatcher)
+    assert not isinstance(create_app(bank).state.batcher, ContinuousBatcher)
     assert not isinstance(
         create_app(bank, answer=lambda rows: [""] * len(rows)).state.batcher, ContinuousBatcher
     )

@@ -80,7 +80,7 @@ def create_app(
     limits: Limits | None = None,
     answer: AnswerFn | None = None,
     store: PromptStore | None = None,
-    batching: str = "continuous",
+    batching: str = "static",
     max_batch_tokens: int = 65536,
     classify: str = "greedy",
 ) -> FastAPI:
