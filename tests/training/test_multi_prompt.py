@@ -412,3 +412,24 @@ def test_the_multi_prompt_log_after_resume_is_the_uninterrupted_runs(
     assert got == want
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events.count("start") == 2 and events.count("end") == 2  # one `end` per prompt
+
+
+def test_the_progress_line_shows_each_prompts_own_dev_score(tmp_path, saved_model, squad_small, capfd):
+    """Prompts of different tasks have different metrics, so the line names each prompt's score rather
+    than averaging them under one metric's name."""
+    train_file, dev_file = squad_small
+    cfg = _base(
+        tmp_path,
+        saved_model,
+        "progress",
+        train_file=str(train_file),
+        validation_file=str(dev_file),
+        num_prompts=2,
+        max_steps=2,
+        eval_steps=1,
+    )
+    results = train_multi(cfg)
+    err = capfd.readouterr().err
+    step1 = next(line for line in err.splitlines() if "step 1/2" in line)
+    assert "dev_prompt0 " in step1 and "dev_prompt1 " in step1 and "_mean" not in err
+    assert set(results["prompts"]) == {"prompt0", "prompt1"}

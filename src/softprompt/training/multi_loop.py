@@ -276,7 +276,8 @@ def multi_train_loop(run: MultiRun) -> dict[str, Any]:
             due = cfg.eval_steps and st.step % cfg.eval_steps == 0 and st.step < run.max_steps
             if due and _has_dev(run):
                 scores = evaluate_prompts(run)
-                shown[f"dev_{run.slots[0].task.metric}_mean"] = sum(scores.values()) / max(len(scores), 1)
+                # Each prompt's own selection score: their tasks' metrics need not be alike, so no mean.
+                shown.update({f"dev_{name}": score for name, score in scores.items()})
                 if saved:
                     _refresh_last(run)
             bar.update(1, **shown)
