@@ -136,8 +136,12 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     device: str
     n_tasks: int
-    batches_run: int = Field(description="Merged batches handed to the model.")
-    max_batch_seen: int = Field(description="Most questions merged into one batch.")
+    batches_run: int = Field(
+        description="Merged batches handed to the model (continuous batching: admissions, one encoder pass each)."
+    )
+    max_batch_seen: int = Field(
+        description="Most questions merged into one batch (continuous batching: most rows decoding at once)."
+    )
     requests_answered: int
     rows_answered: int = Field(description="Questions answered (a request may hold several).")
     queue_depth: int = Field(description="Requests waiting for the model.")
