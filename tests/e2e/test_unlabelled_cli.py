@@ -52,3 +52,22 @@ def test_eval_refuses_a_file_mixing_labelled_and_unlabelled_rows(tiny_model_dir,
     err = capsys.readouterr().err
     assert "example '1' has no 'label'" in err and "Traceback" not in err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_train_refuses_an_unlabelled_dev_set_and_unlabelled_training_rows(tiny_model_dir, tmp_path, capsys):
+    test = _write(tmp_path / "test.jsonl", _ROWS)
+    train = _write(tmp_path / "train.jsonl", [{**r, "label": r["idx"] % 2} for r in _ROWS])
+    base = ["train", "--task", "rte", f"--model={tiny_model_dir}", "--random_init", "--prompt_tuning",
+            "--n_tokens=4", "--max_steps=1", "--report_to=none"]  # fmt: skip
+    for files, clause in (
+        (
+            [f"--train_file={train}", f"--validation_file={test}"],
+            "the dev set (--validation_file) needs labels",
+        ),
+        ([f"--train_file={test}"], "training needs labelled rows"),
+    ):
+        out = tmp_path / f"run{len(files)}"
+        assert _exit([*base, f"--output_dir={out}", *files]) == 2
+        err = capsys.readouterr().err
+        assert clause in err and "Traceback" not in err
+        assert not out.exists()
