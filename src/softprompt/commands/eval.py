@@ -54,6 +54,10 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     examples = _data(
         args, task, skipped
     )  # data first: a bad file is reported before minutes of model loading
+    source = HF_PREFIX + args.dataset_name if args.dataset_name else (args.validation_file or task.name)
+    unscored = task.unscored_reason(examples, source)
+    if unscored and not args.output:
+        raise UserError(f"{unscored}; give --output FILE to write the predictions")
     if args.ensemble == "majority" and len(args.prompt) < 2:
         raise UserError("--ensemble majority needs at least two --prompt directories")
     if args.classify == "rank":
@@ -70,6 +74,8 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     report: dict[str, Any] = {"n_examples": len(examples), **task.eval_fields(), "classify": args.classify}
     if skipped:
         report["skipped_examples"] = dict(skipped)
+    if unscored:
+        report.update(scores=None, no_score=unscored)
     predictions: dict[str, Any]
     if args.ensemble == "majority":
         report.update(ensemble_eval(bank, task, examples, features, gen))

@@ -243,6 +243,19 @@ class Task(ABC):
             answers: ``answers[i]`` is the answer generated for ``examples[i]``.
         """
 
+    def unscored_reason(self, examples: Sequence[Any], source: object) -> str | None:
+        """Why these examples get no score (a test split without labels), or None when they are scored.
+
+        Args:
+            examples: The loaded examples.
+            source: The file or dataset, for messages.
+
+        Raises:
+            DataError: Some examples are labelled and some are not: the first unlabelled one is named.
+        """
+        del examples, source
+        return None
+
     def score_shown(self, examples: Sequence[Any], answers: Sequence[str]) -> dict[str, float]:
         """The scores of answers as the user is shown them (`EvalResult.predictions`, e.g. an ensemble's
         vote), not as generated."""

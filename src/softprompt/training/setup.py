@@ -24,7 +24,7 @@ from softprompt import __version__
 from softprompt.config.parser import read_yaml_mapping
 from softprompt.data.batching import BucketBatchSampler, Collator, Features
 from softprompt.data.records import HF_PREFIX
-from softprompt.errors import CheckpointError, ConfigError, UserError
+from softprompt.errors import CheckpointError, ConfigError, DataError, UserError
 from softprompt.io import checkpoint as ckpt
 from softprompt.io import rundir
 from softprompt.io.rundir import TrainerState
@@ -249,7 +249,7 @@ def _load_split(cfg: TrainConfig, task: Task, which: str, stats: Counter) -> lis
         path = HF_PREFIX + cfg.dataset_name
     elif path is None and (cfg.train_file is not None or not task.has_own_dataset):
         return []  # files without a dev file: no dev set (no files at all: the task's own dataset)
-    return task.load(
+    examples = task.load(
         path,
         split=split,
         config=cfg.dataset_config,
@@ -257,6 +257,11 @@ def _load_split(cfg: TrainConfig, task: Task, which: str, stats: Counter) -> lis
         skip_bad=cfg.skip_bad_examples,
         stats=stats,
     )
+    unscored = task.unscored_reason(examples, path or task.name) if which != "train" else None
+    if unscored:
+        # The dev set chooses the best checkpoint by its score: an unlabelled one cannot.
+        raise DataError(f"{unscored}; the dev set (--validation_file) needs labels")
+    return examples
 
 
 def load_data(cfg: TrainConfig, task: Task, stats: Counter) -> tuple[list[Any], list[Any]]:

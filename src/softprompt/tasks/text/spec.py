@@ -27,7 +27,11 @@ from softprompt.config.choices import TaskMetric
 from softprompt.data.records import BadRecord, Collector, quote
 from softprompt.errors import ConfigError
 
-__all__ = ["TaskSpec", "TextExample", "fill", "template_fields"]
+__all__ = ["UNLABELLED_TARGET", "TaskSpec", "TextExample", "fill", "template_fields"]
+
+UNLABELLED_TARGET = "<unk>"
+"""The target of a row without its label (a test split): T5 writes ``<unk>`` for label -1
+(``preprocessors.glue``) and for a ReCoRD query without answers (``preprocessors.record``)."""
 
 _FIELD = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _QA_LAYOUT = "squad"
@@ -46,6 +50,8 @@ class TextExample:
             for generation tasks.
         group: The unit some metrics score together (MultiRC: one question's answer options); None
             otherwise.
+        labelled: False for a row without its label or answers (a test split): its target is
+            :data:`UNLABELLED_TARGET` (WSC's stays the referent, as T5's) and it cannot be scored.
     """
 
     id: str
@@ -53,6 +59,7 @@ class TextExample:
     targets: tuple[str, ...]
     label: str | None = None
     group: str | None = None
+    labelled: bool = True
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -304,21 +311,29 @@ class TaskSpec:
         inputs = fill(self.input_template or "", row)
         if not inputs.strip():
             raise BadRecord("empty_input", "the input is empty")
-        label = None
+        label, labelled = None, True
         if self.label_field:
-            label = self.label_string(_lookup(row, self.label_field))
+            value = _unlabelled_or(row, self.label_field)
+            labelled = value is not _NO_LABEL
+            label = self.label_string(value) if labelled else None
         if self.target_template:
             targets: tuple[str, ...] = (fill(self.target_template, row),)
         elif self.target_field:
             value = _lookup(row, self.target_field)
             items = value if isinstance(value, (list, tuple)) else [value]
             targets = tuple(_text(v, self.target_field) for v in items)
+            if not targets and self.layout == "record":
+                # ReCoRD's test queries have no answers: T5's preprocessors.record writes <unk>. (Elsewhere
+                # an empty list stays an empty target: only this layout says "none" means unlabelled.)
+                labelled, targets = False, (UNLABELLED_TARGET,)
         else:
-            targets = (label,) if label is not None else ()
+            targets = (label,) if label is not None else (UNLABELLED_TARGET,)
         if not targets or not all(t.strip() for t in targets):
             raise BadRecord("empty_target", "the target is empty")
         group = row.get("group") if isinstance(row.get("group"), str) else None
-        return TextExample(id=qid, inputs=inputs, targets=targets, label=label, group=group)
+        return TextExample(
+            id=qid, inputs=inputs, targets=targets, label=label, group=group, labelled=labelled
+        )
 
     def input_texts(self, record: Mapping[str, Any]) -> list[tuple[str | None, str]]:
         """The model inputs of one unlabelled record (predict, serve): ``(id or None, text)`` per row.
@@ -385,6 +400,12 @@ class TaskSpec:
             for row in flat:
                 try:
                     example = self.example_from_row(row, number)
+                    if for_training and not example.labelled:
+                        raise BadRecord(
+                            "missing_field",
+                            f"has no {quote(self.label_field or self.target_field or 'label')}: "
+                            "training needs labelled rows (a test split is for predict or eval --output)",
+                        )
                 except BadRecord as err:
                     out.bad(place, err)
                     continue
@@ -392,6 +413,20 @@ class TaskSpec:
                     number += 1
                 out.add(place, example)
         return out.finish()
+
+
+_NO_LABEL = object()
+
+
+def _unlabelled_or(row: Mapping[str, Any], name: str) -> Any:
+    """The row's label value, or ``_NO_LABEL`` when the row has none: the field absent (official
+    SuperGLUE test files), null, or -1 (Hugging Face's test splits, as T5's ``glue`` reads them)."""
+    if isinstance(row, Mapping) and "." not in name and row.get(name) is None:
+        return _NO_LABEL
+    value = _lookup(row, name)
+    if value is None or (value == -1 and isinstance(value, int) and not isinstance(value, bool)):
+        return _NO_LABEL
+    return value
 
 
 def _layouts() -> dict[str, Callable[[Mapping[str, Any], bool], list[dict[str, Any]]]]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from softprompt.data.batching import Features
 from softprompt.data.records import BadRecord
-from softprompt.errors import ConfigError
+from softprompt.errors import ConfigError, DataError
 from softprompt.tasks.base import EvalResult, Task, TaskCard
 from softprompt.tasks.metrics.text import score_texts
 from softprompt.tasks.text.features import tokenize_texts
@@ -168,9 +168,31 @@ class TextTask(Task):
 
     def score(self, examples: Sequence[TextExample], answers: Sequence[str]) -> EvalResult:
         """The spec's metric (`score_texts`); its first score chooses the best checkpoint."""
+        predictions = {ex.id: a for ex, a in zip(examples, answers, strict=True)}
+        if any(not ex.labelled for ex in examples):
+            # A test split (`unscored_reason` has refused a mixed one): the answers, and no score.
+            return EvalResult({}, "", predictions)
         scores = score_texts(self.spec.metric, examples, answers, self.spec.classes)
         predictions = {ex.id: a for ex, a in zip(examples, answers, strict=True)}
         return EvalResult(scores, next(iter(scores)), predictions)
+
+    def unscored_reason(self, examples: Sequence[TextExample], source: object) -> str | None:
+        """A sentence when no example is labelled (a test split: predictions only); None when all are.
+
+        Raises:
+            DataError: Labelled and unlabelled examples mixed: a score over part of the file would
+                mislead, so the first unlabelled example is named.
+        """
+        unlabelled = [ex for ex in examples if not ex.labelled]
+        if not unlabelled:
+            return None
+        field = self.spec.label_field or self.spec.target_field or "label"
+        if len(unlabelled) < len(examples):
+            raise DataError(
+                f"{source}: example {unlabelled[0].id!r} has no {field!r} but others have one; "
+                "a score needs every row labelled: label it, or drop the labelled rows to predict only"
+            )
+        return f"{source} has no {field!r} in any row (a test split): predictions only, no score"
 
     def rank_classes(self) -> tuple[str, ...]:
         """The label strings, when they are the targets.

@@ -1,0 +1,73 @@
+"""Unlabelled test files through the command line (issue 25 item 3): predict and eval --output, no score."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from softprompt.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+_ROWS = [{"premise": f"P {i}.", "hypothesis": f"H {i}.", "idx": i} for i in range(3)]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _exit(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def test_eval_output_predicts_an_unlabelled_file_and_reports_no_score(tiny_model_dir, tmp_path, capsys):
+    test = _write(tmp_path / "test.jsonl", _ROWS)
+    base = ["--model", str(tiny_model_dir), "--random_init", "--task", "rte", "--max_new_tokens=3"]
+    out = tmp_path / "pred.json"
+    assert main(["eval", *base, f"--validation_file={test}", "--output", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["scores"] is None and "no score" in report["no_score"] and "accuracy" not in report
+    assert report["n_examples"] == 3 and set(json.loads(out.read_text())) == {"0", "1", "2"}
+    # predict reads the same file and answers each row, in order, with its id.
+    assert main(["predict", *base, "--input_file", str(test)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["id"] for line in lines] == ["0", "1", "2"]
+    # Without --output there is nothing to report: one line, exit 2.
+    assert _exit(["eval", *base, f"--validation_file={test}"]) == 2
+    err = capsys.readouterr().err
+    assert "give --output FILE" in err and "Traceback" not in err
+
+
+def test_eval_refuses_a_file_mixing_labelled_and_unlabelled_rows(tiny_model_dir, tmp_path, capsys):
+    mixed = _write(tmp_path / "mixed.jsonl", [{**_ROWS[0], "label": 0}, *_ROWS[1:]])
+    argv = ["eval", "--model", str(tiny_model_dir), "--random_init", "--task", "rte",
+            f"--validation_file={mixed}", "--output", str(tmp_path / "p.json")]  # fmt: skip
+    assert _exit(argv) == 2
+    err = capsys.readouterr().err
+    assert "example '1' has no 'label'" in err and "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_train_refuses_an_unlabelled_dev_set_and_unlabelled_training_rows(tiny_model_dir, tmp_path, capsys):
+    test = _write(tmp_path / "test.jsonl", _ROWS)
+    train = _write(tmp_path / "train.jsonl", [{**r, "label": r["idx"] % 2} for r in _ROWS])
+    base = ["train", "--task", "rte", f"--model={tiny_model_dir}", "--random_init", "--prompt_tuning",
+            "--n_tokens=4", "--max_steps=1", "--report_to=none"]  # fmt: skip
+    for files, clause in (
+        (
+            [f"--train_file={train}", f"--validation_file={test}"],
+            "the dev set (--validation_file) needs labels",
+        ),
+        ([f"--train_file={test}"], "training needs labelled rows"),
+    ):
+        out = tmp_path / f"run{len(files)}"
+        assert _exit([*base, f"--output_dir={out}", *files]) == 2
+        err = capsys.readouterr().err
+        assert clause in err and "Traceback" not in err
+        assert not out.exists()
