@@ -42,6 +42,19 @@ def test_eval_output_predicts_an_unlabelled_file_and_reports_no_score(tiny_model
     assert _exit(["eval", *base, f"--validation_file={test}"]) == 2
     err = capsys.readouterr().err
     assert "give --output FILE" in err and "Traceback" not in err
+    # An ensemble breaks ties by each prompt's score: with no labels it is one line, before any work.
+    import torch
+
+    from conftest import tiny_config
+    from softprompt.io.checkpoint import PromptConfig, save_prompt
+
+    d_model = tiny_config().d_model
+    config = PromptConfig(base_model=str(tiny_model_dir), n_tokens=2, d_model=d_model)
+    dirs = [save_prompt(tmp_path / name, torch.zeros(2, d_model), config) for name in ("a", "b")]
+    prompts = ["--prompt", str(dirs[0]), "--prompt", str(dirs[1]), "--ensemble", "majority"]
+    assert _exit(["eval", *base, f"--validation_file={test}", "--output", str(out), *prompts]) == 2
+    err = capsys.readouterr().err
+    assert "--ensemble majority breaks ties" in err and "Traceback" not in err
 
 
 def test_eval_refuses_a_file_mixing_labelled_and_unlabelled_rows(tiny_model_dir, tmp_path, capsys):

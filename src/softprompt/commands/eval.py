@@ -51,13 +51,16 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     """
     task = task_of(args, args.prompt)
     skipped: Counter = Counter()
-    examples = _data(
-        args, task, skipped
-    )  # data first: a bad file is reported before minutes of model loading
+    # Data first: a bad file is reported before minutes of model loading.
+    examples = _data(args, task, skipped)
     source = HF_PREFIX + args.dataset_name if args.dataset_name else (args.validation_file or task.name)
     unscored = task.unscored_reason(examples, source)
     if unscored and not args.output:
         raise UserError(f"{unscored}; give --output FILE to write the predictions")
+    if unscored and args.ensemble == "majority":
+        raise UserError(
+            f"{unscored}; --ensemble majority breaks ties by each prompt's score, so it needs labels"
+        )
     if args.ensemble == "majority" and len(args.prompt) < 2:
         raise UserError("--ensemble majority needs at least two --prompt directories")
     if args.classify == "rank":
