@@ -52,7 +52,131 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-class MicroBatcher:
+class BatcherBase:
+    """What both batchers share: the bounded queue, the prepare and model threads, start and stop.
+
+    A subclass keeps its requests in `_waiting` (and any it took off the queue in `_unanswered`), forms
+    its batches in `_run`, and may prepare on start (`_on_start`, run first on the model thread).
+
+    Args:
+        prepare: rows -> prepared rows (e.g. `PromptBank.prepare`), run on a thread of its own; None
+            queues rows as given.
+        max_batch_size: most rows per batch.
+        max_wait_ms: the longest a batch waits for company on its way.
+        max_queue: most requests waiting for the model.
+    """
+
+    def __init__(
+        self,
+        *,
+        prepare: Callable[[list[Row]], list[Any]] | None,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+    ) -> None:
+        if max_batch_size < 1:
+            raise UserError(f"--max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise UserError(f"--max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue < 1:
+            raise UserError(f"--max_queue must be >= 1, got {max_queue}")
+        self._prepare = prepare
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.stats = BatcherStats()
+        self._waiting: list[Any] = []  # requests in arrival order, each with a `future`
+        self._preparing = 0  # accepted requests still being prepared
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._prepare_executor: ThreadPoolExecutor | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests accepted and not yet on the model (waiting, or being prepared)."""
+        return len(self._waiting) + self._preparing
+
+    def retry_after(self) -> int:
+        """Whole seconds until the waiting requests have likely been answered (at least 1)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the scheduling task on the running event loop (idempotent)."""
+        if self._task is not None and not self._task.done():
+            return
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-model")
+        if self._prepare is not None:
+            self._prepare_executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="softprompt-prepare"
+            )
+        self._on_start()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-batcher")
+
+    def _on_start(self) -> None:
+        """Work queued on the model thread before any batch (none by default)."""
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def _unanswered(self) -> list[Any]:
+        """Requests off the queue and not answered yet, which `stop` fails too; they are forgotten."""
+        return []
+
+    async def stop(self) -> None:
+        """Stop scheduling and fail whatever still waits or runs (the server is shutting down)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        pending, self._waiting = [*self._unanswered(), *self._waiting], []
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("the server is shutting down"))
+        for executor in (self._executor, self._prepare_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._prepare_executor = None
+
+    def _refuse_if_full(self) -> None:
+        """Start if needed, and refuse a request at once when `max_queue` requests already wait.
+
+        Raises:
+            QueueFull: with the queue's depth and a Retry-After estimate; nothing is queued.
+        """
+        self.start()
+        if self.queue_depth >= self.max_queue:
+            self.stats.requests_rejected += 1
+            raise QueueFull(self.queue_depth, self.retry_after())
+
+    async def _prepared(self, rows: list[Any]) -> list[Any]:
+        """`rows` through `prepare` on the prepare thread (as given without one); a window waiting for
+        requests still being prepared learns that this one is done."""
+        if self._prepare is None:
+            return rows
+        assert self._arrived is not None
+        self._preparing += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._prepare_executor, self._prepare, rows)
+        finally:
+            self._preparing -= 1
+            self._arrived.set()
+
+    async def _next_arrival(self, timeout: float | None = None) -> bool:
+        """Wait until a request arrives or finishes preparing; False on timeout."""
+        assert self._arrived is not None
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class MicroBatcher(BatcherBase):
     """Gathers concurrent requests into one batch for a single model worker thread.
 
     A request is first prepared (`prepare`, e.g. tokenised, on a thread of its own, so that the model
@@ -92,61 +216,18 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 1024,
     ) -> None:
-        if max_batch_size < 1:
-            raise UserError(f"--max_batch_size must be >= 1, got {max_batch_size}")
-        if max_wait_ms < 0:
-            raise UserError(f"--max_wait_ms must be >= 0, got {max_wait_ms}")
-        if max_queue < 1:
-            raise UserError(f"--max_queue must be >= 1, got {max_queue}")
+        super().__init__(
+            prepare=prepare, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue
+        )
         self._answer = answer
-        self._prepare = prepare
         self._length = length
-        self.max_batch_size = max_batch_size
-        self.max_wait = max_wait_ms / 1000.0
-        self.max_queue = max_queue
-        self.stats = BatcherStats()
         self._batch_seconds = 1.0  # running mean of a batch's time on the model, for Retry-After
         self._last_rows = 0  # rows of the last batch: how much company to expect
-        self._waiting: list[_Pending] = []  # in arrival order
-        self._preparing = 0  # accepted requests still being prepared
-        self._arrived: asyncio.Event | None = None
         self._taken: list[_Pending] = []  # out of the queue, not answered yet
-        self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._prepare_executor: ThreadPoolExecutor | None = None
 
-    @property
-    def queue_depth(self) -> int:
-        """Requests accepted and not yet on the model (waiting, or being prepared)."""
-        return len(self._waiting) + self._preparing
-
-    def start(self) -> None:
-        """Start the gathering task on the running event loop (idempotent)."""
-        if self._task is not None and not self._task.done():
-            return
-        self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-model")
-        if self._prepare is not None:
-            self._prepare_executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="softprompt-prepare"
-            )
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-batcher")
-
-    async def stop(self) -> None:
-        """Stop gathering and fail whatever still waits (the server is shutting down)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        waiting, self._taken, self._waiting = [*self._taken, *self._waiting], [], []
-        for p in waiting:
-            if not p.future.done():
-                p.future.set_exception(RuntimeError("the server is shutting down"))
-        for executor in (self._executor, self._prepare_executor):
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = self._prepare_executor = None
+    def _unanswered(self) -> list[_Pending]:
+        taken, self._taken = self._taken, []
+        return taken
 
     def retry_after(self) -> int:
         """Whole seconds until the waiting requests have likely been run (at least 1)."""
@@ -159,20 +240,9 @@ class MicroBatcher:
         Raises:
             QueueFull: `max_queue` requests already wait; nothing was queued.
         """
-        self.start()
+        self._refuse_if_full()
         assert self._arrived is not None
-        if self.queue_depth >= self.max_queue:
-            self.stats.requests_rejected += 1
-            raise QueueFull(self.queue_depth, self.retry_after())
-        items: list[Any] = rows
-        if self._prepare is not None:
-            self._preparing += 1
-            try:
-                loop = asyncio.get_running_loop()
-                items = await loop.run_in_executor(self._prepare_executor, self._prepare, rows)
-            finally:
-                self._preparing -= 1
-                self._arrived.set()  # the window may be waiting for this request
+        items = await self._prepared(rows)
         length = max(map(self._length, items)) if self._length is not None and items else 0
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         pending = _Pending(rows=items, future=future, length=length)
@@ -189,16 +259,6 @@ class MicroBatcher:
 
     def _rows_waiting(self) -> int:
         return sum(len(p.rows) for p in self._waiting)
-
-    async def _next_arrival(self, timeout: float | None = None) -> bool:
-        """Wait until a request arrives or finishes preparing; False on timeout."""
-        assert self._arrived is not None
-        self._arrived.clear()
-        try:
-            await asyncio.wait_for(self._arrived.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
 
     async def _gather(self) -> list[_Pending]:
         while not self._waiting:

@@ -16,12 +16,11 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Collection, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from softprompt.errors import UserError
-from softprompt.serving.batching import BatcherStats, QueueFull
+from softprompt.serving.batching import BatcherBase
 from softprompt.serving.metrics import RequestClock, ServeMetrics, Timed
 from softprompt.serving.schemas import Row
 
@@ -64,7 +63,7 @@ class _Request:
     clock: RequestClock | None = None  # its times, for /metrics (rows submitted as `Timed`)
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(BatcherBase):
     """Admits and retires requests' rows at every decoder step of one running batch.
 
     * Admission, before each step: waiting rows in arrival order (a request's rows may join over several
@@ -105,64 +104,27 @@ class ContinuousBatcher:
         max_new_tokens: int = 32,
         metrics: ServeMetrics | None = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise UserError(f"--max_batch_size must be >= 1, got {max_batch_size}")
         if max_batch_tokens < 1:
             raise UserError(f"--max_batch_tokens must be >= 1, got {max_batch_tokens}")
-        if max_wait_ms < 0:
-            raise UserError(f"--max_wait_ms must be >= 0, got {max_wait_ms}")
-        if max_queue < 1:
-            raise UserError(f"--max_queue must be >= 1, got {max_queue}")
+        super().__init__(
+            prepare=prepare, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue
+        )
         self.decoder = decoder
-        self._prepare = prepare
         self.metrics = metrics
-        self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
-        self.max_wait = max_wait_ms / 1000.0
-        self.max_queue = max_queue
         self.max_new_tokens = max_new_tokens
-        self.stats = BatcherStats()
         self._step_seconds = 0.01  # running mean of one decoder step, for Retry-After
-        self._waiting: list[_Request] = []  # with rows not yet admitted, in arrival order
         self._running: list[_Request] = []  # with rows in the decoder
-        self._preparing = 0
         self._serial = itertools.count()
-        self._arrived: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._prepare_executor: ThreadPoolExecutor | None = None
 
-    @property
-    def queue_depth(self) -> int:
-        """Requests accepted whose rows are not all decoding yet (waiting, or being prepared)."""
-        return len(self._waiting) + self._preparing
-
-    def start(self) -> None:
-        """Start the scheduling task on the running event loop (idempotent)."""
-        if self._task is not None and not self._task.done():
-            return
-        self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-model")
-        self._prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softprompt-prepare")
+    def _on_start(self) -> None:
         # Rows a stopped batcher left in the decoder have no request any more: the first job drops them.
+        assert self._executor is not None
         self._executor.submit(self.decoder.clear)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-batcher")
 
-    async def stop(self) -> None:
-        """Stop scheduling and fail whatever still waits or decodes (the server is shutting down)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        pending, self._waiting, self._running = [*self._running, *self._waiting], [], []
-        for p in pending:
-            if not p.future.done():
-                p.future.set_exception(RuntimeError("the server is shutting down"))
-        for executor in (self._executor, self._prepare_executor):
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = self._prepare_executor = None
+    def _unanswered(self) -> list[_Request]:
+        running, self._running = self._running, []
+        return running
 
     def retry_after(self) -> int:
         """Whole seconds until the waiting requests have likely been answered (at least 1)."""
@@ -175,20 +137,10 @@ class ContinuousBatcher:
         Raises:
             QueueFull: `max_queue` requests already wait; nothing was queued.
         """
-        self.start()
+        self._refuse_if_full()
         assert self._arrived is not None
-        if self.queue_depth >= self.max_queue:
-            self.stats.requests_rejected += 1
-            raise QueueFull(self.queue_depth, self.retry_after())
         clock = rows[0].clock if rows and isinstance(rows[0], Timed) else None
-        rows = [r.row if isinstance(r, Timed) else r for r in rows]
-        self._preparing += 1
-        try:
-            loop = asyncio.get_running_loop()
-            items = await loop.run_in_executor(self._prepare_executor, self._prepare, rows)
-        finally:
-            self._preparing -= 1
-            self._arrived.set()  # the window may be waiting for this request
+        items = await self._prepared([r.row if isinstance(r, Timed) else r for r in rows])
         request = _Request(rows=items, future=asyncio.get_running_loop().create_future(), clock=clock)
         request.answers = [None] * len(items)
         if not items:
@@ -203,15 +155,6 @@ class ContinuousBatcher:
                 self._waiting.remove(request)
             self.stats.requests_abandoned += 1
             raise
-
-    async def _next_arrival(self, timeout: float | None = None) -> bool:
-        assert self._arrived is not None
-        self._arrived.clear()
-        try:
-            await asyncio.wait_for(self._arrived.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
 
     async def _window(self) -> None:
         """Before the first step of an empty batch: wait for requests still being prepared, briefly."""
