@@ -21,12 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from softprompt import __version__
 from softprompt.data.batching import Collator
 from softprompt.io import checkpoint as ckpt
 from softprompt.io import rundir
 from softprompt.io.rundir import TrainerState
-from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
+from softprompt.modeling.model import PromptedT5, load_tokenizer
 from softprompt.modeling.optim import build_optimizer
 from softprompt.modeling.prompt import SoftPrompt
 from softprompt.runtime.distributed import DistEnv, wrap_ddp
@@ -35,7 +34,6 @@ from softprompt.training.config import (
     BatchPlan,
     TrainConfig,
     resolve_initial_step,
-    save_yaml_config,
     with_mode_defaults,
 )
 from softprompt.training.multi_state import restore_multi
@@ -49,9 +47,10 @@ from softprompt.training.setup import (
     find_resume_point,
     frozen_model,
     init_labels,
+    load_base_t5,
     load_data,
     logged_again,
-    set_dropout,
+    record_config,
     tokenize_data,
 )
 from softprompt.training.tracking import MetricsLogger
@@ -198,14 +197,7 @@ def _build(
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
-    t5 = load_t5(
-        cfg.model_name_or_path,
-        random_init=cfg.random_init,
-        seed=cfg.seed,
-        attn_implementation=cfg.attn_implementation,
-    )
-    if cfg.dropout is not None:
-        set_dropout(t5, cfg.dropout)
+    t5 = load_base_t5(cfg)
     parts = [_slot_parts(with_mode_defaults(s.cfg), env, plan, tokenizer, t5) for s in specs]
     base, stack, engine = _build_stack(cfg, env, t5, [p[5] for p in parts])
     # --max_steps is shared; --epochs counts the passes of the prompt with the most steps per epoch.
@@ -232,12 +224,7 @@ def _build(
             resume_from, stack, optimizer, scheduler, env, [s.name for s in specs]
         )
         initial_step = int(optimizer.param_groups[0].get("initial_step", initial_step))
-    if env.is_main and (resume_from is None or resumed_changes):
-        save_yaml_config(
-            cfg,
-            out / rundir.CONFIG_FILE,
-            header=f"# softprompt {__version__}: the resolved config of this run\n",
-        )
+    record_config(cfg, env, out, resumed=resume_from is not None, changes=resumed_changes)
     logger = MetricsLogger(
         out,
         report_to=cfg.report_to,

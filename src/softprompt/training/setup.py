@@ -294,8 +294,8 @@ def set_dropout(model: nn.Module, rate: float) -> None:
             m.dropout = rate
 
 
-def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any, task: Task) -> PromptedT5:
-    """The T5 (with --dropout applied) and, in prompt mode, its initialised prompt, on this rank's device."""
+def load_base_t5(cfg: TrainConfig) -> nn.Module:
+    """The run's T5 (random weights seeded by --seed under --random_init), with --dropout applied."""
     t5 = load_t5(
         cfg.model_name_or_path,
         random_init=cfg.random_init,
@@ -304,6 +304,12 @@ def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any, task: Task) -> 
     )
     if cfg.dropout is not None:
         set_dropout(t5, cfg.dropout)
+    return t5
+
+
+def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any, task: Task) -> PromptedT5:
+    """The T5 (with --dropout applied) and, in prompt mode, its initialised prompt, on this rank's device."""
+    t5 = load_base_t5(cfg)
     prompt = build_prompt(cfg, env, t5, tokenizer, init_labels(cfg, task)) if cfg.prompt_tuning else None
     model = PromptedT5(t5, prompt, fast_path=cfg.fast_path).to(env.device)
     if cfg.precision == "bf16" and cfg.prompt_tuning and not cfg.fsdp and cfg.bf16_weights:
@@ -430,14 +436,21 @@ def _resume_or_start(
     if resume_from is not None:
         # The counter the run began with travels in the optimizer state (0 for checkpoints older than it).
         initial_step = int(optimizer.param_groups[0].get("initial_step", initial_step))
-    if env.is_main and (resume_from is None or resumed_changes):
-        # A resume that changed allowed settings records them: config.yaml says what the run now does.
+    record_config(cfg, env, out, resumed=resume_from is not None, changes=resumed_changes)
+    return state, initial_step
+
+
+def record_config(
+    cfg: TrainConfig, env: DistEnv, out: Path, *, resumed: bool, changes: dict[str, tuple[Any, Any]]
+) -> None:
+    """Write config.yaml (rank 0) for a new run, or for a resume that changed allowed settings, so that it
+    says what the run now does."""
+    if env.is_main and (not resumed or changes):
         save_yaml_config(
             cfg,
             out / rundir.CONFIG_FILE,
             header=f"# softprompt {__version__}: the resolved config of this run\n",
         )
-    return state, initial_step
 
 
 def find_resume_point(out: Path, env: DistEnv) -> Path | None:
