@@ -13,7 +13,6 @@ verifies it the same way: one manifest over every file) holding:
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,28 +23,25 @@ from torch import nn
 from softprompt.errors import CheckpointError
 from softprompt.io import rundir
 from softprompt.io.checkpoint import (
-    load_prompt,
-    load_tensors,
-    refuse_pickles,
     save_tensors,
-    torch_load_safe,
     write_prompt_files,
 )
 from softprompt.io.rundir import TrainerState
 from softprompt.runtime.distributed import DistEnv, barrier, broadcast_object
 from softprompt.training.saving import prompt_config, write_state_and_card
 from softprompt.training.setup import Run
-from softprompt.training.state import OPTIMIZER_STATE, rng_file
+from softprompt.training.state import (
+    OPTIMIZER_STATE,
+    load_optimizer_state,
+    load_prompt_into,
+    load_torch_rng,
+    python_rng_state,
+    restore_python_rng,
+    rng_file,
+)
 
 #: Inside a multi-prompt checkpoint, each prompt's ordinary prompt directory lives in prompts/<name>/.
 PROMPTS_DIR = "prompts"
-
-
-def _python_rng() -> list[Any]:
-    def jsonable(obj: Any) -> Any:
-        return [jsonable(o) for o in obj] if isinstance(obj, tuple | list) else obj
-
-    return jsonable(random.getstate())
 
 
 def _write_prompts(directory: Path, names: list[str], slots: list[Run], location: Path) -> None:
@@ -74,7 +70,7 @@ def save_multi_checkpoint(
     Returns:
         The published checkpoint directory.
     """
-    state.python_rng = _python_rng()
+    state.python_rng = python_rng_state()
     tmp = Path(
         broadcast_object(str(rundir.new_checkpoint_dir(out, state.step)) if env.is_main else None, env)
     )
@@ -116,15 +112,6 @@ def refresh_multi_last(
             rundir.write_trainer_state(tmp, state)
 
 
-def _load_into(obj: Any, saved: Any, path: Path) -> None:
-    try:
-        obj.load_state_dict(saved)
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-        raise CheckpointError(
-            f"{path} is damaged or belongs to another run ({type(e).__name__}: {e})"
-        ) from None
-
-
 def restore_multi(
     directory: Path,
     stack: nn.Module,
@@ -152,30 +139,8 @@ def restore_multi(
                 f"{directory} holds no prompt '{name}' ({d} is missing): it belongs to another run"
             )
         slot_states.append(rundir.read_trainer_state(d))
-        weight, _ = load_prompt(d, expect_d_model=prompt.d_model)
-        if weight.shape != prompt.weight.shape:
-            raise CheckpointError(
-                f"the prompt in {d} has {weight.shape[0]} vectors, the run trains {prompt.weight.shape[0]}"
-            )
-        with torch.no_grad():
-            prompt.weight.copy_(weight)
-    refuse_pickles(directory, OPTIMIZER_STATE)
-    saved = torch_load_safe(directory / OPTIMIZER_STATE)
-    if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= set(saved):
-        raise CheckpointError(f"{directory / OPTIMIZER_STATE} is damaged (no optimizer and scheduler state)")
-    _load_into(optimizer, saved["optimizer"], directory / OPTIMIZER_STATE)
-    _load_into(scheduler, saved["scheduler"], directory / OPTIMIZER_STATE)
-    path = directory / rng_file(env.rank)
-    rng = load_tensors(path)
-    if "torch_cpu" not in rng:
-        raise CheckpointError(f"{path} is damaged (no torch_cpu state)")
-    try:
-        torch.set_rng_state(rng["torch_cpu"])
-        if "torch_cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["torch_cuda"], env.device)
-        if state.python_rng:
-            v, internal, gauss = state.python_rng
-            random.setstate((v, tuple(internal), gauss))
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} is damaged ({e})") from None
+        load_prompt_into(d, prompt)
+    load_optimizer_state(directory, optimizer, scheduler)
+    load_torch_rng(directory, env)
+    restore_python_rng(state, directory)
     return state, slot_states

@@ -7,7 +7,6 @@ the run's summary.
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,14 @@ from softprompt.io import atomic, rundir
 from softprompt.io import checkpoint as ckpt
 from softprompt.runtime.distributed import barrier, broadcast_object, fsdp_full_state_dict
 from softprompt.training.setup import Run, init_labels
-from softprompt.training.state import save_train_state
+from softprompt.training.state import python_rng_state, save_train_state
 
 
 def save_checkpoint(run: Run) -> Path:
     """Write a resumable checkpoint: every rank its part into one temporary directory, which rank 0
     publishes (manifest, rename, `last`, pruning; see `rundir.publish_checkpoint`)."""
     env, st, out = run.env, run.state, run.out
-    st.python_rng = _jsonable(random.getstate())
+    st.python_rng = python_rng_state()
     tmp = Path(broadcast_object(str(rundir.new_checkpoint_dir(out, st.step)) if env.is_main else None, env))
     barrier(env)
     try:
@@ -107,12 +106,6 @@ def _write_card(directory: Path, run: Run, location: Path | None = None) -> None
     from softprompt.training.modelcard import write_model_card
 
     write_model_card(directory, _model_card_info(run), location=location)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, tuple | list):
-        return [_jsonable(o) for o in obj]
-    return obj
 
 
 def prompt_config(run: Run) -> ckpt.PromptConfig:

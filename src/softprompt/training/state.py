@@ -126,16 +126,10 @@ def load_train_state(
         shards = load_tensors(directory / fsdp_model_file(env.rank))
         optim_flat = load_tensors(directory / fsdp_optimizer_file(env.rank))
         load_fsdp_train_tensors(model, optimizer, shards, optim_flat, groups, where=directory)
-        _load_into(scheduler, scheduler_state, scheduler_file)
+        load_into(scheduler, scheduler_state, scheduler_file)
     else:
         if prompt is not None:
-            weight, _ = load_prompt(directory, expect_d_model=prompt.d_model)
-            if weight.shape != prompt.weight.shape:
-                raise CheckpointError(
-                    f"the prompt in {directory} has {weight.shape[0]} vectors, the run trains {prompt.weight.shape[0]}"
-                )
-            with torch.no_grad():
-                prompt.weight.copy_(weight)
+            load_prompt_into(directory, prompt)
         else:
             refuse_pickles(directory, MODEL_WEIGHTS)
             state = load_tensors(directory / MODEL_WEIGHTS)
@@ -146,14 +140,45 @@ def load_train_state(
                     f"{directory / MODEL_WEIGHTS} does not match the model (missing {sorted(set(missing) - tied)[:3]}, "
                     f"unexpected {sorted(unexpected)[:3]})"
                 )
-        refuse_pickles(directory, OPTIMIZER_STATE)
-        saved = torch_load_safe(directory / OPTIMIZER_STATE)
-        if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= set(saved):
-            raise CheckpointError(
-                f"{directory / OPTIMIZER_STATE} is damaged (no optimizer and scheduler state)"
-            )
-        _load_into(optimizer, saved["optimizer"], directory / OPTIMIZER_STATE)
-        _load_into(scheduler, saved["scheduler"], directory / OPTIMIZER_STATE)
+        load_optimizer_state(directory, optimizer, scheduler)
+    load_torch_rng(directory, env)
+
+
+def load_prompt_into(directory: Path, prompt: Any) -> None:
+    """Copy the prompt saved in `directory` into the live `prompt` (a `SoftPrompt`), which must have its shape.
+
+    Raises:
+        CheckpointError: the saved prompt is damaged, or has another number of vectors.
+    """
+    weight, _ = load_prompt(directory, expect_d_model=prompt.d_model)
+    if weight.shape != prompt.weight.shape:
+        raise CheckpointError(
+            f"the prompt in {directory} has {weight.shape[0]} vectors, the run trains {prompt.weight.shape[0]}"
+        )
+    with torch.no_grad():
+        prompt.weight.copy_(weight)
+
+
+def load_optimizer_state(directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Load `directory`'s optimizer and schedule state (a weights-only pickle) into the live objects.
+
+    Raises:
+        CheckpointError: the file is missing, unsafe, damaged or from another run.
+    """
+    refuse_pickles(directory, OPTIMIZER_STATE)
+    saved = torch_load_safe(directory / OPTIMIZER_STATE)
+    if not isinstance(saved, dict) or not {"optimizer", "scheduler"} <= set(saved):
+        raise CheckpointError(f"{directory / OPTIMIZER_STATE} is damaged (no optimizer and scheduler state)")
+    load_into(optimizer, saved["optimizer"], directory / OPTIMIZER_STATE)
+    load_into(scheduler, saved["scheduler"], directory / OPTIMIZER_STATE)
+
+
+def load_torch_rng(directory: Path, env: DistEnv) -> None:
+    """Restore this rank's torch RNG streams (CPU, and CUDA where there is one) from `directory`.
+
+    Raises:
+        CheckpointError: the rank's RNG file is missing or damaged.
+    """
     path = directory / rng_file(env.rank)
     rng = load_tensors(path)
     if "torch_cpu" not in rng:
@@ -166,7 +191,32 @@ def load_train_state(
         raise CheckpointError(f"{path} is damaged ({e})") from None
 
 
-def _load_into(obj: Any, state: Any, path: Path) -> None:
+def python_rng_state() -> list[Any]:
+    """Python's `random` state as JSON can hold it (tuples as lists), for `TrainerState.python_rng`."""
+
+    def jsonable(obj: Any) -> Any:
+        return [jsonable(o) for o in obj] if isinstance(obj, tuple | list) else obj
+
+    return jsonable(random.getstate())
+
+
+def restore_python_rng(state: TrainerState, directory: Path) -> None:
+    """Put back the Python `random` state a checkpoint's trainer state holds (none: left as it is).
+
+    Raises:
+        CheckpointError: the recorded state is damaged.
+    """
+    if state.python_rng:
+        try:
+            v, internal, gauss = state.python_rng
+            random.setstate((v, tuple(internal), gauss))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{directory / rundir.TRAINER_STATE} is damaged (python_rng: {e})"
+            ) from None
+
+
+def load_into(obj: Any, state: Any, path: Path) -> None:
     """`obj.load_state_dict(state)`, with a state that does not fit reported as a damaged `path`."""
     try:
         obj.load_state_dict(state)
@@ -188,12 +238,5 @@ def restore_checkpoint(
     directory = directory.resolve()
     state = rundir.read_trainer_state(directory)
     load_train_state(directory, model, optimizer, scheduler, env, fsdp=fsdp)
-    if state.python_rng:
-        try:
-            v, internal, gauss = state.python_rng
-            random.setstate((v, tuple(internal), gauss))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(
-                f"{directory / rundir.TRAINER_STATE} is damaged (python_rng: {e})"
-            ) from None
+    restore_python_rng(state, directory)
     return state
