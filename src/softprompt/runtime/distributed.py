@@ -173,22 +173,47 @@ def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
-def shard_fsdp(model: nn.Module, env: DistEnv, *, bf16: bool) -> nn.Module:
-    """Shard a `PromptedT5` with FSDP2: each T5 block is its own unit, then the whole.
+def shard_fsdp(model: nn.Module, env: DistEnv, *, bf16: bool, t5: nn.Module | None = None) -> nn.Module:
+    """Shard a model with FSDP2: each T5 block is its own unit, then the whole (the root unit holds the
+    rest: embeddings, final norms, the prompts).
 
     With bf16 the blocks compute in bf16 and reduce gradients in fp32; the sharded master weights
-    (and the prompt) stay fp32.
+    (and the prompts) stay fp32.
+
+    Args:
+        model: a `PromptedT5`, or a module holding one and its prompts (a multi-prompt run's stack).
+        env: the distributed environment.
+        bf16: compute in bf16.
+        t5: the T5 whose blocks become units; default `model.model` (a `PromptedT5`'s T5).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
-    t5 = model.model  # type: ignore[attr-defined]
+    t5 = t5 if t5 is not None else model.model  # type: ignore[attr-defined]
     for stack in (t5.encoder, t5.decoder):
         for block in stack.block:
             fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """Hold an FSDP2 root unit's own weights gathered (every rank must enter), for work that bypasses its
+    forward hooks: generation, or reading the prompts outside forward. Unsharded models pass through.
+
+    The T5 blocks stay units of their own and gather their weights in their own forward, so every rank
+    must run as many of them (lockstep evaluation).
+    """
+    if not hasattr(model, "unshard"):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 @contextlib.contextmanager
@@ -222,14 +247,16 @@ def fsdp_full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> d
             the frozen 11B model).
     """
     if trainable_only:
-        return {
-            name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
-            for name, p in model.named_parameters()
-            if p.requires_grad
-        }
+        return {name: full_weight(p) for name, p in model.named_parameters() if p.requires_grad}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_weight(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value on CPU, detached: gathered from every rank when FSDP shards it (then every
+    rank must call), else the tensor itself."""
+    return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
 
 
 def _trainable_shards(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from softprompt.inference.engine import autocast
 from softprompt.inference.options import GenerationOptions
 from softprompt.inference.scoring import PromptEval, evaluate_mixed
 from softprompt.io import atomic, rundir
-from softprompt.runtime.distributed import DistEnv, all_reduce_max, all_reduce_sum, no_grad_sync
+from softprompt.runtime.distributed import DistEnv, all_reduce_max, all_reduce_sum, no_grad_sync, unsharded
 from softprompt.runtime.progress import Progress
 from softprompt.training.config import TrainConfig
 from softprompt.training.loop import Preempted, StopFlag, TrainingError, run_job
@@ -121,7 +121,7 @@ def accumulate_mixed(
                     b["attention_mask"].to(env.device),
                     b["labels"].to(env.device),
                     rows_d,
-                )
+                ).view(b["labels"].shape)
             per_prompt = torch.zeros(k, device=env.device).index_add(0, rows_d, token_loss.float().sum(1))
             (per_prompt * scale).sum().backward()
         loss_sum += per_prompt.detach()
@@ -131,23 +131,29 @@ def accumulate_mixed(
 def evaluate_prompts(run: MultiRun) -> dict[str, float]:
     """Score every prompt on its own dev set with its own task's metric, all prompts' dev examples in
     shared mixed batches (`inference.scoring.evaluate_mixed`); keep best/<name>/ when a prompt's selection
-    score improves. Returns each prompt's selection score by name."""
+    score improves. Returns each prompt's selection score by name.
+
+    Under --fsdp the root unit's weights (the prompts among them) are gathered for the pass, and every
+    rank runs as many batches (lockstep), since each T5 block gathers its weights in its own forward."""
     st, scores = run.state, {}
     evaluated = [(name, slot) for name, slot in zip(run.names, run.slots, strict=True) if slot.eval_examples]
-    parts = []
-    for _, slot in evaluated:
-        assert slot.model.prompt is not None
-        parts.append(
-            PromptEval(
-                prompt=slot.model.prompt.weight,
-                task=slot.task,
-                examples=slot.eval_examples,
-                features=slot.eval_features,
-                max_new_tokens=slot.cfg.max_target_length,
+    gen = GenerationOptions(
+        batch_size=run.cfg.eval_batch_size, env=run.env, bf16=run.bf16, lockstep=run.cfg.fsdp
+    )
+    with unsharded(run.stack):
+        parts = []
+        for _, slot in evaluated:
+            assert slot.model.prompt is not None
+            parts.append(
+                PromptEval(
+                    prompt=slot.model.prompt.weight,
+                    task=slot.task,
+                    examples=slot.eval_examples,
+                    features=slot.eval_features,
+                    max_new_tokens=slot.cfg.max_target_length,
+                )
             )
-        )
-    gen = GenerationOptions(batch_size=run.cfg.eval_batch_size, env=run.env, bf16=run.bf16)
-    results = evaluate_mixed(run.stack.model, run.slots[0].tokenizer, parts, gen)
+        results = evaluate_mixed(run.stack.model, run.slots[0].tokenizer, parts, gen)
     for (name, slot), result in zip(evaluated, results, strict=True):
         slot.state.last_eval_step = st.step
         run.logger.log("eval", st.step, prompt=name, **result.scores())
@@ -176,6 +182,8 @@ def _save(run: MultiRun) -> None:
         run.names,
         run.slots,
         run.cfg.save_total_limit,
+        stack=run.stack,
+        fsdp=run.cfg.fsdp,
     )
 
 

@@ -28,7 +28,7 @@ from softprompt.io.rundir import TrainerState
 from softprompt.modeling.model import PromptedT5, load_tokenizer
 from softprompt.modeling.optim import build_optimizer
 from softprompt.modeling.prompt import SoftPrompt
-from softprompt.runtime.distributed import DistEnv, wrap_ddp
+from softprompt.runtime.distributed import DistEnv, shard_fsdp, wrap_ddp
 from softprompt.tasks.resolve import resolve_task
 from softprompt.training.config import (
     BatchPlan,
@@ -51,6 +51,7 @@ from softprompt.training.setup import (
     load_data,
     logged_again,
     record_config,
+    refuse_fsdp_without_group,
     tokenize_data,
 )
 from softprompt.training.tracking import MetricsLogger
@@ -81,7 +82,10 @@ class PromptStack(nn.Module):
             rows: [B] each row's prompt index.
 
         Returns:
-            [B, T] token cross-entropies (0 where padded). A prompt's gradient comes only from its rows.
+            [B * T] token cross-entropies (0 where padded), flat as the model returns them: a view of
+            them as [B, T] would be the output of FSDP's root unit, whose backward hook an in-place op on
+            a view loses (FSDP warns), so the caller shapes them. A prompt's gradient comes only from its
+            rows.
         """
         weights = [p.weight for p in self.prompts]
         p_max = max(w.shape[0] for w in weights)
@@ -100,7 +104,7 @@ class PromptStack(nn.Module):
             prompt_lengths=lengths,
             prompt_rows=rows,
         )
-        return losses.view(labels.shape)
+        return losses
 
 
 @dataclass
@@ -111,8 +115,8 @@ class MultiRun:
     env: DistEnv
     plan: BatchPlan  # per prompt: every prompt draws plan.global_batch examples a step
     out: Path
-    stack: PromptStack  # unwrapped
-    engine: nn.Module  # what the loop calls: DDP-wrapped or the stack itself
+    stack: PromptStack  # unwrapped (under --fsdp the sharded root itself)
+    engine: nn.Module  # what the loop calls: DDP-wrapped, or the stack itself (alone, or FSDP-sharded)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     slots: list[Run]  # one per prompt: its config, task, data, sampler, state and model view
@@ -138,6 +142,7 @@ def setup_multi(cfg: TrainConfig, env: DistEnv) -> MultiRun:
     cfg = with_mode_defaults(cfg)
     cfg, resumed_changes = check_resume_settings(cfg)
     specs, plan = prompt_specs(cfg, env.world_size)
+    refuse_fsdp_without_group(cfg, env)
     ckpt.refuse_non_model(cfg.model_name_or_path)
     lock = claim_output_dir(cfg, env)
     try:
@@ -175,11 +180,19 @@ def _slot_parts(
 def _build_stack(
     cfg: TrainConfig, env: DistEnv, t5: nn.Module, prompts: list[SoftPrompt]
 ) -> tuple[PromptedT5, PromptStack, nn.Module]:
-    """The frozen prompted T5 (no prompt of its own), the stack of prompts on it, and what the loop calls."""
+    """The frozen prompted T5 (no prompt of its own), the stack of prompts on it, and what the loop calls.
+
+    Under --fsdp the stack is sharded as a single run's model is: each T5 block a unit, and the stack the
+    root unit, which holds the embeddings, the final norms and every prompt, each sharded by rows across
+    the ranks alike. The optimizer, built afterwards, then holds each prompt's shard (one group per prompt).
+    """
     base = frozen_model(cfg, env, t5)
     stack = PromptStack(base, prompts).to(env.device)
     stack.train()
-    engine = wrap_ddp(stack, env)
+    if cfg.fsdp:
+        engine = shard_fsdp(stack, env, bf16=cfg.precision == "bf16", t5=base.model)
+    else:
+        engine = wrap_ddp(stack, env)
     if cfg.compile:
         engine = torch.compile(engine)
     return base, stack, engine
@@ -221,7 +234,7 @@ def _build(
     resume_from = find_resume_point(out, env) if cfg.resume else None
     if resume_from is not None:
         state, slot_states = restore_multi(
-            resume_from, stack, optimizer, scheduler, env, [s.name for s in specs]
+            resume_from, stack, optimizer, scheduler, env, [s.name for s in specs], fsdp=cfg.fsdp
         )
         initial_step = int(optimizer.param_groups[0].get("initial_step", initial_step))
     record_config(cfg, env, out, resumed=resume_from is not None, changes=resumed_changes)

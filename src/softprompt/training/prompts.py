@@ -122,8 +122,6 @@ def spec_problems(cfg: TrainConfig) -> tuple[list[PromptSpec], list[str]]:
     problems: list[str] = []
     if not cfg.prompt_tuning:
         problems.append("a multi-prompt run trains prompts on a frozen model; pass --prompt_tuning")
-    if cfg.fsdp:
-        problems.append("a multi-prompt run does not shard with --fsdp yet; drop --fsdp (DDP works)")
     if cfg.num_prompts is not None:
         specs = [PromptSpec(f"prompt{i}", _single(cfg, seed=cfg.seed + i)) for i in range(cfg.num_prompts)]
         return specs, problems

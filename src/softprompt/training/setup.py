@@ -181,14 +181,23 @@ def _check(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, BatchPlan, dict
     """Everything that can be refused before any work: the config, the resume's changes, the model path."""
     cfg = with_mode_defaults(cfg)
     plan = validate(cfg, env.world_size)
-    if cfg.fsdp and not env.distributed:  # FSDP shards over a process group, which only torchrun starts
+    refuse_fsdp_without_group(cfg, env)
+    cfg, resumed_changes = check_resume_settings(cfg)
+    ckpt.refuse_non_model(cfg.model_name_or_path)
+    return cfg, plan, resumed_changes
+
+
+def refuse_fsdp_without_group(cfg: TrainConfig, env: DistEnv) -> None:
+    """Refuse --fsdp outside a torchrun job: FSDP shards over a process group, which only torchrun starts.
+
+    Raises:
+        ConfigError: --fsdp in a plain process.
+    """
+    if cfg.fsdp and not env.distributed:
         raise ConfigError(
             "--fsdp shards the model over the ranks of a torchrun job; launch with torchrun "
             "(`torchrun --nproc_per_node N -m softprompt train ...`, N = 1 works too) or drop --fsdp"
         )
-    cfg, resumed_changes = check_resume_settings(cfg)
-    ckpt.refuse_non_model(cfg.model_name_or_path)
-    return cfg, plan, resumed_changes
 
 
 def check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
@@ -323,10 +332,13 @@ def _build_model(cfg: TrainConfig, env: DistEnv, tokenizer: Any, task: Task) -> 
 def frozen_model(cfg: TrainConfig, env: DistEnv, t5: nn.Module) -> PromptedT5:
     """The frozen T5 of a multi-prompt run, with no prompt of its own (`PromptedT5.with_prompt` gives each
     prompt's view of it), on this rank's device, its weights in bf16 as `_build_model` keeps them."""
-    model = PromptedT5(t5, None, fast_path=cfg.fast_path)
+    # Under --fsdp the FSDP root is the stack of prompts around this model, so the model cannot tell it is
+    # sharded (a sharded `PromptedT5` of a single run can); the lean T5 would read the blocks' shards
+    # outside their forward hooks, so it stays off, as it is for any sharded model.
+    model = PromptedT5(t5, None, fast_path=cfg.fast_path and not cfg.fsdp)
     model.model.requires_grad_(False)
     model = model.to(env.device)
-    if cfg.precision == "bf16" and cfg.bf16_weights:
+    if cfg.precision == "bf16" and not cfg.fsdp and cfg.bf16_weights:
         model.freeze_to(torch.bfloat16)
     return model
 
