@@ -136,7 +136,7 @@ class _TrainFlags:
     attn_implementation: AttentionName = "sdpa"
     """Attention kernel: PyTorch SDPA (T5's position bias as an additive mask) or transformers' eager code."""
     fsdp: bool = False
-    """Shard the model with FSDP2 (fully_shard) across devices: for models that do not fit one device."""
+    """Shard the model with FSDP2 (fully_shard) across devices: for models that do not fit one device. With several prompts (--num_prompts, prompts:) every prompt is sharded by rows alike and best/<name>/ holds it gathered."""
     compile: bool = False
     """torch.compile the model's forward."""
     bf16_weights: bool = True
