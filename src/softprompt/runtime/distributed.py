@@ -209,6 +209,11 @@ def unsharded(model: nn.Module) -> Iterator[None]:
     if not hasattr(model, "unshard"):
         yield
         return
+    # FSDP2 makes the first unit whose forward runs the root. When this pass comes before any training
+    # step (a resume that evaluates first), a block would claim that role and the next training forward
+    # fail ("FSDP requires running forward through the root module first"): initialise the root now, as
+    # its own first forward would (a no-op once it has run).
+    model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
     model.unshard()
     try:
         yield
