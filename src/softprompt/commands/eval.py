@@ -11,11 +11,12 @@ from softprompt.commands.flags import EvalArgs
 from softprompt.commands.loading import load_bank, task_of
 from softprompt.data.records import HF_PREFIX
 from softprompt.errors import UserError
-from softprompt.inference.bank import PromptBank
+from softprompt.inference.bank import PromptBank, default_device
 from softprompt.inference.ensemble import ensemble_eval
 from softprompt.inference.options import GenerationOptions
 from softprompt.io.atomic import write_output_json
 from softprompt.runtime.distributed import DistEnv
+from softprompt.runtime.precision import with_precision
 from softprompt.tasks.base import EvalResult, Task
 
 
@@ -49,6 +50,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     with several prompts {"prompts": {name: {id: answer}}} plus "ensemble": {id: answer} under
     --ensemble majority.
     """
+    args = with_precision(args, default_device())
     task = task_of(args, args.prompt)
     skipped: Counter = Counter()
     # Data first: a bad file is reported before minutes of model loading.
