@@ -76,7 +76,12 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
         max_target_length=args.max_target_length,
     )
     gen = _gen(args, bank)
-    report: dict[str, Any] = {"n_examples": len(examples), **task.eval_fields(), "classify": args.classify}
+    report: dict[str, Any] = {
+        "n_examples": len(examples),
+        **task.eval_fields(),
+        "classify": args.classify,
+        "precision": args.precision,
+    }
     if skipped:
         report["skipped_examples"] = dict(skipped)
     if unscored:

@@ -336,6 +336,7 @@ def _add_routes(
         s = batcher.stats
         return HealthResponse(
             device=str(bank.device),
+            precision="bf16" if bf16 else "fp32",
             n_tasks=len(store.names()),
             batches_run=s.batches_run,
             max_batch_seen=s.max_batch_seen,
