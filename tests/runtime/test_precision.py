@@ -90,20 +90,21 @@ def test_cpu_flags_reads_this_machine():
         assert any(f in flags for f in ("sse2", "avx2", "fp", "asimd"))
 
 
-def test_with_precision_resolves_a_command_s_flags(cpu, capsys):
+def test_with_precision_resolves_a_command_s_flags_and_announce_says_why(cpu, capsys):
     @dataclasses.dataclass
     class Flags:
         precision: str = "auto"
         other: int = 3
 
     cpu("avx2")
-    out = prec.with_precision(Flags(), "cpu")
-    assert out == Flags(precision="fp32", other=3)
-    err = capsys.readouterr().err
-    assert (
-        err
-        == "softprompt: precision fp32 (auto: this CPU emulates bf16, so fp32 is faster; --precision bf16 forces it)\n"
+    out, choice = prec.with_precision(Flags(), "cpu")
+    assert out == Flags(precision="fp32", other=3) and choice.name == "fp32"
+    assert capsys.readouterr().err == ""  # resolving is silent: a refusal after it stays one line
+    prec.announce(choice)
+    assert capsys.readouterr().err == (
+        "softprompt: precision fp32 (auto: this CPU emulates bf16, so fp32 is faster; --precision bf16 forces it)\n"
     )
     cpu("amx_bf16")
-    assert prec.with_precision(Flags(), "cpu", announce=False).precision == "bf16"
-    assert capsys.readouterr().err == ""
+    assert prec.with_precision(Flags(), "cpu")[0].precision == "bf16"
+    out, choice = prec.with_precision(Flags(precision="fp32"), "cpu")
+    assert (out.precision, choice.reason) == ("fp32", "as asked")

@@ -16,7 +16,7 @@ from softprompt.inference.ensemble import ensemble_eval
 from softprompt.inference.options import GenerationOptions
 from softprompt.io.atomic import write_output_json
 from softprompt.runtime.distributed import DistEnv
-from softprompt.runtime.precision import with_precision
+from softprompt.runtime.precision import announce, with_precision
 from softprompt.tasks.base import EvalResult, Task
 
 
@@ -50,7 +50,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     with several prompts {"prompts": {name: {id: answer}}} plus "ensemble": {id: answer} under
     --ensemble majority.
     """
-    args = with_precision(args, default_device())
+    args, precision = with_precision(args, default_device())
     task = task_of(args, args.prompt)
     skipped: Counter = Counter()
     # Data first: a bad file is reported before minutes of model loading.
@@ -67,6 +67,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
         raise UserError("--ensemble majority needs at least two --prompt directories")
     if args.classify == "rank":
         task.rank_classes()  # refuses a task without label strings before the model loads
+    announce(precision)  # the input is checked: the model loads now
     bank = load_bank(args, args.prompt)
     first = bank.entry(0).config if len(bank) else None
     features = task.tokenize(

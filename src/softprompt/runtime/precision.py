@@ -128,19 +128,24 @@ def warn_if_slow(choice: PrecisionChoice) -> None:
 FlagsT = TypeVar("FlagsT")
 
 
-def with_precision(flags: FlagsT, device: str | torch.device, *, announce: bool = True) -> FlagsT:
+def with_precision(flags: FlagsT, device: str | torch.device) -> tuple[FlagsT, PrecisionChoice]:
     """`flags` (any dataclass with a `precision` field) with `--precision auto` resolved for `device`.
+
+    Resolved before anything else reads the flags, said (`announce`) once the input has been checked, so
+    that a refusal stays one line.
 
     Args:
         flags: a command's parsed flags.
         device: where the model will run.
-        announce: print the choice and its reason on stderr (rank 0 of a job says it for every rank).
 
     Returns:
-        A copy whose `precision` is "bf16" or "fp32".
+        A copy whose `precision` is "bf16" or "fp32", and the choice with its reason.
     """
     choice = resolve_precision(flags.precision, device)  # type: ignore[attr-defined]
-    if announce:
-        print(f"softprompt: {choice.describe()}", file=sys.stderr, flush=True)
-        warn_if_slow(choice)
-    return dataclasses.replace(flags, precision=choice.name)  # type: ignore[type-var]
+    return dataclasses.replace(flags, precision=choice.name), choice  # type: ignore[type-var]
+
+
+def announce(choice: PrecisionChoice) -> None:
+    """Say the choice and its reason on stderr, and warn once if bf16 is emulated here."""
+    print(f"softprompt: {choice.describe()}", file=sys.stderr, flush=True)
+    warn_if_slow(choice)
