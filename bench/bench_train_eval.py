@@ -302,7 +302,7 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
         save_steps=0,
         logging_steps=1,
         report_to=["none"],
-        precision="bf16",
+        precision=args.precision,
         overwrite_output_dir=True,
         fast_path=fast_path,
         bf16_weights=freeze,
@@ -320,9 +320,11 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
         if rec["event"] == "train":
             step_seconds.append(args.batch / rec["examples_per_second"])
 
-    # as `softprompt eval --precision bf16` loads it: bf16 weights stored once unless the variant says no
+    # as `softprompt eval --precision <p>` loads it: in bf16 the weights are stored once in bf16 unless the
+    # variant says no
+    bf16 = args.precision == "bf16"
     bank = load_model_and_prompts(
-        args.model_dir, [out / "last"], bf16=freeze, fast_path=fast_path, device=args.device
+        args.model_dir, [out / "last"], bf16=bf16 and freeze, fast_path=fast_path, device=args.device
     )
     weight = bank.entry(0).weight.cpu()
     examples = load_examples(SQUAD_DEV)[: args.eval_questions]
@@ -331,12 +333,12 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.device == "cuda":  # one untimed batch: CUDA kernel loading and allocator growth are not speed
         bank.generate_answers(
-            features[: args.eval_batch], 0, GenerationOptions(batch_size=args.eval_batch, bf16=True)
+            features[: args.eval_batch], 0, GenerationOptions(batch_size=args.eval_batch, bf16=bf16)
         )
     _reset_gpu_peak()
     t0 = time.perf_counter()
     answers = bank.generate_answers(
-        features, 0, GenerationOptions(batch_size=args.eval_batch, max_new_tokens=MAX_TARGET, bf16=True)
+        features, 0, GenerationOptions(batch_size=args.eval_batch, max_new_tokens=MAX_TARGET, bf16=bf16)
     )
     eval_seconds = time.perf_counter() - t0
     if args.variant == "default":
@@ -423,7 +425,7 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
         weight_decay=WEIGHT_DECAY,
         optim="adafactor",
         lr_scheduler_type="constant",
-        bf16=True,
+        bf16=args.precision == "bf16",
         use_cpu=not cuda,
         seed=SEED,
         save_strategy="no",
@@ -464,7 +466,7 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
     answers: list[str] = []
     cast = (
         torch.autocast(args.device, dtype=torch.bfloat16)
-        if args.peer_eval_precision == "bf16"
+        if args.precision == "bf16"
         else torch.autocast(args.device, enabled=False)
     )
 
@@ -568,9 +570,15 @@ def _shape(name: str, args: argparse.Namespace) -> Shape:
 
 
 def _run_side(
-    side: str, shape: Shape, model_dir: Path, work: Path, args: argparse.Namespace, variant: str = "default"
+    side: str,
+    shape: Shape,
+    model_dir: Path,
+    work: Path,
+    args: argparse.Namespace,
+    precision: str,
+    variant: str = "default",
 ) -> dict[str, Any]:
-    out = work / f"{side}-{variant}.json"
+    out = work / f"{side}-{variant}-{precision}.json"
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -588,8 +596,8 @@ def _run_side(
         str(shape.eval_questions),
         "--eval-batch",
         str(shape.eval_batch),
-        "--peer-eval-precision",
-        args.peer_eval_precision,
+        "--precision",
+        precision,
         "--device",
         args.device,
         "--warmup-steps",
@@ -650,8 +658,10 @@ def _token_counts(model_dir: Path, n_train: int, path: Path = SQUAD_TRAIN) -> li
     return [(N_TOKENS + len(f.input_ids), len(f.labels)) for f in feats]
 
 
-def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) -> dict[str, Any]:
-    """Run both sides (and any softprompt variants) on one shape and compute the ratios and MFU."""
+def bench_shape(
+    name: str, precision: str, args: argparse.Namespace, rates: dict[str, float]
+) -> dict[str, Any]:
+    """Run both sides (and any softprompt variants) on one shape in one precision; compute ratios and MFU."""
     shape = _shape(name, args)
     variants = ["default", *(v for v in args.variants if v != "default")]
     with tempfile.TemporaryDirectory(prefix=f"spbench-{name}-") as tmp:
@@ -680,17 +690,18 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
                 if label in failed:
                     continue
                 print(
-                    f"[{name}] {label}: training {shape.steps} steps x {shape.batch}, then answering ...",
+                    f"[{name} {precision}] {label}: training {shape.steps} steps x {shape.batch}, "
+                    "then answering ...",
                     flush=True,
                 )
-                r = _run_side(side, shape, model_dir, work, args, variant)
+                r = _run_side(side, shape, model_dir, work, args, precision, variant)
                 if "failed" in r:
                     failed[label] = r["failed"]
-                    print(f"[{name}] {label}: FAILED ({r['failed']})", flush=True)
+                    print(f"[{name} {precision}] {label}: FAILED ({r['failed']})", flush=True)
                     continue
                 runs[label].append(r)
                 print(
-                    f"[{name}] {label}: {r['train_examples_per_second']:.2f} train ex/s, "
+                    f"[{name} {precision}] {label}: {r['train_examples_per_second']:.2f} train ex/s, "
                     f"{r['eval_questions_per_second']:.2f} eval q/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
                     f"peak GPU {r['train_peak_gpu_mib']:.0f}/{r['eval_peak_gpu_mib']:.0f} MiB train/eval "
                     f"(training used {r['train_cores_used']:.2f} of {os.cpu_count()} cores; "
@@ -706,6 +717,7 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
     agree = sum(a == b for a, b in zip(sp_answers, pe_answers, strict=True)) / max(1, len(sp_answers))
     result: dict[str, Any] = {
         "shape": name,
+        "precision": precision,
         "model": shape.model,
         "device": args.device,
         "batch": shape.batch,
@@ -718,8 +730,8 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
         "mean_target_tokens": sum(t for _, t in counts) / len(counts),
         "train_gflop_per_example": flops_per_example / 1e9,
         "eval_encoder_gflop_per_question": eval_flops / 1e9,
-        "eval_ceiling_questions_per_second": rates["bf16"] * 1e9 / eval_flops,
-        "eval_ceiling_vs_peer": rates["bf16"] * 1e9 / eval_flops / pe["eval_questions_per_second"],
+        "eval_ceiling_questions_per_second": rates[precision] * 1e9 / eval_flops,
+        "eval_ceiling_vs_peer": rates[precision] * 1e9 / eval_flops / pe["eval_questions_per_second"],
         "eval_answer_agreement": agree,
         "failed_variants": failed,
         "sides": list(sides),
@@ -745,9 +757,17 @@ def bench_shape(name: str, args: argparse.Namespace, rates: dict[str, float]) ->
             "achieved_gflops": achieved,
             "vs_bf16": achieved / rates["bf16"],
             "vs_fp32": achieved / rates["fp32"],
-            "eval_encoder_vs_bf16": r["eval_questions_per_second"] * eval_flops / (rates["bf16"] * 1e9),
+            "vs_own": achieved / rates[precision],
+            "eval_encoder_vs_own": r["eval_questions_per_second"] * eval_flops / (rates[precision] * 1e9),
         }
     return result
+
+
+def _default_precisions(device: str) -> list[str]:
+    """bf16 and fp32 where bf16 is native (a GPU, a CPU with AVX512-BF16 or AMX); fp32 alone where emulated."""
+    from softprompt.runtime.precision import native_bf16
+
+    return ["bf16", "fp32"] if native_bf16(device) else ["fp32"]
 
 
 def _label(variant: str) -> str:
@@ -760,8 +780,8 @@ def _table(results: list[dict[str, Any]], rates: dict[str, float]) -> str:
     unit = "TFLOP/s" if gpu else "GFLOP/s"
     scale = 1e-3 if gpu else 1.0
     head = (
-        f"| shape | side | train ex/s | eval q/s | {mem} | train {unit} | MFU vs bf16 | MFU vs fp32 |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|\n"
+        f"| shape | precision | side | train ex/s | eval q/s | {mem} | train {unit} | MFU (own precision) |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in results:
@@ -769,15 +789,15 @@ def _table(results: list[dict[str, Any]], rates: dict[str, float]) -> str:
             s, m = r[side], r["mfu"][side]
             memory = s["train_peak_gpu_mib"] if gpu else s["peak_rss_mib"]
             lines.append(
-                f"| {r['shape']} | {side} | {s['train_examples_per_second']:.2f} | "
+                f"| {r['shape']} | {r['precision']} | {side} | {s['train_examples_per_second']:.2f} | "
                 f"{s['eval_questions_per_second']:.2f} | {memory:.0f} | {scale * m['achieved_gflops']:.1f} | "
-                f"{100 * m['vs_bf16']:.1f}% | {100 * m['vs_fp32']:.1f}% |"
+                f"{100 * m['vs_own']:.1f}% |"
             )
         for side, q in r["ratios"].items():
             memory_ratio = q["train_peak_gpu"] if gpu else q["peak_rss"]
             lines.append(
-                f"| {r['shape']} | **{side} / peft** | **{q['train_examples_per_second']:.2f}x** | "
-                f"**{q['eval_questions_per_second']:.2f}x** | **{memory_ratio or 0:.2f}x** | | | |"
+                f"| {r['shape']} | {r['precision']} | **{side} / peft** | **{q['train_examples_per_second']:.2f}x** | "
+                f"**{q['eval_questions_per_second']:.2f}x** | **{memory_ratio or 0:.2f}x** | | |"
             )
     where = (
         "square torch.matmul on the GPU, 4096/8192" if gpu else "best of 1024/2048/4096 square torch.matmul"
@@ -789,7 +809,7 @@ def _table(results: list[dict[str, Any]], rates: dict[str, float]) -> str:
     for r in results:
         warm = f", train speed over steps {r['warmup_steps'] + 1}-{r['steps']}" if r["warmup_steps"] else ""
         foot += (
-            f"\n\n{r['shape']}: {r['steps']} steps x {r['batch']} = {r['train_examples']} train questions "
+            f"\n\n{r['shape']} {r['precision']}: {r['steps']} steps x {r['batch']} = {r['train_examples']} train questions "
             f"(mean {r['mean_source_tokens']:.0f} source + {r['mean_target_tokens']:.1f} target tokens, "
             f"{r['train_gflop_per_example']:.1f} GFLOP per example{warm}); {r['eval_questions']} dev questions in "
             f"batches of {r['eval_batch']}, answers identical on both sides: {100 * r['eval_answer_agreement']:.0f}%"
@@ -801,10 +821,10 @@ def _table(results: list[dict[str, Any]], rates: dict[str, float]) -> str:
             )
         foot += (
             f". Eval bound: the encoder alone is {r['eval_encoder_gflop_per_question']:.1f} GFLOP per question, "
-            f"so at 100% of the bf16 matmul rate no implementation answers more than "
+            f"so at 100% of the {r['precision']} matmul rate no implementation answers more than "
             f"{r['eval_ceiling_questions_per_second']:.1f} q/s = {r['eval_ceiling_vs_peer']:.2f}x the peer "
-            f"(encoder MFU: softprompt {100 * r['mfu']['softprompt']['eval_encoder_vs_bf16']:.0f}%, "
-            f"peer {100 * r['mfu']['peft']['eval_encoder_vs_bf16']:.0f}%)."
+            f"(encoder MFU: softprompt {100 * r['mfu']['softprompt']['eval_encoder_vs_own']:.0f}%, "
+            f"peer {100 * r['mfu']['peft']['eval_encoder_vs_own']:.0f}%)."
         )
         for label, why in r["failed_variants"].items():
             foot += f" {label} failed: {why}."
@@ -854,11 +874,13 @@ def parent(args: argparse.Namespace) -> None:
     print(f"measuring matmul rates on {args.device} ({torch.get_num_threads()} threads) ...", flush=True)
     rates = {"bf16": matmul_rate("bf16", device=args.device), "fp32": matmul_rate("fp32", device=args.device)}
     print(f"  bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s", flush=True)
-    results = [bench_shape(name, args, rates) for name in args.shapes]
+    precisions = args.precisions or _default_precisions(args.device)
+    results = [bench_shape(name, p, args, rates) for p in precisions for name in args.shapes]
     summary = {
         "timestamp": stamp,
         "command": "python bench/bench_train_eval.py " + " ".join(sys.argv[1:]),
         "machine": _machine(),
+        "precisions": precisions,
         "matmul_gflops": rates,
         "load_before": load_before,
         "load_after": _load(),
@@ -870,7 +892,9 @@ def parent(args: argparse.Namespace) -> None:
     tag = "" if args.device == "cpu" else f"-{args.device}"
     for r in results:
         one = {k: v for k, v in summary.items() if k != "shapes"} | {"result": r}
-        (RESULTS / f"{stamp}{tag}-{r['shape']}.json").write_text(json.dumps(one, indent=2) + "\n")
+        (RESULTS / f"{stamp}{tag}-{r['shape']}-{r['precision']}.json").write_text(
+            json.dumps(one, indent=2) + "\n"
+        )
     (RESULTS / f"latest{tag}.json").write_text(json.dumps(summary, indent=2) + "\n")
     if args.update_docs:
         _update_docs(table, summary, args.device)
@@ -888,11 +912,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--eval-batch", type=int, default=None, help="questions per generation batch")
     p.add_argument(
-        "--peer-eval-precision",
+        "--precisions",
+        nargs="+",
         choices=["bf16", "fp32"],
-        default="bf16",
-        help="the peer's generate runs under bf16 autocast (default, its faster setting here) or in fp32",
+        default=None,
+        help="precisions to measure, both sides in the same one (the peer with Trainer's bf16=True and "
+        "generate under bf16 autocast, or everything in fp32); default: bf16 and fp32 where bf16 is native "
+        "(a GPU, or a CPU with AVX512-BF16/AMX), fp32 alone elsewhere",
     )
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help=argparse.SUPPRESS)
     p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],

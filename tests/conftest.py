@@ -14,6 +14,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No test touches the network: Hub ids resolve from a local cache or fail fast (subprocesses inherit this).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# `--precision auto` (the default) picks bf16 on a CPU with native bf16 and fp32 elsewhere. The tests'
+# numbers must not depend on which CPU runs them, so auto means fp32 here (tests/runtime/test_precision.py
+# checks the detection itself); subprocesses inherit this.
+os.environ.setdefault("SOFTPROMPT_NATIVE_BF16", "0")
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -123,3 +123,38 @@ def test_train_help_names_the_config_file(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--config FILE (YAML or JSON" in out and "the flags given override it" in out
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_precision_auto_is_resolved_announced_and_recorded(
+    tmp_path, tiny_model_dir, monkeypatch, capsys, native
+):
+    """`--precision auto` (the default) becomes bf16 where bf16 is native, else fp32: said on stderr at the
+    start of train and eval, recorded in the run's config.yaml and prompt, and in eval's report."""
+    from softprompt.runtime import precision as prec
+
+    monkeypatch.setenv(prec.NATIVE_BF16_ENV, native)
+    monkeypatch.setattr(prec, "_warned", set())  # the slow-bf16 warning is once per process
+    want = "bf16" if native == "1" else "fp32"
+    data = need(MRQA_RE)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--random_init", "--prompt_tuning", "--n_tokens", "4",
+                 "--train_file", str(data), "--max_train_samples", "4", "--global_batch_size", "2",
+                 "--max_steps", "1", "--eval_steps", "0", "--max_source_length", "48",
+                 "--output_dir", str(run), "--report_to", "none"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    reason = "computes bf16 natively (SOFTPROMPT_NATIVE_BF16=1)" if native == "1" else "emulates bf16"
+    assert f"softprompt: precision {want} (auto: this CPU {reason}" in err
+    assert f"precision: {want}\n" in (run / "config.yaml").read_text()
+    prompt_dir = run / "last"
+    assert main(["eval", "--model", str(tiny_model_dir), "--random_init", "--prompt", str(prompt_dir),
+                 "--validation_file", str(data), "--max_eval_samples", "2"]) == 0  # fmt: skip
+    out = capsys.readouterr()
+    assert json.loads(out.out)["precision"] == want
+    assert out.err.count(f"softprompt: precision {want} (auto:") == 1
+    # An explicit choice is kept and says so; bf16 where it is emulated warns that it is slow.
+    assert main(["eval", "--model", str(tiny_model_dir), "--random_init", "--prompt", str(prompt_dir),
+                 "--validation_file", str(data), "--max_eval_samples", "2", "--precision", "bf16"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "softprompt: precision bf16 (as asked" in err
+    assert ("emulated and runs slower than fp32" in err) is (native == "0")

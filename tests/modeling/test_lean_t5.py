@@ -45,6 +45,18 @@ def test_dropout_mask_drops_with_probability_p_and_follows_the_torch_seed() -> N
     assert dropout_mask((7, 9), 1.0, torch.device("cpu")).all()
 
 
+def test_the_keep_mask_is_the_complement_of_the_same_draw() -> None:
+    # Dropout multiplies by the kept mask; a run's masks (and so its resume) must not change with that.
+    for shape in ((7, 9), (3, 1_500_000)):  # one RNG chunk, several
+        torch.manual_seed(5)
+        drop = dropout_mask(shape, 0.1, torch.device("cpu"))
+        torch.manual_seed(5)
+        keep = dropout_mask(shape, 0.1, torch.device("cpu"), keep=True)
+        assert keep.dtype == torch.bool and torch.equal(keep, ~drop)
+    assert dropout_mask((4, 5), 1.0, torch.device("cpu"), keep=True).sum() == 0
+    assert dropout_mask((4, 5), 0.0, torch.device("cpu"), keep=True).all()
+
+
 def test_dropout_mask_does_not_depend_on_the_thread_count() -> None:
     threads = torch.get_num_threads()
     masks = []

@@ -364,7 +364,8 @@ def test_app_in_process_model_failure_is_500_and_server_recovers(served: dict) -
         assert r.status_code == 500 and "out of memory" in r.json()["error"]
         r = client.post("/v1/answer", json=row)
         assert r.status_code == 200 and r.json() == {"answer": served["expected"][2]}
-        assert client.get("/health").json()["batches_run"] == 1
+        health = client.get("/health").json()
+        assert health["batches_run"] == 1 and health["precision"] == "fp32"
         too_many = client.post("/v1/answer", json={"inputs": [row] * 257})
         assert too_many.status_code == 413 and "at most 256" in too_many.json()["error"]
 

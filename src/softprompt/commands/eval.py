@@ -11,11 +11,12 @@ from softprompt.commands.flags import EvalArgs
 from softprompt.commands.loading import load_bank, task_of
 from softprompt.data.records import HF_PREFIX
 from softprompt.errors import UserError
-from softprompt.inference.bank import PromptBank
+from softprompt.inference.bank import PromptBank, default_device
 from softprompt.inference.ensemble import ensemble_eval
 from softprompt.inference.options import GenerationOptions
 from softprompt.io.atomic import write_output_json
 from softprompt.runtime.distributed import DistEnv
+from softprompt.runtime.precision import announce, with_precision
 from softprompt.tasks.base import EvalResult, Task
 
 
@@ -49,6 +50,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     with several prompts {"prompts": {name: {id: answer}}} plus "ensemble": {id: answer} under
     --ensemble majority.
     """
+    args, precision = with_precision(args, default_device())
     task = task_of(args, args.prompt)
     skipped: Counter = Counter()
     # Data first: a bad file is reported before minutes of model loading.
@@ -65,6 +67,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
         raise UserError("--ensemble majority needs at least two --prompt directories")
     if args.classify == "rank":
         task.rank_classes()  # refuses a task without label strings before the model loads
+    announce(precision)  # the input is checked: the model loads now
     bank = load_bank(args, args.prompt)
     first = bank.entry(0).config if len(bank) else None
     features = task.tokenize(
@@ -74,7 +77,12 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
         max_target_length=args.max_target_length,
     )
     gen = _gen(args, bank)
-    report: dict[str, Any] = {"n_examples": len(examples), **task.eval_fields(), "classify": args.classify}
+    report: dict[str, Any] = {
+        "n_examples": len(examples),
+        **task.eval_fields(),
+        "classify": args.classify,
+        "precision": args.precision,
+    }
     if skipped:
         report["skipped_examples"] = dict(skipped)
     if unscored:

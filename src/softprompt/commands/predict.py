@@ -12,10 +12,11 @@ from softprompt.commands.loading import load_bank, task_of
 from softprompt.config.choices import RankMode
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
-from softprompt.inference.bank import PromptBank
+from softprompt.inference.bank import PromptBank, default_device
 from softprompt.inference.options import GenerationOptions
 from softprompt.io.atomic import write_output_text
 from softprompt.runtime.distributed import DistEnv
+from softprompt.runtime.precision import announce, with_precision
 from softprompt.tasks.base import Task
 from softprompt.tasks.resolve import task_from_saved
 from softprompt.tasks.text.reader import read_records
@@ -33,11 +34,13 @@ def run_predict(args: PredictArgs) -> list[str]:
     The task (--task, else the prompt's own, else SQuAD) reads each request: QA its question and
     context, a text task its template's fields. Requests are checked before the model loads.
     """
+    args, precision = with_precision(args, default_device())
     prompts = [args.prompt] if args.prompt else []
     task = task_of(args, prompts)
     if args.classify == RankMode.RANK:
         task.rank_classes()  # refuses a task without label strings before the model loads
     examples = _file_examples(task, args.input_file) if args.input_file else _flag_examples(task, args)
+    announce(precision)  # the input is checked: the model loads now
     bank = load_bank(args, prompts)
     answers = predict_answers(
         bank,

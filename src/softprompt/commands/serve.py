@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from softprompt.commands.flags import ServeArgs
 from softprompt.errors import UserError
-from softprompt.inference.bank import load_model_and_prompts
+from softprompt.inference.bank import default_device, load_model_and_prompts
+from softprompt.runtime.precision import announce, with_precision
 from softprompt.serving.guard import quiet_repeats, timed_protocol
 from softprompt.serving.prompts import PromptStore
 from softprompt.serving.schemas import Limits
@@ -34,6 +35,8 @@ def run(args: ServeArgs) -> int:
     specs = parse_prompt_specs(args.prompt)
     if not specs and args.prompt_root is None:
         raise UserError("give at least one --prompt NAME=DIR to serve, or a --prompt_root to load them from")
+    args, precision = with_precision(args, default_device())
+    announce(precision)
     bank = load_model_and_prompts(
         args.model,
         [d for _, d in specs],

@@ -69,6 +69,8 @@ class ReportTo(str, Enum):
 class Precision(str, Enum):
     """Numeric precision of the forward pass."""
 
+    AUTO = "auto"
+    """bf16 where the hardware computes it natively (a GPU; a CPU with AVX512-BF16, AMX or Arm BF16), else fp32."""
     FP32 = "fp32"
     BF16 = "bf16"
 

@@ -32,8 +32,8 @@ class GenerationFlags:
 
     max_target_length: AnswerTokens = 32
     """Longest answer in tokens: train keeps this much of each target, and generation stops there. Alias: --max_new_tokens."""
-    precision: PrecisionName = "fp32"
-    """fp32, or bf16 autocast (in train the prompt, master weights and optimizer state stay fp32)."""
+    precision: PrecisionName = "auto"
+    """auto (bf16 where the GPU or CPU computes bf16 natively, else fp32; the start line says which and why), fp32, or bf16 autocast (in train the prompt, master weights and optimizer state stay fp32)."""
     fast_path: bool = True
     """Use softprompt's lean T5 kernels for frozen models on CPU/CUDA; off = transformers' modules (the same results up to float rounding, slower)."""
 

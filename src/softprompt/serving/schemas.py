@@ -135,6 +135,9 @@ class HealthResponse(BaseModel):
 
     status: Literal["ok"] = "ok"
     device: str
+    precision: Literal["bf16", "fp32"] = Field(
+        default="fp32", description="What the model computes in (`--precision`, auto resolved at start)."
+    )
     n_tasks: int
     batches_run: int = Field(
         description="Merged batches handed to the model (continuous batching: admissions, one encoder pass each)."

@@ -170,6 +170,7 @@ def create_app(
     app.state.limits = limits
     app.state.store = store
     app.state.metrics = metrics
+    app.state.precision = "bf16" if bf16 else "fp32"
     metrics.watch(lambda: batcher.queue_depth, lambda: len(store.resident))
     _add_error_handlers(app)
     app.add_middleware(BodyLimit, max_body_bytes=limits.max_body_bytes)
@@ -336,6 +337,7 @@ def _add_routes(
         s = batcher.stats
         return HealthResponse(
             device=str(bank.device),
+            precision=app.state.precision,
             n_tasks=len(store.names()),
             batches_run=s.batches_run,
             max_batch_seen=s.max_batch_seen,

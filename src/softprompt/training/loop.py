@@ -33,6 +33,7 @@ from softprompt.runtime.distributed import (
     init_distributed,
     no_grad_sync,
 )
+from softprompt.runtime.precision import announce, with_precision
 from softprompt.runtime.progress import Progress
 from softprompt.training.config import TrainConfig, with_mode_defaults
 from softprompt.training.evaluation import evaluate_dev
@@ -233,11 +234,15 @@ def run_job(
     """
     cfg = with_mode_defaults(cfg)
     env = init_distributed()
+    # auto becomes bf16 or fp32 for this rank's device before anything records the config.
+    cfg, precision = with_precision(cfg, env.device)
     out = Path(cfg.output_dir)
     fresh = not out.exists()
     run = None
     try:
         run = build(cfg, env)
+        if env.is_main:  # after the start line: a refused setup stays one line
+            announce(precision)
         return body(run)
     except BaseException as e:
         if isinstance(e, OSError) and (run is not None or e.errno in rundir.STORAGE_ERRNOS):
