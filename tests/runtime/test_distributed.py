@@ -323,13 +323,15 @@ def preempt_data(tmp_path_factory) -> tuple[Path, Path]:
     return squad_subset(SQUAD_TRAIN, d / "train24.json", 24), squad_subset(SQUAD_DEV, d / "dev5.json", 5)
 
 
-def _preempt_args(model_dir: Path, data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+def _preempt_args(
+    model_dir: Path, data: tuple[Path, Path], out: Path, *extra: str, max_steps: int = MAX_STEPS
+) -> list[str]:
     # Dropout 0.1 draws random numbers every step, so only each rank's restored stream resumes exactly.
     return [
         "train", "--output_dir", str(out), "--prompt_tuning", "--model_name_or_path", str(model_dir),
         "--random_init", "--train_file", str(data[0]), "--validation_file", str(data[1]),
         "--max_source_length", "64", "--max_target_length", "8", "--n_tokens", "4", "--batch_size", "4",
-        "--max_steps", str(MAX_STEPS), "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1",
+        "--max_steps", str(max_steps), "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1",
         "--dropout", "0.1", "--report_to", "none", *extra,
     ]  # fmt: skip
 
@@ -508,6 +510,79 @@ def test_two_ranks_preempted_through_torchrun_stop_together_and_resume(
     final = json.loads((out / f"predictions_step{MAX_STEPS}.json").read_text())
     assert len(final) == 5
     assert os.readlink(out / "last") == f"checkpoint-{MAX_STEPS:07d}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, killed but not yet reaped by torchrun, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_ranks_once_checkpointed(cmd: list[str], out: Path, log: Path) -> None:
+    """Start a 2-rank torchrun job and SIGKILL both ranks (then torchrun) the moment `last` names its first
+    checkpoint: that is while they evaluate that step (generation takes far longer than the poll), so
+    nothing records the evaluation and the resumed run must do it before any training step."""
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while not (out / "last").is_symlink():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint within 180 s"
+                time.sleep(0.002)  # a poll interval: the checkpoint's appearance triggers the kill
+            ranks = _children(proc.pid)
+            assert len(ranks) == 2, ranks
+            for pid in ranks:
+                os.kill(pid, signal.SIGKILL)
+            while any(_alive(pid) for pid in ranks):  # dead before anything reads their output directory
+                time.sleep(0.01)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert os.readlink(out / "last") == "checkpoint-0000002", log.read_text()[-3000:]
+    assert not (out / "predictions_step2.json").exists()  # the kill came before the evaluation ended
+
+
+@pytest.mark.slow
+def test_fsdp_killed_during_an_evaluation_resumes_by_evaluating_first_bit_identically(
+    tmp_path, tiny_model_dir, preempt_data
+):
+    """A single-prompt --fsdp job killed between a checkpoint and its evaluation: the resumed run evaluates
+    before any training forward (under FSDP that pass gathers the root unit before its first forward has
+    run), then trains on to where an uninterrupted run ends, bit for bit."""
+    steps = 4
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return _preempt_args(tiny_model_dir, preempt_data, out, "--fsdp", *extra, max_steps=steps)
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _kill_ranks_once_checkpointed(_torchrun_cmd(2, args(killed)), killed, tmp_path / "killed.log")
+    for out, extra in ((killed, ("--resume",)), (whole, ())):
+        proc = subprocess.run(
+            _torchrun_cmd(2, args(out, *extra)), env=cpu_env(), capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    restart = max(i for i, r in enumerate(records) if r["event"] == "start")
+    after = [(r["event"], r["step"]) for r in records[restart + 1 :]]
+    assert after[:2] == [("eval", 2), ("train", 3)], after[:2]  # it evaluated step 2 first
+    for name in ("last", "best"):
+        got = load_file(str(killed / name / "prompt.safetensors"))["prompt"]
+        assert torch.equal(got, load_file(str(whole / name / "prompt.safetensors"))["prompt"]), name
+    a, b = (json.loads((r / "last" / "trainer_state.json").read_text()) for r in (killed, whole))
+    keep = ("step", "epoch", "batch_in_epoch", "examples_seen", "best_step", "best_scores")
+    assert {k: a[k] for k in keep} == {k: b[k] for k in keep} and a["step"] == steps
+    # Every rank's shard of the prompt and of the optimizer state, and its RNG stream.
+    for rank in (0, 1):
+        for kind in ("model", "optimizer", "rng"):
+            got = load_file(str(killed / "last" / f"{kind}_rank{rank}.safetensors"))
+            want = load_file(str(whole / "last" / f"{kind}_rank{rank}.safetensors"))
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), (kind, rank)
+    assert _losses(killed) == _losses(whole) and sorted(_losses(whole)) == list(range(1, steps + 1))
+    preds = [json.loads((r / "predictions_step2.json").read_text()) for r in (killed, whole)]
+    assert preds[0] == preds[1] and len(preds[0]) == 5
 
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "dist_train.sh"

@@ -11,7 +11,7 @@ import torch
 from softprompt.data.batching import Collator, Features, length_sorted_indices, shard_indices
 from softprompt.inference.options import GenerationOptions
 from softprompt.modeling.model import PromptedT5
-from softprompt.runtime.distributed import DistEnv, gather_objects
+from softprompt.runtime.distributed import DistEnv, gather_objects, unsharded
 from softprompt.runtime.progress import Progress
 
 T = TypeVar("T")
@@ -164,13 +164,13 @@ def map_batches(
     model.eval()
     batches, own = eval_batches(features, options.batch_size, env, options.lockstep)
     collate = Collator(pad_token_id=tokenizer.pad_token_id)
-    if hasattr(model, "unshard"):
-        model.unshard()
     results: dict[int, T] = {}
     bar = Progress(
         total=len(batches), desc=progress, enabled=options.show_progress and env.is_main, unit="batch"
     )
-    with bar:
+    # `unsharded` is the one owner of gathering an FSDP root outside its forward: it also initialises the
+    # root when this pass comes before any training forward (a resumed run that evaluates first).
+    with unsharded(model), bar:
         for b, idx in enumerate(batches):
             batch = collate([features[i] for i in idx])
             prompt = lengths = None
@@ -183,8 +183,6 @@ def map_batches(
             if b < own:
                 results.update(zip(idx, out, strict=True))
             bar.update(1)
-    if hasattr(model, "reshard"):
-        model.reshard()
     model.train(was_training)
     merged: dict[int, T] = {}
     for part in gather_objects(results, env):
