@@ -24,6 +24,7 @@ from softprompt.config.choices import (
     BatchingName,
     EnsembleName,
     ExportFormatName,
+    LeaderboardName,
     LogLevelName,
     PunctuationName,
     RankModeName,
@@ -96,6 +97,8 @@ class _PredictFlags:
     """A JSONL file of {"question", "context"} lines (an "id" is kept if present); for a text task (--task, or the prompt's own) JSONL/CSV/TSV rows with the template's fields."""
     classify: RankModeName = "greedy"
     """Classification tasks: greedy (generate) or rank (the label with the highest log-likelihood; no labels needed in the input, e.g. a test split)."""
+    submission: LeaderboardName = "none"
+    """With --input_file, a SuperGLUE test file: superglue writes the leaderboard's file for the task (RTE.jsonl, BoolQ.jsonl, ...; one {"idx", "label"} line per record, labels as the leaderboard spells them) to --output (a directory gets the file by that name), else to stdout. Label tasks need --classify rank."""
 
 
 @dataclass(kw_only=True)
@@ -113,6 +116,10 @@ def predict_checks(args: PredictArgs) -> list[str]:
         return ["give --fields alone, not with --question/--context or --input_file"]
     if args.input_file is None and (args.question is None) != (args.context is None):
         return ["--question and --context go together"]
+    if args.submission != "none" and args.input_file is None:
+        return [
+            f"--submission {args.submission} answers a test file: give --input_file (the official test JSONL)"
+        ]
     return []
 
 
