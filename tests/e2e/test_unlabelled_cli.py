@@ -88,7 +88,7 @@ def test_train_refuses_an_unlabelled_dev_set_and_unlabelled_training_rows(tiny_m
 
 @pytest.mark.parametrize("name", ["rte", "boolq", "multirc"])
 def test_predict_submission_superglue_writes_the_leaderboards_file(name, tiny_model_dir, tmp_path, capsys):
-    from text.test_text_unlabelled import TEST_RECORDS  # the official test files' record shapes
+    from superglue_records import TEST_RECORDS  # the official test files' record shapes
 
     record = TEST_RECORDS[name]
     others = [{**record, "idx": i} for i in (3, 1)]  # idx as the file has it, not the line number
