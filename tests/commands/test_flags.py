@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -308,3 +309,38 @@ def test_every_subcommand_keeps_its_flags_and_defaults(command: str) -> None:
     # Recorded from the flags before the shared groups (config.groups) replaced the copied fields.
     snapshot = json.loads((Path(__file__).parent / "flags_snapshot.json").read_text(encoding="utf-8"))
     assert _flag_snapshot(ARGS[command]) == snapshot[command]
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", sorted(ARGS))
+def test_help_names_each_flag_before_its_aliases_and_each_positional_by_name(command, capsys, monkeypatch):
+    # Issue 27 item 12: `--out STR, --output_dir STR` (aliases first) and positionals shown as `STR STR`.
+    monkeypatch.setenv("COLUMNS", "160")
+    out = _help(command, capsys)
+    rows = [line.strip("│ ") for line in out.splitlines() if line.strip("│ ").startswith("--")]
+    specs = field_specs(ARGS[command]).values()
+    for spec in specs:
+        if spec.positional or spec.config_only or not spec.aliases:
+            continue
+        [row] = [r for r in rows if re.search(rf"(^|, )--{spec.aliases[0]}\b", r)]
+        assert row.startswith(f"--{spec.flag} "), row
+    usage = out.split("\n\n")[0]
+    assert "STR STR" not in usage and "[STR" not in usage and "[[" not in usage, usage
+    for spec in specs:
+        if spec.positional:
+            assert spec.metavar and spec.metavar in usage, (spec.name, usage)
+
+
+def test_help_never_breaks_a_number_across_lines(capsys, monkeypatch):
+    # Issue 27 item 12: "Default: 1,100,000" wrapped as "1," / "100,000" at some widths.
+    for width in range(40, 121, 2):
+        monkeypatch.setenv("COLUMNS", str(width))
+        text = re.sub(r"[│ \t]*\n[│ \t]*", " ", _help("train", capsys))  # the lines joined, boxes dropped
+        assert not re.search(r"\d, \d{3}\b", text), width
+        assert "Default: 1\u00a0100\u00a0000 for *-lm-adapt models, 1\u00a0000\u00a0000 for" in text, width

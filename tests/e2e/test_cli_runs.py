@@ -263,3 +263,27 @@ def test_a_long_tokenizer_error_is_shortened_at_a_word_boundary(monkeypatch, tmp
     quoted = re.search(r"\((.*)\)$", str(e.value)).group(1)
     assert quoted.endswith(" ...") and len(quoted) <= 160
     assert all(re.fullmatch(r"word\d{3}", w) for w in quoted.removesuffix(" ...").split()), quoted
+
+
+def test_prompt_init_from_file_takes_the_files_length_unless_n_tokens_says_otherwise(
+    tiny_model_dir, squad_small, tmp_path, capsys
+):
+    # Issue 27 item 12: an 8-token prompt demanded --n_tokens 8 although the file says so.
+    start = save_prompt(
+        tmp_path / "p8", torch.randn(8, 64), PromptConfig(str(tiny_model_dir), n_tokens=8, d_model=64)
+    )
+    argv = [a for a in _prompt_run(tiny_model_dir, squad_small[0], tmp_path / "run") if a != "--n_tokens=4"]
+    argv += ["--prompt_init=from_file", f"--prompt_init_file={start}", "--max_steps=1", "--save_steps=1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    from safetensors.torch import load_file
+
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    weight = load_file(tmp_path / "run" / "last" / "prompt.safetensors")
+    assert saved["n_tokens"] == 8 and next(iter(weight.values())).shape == (8, 64)
+    # An explicit --n_tokens that contradicts the file: one line, before anything is written.
+    conflicting = [*argv, "--n_tokens=4", f"--output_dir={tmp_path / 'clash'}"]
+    assert main(conflicting) == 2
+    err = capsys.readouterr().err
+    assert f"--n_tokens 4, but the --prompt_init_file prompt {start} has 8 tokens; drop --n_tokens" in err
+    assert "Traceback" not in err and not (tmp_path / "clash").exists()

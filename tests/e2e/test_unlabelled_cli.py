@@ -84,3 +84,55 @@ def test_train_refuses_an_unlabelled_dev_set_and_unlabelled_training_rows(tiny_m
         err = capsys.readouterr().err
         assert clause in err and "Traceback" not in err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["rte", "boolq", "multirc"])
+def test_predict_submission_superglue_writes_the_leaderboards_file(name, tiny_model_dir, tmp_path, capsys):
+    from superglue_records import TEST_RECORDS  # the official test files' record shapes
+
+    record = TEST_RECORDS[name]
+    others = [{**record, "idx": i} for i in (3, 1)]  # idx as the file has it, not the line number
+    test = _write(tmp_path / "test.jsonl", [record, *others])
+    base = ["predict", "--model", str(tiny_model_dir), "--random_init", "--task", name]
+    base += ["--input_file", str(test), "--classify", "rank"]
+    assert main(base) == 0
+    ranked = [json.loads(line)["answer"] for line in capsys.readouterr().out.splitlines()]
+    out = tmp_path / "submission"
+    out.mkdir()
+    assert main([*base, "--submission", "superglue", "--output", str(out)]) == 0
+    file_name = {"rte": "RTE.jsonl", "boolq": "BoolQ.jsonl", "multirc": "MultiRC.jsonl"}[name]
+    assert f"wrote {out / file_name} (3 test records)" in capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / file_name).read_text().splitlines()]
+    # The same rank answers, each under its record's idx, spelt as the leaderboard reads them.
+    spelt = {
+        "rte": lambda a: a,
+        "boolq": lambda a: {"True": "true", "False": "false"}[a],
+        "multirc": lambda a: {"True": 1, "False": 0}[a],
+    }[name]
+    if name == "multirc":
+        assert lines == [
+            {"idx": i, "passage": {"questions": [{"idx": 0, "answers": [{"idx": 0, "label": spelt(a)}]}]}}
+            for i, a in zip((0, 3, 1), ranked, strict=True)
+        ]
+    else:
+        assert lines == [{"idx": i, "label": spelt(a)} for i, a in zip((0, 3, 1), ranked, strict=True)]
+
+
+def test_predict_submission_refuses_a_record_without_idx_and_greedy_labels_in_one_line(
+    tiny_model_dir, tmp_path, capsys
+):
+    test = _write(tmp_path / "test.jsonl", [_ROWS[0], {"premise": "P", "hypothesis": "H"}])
+    base = ["predict", "--model", str(tiny_model_dir), "--random_init", "--task", "rte"]
+    base += ["--input_file", str(test), "--submission", "superglue", "--output", str(tmp_path / "RTE.jsonl")]
+    for extra, clause in (
+        (["--classify", "rank"], f"{test}: line 2: has no 'idx', an integer, which a SuperGLUE submission"),
+        ([], "add --classify rank"),
+    ):
+        assert _exit([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert clause in err and "Traceback" not in err
+    assert not (tmp_path / "RTE.jsonl").exists()
+    # Without a test file there is nothing to submit: one line from the parser.
+    assert _exit(["predict", "--model", str(tiny_model_dir), "--task", "rte", "--fields", "{}",
+                  "--submission", "superglue"]) == 2  # fmt: skip
+    assert "give --input_file" in capsys.readouterr().err

@@ -64,6 +64,14 @@ def _go_offline(monkeypatch: pytest.MonkeyPatch, hub: Path) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_process_notice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test counts the weights_only line as a new process would say it (once per process)."""
+    from softprompt.io import pretrained
+
+    monkeypatch.setattr(pretrained, "_pickle_notice_given", False)
+
+
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private copy of the hub cache, offline, for one test."""
@@ -212,6 +220,27 @@ def test_loaded_lm_head_is_the_files_not_the_tied_embedding(hub: Path, capsys, m
         assert torch.equal(loaded[key], tensor), key
     notices = _notices(capsys.readouterr().err)
     assert len(notices) == 1 and V11 in notices[0]
+
+
+def test_the_weights_only_line_is_said_once_per_process_and_never_for_safetensors(
+    hub: Path, tmp_path: Path, capsys
+) -> None:
+    # Issue 27 item 12: the line repeated whenever a command loaded the model again.
+    from conftest import save_tiny_t5
+    from softprompt.modeling.model import load_t5
+
+    load_t5(V11)
+    load_t5(V11)
+    load_t5(LM_ADAPT)
+    notices = _notices(capsys.readouterr().err)
+    assert len(notices) == 1 and V11 in notices[0] and "pytorch_model.bin" in notices[0]
+    from softprompt.io import pretrained
+
+    pretrained._pickle_notice_given = False  # a new process (the fixture restores it after the test)
+    safetensors_dir = save_tiny_t5(tmp_path / "tiny")
+    assert (safetensors_dir / "model.safetensors").is_file()
+    load_t5(safetensors_dir)
+    assert not _notices(capsys.readouterr().err)
 
 
 def test_a_local_copy_of_the_snapshot_loads_the_same(hub: Path, tmp_path: Path) -> None:

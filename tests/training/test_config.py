@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -248,9 +249,11 @@ def test_numbers_are_checked_the_same_way_for_every_field(tmp_path, field, value
 
 
 def test_resume_may_change_only_how_long_and_how_visibly_a_run_goes_on():
-    saved = TrainConfig(train_file="t.json", lr=0.3, max_steps=4).to_dict()
+    # config.yaml records the settings as the run resolved them, and a resume compares them resolved
+    # (with_mode_defaults): lr and P are given.
+    saved = TrainConfig(train_file="t.json", lr=0.3, n_tokens=100, max_steps=4).to_dict()
     allowed, refused = resume_changes(
-        saved, TrainConfig(train_file="t.json", lr=0.3, max_steps=6, eval_steps=2)
+        saved, TrainConfig(train_file="t.json", lr=0.3, n_tokens=100, max_steps=6, eval_steps=2)
     )
     assert allowed == {"max_steps": (4, 6), "eval_steps": (1000, 2)} and refused == []
     allowed, refused = resume_changes(
@@ -374,3 +377,34 @@ def test_hugging_face_trainer_spellings_are_aliases_or_get_the_right_suggestion(
             parse_args([*base, flag])
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"unknown flag {flag} (did you mean {hint})" in err, err
+
+
+def test_n_tokens_defaults_to_the_starting_prompts_length_then_to_100(tmp_path):
+    import torch
+
+    from softprompt.io.checkpoint import PromptConfig, save_prompt
+    from softprompt.training.config import prompt_length
+
+    start = save_prompt(tmp_path / "p8", torch.zeros(8, 16), PromptConfig("x", n_tokens=8, d_model=16))
+    train = tmp_path / "train.json"
+    train.write_text("{}")
+    cfg = TrainConfig(
+        output_dir=str(tmp_path / "run"),
+        train_file=str(train),
+        prompt_tuning=True,
+        prompt_init="from_file",
+        prompt_init_file=str(start),
+    )
+    assert cfg.n_tokens is None and prompt_length(cfg) == 8 and with_mode_defaults(cfg).n_tokens == 8
+    assert not [p for p in check_config(cfg)[1] if "n_tokens" in p]
+    # Given, it wins where it agrees, and one phrase says so where it does not.
+    assert with_mode_defaults(TrainConfig(prompt_tuning=True, n_tokens=20)).n_tokens == 20
+    clash = [p for p in check_config(replace(cfg, n_tokens=100))[1] if "n_tokens" in p]
+    assert clash == [
+        f"--n_tokens 100, but the --prompt_init_file prompt {start} has 8 tokens; drop --n_tokens to take the file's length"
+    ]
+    assert not [p for p in check_config(replace(cfg, n_tokens=8))[1] if "n_tokens" in p]
+    # Not from a file: the paper's 100, as before.
+    assert (
+        with_mode_defaults(replace(cfg, prompt_init="sampled_vocab", prompt_init_file=None)).n_tokens == 100
+    )

@@ -24,6 +24,7 @@ from softprompt.config.choices import (
     BatchingName,
     EnsembleName,
     ExportFormatName,
+    LeaderboardName,
     LogLevelName,
     PunctuationName,
     RankModeName,
@@ -96,6 +97,8 @@ class _PredictFlags:
     """A JSONL file of {"question", "context"} lines (an "id" is kept if present); for a text task (--task, or the prompt's own) JSONL/CSV/TSV rows with the template's fields."""
     classify: RankModeName = "greedy"
     """Classification tasks: greedy (generate) or rank (the label with the highest log-likelihood; no labels needed in the input, e.g. a test split)."""
+    submission: LeaderboardName = "none"
+    """With --input_file, a SuperGLUE test file: superglue writes the leaderboard's file for the task (RTE.jsonl, BoolQ.jsonl, ...; one {"idx", "label"} line per record, labels as the leaderboard spells them) to --output (a directory gets the file by that name), else to stdout. Label tasks need --classify rank."""
 
 
 @dataclass(kw_only=True)
@@ -113,6 +116,10 @@ def predict_checks(args: PredictArgs) -> list[str]:
         return ["give --fields alone, not with --question/--context or --input_file"]
     if args.input_file is None and (args.question is None) != (args.context is None):
         return ["--question and --context go together"]
+    if args.submission != "none" and args.input_file is None:
+        return [
+            f"--submission {args.submission} answers a test file: give --input_file (the official test JSONL)"
+        ]
     return []
 
 
@@ -120,9 +127,9 @@ def predict_checks(args: PredictArgs) -> list[str]:
 class ScoreArgs:
     """The official SQuAD v1.1 evaluator: prints {"exact_match": ..., "f1": ...}. Also reads MRQA .jsonl(.gz)."""
 
-    dataset_file: tyro.conf.Positional[str]
+    dataset_file: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="DATASET_FILE")]
     """The gold answers: SQuAD v1.1 data JSON, or an MRQA .jsonl(.gz) file (as `eval` reads)."""
-    prediction_file: tyro.conf.Positional[str]
+    prediction_file: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="PREDICTION_FILE")]
     """Predictions JSON: {question id: answer}."""
     only_predicted: bool = False
     """Score only the questions the predictions file answers (a partial file), instead of counting every other one as 0."""
@@ -266,7 +273,7 @@ def serve_checks(args: ServeArgs) -> list[str]:
 class _InspectFlags:
     """inspect's own flags; `InspectArgs` adds the shared groups after them."""
 
-    prompt_dir: tyro.conf.Positional[str]
+    prompt_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="PROMPT_DIR")]
     """Prompt checkpoint directory (prompt.safetensors + prompt_config.json)."""
     model: Annotated[str | None, tyro.conf.arg(aliases=("--model_name_or_path",))] = None
     """Hub id or directory of the model whose vocabulary to search; default: the prompt's base_model."""
@@ -285,7 +292,7 @@ class InspectArgs(BaseModelFlags, ModelFlags, _InspectFlags):
 class ReportArgs:
     """Learning curves (PNG + SVG) and Markdown tables comparing training runs."""
 
-    run_dirs: tyro.conf.Positional[list[str]]
+    run_dirs: Annotated[tyro.conf.Positional[list[str]], tyro.conf.arg(metavar="RUN_DIR [RUN_DIR ...]")]
     """Run directories written by `softprompt train` (each with results.json, metrics.jsonl, config.yaml)."""
     output_dir: Annotated[OutputDir, tyro.conf.arg(aliases=("--out",))] = "report"
     """Directory to write report.md and the figures into. Alias: --out."""
@@ -295,7 +302,7 @@ class ReportArgs:
 class VerifyArgs:
     """Check every checkpoint of a run directory against its manifest (each file's size and sha256)."""
 
-    run_dir: tyro.conf.Positional[str]
+    run_dir: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="RUN_DIR")]
     """A run directory written by `softprompt train`."""
     output: Annotated[OutputFile | None, tyro.conf.arg(aliases=("--json",))] = None
     """Also write the verdicts as JSON to this file. Alias: --json."""

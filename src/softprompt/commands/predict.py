@@ -4,20 +4,22 @@ request records with a loaded `PromptBank` for any task."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from softprompt.commands.flags import PredictArgs
 from softprompt.commands.loading import load_bank, task_of
-from softprompt.config.choices import RankMode
+from softprompt.config.choices import Leaderboard, RankMode
 from softprompt.data.records import BadRecord
 from softprompt.errors import UserError
 from softprompt.inference.bank import PromptBank, default_device
 from softprompt.inference.options import GenerationOptions
-from softprompt.io.atomic import write_output_text
+from softprompt.io.atomic import STDOUT, write_output_text
 from softprompt.runtime.distributed import DistEnv
 from softprompt.runtime.precision import announce, with_precision
-from softprompt.tasks.base import Task
+from softprompt.tasks.base import Submission, Task
 from softprompt.tasks.resolve import task_from_saved
 from softprompt.tasks.text.reader import read_records
 
@@ -39,7 +41,14 @@ def run_predict(args: PredictArgs) -> list[str]:
     task = task_of(args, prompts)
     if args.classify == RankMode.RANK:
         task.rank_classes()  # refuses a task without label strings before the model loads
-    examples = _file_examples(task, args.input_file) if args.input_file else _flag_examples(task, args)
+    submission = (
+        None if args.submission == Leaderboard.NONE else task.submission(args.submission, args.classify)
+    )
+    records: list[Mapping[str, Any]] = []
+    if args.input_file:
+        records, examples = _file_examples(task, args.input_file, submission)
+    else:
+        examples = _flag_examples(task, args)
     announce(precision)  # the input is checked: the model loads now
     bank = load_bank(args, prompts)
     answers = predict_answers(
@@ -53,6 +62,9 @@ def run_predict(args: PredictArgs) -> list[str]:
         max_source_length=args.max_source_length,
         classify=args.classify,
     )
+    if submission is not None:
+        _write_submission(submission, records, answers, args.output)
+        return answers
     lines = [
         json.dumps({**({"id": ex.id} if ex.id else {}), "answer": a})
         for ex, a in zip(examples, answers, strict=True)
@@ -90,9 +102,12 @@ def _flag_examples(task: Task, args: PredictArgs) -> list[Any]:
         ) from None
 
 
-def _file_examples(task: Task, path: str) -> list[Any]:
-    """The examples of every row of --input_file (JSONL/CSV/TSV); a row the task cannot read is one
-    line naming it."""
+def _file_examples(
+    task: Task, path: str, submission: Submission | None = None
+) -> tuple[list[Mapping[str, Any]], list[Any]]:
+    """The records of --input_file (JSONL/CSV/TSV) and the examples of every row; a row the task (or
+    the leaderboard file, which names each answer by its record's idx) cannot read is one line naming it."""
+    records: list[Mapping[str, Any]] = []
     examples: list[Any] = []
     for place, record in read_records(path):
         try:
@@ -101,11 +116,29 @@ def _file_examples(task: Task, path: str) -> list[Any]:
             if not isinstance(record, Mapping):
                 raise BadRecord("bad_row", f"is a {type(record).__name__}, not an object with fields")
             examples.extend(task.request_examples(record))
+            if submission is not None:
+                submission.check(record)
         except BadRecord as err:
             raise UserError(f"{path}: {place}: {err.reason}; fix or remove it") from None
+        records.append(record)
     if not examples:
         raise UserError(f"{path} holds no {task.example_noun}")
-    return examples
+    return records, examples
+
+
+def _write_submission(
+    submission: Submission, records: Sequence[Mapping[str, Any]], answers: Sequence[str], output: str | None
+) -> None:
+    """The leaderboard file: to stdout (no --output, or -), into a directory under its own name, or to
+    the file --output names."""
+    text = "".join(json.dumps(line) + "\n" for line in submission.lines(records, answers))
+    if output is None or output == STDOUT:
+        sys.stdout.write(text)
+        return
+    path = Path(output) / submission.file_name if Path(output).is_dir() else Path(output)
+    write_output_text(path, text)
+    n = len(records)
+    print(f"softprompt: wrote {path} ({n} test record{'s' if n != 1 else ''})", file=sys.stderr)
 
 
 def predict_answers(

@@ -124,6 +124,16 @@ class RankMode(str, Enum):
     """Rank classification: the label string with the highest summed log-likelihood."""
 
 
+class Leaderboard(str, Enum):
+    """The leaderboard file `softprompt predict --submission` writes from a test split's answers."""
+
+    NONE = "none"
+    """No leaderboard file: the answers as JSONL lines of {id, answer}."""
+    SUPERGLUE = "superglue"
+    """The SuperGLUE leaderboard's file for the task (RTE.jsonl, BoolQ.jsonl, ...): one line per test record,
+    {idx, label} with the label as the leaderboard spells it."""
+
+
 class Batching(str, Enum):
     """How `softprompt serve` batches generation requests."""
 
@@ -154,6 +164,7 @@ ExportFormatName = literal(ExportFormat)
 PunctuationName = literal(Punctuation)
 TaskMetricName = literal(TaskMetric)
 RankModeName = literal(RankMode)
+LeaderboardName = literal(Leaderboard)
 BatchingName = literal(Batching)
 
 

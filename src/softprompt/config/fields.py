@@ -106,6 +106,7 @@ class FieldSpec:
     path: PathKind | None
     positional: bool
     config_only: bool = False  # a config file's key with no flag (tyro.conf.Suppress), e.g. train's prompts:
+    metavar: str | None = None  # what --help and messages call a positional (RUN_DIR); None: its name
 
 
 def _unwrap(annotation: Any) -> tuple[Any, list[Any], bool]:
@@ -130,11 +131,12 @@ def field_specs(cls: type) -> dict[str, FieldSpec]:
     specs = {}
     for f in dataclasses.fields(cls):
         kind, meta, optional = _unwrap(hints[f.name])
-        flag, aliases = f.name, ()
+        flag, aliases, metavar = f.name, (), None
         for m in meta:
             if type(m).__name__ == "_ArgConfig":
                 flag = m.name or flag
                 aliases = tuple(a.lstrip("-") for a in (m.aliases or ()))
+                metavar = m.metavar or metavar
         specs[f.name] = FieldSpec(
             name=f.name,
             flag=flag,
@@ -145,6 +147,7 @@ def field_specs(cls: type) -> dict[str, FieldSpec]:
             path=next((m for m in meta if isinstance(m, PathKind)), None),
             positional=any(m in _POSITIONAL for m in meta),
             config_only=any(m in _SUPPRESSED for m in meta),
+            metavar=metavar,
         )
     return specs
 

@@ -4,7 +4,8 @@ A YAML or JSON file (`--config FILE`) fills the subcommand's dataclass, flags ov
 tyro parses the flags. Around tyro: values in a file are read as their field's type (`lr: 1e-3` is a
 number), relative paths in a file resolve from the file's folder and `~` expands everywhere, numbers
 are range-checked from the field's `Bound`, an unknown key or flag names the closest valid ones, and
-every problem is reported together in one line before any work starts.
+every problem is reported together in one line before any work starts. In `--help`, each flag comes
+before its aliases and a grouped number (1,100,000) never wraps across lines.
 """
 
 from __future__ import annotations
@@ -37,6 +38,57 @@ from softprompt.config.safe_yaml import YamlTooLarge, load_yaml
 from softprompt.errors import ConfigError
 
 T = TypeVar("T")
+
+# ---------------------------------------------------------------------------------------------- --help
+
+# A digit-grouping comma ("1,100,000"). tyro's help wrapper breaks a word at a comma, which splits a
+# number across lines ("1," / "100,000"); a no-break space groups the digits and keeps it whole.
+_GROUPED_DIGITS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_NO_BREAK_SPACE = "\u00a0"
+
+
+def unbroken_numbers(text: str) -> str:
+    """Help text whose grouped numbers cannot wrap: ``1,100,000`` is written with no-break spaces."""
+    return _GROUPED_DIGITS.sub(_NO_BREAK_SPACE, text)
+
+
+def _canonical_first(apply_argconf: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """tyro's rule that applies `tyro.conf.arg`, then the flag's own name before its aliases in --help
+    (tyro puts the aliases first: `--out, --output_dir`), and its help with unbroken numbers."""
+
+    def rule(arg: Any, lowered: Any) -> None:
+        apply_argconf(arg, lowered)
+        aliases = tuple(arg.field.argconf.aliases or ())
+        flags = tuple(lowered.name_or_flags)
+        if aliases and flags[: len(aliases)] == aliases and len(flags) > len(aliases):
+            lowered.name_or_flags = flags[len(aliases) :] + aliases
+        helptext = arg.field.helptext  # the field's docstring (tyro formats the help from it)
+        if isinstance(helptext, str):
+            arg.field.helptext = unbroken_numbers(helptext)
+        elif callable(helptext) and not hasattr(helptext, "unbroken"):
+
+            def unbroken() -> str | None:
+                text = helptext()
+                return None if text is None else unbroken_numbers(text)
+
+            unbroken.unbroken = True  # type: ignore[attr-defined]
+            arg.field.helptext = unbroken
+
+    rule.wrapped = apply_argconf  # type: ignore[attr-defined]  # marks the rule as installed once
+    return rule
+
+
+def _install_help_rules() -> None:
+    # tyro has no setting for either; its rule functions are looked up by name when each flag is
+    # lowered, so wrapping the one that applies `tyro.conf.arg` changes only the --help text (argparse
+    # gets every spelling either way, and the parsed field is the same).
+    from tyro import _arguments
+
+    if not hasattr(_arguments._rule_apply_argconf, "wrapped"):
+        _arguments._rule_apply_argconf = _canonical_first(_arguments._rule_apply_argconf)
+
+
+_install_help_rules()
 
 # ---------------------------------------------------------------------------------------------- files
 
@@ -309,7 +361,7 @@ def parse(
         problems += [
             f"--{specs[n].flag} is required" for n in required if not specs[n].positional and n not in given
         ]
-        wanted = [n.upper() for n in required if specs[n].positional and n not in given]
+        wanted = [specs[n].metavar or n.upper() for n in required if specs[n].positional and n not in given]
         if len(words) < len(wanted):
             problems.append(f"give {' '.join(wanted)} (see {prog} --help)")
         if problems:
@@ -318,7 +370,8 @@ def parse(
             problems += check_numbers(partial) + (checks(partial) if checks else [])
             _refuse(prog, list(dict.fromkeys(problems)))
     default = cls(**{**required, **values}) if values else None
-    args = tyro.cli(cls, args=argv, prog=prog, default=default, use_underscores=True, description=cls.__doc__)
+    description = unbroken_numbers(cls.__doc__ or "")
+    args = tyro.cli(cls, args=argv, prog=prog, default=default, use_underscores=True, description=description)
     args = expand_paths(_unset_empty(args))
     problems = check_numbers(args) + (checks(args) if checks else [])
     if problems:

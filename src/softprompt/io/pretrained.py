@@ -220,6 +220,10 @@ def read_pickle_weights(files: ModelFiles) -> dict[str, torch.Tensor]:
     return state
 
 
+_pickle_notice_given = False
+"""Whether this process has said that it read a `pytorch_model.bin` with torch.load(weights_only=True)."""
+
+
 class _DropUntieNotice(logging.Filter):
     """transformers 5 builds every T5 with its LM head tied to the embedding, then unties it when the
     checkpoint holds a different `lm_head.weight` (T5 1.1), warning each time that the config is wrong.
@@ -292,7 +296,11 @@ def load_pretrained_t5(
         head = state["lm_head.weight"].to(model.lm_head.weight.dtype)
         if not torch.equal(model.lm_head.weight.detach(), head):
             raise CheckpointError(f"{files.name}: the loaded lm_head differs from the checkpoint's")
-    if state is not None and os.environ.get("RANK", "0") == "0":
+    global _pickle_notice_given
+    if state is not None and not _pickle_notice_given and os.environ.get("RANK", "0") == "0":
+        # Once per process: a command that loads the model again (train's final evaluation, the demo's
+        # steps) has said it already; a safetensors load never gets here (state is None).
+        _pickle_notice_given = True
         names = ", ".join(p.name for p in files.weights)
         print(
             f"softprompt: {files.name} has no safetensors weights; read {names} with torch.load(weights_only=True), "

@@ -82,7 +82,8 @@ def load_t5(
 
     Weights come from safetensors when the model has them; a model that publishes only
     `pytorch_model.bin` (the seed's google/t5-*-lm-adapt and google/t5-v1_1-*) is read with
-    `torch.load(weights_only=True)`, saying so in one line on stderr; other pickles are refused.
+    `torch.load(weights_only=True)`, saying so in one line on stderr (once per process); other pickles are
+    refused.
     The Hub's safetensors conversion is never triggered (see softprompt.io.pretrained).
 
     Args:

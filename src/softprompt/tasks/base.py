@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from softprompt.data.batching import Features
 
-__all__ = ["EvalResult", "Example", "Task", "TaskCard"]
+__all__ = ["EvalResult", "Example", "Submission", "Task", "TaskCard"]
 
 
 class Example(Protocol):
@@ -103,6 +103,33 @@ class TaskCard:
     scores: tuple[tuple[str, float | int | None], ...] = ()
     score_note: str = ""
     predict_args: tuple[str, ...] = ()
+
+
+class Submission(ABC):
+    """A leaderboard's file of a test split's answers (`softprompt predict --submission`), made by a task.
+
+    Attributes:
+        file_name: The name the leaderboard reads the file by (``RTE.jsonl``).
+    """
+
+    file_name: str
+
+    @abstractmethod
+    def check(self, record: Mapping[str, Any]) -> None:
+        """Refuse a test record the file cannot name an answer for, before any answer is made.
+
+        Raises:
+            BadRecord: The record lacks what the leaderboard names its answers by (its ``idx``).
+        """
+
+    @abstractmethod
+    def lines(self, records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> list[dict[str, Any]]:
+        """The file's JSON lines.
+
+        Args:
+            records: The test records, each checked by `check`.
+            answers: The answers to their examples (`Task.request_examples` of each record, in order).
+        """
 
 
 class Task(ABC):
@@ -270,6 +297,23 @@ class Task(ABC):
         from softprompt.errors import ConfigError
 
         raise ConfigError("--classify rank is for classification tasks (--task with labels), not QA")
+
+    def submission(self, kind: str, classify: str) -> Submission:
+        """The leaderboard file ``kind`` (``superglue``) of the task's test answers, checked before any work.
+
+        Args:
+            kind: The leaderboard (softprompt.config.choices.Leaderboard).
+            classify: How the answers are chosen (``greedy`` or ``rank``): a file of labels needs labels.
+
+        Raises:
+            ConfigError: The leaderboard has no file for the task, or the answers could be no label.
+        """
+        from softprompt.errors import ConfigError
+
+        raise ConfigError(
+            f"--submission {kind} writes the test answers of a SuperGLUE task preset (--task rte, ...); "
+            f"the {self.name} task has no leaderboard file"
+        )
 
     # ---------------------------------------------------------------------------- requests (predict, serve)
 

@@ -65,8 +65,8 @@ class _TrainFlags:
     # --- method
     prompt_tuning: bool = False
     """Freeze the model and train only a soft prompt (the paper's method). Without it, every weight is fine-tuned (at a fine-tuning --lr: see there)."""
-    n_tokens: Annotated[Count, tyro.conf.arg(aliases=("--prompt_length",))] = 100
-    """P, the number of prompt vectors (the paper uses 100). Alias: --prompt_length."""
+    n_tokens: Annotated[Count | None, tyro.conf.arg(aliases=("--prompt_length",))] = None
+    """P, the number of prompt vectors (default 100, as the paper; with --prompt_init from_file, the file's prompt's length). Alias: --prompt_length."""
     prompt_init: InitName = "sampled_vocab"
     """Prompt init: sampled_vocab (first 5,000 vocabulary rows, the paper's best), uniform (U[0, 0.5), the official default: flax uniform(0.5)), text, from_file, class_label (one label per vector, then sampled_vocab)."""
     prompt_init_labels: list[str] = field(default_factory=list)
@@ -186,13 +186,57 @@ RESUMABLE = frozenset(
 
 PROMPT_TUNING_LR = 0.3
 FINE_TUNING_LR = 5e-5
+N_TOKENS = 100
+"""P when neither --n_tokens nor a starting prompt says (the paper's 100)."""
+
+
+def _starts_from_file(cfg: TrainConfig) -> bool:
+    return bool(cfg.prompt_tuning and cfg.prompt_init == "from_file" and cfg.prompt_init_file)
+
+
+def prompt_length(cfg: TrainConfig) -> int:
+    """P: --n_tokens, else the starting prompt's own length (--prompt_init from_file), else 100.
+
+    Raises:
+        CheckpointError: The starting prompt's config cannot be read.
+    """
+    if cfg.n_tokens is not None:
+        return cfg.n_tokens
+    if _starts_from_file(cfg):
+        # Deferred: the checkpoint module imports torch, and `softprompt train --help` reads this module.
+        from softprompt.io.checkpoint import load_prompt_config
+
+        return load_prompt_config(str(cfg.prompt_init_file)).n_tokens
+    return N_TOKENS
 
 
 def with_mode_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill the settings whose default depends on the mode: lr is 0.3 for a prompt, 5e-5 for all weights."""
-    if cfg.lr is not None:
-        return cfg
-    return dataclasses.replace(cfg, lr=PROMPT_TUNING_LR if cfg.prompt_tuning else FINE_TUNING_LR)
+    """Fill the settings whose default depends on the mode: lr is 0.3 for a prompt, 5e-5 for all weights;
+    P is the starting prompt's length under --prompt_init from_file, else 100."""
+    changes: dict[str, Any] = {}
+    if cfg.lr is None:
+        changes["lr"] = PROMPT_TUNING_LR if cfg.prompt_tuning else FINE_TUNING_LR
+    if cfg.n_tokens is None:
+        changes["n_tokens"] = prompt_length(cfg)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _length_problems(cfg: TrainConfig) -> tuple[int, list[str]]:
+    """P as the run will have it, and the problem of an --n_tokens that the starting prompt contradicts."""
+    if not (_starts_from_file(cfg) and Path(str(cfg.prompt_init_file)).exists()):
+        return cfg.n_tokens or N_TOKENS, []
+    from softprompt.errors import UserError
+
+    try:
+        from_file = prompt_length(dataclasses.replace(cfg, n_tokens=None))
+    except UserError as err:
+        return cfg.n_tokens or N_TOKENS, [str(err)]
+    if cfg.n_tokens is not None and cfg.n_tokens != from_file:
+        return cfg.n_tokens, [
+            f"--n_tokens {cfg.n_tokens}, but the --prompt_init_file prompt {cfg.prompt_init_file} has "
+            f"{from_file} tokens; drop --n_tokens to take the file's length"
+        ]
+    return from_file, []
 
 
 def load_yaml_config(path: str | os.PathLike, cls: type = TrainConfig) -> Any:
@@ -308,6 +352,8 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
         ):
             problems.append(f"--{name} {value} does not exist")
     if cfg.prompt_tuning:
+        n_tokens, length_problems = _length_problems(cfg)
+        problems += length_problems
         if cfg.prompt_init == "text" and not cfg.prompt_init_text:
             problems.append("--prompt_init text needs --prompt_init_text")
         if cfg.prompt_init == "from_file" and not cfg.prompt_init_file:
@@ -317,17 +363,13 @@ def check_config(cfg: TrainConfig, world_size: int = 1) -> tuple[BatchPlan | Non
                 "--prompt_init class_label needs --prompt_init_labels (e.g. --prompt_init_labels yes no) "
                 "or a classification --task"
             )
-        if (
-            cfg.prompt_init == "class_label"
-            and not cfg.prompt_init_labels
-            and len(task_labels) > cfg.n_tokens
-        ):
-            problems.append(f"the task's {len(task_labels)} labels do not fit in --n_tokens {cfg.n_tokens}")
+        if cfg.prompt_init == "class_label" and not cfg.prompt_init_labels and len(task_labels) > n_tokens:
+            problems.append(f"the task's {len(task_labels)} labels do not fit in --n_tokens {n_tokens}")
         if cfg.prompt_init_labels and cfg.prompt_init != "class_label":
             problems.append("--prompt_init_labels only applies to --prompt_init class_label")
-        if len(cfg.prompt_init_labels) > cfg.n_tokens:
+        if len(cfg.prompt_init_labels) > n_tokens:
             problems.append(
-                f"{len(cfg.prompt_init_labels)} --prompt_init_labels do not fit in --n_tokens {cfg.n_tokens}"
+                f"{len(cfg.prompt_init_labels)} --prompt_init_labels do not fit in --n_tokens {n_tokens}"
             )
     elif cfg.prompt_init_file or cfg.prompt_init_text or cfg.prompt_init_labels:
         problems.append(

@@ -12,7 +12,7 @@ from typing import Any
 from softprompt.data.batching import Features
 from softprompt.data.records import BadRecord
 from softprompt.errors import ConfigError, DataError
-from softprompt.tasks.base import EvalResult, Task, TaskCard
+from softprompt.tasks.base import EvalResult, Submission, Task, TaskCard
 from softprompt.tasks.metrics.text import score_texts
 from softprompt.tasks.text.features import tokenize_texts
 from softprompt.tasks.text.reader import load_task_examples
@@ -207,6 +207,17 @@ class TextTask(Task):
                 "use --classify greedy"
             )
         return tuple(spec.classes)
+
+    def submission(self, kind: str, classify: str) -> Submission:
+        """The SuperGLUE leaderboard's file of a preset's test answers (`superglue_submission`).
+
+        Raises:
+            ConfigError: The task is no SuperGLUE preset, or its labels would come from generation.
+        """
+        from softprompt.tasks.text.submission import superglue_submission  # deferred: predict only
+
+        del kind  # superglue is the one leaderboard (softprompt.config.choices.Leaderboard)
+        return superglue_submission(self.spec, classify)
 
     def request_examples(self, record: Mapping[str, Any]) -> list[TextExample]:
         """The model inputs of one unlabelled record, each an example without targets
