@@ -206,6 +206,11 @@ class Server:
         self.stop()
         raise SystemExit(f"server did not come up in {seconds} s; see {self.log}")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (all its threads, user + system)."""
+        t = self.ps.cpu_times()
+        return float(t.user + t.system)
+
     def peak_mib(self) -> float:
         """Peak RSS, MiB: the kernel's high-water mark where readable, else the sampled peak."""
         try:
@@ -338,15 +343,16 @@ def direct_caller(
 def table(levels: list[dict[str, Any]], bound: float, sides: tuple[str, ...]) -> str:
     """Markdown: one line per level and server, then the ratios of the first server to each other one."""
     lines = [
-        "| clients | server | req/s | p50 s | p95 s | p99 s | peak RSS MiB | errors | answers equal | % of bound |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| clients | server | req/s | p50 s | p95 s | p99 s | CPU ms/req | peak RSS MiB | errors | answers equal "
+        "| % of bound |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in levels:
         for side in sides:
             r = lv[side]
             lines.append(
                 f"| {lv['clients']} | {side} | {r['rps']:.2f} | {r['p50']:.2f} | {r['p95']:.2f} | {r['p99']:.2f} "
-                f"| {r['peak_rss_mib']:.0f} | {r['errors']} | {lv['equal']:.0%} | {100 * r['rps'] / bound:.0f}% |"
+                f"| {r.get('cpu_ms', float('nan')):.1f} | {r['peak_rss_mib']:.0f} | {r['errors']} | {lv['equal']:.0%} | {100 * r['rps'] / bound:.0f}% |"
             )
         sp = lv[sides[0]]
         for other in sides[1:]:
@@ -354,6 +360,7 @@ def table(levels: list[dict[str, Any]], bound: float, sides: tuple[str, ...]) ->
             lines.append(
                 f"| {lv['clients']} | **{sides[0]} / {other}** | **{sp['rps'] / pf['rps']:.1f}x** | "
                 f"{pf['p50'] / sp['p50']:.1f}x lower | | **{pf['p99'] / sp['p99']:.1f}x lower** | "
+                f"{pf.get('cpu_ms', float('nan')) / sp.get('cpu_ms', float('nan')):.2f}x less | "
                 f"{sp['peak_rss_mib'] / pf['peak_rss_mib']:.2f}x | | | |"
             )
     return "\n".join(lines)
@@ -422,6 +429,12 @@ def squad_targets(levels: list[dict[str, Any]]) -> list[str]:
             "{:.1f}x",
             True,
         )
+        for lv in levels:  # the same ratio in server CPU per request, which other jobs' load moves less
+            cpu = {side: lv[side].get("cpu_ms", float("nan")) for side in ("continuous", "static")}
+            out.append(
+                f"- {lv['clients']} clients, server CPU per request: continuous {cpu['continuous']:.1f} ms, "
+                f"static {cpu['static']:.1f} ms (static / continuous {cpu['static'] / cpu['continuous']:.2f}x)"
+            )
     return out
 
 
@@ -593,11 +606,16 @@ def run_servers(
                         _wait_for_quiet(args.quiet, args.max_wait) if args.quiet < 1 else (0.0, -1.0)
                     )
                     between = direct[1] if direct is not None and direct[0] == side and c == 1 else None
+                    cpu = started[side].cpu_seconds()
                     r = drive_level(started[side].url, rows, c, args, between)
+                    # The server's own CPU time per answered request: on a machine shared with other jobs
+                    # its wall-clock req/s moves with their load, its CPU cost per request far less.
+                    answered = max(1, r["requests"] - r["errors"])
+                    r["cpu_ms"] = 1e3 * (started[side].cpu_seconds() - cpu) / answered
                     r["waited_s"], r["busy_before"], r["round"] = waited, busy, k
                     print(
                         f"{side:>12} clients={c:<4} round {k} {r['rps']:.2f} req/s p50 {r['p50']:.3f} s "
-                        f"p99 {r['p99']:.2f} s errors {r['errors']}"
+                        f"p99 {r['p99']:.2f} s CPU {r['cpu_ms']:.1f} ms/req errors {r['errors']}"
                         + (
                             f" (others busy {busy:.0%} after {waited:.0f} s of waiting)"
                             if busy is not None
@@ -606,7 +624,9 @@ def run_servers(
                         flush=True,
                     )
                     if side not in best or r["rps"] > best[side]["rps"]:
-                        best[side] = r
+                        best[side] = {**r, "cpu_ms": min(r["cpu_ms"], best.get(side, r)["cpu_ms"])}
+                    else:
+                        best[side]["cpu_ms"] = min(best[side]["cpu_ms"], r["cpu_ms"])
             for side in names:
                 best[side]["peak_rss_mib"] = started[side].peak_mib()
                 results[side].append(best[side])

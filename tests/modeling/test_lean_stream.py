@@ -8,7 +8,7 @@ from transformers import T5ForConditionalGeneration
 
 from conftest import tiny_config
 from softprompt.modeling import lean_greedy
-from softprompt.modeling.lean_stream import DecodeStream
+from softprompt.modeling.lean_stream import LENGTH_BUCKET, DecodeStream
 
 MAX_NEW = 9
 EOS = 1
@@ -97,3 +97,64 @@ def test_a_stream_matches_greedy_on_one_static_batch_and_drops_rows() -> None:
         assert ids == ref[i, : len(ids)].tolist()
         # greedy pads a row after its EOS; the stream ends it there.
         assert ids[-1] == EOS or len(ids) == MAX_NEW + 1
+
+
+def test_slots_and_encoder_capacity_grow_mid_decode_without_changing_tokens() -> None:
+    """A stream allocated for one short row gets more rows and longer rows while others decode."""
+    t5 = _t5()
+    rows = sorted(_rows(t5, 8), key=len)  # shortest first, so that every join may need a longer cache
+    expected = [_alone(t5, r, MAX_NEW) for r in rows]
+    stream = DecodeStream(t5, torch.float32, MAX_NEW, slots=1)
+    arrivals = {0: [0], 1: [1, 2], 2: [3], 3: [4, 5, 6, 7]}
+    got: dict[int, list[int]] = {}
+    slots, capacities = {stream.slots}, {stream.capacity}
+    step = 0
+    while len(got) < len(rows):
+        if step in arrivals:
+            joining = arrivals[step]
+            embeds, mask = _padded([rows[i] for i in joining])
+            stream.admit(embeds, mask, joining)
+            slots.add(stream.slots)
+            capacities.add(stream.capacity)
+        got.update((d.key, d.ids) for d in stream.step())
+        step += 1
+        assert step < 100
+    assert [got[i] for i in range(len(rows))] == expected
+    # The slots doubled from 1 to hold 5+ rows; the capacity is a whole bucket that holds the longest row.
+    assert max(slots) >= 4 and len(slots) >= 3
+    assert max(capacities) >= len(rows[-1]) and max(capacities) % LENGTH_BUCKET == 0
+
+
+def test_rows_leave_and_join_without_copying_the_batchs_caches() -> None:
+    """Within its slots and capacity, a join or a leave writes the rows concerned and moves nobody else."""
+    t5 = _t5()
+    rows = _rows(t5, 7)
+    stream = DecodeStream(t5, torch.float32, MAX_NEW, slots=8)
+    embeds, mask = _padded(rows[:6])
+    stream.admit(embeds, mask, list(range(6)))
+    stream.step()
+    caches = [*stream.self_k, *stream.self_v, *stream.cross_k, *stream.cross_v, stream.cross_mask]
+    storage = [c.data_ptr() for c in caches]
+    before = [c.clone() for c in caches]
+    keys = list(stream.keys)
+    assert len(keys) >= 3
+    stream.drop([1])  # a middle row leaves: the last row takes its slot, nobody else moves
+    assert stream.keys == [keys[0], keys[-1], *keys[2:-1]]
+    layers = len(stream.self_k)
+    for slot, key in enumerate(stream.keys):
+        src, end = keys.index(key), len(rows[key])
+        for n, (c, old) in enumerate(zip(caches, before, strict=True)):
+            if 2 * layers <= n < 4 * layers:  # cross-attention: the row's own encoder positions
+                assert torch.equal(c[slot, :, :end], old[src, :, :end])
+            else:
+                assert torch.equal(c[slot], old[src])
+    embeds, mask = _padded(rows[6:])
+    assert embeds.shape[1] <= stream.capacity  # within the capacity: nothing to grow
+    stream.admit(embeds, mask, [6])
+    # Same tensors throughout: no concatenation, no re-indexing, no padding copy of the running batch.
+    assert [c.data_ptr() for c in caches] == storage
+    assert [
+        c.data_ptr() for c in (*stream.self_k, *stream.self_v, *stream.cross_k, *stream.cross_v)
+    ] == storage[:-1]
+    assert stream.cross_mask.data_ptr() == storage[-1]
+    assert stream.rows == len(keys) and stream.keys[-1] == 6

@@ -30,9 +30,12 @@ class ContinuousDecoder:
         bank: the model and its prompts.
         max_new_tokens: the longest answer in tokens.
         bf16: run under bf16 autocast, as `PromptBank.answer_prepared(bf16=True)` does.
+        slots: rows the decoder's caches are allocated for (the server's `--max_batch_size`).
     """
 
-    def __init__(self, bank: PromptBank, *, max_new_tokens: int = 32, bf16: bool = False) -> None:
+    def __init__(
+        self, bank: PromptBank, *, max_new_tokens: int = 32, bf16: bool = False, slots: int = 32
+    ) -> None:
         self.bank = bank
         self.bf16 = bf16
         model = bank.model
@@ -40,7 +43,7 @@ class ContinuousDecoder:
             dtype = model.fast_path_dtype(bank.device, for_training=False)
         # Only where `generate` would decode with the lean loop: elsewhere answers would not be predict's.
         self.supported = dtype is not None and plain_greedy(model.model.generation_config)
-        self._stream = DecodeStream(model.model, dtype or torch.float32, max_new_tokens)
+        self._stream = DecodeStream(model.model, dtype or torch.float32, max_new_tokens, slots)
         self._rows: dict[Hashable, PreparedRow] = {}
         self._collate = Collator(pad_token_id=bank.tokenizer.pad_token_id)
 

@@ -113,7 +113,7 @@ def create_app(
     metrics = ServeMetrics()
     decoder = None
     if answer is None and batching == "continuous" and classify != "rank":  # ranking has no decoder steps
-        decoder = ContinuousDecoder(bank, max_new_tokens=max_new_tokens, bf16=bf16)
+        decoder = ContinuousDecoder(bank, max_new_tokens=max_new_tokens, bf16=bf16, slots=max_batch_size)
     batcher: MicroBatcher | ContinuousBatcher
     if decoder is not None and decoder.supported:
         batcher = ContinuousBatcher(
