@@ -67,8 +67,8 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
         raise UserError("--ensemble majority needs at least two --prompt directories")
     if args.classify == "rank":
         task.rank_classes()  # refuses a task without label strings before the model loads
-    announce(precision)  # the input is checked: the model loads now
     bank = load_bank(args, args.prompt)
+    announce(precision)  # once the input and the model have loaded: a refusal stays one line
     first = bank.entry(0).config if len(bank) else None
     features = task.tokenize(
         examples,

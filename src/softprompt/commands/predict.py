@@ -49,8 +49,8 @@ def run_predict(args: PredictArgs) -> list[str]:
         records, examples = _file_examples(task, args.input_file, submission)
     else:
         examples = _flag_examples(task, args)
-    announce(precision)  # the input is checked: the model loads now
     bank = load_bank(args, prompts)
+    announce(precision)  # once the input and the model have loaded: a refusal stays one line
     answers = predict_answers(
         bank,
         bank.names[0] if len(bank) else None,

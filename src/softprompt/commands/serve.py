@@ -36,7 +36,6 @@ def run(args: ServeArgs) -> int:
     if not specs and args.prompt_root is None:
         raise UserError("give at least one --prompt NAME=DIR to serve, or a --prompt_root to load them from")
     args, precision = with_precision(args, default_device())
-    announce(precision)
     bank = load_model_and_prompts(
         args.model,
         [d for _, d in specs],
@@ -66,6 +65,7 @@ def run(args: ServeArgs) -> int:
         classify=args.classify,
     )
     sock = bind_socket(args.host, args.port)
+    announce(precision)  # with the start line, once the model is loaded and the port bound
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(

@@ -131,8 +131,8 @@ FlagsT = TypeVar("FlagsT")
 def with_precision(flags: FlagsT, device: str | torch.device) -> tuple[FlagsT, PrecisionChoice]:
     """`flags` (any dataclass with a `precision` field) with `--precision auto` resolved for `device`.
 
-    Resolved before anything else reads the flags, said (`announce`) once the input has been checked, so
-    that a refusal stays one line.
+    Resolved before anything else reads the flags, said (`announce`) once the input and the model have
+    loaded, so that a refusal stays one line.
 
     Args:
         flags: a command's parsed flags.
