@@ -214,10 +214,11 @@ class _ServeFlags:
     """Longest a batch's first request waits for others on their way (a lone request does not wait)."""
     max_queue: int = 1024
     """Most requests waiting for the model; more are answered 503 with Retry-After at once (bounds memory)."""
-    batching: BatchingName = "continuous"
-    """continuous: requests join and leave the running batch at every decoder step (on a 2-core CPU with SQuAD's
-    answer lengths 1.10-1.27x less CPU per request than static, see docs/performance.md); static: a batch runs until
-    its longest answer ends. A model off the lean T5 path, and --classify rank, always run static."""
+    batching: BatchingName = "static"
+    """static: a batch runs until its longest answer ends; continuous: requests join and leave the running batch at
+    every decoder step (on a 2-core CPU with SQuAD's answer lengths 1.31x static's requests/s at 32 clients, but each
+    step goes through the server's event loop, so under hostile load a normal request waited 2.4x its quiet latency,
+    see docs/performance.md). A model off the lean T5 path, and --classify rank, always run static."""
     max_batch_tokens: Count = 65536
     """Continuous batching: most encoder positions decoding at once (rows x longest input, prompt included);
     bounds the cross-attention caches' memory."""
