@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -164,3 +167,50 @@ def save_tiny_t5(directory: Path) -> Path:
     for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, directory / name)
     return directory
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (torchrun's ranks, which run in sessions of their own), sorted."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return sorted(kids)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, killed but not yet reaped by torchrun, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def kill_ranks_at_first_checkpoint(argv: list[str], out: Path, log: Path) -> None:
+    """Start a 2-rank torchrun job and SIGKILL both ranks (then torchrun) the moment `out/last` names its
+    first checkpoint, checkpoint-0000002: that is while the ranks evaluate step 2 (generation takes far longer
+    than the poll), so nothing records that evaluation and the resumed run must do it before any training."""
+    with log.open("w") as f:
+        proc = subprocess.Popen(argv, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while not (out / "last").is_symlink():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint within 180 s"
+                time.sleep(0.002)  # a poll interval: the checkpoint's appearance triggers the kill
+            ranks = child_pids(proc.pid)
+            assert len(ranks) == 2, ranks
+            for pid in ranks:
+                os.kill(pid, signal.SIGKILL)
+            while any(
+                process_alive(pid) for pid in ranks
+            ):  # dead before anything reads their output directory
+                time.sleep(0.01)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert os.readlink(out / "last") == "checkpoint-0000002", log.read_text()[-3000:]

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SQUAD_DEV, SQUAD_TRAIN, cpu_env, squad_subset
+from conftest import SQUAD_DEV, SQUAD_TRAIN, child_pids, cpu_env, kill_ranks_at_first_checkpoint, squad_subset
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src" / "softprompt"
@@ -343,19 +343,6 @@ def _torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (torchrun's workers)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return sorted(kids)
-
-
 def _preempt(
     cmd: list[str], out: Path, log: Path, env: dict[str, str], *, signal_workers: bool
 ) -> tuple[int, str]:
@@ -373,7 +360,7 @@ def _preempt(
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "no checkpoint within 180 s"
                 time.sleep(0.005)
-            targets = _children(proc.pid) if signal_workers else [proc.pid]
+            targets = child_pids(proc.pid) if signal_workers else [proc.pid]
             assert targets and proc.poll() is None, (
                 f"the job ended before it could be preempted: {log.read_text()[-3000:]}"
             )
@@ -512,39 +499,6 @@ def test_two_ranks_preempted_through_torchrun_stop_together_and_resume(
     assert os.readlink(out / "last") == f"checkpoint-{MAX_STEPS:07d}"
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` still runs (a zombie, killed but not yet reaped by torchrun, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _kill_ranks_once_checkpointed(cmd: list[str], out: Path, log: Path) -> None:
-    """Start a 2-rank torchrun job and SIGKILL both ranks (then torchrun) the moment `last` names its first
-    checkpoint: that is while they evaluate that step (generation takes far longer than the poll), so
-    nothing records the evaluation and the resumed run must do it before any training step."""
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 180
-            while not (out / "last").is_symlink():
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint within 180 s"
-                time.sleep(0.002)  # a poll interval: the checkpoint's appearance triggers the kill
-            ranks = _children(proc.pid)
-            assert len(ranks) == 2, ranks
-            for pid in ranks:
-                os.kill(pid, signal.SIGKILL)
-            while any(_alive(pid) for pid in ranks):  # dead before anything reads their output directory
-                time.sleep(0.01)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert os.readlink(out / "last") == "checkpoint-0000002", log.read_text()[-3000:]
-    assert not (out / "predictions_step2.json").exists()  # the kill came before the evaluation ended
-
-
 @pytest.mark.slow
 def test_fsdp_killed_during_an_evaluation_resumes_by_evaluating_first_bit_identically(
     tmp_path, tiny_model_dir, preempt_data
@@ -558,7 +512,8 @@ def test_fsdp_killed_during_an_evaluation_resumes_by_evaluating_first_bit_identi
         return _preempt_args(tiny_model_dir, preempt_data, out, "--fsdp", *extra, max_steps=steps)
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _kill_ranks_once_checkpointed(_torchrun_cmd(2, args(killed)), killed, tmp_path / "killed.log")
+    kill_ranks_at_first_checkpoint(_torchrun_cmd(2, args(killed)), killed, tmp_path / "killed.log")
+    assert not (killed / "predictions_step2.json").exists()  # the kill came before the evaluation ended
     for out, extra in ((killed, ("--resume",)), (whole, ())):
         proc = subprocess.run(
             _torchrun_cmd(2, args(out, *extra)), env=cpu_env(), capture_output=True, text=True, timeout=300

@@ -10,12 +10,9 @@ FSDP run killed (SIGKILL) right after its first checkpoint and resumed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +21,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import SQUAD_DEV, SQUAD_TRAIN, TOKENIZER_DIR, cpu_env, need, squad_subset, tiny_config
+from conftest import (
+    SQUAD_DEV,
+    SQUAD_TRAIN,
+    TOKENIZER_DIR,
+    cpu_env,
+    kill_ranks_at_first_checkpoint,
+    need,
+    squad_subset,
+    tiny_config,
+)
 
 MAX_STEPS = 6
 NAMES = ("long", "short")
@@ -80,51 +86,6 @@ def _run(argv: list[str], log: Path) -> None:
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
-def _workers(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (torchrun's ranks, which run in sessions of their own)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` still runs (a zombie, killed but not yet reaped by torchrun, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
-def _kill_after_first_checkpoint(argv: list[str], out: Path, log: Path) -> None:
-    """Start the job and SIGKILL both ranks (then torchrun) the moment `last` names checkpoint 2: that is
-    while the ranks evaluate step 2 (generation takes far longer than the poll), so the resumed run starts
-    with the evaluation its checkpoint had not recorded, before any training step."""
-    with log.open("w") as f:
-        proc = subprocess.Popen(argv, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 180
-            while not (out / "last").is_symlink():
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint within 180 s"
-                time.sleep(0.002)  # a poll interval: the checkpoint's appearance triggers the kill
-            ranks = _workers(proc.pid)
-            assert len(ranks) == 2, ranks
-            for pid in ranks:
-                os.kill(pid, signal.SIGKILL)
-            while any(_alive(pid) for pid in ranks):  # dead before anything reads their output directory
-                time.sleep(0.01)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert os.readlink(out / "last") == "checkpoint-0000002" and not (out / "results.json").exists()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("multi-fsdp")
@@ -142,7 +103,8 @@ def runs(tmp_path_factory) -> Runs:
     _run(_argv(config, fsdp, "--fsdp"), root / "fsdp.log")
     # FSDP runs transformers' T5 modules (the lean T5 reads no sharded weights): so does the DDP run here.
     _run(_argv(config, ddp, "--no_fast_path"), root / "ddp.log")
-    _kill_after_first_checkpoint(_argv(config, resumed, "--fsdp"), resumed, root / "killed.log")
+    kill_ranks_at_first_checkpoint(_argv(config, resumed, "--fsdp"), resumed, root / "killed.log")
+    assert not (resumed / "results.json").exists()
     _run(_argv(config, resumed, "--fsdp", "--resume"), root / "resumed.log")
     return Runs(model=model, dev_file=dev, fsdp=fsdp, ddp=ddp, resumed=resumed)
 
