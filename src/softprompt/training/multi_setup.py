@@ -26,7 +26,6 @@ from softprompt.io import checkpoint as ckpt
 from softprompt.io import rundir
 from softprompt.io.rundir import TrainerState
 from softprompt.modeling.model import PromptedT5, load_tokenizer
-from softprompt.modeling.optim import build_optimizer
 from softprompt.modeling.prompt import SoftPrompt
 from softprompt.runtime.distributed import DistEnv, shard_fsdp, wrap_ddp
 from softprompt.tasks.resolve import resolve_task
@@ -49,9 +48,10 @@ from softprompt.training.setup import (
     init_labels,
     load_base_t5,
     load_data,
-    logged_again,
     record_config,
     refuse_fsdp_without_group,
+    run_logger,
+    run_optimizer,
     tokenize_data,
 )
 from softprompt.training.tracking import MetricsLogger
@@ -220,15 +220,7 @@ def _build(
         {"params": [prompt.weight], "lr": with_mode_defaults(s.cfg).lr}
         for s, prompt in zip(specs, stack.prompts, strict=True)
     ]
-    optimizer, scheduler = build_optimizer(
-        cfg.optimizer,
-        groups,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=max_steps,
-        initial_step=initial_step,
-    )
+    optimizer, scheduler = run_optimizer(cfg, groups, max_steps, initial_step)
     torch.manual_seed(cfg.seed + env.rank)  # each rank its own dropout stream, as a single run
     state, slot_states = TrainerState(), [TrainerState() for _ in specs]
     resume_from = find_resume_point(out, env) if cfg.resume else None
@@ -238,14 +230,7 @@ def _build(
         )
         initial_step = int(optimizer.param_groups[0].get("initial_step", initial_step))
     record_config(cfg, env, out, resumed=resume_from is not None, changes=resumed_changes)
-    logger = MetricsLogger(
-        out,
-        report_to=cfg.report_to,
-        is_main_process=env.is_main,
-        run_config=cfg.to_dict(),
-        resume_step=state.step if cfg.resume else None,
-        redo=logged_again(state, max_steps),  # what the loop logs again at the resume step
-    )
+    logger = run_logger(cfg, env, out, state, max_steps)
     fingerprint = None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path)
     collate = Collator(pad_token_id=tokenizer.pad_token_id)
     slots = []

@@ -123,15 +123,7 @@ def _build(
     sampler, steps_per_epoch, max_steps = build_sampler(cfg, plan, env, train_features)
     # Adafactor continues the starting checkpoint's step count, as T5X does (see TrainConfig.initial_step).
     initial_step = resolve_initial_step(cfg)
-    optimizer, scheduler = build_optimizer(
-        cfg.optimizer,
-        model.trainable_parameters(),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=max_steps,
-        initial_step=initial_step,
-    )
+    optimizer, scheduler = run_optimizer(cfg, model.trainable_parameters(), max_steps, initial_step)
     # Every rank its own dropout stream, as data parallelism should (the model and prompt above were
     # seeded alike on every rank). Rank 0 keeps the seed, so one process draws what it always drew;
     # hence DDP equals gradient accumulation exactly only with --dropout 0. --resume restores each
@@ -158,14 +150,7 @@ def _build(
         max_steps=max_steps,
         steps_per_epoch=steps_per_epoch,
         initial_step=initial_step,
-        logger=MetricsLogger(
-            out,
-            report_to=cfg.report_to,
-            is_main_process=env.is_main,
-            run_config=cfg.to_dict(),
-            resume_step=state.step if cfg.resume else None,  # a resume without a checkpoint restarts at 0
-            redo=logged_again(state, max_steps),
-        ),
+        logger=run_logger(cfg, env, out, state, max_steps),
         state=state,
         bf16=cfg.precision == "bf16",
         base_fingerprint=None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path),
@@ -175,6 +160,35 @@ def _build(
     )
     _announce(run, len(train_examples), stats, resumed_changes)
     return run
+
+
+def run_optimizer(
+    cfg: TrainConfig, params: Any, max_steps: int, initial_step: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The run's optimizer and schedule over `params` (the trainable parameters, or one group per prompt)."""
+    return build_optimizer(
+        cfg.optimizer,
+        params,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=max_steps,
+        initial_step=initial_step,
+    )
+
+
+def run_logger(
+    cfg: TrainConfig, env: DistEnv, out: Path, state: TrainerState, max_steps: int
+) -> MetricsLogger:
+    """metrics.jsonl (and --report_to) of a run that starts, or resumes, at `state`."""
+    return MetricsLogger(
+        out,
+        report_to=cfg.report_to,
+        is_main_process=env.is_main,
+        run_config=cfg.to_dict(),
+        resume_step=state.step if cfg.resume else None,  # a resume without a checkpoint restarts at 0
+        redo=logged_again(state, max_steps),  # what the loop logs again at the resume step
+    )
 
 
 def _check(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, BatchPlan, dict[str, tuple[Any, Any]]]:
