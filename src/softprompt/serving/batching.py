@@ -175,6 +175,21 @@ class BatcherBase:
             return False
         return True
 
+    async def _window(self, company_coming: Callable[[], bool]) -> None:
+        """The batching window: wait for arrivals while `company_coming()` says more rows are on their way, at
+        most `max_wait` in all; counted in `stats.window_waits`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        waited = False
+        while company_coming():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            waited = True
+            if not await self._next_arrival(remaining):
+                break
+        self.stats.window_waits += waited
+
 
 class MicroBatcher(BatcherBase):
     """Gathers concurrent requests into one batch for a single model worker thread.
@@ -263,19 +278,12 @@ class MicroBatcher(BatcherBase):
     async def _gather(self) -> list[_Pending]:
         while not self._waiting:
             await self._next_arrival()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
-        waited = False
-        while self._rows_waiting() < self.max_batch_size and (
-            self._preparing > 0 or self._rows_waiting() < self._last_rows
-        ):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            waited = True
-            if not await self._next_arrival(remaining):
-                break
-        self.stats.window_waits += waited
+        await self._window(
+            lambda: (
+                self._rows_waiting() < self.max_batch_size
+                and (self._preparing > 0 or self._rows_waiting() < self._last_rows)
+            )
+        )
         batch = self._select()
         chosen = {id(p) for p in batch}
         self._waiting = [p for p in self._waiting if id(p) not in chosen]

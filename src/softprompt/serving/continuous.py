@@ -156,21 +156,11 @@ class ContinuousBatcher(BatcherBase):
             self.stats.requests_abandoned += 1
             raise
 
-    async def _window(self) -> None:
-        """Before the first step of an empty batch: wait for requests still being prepared, briefly."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
-        waited = False
-        while (
+    def _company_coming(self) -> bool:
+        """Before the first step of an empty batch: requests are still being prepared and there is room."""
+        return (
             self._preparing > 0 and sum(len(p.rows) - p.admitted for p in self._waiting) < self.max_batch_size
-        ):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            waited = True
-            if not await self._next_arrival(remaining):
-                break
-        self.stats.window_waits += waited
+        )
 
     def _admit(self) -> list[tuple[Hashable, Any]]:
         """The waiting rows that join before the next step (see the class docstring)."""
@@ -255,7 +245,7 @@ class ContinuousBatcher(BatcherBase):
                 await self._next_arrival()
                 continue
             if not self._running:
-                await self._window()
+                await self._window(self._company_coming)
             started = loop.time()
             try:
                 # Rows of clients that left go first, so that admission sees the room they leave.
