@@ -96,12 +96,12 @@ def resolve_precision(requested: str, device: str | torch.device = "cpu") -> Pre
     device = torch.device(device)
     where = "this GPU" if device.type == "cuda" else "this CPU"
     native = native_bf16(device)
-    why_native = (
-        ", ".join(native_bf16_flags()) if device.type == "cpu" else torch.cuda.get_device_name(device)
-    )
     if requested == "auto":
         if native:
-            return PrecisionChoice("bf16", f"auto: {where} computes bf16 natively ({why_native})")
+            why = (
+                ", ".join(native_bf16_flags()) if device.type == "cpu" else torch.cuda.get_device_name(device)
+            )
+            return PrecisionChoice("bf16", f"auto: {where} computes bf16 natively ({why})")
         return PrecisionChoice(
             "fp32", f"auto: {where} emulates bf16, so fp32 is faster; --precision bf16 forces it"
         )
