@@ -50,7 +50,7 @@ def cpu_env(**extra: str) -> dict[str, str]:
 
     These runs compare results exactly across processes and use gloo for several ranks on one machine;
     on a GPU machine they would otherwise pick CUDA and NCCL (two ranks on one GPU, other kernels).
-    tests/test_cuda.py covers the GPU paths.
+    tests/modeling/test_cuda.py covers the GPU paths.
     """
     return {
         **os.environ,

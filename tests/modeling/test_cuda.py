@@ -1,9 +1,9 @@
-"""The CUDA code paths, on a machine with a GPU: `pytest tests/test_cuda.py` (skipped without one).
+"""The CUDA code paths, on a machine with a GPU: `pytest tests/modeling/test_cuda.py` (skipped without one).
 
-CI has no GPU, so these run where one is lent (bench/device/h200.sh runs them first). They check what
+CI has no GPU, so these run where one is lent (bench/gpu/run.sh runs them first). They check what
 the CPU suite cannot: transformers' T5 under bf16 autocast on the GPU agrees with fp32; the lean path,
 which frozen models take on CUDA too (`softprompt.modeling.lean_t5.DEVICE_TYPES`), computes what transformers
-computes there; `softprompt train` runs on the GPU in bf16, resumes, and runs under torchrun with NCCL;
+computes there, and under `--compile` (CUDA graphs) still does; `softprompt train` runs on the GPU in bf16, resumes, and runs under torchrun with NCCL;
 and a 1-rank torchrun job joins an NCCL group and runs every collective there, preempted and resumed.
 """
 
@@ -70,6 +70,34 @@ def test_lean_greedy_on_cuda_equals_generate() -> None:
     model.fast_path = True
     assert model.fast_path_dtype(CUDA, for_training=False) is not None
     assert torch.equal(model.generate(ids, mask, max_new_tokens=10), ref)
+
+
+def test_compiled_training_forward_with_cuda_graphs_equals_eager() -> None:
+    # --compile on CUDA: the lean forward and backward as CUDA graphs (mode="reduce-overhead"), one per
+    # padded shape; dropout masks by PyTorch's own random ops (`fallback_random`), so the eager ones.
+    model = _prompted(_t5(dropout_rate=0.1)).to(CUDA).train()
+    batches = [
+        {k: v.to(CUDA) for k, v in _batch(n=4, seed=seed).items()} for seed in (3, 5)
+    ]  # two shapes: a CUDA graph each
+
+    def loss_and_grad(batch: dict[str, torch.Tensor], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        model.prompt.weight.grad = None
+        loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss.backward()
+        return loss.detach().clone(), model.prompt.weight.grad.clone()
+
+    eager = [loss_and_grad(b, 10 + i) for i, b in enumerate(batches)]
+    greedy = model.eval().generate(batches[0]["input_ids"], batches[0]["attention_mask"], max_new_tokens=6)
+    model.train()
+    assert model.compile_training_forward(CUDA)
+    for _ in range(3):  # warm-up, recording, then replays of each shape's graph
+        for i, batch in enumerate(batches):
+            loss, grad = loss_and_grad(batch, 10 + i)
+            torch.testing.assert_close(loss, eager[i][0], rtol=1e-5, atol=1e-5)
+            assert _rel(grad, eager[i][1]) < 1e-4
+    out = model.eval().generate(batches[0]["input_ids"], batches[0]["attention_mask"], max_new_tokens=6)
+    assert torch.equal(out, greedy)
 
 
 # ---------------------------------------------------------------------------------------- the trainer

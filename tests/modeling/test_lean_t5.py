@@ -12,7 +12,7 @@ from transformers import T5ForConditionalGeneration
 
 from conftest import tiny_config
 from softprompt.modeling import lean_greedy, lean_t5
-from softprompt.modeling.lean_t5 import dropout_mask
+from softprompt.modeling.dropout import dropout_mask
 
 
 def _t5(seed: int = 0) -> T5ForConditionalGeneration:

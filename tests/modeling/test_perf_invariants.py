@@ -20,7 +20,7 @@ from transformers import T5ForConditionalGeneration
 from conftest import tiny_config
 from softprompt.data.batching import BucketBatchSampler, Collator, Features
 from softprompt.modeling import lean_greedy, lean_t5
-from softprompt.modeling.lean_t5 import dropout_mask
+from softprompt.modeling.dropout import dropout_mask
 from softprompt.modeling.model import PromptedT5, join_prompt
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
 

@@ -398,7 +398,7 @@ def one_rank_preempt_and_resume(
     runs the same job uninterrupted. Checks the torchrun job joined a `backend` group and ran every
     collective in it, and that the plain one joined none. Returns the two output directories.
 
-    Shared with tests/test_cuda.py, which runs it with NCCL.
+    Shared with tests/modeling/test_cuda.py, which runs it with NCCL.
     """
     out, plain_out = tmp / "torchrun", tmp / "plain"
     trace = tmp / "trace"

@@ -83,12 +83,11 @@ def _prompt_after(tmp_path, tiny_model_dir, train_file, name, **kw) -> torch.Ten
         prompt_tuning=True,
         n_tokens=6,
         max_steps=3,
-        dropout=0.0,
         eval_steps=0,
         save_steps=0,
         max_source_length=96,
         report_to=["none"],
-        **kw,
+        **{"dropout": 0.0, **kw},
     )
     train(cfg)
     return load_file(str(tmp_path / name / "last" / "prompt.safetensors"))["prompt"]
@@ -291,6 +290,34 @@ def test_initial_step_default_follows_the_checkpoint_and_is_refused_for_adamw(tm
         TrainConfig(output_dir=str(tmp_path / "x"), dataset_name="squad", optimizer="adamw", initial_step=5)
     )
     assert problems == ["--initial_step only applies to --optimizer adafactor, not adamw"]
+
+
+def test_compile_trains_the_prompt_the_eager_step_trains(tmp_path, tiny_model_dir, squad_small, monkeypatch):
+    """--compile runs the lean training forward under torch.compile: the same prompt after 3 steps with
+    dropout (its masks drawn as the eager run draws them), and a step that really went through it."""
+    from softprompt.modeling.model import PromptedT5
+
+    train_file, _ = squad_small
+    calls = []
+    compile_training_forward = PromptedT5.compile_training_forward
+
+    def counted(self, device):
+        on = compile_training_forward(self, device)
+        inner = self.compiled_logits
+        self.compiled_logits = lambda *a, **k: calls.append(1) or inner(*a, **k)
+        return on
+
+    eager = _prompt_after(tmp_path, tiny_model_dir, train_file, "eager", global_batch_size=4, dropout=0.1)
+    monkeypatch.setattr(PromptedT5, "compile_training_forward", counted)
+    comp = _prompt_after(
+        tmp_path, tiny_model_dir, train_file, "compiled", global_batch_size=4, dropout=0.1, compile=True
+    )
+    other = _prompt_after(
+        tmp_path, tiny_model_dir, train_file, "other", global_batch_size=4, dropout=0.1, seed=7
+    )
+    assert len(calls) == 3
+    torch.testing.assert_close(comp, eager, atol=2e-5, rtol=1e-4)
+    assert (other - eager).abs().max() > 1e-2
 
 
 def test_fast_path_and_bf16_weights_switches_reach_the_model(tmp_path, tiny_model_dir, squad_small):

@@ -46,15 +46,17 @@ class Collator:
         pad_token_id: Source padding id (T5's pad, 0).
         label_pad_token_id: Label padding id, ignored by the loss (-100).
         pad_to_multiple_of: Round the padded lengths up to a multiple of this (e.g. 8 for tensor cores).
+        target_multiple_of: Round the target length up to a multiple of this instead, when given.
     """
 
     pad_token_id: int = 0
     label_pad_token_id: int = -100
     pad_to_multiple_of: int | None = None
+    target_multiple_of: int | None = None
 
-    def _width(self, longest: int) -> int:
-        m = self.pad_to_multiple_of
-        return longest if not m else -(-longest // m) * m
+    @staticmethod
+    def _width(longest: int, multiple: int | None) -> int:
+        return longest if not multiple else -(-longest // multiple) * multiple
 
     def __call__(self, features: Sequence[Features]) -> dict[str, torch.Tensor]:
         """Pad and stack a batch.
@@ -65,12 +67,13 @@ class Collator:
         Returns:
             ``input_ids [B, S]``, ``attention_mask [B, S]`` (1 on real tokens), ``labels [B, T]`` (-100 on
             padding) and ``example_index [B]``, all int64, where S and T are the batch's longest source and
-            target (rounded up to ``pad_to_multiple_of``).
+            target (rounded up to ``pad_to_multiple_of``, the target to ``target_multiple_of`` if given).
         """
         if not features:
             raise ValueError("cannot collate an empty batch")
-        width_s = self._width(max(len(f.input_ids) for f in features))
-        width_t = self._width(max(len(f.labels) for f in features))
+        width_s = self._width(max(len(f.input_ids) for f in features), self.pad_to_multiple_of)
+        target_multiple = self.target_multiple_of or self.pad_to_multiple_of
+        width_t = self._width(max(len(f.labels) for f in features), target_multiple)
         batch = len(features)
         input_ids = torch.full((batch, width_s), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((batch, width_s), dtype=torch.long)

@@ -16,25 +16,24 @@ loss for loss). Because it reads T5's internals (`encoder.block[i].layer[j].Self
 everything goes through transformers (the same results, slower). `PromptedT5(..., fast_path=False)`
 and `softprompt train --no_fast_path` switch it off.
 
-The public interface: `supported`, `logits`, `encode`, `decode`, `dropout_mask`, `DEVICE_TYPES`,
+The public interface: `supported`, `logits`, `encode`, `decode`, `DEVICE_TYPES`,
 `CHECKED_TRANSFORMERS`; and, for the greedy loop in `softprompt.modeling.lean_greedy` only, the kernels
 `Weights`, `ACTIVATIONS`, `encode_stack`, `self_qkv`, `ffn`, `norm_to`, `rms_norm`, `split_heads`,
-`position_bias`, `key_mask`. Everything else here is private to this module.
+`position_bias`, `key_mask`. Everything else here is private to this module; dropout masks are
+`softprompt.modeling.dropout`'s.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import T5ForConditionalGeneration
+
+from softprompt.modeling.dropout import dropout_mask
 
 # ------------------------------------------------------------------------------------------------
 # The lean path: T5's forward written out for a frozen model (CPU or CUDA); lean_greedy.py decodes with it.
@@ -57,12 +56,12 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 # The transformers versions (major.minor) whose T5 modules this file was checked against: it reads their
 # attribute layout and mirrors their computation, so any other version runs transformers' own modules.
-# Add a version here after tests/test_perf_invariants.py (and tests/test_cuda.py on a GPU) pass under it.
+# Add a version here after tests/modeling/test_perf_invariants.py (and tests/modeling/test_cuda.py on a GPU) pass under it.
 CHECKED_TRANSFORMERS: tuple[str, ...] = ("5.24", "5.25")
 
 # Device types the lean path runs on. On an H200 it trained 2.5-3.9x faster than transformers' modules
 # under autocast and decoded 2-5x faster (fewer, larger kernels; docs/performance.md), and
-# tests/test_cuda.py checks it equals transformers there. `--variants no-lean` in the bench measures it.
+# tests/modeling/test_cuda.py checks it equals transformers there. `--variants no-lean` in the bench measures it.
 DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda")
 
 _warned_versions: set[str] = set()
@@ -190,77 +189,6 @@ def decode(
     """
     with torch.autocast(encoder_states.device.type, enabled=False):
         return _decode(t5, decoder_input_ids, encoder_states, attention_mask, Weights(dtype), training=False)
-
-
-_RNG_CHUNK = 1 << 21  # 64-bit words per independently seeded chunk of a dropout mask
-_rng_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The dropout-mask thread pool of this process (a forked child gets its own, fresh one)."""
-    global _rng_pool
-    if _rng_pool is None or _rng_pool[0] != os.getpid():
-        workers = max(2, torch.get_num_threads())
-        _rng_pool = (
-            os.getpid(),
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="softprompt-rng"),
-        )
-    return _rng_pool[1]
-
-
-def _cpu_drop_mask(n: int, threshold: int, seed: int, keep: bool = False) -> torch.Tensor:
-    """[n] bool, True where a 32-bit random word falls below `threshold` (as a signed int32); with `keep`,
-    its complement (True where the word does not), from the same words.
-
-    The words come from numpy's SFC64 generator, in fixed chunks each seeded with (seed, chunk index),
-    so the mask depends only on the seed, not on how many threads drew it; chunks are drawn and compared
-    on a small thread pool (numpy releases the GIL), since drawing is otherwise single-threaded.
-    """
-    out = torch.empty(n, dtype=torch.bool)
-    flat = out.numpy()
-    n_words = (n + 1) // 2
-    limit = np.int32(threshold)
-    compare = np.greater_equal if keep else np.less
-
-    def chunk(i: int) -> None:
-        lo = i * _RNG_CHUNK
-        hi = min(n_words, lo + _RNG_CHUNK)
-        words = np.random.SFC64(np.random.SeedSequence([seed, i])).random_raw(hi - lo).view(np.int32)
-        first, last = 2 * lo, min(n, 2 * hi)
-        compare(words[: last - first], limit, out=flat[first:last])
-
-    n_chunks = -(-n_words // _RNG_CHUNK)
-    workers = max(1, min(torch.get_num_threads(), n_chunks))
-    if workers == 1:
-        for i in range(n_chunks):
-            chunk(i)
-    else:
-        list(_pool().map(chunk, range(n_chunks)))
-    return out
-
-
-def dropout_mask(
-    shape: torch.Size | tuple[int, ...], p: float, device: torch.device, *, keep: bool = False
-) -> torch.Tensor:
-    """A bool mask, True where an element is dropped, each independently with probability p (with `keep`,
-    True where it is kept: the complement of the same draw).
-
-    32 random bits per element are compared with round(p * 2^32), so the drop probability is p to
-    within 2^-32. On a CPU the bits come from numpy's SFC64 generator (about 3x faster than PyTorch's
-    Mersenne Twister, and drawn on as many threads as PyTorch uses), seeded with one draw from
-    PyTorch's default generator: runs stay reproducible under `torch.manual_seed` and resume exactly
-    from a checkpoint's saved RNG state.
-    """
-    n = math.prod(shape)
-    if p >= 1.0:
-        return torch.full(shape, not keep, dtype=torch.bool, device=device)
-    threshold = -(2**31) + round(p * 2**32)
-    if device.type == "cpu":
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-        return _cpu_drop_mask(n, threshold, seed, keep).view(shape)
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-    words = bits.view(torch.int32)[:n]
-    return (words >= threshold if keep else words < threshold).view(shape)
 
 
 # Dropout multiplies by the kept mask (`x * keep`) rather than zeroing with the dropped one

@@ -9,8 +9,9 @@ model runs on a CPU or a CUDA GPU (`lean_t5.DEVICE_TYPES`), `PromptedT5.forward`
 instead of transformers' modules: the same weights, the same function (tests check it against transformers
 token for token and loss for loss), fewer and larger kernels. `PromptedT5(..., fast_path=False)`
 (`softprompt train --no_fast_path`) switches it off; anything it does not cover (fine-tuning, FSDP,
-torch.compile, generation configs with logits processors, unknown activations, transformers versions it
-was not checked against) goes through transformers as before.
+a whole-model torch.compile, generation configs with logits processors, unknown activations, transformers
+versions it was not checked against) goes through transformers as before. `compile_training_forward`
+(`--compile`) compiles the lean training forward itself (`softprompt.modeling.compiled`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import contextlib
 import importlib.util
 import os
 import textwrap
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from softprompt.errors import CheckpointError
 from softprompt.io.checkpoint import refuse_non_t5
 from softprompt.io.pretrained import is_hub_id, load_pretrained_t5, model_file, resolve_model_files
-from softprompt.modeling import lean_greedy, lean_t5
+from softprompt.modeling import compiled, lean_greedy, lean_t5
 from softprompt.modeling.prompt import SoftPrompt
 from softprompt.modeling.prompt_table import PromptTable, select_prompts
 
@@ -186,6 +188,7 @@ class PromptedT5(nn.Module):
             self.model.requires_grad_(False)
         self.frozen_dtype: torch.dtype | None = None
         self.fast_path = fast_path
+        self.compiled_logits: Callable[..., torch.Tensor] | None = None
 
     def with_prompt(self, prompt: SoftPrompt) -> PromptedT5:
         """The same frozen model driven by `prompt`: shares this model's weights and carries its frozen-weight
@@ -194,6 +197,7 @@ class PromptedT5(nn.Module):
         """
         view = type(self)(self.model, prompt, fast_path=self._fast_path)
         view.frozen_dtype = self.frozen_dtype
+        view.compiled_logits = self.compiled_logits
         return view.train(self.training)
 
     @property
@@ -246,6 +250,24 @@ class PromptedT5(nn.Module):
                     param.data = param.data.clone()
         self.frozen_dtype = dtype
         return self
+
+    def compile_training_forward(self, device: torch.device) -> bool:
+        """Run the loss's forward and backward under `torch.compile` (`modeling.compiled`) from now on.
+
+        Only the lean path is compiled, so this applies where `fast_path_dtype(device)` says it runs;
+        evaluation (no gradient) and decoding stay eager.
+
+        Args:
+            device: where training runs ("cuda" adds CUDA graphs).
+
+        Returns:
+            False where the lean path does not train this model (fine-tuning, FSDP, `fast_path` off):
+            the caller compiles the whole model instead.
+        """
+        if self.fast_path_dtype(device) is None:
+            return False
+        self.compiled_logits = compiled.compile_logits(device.type)
+        return True
 
     def fast_path_dtype(self, device: torch.device, *, for_training: bool = True) -> torch.dtype | None:
         """The compute dtype of the lean T5 for a call on `device`, or None when it goes through transformers.
@@ -349,7 +371,11 @@ class PromptedT5(nn.Module):
         decoder_input_ids = self.model._shift_right(labels)
         cd = self.fast_path_dtype(inputs_embeds.device)
         if cd is not None:
-            logits = lean_t5.logits(
+            teacher_forced = lean_t5.logits
+            if self.compiled_logits is not None and torch.is_grad_enabled():
+                compiled.mark_step(inputs_embeds.device.type)
+                teacher_forced = self.compiled_logits
+            logits = teacher_forced(
                 self.model, inputs_embeds, mask, decoder_input_ids, cd, training=self.training
             )
         else:

@@ -138,7 +138,7 @@ class _TrainFlags:
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard) across devices: for models that do not fit one device. With several prompts (--num_prompts, prompts:) every prompt is sharded by rows alike and best/<name>/ holds it gathered."""
     compile: bool = False
-    """torch.compile the model's forward."""
+    """torch.compile the training step: a frozen model's lean forward and backward (on a GPU as CUDA graphs, one per length bucket: batches padded to 64 source / 8 target positions), else the whole model. Each new shape compiles first (minutes on a CPU), so it pays back in long GPU runs."""
     bf16_weights: bool = True
     """With --precision bf16 in prompt mode (not FSDP), store the frozen matmul weights in bf16 once (the numbers autocast computes, half the weight memory); off = fp32 weights cast by autocast every step."""
     resume: bool = False

@@ -51,9 +51,9 @@ from softprompt.training.setup import (
     record_config,
     refuse_fsdp_without_group,
     run_logger,
-    run_optimizer,
     tokenize_data,
 )
+from softprompt.training.step_parts import run_collator, run_compiled, run_optimizer
 from softprompt.training.tracking import MetricsLogger
 
 
@@ -193,9 +193,7 @@ def _build_stack(
         engine = shard_fsdp(stack, env, bf16=cfg.precision == "bf16", t5=base.model)
     else:
         engine = wrap_ddp(stack, env)
-    if cfg.compile:
-        engine = torch.compile(engine)
-    return base, stack, engine
+    return base, stack, run_compiled(cfg, env, base, engine)
 
 
 def _build(
@@ -232,7 +230,7 @@ def _build(
     record_config(cfg, env, out, resumed=resume_from is not None, changes=resumed_changes)
     logger = run_logger(cfg, env, out, state, max_steps)
     fingerprint = None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path)
-    collate = Collator(pad_token_id=tokenizer.pad_token_id)
+    collate = run_collator(cfg, env, tokenizer)
     slots = []
     for spec, part, slot_state in zip(specs, parts, slot_states, strict=True):
         task, _, eval_examples, train_features, eval_features, prompt, sampler, spe, _, _ = part

@@ -29,7 +29,6 @@ from softprompt.io import checkpoint as ckpt
 from softprompt.io import rundir
 from softprompt.io.rundir import TrainerState
 from softprompt.modeling.model import PromptedT5, load_t5, load_tokenizer
-from softprompt.modeling.optim import build_optimizer
 from softprompt.modeling.prompt import SoftPrompt, initial_prompt
 from softprompt.runtime.distributed import (
     DistEnv,
@@ -52,6 +51,7 @@ from softprompt.training.config import (
     with_mode_defaults,
 )
 from softprompt.training.state import restore_checkpoint
+from softprompt.training.step_parts import run_collator, run_compiled, run_optimizer
 from softprompt.training.tracking import MetricsLogger
 
 PAPER_STEPS = 30_000
@@ -118,8 +118,7 @@ def _build(
     train_features, eval_features = tokenize_data(cfg, task, tokenizer, train_examples, eval_examples)
     model = _build_model(cfg, env, tokenizer, task)
     engine = shard_fsdp(model, env, bf16=cfg.precision == "bf16") if cfg.fsdp else wrap_ddp(model, env)
-    if cfg.compile:
-        engine = torch.compile(engine)
+    engine = run_compiled(cfg, env, model, engine)
     sampler, steps_per_epoch, max_steps = build_sampler(cfg, plan, env, train_features)
     # Adafactor continues the starting checkpoint's step count, as T5X does (see TrainConfig.initial_step).
     initial_step = resolve_initial_step(cfg)
@@ -146,7 +145,7 @@ def _build(
         sampler=sampler,
         eval_examples=eval_examples,
         eval_features=eval_features,
-        collate=Collator(pad_token_id=tokenizer.pad_token_id),
+        collate=run_collator(cfg, env, tokenizer),
         max_steps=max_steps,
         steps_per_epoch=steps_per_epoch,
         initial_step=initial_step,
@@ -160,21 +159,6 @@ def _build(
     )
     _announce(run, len(train_examples), stats, resumed_changes)
     return run
-
-
-def run_optimizer(
-    cfg: TrainConfig, params: Any, max_steps: int, initial_step: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The run's optimizer and schedule over `params` (the trainable parameters, or one group per prompt)."""
-    return build_optimizer(
-        cfg.optimizer,
-        params,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        total_steps=max_steps,
-        initial_step=initial_step,
-    )
 
 
 def run_logger(
