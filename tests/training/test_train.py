@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -259,6 +260,23 @@ def test_adafactor_initial_step_survives_resume(tmp_path, tiny_model_dir, squad_
     assert (zero - prompt["whole"]).abs().max() > 1e-3
     card = (tmp_path / "whole" / "last" / "README.md").read_text()
     assert "| Adafactor initial step | 1,100,000 |" in card and "| Input text | paper |" in card
+
+
+def test_a_library_resume_keeps_the_runs_own_lr_and_prompt_length(tmp_path, tiny_model_dir, squad_small):
+    """TrainConfig(resume=True) without lr or n_tokens means the run's own values, as `train --resume`
+    reads them, not the mode's defaults (0.3 and 100), which a resume would have to refuse."""
+    fields = dict(lr=0.5, n_tokens=5, initial_step=1_100_000)
+    train(_t5x_run(tmp_path, tiny_model_dir, squad_small, "split", max_steps=2, **fields))
+    resumed = _t5x_run(tmp_path, tiny_model_dir, squad_small, "split", max_steps=4, resume=True)
+    resumed = dataclasses.replace(resumed, n_tokens=None)  # as a caller who never said
+    assert resumed.lr is None
+    train(resumed)
+    train(_t5x_run(tmp_path, tiny_model_dir, squad_small, "whole", max_steps=4, **fields))
+    prompt = {
+        d: load_file(str(tmp_path / d / "last" / "prompt.safetensors"))["prompt"] for d in ("whole", "split")
+    }
+    assert prompt["split"].shape == (5, 64)
+    torch.testing.assert_close(prompt["split"], prompt["whole"], rtol=0, atol=0)
 
 
 def test_eval_of_a_padded_prompt_reports_both_scorings(tmp_path, tiny_model_dir, squad_small, capsys):

@@ -52,6 +52,7 @@ from softprompt.training.setup import (
     refuse_fsdp_without_group,
     run_logger,
     tokenize_data,
+    with_saved_settings,
 )
 from softprompt.training.step_parts import run_collator, run_compiled, run_optimizer
 from softprompt.training.tracking import MetricsLogger
@@ -139,7 +140,7 @@ def setup_multi(cfg: TrainConfig, env: DistEnv) -> MultiRun:
     Raises:
         ConfigError: one line naming every bad entry (duplicate names, missing data, other widths, ...).
     """
-    cfg = with_mode_defaults(cfg)
+    cfg = with_mode_defaults(with_saved_settings(cfg))
     cfg, resumed_changes = check_resume_settings(cfg)
     specs, plan = prompt_specs(cfg, env.world_size)
     refuse_fsdp_without_group(cfg, env)

@@ -177,7 +177,7 @@ def run_logger(
 
 def _check(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, BatchPlan, dict[str, tuple[Any, Any]]]:
     """Everything that can be refused before any work: the config, the resume's changes, the model path."""
-    cfg = with_mode_defaults(cfg)
+    cfg = with_mode_defaults(with_saved_settings(cfg))
     plan = validate(cfg, env.world_size)
     refuse_fsdp_without_group(cfg, env)
     cfg, resumed_changes = check_resume_settings(cfg)
@@ -198,22 +198,33 @@ def refuse_fsdp_without_group(cfg: TrainConfig, env: DistEnv) -> None:
         )
 
 
-def check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
-    """On --resume: the config with its unset (None) settings taken from the run's config.yaml, and the
-    settings changed against it; refuse those a resume cannot honour."""
+def with_saved_settings(cfg: TrainConfig) -> TrainConfig:
+    """On --resume: the config with its unset (None) settings taken from the run's config.yaml.
+
+    A library caller's TrainConfig(resume=True, ...) leaves what it does not mention at None ("the
+    default"); on a resume that means the run's own value, as `softprompt train --resume` reads it. So this
+    comes before `with_mode_defaults`, which would otherwise fill lr and n_tokens with the mode's defaults.
+    """
     saved_file = Path(cfg.output_dir) / rundir.CONFIG_FILE
     if not cfg.resume or not saved_file.is_file():
-        return cfg, {}
+        return cfg
     saved = read_yaml_mapping(saved_file)
-    # A library caller's TrainConfig(resume=True, ...) leaves what it does not mention at None ("the
-    # default"); on a resume that means the run's own value, as `softprompt train --resume` reads it.
     unset = {
         f.name: saved[f.name]
         for f in dataclasses.fields(cfg)
         if f.default is None and getattr(cfg, f.name) is None and saved.get(f.name) is not None
     }
-    if unset:
-        cfg = dataclasses.replace(cfg, **unset)
+    return dataclasses.replace(cfg, **unset) if unset else cfg
+
+
+def check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+    """On --resume: the config with its unset settings taken from the run's config.yaml
+    (`with_saved_settings`), and the settings changed against it; refuse those a resume cannot honour."""
+    saved_file = Path(cfg.output_dir) / rundir.CONFIG_FILE
+    if not cfg.resume or not saved_file.is_file():
+        return cfg, {}
+    saved = read_yaml_mapping(saved_file)
+    cfg = with_saved_settings(cfg)
     allowed, refused = resume_changes(saved, cfg)
     if refused:
         raise ConfigError(
