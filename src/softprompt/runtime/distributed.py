@@ -109,8 +109,8 @@ def cleanup() -> None:
 
     Call it after dropping every DDP/FSDP model and optimizer of the job: they hold the group too.
 
-    `destroy_process_group` only unregisters the group; its backend (gloo's worker threads, NCCL's watchdog)
-    lives until the last reference to it goes. A gloo worker frees each finished collective's tensors itself,
+    `destroy_process_group` only unregisters the group; its backend (gloo's worker threads among it) lives
+    until the last reference to it goes. A gloo worker frees each finished collective's tensors itself,
     which takes the GIL when Python already dropped them; if that happens once the interpreter is finalizing,
     Python ends the thread inside a C++ destructor and the process aborts ("terminate called without an
     active exception", SIGABRT) after a run that succeeded. So the group is released here (the models by the
