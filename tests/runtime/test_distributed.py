@@ -268,6 +268,7 @@ def test_torchrun_environment_joins_a_group_even_with_one_rank(monkeypatch, tmp_
         "gather_objects",
         "broadcast_object",
         "barrier",
+        "destroy_process_group threads_left=0",  # left the group, its gloo threads stopped
     ]
 
 
@@ -412,7 +413,9 @@ def one_rank_preempt_and_resume(
     # (answers gathered), checkpoint (directory broadcast, barriers), the stop signal (max).
     ops = _trace_ops(trace, 0)
     assert ops[0] == f"init_process_group {backend} world_size=1 rank=0"
-    assert set(ops[1:]) == {
+    # A preempted rank, too, leaves the group last (under gloo with none of its threads left).
+    assert ops[-1] == "destroy_process_group threads_left=0", ops[-1]
+    assert set(ops[1:-1]) == {
         "all_reduce_sum",
         "all_reduce_max",
         "gather_objects",
@@ -481,6 +484,8 @@ def test_two_ranks_preempted_through_torchrun_stop_together_and_resume(
     assert ops[0][0] == "init_process_group gloo world_size=2 rank=0"
     assert ops[1][0] == "init_process_group gloo world_size=2 rank=1"
     assert ops[0][1:] == ops[1][1:] and ops[0].count("all_reduce_max") == step
+    # Stopped by the signal, each rank still left the group last with none of its gloo threads left.
+    assert ops[0][-1] == "destroy_process_group threads_left=0", ops[0][-1]
 
     resume = subprocess.run(
         _torchrun_cmd(2, ["train", "--output_dir", str(out), "--resume"]),

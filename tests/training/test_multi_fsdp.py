@@ -46,6 +46,7 @@ class Runs:
     fsdp: Path  # uninterrupted, --fsdp
     ddp: Path  # uninterrupted, DDP
     resumed: Path  # --fsdp, killed right after its first checkpoint, then --resume
+    traces: Path  # the collective traces of the fsdp and ddp runs: <traces>/<run>.rank<R>
 
 
 def _config(root: Path, model: Path, train: Path, dev: Path) -> Path:
@@ -80,9 +81,10 @@ def _argv(config: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _run(argv: list[str], log: Path) -> None:
+def _run(argv: list[str], log: Path, trace: Path | None = None) -> None:
+    env = cpu_env(SOFTPROMPT_TRACE_COLLECTIVES=str(trace)) if trace else cpu_env()
     with log.open("w") as f:
-        proc = subprocess.run(argv, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT, timeout=300)
+        proc = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
@@ -100,13 +102,15 @@ def runs(tmp_path_factory) -> Runs:
     dev = squad_subset(SQUAD_DEV, root / "dev5.json", 5)  # odd: the ranks' dev shards differ in size
     config = _config(root, model, train, dev)
     fsdp, ddp, resumed = root / "fsdp", root / "ddp", root / "resumed"
-    _run(_argv(config, fsdp, "--fsdp"), root / "fsdp.log")
+    traces = root / "traces"
+    traces.mkdir()
+    _run(_argv(config, fsdp, "--fsdp"), root / "fsdp.log", traces / "fsdp")
     # FSDP runs transformers' T5 modules (the lean T5 reads no sharded weights): so does the DDP run here.
-    _run(_argv(config, ddp, "--no_fast_path"), root / "ddp.log")
+    _run(_argv(config, ddp, "--no_fast_path"), root / "ddp.log", traces / "ddp")
     kill_ranks_at_first_checkpoint(_argv(config, resumed, "--fsdp"), resumed, root / "killed.log")
     assert not (resumed / "results.json").exists()
     _run(_argv(config, resumed, "--fsdp", "--resume"), root / "resumed.log")
-    return Runs(model=model, dev_file=dev, fsdp=fsdp, ddp=ddp, resumed=resumed)
+    return Runs(model=model, dev_file=dev, fsdp=fsdp, ddp=ddp, resumed=resumed, traces=traces)
 
 
 def _prompt(directory: Path) -> torch.Tensor:
@@ -160,6 +164,21 @@ def test_fsdp_prompts_equal_ddp_prompts_and_are_sharded_by_rows(runs):
     assert not (last / "optimizer.pt").exists() and (last / "optimizer_rank1.safetensors").is_file()
     groups = json.loads((last / "optimizer_groups.json").read_text())
     assert [g["lr"] for g in groups] == [0.3, 0.1]  # one group per prompt, each its own lr
+
+
+@pytest.mark.slow
+def test_every_rank_ends_its_process_group_threads_before_it_exits(runs):
+    """The last thing each rank of a finished FSDP or DDP job does is leave the process group with none of
+    the group's threads left (gloo's workers and transport thread): a gloo worker still alive at interpreter
+    exit may free a collective's tensors there and abort the rank ("terminate called without an active
+    exception") after a run that succeeded, which made torchrun report the job failed now and then."""
+    for run in ("fsdp", "ddp"):
+        for rank in (0, 1):
+            trace = (runs.traces / f"{run}.rank{rank}").read_text().splitlines()
+            assert trace[0].startswith("init_process_group gloo world_size=2"), (run, rank, trace[0])
+            # Every collective came before it; the model and the mesh released the group, so it is gone.
+            assert trace[-1] == "destroy_process_group threads_left=0", (run, rank, trace[-1])
+            assert sum(line.startswith("destroy_process_group") for line in trace) == 1, (run, rank)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ import torch.distributed as dist
 from torch import nn
 
 TRACE_ENV = "SOFTPROMPT_TRACE_COLLECTIVES"
-"""When set to a path prefix, every rank appends one line per group join and collective to
-`<prefix>.rank<R>` (how the tests prove a 1-rank torchrun job really runs its collectives)."""
+"""When set to a path prefix, every rank appends one line per group join, collective and group leave to
+`<prefix>.rank<R>` (how the tests prove a 1-rank torchrun job really runs its collectives, and that a rank
+stopped the group's threads before exiting)."""
 
 
 @dataclass(frozen=True)
@@ -97,10 +99,49 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, group=group)
 
 
+# The device meshes `shard_fsdp` made. Each holds the process group (DeviceMesh's `_pg_registry`), and DTensor's
+# sharding caches keep every mesh alive after its model is gone: `cleanup` takes the group back from them.
+_meshes: list[Any] = []
+
+
 def cleanup() -> None:
-    """Leave the process group, if any."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, if any, and stop its background threads before this function returns.
+
+    Call it after dropping every DDP/FSDP model and optimizer of the job: they hold the group too.
+
+    `destroy_process_group` only unregisters the group; its backend (gloo's worker threads among it) lives
+    until the last reference to it goes. A gloo worker frees each finished collective's tensors itself,
+    which takes the GIL when Python already dropped them; if that happens once the interpreter is finalizing,
+    Python ends the thread inside a C++ destructor and the process aborts ("terminate called without an
+    active exception", SIGABRT) after a run that succeeded. So the group is released here (the models by the
+    caller, the meshes below) and collected while Python still runs: its destructor joins the workers.
+    """
+    if not dist.is_initialized():
+        return
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    for mesh in _meshes:
+        registry = getattr(mesh, "_pg_registry", None)
+        if isinstance(registry, dict):
+            registry.clear()
+    _meshes.clear()
+    gc.collect()  # FSDP's state and hooks hold the group in reference cycles
+    if os.environ.get(TRACE_ENV):
+        _trace(f"destroy_process_group threads_left={len(gloo_threads())}", rank)
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's threads that belong to a gloo process group (its workers and its transport
+    loop); empty where `/proc` does not list threads (not Linux)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for tid in os.listdir(tasks):
+        # OSError: the thread ended while listed.
+        with contextlib.suppress(OSError), open(f"{tasks}/{tid}/comm", encoding="utf-8") as f:
+            names.append(f.read().strip())
+    return [n for n in names if n.startswith(("pt_gloo", "gloo_"))]
 
 
 # ------------------------------------------------------------------------------------- collectives
@@ -186,10 +227,16 @@ def shard_fsdp(model: nn.Module, env: DistEnv, *, bf16: bool, t5: nn.Module | No
         bf16: compute in bf16.
         t5: the T5 whose blocks become units; default `model.model` (a `PromptedT5`'s T5).
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs: dict[str, Any] = {"mp_policy": mp} if mp is not None else {}
+    # One mesh over all ranks (what fully_shard would make by default), kept so `cleanup` can release its group.
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    _meshes.append(mesh)
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
     t5 = t5 if t5 is not None else model.model  # type: ignore[attr-defined]
     for stack in (t5.encoder, t5.decoder):
         for block in stack.block:

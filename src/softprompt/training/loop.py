@@ -15,6 +15,7 @@ import math
 import shutil
 import signal
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,10 @@ def run_job(
             announce(precision)
         return body(run)
     except BaseException as e:
+        # The finished frames of the loop and the setup hold the run (its model holds the process group) for
+        # as long as the exception lives: their locals go, so that `cleanup` can stop the group's threads on
+        # this path too (a preempted run exits through it). The traceback keeps its lines.
+        traceback.clear_frames(e.__traceback__)
         if isinstance(e, OSError) and (run is not None or e.errno in rundir.STORAGE_ERRNOS):
             # Disk full, quota, EIO, a read-only filesystem: the writer has removed its temporary files.
             raise rundir.write_failed(e, out) from None
@@ -259,4 +264,7 @@ def run_job(
                 run.logger.close()
             if run.lock is not None:
                 run.lock.release()
+        # The run's DDP/FSDP model and optimizer hold the process group: dropped first, so that `cleanup` can
+        # stop the group's threads before the interpreter exits (see `cleanup`).
+        run = None
         cleanup()
