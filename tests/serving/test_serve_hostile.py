@@ -40,10 +40,10 @@ def _peak_rss_mb(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """One server (tiny T5, one prompt) with small limits: bodies of at most ~340 KB, 1 s to send a
-    request, 120 connections."""
+@pytest.fixture(scope="module", params=["static", "continuous"])
+def server(request, tmp_path_factory):
+    """One server per batching (tiny T5, one prompt) with small limits: bodies of at most ~340 KB, 1 s to
+    send a request, 120 connections."""
     root = tmp_path_factory.mktemp("hostile-serve")
     model_dir = save_tiny_t5(root / "tiny-t5")
     d_model = tiny_config().d_model
@@ -57,6 +57,7 @@ def server(tmp_path_factory):
         "--host", "127.0.0.1", "--port", "0", "--max_batch_size", "8", "--max_inputs", "64",
         "--max_context_chars", "1000", "--max_question_chars", "200", "--max_new_tokens", "8",
         "--read_timeout", str(READ_TIMEOUT), "--max_connections", str(MAX_CONNECTIONS), "--log_level", "warning",
+        "--batching", request.param,
     ]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=cpu_env())
