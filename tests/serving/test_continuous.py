@@ -216,3 +216,156 @@ def test_rows_of_a_client_that_left_are_dropped_from_the_running_batch(steered: 
     assert gated.log[1][0] > 0 and gated.log[1][1] == 1
     assert gated.log[2][0] == 1
     assert batcher.stats.requests_abandoned == 1 and batcher.stats.rows_dropped == gated.log[1][3] - 1
+
+
+class _Counting:
+    """A decoder without a model: a row `n` answers `"n"` after n steps. It counts its steps, can be told to
+    fail at one, says (`all_done`) when every row it was given has ended, and with `pause` waits for
+    `resume` in the step that admits the last of them (`paused` then)."""
+
+    def __init__(self, expected_rows: int, fail_at: int | None = None, pause: bool = False) -> None:
+        self.left: dict[Hashable, int] = {}
+        self.length: dict[Hashable, int] = {}
+        self.steps = 0
+        self.admitted = 0
+        self.expected_rows = expected_rows
+        self.fail_at = fail_at
+        self.all_done = threading.Event()
+        self.resume = threading.Event()
+        if not pause:
+            self.resume.set()
+        self.paused = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.left)
+
+    def tokens_with(self, joining: Sequence[Any]) -> int:
+        return len(self.left) + len(joining)
+
+    def clear(self) -> None:
+        self.left.clear()
+
+    def drop(self, leaving: Collection[Hashable]) -> None:
+        for key in leaving:
+            self.left.pop(key, None)
+
+    def advance(
+        self, joining: Sequence[tuple[Hashable, Any]] = (), leaving: Collection[Hashable] = ()
+    ) -> list[tuple[Hashable, str]]:
+        self.drop(leaving)
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise RuntimeError("the model broke")
+        for key, n in joining:
+            self.left[key] = self.length[key] = n
+            self.admitted += 1
+        if joining and self.admitted == self.expected_rows:
+            self.paused = True
+            assert self.resume.wait(timeout=60), "the test never resumed the decoder"
+        for key in self.left:
+            self.left[key] -= 1
+        finished = [(key, str(self.length[key])) for key, n in self.left.items() if n == 0]
+        for key, _ in finished:
+            del self.left[key]
+        if self.admitted == self.expected_rows and not self.left:
+            self.all_done.set()
+        return finished
+
+
+def _model_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("softprompt-model")]
+
+
+def test_decoder_steps_run_on_the_model_thread_while_the_event_loop_is_held() -> None:
+    """The step loop's property, without timing: once its rows are admitted, a batch decodes to the end
+    while the event loop is blocked, and the loop sees a bounded number of thread callbacks per request
+    (prepare and answer), not one per decoder step."""
+    requests = [[40], [25, 40], [12]]
+    decoder = _Counting(expected_rows=4, pause=True)
+    batcher = ContinuousBatcher(decoder, prepare=list, max_batch_size=8, max_new_tokens=40)
+
+    async def scenario() -> tuple[tuple[bool, int], list[list[str]], int]:
+        loop = asyncio.get_running_loop()
+        calls = 0
+        threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # every hand-over from a thread to the loop passes here
+        try:
+            futures = [asyncio.ensure_future(batcher.submit(rows)) for rows in requests]
+            await _until(lambda: decoder.paused, "every row admitted")
+            # Hold the event loop (a blocking wait on its own thread) from the moment the decoder resumes:
+            # the remaining steps must run without it.
+            decoder.resume.set()
+            held = decoder.all_done.wait(timeout=20), decoder.steps
+            answers = list(await asyncio.gather(*futures))
+        finally:
+            await batcher.stop()
+            del loop.call_soon_threadsafe
+        return held, answers, calls
+
+    (held, steps), answers, calls = asyncio.run(scenario())
+    assert held, f"only {steps} decoder steps ran while the event loop was held"
+    assert answers == [["40"], ["25", "40"], ["12"]]
+    assert decoder.steps >= 40
+    # One prepare and at most one answer per request, and the step loop's end: O(requests), not O(steps).
+    assert calls <= 2 * len(requests) + 1, (calls, decoder.steps)
+    assert batcher.stats.requests_answered == 3 and batcher.stats.rows_answered == 4
+    assert not _model_threads()
+
+
+def test_a_model_failure_fails_the_running_requests_and_the_batch_starts_over() -> None:
+    decoder = _Counting(expected_rows=3, fail_at=3)
+    batcher = ContinuousBatcher(decoder, prepare=list, max_batch_size=8, max_new_tokens=10)
+
+    async def scenario() -> tuple[list[BaseException | list[str]], list[str]]:
+        try:
+            running = [asyncio.ensure_future(batcher.submit(rows)) for rows in ([5], [6, 7])]
+            failed = await asyncio.gather(*running, return_exceptions=True)
+            assert decoder.rows == 0  # the batch was cleared
+            return failed, await batcher.submit([2])
+        finally:
+            await batcher.stop()
+
+    failed, after = asyncio.run(scenario())
+    assert [str(e) for e in failed] == ["the model broke", "the model broke"]
+    assert after == ["2"]
+    assert batcher.stats.requests_answered == 1 and batcher.stats.rows_answered == 1
+
+
+def test_stop_fails_running_requests_ends_the_model_thread_and_a_restart_serves() -> None:
+    decoder = _Counting(expected_rows=2)
+    first = threading.Semaphore(0)
+    advance = decoder.advance
+
+    def held_first(*args: Any, **kwargs: Any) -> list[tuple[Hashable, str]]:
+        if decoder.steps == 0:  # the test sees the row running, then lets the steps run freely
+            assert first.acquire(timeout=60)
+        return advance(*args, **kwargs)
+
+    decoder.advance = held_first  # type: ignore[method-assign]
+    batcher = ContinuousBatcher(decoder, prepare=list, max_batch_size=8, max_new_tokens=10)
+
+    async def scenario() -> tuple[BaseException | list[str], list[str]]:
+        endless = asyncio.ensure_future(batcher.submit([10**9]))
+        await _until(lambda: len(_model_threads()) == 1 and not batcher._waiting, "the first step")
+        first.release()
+        await _until(lambda: decoder.steps > 5, "steps running")
+        await asyncio.wait_for(batcher.stop(), 30)  # the thread ends after the step it is in
+        assert not _model_threads()
+        (stopped,) = await asyncio.gather(endless, return_exceptions=True)
+        try:
+            return stopped, await asyncio.wait_for(batcher.submit([3]), 30)
+        finally:
+            await batcher.stop()
+
+    stopped, after = asyncio.run(scenario())
+    assert str(stopped) == "the server is shutting down"
+    assert after == ["3"]
+    assert decoder.rows == 0  # the restart cleared the endless row the stopped batcher left
+    assert not _model_threads()

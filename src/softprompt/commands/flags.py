@@ -216,9 +216,9 @@ class _ServeFlags:
     """Most requests waiting for the model; more are answered 503 with Retry-After at once (bounds memory)."""
     batching: BatchingName = "static"
     """static: a batch runs until its longest answer ends; continuous: requests join and leave the running batch at
-    every decoder step (on a 2-core CPU with SQuAD's answer lengths 1.31x static's requests/s at 32 clients, but each
-    step goes through the server's event loop, so under hostile load a normal request waited 2.4x its quiet latency,
-    see docs/performance.md). A model off the lean T5 path, and --classify rank, always run static."""
+    every decoder step (on a 2-core CPU with SQuAD's answer lengths 1.31x static's requests/s at 32 clients, but on a
+    busy machine under hostile clients a normal request kept within 2x its quiet latency less often than static, see
+    docs/performance.md). A model off the lean T5 path, and --classify rank, always run static."""
     max_batch_tokens: Count = 65536
     """Continuous batching: most encoder positions decoding at once (rows x longest input, prompt included);
     bounds the cross-attention caches' memory."""

@@ -56,7 +56,7 @@ class BatcherBase:
     """What both batchers share: the bounded queue, the prepare and model threads, start and stop.
 
     A subclass keeps its requests in `_waiting` (and any it took off the queue in `_unanswered`), forms
-    its batches in `_run`, and may prepare on start (`_on_start`, run first on the model thread).
+    its batches in `_run`, and learns of arrivals through `_wake_scheduler`.
 
     Args:
         prepare: rows -> prepared rows (e.g. `PromptBank.prepare`), run on a thread of its own; None
@@ -111,11 +111,7 @@ class BatcherBase:
             self._prepare_executor = ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="softprompt-prepare"
             )
-        self._on_start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="softprompt-batcher")
-
-    def _on_start(self) -> None:
-        """Work queued on the model thread before any batch (none by default)."""
 
     async def _run(self) -> None:
         raise NotImplementedError
@@ -156,14 +152,18 @@ class BatcherBase:
         requests still being prepared learns that this one is done."""
         if self._prepare is None:
             return rows
-        assert self._arrived is not None
         self._preparing += 1
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._prepare_executor, self._prepare, rows)
         finally:
             self._preparing -= 1
-            self._arrived.set()
+            self._wake_scheduler()
+
+    def _wake_scheduler(self) -> None:
+        """Tell the scheduler that a request arrived or finished preparing (on the event loop)."""
+        assert self._arrived is not None
+        self._arrived.set()
 
     async def _next_arrival(self, timeout: float | None = None) -> bool:
         """Wait until a request arrives or finishes preparing; False on timeout."""
@@ -262,7 +262,7 @@ class MicroBatcher(BatcherBase):
         future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         pending = _Pending(rows=items, future=future, length=length)
         self._waiting.append(pending)
-        self._arrived.set()
+        self._wake_scheduler()
         try:
             return await future
         except asyncio.CancelledError:

@@ -6,6 +6,12 @@ schedules per decoder step instead (Orca's iteration-level scheduling): before e
 waiting rows (one encoder pass, then they join the running decoder batch), and after it answers every
 request whose rows have all finished, at once. Same queue bound (`QueueFull`, 503 + Retry-After), same
 counters (`BatcherStats`), same interface to the app.
+
+The step loop runs on the model thread: while the batch has rows it keeps stepping without returning to
+the event loop, and hands the loop only the requests it answered (one `call_soon_threadsafe` per step
+that finished some). A busy event loop (many clients, hostile ones included) therefore costs a request
+one round trip, not one per decoder step. The loop only queues requests, answers them and marks those
+whose client left; the shared queue is guarded by one lock, whose condition wakes the idle model thread.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+import threading
 import time
 from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -61,10 +68,11 @@ class _Request:
     running: set[Hashable] = field(default_factory=set)  # keys of its rows decoding now
     done: int = 0
     clock: RequestClock | None = None  # its times, for /metrics (rows submitted as `Timed`)
+    left: bool = False  # its client left (set on the event loop, under the batcher's lock)
 
 
 class ContinuousBatcher(BatcherBase):
-    """Admits and retires requests' rows at every decoder step of one running batch.
+    """Admits and retires requests' rows at every decoder step of one running batch, on the model thread.
 
     * Admission, before each step: waiting rows in arrival order (a request's rows may join over several
       steps), as long as the batch stays within `max_batch_size` rows and `max_batch_tokens` encoder
@@ -78,11 +86,14 @@ class ContinuousBatcher(BatcherBase):
       step (`rows_dropped`).
     * Bounded queue: at most `max_queue` requests wait or are being prepared (rows decoding are not
       counted); `submit` refuses more with `QueueFull`, holding nothing for them.
+    * Threads: the steps, admission and retirement run on the model thread (`_step_loop`), which waits
+      on a condition when the batch is empty; the event loop queues requests, marks abandoned ones and
+      resolves the futures the model thread hands back. `_waiting` and `_Request.left` are shared, under
+      `_lock`; `_running` and the decoder belong to the model thread.
 
     Args:
         decoder: the running batch, driven on one model thread.
         prepare: rows -> prepared rows (e.g. `PromptBank.prepare`), run on a thread of its own.
-        length: a prepared row's encoder positions (e.g. `PreparedRow.length`).
         max_batch_size: most rows decoding at once.
         max_batch_tokens: most encoder positions (rows x padded length) decoding at once.
         max_wait_ms: the longest an empty batch waits for requests still being prepared.
@@ -114,13 +125,11 @@ class ContinuousBatcher(BatcherBase):
         self.max_batch_tokens = max_batch_tokens
         self.max_new_tokens = max_new_tokens
         self._step_seconds = 0.01  # running mean of one decoder step, for Retry-After
-        self._running: list[_Request] = []  # with rows in the decoder
+        self._running: list[_Request] = []  # with rows in the decoder (model thread only)
         self._serial = itertools.count()
-
-    def _on_start(self) -> None:
-        # Rows a stopped batcher left in the decoder have no request any more: the first job drops them.
-        assert self._executor is not None
-        self._executor.submit(self.decoder.clear)
+        self._lock = threading.Lock()  # guards `_waiting`, `_Request.left` and `_stopping`
+        self._wake = threading.Condition(self._lock)  # the idle model thread waits on it
+        self._stopping = False
 
     def _unanswered(self) -> list[_Request]:
         running, self._running = self._running, []
@@ -131,6 +140,10 @@ class ContinuousBatcher(BatcherBase):
         rounds = self.queue_depth / self.max_batch_size + 1
         return max(1, math.ceil(self._step_seconds * self.max_new_tokens * rounds))
 
+    def _wake_scheduler(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
     async def submit(self, rows: list[Row]) -> list[str]:
         """Prepare and queue rows, and wait for their answers (in row order).
 
@@ -138,21 +151,23 @@ class ContinuousBatcher(BatcherBase):
             QueueFull: `max_queue` requests already wait; nothing was queued.
         """
         self._refuse_if_full()
-        assert self._arrived is not None
         clock = rows[0].clock if rows and isinstance(rows[0], Timed) else None
         items = await self._prepared([r.row if isinstance(r, Timed) else r for r in rows])
         request = _Request(rows=items, future=asyncio.get_running_loop().create_future(), clock=clock)
         request.answers = [None] * len(items)
         if not items:
             return []
-        self._waiting.append(request)
-        self._arrived.set()
+        with self._wake:
+            self._waiting.append(request)
+            self._wake.notify_all()
         try:
             return await request.future
         except asyncio.CancelledError:
             # The client left: its queued rows leave now; its running rows before the next step.
-            with contextlib.suppress(ValueError):
-                self._waiting.remove(request)
+            with self._lock:
+                request.left = True
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(request)
             self.stats.requests_abandoned += 1
             raise
 
@@ -163,13 +178,10 @@ class ContinuousBatcher(BatcherBase):
         )
 
     def _admit(self) -> list[tuple[Hashable, Any]]:
-        """The waiting rows that join before the next step (see the class docstring)."""
+        """The waiting rows that join before the next step (see the class docstring); under `_lock`."""
         joining: list[tuple[Hashable, Any]] = []
         rows: list[Any] = []
         for request in list(self._waiting):
-            if request.future.done():
-                self._waiting.remove(request)
-                continue
             while request.admitted < len(request.rows):
                 row = request.rows[request.admitted]
                 fits = self.decoder.rows + len(rows) < self.max_batch_size and (
@@ -202,16 +214,18 @@ class ContinuousBatcher(BatcherBase):
             self.metrics.first_answer.observe(request.clock.first_answer - request.clock.arrived)
 
     def _abandoned(self) -> set[Hashable]:
-        """Keys of running rows whose request's client left; those requests leave the running list."""
+        """Keys of running rows whose request's client left; those requests leave the running list (under
+        `_lock`)."""
         leaving: set[Hashable] = set()
-        for request in [r for r in self._running if r.future.done()]:
+        for request in [r for r in self._running if r.left]:
             leaving |= request.running
             self.stats.rows_dropped += len(request.running)
             self._running.remove(request)
         return leaving
 
-    def _finish(self, finished: list[tuple[Hashable, str]]) -> None:
-        """Record finished rows and answer every request whose rows have all finished."""
+    def _finish(self, finished: list[tuple[Hashable, str]]) -> list[tuple[_Request, list[str]]]:
+        """Record finished rows; the requests whose rows have all finished, with their answers, leave the
+        running list."""
         owner = {key: r for r in self._running for key in r.running}
         for key, answer in finished:
             request = owner.get(key)
@@ -223,49 +237,95 @@ class ContinuousBatcher(BatcherBase):
                 self._observe_first_answer(request)
             request.done += 1
             self.stats.rows_answered += 1
-        for request in [r for r in self._running if r.done == len(r.rows)]:
-            self._running.remove(request)
-            if not request.future.done():
-                self.stats.requests_answered += 1
-                request.future.set_result([a or "" for a in request.answers])
+        answered = [r for r in self._running if r.done == len(r.rows)]
+        self._running = [r for r in self._running if r.done < len(r.rows)]
+        return [(r, [a or "" for a in r.answers]) for r in answered]
 
-    def _fail(self, error: Exception) -> None:
-        """The model failed: every request with rows in the batch fails, and the batch starts over."""
-        for request in self._running:
+    def _answer(self, answered: list[tuple[_Request, list[str]]]) -> None:
+        """On the event loop: resolve the futures of requests the model thread answered."""
+        for request, answers in answered:
+            if not request.future.done():  # not abandoned, nor failed by `stop` meanwhile
+                self.stats.requests_answered += 1
+                request.future.set_result(answers)
+
+    @staticmethod
+    def _reject(failed: list[_Request], error: Exception) -> None:
+        """On the event loop: fail these requests' futures with the model's error."""
+        for request in failed:
             if not request.future.done():
                 request.future.set_exception(error)
-            with contextlib.suppress(ValueError):
-                self._waiting.remove(request)
-        self._running = []
+
+    def _fail(self) -> list[_Request]:
+        """The model failed: every request with rows in the batch leaves queue and batch (to be failed), and
+        the batch starts over."""
+        failed, self._running = self._running, []
+        with self._lock:
+            self._waiting = [r for r in self._waiting if all(r is not f for f in failed)]
+        self.decoder.clear()
+        return failed
 
     async def _run(self) -> None:
+        """Run the step loop on the model thread until cancelled (`stop`), then wait for it to end (after at
+        most the step it is in) and join the thread, so that none outlives the batcher."""
         loop = asyncio.get_running_loop()
-        while True:
-            if not self._running and not self._waiting:
-                await self._next_arrival()
-                continue
-            if not self._running:
-                await self._window(self._company_coming)
-            started = loop.time()
+        self._stopping = False
+        steps = loop.run_in_executor(self._executor, self._step_loop, loop)
+        try:
+            await asyncio.shield(steps)
+        finally:
+            with self._wake:
+                self._stopping = True
+                self._wake.notify_all()
+            await asyncio.wait([steps])
+            # The step loop has returned, so its thread is idle: joining it is immediate.
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+
+    def _next_arrivals(self) -> bool:
+        """On the model thread, before a step: wait while the batch and the queue are empty, and hold an empty
+        batch's window; False once stopping."""
+        with self._wake:
+            self._wake.wait_for(lambda: self._stopping or bool(self._running or self._waiting))
+            if not self._running and self.max_wait > 0 and self._company_coming():
+                self.stats.window_waits += 1
+                self._wake.wait_for(lambda: self._stopping or not self._company_coming(), self.max_wait)
+            return not self._stopping
+
+    def _step(self) -> tuple[list[tuple[Hashable, Any]], list[tuple[Hashable, str]]]:
+        """On the model thread: drop the rows of clients that left, admit, run one decoder step; the rows
+        that joined and the (key, answer) of those that ended."""
+        with self._lock:
+            leaving = self._abandoned()
+        if leaving:  # first, so that admission sees the room they leave
+            self.decoder.drop(leaving)
+        with self._lock:
+            joining = self._admit()
+        if not joining and not self._running:
+            return [], []
+        return joining, self.decoder.advance(joining)
+
+    def _step_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The model thread's loop: admit, step, retire, until `_stopping`; only answered and failed requests
+        go back to the event loop (one callback per step that has any)."""
+        # Rows a stopped batcher left in the decoder have no request any more.
+        self.decoder.clear()
+        while self._next_arrivals():
+            started = time.monotonic()
             try:
-                # Rows of clients that left go first, so that admission sees the room they leave.
-                leaving = self._abandoned()
-                if leaving:
-                    await loop.run_in_executor(self._executor, self.decoder.drop, leaving)
-                joining = self._admit()
-                if not joining and not self._running:
-                    continue  # everything that waited was abandoned
-                finished = await loop.run_in_executor(self._executor, self.decoder.advance, joining)
+                joining, finished = self._step()
             except Exception as e:
-                self._fail(e)
-                await loop.run_in_executor(self._executor, self.decoder.clear)
+                loop.call_soon_threadsafe(self._reject, self._fail(), e)
                 continue
-            self._step_seconds = 0.9 * self._step_seconds + 0.1 * (loop.time() - started)
+            if not joining and not finished and not self._running:
+                continue  # everything that waited was abandoned: no step ran
+            self._step_seconds = 0.9 * self._step_seconds + 0.1 * (time.monotonic() - started)
             if joining:
                 self.stats.batches_run += 1
                 if self.metrics is not None:
                     self.metrics.batch_size.observe(len(joining))
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, self.decoder.rows + len(finished))
-            self._finish(finished)
+            answered = self._finish(finished)
+            if answered:
+                loop.call_soon_threadsafe(self._answer, answered)
             if self.metrics is not None:
                 self.metrics.running_rows.set(self.decoder.rows)
