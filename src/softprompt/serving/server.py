@@ -80,7 +80,7 @@ def create_app(
     limits: Limits | None = None,
     answer: AnswerFn | None = None,
     store: PromptStore | None = None,
-    batching: str = "static",
+    batching: str = "continuous",
     max_batch_tokens: int = 65536,
     classify: str = "greedy",
 ) -> FastAPI:
