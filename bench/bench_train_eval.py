@@ -296,6 +296,7 @@ def side_softprompt(args: argparse.Namespace) -> dict[str, Any]:
         lr=LR,
         weight_decay=WEIGHT_DECAY,
         global_batch_size=args.batch,
+        batch_size=args.micro_batch or None,  # the rest by gradient accumulation, as the peer's below
         max_steps=args.steps,
         max_train_samples=args.batch * args.steps,
         seed=SEED,
@@ -421,7 +422,8 @@ def side_peft(args: argparse.Namespace) -> dict[str, Any]:
     timer = StepTimer()
     targs = Seq2SeqTrainingArguments(
         output_dir=str(work / "peft-run"),
-        per_device_train_batch_size=args.batch,
+        per_device_train_batch_size=args.micro_batch or args.batch,
+        gradient_accumulation_steps=args.batch // (args.micro_batch or args.batch),
         max_steps=args.steps,
         learning_rate=LR,
         weight_decay=WEIGHT_DECAY,
@@ -604,6 +606,8 @@ def _run_side(
         args.device,
         "--warmup-steps",
         str(args.warmup_steps),
+        "--micro-batch",
+        str(args.micro_batch or 0),
         "--variant",
         variant,
         "--side-output",
@@ -908,6 +912,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["small", "base"])
     p.add_argument("--batch", type=int, default=None, help="global batch (default: per shape, 32 / 8)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=0,
+        help="examples per forward/backward on both sides, the global batch reached by gradient accumulation "
+        "(default: the whole batch at once); for shapes whose batch does not fit in memory",
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per shape)")
     p.add_argument(
         "--eval-questions", type=int, default=None, help="dev questions answered (default: per shape)"
@@ -971,6 +982,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--side-output", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.micro_batch and args.batch and args.batch % args.micro_batch:
+        p.error(f"--micro-batch {args.micro_batch} must divide --batch {args.batch}")
     if args.device == "auto":
         import torch
 
