@@ -12,8 +12,9 @@ simulated: a client's next question is queued as soon as its last one is answere
 * static: ``PromptBank.answer_prepared`` on the oldest ``--max-batch-size`` waiting questions, as
   ``softprompt serve --batching static`` runs a batch (it decodes until the batch's longest answer ends).
 * continuous, per ``--min-join`` J: ``ContinuousDecoder.advance`` per decoder step; waiting questions join
-  when at least J wait, or the running batch is empty, or they fill its free slots (the admission rule
-  of ``ContinuousBatcher``, ``--min_join_rows``).
+  when at least J wait, or the running batch is empty, or they fill its free slots (J = 1 is what
+  ``ContinuousBatcher`` does; larger J are the alternatives measured in docs/performance.md). This drives
+  the decoder directly, so it measures the model's work, not the batcher's scheduling.
 
 Times are CPU seconds of this process (one torch thread), not wall time: on a machine shared with other
 jobs the wall time of the same work moved by 40% between runs, its CPU time far less. Prints questions per
