@@ -407,3 +407,35 @@ def test_a_one_row_request_is_not_held_back_until_a_big_one_has_joined() -> None
     assert big_steps[:4] == [1, 1, 1, 1] and len(big_steps) == 12
     # It joins as the first rows leave (step 6), not after the big request's last rows (step 11).
     assert small_step < max(big_steps), (small_step, big_steps)
+
+
+def test_a_stop_that_times_out_raises_instead_of_returning_while_a_step_runs() -> None:
+    """`stop` waits for the step in progress; a caller that gives it a deadline (a shutdown timeout) must
+    see the timeout, not a normal return while the model thread still runs."""
+    in_step, release = threading.Event(), threading.Event()
+    decoder = _Counting(expected_rows=1)
+    advance = decoder.advance
+
+    def stuck(*args: Any, **kwargs: Any) -> list[tuple[Hashable, str]]:
+        in_step.set()
+        assert release.wait(timeout=60), "the test never released the step"
+        return advance(*args, **kwargs)
+
+    decoder.advance = stuck  # type: ignore[method-assign]
+    batcher = ContinuousBatcher(decoder, prepare=list, max_batch_size=8, max_new_tokens=10)
+
+    async def scenario() -> bool:
+        request = asyncio.ensure_future(batcher.submit([3]))
+        await _until(in_step.is_set, "the step")
+        try:
+            await asyncio.wait_for(batcher.stop(), 0.3)
+            timed_out = False
+        except asyncio.TimeoutError:
+            timed_out = True
+        release.set()
+        await batcher.stop()
+        await asyncio.gather(request, return_exceptions=True)
+        await _until(lambda: not _model_threads(), "the model thread's end")
+        return timed_out
+
+    assert asyncio.run(scenario()), "stop returned while the model thread was still in a step"

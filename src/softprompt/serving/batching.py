@@ -123,10 +123,13 @@ class BatcherBase:
     async def stop(self) -> None:
         """Stop scheduling and fail whatever still waits or runs (the server is shutting down)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            task.cancel()
+            # `asyncio.wait`, not `await task` under suppress(CancelledError): that would swallow the
+            # cancellation of `stop` itself too (a shutdown deadline), returning while a step still runs.
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
         pending, self._waiting = [*self._unanswered(), *self._waiting], []
         for p in pending:
             if not p.future.done():
