@@ -101,17 +101,28 @@ def tiny_config(**overrides):
     return T5Config(**kwargs)
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A directory holding only config.json + tokenizer files, like ../shared/models/*: build with random_init."""
+def copy_tokenizer(directory: Path) -> Path:
+    """Copy the real T5 tokenizer's files (../shared) into `directory`."""
     import shutil
 
     src = need(TOKENIZER_DIR)
-    d = tmp_path_factory.mktemp("tiny-t5")
-    tiny_config().save_pretrained(d)
     for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, d / name)
-    return d
+        shutil.copy(src / name, directory / name)
+    return directory
+
+
+def config_only_t5(directory: Path) -> Path:
+    """`directory` (made if missing) holding only tiny_config's config.json + tokenizer files, like
+    ../shared/models/*: runs build its weights with random_init (HF's random init)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tiny_config().save_pretrained(directory)
+    return copy_tokenizer(directory)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A directory holding only config.json + tokenizer files (`config_only_t5`): build with random_init."""
+    return config_only_t5(tmp_path_factory.mktemp("tiny-t5"))
 
 
 def squad_subset(src: Path, dest: Path, n: int, skip: int = 0) -> Path:
@@ -151,11 +162,9 @@ def save_tiny_t5(directory: Path) -> Path:
     HF's random init makes a 2-layer T5 say the same word whatever it reads; tripling every weight
     matrix between the embeddings and the LM head makes its (still meaningless) answers input-specific.
     """
-    import shutil
-
     from transformers import T5ForConditionalGeneration
 
-    src = need(TOKENIZER_DIR)
+    need(TOKENIZER_DIR)  # before the model is built: skip early where ../shared is absent
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = T5ForConditionalGeneration(tiny_config())
@@ -164,9 +173,7 @@ def save_tiny_t5(directory: Path) -> Path:
             if p.dim() == 2 and not name.startswith(("shared", "lm_head", "encoder.embed", "decoder.embed")):
                 p.mul_(3.0)
     model.save_pretrained(directory)
-    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, directory / name)
-    return directory
+    return copy_tokenizer(directory)
 
 
 def child_pids(pid: int) -> list[int]:

@@ -73,14 +73,10 @@ def _cut_back_to(reference: Path, out: Path, step: int, *, before_eval: bool = F
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, Path, tuple[Path, Path]]:
     """The tiny model and data, and one uninterrupted run of them."""
-    from conftest import SQUAD_DEV, SQUAD_TRAIN, TOKENIZER_DIR, need, squad_subset, tiny_config
+    from conftest import SQUAD_DEV, SQUAD_TRAIN, config_only_t5, squad_subset
 
     root = tmp_path_factory.mktemp("hostile-runs")
-    model = root / "tiny"
-    model.mkdir()
-    tiny_config().save_pretrained(model)
-    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(need(TOKENIZER_DIR) / name, model / name)
+    model = config_only_t5(root / "tiny")
     data = squad_subset(SQUAD_TRAIN, root / "train.json", 24), squad_subset(SQUAD_DEV, root / "dev.json", 4)
     assert _train(model, data, root / "reference") == 0
     return model, root / "reference", data

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SQUAD_DEV, SQUAD_TRAIN, TOKENIZER_DIR, cpu_env, need, squad_subset, tiny_config
+from conftest import SQUAD_DEV, SQUAD_TRAIN, config_only_t5, cpu_env, squad_subset
 
 MAX_STEPS = 8
 NAMES = ("prompt0", "prompt1", "prompt2")
@@ -107,11 +106,7 @@ def _prompt(path: Path) -> torch.Tensor:
 def setup(tmp_path_factory) -> Setup:
     """The tiny model, 24 train and 4 dev questions, and one uninterrupted 3-prompt run (subprocess)."""
     root = tmp_path_factory.mktemp("multi-kill")
-    model = root / "tiny-t5"
-    model.mkdir()
-    tiny_config().save_pretrained(model)
-    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(need(TOKENIZER_DIR) / name, model / name)
+    model = config_only_t5(root / "tiny-t5")
     s = Setup(
         model_dir=model,
         train_file=squad_subset(SQUAD_TRAIN, root / "train24.json", 24),

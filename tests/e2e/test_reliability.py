@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SQUAD_DEV, SQUAD_TRAIN, TOKENIZER_DIR, cpu_env, need, squad_subset, tiny_config
+from conftest import SQUAD_DEV, SQUAD_TRAIN, config_only_t5, cpu_env, squad_subset, tiny_config
 from softprompt.cli import main
 from softprompt.io.checkpoint import PromptConfig, load_prompt, save_prompt
 from softprompt.modeling.model import PromptedT5
@@ -44,16 +44,6 @@ MAX_STEPS = 12
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def _make_tiny_model_dir(d: Path) -> Path:
-    """config.json + tokenizer files, like conftest's tiny_model_dir, at a path a module fixture owns."""
-    src = need(TOKENIZER_DIR)
-    d.mkdir(parents=True)
-    tiny_config().save_pretrained(d)
-    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, d / name)
-    return d
 
 
 def _env() -> dict[str, str]:
@@ -194,7 +184,7 @@ def tiny_run(tmp_path_factory) -> Setup:
     """Tiny model, 24 train and 4 dev questions, and one uninterrupted reference run (subprocess)."""
     root = tmp_path_factory.mktemp("reliability")
     s = Setup(
-        model_dir=_make_tiny_model_dir(root / "tiny-t5"),
+        model_dir=config_only_t5(root / "tiny-t5"),
         train_file=squad_subset(SQUAD_TRAIN, root / "train24.json", 24),
         dev_file=squad_subset(SQUAD_DEV, root / "dev4.json", 4),
         reference=root / "reference",

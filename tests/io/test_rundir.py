@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TOKENIZER_DIR, cpu_env, need, tiny_config
+from conftest import config_only_t5, cpu_env
 from softprompt.cli import main
 from softprompt.io import rundir
 
@@ -88,11 +88,7 @@ def _assert_same_end(run: Path, reference: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """conftest's tiny model directory, once for the module."""
-    d = tmp_path_factory.mktemp("tiny-t5")
-    tiny_config().save_pretrained(d)
-    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(need(TOKENIZER_DIR) / name, d / name)
-    return d
+    return config_only_t5(tmp_path_factory.mktemp("tiny-t5"))
 
 
 @pytest.fixture(scope="module")

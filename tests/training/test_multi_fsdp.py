@@ -10,7 +10,6 @@ FSDP run killed (SIGKILL) right after its first checkpoint and resumed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,12 +23,10 @@ from safetensors.torch import load_file
 from conftest import (
     SQUAD_DEV,
     SQUAD_TRAIN,
-    TOKENIZER_DIR,
+    config_only_t5,
     cpu_env,
     kill_ranks_at_first_checkpoint,
-    need,
     squad_subset,
-    tiny_config,
 )
 
 MAX_STEPS = 6
@@ -93,11 +90,7 @@ def runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("multi-fsdp")
     # HF's random init, not conftest's `save_tiny_t5`: tripled weights make training chaotic (two runs a
     # float rounding apart after one step are 1e-4 apart after two), which would hide what is compared.
-    model = root / "tiny-t5"
-    model.mkdir()
-    tiny_config().save_pretrained(model)
-    for name in ("spiece.model", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(need(TOKENIZER_DIR) / name, model / name)
+    model = config_only_t5(root / "tiny-t5")
     train = squad_subset(SQUAD_TRAIN, root / "train24.json", 24)
     dev = squad_subset(SQUAD_DEV, root / "dev5.json", 5)  # odd: the ranks' dev shards differ in size
     config = _config(root, model, train, dev)
