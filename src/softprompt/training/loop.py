@@ -36,10 +36,10 @@ from softprompt.runtime.distributed import (
 )
 from softprompt.runtime.precision import announce, with_precision
 from softprompt.runtime.progress import Progress
-from softprompt.training.config import TrainConfig, with_mode_defaults
+from softprompt.training.config import TrainConfig
 from softprompt.training.evaluation import evaluate_dev
 from softprompt.training.saving import refresh_best_card, refresh_last, save_checkpoint, write_results
-from softprompt.training.setup import Run, setup, with_saved_settings
+from softprompt.training.setup import Run, setup, with_defaults
 
 
 class TrainingError(UserError):
@@ -233,7 +233,7 @@ def run_job(
     Returns:
         What `body` returns (results.json's content).
     """
-    cfg = with_mode_defaults(with_saved_settings(cfg))
+    cfg = with_defaults(cfg)
     env = init_distributed()
     # auto becomes bf16 or fp32 for this rank's device before anything records the config.
     cfg, precision = with_precision(cfg, env.device)

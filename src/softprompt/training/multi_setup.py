@@ -52,7 +52,7 @@ from softprompt.training.setup import (
     refuse_fsdp_without_group,
     run_logger,
     tokenize_data,
-    with_saved_settings,
+    with_defaults,
 )
 from softprompt.training.step_parts import run_collator, run_compiled, run_optimizer
 from softprompt.training.tracking import MetricsLogger
@@ -140,8 +140,8 @@ def setup_multi(cfg: TrainConfig, env: DistEnv) -> MultiRun:
     Raises:
         ConfigError: one line naming every bad entry (duplicate names, missing data, other widths, ...).
     """
-    cfg = with_mode_defaults(with_saved_settings(cfg))
-    cfg, resumed_changes = check_resume_settings(cfg)
+    cfg = with_defaults(cfg)
+    resumed_changes = check_resume_settings(cfg)
     specs, plan = prompt_specs(cfg, env.world_size)
     refuse_fsdp_without_group(cfg, env)
     ckpt.refuse_non_model(cfg.model_name_or_path)
@@ -210,15 +210,13 @@ def _build(
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     t5 = load_base_t5(cfg)
-    parts = [_slot_parts(with_mode_defaults(s.cfg), env, plan, tokenizer, t5) for s in specs]
+    slot_cfgs = [with_mode_defaults(s.cfg) for s in specs]  # each prompt's own lr and P, resolved once
+    parts = [_slot_parts(c, env, plan, tokenizer, t5) for c in slot_cfgs]
     base, stack, engine = _build_stack(cfg, env, t5, [p[5] for p in parts])
     # --max_steps is shared; --epochs counts the passes of the prompt with the most steps per epoch.
     max_steps = max(p[8] for p in parts)
     initial_step = resolve_initial_step(cfg)
-    groups = [
-        {"params": [prompt.weight], "lr": with_mode_defaults(s.cfg).lr}
-        for s, prompt in zip(specs, stack.prompts, strict=True)
-    ]
+    groups = [{"params": [p.weight], "lr": c.lr} for c, p in zip(slot_cfgs, stack.prompts, strict=True)]
     optimizer, scheduler = run_optimizer(cfg, groups, max_steps, initial_step)
     torch.manual_seed(cfg.seed + env.rank)  # each rank its own dropout stream, as a single run
     state, slot_states = TrainerState(), [TrainerState() for _ in specs]
@@ -233,12 +231,12 @@ def _build(
     fingerprint = None if cfg.random_init else ckpt.model_fingerprint(cfg.model_name_or_path)
     collate = run_collator(cfg, env, tokenizer)
     slots = []
-    for spec, part, slot_state in zip(specs, parts, slot_states, strict=True):
+    for slot_cfg, part, slot_state in zip(slot_cfgs, parts, slot_states, strict=True):
         task, _, eval_examples, train_features, eval_features, prompt, sampler, spe, _, _ = part
         view = base.with_prompt(prompt)
         slots.append(
             Run(
-                cfg=with_mode_defaults(spec.cfg),
+                cfg=slot_cfg,
                 env=env,
                 plan=plan,
                 out=out,

@@ -177,10 +177,10 @@ def run_logger(
 
 def _check(cfg: TrainConfig, env: DistEnv) -> tuple[TrainConfig, BatchPlan, dict[str, tuple[Any, Any]]]:
     """Everything that can be refused before any work: the config, the resume's changes, the model path."""
-    cfg = with_mode_defaults(with_saved_settings(cfg))
+    cfg = with_defaults(cfg)
     plan = validate(cfg, env.world_size)
     refuse_fsdp_without_group(cfg, env)
-    cfg, resumed_changes = check_resume_settings(cfg)
+    resumed_changes = check_resume_settings(cfg)
     ckpt.refuse_non_model(cfg.model_name_or_path)
     return cfg, plan, resumed_changes
 
@@ -198,12 +198,18 @@ def refuse_fsdp_without_group(cfg: TrainConfig, env: DistEnv) -> None:
         )
 
 
+def with_defaults(cfg: TrainConfig) -> TrainConfig:
+    """The config with its unset (None) settings filled: on --resume from the run's config.yaml first
+    (`with_saved_settings`), then with the mode's defaults (`with_mode_defaults`: lr, n_tokens). In that
+    order: the mode's defaults first would make a resume's unset lr 0.3 instead of the run's own."""
+    return with_mode_defaults(with_saved_settings(cfg))
+
+
 def with_saved_settings(cfg: TrainConfig) -> TrainConfig:
     """On --resume: the config with its unset (None) settings taken from the run's config.yaml.
 
     A library caller's TrainConfig(resume=True, ...) leaves what it does not mention at None ("the
-    default"); on a resume that means the run's own value, as `softprompt train --resume` reads it. So this
-    comes before `with_mode_defaults`, which would otherwise fill lr and n_tokens with the mode's defaults.
+    default"); on a resume that means the run's own value, as `softprompt train --resume` reads it.
     """
     saved_file = Path(cfg.output_dir) / rundir.CONFIG_FILE
     if not cfg.resume or not saved_file.is_file():
@@ -217,21 +223,20 @@ def with_saved_settings(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, **unset) if unset else cfg
 
 
-def check_resume_settings(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
-    """On --resume: the config with its unset settings taken from the run's config.yaml
-    (`with_saved_settings`), and the settings changed against it; refuse those a resume cannot honour."""
+def check_resume_settings(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """On --resume: the settings of a config (its unset ones already filled, `with_defaults`) changed
+    against the run's config.yaml, as {name: (saved, new)}; refuse those a resume cannot honour."""
     saved_file = Path(cfg.output_dir) / rundir.CONFIG_FILE
     if not cfg.resume or not saved_file.is_file():
-        return cfg, {}
+        return {}
     saved = read_yaml_mapping(saved_file)
-    cfg = with_saved_settings(cfg)
     allowed, refused = resume_changes(saved, cfg)
     if refused:
         raise ConfigError(
             f"--resume cannot change {', '.join(refused)}: the run in {cfg.output_dir} was trained with the "
             "saved values; drop those flags, or start a new run in another --output_dir"
         )
-    return cfg, allowed
+    return allowed
 
 
 def claim_output_dir(cfg: TrainConfig, env: DistEnv) -> rundir.RunLock | None:
